@@ -1,0 +1,6 @@
+"""Allow ``python -m snapshot``."""
+
+from snapshot.cli import main
+
+if __name__ == "__main__":
+    main()

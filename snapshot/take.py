@@ -1,0 +1,165 @@
+"""``snapshot take``: a consistent, data-only snapshot of the scope, archived with its manifest.
+
+One REPEATABLE READ transaction exports its snapshot to pg_dump; the row counts, checksums,
+column fingerprints and sequence values in the manifest are read in that same transaction,
+while pg_dump runs, so the manifest describes exactly the archived rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from snapshot import archive, catalog, pgtools
+from snapshot.archive import DatabaseIdentity, Manifest, Snapshot, TableEntry
+from snapshot.catalog import ServerInfo, TableShape
+from snapshot.checksum import TableStats, table_stats
+from snapshot.config import Config, Scope
+from snapshot.db import connect
+from snapshot.environments import Connection, resolve_connection
+from snapshot.errors import ConfigError
+from snapshot.names import AUTH_TABLES, TableName
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DumpPlan:
+    """What to dump from one database, and who it is."""
+
+    target: Connection
+    info: ServerInfo
+    pg_dump: pgtools.PgTool
+    scope: Scope
+    shapes: Mapping[TableName, TableShape]
+
+    @property
+    def tables(self) -> tuple[TableName, ...]:
+        auth = AUTH_TABLES if self.scope.auth_users else ()
+        return (*self.scope.tables, *auth)
+
+
+def plan_dump(
+    conn: psycopg.Connection, target: Connection, scope: Scope, pg_bin: Path | None
+) -> DumpPlan:
+    """Check that the scope exists and find a pg_dump new enough for this server."""
+    info = catalog.server_info(conn)
+    pg_dump = pgtools.find_tool(
+        "pg_dump", info.major, pg_bin, f"{target.env} (PostgreSQL {info.version})"
+    )
+    where = f"{target.env} ({target.describe()})"
+    shapes = catalog.require_tables(conn, scope.tables, where)
+    if scope.auth_users:
+        missing = [t for t in AUTH_TABLES if t not in catalog.table_shapes(conn, AUTH_TABLES)]
+        if missing:
+            raise ConfigError(
+                f"{where} has no {', '.join(map(str, missing))}: it is not a Supabase "
+                "database; set auth_users = false in [scope] of snapshot.toml"
+            )
+        shapes.update(catalog.table_shapes(conn, AUTH_TABLES))
+    return DumpPlan(target, info, pg_dump, scope, shapes)
+
+
+def identity(target: Connection, info: ServerInfo) -> DatabaseIdentity:
+    host, port, _ = target.endpoint
+    return DatabaseIdentity(host, port, info.dbname, info.system_identifier)
+
+
+def dump_in_snapshot(
+    conn: psycopg.Connection,
+    plan: DumpPlan,
+    snapshot_id: str,
+    folder: Path,
+    *,
+    kind: str,
+    label: str | None,
+    applies: str | None = None,
+    known: Mapping[TableName, TableStats] | None = None,
+) -> Manifest:
+    """Dump ``plan`` into ``folder`` under an exported snapshot, and describe it.
+
+    ``conn`` must be inside the transaction that exported ``snapshot_id``; the statistics
+    are computed there (or taken from ``known``) while pg_dump runs alongside.
+    """
+    started = time.monotonic()
+    dump = pgtools.start_dump(
+        plan.pg_dump, plan.target, snapshot_id, plan.tables, folder / archive.DUMP_FILE
+    )
+    entries = []
+    try:
+        for table in plan.tables:
+            shape = plan.shapes[table]
+            stats = (known or {}).get(table) or table_stats(conn, table, shape.column_names)
+            entries.append(
+                TableEntry(
+                    table=table,
+                    rows=stats.rows,
+                    checksum=stats.checksum,
+                    columns=shape.columns,
+                    generated=shape.generated,
+                    auth=table in AUTH_TABLES,
+                )
+            )
+            log.info("  %-34s %10d rows  %6.1f s", table, stats.rows, time.monotonic() - started)
+        sequences = catalog.owned_sequences(conn, plan.scope.tables)
+    except BaseException:
+        dump.kill()
+        raise
+    dump.wait()
+    log.info("  pg_dump done                       %17.1f s", time.monotonic() - started)
+    return Manifest(
+        environment=plan.target.env,
+        kind=kind,
+        created=archive.utc_now().isoformat(),
+        label=label,
+        project_ref=plan.target.project_ref,
+        server_version=plan.info.version,
+        pg_dump_version=plan.pg_dump.version,
+        database=identity(plan.target, plan.info),
+        scope=plan.scope,
+        tables=tuple(entries),
+        sequences=tuple(sequences),
+        applies=applies,
+    )
+
+
+def export_snapshot(conn: psycopg.Connection) -> str:
+    """Export the current transaction's snapshot for pg_dump --snapshot."""
+    row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def take(config: Config, env_name: str, *, label: str | None, pg_bin: Path | None) -> Snapshot:
+    """Archive a snapshot of ``env_name``'s scope and return it."""
+    label = archive.check_label(label)
+    env = config.environment(env_name)
+    target = resolve_connection(env)
+    archive.env_dir(config.archive, env_name)  # refuse an unwritable archive before any work
+    with contextlib.closing(connect(target)) as conn:
+        plan = plan_dump(conn, target, config.scope, pg_bin)
+        log.info(
+            "taking %s: %d tables from %s (PostgreSQL %s, pg_dump %s)",
+            env_name,
+            len(plan.tables),
+            target.describe(),
+            plan.info.version,
+            plan.pg_dump.version,
+        )
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        with (
+            conn.transaction(force_rollback=True),
+            archive.pending_snapshot(config.archive, env_name) as folder,
+        ):
+            snapshot_id = export_snapshot(conn)
+            manifest = dump_in_snapshot(conn, plan, snapshot_id, folder, kind="take", label=label)
+            snapshot = archive.publish(archive.seal(folder, manifest), label)
+    log.info("archived %s (%d rows)", snapshot.path, snapshot.manifest.total_rows)
+    return snapshot
