@@ -51,6 +51,20 @@ class DatabaseIdentity:
         }
 
 
+def same_database(
+    a: DatabaseIdentity, a_ref: str | None, b: DatabaseIdentity, b_ref: str | None
+) -> list[str]:
+    """The reasons to believe two identities are one database (empty when they differ)."""
+    reasons = []
+    if a_ref and b_ref and a_ref == b_ref:
+        reasons.append(f"project ref {a_ref}")
+    if (a.host, a.port, a.dbname) == (b.host, b.port, b.dbname):
+        reasons.append(f"connection {a.host}:{a.port}/{a.dbname}")
+    if a.system_identifier and a.system_identifier == b.system_identifier and a.dbname == b.dbname:
+        reasons.append(f"database {a.dbname} on system {a.system_identifier}")
+    return reasons
+
+
 @dataclass(frozen=True)
 class TableEntry:
     """A table in a snapshot: its rows, checksum and schema fingerprint."""
@@ -252,12 +266,41 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale(folder: Path) -> None:
-    """Remove temporary folders left by killed processes (their pid no longer runs)."""
+def _orphans(folder: Path) -> Iterator[Path]:
+    """Temporary folders whose writing process no longer runs."""
     for entry in folder.glob(f"{_TMP_PREFIX}*"):
-        pid_text = entry.name.rsplit("-", 1)[-1]
+        pid_text = entry.name.rsplit("-", 1)[-1].split(".")[0]
         if entry.is_dir() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            yield entry
+
+
+def sweep_stale(folder: Path) -> None:
+    """Remove half-written folders left by killed processes.
+
+    Sealed ones (complete, with a manifest) are pre-apply backups whose process died at
+    commit time: :func:`orphaned_backups` finds them, and apply settles them.
+    """
+    for entry in _orphans(folder):
+        if not (entry / MANIFEST).is_file():
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def orphaned_backups(archive: Path, env: str) -> list[Snapshot]:
+    """Sealed but unpublished backups of ``env`` whose process died."""
+    folder = archive / env
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in _orphans(folder):
+        if (entry / MANIFEST).is_file():
+            with contextlib.suppress(ArchiveError):
+                found.append(read_snapshot(entry))
+    return found
+
+
+def discard(snapshot: Snapshot) -> None:
+    """Delete a snapshot folder."""
+    shutil.rmtree(snapshot.path, ignore_errors=True)
 
 
 @contextlib.contextmanager

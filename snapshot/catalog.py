@@ -214,6 +214,27 @@ def foreign_keys(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[
     ]
 
 
+_INDEXED = """
+SELECT EXISTS (
+  SELECT 1 FROM pg_index i
+  WHERE i.indrelid = %s::regclass AND i.indisvalid AND i.indpred IS NULL
+    AND (SELECT array_agg(k ORDER BY k) FROM unnest(i.indkey[0:%s - 1]) k)
+      = (SELECT array_agg(a.attnum ORDER BY a.attnum) FROM pg_attribute a
+         WHERE a.attrelid = %s::regclass AND a.attname = ANY(%s)))
+"""
+
+
+def unindexed_foreign_keys(conn: psycopg.Connection, fks: Iterable[ForeignKey]) -> list[ForeignKey]:
+    """Foreign keys whose columns lead no index of the child table (checks must scan)."""
+    result = []
+    for fk in fks:
+        child = str(fk.child.ident.as_string(conn))
+        row = conn.execute(_INDEXED, (child, len(fk.columns), child, list(fk.columns))).fetchone()
+        if row and not row[0]:
+            result.append(fk)
+    return result
+
+
 def apply_order(tables: Sequence[TableName], fks: Iterable[ForeignKey]) -> tuple[TableName, ...]:
     """Parents before children (insert order); reverse it to delete.
 

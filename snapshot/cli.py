@@ -19,6 +19,7 @@ from snapshot.config import CONFIG_FILE, Config, load_config, render_default_con
 from snapshot.errors import SnapshotError
 
 F = TypeVar("F", bound=Callable[..., Any])
+OTHER_ENV = {"prod": "dev", "dev": "prod"}
 log = logging.getLogger("snapshot")
 
 
@@ -76,6 +77,45 @@ pass_app = click.make_pass_decorator(App)
 def json_option(f: F) -> F:
     """``--json``: print machine-readable output instead of a table."""
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+def yes_option(f: F) -> F:
+    """``--yes``: do not ask before changing an environment that is not marked safe."""
+    return click.option(
+        "--yes", "-y", is_flag=True, help="Do not ask for confirmation (for scripts and CI)."
+    )(f)
+
+
+def _confirmer(app: App, target: str, yes: bool, dry_run: bool) -> Any:
+    """Ask the user to type the environment's name, unless it is safe or --yes was given."""
+    if yes or dry_run or app.config.environment(target).safe:
+        return None
+    if not sys.stdin.isatty():
+        raise user_error(
+            f"refusing to change {target} without confirmation: no terminal to ask in; pass "
+            "--yes, or mark the environment safe in snapshot.toml",
+            2,
+        )
+
+    def confirm(plan: Any) -> bool:
+        click.echo(
+            f"About to {plan.action} {plan.snapshot.id} to {target} "
+            f"({plan.target.describe()}): {len(plan.order)} tables will be replaced.",
+            err=True,
+        )
+        typed = click.prompt(f"Type {target} to go on", default="", show_default=False, err=True)
+        return bool(typed == target)
+
+    return confirm
+
+
+def _finish(report: Any, as_json: bool, failure: str | None) -> None:
+    """Print a report (table or JSON); exit 1 with ``failure`` as the error line when set."""
+    click.echo(render.as_json(report.to_json()) if as_json else render.parity_report(report))
+    for note in getattr(report, "notes", ()):
+        click.echo(f"note: {note}", err=True)
+    if failure:
+        raise user_error(failure, 1)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -190,6 +230,118 @@ def list_(app: App, env_name: str | None, as_json: bool) -> None:
     else:
         where = f" of {env_name}" if env_name else ""
         click.echo(f"no snapshots{where} in {app.config.archive}", err=True)
+
+
+def _apply_failure(report: Any) -> str | None:
+    if report.matches:
+        return None
+    bad = [
+        f"{t.table}" + (f" ({t.detail})" if t.detail else "") for t in report.tables if not t.match
+    ]
+    if report.auth and report.auth.missing_after:
+        bad.append(f"auth.users ({report.auth.missing_after} snapshot users missing)")
+    return f"parity check failed for {', '.join(bad)}: rolled back, {report.target} is unchanged"
+
+
+@cli.command()
+@click.argument("target_env", metavar="TARGET")
+@click.option("--from", "source_env", metavar="ENV", help="Apply ENV's newest snapshot.")
+@click.option(
+    "--snapshot", "snapshot_id", metavar="ID", help="Apply this snapshot (snapshot list)."
+)
+@click.option("--dry-run", is_flag=True, help="Do everything, then roll back: changes nothing.")
+@yes_option
+@json_option
+@pass_app
+def apply(
+    app: App,
+    target_env: str,
+    source_env: str | None,
+    snapshot_id: str | None,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Replace TARGET's scope with a snapshot, in one verified transaction.
+
+    By default the newest snapshot of the other environment is applied (dev's for prod).
+    A pre-apply backup of TARGET is archived first; the transaction commits only when every
+    table's checksum equals the snapshot's.
+
+    \b
+    snapshot apply prod
+    snapshot apply prod --dry-run
+    snapshot apply prod --snapshot dev/20261124T101500Z-release --yes
+    """
+    from snapshot.apply import run_apply
+
+    if source_env and snapshot_id:
+        raise user_error("give --from or --snapshot, not both", 2)
+    config = app.config
+    if snapshot_id:
+        snapshot = archive.find_snapshot(config.archive, snapshot_id)
+    else:
+        source = source_env or OTHER_ENV.get(target_env)
+        if source is None:
+            raise user_error(f"which snapshot should go to {target_env}? pass --from ENV", 2)
+        snapshot = archive.newest_snapshot(config.archive, source, kind="take")
+    confirm = _confirmer(app, target_env, yes, dry_run)
+    report = run_apply(
+        config, target_env, snapshot, dry_run=dry_run, confirm=confirm, pg_bin=app.pg_bin
+    )
+    _finish(report, as_json, _apply_failure(report))
+
+
+@cli.command()
+@click.argument("target_env", metavar="TARGET")
+@click.option("--to", "snapshot_id", metavar="ID", help="Restore this snapshot of TARGET.")
+@yes_option
+@json_option
+@pass_app
+def rollback(app: App, target_env: str, snapshot_id: str | None, yes: bool, as_json: bool) -> None:
+    """Put TARGET back as it was before the last apply (its newest pre-apply backup).
+
+    \b
+    snapshot rollback prod
+    snapshot rollback prod --to prod/20261124T101500Z-pre-apply
+    """
+    from snapshot.apply import run_apply
+
+    config = app.config
+    if snapshot_id:
+        snapshot = archive.find_snapshot(config.archive, snapshot_id)
+    else:
+        snapshot = archive.newest_snapshot(config.archive, target_env, kind=archive.PRE_APPLY)
+    confirm = _confirmer(app, target_env, yes, False)
+    report = run_apply(
+        config, target_env, snapshot, action="rollback", confirm=confirm, pg_bin=app.pg_bin
+    )
+    _finish(report, as_json, _apply_failure(report))
+
+
+@cli.command()
+@click.argument("source_env", metavar="SOURCE")
+@click.argument("target_env", metavar="TARGET")
+@json_option
+@pass_app
+def verify(app: App, source_env: str, target_env: str, as_json: bool) -> None:
+    """Compare two live databases over the scope: counts and checksums.
+
+    Exits 1 when any table differs.
+
+    \b
+    snapshot verify dev prod
+    """
+    from snapshot.verify import verify as run_verify
+
+    report = run_verify(app.config, source_env, target_env)
+    failure = None
+    if not report.matches:
+        bad = [str(t.table) for t in report.tables if not t.match]
+        if report.auth_users_missing:
+            bad.append(f"auth.users ({report.auth_users_missing} missing in {target_env})")
+        failure = f"{target_env} differs from {source_env} in {', '.join(bad)}"
+    _finish(report, as_json, failure)
 
 
 def main() -> None:

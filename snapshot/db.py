@@ -65,10 +65,15 @@ def connect(target: Connection) -> psycopg.Connection:
         )
     except psycopg.OperationalError as exc:
         raise ConnectionFailed(_explain(exc, target)) from None
+    settings = dict(SESSION_SETTINGS)
+    if conn.info.server_version >= 140000:
+        # If the tool dies mid-statement, the server notices within a second and rolls
+        # back, instead of holding the apply's locks until the statement ends.
+        settings["client_connection_check_interval"] = "1s"
     # Set after connecting, in one round trip: Supabase's pooler drops startup options.
     calls = sql.SQL(", ").join(
         sql.SQL("set_config({}, {}, false)").format(sql.Literal(k), sql.Literal(v))
-        for k, v in SESSION_SETTINGS.items()
+        for k, v in settings.items()
     )
     conn.execute(sql.SQL("SELECT {}").format(calls))
     return conn

@@ -35,5 +35,9 @@ class ApplyFailed(SnapshotError):
     """An apply stopped and was rolled back; the target is unchanged."""
 
 
+class ScriptFailed(ApplyFailed):
+    """A user SQL script failed inside the apply's transaction."""
+
+
 class Refused(SnapshotError):
     """A safety check refused to go on; nothing was changed."""

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import sh
 
@@ -42,7 +42,7 @@ USUAL_PLACES = (
     "/Applications/Postgres.app/Contents/Versions/*/bin",
 )
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
-CHUNK = 1 << 16
+CHUNK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -184,31 +184,24 @@ def start_dump(
 
 
 @contextlib.contextmanager
-def restore_script(pg_restore: PgTool, archive: Path, table: TableName) -> Iterator[Any]:
-    """pg_restore's SQL script for one table's data, as a binary stream (read it, then exit).
+def restore_script(pg_restore: PgTool, archive: Path) -> Iterator[BinaryIO]:
+    """pg_restore's SQL script of an archive's data, as a binary stream to read to its end.
 
     No server is involved: pg_restore only reads the archive, so a newer pg_restore may
-    feed an older server (its SET lines and ``\\restrict`` guards are never executed).
+    feed an older server (the caller executes none of the script's SET lines).
     """
     read_fd, write_fd = os.pipe()
     try:
         running = _start(
-            pg_restore,
-            [
-                "--data-only",
-                "--file=-",
-                f"--schema={table.schema}",
-                f"--table={table.name}",
-                str(archive),
-            ],
-            dict(os.environ),
-            _out=write_fd,
+            pg_restore, ["--data-only", "--file=-", str(archive)], dict(os.environ), _out=write_fd
         )
     finally:
         os.close(write_fd)
-    stream = os.fdopen(read_fd, "rb", buffering=0)
+    stream = os.fdopen(read_fd, "rb", buffering=CHUNK)
     try:
         yield stream
+        while stream.read(CHUNK):  # drain, so pg_restore can finish writing
+            pass
     except BaseException:
         running.kill()
         raise

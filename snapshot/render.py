@@ -95,3 +95,57 @@ def env_report(report: Any) -> str:
         ("answers", f"yes: {report.server}" if report.answers else f"no: {report.error}"),
     ]
     return tabulate(rows, tablefmt="plain")
+
+
+def parity_report(report: Any) -> str:
+    """The closing table of apply, rollback and verify, with a summary line."""
+    applying = hasattr(report, "committed")
+    rows = []
+    for t in report.tables:
+        status = "match" if t.match else "DIFFERS"
+        line = [str(t.table), f"{t.source_rows:,}"]
+        if applying:
+            before = "-" if t.target_rows_before is None else f"{t.target_rows_before:,}"
+            line.append(before)
+        line += [f"{t.target_rows:,}", status, t.detail]
+        rows.append(line)
+    if applying:
+        headers = ["table", "snapshot rows", "target before", "target after", "checksum", "detail"]
+    else:
+        headers = ["table", f"{report.source} rows", f"{report.target} rows", "checksum", "detail"]
+    text = table(headers, rows)
+    lines = [text, ""]
+    if applying:
+        if report.auth is not None:
+            a = report.auth
+            lines.append(
+                f"auth.users: {a.snapshot_users:,} in the snapshot, {a.created_users:,} created "
+                f"({a.created_identities:,} identities), {a.missing_after:,} missing"
+            )
+        if report.backup:
+            undo = f"snapshot rollback {report.target}"
+            if report.action != "apply":
+                undo += f" --to {report.backup}"
+            lines.append(f"backup: {report.backup} (undo with: {undo})")
+        matched = sum(t.match for t in report.tables)
+        if report.dry_run:
+            outcome = "dry run, rolled back: nothing changed"
+        elif report.committed:
+            outcome = "committed"
+        else:
+            outcome = "rolled back: nothing changed"
+        lines.append(
+            f"{report.action} {report.snapshot} to {report.target}: {matched}/{len(report.tables)}"
+            f" tables match; {outcome}"
+        )
+    else:
+        if report.auth_users_missing is not None:
+            lines.append(
+                f"auth.users: {report.auth_users_missing:,} {report.source} users missing "
+                f"in {report.target}"
+            )
+        matched = sum(t.match for t in report.tables)
+        lines.append(
+            f"verify {report.source} {report.target}: {matched}/{len(report.tables)} tables match"
+        )
+    return "\n".join(lines)

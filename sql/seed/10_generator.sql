@@ -36,13 +36,15 @@ BEGIN
          '{"provider": "email", "providers": ["email"]}',
          jsonb_build_object('display_name', CASE WHEN u.i % 17 = 0 THEN 'Zoë ' ELSE 'User ' END || u.i, 'env', salt),
          false, timestamptz '2026-01-01' + u.i * interval '1 minute', timestamptz '2026-02-01',
-         CASE WHEN u.i % 5 = 0 THEN '+1555' || lpad(u.i::text, 7, '0') END,
+         CASE WHEN u.i % 5 = 0 THEN u.phone_prefix || lpad(u.i::text, 7, '0') END,
          CASE WHEN u.i % 10 = 0 THEN timestamptz '2026-01-02' END, false
   FROM (
-    SELECT i, 'user-' || i AS key, md5('user-' || i)::uuid AS id, 'user' || i || '@example.com' AS email
+    SELECT i, 'user-' || i AS key, md5('user-' || i)::uuid AS id, 'user' || i || '@example.com' AS email,
+           '+1555' AS phone_prefix
     FROM generate_series(1, n_users) i
     UNION ALL
-    SELECT n_users + i, 'prod-user-' || i, md5('prod-user-' || i)::uuid, 'prod' || i || '@example.com'
+    SELECT n_users + i, 'prod-user-' || i, md5('prod-user-' || i)::uuid, 'prod' || i || '@example.com',
+           '+1666'
     FROM generate_series(1, n_extra) i
   ) u;
 

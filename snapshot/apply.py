@@ -1,0 +1,649 @@
+"""``snapshot apply`` and ``rollback``: replace the target's scope with a snapshot, atomically.
+
+The recipe, with every trigger and constraint on (no ``session_replication_role``, no
+``DISABLE TRIGGER``), in one REPEATABLE READ transaction that commits only when the
+target's checksums equal the snapshot's:
+
+1. stage the snapshot's rows in temporary tables (before any lock is taken);
+2. lock the scoped tables against writers; archive a pre-apply backup of exactly the
+   locked state (pg_dump in the transaction's exported snapshot);
+3. pre-scripts (default: every target question to ``draft``);
+4. create the snapshot's auth users the target lacks, and their identities (insert only;
+   done before the deletes, so rows a ``handle_new_user`` trigger adds are replaced too);
+5. delete the scoped rows children first; insert the snapshot's rows parents first, with
+   ``insert_as`` overrides (questions as drafts);
+6. restart owned sequences at the snapshot's values;
+7. post-scripts (default: questions get their snapshot status back);
+8. parity: counts and checksums against the manifest; commit, or roll back and report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from snapshot import archive, catalog, pgtools, scripts, staging
+from snapshot.archive import Snapshot, TableEntry
+from snapshot.catalog import ForeignKey, ServerInfo, TableShape
+from snapshot.checksum import TableStats, table_stats
+from snapshot.config import Config
+from snapshot.db import connect
+from snapshot.environments import Connection, resolve_connection
+from snapshot.errors import ApplyFailed, ConfigError, Refused, ScriptFailed, SnapshotError
+from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, TableName
+from snapshot.parity import TableParity, name_columns
+from snapshot.take import DumpPlan, dump_in_snapshot, export_snapshot, identity
+
+log = logging.getLogger(__name__)
+
+# One apply or rollback per database at a time (advisory locks are per database).
+ADVISORY_KEY = 0x736E6170  # "snap"
+
+
+@dataclass(frozen=True)
+class AuthOutcome:
+    """What the apply did to auth users: it only ever creates them."""
+
+    snapshot_users: int
+    created_users: int
+    created_identities: int
+    missing_after: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "snapshot_users": self.snapshot_users,
+            "created_users": self.created_users,
+            "created_identities": self.created_identities,
+            "missing_after": self.missing_after,
+        }
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    """The outcome of an apply or rollback (also of a dry run)."""
+
+    action: str
+    target: str
+    snapshot: str
+    dry_run: bool
+    committed: bool
+    tables: tuple[TableParity, ...]
+    auth: AuthOutcome | None
+    backup: str | None
+    phases: tuple[tuple[str, float], ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def matches(self) -> bool:
+        return all(t.match for t in self.tables) and (
+            self.auth is None or self.auth.missing_after == 0
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "target": self.target,
+            "snapshot": self.snapshot,
+            "dry_run": self.dry_run,
+            "committed": self.committed,
+            "matches": self.matches,
+            "backup": self.backup,
+            "tables": [t.to_json() for t in self.tables],
+            "auth": self.auth.to_json() if self.auth else None,
+            "phases": [{"phase": p, "seconds": round(s, 3)} for p, s in self.phases],
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class ApplyPlan:
+    """What an apply is about to do, shown to the user before confirming."""
+
+    action: str
+    target: Connection
+    snapshot: Snapshot
+    order: tuple[TableName, ...]
+    dry_run: bool
+
+
+Confirm = Callable[[ApplyPlan], bool]
+
+
+class _Phases:
+    """Names the phase running (for error messages) and times each one."""
+
+    def __init__(self) -> None:
+        self.current = "preparing"
+        self.done: list[tuple[str, float]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.current = name
+        started = time.monotonic()
+        log.info("%s…", name)
+        yield
+        self.done.append((name, time.monotonic() - started))
+
+
+@dataclass
+class _Run:
+    """State shared by the steps of one apply."""
+
+    config: Config
+    action: str
+    snapshot: Snapshot
+    target: Connection
+    conn: psycopg.Connection
+    info: ServerInfo
+    shapes: Mapping[TableName, TableShape]
+    fks: Sequence[ForeignKey]
+    order: tuple[TableName, ...]
+    auth_entries: tuple[TableEntry, ...]
+    pg_restore: pgtools.PgTool
+    pg_dump: pgtools.PgTool | None
+    phases: _Phases = field(default_factory=_Phases)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def entries(self) -> dict[TableName, TableEntry]:
+        return {t.table: t for t in self.snapshot.manifest.scope_tables}
+
+
+# --- checks before anything changes -------------------------------------------------------
+
+
+def check_identity(action: str, snapshot: Snapshot, target: Connection, info: ServerInfo) -> None:
+    """apply refuses a snapshot of the target itself; rollback requires one."""
+    m = snapshot.manifest
+    same = archive.same_database(
+        m.database, m.project_ref, identity(target, info), target.project_ref
+    )
+    if action == "apply" and same:
+        raise ConfigError(
+            f"refusing to apply {snapshot.id} to {target.env}: it was taken from that very "
+            f"database ({'; '.join(same)}); check the env files, or use 'snapshot rollback "
+            f"{target.env} --to {snapshot.id}' to restore its own snapshot"
+        )
+    if action == "rollback" and not same:
+        db = m.database
+        raise ConfigError(
+            f"refusing to roll {target.env} back to {snapshot.id}: that snapshot was taken from "
+            f"{m.environment} ({db.host}:{db.port}/{db.dbname}), not from {target.env}; use "
+            f"'snapshot apply {target.env} --snapshot {snapshot.id}'"
+        )
+
+
+def check_scope(config: Config, snapshot: Snapshot) -> None:
+    """The snapshot covers exactly the configured scope: one scope for take, apply, verify."""
+    configured = set(config.scope.tables)
+    archived = set(snapshot.manifest.scope.tables)
+    if configured != archived:
+        extra = ", ".join(sorted(map(str, archived - configured))) or "-"
+        lacking = ", ".join(sorted(map(str, configured - archived))) or "-"
+        raise ConfigError(
+            f"{snapshot.id} covers another scope than snapshot.toml (only in the snapshot: "
+            f"{extra}; only in snapshot.toml: {lacking}): take a new snapshot"
+        )
+
+
+def check_columns(snapshot: Snapshot, shapes: Mapping[TableName, TableShape], env: str) -> None:
+    """Every snapshot column exists in the target, and no target column would be left NULL."""
+    problems = []
+    for entry in snapshot.manifest.tables:
+        shape = shapes.get(entry.table)
+        if shape is None:
+            problems.append(f"{entry.table} is missing")
+            continue
+        target_columns = {c.name: c for c in shape.columns}
+        missing = [c for c in entry.column_names if c not in target_columns]
+        if missing:
+            problems.append(f"{entry.table} lacks column {', '.join(missing)}")
+        required = [
+            c.name
+            for c in shape.columns
+            if c.name not in entry.column_names
+            and c.not_null
+            and not c.has_default
+            and not c.identity
+        ]
+        if required:
+            problems.append(f"{entry.table}.{', '.join(required)} is NOT NULL without a default")
+    if problems:
+        raise Refused(
+            f"the schema of {env} does not fit {snapshot.id}: {'; '.join(problems)}; run the "
+            "migrations so both sides match, then take a new snapshot"
+        )
+
+
+def _acquire_apply_lock(conn: psycopg.Connection, target: Connection) -> None:
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (ADVISORY_KEY,)).fetchone()
+    if row and row[0]:
+        return
+    holder = conn.execute(
+        "SELECT a.pid, a.application_name, a.backend_start FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+        "AND l.objid = %s AND l.granted AND l.database = "
+        "(SELECT oid FROM pg_database WHERE datname = current_database())",
+        (ADVISORY_KEY,),
+    ).fetchone()
+    who = f" (backend pid {holder[0]}, since {holder[2]:%H:%M:%S} UTC)" if holder else ""
+    raise Refused(
+        f"another snapshot apply or rollback is running against {target.env}{who}: "
+        "wait for it to finish; nothing was changed"
+    )
+
+
+def settle_orphaned_backups(
+    config: Config, target: Connection, conn: psycopg.Connection
+) -> list[str]:
+    """Resolve backups left sealed but unpublished by a process that died at commit time.
+
+    If the target still holds exactly the backup's rows, its apply never committed and the
+    backup is removed; otherwise the apply committed, and the backup is published.
+    """
+    notes = []
+    for orphan in archive.orphaned_backups(config.archive, target.env):
+        unchanged = all(
+            table_stats(conn, e.table, e.column_names) == TableStats(e.rows, e.checksum)
+            for e in orphan.manifest.scope_tables
+        )
+        if unchanged:
+            archive.discard(orphan)
+        else:
+            published = archive.publish(orphan, orphan.manifest.label)
+            notes.append(f"recovered backup {published.id} of an apply that committed")
+            log.warning("recovered %s: its apply committed before the process died", published.id)
+    return notes
+
+
+# --- the steps -----------------------------------------------------------------------------
+
+
+def _lock(run: _Run) -> None:
+    timeout = run.config.apply.lock_timeout
+    run.conn.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
+    for table in run.order:
+        try:
+            run.conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table.ident))
+        except psycopg.errors.LockNotAvailable:
+            raise ApplyFailed(
+                f"could not lock {table} on {run.target.env} within {timeout}: another session "
+                "is writing to it (see pg_stat_activity); retry in a quieter moment or raise "
+                "[apply] lock_timeout; nothing was changed"
+            ) from None
+    run.conn.execute("SELECT set_config('lock_timeout', '0', true)")
+
+
+def _table_stats(run: _Run, tables: Sequence[TableName]) -> dict[TableName, TableStats]:
+    return {t: table_stats(run.conn, t, run.shapes[t].column_names) for t in tables}
+
+
+def _backup(run: _Run, folder: Path, before: Mapping[TableName, TableStats]) -> Snapshot:
+    """Dump the locked state in this transaction's snapshot; sealed, published at commit."""
+    assert run.pg_dump is not None
+    plan = DumpPlan(run.target, run.info, run.pg_dump, run.config.scope, run.shapes)
+    kind = f"pre-{run.action}"
+    manifest = dump_in_snapshot(
+        run.conn,
+        plan,
+        export_snapshot(run.conn),
+        folder,
+        kind=kind,
+        label=kind,
+        applies=run.snapshot.id,
+        known=before,
+    )
+    return archive.seal(folder, manifest)
+
+
+def _create_auth_users(run: _Run) -> tuple[int, int]:
+    users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
+    identities = next((e for e in run.auth_entries if e.table == AUTH_IDENTITIES), None)
+    if users is None:
+        return 0, 0
+    conn = run.conn
+    conn.execute("CREATE TEMP TABLE snapshot_created_users (id uuid PRIMARY KEY) ON COMMIT DROP")
+    columns = sql.SQL(", ").join(map(sql.Identifier, users.column_names))
+    created = conn.execute(
+        sql.SQL(
+            "WITH created AS (INSERT INTO auth.users ({cols}) SELECT {cols} FROM {stage} s "
+            "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) RETURNING id) "
+            "INSERT INTO pg_temp.snapshot_created_users SELECT id FROM created"
+        ).format(cols=columns, stage=staging.staging_table(users))
+    ).rowcount
+    made_identities = 0
+    if identities is not None and created:
+        id_columns = sql.SQL(", ").join(map(sql.Identifier, identities.column_names))
+        made_identities = conn.execute(
+            sql.SQL(
+                "INSERT INTO auth.identities ({cols}) SELECT {cols} FROM {stage} s "
+                "WHERE s.user_id IN (SELECT id FROM pg_temp.snapshot_created_users)"
+            ).format(cols=id_columns, stage=staging.staging_table(identities))
+        ).rowcount
+    log.info("  created %d auth users, %d identities", created, made_identities)
+    return created, made_identities
+
+
+def _helper_indexes(run: _Run) -> list[sql.Identifier]:
+    """Index foreign keys that have none, for the deletes' checks; dropped before commit.
+
+    Deleting a parent row makes PostgreSQL look for referencing child rows. The children
+    were emptied first, but without an index every look is a scan over all their dead
+    rows: quadratic. These indexes exist only inside the transaction.
+    """
+    created: list[sql.Identifier] = []
+    scoped = set(run.order)
+    for fk in catalog.unindexed_foreign_keys(run.conn, run.fks):
+        if fk.child in scoped and fk.parent in scoped and fk.child != fk.parent:
+            name = f"snapshot_apply_fk_{len(created)}"
+            run.conn.execute(
+                sql.SQL("CREATE INDEX {} ON {} ({})").format(
+                    sql.Identifier(name),
+                    fk.child.ident,
+                    sql.SQL(", ").join(map(sql.Identifier, fk.columns)),
+                )
+            )
+            created.append(sql.Identifier(fk.child.schema, name))
+    if created:
+        log.info("  indexed %d foreign keys for the deletes (dropped before commit)", len(created))
+    return created
+
+
+def _delete(run: _Run) -> None:
+    started = time.monotonic()
+    for table in reversed(run.order):
+        rows = run.conn.execute(sql.SQL("DELETE FROM {}").format(table.ident)).rowcount
+        log.info("  deleted %-29s %10d rows  %6.1f s", table, rows, time.monotonic() - started)
+
+
+def _insert(run: _Run) -> None:
+    started = time.monotonic()
+    overrides = run.config.apply.insert_as
+    for table in run.order:
+        entry = run.entries[table]
+        shape = run.shapes[table]
+        types = {c.name: c.type for c in shape.columns}
+        values = []
+        for column in entry.column_names:
+            override = next(
+                (v for c, v in overrides.items() if c.table == table and c.column == column), None
+            )
+            values.append(
+                sql.SQL("CAST({} AS {})").format(sql.Literal(override), sql.SQL(types[column]))
+                if override is not None
+                else sql.Identifier(column)
+            )
+        query = sql.SQL("INSERT INTO {} ({}) {}SELECT {} FROM {}").format(
+            table.ident,
+            sql.SQL(", ").join(map(sql.Identifier, entry.column_names)),
+            sql.SQL("OVERRIDING SYSTEM VALUE ") if shape.identity_always else sql.SQL(""),
+            sql.SQL(", ").join(values),
+            staging.staging_table(entry),
+        )
+        rows = run.conn.execute(query).rowcount
+        log.info("  inserted %-28s %10d rows  %6.1f s", table, rows, time.monotonic() - started)
+
+
+def _restart_sequences(run: _Run) -> int:
+    """Restart each owned sequence at the snapshot's next value (never below the data)."""
+    archived = {(s.table, s.column): s for s in run.snapshot.manifest.sequences}
+    restarted = 0
+    for current in catalog.owned_sequences(run.conn, run.order):
+        snap = archived.get((current.table, current.column))
+        if snap is None:
+            run.notes.append(f"{current.sequence} is not in the snapshot: left as it was")
+            continue
+        value = snap.next_value
+        if current.increment > 0:
+            row = run.conn.execute(
+                sql.SQL("SELECT max({})::bigint FROM {}").format(
+                    sql.Identifier(current.column), current.table.ident
+                )
+            ).fetchone()
+            highest = row[0] if row else None
+            if highest is not None and highest >= value:
+                value = highest + current.increment
+                run.notes.append(f"{current.sequence} restarts at {value}, above its data")
+        run.conn.execute(
+            sql.SQL("ALTER SEQUENCE {} RESTART WITH {}").format(
+                current.sequence.ident, sql.Literal(value)
+            )
+        )
+        restarted += 1
+    log.info("  restarted %d sequences", restarted)
+    return restarted
+
+
+def _parity(run: _Run, before: Mapping[TableName, TableStats]) -> list[TableParity]:
+    results = []
+    for table in run.config.scope.tables:
+        entry = run.entries[table]
+        ignored = tuple(c for c in run.config.ignored_columns(table) if c in entry.column_names)
+        stage = staging.staging_table(entry)
+        actual = table_stats(run.conn, table, entry.column_names, ignored)
+        expected = (
+            table_stats(run.conn, stage, entry.column_names, ignored)
+            if ignored
+            else TableStats(entry.rows, entry.checksum)
+        )
+        match = actual == expected
+        columns: tuple[str, ...] = ()
+        if not match:
+            used = [c for c in entry.column_names if c not in ignored]
+            columns = name_columns(run.conn, table, run.conn, stage, used)
+        results.append(
+            TableParity(
+                table=table,
+                source_rows=entry.rows,
+                target_rows=actual.rows,
+                match=match,
+                target_rows_before=before[table].rows,
+                columns=columns,
+                ignored=ignored,
+            )
+        )
+    return results
+
+
+def _auth_missing(run: _Run) -> int:
+    users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
+    if users is None:
+        return 0
+    row = run.conn.execute(
+        sql.SQL(
+            "SELECT count(*) FROM {} s "
+            "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id)"
+        ).format(staging.staging_table(users))
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+# --- the whole -----------------------------------------------------------------------------
+
+
+def _prepare(
+    config: Config, target_env: str, snapshot: Snapshot
+) -> tuple[Connection, psycopg.Connection]:
+    check_scope(config, snapshot)
+    archive.verify_files(snapshot)
+    target = resolve_connection(config.environment(target_env))
+    conn = connect(target)
+    return target, conn
+
+
+def run_apply(
+    config: Config,
+    target_env: str,
+    snapshot: Snapshot,
+    *,
+    action: str = "apply",
+    dry_run: bool = False,
+    confirm: Confirm | None = None,
+    pg_bin: Path | None = None,
+) -> ApplyReport:
+    """Apply ``snapshot`` to ``target_env`` (see the module docstring for the recipe)."""
+    target, conn = _prepare(config, target_env, snapshot)
+    with contextlib.closing(conn):
+        info = catalog.server_info(conn)
+        check_identity(action, snapshot, target, info)
+        _acquire_apply_lock(conn, target)
+        notes = settle_orphaned_backups(config, target, conn) if not dry_run else []
+        m = snapshot.manifest
+        pg_restore = pgtools.find_tool(
+            "pg_restore",
+            int(m.pg_dump_version.split(".")[0]),
+            pg_bin,
+            f"reading {snapshot.id} (written by pg_dump {m.pg_dump_version})",
+        )
+        pg_dump = (
+            None
+            if dry_run
+            else pgtools.find_tool(
+                "pg_dump",
+                info.major,
+                pg_bin,
+                f"the pre-{action} backup of {target_env} (PostgreSQL {info.version})",
+            )
+        )
+        auth_entries = tuple(t for t in m.tables if t.auth) if config.scope.auth_users else ()
+        shapes = catalog.require_tables(conn, [*m.scope.tables], f"{target_env}")
+        shapes.update(catalog.table_shapes(conn, [t.table for t in auth_entries]))
+        check_columns(snapshot, shapes, target_env)
+        fks = catalog.foreign_keys(conn, m.scope.tables)
+        order = catalog.apply_order(config.scope.tables, fks)
+        if confirm is not None and not confirm(ApplyPlan(action, target, snapshot, order, dry_run)):
+            raise Refused(f"{action} to {target_env} cancelled: nothing was changed")
+        run = _Run(
+            config,
+            action,
+            snapshot,
+            target,
+            conn,
+            info,
+            shapes,
+            fks,
+            order,
+            auth_entries,
+            pg_restore,
+            pg_dump,
+            notes=notes,
+        )
+        return _execute(run, dry_run)
+
+
+def _execute(run: _Run, dry_run: bool) -> ApplyReport:
+    phase = run.phases
+    env = run.target.env
+    log.info(
+        "%s %s to %s (%s)%s",
+        run.action,
+        run.snapshot.id,
+        env,
+        run.target.describe(),
+        " as a dry run" if dry_run else "",
+    )
+    try:
+        with phase("staging the snapshot"):
+            staged = [*run.entries.values(), *run.auth_entries]
+            staging.stage(run.conn, run.pg_restore, run.snapshot, staged)
+        if dry_run:
+            report, _ = _transaction(run, None, commit=False)
+            return report
+        with archive.pending_snapshot(run.config.archive, env) as folder:
+            report, backup = _transaction(run, folder, commit=True)
+            if not report.committed or backup is None:
+                return report
+            # Published only now: a backup never claims an apply that did not commit.
+            published = archive.publish(backup, backup.manifest.label)
+        return replace(report, backup=published.id)
+    except ScriptFailed as exc:
+        raise ScriptFailed(f"{exc}; rolled back, {env} is unchanged") from None
+    except SnapshotError:
+        raise
+    except psycopg.OperationalError as exc:
+        raise ApplyFailed(
+            f"lost the connection to {env} while {phase.current} "
+            f"({scripts.error_message(exc)}): the server rolls the transaction back, so "
+            f"{env} is unchanged"
+        ) from None
+    except psycopg.Error as exc:
+        raise ApplyFailed(
+            f"{run.action} to {env} failed while {phase.current}: {scripts.error_message(exc)}; "
+            f"rolled back, {env} is unchanged"
+        ) from None
+
+
+def _transaction(
+    run: _Run, folder: Path | None, *, commit: bool
+) -> tuple[ApplyReport, Snapshot | None]:
+    """The locked, all-or-nothing part; commits only when ``commit`` and parity holds."""
+    phase = run.phases
+    conn = run.conn
+    backup = None
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = False
+    with conn.transaction() as tx:
+        with phase("locking"):
+            _lock(run)
+        with phase("reading the target"):
+            before = _table_stats(run, run.order)
+        if folder is not None:
+            with phase(f"backing up {run.target.env}"):
+                backup = _backup(run, folder, before)
+        with phase("pre-scripts"):
+            scripts.run(conn, scripts.scripts(run.config, "pre"), "pre")
+        created = (0, 0)
+        if run.auth_entries:
+            with phase("creating auth users"):
+                created = _create_auth_users(run)
+        with phase("deleting"):
+            helpers = _helper_indexes(run)
+            _delete(run)
+            for index in helpers:
+                conn.execute(sql.SQL("DROP INDEX {}").format(index))
+        with phase("inserting"):
+            _insert(run)
+        with phase("sequences"):
+            _restart_sequences(run)
+        with phase("post-scripts"):
+            scripts.run(conn, scripts.scripts(run.config, "post"), "post")
+        with phase("verifying"):
+            tables = tuple(_parity(run, before))
+            auth = _auth_outcome(run, *created)
+        report = ApplyReport(
+            action=run.action,
+            target=run.target.env,
+            snapshot=run.snapshot.id,
+            dry_run=not commit,
+            committed=False,
+            tables=tables,
+            auth=auth,
+            backup=None,
+            phases=tuple(phase.done),
+            notes=tuple(run.notes),
+        )
+        keep = commit and report.matches
+        if not keep:
+            raise psycopg.Rollback(tx)  # leaves the block, rolling back; nothing raised
+        phase.current = "committing"
+    return (replace(report, committed=True) if keep else report), backup
+
+
+def _auth_outcome(run: _Run, created_users: int, created_identities: int) -> AuthOutcome | None:
+    users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
+    if users is None:
+        return None
+    return AuthOutcome(
+        snapshot_users=users.rows,
+        created_users=created_users,
+        created_identities=created_identities,
+        missing_after=_auth_missing(run),
+    )

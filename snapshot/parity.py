@@ -1,0 +1,65 @@
+"""Comparing a table on two sides: counts, checksums, and the columns that differ."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from snapshot.checksum import column_checksums
+from snapshot.names import TableName
+
+
+@dataclass(frozen=True)
+class TableParity:
+    """One table compared: the source side (snapshot or live source) against the target."""
+
+    table: TableName
+    source_rows: int
+    target_rows: int
+    match: bool
+    target_rows_before: int | None = None
+    columns: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+
+    @property
+    def detail(self) -> str:
+        """Why a table does not match, in words."""
+        parts = []
+        if not self.match:
+            if self.source_rows != self.target_rows:
+                parts.append(f"{self.target_rows - self.source_rows:+d} rows")
+            if self.columns:
+                parts.append("differs in " + ", ".join(self.columns))
+            elif self.source_rows == self.target_rows:
+                parts.append("same count, other rows")
+        if self.ignored:
+            parts.append("ignores " + ", ".join(self.ignored))
+        return "; ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "table": str(self.table),
+            "source_rows": self.source_rows,
+            "target_rows_before": self.target_rows_before,
+            "target_rows": self.target_rows,
+            "match": self.match,
+            "differing_columns": list(self.columns),
+            "ignored_columns": list(self.ignored),
+        }
+
+
+def name_columns(
+    left: psycopg.Connection,
+    left_rel: TableName | sql.Identifier,
+    right: psycopg.Connection,
+    right_rel: TableName | sql.Identifier,
+    columns: Sequence[str],
+) -> tuple[str, ...]:
+    """The columns whose values differ between two relations (as multisets)."""
+    a = column_checksums(left, left_rel, columns)
+    b = column_checksums(right, right_rel, columns)
+    return tuple(c for c in columns if a[c] != b[c])

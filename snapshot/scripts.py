@@ -1,0 +1,68 @@
+"""The user's SQL scripts in ``sql/``: found, ordered and run inside apply's transaction."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import psycopg
+
+from snapshot.config import Config, display_path
+from snapshot.errors import ConfigError, ScriptFailed
+
+log = logging.getLogger(__name__)
+
+PHASES = ("pre", "post", "smoke")
+# Scripts see the usual search path; the session's pinned one (pg_catalog first) is restored.
+SCRIPT_SEARCH_PATH = '"$user", public'
+
+
+def bundled_sql() -> Path:
+    """The ``sql/`` folder shipped with snapshot (in the wheel, or beside the package)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_sql", package.parent / "sql"):
+        if (candidate / "pre").is_dir():
+            return candidate
+    raise ConfigError("snapshot's bundled sql/ folder is missing: reinstall snapshot")
+
+
+def scripts_root(config: Config) -> Path:
+    """The configured scripts folder; the bundled defaults when ``sql/`` is absent and unset."""
+    if config.scripts.is_dir():
+        return config.scripts
+    if config.scripts_explicit:
+        raise ConfigError(
+            f"scripts folder {display_path(config.scripts)} does not exist: create it or fix "
+            "scripts in snapshot.toml"
+        )
+    return bundled_sql()
+
+
+def scripts(config: Config, phase: str) -> list[Path]:
+    """The ``*.sql`` files of a phase, in name order."""
+    folder = scripts_root(config) / phase
+    return sorted(folder.glob("*.sql")) if folder.is_dir() else []
+
+
+def run(conn: psycopg.Connection, files: list[Path], phase: str) -> None:
+    """Run each file in the current transaction; a failure names the file."""
+    for path in files:
+        started = time.monotonic()
+        conn.execute("SELECT set_config('search_path', %s, true)", (SCRIPT_SEARCH_PATH,))
+        try:
+            cur = conn.execute(path.read_text(encoding="utf-8").encode())
+        except psycopg.Error as exc:
+            raise ScriptFailed(
+                f"{phase}-script {display_path(path)} failed: {error_message(exc)}"
+            ) from None
+        conn.execute("SELECT set_config('search_path', 'pg_catalog, pg_temp', true)")
+        affected = f", {cur.rowcount} rows" if cur.rowcount >= 0 else ""
+        log.info("  %s-script %s%s  %.1f s", phase, path.name, affected, time.monotonic() - started)
+
+
+def error_message(exc: psycopg.Error) -> str:
+    """The server's one-line message for a failed statement."""
+    primary = exc.diag.message_primary if not isinstance(exc, psycopg.OperationalError) else None
+    text = primary or str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

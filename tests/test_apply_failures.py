@@ -1,0 +1,201 @@
+"""Nothing is ever lost: a failure at any phase of an apply leaves the target exactly as it was."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Project
+from tests.fix_db import Database
+from tests.test_apply import apply, setup_pair
+
+DEFAULT_SQL = Path(__file__).resolve().parent.parent / "sql"
+
+
+def own_scripts(project: Project) -> Path:
+    """Copy the default pre/post scripts into the project, to add or remove some."""
+    folder = project.path / "sql"
+    for phase in ("pre", "post"):
+        shutil.copytree(DEFAULT_SQL / phase, folder / phase)
+    return folder
+
+
+def _failing_pre_script(project: Project, prod: Database) -> None:
+    (own_scripts(project) / "pre" / "020_broken.sql").write_text(
+        "UPDATE public.no_such_table SET x = 1;\n"
+    )
+
+
+def _guardrail_violation(project: Project, prod: Database) -> None:
+    # Without the drafting pre-script, unlinking topics from published questions is refused.
+    folder = own_scripts(project)
+    (folder / "pre" / "010_questions_to_draft.sql").unlink()
+
+
+def _foreign_key_violation(project: Project, prod: Database) -> None:
+    # A table outside the scope still references a question the apply deletes.
+    prod.execute(
+        "CREATE TABLE public.notifications (id int PRIMARY KEY, "
+        "question_id bigint REFERENCES public.questions (id)); "
+        "INSERT INTO public.notifications VALUES (1, 4)"
+    )
+
+
+def _failing_post_script(project: Project, prod: Database) -> None:
+    (own_scripts(project) / "post" / "020_broken.sql").write_text("SELECT 1 / 0;\n")
+
+
+def _parity_mismatch(project: Project, prod: Database) -> None:
+    (own_scripts(project) / "post" / "020_drift.sql").write_text(
+        "UPDATE public.categories SET name = name || ' (edited)' WHERE id = 2;\n"
+    )
+
+
+def _missing_status_restore(project: Project, prod: Database) -> None:
+    (own_scripts(project) / "post" / "010_restore_question_status.sql").unlink()
+
+
+Setup = Callable[[Project, Database], None]
+FAILURES: dict[str, tuple[Setup, str]] = {
+    "failing pre-script": (
+        _failing_pre_script,
+        'pre-script sql/pre/020_broken.sql failed: relation "public.no_such_table" does not exist',
+    ),
+    "guardrail violation": (
+        _guardrail_violation,
+        "failed while deleting: guardrail: cannot unlink topic",
+    ),
+    "foreign key violation": (
+        _foreign_key_violation,
+        'failed while deleting: update or delete on table "questions" violates foreign key constraint',
+    ),
+    "failing post-script": (
+        _failing_post_script,
+        "post-script sql/post/020_broken.sql failed: division by zero",
+    ),
+    "parity mismatch": (
+        _parity_mismatch,
+        "parity check failed for public.categories (differs in name)",
+    ),
+    "status not restored": (
+        _missing_status_restore,
+        "parity check failed for public.questions (differs in status)",
+    ),
+}
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_a_failure_at_any_phase_leaves_the_target_unchanged(
+    project: Project, make_db, failure: str
+) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    setup, message = FAILURES[failure]
+    setup(project, prod)
+    original = prod.fingerprint()
+
+    result = apply(project)
+
+    assert result.exit_code == 1, result.output
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: ") and message in error, error
+    assert "prod is unchanged" in error
+    assert "Traceback" not in result.output
+    assert prod.fingerprint() == original
+    assert project.snapshots("prod") == []
+    assert list((project.path / "snapshots" / "prod").glob(".tmp-*")) == []
+
+
+def _slow_inserts(prod: Database, seconds: int) -> None:
+    """Make the apply pause while it inserts answers (a statement trigger that sleeps)."""
+    prod.execute(
+        "CREATE FUNCTION public.slow_down() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$; "
+        "CREATE TRIGGER slow_down AFTER INSERT ON public.answers "
+        "FOR EACH STATEMENT EXECUTE FUNCTION public.slow_down()"
+    )
+
+
+def _wait_for_insert(prod: Database, process) -> int:
+    """The pid of the apply's backend once it is inserting answers."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        rows = prod.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'snapshot' AND state = 'active' "
+            'AND query LIKE \'INSERT INTO "public"."answers"%%\''
+        )
+        if rows:
+            return int(rows[0][0])
+        time.sleep(0.02)
+    raise AssertionError("the apply never reached the answers insert")
+
+
+def _wait_until_gone(prod: Database, pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while prod.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]):
+        assert time.monotonic() < deadline, "the apply's backend is still there"
+        time.sleep(0.05)
+
+
+def test_killed_apply_leaves_target_unchanged(project: Project, make_db) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    _slow_inserts(prod, 30)
+    original = prod.fingerprint()
+
+    process = project.spawn("apply", "prod", "--yes")
+    backend = _wait_for_insert(prod, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    _wait_until_gone(prod, backend)  # the server noticed the client die and rolled back
+
+    assert prod.fingerprint() == original
+    assert project.snapshots("prod") == []
+    listed = project.run("list", "prod", "--json")
+    assert listed.stdout.strip() == "[]"
+    # The next apply settles the sealed backup left behind (its apply never committed).
+    prod.execute("DROP TRIGGER slow_down ON public.answers")
+    again = apply(project)
+    assert again.exit_code == 0, again.output
+    assert [p.name.split("-", 1)[1] for p in project.snapshots("prod")] == ["pre-apply"]
+    assert list((project.path / "snapshots" / "prod").glob(".tmp-*")) == []
+
+
+def test_terminated_connection_leaves_target_unchanged(project: Project, make_db) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    _slow_inserts(prod, 30)
+    original = prod.fingerprint()
+
+    process = project.spawn("apply", "prod", "--yes")
+    backend = _wait_for_insert(prod, process)
+    prod.execute("SELECT pg_terminate_backend(%s)", [backend])
+    _out, err = process.communicate(timeout=60)
+
+    assert process.returncode == 1, err
+    assert "lost the connection to prod while inserting" in err
+    assert "prod is unchanged" in err and "Traceback" not in err
+    _wait_until_gone(prod, backend)
+    assert prod.fingerprint() == original
+    assert project.snapshots("prod") == []
+    assert list((project.path / "snapshots" / "prod").glob(".tmp-*")) == []
+
+
+def test_a_second_apply_is_refused_while_one_runs(project: Project, make_db) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    _slow_inserts(prod, 5)
+    original = prod.fingerprint()
+
+    first = project.spawn("apply", "prod", "--yes")
+    _wait_for_insert(prod, first)
+    second = apply(project)
+    first.communicate(timeout=60)
+
+    assert second.exit_code == 1
+    assert "another snapshot apply or rollback is running against prod" in second.stderr
+    assert first.returncode == 0
+    assert prod.fingerprint() != original  # the first one went through, alone
