@@ -282,11 +282,15 @@ def _lock(run: _Run) -> None:
     run.conn.execute("SELECT set_config('lock_timeout', '0', true)")
 
 
-def _table_stats(run: _Run, tables: Sequence[TableName]) -> dict[TableName, TableStats]:
-    return {t: table_stats(run.conn, t, run.shapes[t].column_names) for t in tables}
+def _row_counts(run: _Run) -> dict[TableName, int]:
+    counts = {}
+    for table in run.order:
+        row = run.conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident)).fetchone()
+        counts[table] = int(row[0]) if row else 0
+    return counts
 
 
-def _backup(run: _Run, folder: Path, before: Mapping[TableName, TableStats]) -> Snapshot:
+def _backup(run: _Run, folder: Path) -> Snapshot:
     """Dump the locked state in this transaction's snapshot; sealed, published at commit."""
     assert run.pg_dump is not None
     plan = DumpPlan(run.target, run.info, run.pg_dump, run.config.scope, run.shapes)
@@ -299,7 +303,6 @@ def _backup(run: _Run, folder: Path, before: Mapping[TableName, TableStats]) -> 
         kind=kind,
         label=kind,
         applies=run.snapshot.id,
-        known=before,
     )
     return archive.seal(folder, manifest)
 
@@ -335,9 +338,10 @@ def _create_auth_users(run: _Run) -> tuple[int, int]:
 def _helper_indexes(run: _Run) -> list[sql.Identifier]:
     """Index foreign keys that have none, for the deletes' checks; dropped before commit.
 
-    Deleting a parent row makes PostgreSQL look for referencing child rows. The children
-    were emptied first, but without an index every look is a scan over all their dead
-    rows: quadratic. These indexes exist only inside the transaction.
+    Deleting a parent row makes PostgreSQL look for referencing child rows; without an
+    index each look scans the child table: quadratic. These indexes exist only inside the
+    transaction. They are built before anything in it writes: an index built after this
+    transaction updated its table is flagged ``indcheckxmin`` and useless until commit.
     """
     created: list[sql.Identifier] = []
     scoped = set(run.order)
@@ -352,6 +356,16 @@ def _helper_indexes(run: _Run) -> list[sql.Identifier]:
                 )
             )
             created.append(sql.Identifier(fk.child.schema, name))
+    unusable = run.conn.execute(
+        "SELECT indrelid::regclass::text FROM pg_index WHERE indcheckxmin "
+        "AND indexrelid = ANY(%s::regclass[])",
+        ([i.as_string(run.conn) for i in created],),
+    ).fetchall()
+    for (table,) in unusable:
+        run.notes.append(
+            f"the helper index on {table} cannot serve this transaction (a long-running "
+            "session holds old row versions): deleting its parents may be slow"
+        )
     if created:
         log.info("  indexed %d foreign keys for the deletes (dropped before commit)", len(created))
     return created
@@ -422,7 +436,7 @@ def _restart_sequences(run: _Run) -> int:
     return restarted
 
 
-def _parity(run: _Run, before: Mapping[TableName, TableStats]) -> list[TableParity]:
+def _parity(run: _Run, before: Mapping[TableName, int]) -> list[TableParity]:
     results = []
     for table in run.config.scope.tables:
         entry = run.entries[table]
@@ -445,7 +459,7 @@ def _parity(run: _Run, before: Mapping[TableName, TableStats]) -> list[TablePari
                 source_rows=entry.rows,
                 target_rows=actual.rows,
                 match=match,
-                target_rows_before=before[table].rows,
+                target_rows_before=before[table],
                 columns=columns,
                 ignored=ignored,
             )
@@ -593,11 +607,14 @@ def _transaction(
     with conn.transaction() as tx:
         with phase("locking"):
             _lock(run)
-        with phase("reading the target"):
-            before = _table_stats(run, run.order)
+            helpers = _helper_indexes(run)
         if folder is not None:
             with phase(f"backing up {run.target.env}"):
-                backup = _backup(run, folder, before)
+                backup = _backup(run, folder)
+                before = {t.table: t.rows for t in backup.manifest.scope_tables}
+        else:
+            with phase("counting the target's rows"):
+                before = _row_counts(run)
         with phase("pre-scripts"):
             scripts.run(conn, scripts.scripts(run.config, "pre"), "pre")
         created = (0, 0)
@@ -605,7 +622,6 @@ def _transaction(
             with phase("creating auth users"):
                 created = _create_auth_users(run)
         with phase("deleting"):
-            helpers = _helper_indexes(run)
             _delete(run)
             for index in helpers:
                 conn.execute(sql.SQL("DROP INDEX {}").format(index))

@@ -1,0 +1,244 @@
+"""Benchmark snapshot against raw pg_dump/pg_restore, in the same run, on the same data.
+
+    .venv/bin/python bench/run.py [--scale 45] [--dsn postgresql://postgres@127.0.0.1/postgres]
+
+Builds a dev and a diverged prod database from sql/ (scale 45 is about 1.2 million scope
+rows, the size of the user's app), then times, with peak memory:
+
+* take:   ``snapshot take dev``      vs ``pg_dump -Fc --data-only`` of the same tables
+* apply:  ``snapshot apply prod``    vs two raw baselines, each ``TRUNCATE`` then
+          ``pg_restore --data-only --single-transaction``:
+          - unsafe: ``--disable-triggers`` as a superuser (no foreign-key checks, no
+            guardrails, no backup, no parity: what integrity-off tools do);
+          - constraints on: as the app owner, with the guardrail triggers dropped first
+            (raw pg_restore cannot pass them: it inserts published questions before their
+            topic links), so it pays the same foreign-key checks as snapshot.
+* verify: ``snapshot verify dev prod``
+
+and prints the ratios. Results also go to bench/results/<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+ROOT = Path(__file__).resolve().parent.parent
+SCOPE = [
+    "users",
+    "user_preferences",
+    "categories",
+    "subcategories",
+    "topics",
+    "questions",
+    "answers",
+    "question_topics",
+    "topic_edges",
+    "content_revisions",
+    "question_attempts",
+    "user_question_progress",
+    "user_topic_progress",
+    "playlists",
+    "playlist_items",
+    "user_playlist_progress",
+]
+
+
+def url(dsn: str, dbname: str, user: str | None = None) -> str:
+    params = conninfo_to_dict(dsn)
+    params["dbname"] = dbname
+    if user:
+        params["user"] = user
+    return make_conninfo("", **params)
+
+
+def build(dsn: str, name: str, variant: str, scale: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with psycopg.connect(url(dsn, name), autocommit=True) as conn:
+        for path in sorted((ROOT / "sql" / "schema").glob("*.sql")):
+            conn.execute(path.read_text())
+        conn.execute(f"SET seed.scale = {scale}")
+        conn.execute((ROOT / "sql" / "seed" / "10_generator.sql").read_text())
+        conn.execute((ROOT / "sql" / "seed" / f"20_{variant}.sql").read_text())
+        conn.execute("VACUUM ANALYZE")
+
+
+_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.run(sys.argv[1:]).returncode\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall seconds, and peak RSS (MiB) of the largest process of the command's tree."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", _WRAPPER, *cmd], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+    return elapsed, int(result.stderr.strip().splitlines()[-1]) // 1024
+
+
+def rows(dsn: str, name: str) -> int:
+    with psycopg.connect(url(dsn, name)) as conn:
+        return sum(conn.execute(f"SELECT count(*) FROM public.{t}").fetchone()[0] for t in SCOPE)  # noqa: S608
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", type=int, default=45)
+    parser.add_argument("--dsn", default="host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+    parser.add_argument("--pg-bin", default="/usr/lib/postgresql/15/bin")
+    args = parser.parse_args()
+    pg_bin = Path(args.pg_bin)
+    work = Path(tempfile.mkdtemp(prefix="snapshot-bench-"))
+    dev, prod, raw, checked = "bench_dev", "bench_prod", "bench_raw", "bench_checked"
+    try:
+        print(f"building dev and prod at scale {args.scale}…", file=sys.stderr)
+        t = time.perf_counter()
+        build(args.dsn, dev, "dev", args.scale)
+        build(args.dsn, prod, "prod", args.scale)
+        with psycopg.connect(args.dsn, autocommit=True) as conn:
+            # checked starts from dev, whose auth.users hold every user the rows point at:
+            # raw pg_restore cannot create the missing ones in prod, as snapshot does.
+            for copy, template in ((raw, prod), (checked, dev)):
+                conn.execute(f"DROP DATABASE IF EXISTS {copy} WITH (FORCE)")
+                conn.execute(f"CREATE DATABASE {copy} TEMPLATE {template}")
+        print(f"  built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        scope_rows = rows(args.dsn, dev)
+        (work / ".env.local").write_text(f"SUPABASE_DB_URL={url(args.dsn, dev, 'app_owner')}\n")
+        (work / ".env.production").write_text(
+            f"SUPABASE_DB_URL={url(args.dsn, prod, 'app_owner')}\n"
+        )
+        env = {**os.environ, "PG_BIN": str(pg_bin)}
+        snapshot = [str(Path(sys.executable).parent / "snapshot"), "-q"]
+        tables = [f"--table=public.{t}" for t in SCOPE] + [
+            "--table=auth.users",
+            "--table=auth.identities",
+        ]
+
+        raw_take = timed(
+            [
+                str(pg_bin / "pg_dump"),
+                "-Fc",
+                "--data-only",
+                *tables,
+                f"--file={work / 'raw.dump'}",
+                f"--dbname={url(args.dsn, dev, 'app_owner')}",
+            ],
+            work,
+        )
+        our_take = timed([*snapshot, "take", "dev"], work, env)
+
+        truncate = ", ".join(f"public.{t}" for t in SCOPE)
+        started = time.perf_counter()
+        with psycopg.connect(url(args.dsn, raw), autocommit=True) as conn:
+            conn.execute(f"TRUNCATE {truncate}")
+        raw_truncate = time.perf_counter() - started
+        restore = timed(
+            [
+                str(pg_bin / "pg_restore"),
+                "--data-only",
+                "--disable-triggers",
+                "--single-transaction",
+                "--schema=public",
+                f"--dbname={url(args.dsn, raw)}",
+                str(work / "raw.dump"),
+            ],
+            work,
+        )
+        raw_apply = (raw_truncate + restore[0], restore[1])
+        started = time.perf_counter()
+        with psycopg.connect(url(args.dsn, checked, "app_owner"), autocommit=True) as conn:
+            conn.execute("DROP TRIGGER questions_publish_guardrail ON public.questions")
+            conn.execute("DROP TRIGGER question_topics_unlink_guardrail ON public.question_topics")
+            conn.execute(f"TRUNCATE {truncate}")
+        checked_truncate = time.perf_counter() - started
+        restore = timed(
+            [
+                str(pg_bin / "pg_restore"),
+                "--data-only",
+                "--single-transaction",
+                "--schema=public",
+                f"--dbname={url(args.dsn, checked, 'app_owner')}",
+                str(work / "raw.dump"),
+            ],
+            work,
+        )
+        checked_apply = (checked_truncate + restore[0], restore[1])
+        our_apply = timed([*snapshot, "apply", "prod", "--yes"], work, env)
+        our_verify = timed([*snapshot, "verify", "dev", "prod"], work, env)
+        dump_size = (work / "raw.dump").stat().st_size
+        ours = next((work / "snapshots" / "dev").iterdir()) / "data.dump"
+
+        results = {
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "scale": args.scale,
+            "scope_rows": scope_rows,
+            "server": psycopg.connect(args.dsn).info.server_version,
+            "take": {
+                "snapshot_s": our_take[0],
+                "pg_dump_s": raw_take[0],
+                "snapshot_mib": our_take[1],
+                "pg_dump_mib": raw_take[1],
+                "snapshot_bytes": ours.stat().st_size,
+                "pg_dump_bytes": dump_size,
+            },
+            "apply": {
+                "snapshot_s": our_apply[0],
+                "raw_s": raw_apply[0],
+                "raw_constraints_on_s": checked_apply[0],
+                "snapshot_mib": our_apply[1],
+                "raw_mib": raw_apply[1],
+            },
+            "verify": {"snapshot_s": our_verify[0]},
+        }
+        out = ROOT / "bench" / "results"
+        out.mkdir(exist_ok=True)
+        (out / f"{results['when'].replace(':', '')}.json").write_text(json.dumps(results, indent=2))
+        take, apply = results["take"], results["apply"]
+        print(f"scope rows: {scope_rows:,} (scale {args.scale})")
+        print(
+            f"take:   snapshot {take['snapshot_s']:.1f} s, pg_dump {take['pg_dump_s']:.1f} s "
+            f"-> {take['snapshot_s'] / take['pg_dump_s']:.2f}x; peak "
+            f"{take['snapshot_mib']} MiB vs {take['pg_dump_mib']} MiB"
+        )
+        print(
+            f"apply:  snapshot {apply['snapshot_s']:.1f} s; truncate+pg_restore unsafe "
+            f"{apply['raw_s']:.1f} s -> {apply['snapshot_s'] / apply['raw_s']:.2f}x; "
+            f"with constraints on {apply['raw_constraints_on_s']:.1f} s -> "
+            f"{apply['snapshot_s'] / apply['raw_constraints_on_s']:.2f}x; peak "
+            f"{apply['snapshot_mib']} MiB vs {apply['raw_mib']} MiB"
+        )
+        print(f"verify: {results['verify']['snapshot_s']:.1f} s (both sides, all 16 tables)")
+    finally:
+        with psycopg.connect(args.dsn, autocommit=True) as conn:
+            for name in (dev, prod, raw, checked):
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
