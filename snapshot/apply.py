@@ -22,30 +22,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, catalog, pgtools, scripts, staging
-from snapshot.archive import Snapshot, TableEntry
-from snapshot.catalog import ForeignKey, ServerInfo, TableShape
+from snapshot import archive, catalog, preflight, scripts, staging
+from snapshot.archive import Snapshot
 from snapshot.checksum import TableStats, table_stats
 from snapshot.config import Config
-from snapshot.db import connect
-from snapshot.environments import Connection, resolve_connection
-from snapshot.errors import ApplyFailed, ConfigError, Refused, ScriptFailed, SnapshotError
+from snapshot.environments import Connection
+from snapshot.errors import ApplyFailed, Refused, ScriptFailed, SnapshotError
 from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, TableName
 from snapshot.parity import TableParity, name_columns
-from snapshot.take import DumpPlan, dump_in_snapshot, export_snapshot, identity
+from snapshot.session import Session, apply_lock_holder, open_session, release_apply_lock
+from snapshot.take import DumpPlan, dump_in_snapshot, export_snapshot
 
 log = logging.getLogger(__name__)
-
-# One apply or rollback per database at a time (advisory locks are per database).
-ADVISORY_KEY = 0x736E6170  # "snap"
 
 
 @dataclass(frozen=True)
@@ -133,114 +129,6 @@ class _Phases:
         self.done.append((name, time.monotonic() - started))
 
 
-@dataclass
-class _Run:
-    """State shared by the steps of one apply."""
-
-    config: Config
-    action: str
-    snapshot: Snapshot
-    target: Connection
-    conn: psycopg.Connection
-    info: ServerInfo
-    shapes: Mapping[TableName, TableShape]
-    fks: Sequence[ForeignKey]
-    order: tuple[TableName, ...]
-    auth_entries: tuple[TableEntry, ...]
-    pg_restore: pgtools.PgTool
-    pg_dump: pgtools.PgTool | None
-    phases: _Phases = field(default_factory=_Phases)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def entries(self) -> dict[TableName, TableEntry]:
-        return {t.table: t for t in self.snapshot.manifest.scope_tables}
-
-
-# --- checks before anything changes -------------------------------------------------------
-
-
-def check_identity(action: str, snapshot: Snapshot, target: Connection, info: ServerInfo) -> None:
-    """apply refuses a snapshot of the target itself; rollback requires one."""
-    m = snapshot.manifest
-    same = archive.same_database(
-        m.database, m.project_ref, identity(target, info), target.project_ref
-    )
-    if action == "apply" and same:
-        raise ConfigError(
-            f"refusing to apply {snapshot.id} to {target.env}: it was taken from that very "
-            f"database ({'; '.join(same)}); check the env files, or use 'snapshot rollback "
-            f"{target.env} --to {snapshot.id}' to restore its own snapshot"
-        )
-    if action == "rollback" and not same:
-        db = m.database
-        raise ConfigError(
-            f"refusing to roll {target.env} back to {snapshot.id}: that snapshot was taken from "
-            f"{m.environment} ({db.host}:{db.port}/{db.dbname}), not from {target.env}; use "
-            f"'snapshot apply {target.env} --snapshot {snapshot.id}'"
-        )
-
-
-def check_scope(config: Config, snapshot: Snapshot) -> None:
-    """The snapshot covers exactly the configured scope: one scope for take, apply, verify."""
-    configured = set(config.scope.tables)
-    archived = set(snapshot.manifest.scope.tables)
-    if configured != archived:
-        extra = ", ".join(sorted(map(str, archived - configured))) or "-"
-        lacking = ", ".join(sorted(map(str, configured - archived))) or "-"
-        raise ConfigError(
-            f"{snapshot.id} covers another scope than snapshot.toml (only in the snapshot: "
-            f"{extra}; only in snapshot.toml: {lacking}): take a new snapshot"
-        )
-
-
-def check_columns(snapshot: Snapshot, shapes: Mapping[TableName, TableShape], env: str) -> None:
-    """Every snapshot column exists in the target, and no target column would be left NULL."""
-    problems = []
-    for entry in snapshot.manifest.tables:
-        shape = shapes.get(entry.table)
-        if shape is None:
-            problems.append(f"{entry.table} is missing")
-            continue
-        target_columns = {c.name: c for c in shape.columns}
-        missing = [c for c in entry.column_names if c not in target_columns]
-        if missing:
-            problems.append(f"{entry.table} lacks column {', '.join(missing)}")
-        required = [
-            c.name
-            for c in shape.columns
-            if c.name not in entry.column_names
-            and c.not_null
-            and not c.has_default
-            and not c.identity
-        ]
-        if required:
-            problems.append(f"{entry.table}.{', '.join(required)} is NOT NULL without a default")
-    if problems:
-        raise Refused(
-            f"the schema of {env} does not fit {snapshot.id}: {'; '.join(problems)}; run the "
-            "migrations so both sides match, then take a new snapshot"
-        )
-
-
-def _acquire_apply_lock(conn: psycopg.Connection, target: Connection) -> None:
-    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (ADVISORY_KEY,)).fetchone()
-    if row and row[0]:
-        return
-    holder = conn.execute(
-        "SELECT a.pid, a.application_name, a.backend_start FROM pg_locks l "
-        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-        "AND l.objid = %s AND l.granted AND l.database = "
-        "(SELECT oid FROM pg_database WHERE datname = current_database())",
-        (ADVISORY_KEY,),
-    ).fetchone()
-    who = f" (backend pid {holder[0]}, since {holder[2]:%H:%M:%S} UTC)" if holder else ""
-    raise Refused(
-        f"another snapshot apply or rollback is running against {target.env}{who}: "
-        "wait for it to finish; nothing was changed"
-    )
-
-
 def settle_orphaned_backups(
     config: Config, target: Connection, conn: psycopg.Connection
 ) -> list[str]:
@@ -267,7 +155,7 @@ def settle_orphaned_backups(
 # --- the steps -----------------------------------------------------------------------------
 
 
-def _lock(run: _Run) -> None:
+def _lock(run: Session) -> None:
     timeout = run.config.apply.lock_timeout
     run.conn.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
     for table in run.order:
@@ -282,7 +170,7 @@ def _lock(run: _Run) -> None:
     run.conn.execute("SELECT set_config('lock_timeout', '0', true)")
 
 
-def _row_counts(run: _Run) -> dict[TableName, int]:
+def _row_counts(run: Session) -> dict[TableName, int]:
     counts = {}
     for table in run.order:
         row = run.conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident)).fetchone()
@@ -290,7 +178,7 @@ def _row_counts(run: _Run) -> dict[TableName, int]:
     return counts
 
 
-def _backup(run: _Run, folder: Path) -> Snapshot:
+def _backup(run: Session, folder: Path) -> Snapshot:
     """Dump the locked state in this transaction's snapshot; sealed, published at commit."""
     assert run.pg_dump is not None
     plan = DumpPlan(run.target, run.info, run.pg_dump, run.config.scope, run.shapes)
@@ -307,7 +195,7 @@ def _backup(run: _Run, folder: Path) -> Snapshot:
     return archive.seal(folder, manifest)
 
 
-def _create_auth_users(run: _Run) -> tuple[int, int]:
+def _create_auth_users(run: Session) -> tuple[int, int]:
     users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
     identities = next((e for e in run.auth_entries if e.table == AUTH_IDENTITIES), None)
     if users is None:
@@ -335,7 +223,7 @@ def _create_auth_users(run: _Run) -> tuple[int, int]:
     return created, made_identities
 
 
-def _helper_indexes(run: _Run) -> list[sql.Identifier]:
+def _helper_indexes(run: Session) -> list[sql.Identifier]:
     """Index foreign keys that have none, for the deletes' checks; dropped before commit.
 
     Deleting a parent row makes PostgreSQL look for referencing child rows; without an
@@ -345,8 +233,17 @@ def _helper_indexes(run: _Run) -> list[sql.Identifier]:
     """
     created: list[sql.Identifier] = []
     scoped = set(run.order)
+    owned = {
+        t
+        for t in scoped
+        if run.conn.execute(
+            "SELECT pg_has_role(relowner, 'USAGE') FROM pg_class WHERE oid = %s::regclass",
+            (t.ident.as_string(run.conn),),
+        ).fetchone()
+        == (True,)
+    }
     for fk in catalog.unindexed_foreign_keys(run.conn, run.fks):
-        if fk.child in scoped and fk.parent in scoped and fk.child != fk.parent:
+        if fk.child in owned and fk.parent in scoped and fk.child != fk.parent:
             name = f"snapshot_apply_fk_{len(created)}"
             run.conn.execute(
                 sql.SQL("CREATE INDEX {} ON {} ({})").format(
@@ -371,14 +268,14 @@ def _helper_indexes(run: _Run) -> list[sql.Identifier]:
     return created
 
 
-def _delete(run: _Run) -> None:
+def _delete(run: Session) -> None:
     started = time.monotonic()
     for table in reversed(run.order):
         rows = run.conn.execute(sql.SQL("DELETE FROM {}").format(table.ident)).rowcount
         log.info("  deleted %-29s %10d rows  %6.1f s", table, rows, time.monotonic() - started)
 
 
-def _insert(run: _Run) -> None:
+def _insert(run: Session) -> None:
     started = time.monotonic()
     overrides = run.config.apply.insert_as
     for table in run.order:
@@ -406,7 +303,7 @@ def _insert(run: _Run) -> None:
         log.info("  inserted %-28s %10d rows  %6.1f s", table, rows, time.monotonic() - started)
 
 
-def _restart_sequences(run: _Run) -> int:
+def _restart_sequences(run: Session) -> int:
     """Restart each owned sequence at the snapshot's next value (never below the data)."""
     archived = {(s.table, s.column): s for s in run.snapshot.manifest.sequences}
     restarted = 0
@@ -436,7 +333,7 @@ def _restart_sequences(run: _Run) -> int:
     return restarted
 
 
-def _parity(run: _Run, before: Mapping[TableName, int]) -> list[TableParity]:
+def _parity(run: Session, before: Mapping[TableName, int]) -> list[TableParity]:
     results = []
     for table in run.config.scope.tables:
         entry = run.entries[table]
@@ -467,7 +364,7 @@ def _parity(run: _Run, before: Mapping[TableName, int]) -> list[TableParity]:
     return results
 
 
-def _auth_missing(run: _Run) -> int:
+def _auth_missing(run: Session) -> int:
     users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
     if users is None:
         return 0
@@ -483,16 +380,6 @@ def _auth_missing(run: _Run) -> int:
 # --- the whole -----------------------------------------------------------------------------
 
 
-def _prepare(
-    config: Config, target_env: str, snapshot: Snapshot
-) -> tuple[Connection, psycopg.Connection]:
-    check_scope(config, snapshot)
-    archive.verify_files(snapshot)
-    target = resolve_connection(config.environment(target_env))
-    conn = connect(target)
-    return target, conn
-
-
 def run_apply(
     config: Config,
     target_env: str,
@@ -502,59 +389,56 @@ def run_apply(
     dry_run: bool = False,
     confirm: Confirm | None = None,
     pg_bin: Path | None = None,
+    allow_cascades: Collection[str] = (),
 ) -> ApplyReport:
-    """Apply ``snapshot`` to ``target_env`` (see the module docstring for the recipe)."""
-    target, conn = _prepare(config, target_env, snapshot)
-    with contextlib.closing(conn):
-        info = catalog.server_info(conn)
-        check_identity(action, snapshot, target, info)
-        _acquire_apply_lock(conn, target)
-        notes = settle_orphaned_backups(config, target, conn) if not dry_run else []
-        m = snapshot.manifest
-        pg_restore = pgtools.find_tool(
-            "pg_restore",
-            int(m.pg_dump_version.split(".")[0]),
-            pg_bin,
-            f"reading {snapshot.id} (written by pg_dump {m.pg_dump_version})",
-        )
-        pg_dump = (
-            None
-            if dry_run
-            else pgtools.find_tool(
-                "pg_dump",
-                info.major,
-                pg_bin,
-                f"the pre-{action} backup of {target_env} (PostgreSQL {info.version})",
+    """Apply ``snapshot`` to ``target_env`` (see the module docstring for the recipe).
+
+    The preflight runs first, with the apply lock held; any error stops everything
+    before the first write (:class:`PreflightFailed` carries its report).
+    """
+    phases = _Phases()
+    with open_session(
+        config, target_env, snapshot, action=action, pg_bin=pg_bin, backup=not dry_run
+    ) as session:
+        with phases("preflight"):
+            holder = apply_lock_holder(session.conn)
+            if holder is None and not dry_run:
+                session.notes += settle_orphaned_backups(config, session.target, session.conn)
+            checks = preflight.run_checks(
+                session, lock_holder=holder, allow_cascades=allow_cascades
             )
-        )
-        auth_entries = tuple(t for t in m.tables if t.auth) if config.scope.auth_users else ()
-        shapes = catalog.require_tables(conn, [*m.scope.tables], f"{target_env}")
-        shapes.update(catalog.table_shapes(conn, [t.table for t in auth_entries]))
-        check_columns(snapshot, shapes, target_env)
-        fks = catalog.foreign_keys(conn, m.scope.tables)
-        order = catalog.apply_order(config.scope.tables, fks)
-        if confirm is not None and not confirm(ApplyPlan(action, target, snapshot, order, dry_run)):
+        for finding in checks.findings:
+            if finding.status == preflight.WARNING:
+                log.warning("warning: %s: %s", finding.check, finding.detail)
+        if not checks.ok:
+            raise preflight.PreflightFailed(checks)
+        plan = ApplyPlan(action, session.target, snapshot, session.order, dry_run)
+        if confirm is not None and not confirm(plan):
             raise Refused(f"{action} to {target_env} cancelled: nothing was changed")
-        run = _Run(
-            config,
-            action,
-            snapshot,
-            target,
-            conn,
-            info,
-            shapes,
-            fks,
-            order,
-            auth_entries,
-            pg_restore,
-            pg_dump,
-            notes=notes,
-        )
-        return _execute(run, dry_run)
+        return _execute(session, phases, dry_run)
 
 
-def _execute(run: _Run, dry_run: bool) -> ApplyReport:
-    phase = run.phases
+def check(
+    config: Config,
+    target_env: str,
+    snapshot: Snapshot,
+    *,
+    pg_bin: Path | None = None,
+    allow_cascades: Collection[str] = (),
+) -> preflight.PreflightReport:
+    """The preflight alone (``snapshot check``): changes nothing."""
+    with open_session(
+        config, target_env, snapshot, action="apply", pg_bin=pg_bin, backup=True
+    ) as session:
+        holder = apply_lock_holder(session.conn)
+        try:
+            return preflight.run_checks(session, lock_holder=holder, allow_cascades=allow_cascades)
+        finally:
+            if holder is None:
+                release_apply_lock(session.conn)
+
+
+def _execute(run: Session, phases: _Phases, dry_run: bool) -> ApplyReport:
     env = run.target.env
     log.info(
         "%s %s to %s (%s)%s",
@@ -564,15 +448,13 @@ def _execute(run: _Run, dry_run: bool) -> ApplyReport:
         run.target.describe(),
         " as a dry run" if dry_run else "",
     )
+    assert run.staged, "the preflight stages the snapshot"
     try:
-        with phase("staging the snapshot"):
-            staged = [*run.entries.values(), *run.auth_entries]
-            staging.stage(run.conn, run.pg_restore, run.snapshot, staged)
         if dry_run:
-            report, _ = _transaction(run, None, commit=False)
+            report, _ = _transaction(run, phases, None, commit=False)
             return report
         with archive.pending_snapshot(run.config.archive, env) as folder:
-            report, backup = _transaction(run, folder, commit=True)
+            report, backup = _transaction(run, phases, folder, commit=True)
             if not report.committed or backup is None:
                 return report
             # Published only now: a backup never claims an apply that did not commit.
@@ -584,22 +466,21 @@ def _execute(run: _Run, dry_run: bool) -> ApplyReport:
         raise
     except psycopg.OperationalError as exc:
         raise ApplyFailed(
-            f"lost the connection to {env} while {phase.current} "
+            f"lost the connection to {env} while {phases.current} "
             f"({scripts.error_message(exc)}): the server rolls the transaction back, so "
             f"{env} is unchanged"
         ) from None
     except psycopg.Error as exc:
         raise ApplyFailed(
-            f"{run.action} to {env} failed while {phase.current}: {scripts.error_message(exc)}; "
-            f"rolled back, {env} is unchanged"
+            f"{run.action} to {env} failed while {phases.current}: "
+            f"{scripts.error_message(exc)}; rolled back, {env} is unchanged"
         ) from None
 
 
 def _transaction(
-    run: _Run, folder: Path | None, *, commit: bool
+    run: Session, phase: _Phases, folder: Path | None, *, commit: bool
 ) -> tuple[ApplyReport, Snapshot | None]:
     """The locked, all-or-nothing part; commits only when ``commit`` and parity holds."""
-    phase = run.phases
     conn = run.conn
     backup = None
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -653,7 +534,7 @@ def _transaction(
     return (replace(report, committed=True) if keep else report), backup
 
 
-def _auth_outcome(run: _Run, created_users: int, created_identities: int) -> AuthOutcome | None:
+def _auth_outcome(run: Session, created_users: int, created_identities: int) -> AuthOutcome | None:
     users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
     if users is None:
         return None

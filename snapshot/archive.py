@@ -108,6 +108,7 @@ class Manifest:
     sequences: tuple[OwnedSequence, ...]
     dump_file: str = DUMP_FILE
     applies: str | None = None
+    migrations: tuple[str, ...] | None = None
     files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     format: int = FORMAT_VERSION
     tool_version: str = __version__
@@ -140,6 +141,7 @@ class Manifest:
             "pg_dump_version": self.pg_dump_version,
             "database": self.database.to_json(),
             "applies": self.applies,
+            "migrations": list(self.migrations) if self.migrations is not None else None,
             "scope": self.scope.to_json(),
             "dump": {"file": self.dump_file, "format": "custom"},
             "tables": [t.to_json() for t in self.tables],
@@ -170,6 +172,7 @@ class Manifest:
                 db["host"], int(db["port"]), db["dbname"], db.get("system_identifier")
             ),
             applies=data.get("applies"),
+            migrations=tuple(data["migrations"]) if data.get("migrations") is not None else None,
             scope=Scope.from_json(data["scope"]),
             dump_file=data["dump"]["file"],
             tables=tuple(
@@ -404,8 +407,13 @@ def list_snapshots(archive: Path, env: str | None = None) -> list[Snapshot]:
 
 
 def find_snapshot(archive: Path, ref: str) -> Snapshot:
-    """A snapshot by id (``env/name``) or by name alone when that is unambiguous."""
+    """A snapshot by id (``env/name``) or by name alone when that is unambiguous.
+
+    A damaged snapshot named exactly is reported as such, not as missing.
+    """
     env, _, name = ref.rpartition("/")
+    if env and name and not name.startswith(".") and (archive / env / name).is_dir():
+        return read_snapshot(archive / env / name)
     matches = [
         s
         for s in list_snapshots(archive, env or None)

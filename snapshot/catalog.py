@@ -304,26 +304,45 @@ ORDER BY tn.nspname, tc.relname, a.attname
 """
 
 
+def owned_sequence_names(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> list[tuple[TableName, TableName, str, int, int]]:
+    """(sequence, table, column, increment, start) of sequences owned by ``tables``' columns."""
+    return [
+        (TableName(seq_nsp, seq_name), TableName(nsp, rel), column, int(inc), int(start))
+        for seq_nsp, seq_name, nsp, rel, column, inc, start in conn.execute(
+            _OWNED_SEQUENCES, _table_arrays(tables)
+        ).fetchall()
+    ]
+
+
 def owned_sequences(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[OwnedSequence]:
     """Sequences owned by columns of ``tables``, with their current state."""
     result = []
-    for seq_nsp, seq_name, nsp, rel, column, increment, start in conn.execute(
-        _OWNED_SEQUENCES, _table_arrays(tables)
-    ).fetchall():
-        sequence = TableName(seq_nsp, seq_name)
+    for sequence, table, column, increment, start in owned_sequence_names(conn, tables):
         row = conn.execute(
             sql.SQL("SELECT last_value, is_called FROM {}").format(sequence.ident)
         ).fetchone()
         last_value, is_called = row if row else (start, False)
         result.append(
             OwnedSequence(
-                sequence,
-                TableName(nsp, rel),
-                column,
-                int(last_value),
-                bool(is_called),
-                int(increment),
-                int(start),
+                sequence, table, column, int(last_value), bool(is_called), increment, start
             )
         )
     return result
+
+
+def migration_versions(conn: psycopg.Connection) -> tuple[str, ...] | None:
+    """Supabase's applied migration versions, or None without a readable history table."""
+    row = conn.execute(
+        "SELECT to_regclass('supabase_migrations.schema_migrations') IS NOT NULL "
+        "AND has_table_privilege('supabase_migrations.schema_migrations', 'SELECT')"
+    ).fetchone()
+    if not row or not row[0]:
+        return None
+    return tuple(
+        str(r[0])
+        for r in conn.execute(
+            "SELECT version FROM supabase_migrations.schema_migrations ORDER BY version"
+        )
+    )

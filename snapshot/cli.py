@@ -86,6 +86,45 @@ def yes_option(f: F) -> F:
     )(f)
 
 
+def allow_cascade_option(f: F) -> F:
+    """``--allow-cascade FK``: accept a cascade or set-null into an outside table."""
+    return click.option(
+        "--allow-cascade",
+        "allow_cascades",
+        multiple=True,
+        metavar="FK",
+        help="Accept that the deletes cascade into, or null out, this foreign key from outside "
+        "the scope (schema.table.constraint, as check prints it). Repeatable.",
+    )(f)
+
+
+def _choose_snapshot(
+    app: App, target_env: str, source_env: str | None, snapshot_id: str | None
+) -> archive.Snapshot:
+    """--snapshot ID, else the newest snapshot of --from ENV, else of the other environment."""
+    if source_env and snapshot_id:
+        raise user_error("give --from or --snapshot, not both", 2)
+    if snapshot_id:
+        return archive.find_snapshot(app.config.archive, snapshot_id)
+    source = source_env or OTHER_ENV.get(target_env)
+    if source is None:
+        raise user_error(f"which snapshot should go to {target_env}? pass --from ENV", 2)
+    return archive.newest_snapshot(app.config.archive, source, kind="take")
+
+
+@contextlib.contextmanager
+def _preflight_table(as_json: bool) -> Any:
+    """Print the preflight's table when it refuses, before the one-line error."""
+    from snapshot.preflight import PreflightFailed
+
+    try:
+        yield
+    except PreflightFailed as exc:
+        report = exc.report
+        click.echo(render.as_json(report.to_json()) if as_json else render.preflight_report(report))
+        raise
+
+
 def _confirmer(app: App, target: str, yes: bool, dry_run: bool) -> Any:
     """Ask the user to type the environment's name, unless it is safe or --yes was given."""
     if yes or dry_run or app.config.environment(target).safe:
@@ -250,6 +289,7 @@ def _apply_failure(report: Any) -> str | None:
     "--snapshot", "snapshot_id", metavar="ID", help="Apply this snapshot (snapshot list)."
 )
 @click.option("--dry-run", is_flag=True, help="Do everything, then roll back: changes nothing.")
+@allow_cascade_option
 @yes_option
 @json_option
 @pass_app
@@ -259,14 +299,16 @@ def apply(
     source_env: str | None,
     snapshot_id: str | None,
     dry_run: bool,
+    allow_cascades: tuple[str, ...],
     yes: bool,
     as_json: bool,
 ) -> None:
     """Replace TARGET's scope with a snapshot, in one verified transaction.
 
     By default the newest snapshot of the other environment is applied (dev's for prod).
-    A pre-apply backup of TARGET is archived first; the transaction commits only when every
-    table's checksum equals the snapshot's.
+    The preflight (see check) runs first and stops it on any error. A pre-apply backup of
+    TARGET is archived first; the transaction commits only when every table's checksum
+    equals the snapshot's.
 
     \b
     snapshot apply prod
@@ -275,20 +317,18 @@ def apply(
     """
     from snapshot.apply import run_apply
 
-    if source_env and snapshot_id:
-        raise user_error("give --from or --snapshot, not both", 2)
-    config = app.config
-    if snapshot_id:
-        snapshot = archive.find_snapshot(config.archive, snapshot_id)
-    else:
-        source = source_env or OTHER_ENV.get(target_env)
-        if source is None:
-            raise user_error(f"which snapshot should go to {target_env}? pass --from ENV", 2)
-        snapshot = archive.newest_snapshot(config.archive, source, kind="take")
+    snapshot = _choose_snapshot(app, target_env, source_env, snapshot_id)
     confirm = _confirmer(app, target_env, yes, dry_run)
-    report = run_apply(
-        config, target_env, snapshot, dry_run=dry_run, confirm=confirm, pg_bin=app.pg_bin
-    )
+    with _preflight_table(as_json):
+        report = run_apply(
+            app.config,
+            target_env,
+            snapshot,
+            dry_run=dry_run,
+            confirm=confirm,
+            pg_bin=app.pg_bin,
+            allow_cascades=allow_cascades,
+        )
     _finish(report, as_json, _apply_failure(report))
 
 
@@ -313,10 +353,73 @@ def rollback(app: App, target_env: str, snapshot_id: str | None, yes: bool, as_j
     else:
         snapshot = archive.newest_snapshot(config.archive, target_env, kind=archive.PRE_APPLY)
     confirm = _confirmer(app, target_env, yes, False)
-    report = run_apply(
-        config, target_env, snapshot, action="rollback", confirm=confirm, pg_bin=app.pg_bin
-    )
+    with _preflight_table(as_json):
+        report = run_apply(
+            config, target_env, snapshot, action="rollback", confirm=confirm, pg_bin=app.pg_bin
+        )
     _finish(report, as_json, _apply_failure(report))
+
+
+@cli.command()
+@click.argument("target_env", metavar="TARGET")
+@click.option("--from", "source_env", metavar="ENV", help="Check ENV's newest snapshot.")
+@click.option("--snapshot", "snapshot_id", metavar="ID", help="Check this snapshot (see list).")
+@allow_cascade_option
+@json_option
+@pass_app
+def check(
+    app: App,
+    target_env: str,
+    source_env: str | None,
+    snapshot_id: str | None,
+    allow_cascades: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Run the preflight of an apply to TARGET alone: find what would fail, change nothing.
+
+    Checks the snapshot's files, the schema, migrations, foreign keys from outside the
+    scope, auth user conflicts, tools, privileges, and concurrent applies. Exits 1 on any
+    error.
+
+    \b
+    snapshot check prod
+    snapshot check prod --snapshot dev/20261124T101500Z --json
+    """
+    from snapshot.apply import check as run_check
+
+    snapshot = _choose_snapshot(app, target_env, source_env, snapshot_id)
+    report = run_check(
+        app.config, target_env, snapshot, pg_bin=app.pg_bin, allow_cascades=allow_cascades
+    )
+    click.echo(render.as_json(report.to_json()) if as_json else render.preflight_report(report))
+    if not report.ok:
+        count = len(report.errors)
+        raise user_error(
+            f"preflight found {count} error{'s' if count > 1 else ''}: apply {snapshot.id} to "
+            f"{target_env} would not go through",
+            1,
+        )
+
+
+@cli.command()
+@click.argument("target_env", metavar="TARGET")
+@json_option
+@pass_app
+def smoke(app: App, target_env: str, as_json: bool) -> None:
+    """Prove TARGET's guardrails hold: try what they must refuse, then roll back.
+
+    The checks are the SQL files in sql/smoke/. Exits 1 when one does not hold.
+
+    \b
+    snapshot smoke prod
+    """
+    from snapshot.smoke import smoke as run_smoke
+
+    report = run_smoke(app.config, target_env)
+    click.echo(render.as_json(report.to_json()) if as_json else render.smoke_report(report))
+    if not report.ok:
+        bad = [r.check for r in report.results if r.status not in ("holds", "skipped")]
+        raise user_error(f"guardrails of {target_env} do not hold: {', '.join(bad)}", 1)
 
 
 @cli.command()

@@ -104,6 +104,7 @@ class Config:
     scope: Scope
     environments: Mapping[str, EnvironmentConfig]
     apply: ApplySettings
+    preflight_allow_cascades: tuple[str, ...] = ()
 
     def environment(self, name: str) -> EnvironmentConfig:
         """The named environment; a name without a section uses ``.env.<name>``."""
@@ -221,8 +222,13 @@ def _parse_apply(
 def parse_config(data: Mapping[str, Any], path: Path | None, base_dir: Path) -> Config:
     """Validate a parsed ``snapshot.toml`` (or ``{}`` for the defaults)."""
     _check_keys(
-        data, {"archive", "scripts", "scope", "environments", "apply", "parity"}, str(CONFIG_FILE)
+        data,
+        {"archive", "scripts", "scope", "environments", "apply", "parity", "preflight"},
+        str(CONFIG_FILE),
     )
+    pre = _expect(data.get("preflight", {}), dict, "[preflight]", "a table")
+    _check_keys(pre, {"allow_cascades"}, "[preflight]")
+    allow = _expect(pre.get("allow_cascades", []), list, "[preflight] allow_cascades", "a list")
     scope = _parse_scope(_expect(data.get("scope", {}), dict, "[scope]", "a table"), "[scope]")
     envs = _parse_environments(
         _expect(data.get("environments", {}), dict, "[environments]", "a table"), base_dir
@@ -248,6 +254,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None, base_dir: Path) -> 
         scope=scope,
         environments=envs,
         apply=settings,
+        preflight_allow_cascades=tuple(str(a) for a in allow),
     )
 
 
@@ -315,4 +322,9 @@ insert_as = {{ "questions.status" = "draft" }}
 # Columns that target triggers rewrite on purpose (an updated_at trigger, say): the
 # parity check before commit ignores them, and the report says so.
 ignore_columns = []
+
+[preflight]
+# Foreign keys from tables outside the scope whose ON DELETE CASCADE / SET NULL you accept
+# (the apply's deletes would delete or null out their rows), as "schema.table.constraint".
+allow_cascades = []
 """

@@ -149,3 +149,34 @@ def parity_report(report: Any) -> str:
             f"verify {report.source} {report.target}: {matched}/{len(report.tables)} tables match"
         )
     return "\n".join(lines)
+
+
+def preflight_report(report: Any) -> str:
+    """``snapshot check``: one table of check, status and detail."""
+    rows = [(f.check, f.status, f.detail) for f in report.findings]
+    text = tabulate(
+        rows,
+        headers=["check", "status", "detail"],
+        tablefmt="simple",
+        maxcolwidths=[None, None, 90],
+    )
+    errors = sum(f.status == "error" for f in report.findings)
+    warnings = sum(f.status == "warning" for f in report.findings)
+    verdict = "ready" if not errors else "not ready"
+    return (
+        f"{text}\n\n{report.action} {report.snapshot} to {report.target}: {verdict} "
+        f"({errors} errors, {warnings} warnings)"
+    )
+
+
+def smoke_report(report: Any) -> str:
+    """``snapshot smoke``: one line per guardrail check."""
+    rows = [(r.check, r.status, r.description, r.detail) for r in report.results]
+    text = tabulate(
+        rows,
+        headers=["check", "status", "guardrail", "detail"],
+        tablefmt="simple",
+        maxcolwidths=[None, None, 45, 60],
+    )
+    held = sum(r.status == "holds" for r in report.results)
+    return f"{text}\n\nsmoke {report.target}: {held}/{len(report.results)} guardrails hold"

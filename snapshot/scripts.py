@@ -11,6 +11,8 @@ import psycopg
 from snapshot.config import Config, display_path
 from snapshot.errors import ConfigError, ScriptFailed
 
+__all__ = ["ScriptFailed", "bundled_sql", "error_message", "run", "scripts", "scripts_root"]
+
 log = logging.getLogger(__name__)
 
 PHASES = ("pre", "post", "smoke")

@@ -108,6 +108,7 @@ def dump_in_snapshot(
             )
             log.info("  %-34s %10d rows  %6.1f s", table, stats.rows, time.monotonic() - started)
         sequences = catalog.owned_sequences(conn, plan.scope.tables)
+        migrations = catalog.migration_versions(conn)
     except BaseException:
         dump.kill()
         raise
@@ -126,6 +127,7 @@ def dump_in_snapshot(
         tables=tuple(entries),
         sequences=tuple(sequences),
         applies=applies,
+        migrations=migrations,
     )
 
 

@@ -72,7 +72,8 @@ def test_apply_makes_the_target_equal_to_the_snapshot(project: Project, make_db)
         )
     # Progress per phase and per table went to stderr.
     for phase in (
-        "staging the snapshot",
+        "preflight",
+        "staged public.questions",
         "locking",
         "backing up prod",
         "pre-scripts",
@@ -222,8 +223,10 @@ def test_rollback_refuses_a_snapshot_of_another_database(project: Project, make_
 
     result = project.run("rollback", "prod", "--yes", "--to", f"dev/{snapshot.name}")
 
-    assert result.exit_code == 2
-    assert "was taken from dev" in result.stderr and "not from prod" in result.stderr
+    assert result.exit_code == 1
+    table = " ".join(result.stdout.split())
+    assert "was taken from dev" in table and "not from prod" in table
+    assert "Error: preflight found 1 error for rollback" in result.stderr
     assert prod.fingerprint() == original
 
 
@@ -251,7 +254,7 @@ def test_apply_json_is_machine_readable(project: Project, make_db) -> None:
     assert report["committed"] and report["matches"] and report["backup"].startswith("prod/")
     assert len(report["tables"]) == 16 and all(t["match"] for t in report["tables"])
     assert report["auth"]["created_users"] == 50
-    assert next(p["phase"] for p in report["phases"]) == "staging the snapshot"
+    assert [p["phase"] for p in report["phases"]][:2] == ["preflight", "locking"]
 
 
 def test_a_database_is_never_synced_onto_itself(project: Project, make_db) -> None:
@@ -263,11 +266,11 @@ def test_a_database_is_never_synced_onto_itself(project: Project, make_db) -> No
 
     result = apply(project)
 
-    assert result.exit_code == 2
-    assert (
-        "refusing to apply dev/" in result.stderr
-        and "taken from that very database" in result.stderr
-    )
+    assert result.exit_code == 1
+    table = " ".join(result.stdout.split())  # the detail column wraps
+    assert "was taken from prod itself (connection 127.0.0.1:5432/" in table
+    assert "Error: preflight found 1 error for apply dev/" in result.stderr
+    assert "staged public." not in result.stderr  # stopped before staging anything
     assert dev.fingerprint() == original
 
 
@@ -280,8 +283,8 @@ def test_same_project_ref_is_refused(project: Project, make_db) -> None:
 
     result = apply(project)
 
-    assert result.exit_code == 2
-    assert "project ref abcdefghijklmnopqrst" in result.stderr
+    assert result.exit_code == 1
+    assert "project ref abcdefghijklmnopqrst" in " ".join(result.stdout.split())
     assert prod.fingerprint() == original
 
 

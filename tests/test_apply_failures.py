@@ -38,11 +38,14 @@ def _guardrail_violation(project: Project, prod: Database) -> None:
 
 
 def _foreign_key_violation(project: Project, prod: Database) -> None:
-    # A table outside the scope still references a question the apply deletes.
+    # A table outside the scope references questions; it is empty when the preflight looks,
+    # and a row appears inside the transaction (here: a pre-script) before the deletes.
     prod.execute(
-        "CREATE TABLE public.notifications (id int PRIMARY KEY, "
-        "question_id bigint REFERENCES public.questions (id)); "
-        "INSERT INTO public.notifications VALUES (1, 4)"
+        "SET ROLE app_owner; CREATE TABLE public.notifications (id int PRIMARY KEY, "
+        "question_id bigint REFERENCES public.questions (id))"
+    )
+    (own_scripts(project) / "pre" / "020_notify.sql").write_text(
+        "INSERT INTO public.notifications VALUES (1, 4);\n"
     )
 
 
@@ -196,6 +199,9 @@ def test_a_second_apply_is_refused_while_one_runs(project: Project, make_db) -> 
     first.communicate(timeout=60)
 
     assert second.exit_code == 1
-    assert "another snapshot apply or rollback is running against prod" in second.stderr
+    assert "another snapshot apply or rollback is running against prod" in " ".join(
+        second.stdout.split()
+    )
+    assert "Error: preflight found 1 error" in second.stderr
     assert first.returncode == 0
     assert prod.fingerprint() != original  # the first one went through, alone

@@ -1,0 +1,502 @@
+"""The preflight: every condition that would make an apply fail halfway, or succeed while
+destroying data outside the scope, found before the first write and reported in one table.
+
+``snapshot check`` runs it alone; apply and rollback run it first and stop on any error.
+Each finding is ok, warning or error, and every error says what to do about it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg import sql
+
+from snapshot import archive, catalog, staging
+from snapshot.errors import SnapshotError
+from snapshot.names import AUTH_IDENTITIES, AUTH_USERS
+from snapshot.session import Session
+from snapshot.take import identity
+
+log = logging.getLogger(__name__)
+
+OK, WARNING, ERROR = "ok", "warning", "error"
+DELETE_RULES = {
+    "a": "no action",
+    "r": "restrict",
+    "c": "cascade",
+    "n": "set null",
+    "d": "set default",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the preflight table."""
+
+    check: str
+    status: str
+    detail: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"check": self.check, "status": self.status, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    """All findings for one snapshot and one target."""
+
+    action: str
+    target: str
+    snapshot: str
+    findings: tuple[Finding, ...]
+
+    @property
+    def errors(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.status == ERROR)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "target": self.target,
+            "snapshot": self.snapshot,
+            "ok": self.ok,
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+
+class PreflightFailed(SnapshotError):
+    """The preflight found errors; nothing was changed."""
+
+    def __init__(self, report: PreflightReport) -> None:
+        count = len(report.errors)
+        super().__init__(
+            f"preflight found {count} error{'s' if count > 1 else ''} for {report.action} "
+            f"{report.snapshot} to {report.target}: nothing was changed"
+        )
+        self.report = report
+
+
+def mask_email(email: str | None) -> str:
+    """``j***@example.com``: enough to recognise a user, not to harvest addresses."""
+    if not email:
+        return "-"
+    local, _, domain = email.partition("@")
+    return f"{local[:1]}***@{domain}" if domain else f"{email[:1]}***"
+
+
+def _identity(s: Session) -> Iterator[Finding]:
+    m = s.snapshot.manifest
+    here = identity(s.target, s.info)
+    same = archive.same_database(m.database, m.project_ref, here, s.target.project_ref)
+    if s.action == "apply" and same:
+        yield Finding(
+            "identity",
+            ERROR,
+            f"{s.snapshot.id} was taken from {s.target.env} itself ({'; '.join(same)}): check "
+            f"the env files; to restore its own snapshot use 'snapshot rollback "
+            f"{s.target.env} --to {s.snapshot.id}'",
+        )
+    elif s.action != "apply" and not same:
+        yield Finding(
+            "identity",
+            ERROR,
+            f"{s.snapshot.id} was taken from {m.environment} ({m.database.host}:"
+            f"{m.database.port}/{m.database.dbname}), not from {s.target.env}: use 'snapshot "
+            f"apply {s.target.env} --snapshot {s.snapshot.id}'",
+        )
+    else:
+        where = f"{m.database.host}:{m.database.port}/{m.database.dbname}"
+        relation = "another database" if s.action == "apply" else "this database"
+        yield Finding("identity", OK, f"{s.snapshot.id} comes from {relation} ({where})")
+
+
+def _integrity(s: Session) -> Iterator[Finding]:
+    try:
+        archive.verify_files(s.snapshot)
+    except SnapshotError as exc:
+        yield Finding("snapshot integrity", ERROR, str(exc))
+        return
+    files = s.snapshot.manifest.files
+    yield Finding("snapshot integrity", OK, f"{len(files)} file(s) match their sha256")
+
+
+def _scope(s: Session) -> Iterator[Finding]:
+    configured = set(s.config.scope.tables)
+    archived = set(s.snapshot.manifest.scope.tables)
+    if configured == archived:
+        yield Finding("scope", OK, f"the snapshot covers the {len(configured)} configured tables")
+        return
+    extra = ", ".join(sorted(map(str, archived - configured))) or "-"
+    lacking = ", ".join(sorted(map(str, configured - archived))) or "-"
+    yield Finding(
+        "scope",
+        ERROR,
+        f"the snapshot covers another scope than snapshot.toml (only in the snapshot: {extra}; "
+        f"only in snapshot.toml: {lacking}): take a new snapshot",
+    )
+
+
+def _tooling(s: Session) -> Iterator[Finding]:
+    for name, tool in (("pg_restore", s.pg_restore), ("pg_dump", s.pg_dump)):
+        if name in s.problems:
+            yield Finding("tooling", ERROR, s.problems[name])
+        elif tool is not None:
+            yield Finding("tooling", OK, f"{name} {tool.version} ({tool.path})")
+
+
+def _schema(s: Session) -> Iterator[Finding]:
+    problems = 0
+    for entry in s.snapshot.manifest.tables:
+        shape = s.shapes.get(entry.table)
+        if shape is None:
+            problems += 1
+            yield Finding(
+                "schema",
+                ERROR,
+                f"{entry.table} is missing in {s.target.env}: run the migrations that create it",
+            )
+            continue
+        target = {c.name: c for c in shape.columns}
+        errors, warnings = [], []
+        for column in entry.columns:
+            mine = target.get(column.name)
+            if mine is None:
+                errors.append(f"lacks column {column.name}")
+            elif mine.type != column.type:
+                errors.append(f"{column.name} is {mine.type}, the snapshot's is {column.type}")
+            elif mine.not_null and not column.not_null:
+                warnings.append(f"{column.name} is NOT NULL here but nullable in the snapshot")
+        for name, column in target.items():
+            if name in entry.column_names:
+                continue
+            if column.not_null and not column.has_default and not column.identity:
+                errors.append(f"has an extra NOT NULL column {name} without a default")
+            else:
+                warnings.append(f"has an extra column {name} (it gets its default)")
+        if errors:
+            problems += 1
+            yield Finding(
+                "schema",
+                ERROR,
+                f"{entry.table} {'; '.join(errors)}: run the migrations so both sides match, "
+                "then take a new snapshot",
+            )
+        if warnings:
+            yield Finding("schema", WARNING, f"{entry.table} {'; '.join(warnings)}")
+    if not problems:
+        count = len(s.snapshot.manifest.tables)
+        yield Finding("schema", OK, f"{count} tables have the snapshot's columns and types")
+
+
+def _migrations(s: Session) -> Iterator[Finding]:
+    source = s.snapshot.manifest.migrations
+    here = catalog.migration_versions(s.conn)
+    if source is None and here is None:
+        return
+    env, other = s.snapshot.manifest.environment, s.target.env
+    if source is None or here is None:
+        lacking = env if source is None else other
+        yield Finding(
+            "migrations",
+            WARNING,
+            f"only one side has supabase_migrations.schema_migrations ({lacking} has none)",
+        )
+        return
+    only_source = sorted(set(source) - set(here))
+    only_here = sorted(set(here) - set(source))
+    if not only_source and not only_here:
+        yield Finding("migrations", OK, f"both sides list the same {len(here)} migrations")
+        return
+    parts = []
+    if only_source:
+        parts.append(f"{other} lacks {', '.join(only_source)} (applied in {env})")
+    if only_here:
+        parts.append(f"{env} lacked {', '.join(only_here)} (applied in {other})")
+    yield Finding(
+        "migrations",
+        WARNING,
+        "; ".join(parts) + ". The history alone proves nothing: the schema check decides",
+    )
+
+
+def _privileges(s: Session) -> Iterator[Finding]:
+    conn = s.conn
+    role = s.info.user
+    row = conn.execute(
+        "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    superuser, bypass = bool(row and row[0]), bool(row and row[1])
+    grants: list[str] = []
+    owners: list[str] = []
+    unreadable: list[str] = []
+    checks = [(t, "SELECT, INSERT, UPDATE, DELETE") for t in s.order]
+    checks += [(e.table, "SELECT, INSERT") for e in s.auth_entries if e.table in s.shapes]
+    for table, wanted in checks:
+        name = table.ident.as_string(conn)
+        missing = [
+            p.strip()
+            for p in wanted.split(",")
+            if not _scalar(conn, "SELECT has_table_privilege(%s, %s)", (name, p.strip()))
+        ]
+        if missing:
+            grants.append(f"GRANT {', '.join(missing)} ON {name} TO {role};")
+        rls, owned = _scalar_row(
+            conn,
+            "SELECT c.relrowsecurity, pg_has_role(c.relowner, 'USAGE') FROM pg_class c "
+            "WHERE c.oid = %s::regclass",
+            (name,),
+        )
+        if rls and not owned and not bypass and not superuser:
+            unreadable.append(str(table))
+    for seq in _owned_sequences(s):
+        if not _scalar(
+            conn,
+            "SELECT pg_has_role(relowner, 'USAGE') FROM pg_class WHERE oid = %s::regclass",
+            (seq,),
+        ):
+            owners.append(f"ALTER SEQUENCE {seq} OWNER TO {role};")
+    if not _scalar(conn, "SELECT has_database_privilege(current_database(), 'TEMP')"):
+        grants.append(f"GRANT TEMP ON DATABASE {s.info.dbname} TO {role};")
+    if grants or owners:
+        yield Finding(
+            "privileges",
+            ERROR,
+            f"{role} lacks what apply needs; run as the owner: " + " ".join(grants + owners),
+        )
+    if unreadable:
+        yield Finding(
+            "privileges",
+            ERROR,
+            f"row-level security would hide rows of {', '.join(unreadable)} from {role}: run as "
+            f"the tables' owner or a role with BYPASSRLS (ALTER ROLE {role} BYPASSRLS)",
+        )
+    if not grants and not owners and not unreadable:
+        yield Finding("privileges", OK, f"{role} may lock, delete, insert and update the scope")
+
+
+def _owned_sequences(s: Session) -> list[str]:
+    return [
+        seq.ident.as_string(s.conn) for seq, *_ in catalog.owned_sequence_names(s.conn, s.order)
+    ]
+
+
+def _scalar(
+    conn: psycopg.Connection, query: LiteralString | sql.Composed, params: tuple[Any, ...] = ()
+) -> Any:
+    row = conn.execute(query, params).fetchone()
+    return row[0] if row else None
+
+
+def _scalar_row(
+    conn: psycopg.Connection, query: LiteralString, params: tuple[Any, ...] = ()
+) -> tuple[Any, ...]:
+    row = conn.execute(query, params).fetchone()
+    return tuple(row) if row else ()
+
+
+def _order(s: Session) -> Iterator[Finding]:
+    if "order" in s.problems:
+        yield Finding("foreign keys", ERROR, s.problems["order"])
+    elif s.order:
+        inner = [f for f in s.fks if f.child in s.order and f.parent in s.order]
+        yield Finding(
+            "foreign keys",
+            OK,
+            f"{len(inner)} keys inside the scope; insert order {s.order[0]} … {s.order[-1]}",
+        )
+
+
+def _not_null(columns: tuple[str, ...]) -> sql.Composable:
+    return sql.SQL(" AND ").join(
+        sql.SQL("{} IS NOT NULL").format(sql.Identifier(c)) for c in columns
+    )
+
+
+def _closure(s: Session, allowed: Collection[str]) -> Iterator[Finding]:
+    """Foreign keys from outside the scope into it: what the deletes would do to them."""
+    scoped = set(s.order)
+    outside = [f for f in s.fks if f.parent in scoped and f.child not in scoped]
+    outside = [f for f in outside if f.child not in {e.table for e in s.auth_entries}]
+    for fk in outside:
+        name = f"{fk.child}.{fk.name}"
+        rule = DELETE_RULES.get(fk.on_delete, fk.on_delete)
+        try:
+            count = _scalar(
+                s.conn,
+                sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+                    fk.child.ident, _not_null(fk.columns)
+                ),
+            )
+        except psycopg.errors.InsufficientPrivilege:
+            yield Finding(
+                "scope closure",
+                ERROR,
+                f"{fk} ({rule}): {s.info.user} may not read {fk.child} to count its rows; grant "
+                f"SELECT on it, or add {fk.child} to the scope",
+            )
+            continue
+        what = f"{fk} (on delete {rule}): {count:,} rows of {fk.child}"
+        if not count:
+            yield Finding("scope closure", OK, f"{what} refer to the scope")
+        elif fk.on_delete in ("a", "r"):
+            yield Finding(
+                "scope closure",
+                ERROR,
+                f"{what} would block the deletes: add {fk.child} to the scope, or empty those "
+                "references first",
+            )
+        elif name in allowed:
+            verb = "be deleted" if fk.on_delete == "c" else "lose their reference"
+            yield Finding("scope closure", WARNING, f"{what} will {verb} (acknowledged)")
+        else:
+            verb = "silently delete" if fk.on_delete == "c" else "null out"
+            yield Finding(
+                "scope closure",
+                ERROR,
+                f"{what}: the deletes would {verb} data outside the scope; add {fk.child} to "
+                f"the scope, or acknowledge with --allow-cascade {name} (or [preflight] "
+                "allow_cascades in snapshot.toml)",
+            )
+
+
+def _outside_references(s: Session) -> Iterator[Finding]:
+    """Snapshot rows that point at rows outside the scope the target lacks."""
+    scoped = set(s.order)
+    auth_copied = any(e.table == AUTH_USERS for e in s.auth_entries)
+    found = False
+    for fk in s.fks:
+        if fk.child not in scoped or fk.parent in scoped:
+            continue
+        entry = s.entries[fk.child]
+        stage = staging.staging_table(entry)
+        match = sql.SQL(" AND ").join(
+            sql.SQL("p.{} = s.{}").format(sql.Identifier(pc), sql.Identifier(cc))
+            for pc, cc in zip(fk.parent_columns, fk.columns, strict=True)
+        )
+        query: sql.Composed = sql.SQL(
+            "SELECT count(*) FROM {} s WHERE {} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})"
+        ).format(stage, _not_null(fk.columns), fk.parent.ident, match)
+        if fk.parent == AUTH_USERS and auth_copied:
+            users = next(e for e in s.auth_entries if e.table == AUTH_USERS)
+            query = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})").format(
+                query, staging.staging_table(users), match
+            )
+        count = _scalar(s.conn, query)
+        if count:
+            found = True
+            fix = (
+                "copy auth users (auth_users = true)"
+                if fk.parent == AUTH_USERS
+                else f"add {fk.parent} to the scope, or create those rows in the target first"
+            )
+            yield Finding(
+                "outside references",
+                ERROR,
+                f"{count:,} snapshot rows of {fk.child} point at {fk.parent} rows the target "
+                f"lacks ({fk}): {fix}",
+            )
+    if not found:
+        yield Finding("outside references", OK, "every key leaving the scope finds its row")
+
+
+def _auth_conflicts(s: Session) -> Iterator[Finding]:
+    """Snapshot users to create whose email or phone already belongs to another target user."""
+    users = next((e for e in s.auth_entries if e.table == AUTH_USERS), None)
+    if users is None:
+        return
+    stage = staging.staging_table(users)
+    conflicts = []
+    for column in ("email", "phone"):
+        if column not in users.column_names:
+            continue
+        rows = s.conn.execute(
+            sql.SQL(
+                "SELECT s.id, s.email, t.id FROM {stage} s JOIN auth.users t ON t.{col} = s.{col} "
+                "AND t.id <> s.id WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) "
+                "ORDER BY s.id LIMIT 20"
+            ).format(stage=stage, col=sql.Identifier(column))
+        ).fetchall()
+        for source_id, email, target_id in rows:
+            conflicts.append(f"{source_id} ({mask_email(email)}) has the {column} of {target_id}")
+    identities = next((e for e in s.auth_entries if e.table == AUTH_IDENTITIES), None)
+    if identities is not None:
+        rows = s.conn.execute(
+            sql.SQL(
+                "SELECT i.user_id, i.provider FROM {ids} i JOIN auth.identities t "
+                "ON t.provider_id = i.provider_id AND t.provider = i.provider "
+                "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = i.user_id) LIMIT 20"
+            ).format(ids=staging.staging_table(identities))
+        ).fetchall()
+        for user_id, provider in rows:
+            conflicts.append(f"{user_id}'s {provider} identity belongs to another target user")
+    if conflicts:
+        yield Finding(
+            "auth users",
+            ERROR,
+            f"{len(conflicts)} snapshot users cannot be created in {s.target.env}: "
+            + "; ".join(conflicts)
+            + ". Resolve them in either project (Authentication > Users), then apply again",
+        )
+    else:
+        created = _scalar(
+            s.conn,
+            sql.SQL(
+                "SELECT count(*) FROM {} s WHERE NOT EXISTS (SELECT 1 FROM auth.users u "
+                "WHERE u.id = s.id)"
+            ).format(stage),
+        )
+        yield Finding(
+            "auth users", OK, f"{created:,} snapshot users will be created, none conflict"
+        )
+
+
+def run_checks(
+    s: Session, *, lock_holder: str | None, allow_cascades: Collection[str] = ()
+) -> PreflightReport:
+    """Every check, in the order they are reported; stages the snapshot when it can."""
+    allowed = set(allow_cascades) | set(s.config.preflight_allow_cascades)
+    findings: list[Finding] = []
+    findings += _integrity(s)
+    findings += _identity(s)
+    findings += _scope(s)
+    findings += _tooling(s)
+    if lock_holder:
+        findings.append(
+            Finding(
+                "one apply at a time",
+                ERROR,
+                f"another snapshot apply or rollback is running against {s.target.env} "
+                f"({lock_holder}): wait for it to finish",
+            )
+        )
+    else:
+        findings.append(Finding("one apply at a time", OK, "no other apply or rollback runs"))
+    findings += _schema(s)
+    findings += _migrations(s)
+    findings += _privileges(s)
+    findings += _order(s)
+    findings += _closure(s, allowed)
+    if any(f.status == ERROR for f in findings):
+        findings.append(
+            Finding(
+                "snapshot rows",
+                WARNING,
+                "outside references and auth user conflicts are checked once the errors above are "
+                "fixed (they need the snapshot staged)",
+            )
+        )
+    else:
+        assert s.pg_restore is not None
+        staging.stage(s.conn, s.pg_restore, s.snapshot, [*s.entries.values(), *s.auth_entries])
+        s.staged = True
+        findings += _outside_references(s)
+        findings += _auth_conflicts(s)
+    return PreflightReport(s.action, s.target.env, s.snapshot.id, tuple(findings))

@@ -1,0 +1,365 @@
+"""The preflight refuses an unsafe apply before it touches anything, and says exactly why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from snapshot import localpg
+from snapshot.session import ADVISORY_KEY
+from tests.conftest import Project
+from tests.fix_db import Database
+from tests.test_apply import apply, setup_pair
+
+
+def findings(result) -> list[dict]:
+    return json.loads(result.stdout)["findings"]
+
+
+def statuses(result, check: str) -> list[tuple[str, str]]:
+    return [(f["status"], f["detail"]) for f in findings(result) if f["check"] == check]
+
+
+def test_a_ready_target_passes_every_check(project: Project, make_db) -> None:
+    setup_pair(project, make_db)
+
+    result = project.run("check", "prod", "--json")
+
+    assert result.exit_code == 0, result.output
+    checks = {f["check"] for f in findings(result)}
+    assert checks >= {
+        "snapshot integrity",
+        "identity",
+        "scope",
+        "tooling",
+        "one apply at a time",
+        "schema",
+        "privileges",
+        "foreign keys",
+        "outside references",
+        "auth users",
+    }
+    assert all(f["status"] == "ok" for f in findings(result))
+    assert ("ok", "50 snapshot users will be created, none conflict") in statuses(
+        result, "auth users"
+    )
+
+
+def test_an_altered_archive_byte_is_refused_naming_the_file(project: Project, make_db) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    [snapshot] = project.snapshots("dev")
+    dump = snapshot / "data.dump"
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    dump.write_bytes(bytes(data))
+    original = prod.fingerprint()
+
+    checked = project.run("check", "prod")
+    applied = apply(project)
+
+    assert checked.exit_code == 1 and applied.exit_code == 1
+    for result in (checked, applied):
+        assert "data.dump does not match its sha256 in the manifest" in " ".join(
+            result.stdout.split()
+        )
+        assert "Error: preflight found 1 error" in result.stderr
+    assert prod.fingerprint() == original and project.snapshots("prod") == []
+
+
+def test_an_unreadable_manifest_format_is_refused(project: Project, make_db) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    [snapshot] = project.snapshots("dev")
+    manifest = json.loads((snapshot / "manifest.json").read_text())
+    manifest["format"] = 99
+    (snapshot / "manifest.json").write_text(json.dumps(manifest))
+    original = prod.fingerprint()
+
+    result = project.run("check", "prod", "--snapshot", f"dev/{snapshot.name}")
+
+    assert result.exit_code == 1
+    assert "manifest format 99 is not one this version reads" in result.stderr
+    assert prod.fingerprint() == original
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "message"),
+    [
+        (
+            "ALTER TABLE public.answers DROP COLUMN explanation",
+            "error",
+            "public.answers lacks column explanation",
+        ),
+        (
+            "ALTER TABLE public.topics ALTER COLUMN name TYPE varchar(200)",
+            "error",
+            "name is character varying(200), the snapshot's is text",
+        ),
+        (
+            "ALTER TABLE public.playlists ADD COLUMN region text NOT NULL DEFAULT 'eu'",
+            "warning",
+            "public.playlists has an extra column region (it gets its default)",
+        ),
+        (
+            "ALTER TABLE public.playlists ADD COLUMN region text; "
+            "UPDATE public.playlists SET region = 'eu'; "
+            "ALTER TABLE public.playlists ALTER COLUMN region SET NOT NULL",
+            "error",
+            "has an extra NOT NULL column region without a default",
+        ),
+        (
+            "ALTER TABLE public.answers ALTER COLUMN explanation SET NOT NULL",
+            "warning",
+            "explanation is NOT NULL here but nullable in the snapshot",
+        ),
+    ],
+)
+def test_schema_drift_is_listed_table_by_table(
+    project: Project, make_db, change: str, status: str, message: str
+) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    if "SET NOT NULL" in change and "explanation" in change:
+        prod.execute("UPDATE public.answers SET explanation = '' WHERE explanation IS NULL")
+    prod.execute(change)
+    original = prod.fingerprint()
+
+    result = project.run("check", "prod", "--json")
+
+    found = statuses(result, "schema")
+    assert any(s == status and message in d for s, d in found), found
+    assert result.exit_code == (1 if status == "error" else 0)
+    assert prod.fingerprint() == original
+
+
+def _migrations(db: Database, versions: list[str]) -> None:
+    db.execute(
+        "CREATE SCHEMA supabase_migrations; "
+        "CREATE TABLE supabase_migrations.schema_migrations (version text PRIMARY KEY, name text); "
+        "GRANT USAGE ON SCHEMA supabase_migrations TO app_owner; "
+        "GRANT SELECT ON supabase_migrations.schema_migrations TO app_owner"
+    )
+    for version in versions:
+        db.execute("INSERT INTO supabase_migrations.schema_migrations VALUES (%s, 'm')", [version])
+
+
+def test_migration_history_differences_are_named(project: Project, make_db) -> None:
+    dev, prod = make_db("dev"), make_db("prod")
+    _migrations(dev, ["20260101000000", "20260301000000", "20260401000000"])
+    _migrations(prod, ["20260101000000", "20260201000000"])
+    project.point("dev", dev)
+    project.point("prod", prod)
+    assert project.run("take", "dev").exit_code == 0
+
+    result = project.run("check", "prod", "--json")
+
+    assert result.exit_code == 0  # a warning: the catalog comparison decides
+    [(status, detail)] = statuses(result, "migrations")
+    assert status == "warning"
+    assert "prod lacks 20260301000000, 20260401000000 (applied in dev)" in detail
+    assert "dev lacked 20260201000000 (applied in prod)" in detail
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ("RESTRICT", "would block the deletes: add public.notifications to the scope"),
+        ("NO ACTION", "would block the deletes"),
+        ("CASCADE", "the deletes would silently delete data outside the scope"),
+        ("SET NULL", "the deletes would null out data outside the scope"),
+    ],
+)
+def test_outside_tables_referencing_the_scope_are_refused(
+    project: Project, make_db, rule: str, message: str
+) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    prod.execute(
+        "SET ROLE app_owner; CREATE TABLE public.notifications (id int PRIMARY KEY, question_id bigint "
+        f"REFERENCES public.questions (id) ON DELETE {rule}); "
+        "INSERT INTO public.notifications SELECT i, i FROM generate_series(1, 7) i"
+    )
+    original = prod.fingerprint([*prod.fingerprint(), "public.notifications"])
+
+    result = project.run("check", "prod", "--json")
+    applied = apply(project)
+
+    [(status, detail)] = statuses(result, "scope closure")
+    assert status == "error" and message in detail
+    assert "7 rows of public.notifications" in detail
+    assert result.exit_code == 1 and applied.exit_code == 1
+    assert "scope closure" in applied.stdout and "nothing was changed" in applied.stderr
+    assert prod.fingerprint([*original]) == original
+
+
+def test_acknowledged_cascades_go_through(project: Project, make_db) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    prod.execute(
+        "SET ROLE app_owner; CREATE TABLE public.notifications (id int PRIMARY KEY, question_id bigint "
+        "REFERENCES public.questions (id) ON DELETE CASCADE); "
+        "INSERT INTO public.notifications SELECT i, i FROM generate_series(1, 7) i"
+    )
+    name = "public.notifications.notifications_question_id_fkey"
+
+    flagged = project.run("check", "prod", "--json", "--allow-cascade", name)
+    project.config(f'[preflight]\nallow_cascades = ["{name}"]\n')
+    applied = apply(project)
+
+    assert flagged.exit_code == 0
+    assert statuses(flagged, "scope closure") == [
+        (
+            "warning",
+            "public.notifications(question_id) -> public.questions(id) (on delete cascade): "
+            "7 rows of public.notifications will be deleted (acknowledged)",
+        )
+    ]
+    assert applied.exit_code == 0, applied.output
+    assert prod.scalar("SELECT count(*) FROM public.notifications") == 0
+
+
+def test_scope_rows_pointing_at_missing_outside_rows_are_refused(project: Project, make_db) -> None:
+    dev, prod = make_db("dev"), make_db("prod")
+    for db, regions in ((dev, 3), (prod, 1)):
+        db.execute(
+            "SET ROLE app_owner; CREATE TABLE public.regions (id int PRIMARY KEY); "
+            f"INSERT INTO public.regions SELECT generate_series(1, {regions}); "
+            "ALTER TABLE public.users ADD COLUMN region_id int REFERENCES public.regions (id)"
+        )
+    dev.execute(
+        "UPDATE public.users SET region_id = 1 + get_byte(decode(md5(id::text), 'hex'), 0) % 3"
+    )
+    project.point("dev", dev)
+    project.point("prod", prod)
+    assert project.run("take", "dev").exit_code == 0
+    expected = dev.scalar("SELECT count(*) FROM public.users WHERE region_id > 1")
+    original = prod.fingerprint()
+
+    result = project.run("check", "prod", "--json")
+
+    [(status, detail)] = statuses(result, "outside references")
+    assert status == "error"
+    assert (
+        f"{expected:,} snapshot rows of public.users point at public.regions rows the target lacks"
+        in detail
+    )
+    assert result.exit_code == 1 and prod.fingerprint() == original
+
+
+def test_auth_users_whose_email_or_phone_is_taken_are_refused(project: Project, make_db) -> None:
+    dev, prod = setup_pair(project, make_db)
+    # dev's user 160 is missing in prod; prod gets another user with its email and phone.
+    email, phone = dev.execute(
+        "SELECT email, phone FROM auth.users WHERE id = md5('user-160')::uuid"
+    )[0]
+    prod.execute(
+        "INSERT INTO auth.users (id, email, phone) VALUES (md5('intruder')::uuid, %s, %s)",
+        [email, phone],
+    )
+    original = prod.fingerprint()
+
+    result = project.run("check", "prod", "--json")
+    applied = apply(project)
+
+    [(status, detail)] = statuses(result, "auth users")
+    assert status == "error"
+    intruder = prod.scalar("SELECT md5('intruder')::uuid")
+    assert f"({'u***@example.com'}) has the email of {intruder}" in detail
+    assert "has the phone of" in detail
+    assert email not in result.stdout  # masked
+    assert applied.exit_code == 1 and prod.fingerprint() == original
+
+
+def test_a_role_without_privileges_gets_the_grants_to_run(
+    project: Project, make_db, server
+) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    with server.connect() as conn:
+        conn.execute("DROP ROLE IF EXISTS snapshot_weak")
+        conn.execute("CREATE ROLE snapshot_weak LOGIN")
+    try:
+        prod.execute(
+            "GRANT USAGE ON SCHEMA auth TO snapshot_weak; "
+            "GRANT SELECT ON ALL TABLES IN SCHEMA public TO snapshot_weak; "
+            "GRANT SELECT ON ALL TABLES IN SCHEMA auth TO snapshot_weak"
+        )
+        project.env("prod", SUPABASE_DB_URL=prod.server.url(prod.name, "snapshot_weak"))
+        original = prod.fingerprint()
+
+        result = project.run("check", "prod", "--json")
+        applied = apply(project)
+    finally:
+        prod.execute("DROP OWNED BY snapshot_weak")
+        with server.connect() as conn:
+            conn.execute("DROP ROLE snapshot_weak")
+
+    assert result.exit_code == 1 and result.stdout, result.output
+    details = statuses(result, "privileges")
+    grants = next(d for s, d in details if "lacks what apply needs" in d)
+    assert 'GRANT INSERT, UPDATE, DELETE ON "public"."questions" TO snapshot_weak;' in grants
+    assert 'GRANT INSERT ON "auth"."users" TO snapshot_weak;' in grants
+    assert 'ALTER SEQUENCE "public"."questions_id_seq" OWNER TO snapshot_weak;' in grants
+    assert any("row-level security would hide rows" in d for _, d in details)
+    assert applied.exit_code == 1 and prod.fingerprint() == original
+
+
+def test_a_running_apply_is_reported(project: Project, make_db) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    original = prod.fingerprint()
+    with prod.connect() as other:
+        other.execute("SELECT pg_advisory_lock(%s)", [ADVISORY_KEY])
+        pid = other.info.backend_pid
+
+        result = project.run("check", "prod", "--json")
+        applied = apply(project)
+
+    [(status, detail)] = statuses(result, "one apply at a time")
+    assert status == "error" and f"backend pid {pid}" in detail
+    assert applied.exit_code == 1 and "one apply at a time" in applied.stdout
+    assert prod.fingerprint() == original
+
+
+def test_a_pg_restore_older_than_the_snapshot_is_refused(
+    project: Project, make_db, pg16: localpg.LocalServer, pg_bin: Path
+) -> None:
+    prod = make_db("prod")
+    project.env("dev", SUPABASE_DB_URL=pg16.url("app", user="app_owner"))
+    project.point("prod", prod)
+    assert project.run("--pg-bin", str(localpg.embedded_bin(16)), "take", "dev").exit_code == 0
+    original = prod.fingerprint()
+
+    result = project.run("--pg-bin", str(pg_bin), "check", "prod", "--json")
+
+    tooling = statuses(result, "tooling")
+    assert any(s == "error" and "needs pg_restore 16 or newer" in d for s, d in tooling)
+    assert result.exit_code == 1 and prod.fingerprint() == original
+
+
+def test_smoke_reports_each_guardrail_holding(project: Project, make_db) -> None:
+    prod = make_db("prod")
+    project.point("prod", prod)
+    original = prod.fingerprint()
+
+    result = project.run("smoke", "prod")
+
+    assert result.exit_code == 0, result.output
+    assert "smoke prod: 3/3 guardrails hold" in result.stdout
+    assert prod.fingerprint() == original  # always rolled back
+
+
+def test_smoke_fails_when_a_guardrail_was_removed(project: Project, make_db) -> None:
+    prod = make_db("prod")
+    project.point("prod", prod)
+    prod.execute("DROP TRIGGER question_topics_unlink_guardrail ON public.question_topics")
+    original = prod.fingerprint()
+
+    result = project.run("smoke", "prod", "--json")
+
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    status = {r["check"]: r["status"] for r in report["results"]}
+    assert status == {
+        "010_publish_without_topic_links": "holds",
+        "020_insert_published_question": "holds",
+        "030_unlink_topic_from_published": "DOES NOT HOLD",
+    }
+    assert "guardrails of prod do not hold: 030_unlink_topic_from_published" in result.stderr
+    assert prod.fingerprint() == original
