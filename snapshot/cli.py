@@ -425,6 +425,89 @@ def smoke(app: App, target_env: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("source_env", metavar="SOURCE")
 @click.argument("target_env", metavar="TARGET")
+@allow_cascade_option
+@yes_option
+@json_option
+@pass_app
+def cutover(
+    app: App,
+    source_env: str,
+    target_env: str,
+    allow_cascades: tuple[str, ...],
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Run the whole cutover: preflight, take SOURCE, apply to TARGET, smoke, verify.
+
+    Stops at the first failing step and says what state both sides are in and how to roll
+    back. Exits 0 only when every step passed.
+
+    \b
+    snapshot cutover dev prod
+    snapshot cutover dev prod --yes --json
+    """
+    from snapshot.cutover import cutover as run_cutover
+
+    if source_env == target_env:
+        raise user_error(f"cutover needs two environments, got {source_env} twice", 2)
+    confirm = _confirmer(app, target_env, yes, False)
+    report = run_cutover(
+        app.config,
+        source_env,
+        target_env,
+        confirm=confirm,
+        pg_bin=app.pg_bin,
+        allow_cascades=allow_cascades,
+    )
+    click.echo(render.as_json(report.to_json()) if as_json else render.cutover_report(report))
+    if report.failure:
+        raise user_error(report.failure, report.exit_code)
+
+
+@cli.command()
+@click.option(
+    "--scale",
+    type=click.IntRange(1, 500),
+    default=1,
+    show_default=True,
+    help="Dataset size: about 27,000 rows per unit.",
+)
+@click.option("--keep", is_flag=True, help="Leave the servers running and print how to reach them.")
+@click.option("--down", is_flag=True, help="Stop servers a kept or killed rehearsal left running.")
+@json_option
+@pass_app
+def rehearse(app: App, scale: int, keep: bool, down: bool, as_json: bool) -> None:
+    """Rehearse the whole cutover on two throwaway local PostgreSQL servers.
+
+    Starts a dev and a prod server (embedded PostgreSQL, or --pg-bin), loads the app's
+    schema and two diverged datasets from sql/, runs cutover dev prod, rolls prod back and
+    verifies it against its state before the cutover. Needs no Docker and no system
+    PostgreSQL; everything is removed afterwards unless --keep.
+
+    \b
+    snapshot rehearse
+    snapshot rehearse --scale 20 --keep
+    snapshot rehearse --down
+    """
+    from snapshot import rehearse as rehearsal
+
+    if down:
+        if keep:
+            raise user_error("give --down or --keep, not both", 2)
+        stopped = rehearsal.down()
+        click.echo(f"stopped {stopped} rehearsal server{'s' if stopped != 1 else ''}")
+        return
+    report = rehearsal.rehearse(
+        rehearsal.rehearsal_sql(app.config), scale=scale, keep=keep, pg_bin=app.pg_bin
+    )
+    click.echo(render.as_json(report.to_json()) if as_json else render.rehearsal_report(report))
+    if report.failure:
+        raise user_error(f"rehearsal failed: {report.failure}", 1)
+
+
+@cli.command()
+@click.argument("source_env", metavar="SOURCE")
+@click.argument("target_env", metavar="TARGET")
 @json_option
 @pass_app
 def verify(app: App, source_env: str, target_env: str, as_json: bool) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import logging
 import os
 import pwd
@@ -34,6 +35,7 @@ from snapshot.pgtools import tool_version
 log = logging.getLogger(__name__)
 
 OWNER_FILE = "owner.pid"
+KEPT_FILE = "kept"  # in a base folder: servers left running on purpose (rehearse --keep)
 FAST_SETTINGS = {
     "fsync": "off",
     "synchronous_commit": "off",
@@ -99,6 +101,17 @@ def give_to_server_user(*paths: Path) -> None:
             os.chown(path, user.pw_uid, user.pw_gid)
 
 
+def _run(program: Path, *args: str, **options: Any) -> None:
+    """Run a server program to its end; interrupted (Ctrl-C), it is killed, not left behind."""
+    running = sh.Command(str(program))(*args, _bg=True, _bg_exc=False, **options)
+    try:
+        running.wait()
+    except (KeyboardInterrupt, SystemExit):
+        with contextlib.suppress(Exception):
+            running.kill()
+        raise
+
+
 def _as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:
     if user is None:
         return {}
@@ -137,8 +150,13 @@ class LocalServer:
         return f"postgresql://{quote(user, safe='')}{secret}@127.0.0.1:{self.port}/{dbname}"
 
     def pg_ctl(self, *args: str) -> None:
-        sh.Command(str(self.bin_dir / "pg_ctl"))(
-            "-D", str(self.data_dir), *args, _env=dict(os.environ), **_as_user(_server_user())
+        _run(
+            self.bin_dir / "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            *args,
+            _env=dict(os.environ),
+            **_as_user(_server_user()),
         )
 
     def stop(self) -> None:
@@ -162,7 +180,7 @@ def start(
     user = _server_user()
     home = folder / name
     home.mkdir(mode=0o700, parents=True)
-    (home / OWNER_FILE).write_text(str(os.getpid()))
+    (home / OWNER_FILE).write_text(owner_stamp(os.getpid()))
     give_to_server_user(folder, home, home / OWNER_FILE)
     server = LocalServer(name, bin_dir, home, free_port(), password)
     initdb = [
@@ -185,7 +203,7 @@ def start(
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["LC_ALL"] = "C"
     try:
-        sh.Command(str(bin_dir / "initdb"))(*initdb, _env=env, **_as_user(user))
+        _run(bin_dir / "initdb", *initdb, _env=env, **_as_user(user))
     except sh.ErrorReturnCode as exc:
         raise SnapshotError(
             f"initdb failed for the {name} server: {exc.stderr.decode(errors='replace').strip()}"
@@ -219,18 +237,53 @@ def _is_postgres(pid: int) -> bool:
     return False
 
 
+def _stop_pid(pid: int) -> None:
+    """Immediate shutdown (SIGQUIT) of a postmaster; SIGKILL when it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGQUIT)
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+
 def _kill_postmaster(data_dir: Path) -> None:
     pid_file = data_dir / "postmaster.pid"
     with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
         pid = int(pid_file.read_text().splitlines()[0])
-        if not _is_postgres(pid):
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGQUIT)
-            for _ in range(100):
-                os.kill(pid, 0)
-                time.sleep(0.05)
-            os.kill(pid, signal.SIGKILL)
+        if _is_postgres(pid):
+            _stop_pid(pid)
+
+
+def postmasters(path_prefix: str) -> dict[int, str]:
+    """Running postmasters whose data directory starts with ``path_prefix``: pid -> directory.
+
+    Read from /proc, so that a server whose folder or pid file is gone is found too.
+    """
+    found = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = [a.decode(errors="replace") for a in cmdline.read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if not args or not args[0].endswith("postgres"):
+            continue
+        for flag, value in itertools.pairwise(args):
+            if flag == "-D" and value.startswith(path_prefix):
+                found[int(cmdline.parent.name)] = value
+    return found
+
+
+def stop_servers(folder: Path) -> int:
+    """Stop every server whose data directory lies in ``folder``; returns how many."""
+    pids = set(postmasters(f"{folder}/"))
+    for pid_file in folder.glob("*/data/postmaster.pid"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pids.add(int(pid_file.read_text().splitlines()[0]))
+    running = [pid for pid in pids if _is_postgres(pid)]
+    for pid in running:
+        _stop_pid(pid)
+    return len(running)
 
 
 def _alive(pid: int) -> bool:
@@ -243,23 +296,62 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep(base: Path, prefix: str, *, only_orphans: bool = True) -> int:
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks (field 22 of /proc/PID/stat), or ""."""
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[19]
+    return ""
+
+
+def owner_stamp(pid: int) -> str:
+    """``pid start-time``: names a process in a way a reused pid cannot match."""
+    return f"{pid} {_start_time(pid)}".strip()
+
+
+def _owner_alive(stamp: str) -> bool:
+    parts = stamp.split()
+    if not parts or not parts[0].isdigit():
+        return False
+    pid = int(parts[0])
+    if pid == os.getpid():
+        return True
+    if not _alive(pid):
+        return False
+    return len(parts) < 2 or _start_time(pid) in ("", parts[1])
+
+
+def claim(folder: Path) -> None:
+    """Mark ``folder`` as this process's, so that :func:`sweep` leaves it alone while we run."""
+    (folder / OWNER_FILE).write_text(owner_stamp(os.getpid()))
+
+
+def sweep(base: Path, prefix: str, *, only_orphans: bool = True, spare_kept: bool = False) -> int:
     """Stop servers (and remove folders) under ``base/prefix*``; returns how many were stopped.
 
-    With ``only_orphans``, folders whose owning process still runs are left alone.
+    With ``only_orphans``, folders whose owning process still runs are left alone (a pid
+    reused by another process does not count: the owner's start time must match too); with
+    ``spare_kept``, so are folders marked with :data:`KEPT_FILE`.
     """
     stopped = 0
     for folder in sorted(base.glob(f"{prefix}*")):
         if not folder.is_dir():
             continue
-        owners = [p for p in folder.glob(f"*/{OWNER_FILE}")]
-        owner_pids = {int(p.read_text() or 0) for p in owners if p.read_text().strip().isdigit()}
-        if only_orphans and any(_alive(pid) for pid in owner_pids if pid != os.getpid()):
+        if spare_kept and (folder / KEPT_FILE).exists():
             continue
-        for pid_file in folder.glob("*/data/postmaster.pid"):
-            _kill_postmaster(pid_file.parent)
-            stopped += 1
+        owners = [*folder.glob(OWNER_FILE), *folder.glob(f"*/{OWNER_FILE}")]
+        if only_orphans:
+            if any(_owner_alive(p.read_text()) for p in owners):
+                continue
+            if not owners and time.time() - folder.stat().st_mtime < 10:
+                continue  # just created by a process that has not claimed it yet
+        stopped += stop_servers(folder)
         shutil.rmtree(folder, ignore_errors=True)
+    # Servers whose folder was removed under them (an interrupted start, say): orphans.
+    for pid, data_dir in postmasters(str(base / prefix)).items():
+        if not Path(data_dir).exists():
+            _stop_pid(pid)
+            stopped += 1
     return stopped
 
 

@@ -112,7 +112,8 @@ def parity_report(report: Any) -> str:
     if applying:
         headers = ["table", "snapshot rows", "target before", "target after", "checksum", "detail"]
     else:
-        headers = ["table", f"{report.source} rows", f"{report.target} rows", "checksum", "detail"]
+        source = "snapshot" if "/" in report.source else report.source  # a snapshot's id
+        headers = ["table", f"{source} rows", f"{report.target} rows", "checksum", "detail"]
     text = table(headers, rows)
     lines = [text, ""]
     if applying:
@@ -180,3 +181,72 @@ def smoke_report(report: Any) -> str:
     )
     held = sum(r.status == "holds" for r in report.results)
     return f"{text}\n\nsmoke {report.target}: {held}/{len(report.results)} guardrails hold"
+
+
+def cutover_report(report: Any) -> str:
+    """``snapshot cutover``: the steps, the table of the step that matters, where things stand."""
+    steps = tabulate(
+        [
+            (s.name, s.status, "-" if s.status == "skipped" else f"{s.seconds:.1f}", s.detail)
+            for s in report.steps
+        ],
+        headers=["step", "status", "seconds", "detail"],
+        tablefmt="simple",
+        maxcolwidths=[None, None, None, 80],
+    )
+    parts = [steps]
+    failed = next((s.name for s in report.steps if s.status == "failed"), None)
+    if report.preflight is not None and not report.preflight.ok:
+        parts.append(preflight_report(report.preflight))
+    if report.apply is not None:
+        parts.append(parity_report(report.apply))
+    if failed == "smoke" and report.smoke is not None:
+        parts.append(smoke_report(report.smoke))
+    if failed == "verify" and report.verify is not None:
+        parts.append(parity_report(report.verify))
+    total = sum(s.seconds for s in report.steps)
+    verdict = "done" if report.ok else f"stopped at {failed}"
+    lines = [f"cutover {report.source} -> {report.target}: {verdict} in {total:.1f} s"]
+    lines.append(f"state: {report.state}")
+    if report.undo:
+        lines.append(f"to roll back: {report.undo}")
+    parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def rehearsal_report(report: Any) -> str:
+    """``snapshot rehearse``: the cutover's report, the rollback's, the verify after it."""
+    parts = [
+        f"rehearsal: two PostgreSQL {report.server_version} servers (scale {report.scale}), "
+        f"binaries from {report.bin_dir}"
+    ]
+    if report.cutover is not None:
+        parts.append(cutover_report(report.cutover))
+    if report.rollback is not None:
+        parts.append("rollback prod to its pre-apply backup:\n" + parity_report(report.rollback))
+    if report.restored is not None:
+        parts.append(
+            f"prod after the rollback, against {report.restored.source} (taken before the "
+            f"cutover):\n" + parity_report(report.restored)
+        )
+    if report.ok:
+        ending = (
+            f"rehearsal passed in {report.seconds:.1f} s: the cutover matched dev, the rollback "
+            "gave prod back its pre-cutover checksums"
+        )
+    else:
+        ending = f"rehearsal FAILED after {report.seconds:.1f} s: {report.failure}"
+    if report.kept:
+        servers = "\n".join(
+            f"  {name}: {url}  (env file: {report.env_files[name]})"
+            for name, url in report.urls.items()
+        )
+        ending += (
+            f"\nkept the servers running in {report.folder}:\n{servers}\n"
+            f"try: cd {report.folder} && snapshot verify dev prod\n"
+            "stop them with: snapshot rehearse --down"
+        )
+    else:
+        ending += f"\nservers stopped, {report.folder} removed"
+    parts.append(ending)
+    return "\n\n".join(parts)

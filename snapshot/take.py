@@ -28,6 +28,9 @@ from snapshot.names import AUTH_TABLES, TableName
 
 log = logging.getLogger(__name__)
 
+# The kind of a manifest read from a live database (describe), never archived.
+LIVE = "live"
+
 
 @dataclass(frozen=True)
 class DumpPlan:
@@ -129,6 +132,42 @@ def dump_in_snapshot(
         applies=applies,
         migrations=migrations,
     )
+
+
+def describe(config: Config, env_name: str, *, pg_bin: Path | None) -> Snapshot:
+    """What a take of ``env_name`` would archive, read from its catalog without dumping.
+
+    The manifest has the columns, identity, versions and migrations but no rows, checksums
+    or files: enough for the preflight that opens a cutover, before anything is taken.
+    """
+    target = resolve_connection(config.environment(env_name))
+    with contextlib.closing(connect(target)) as conn:
+        plan = plan_dump(conn, target, config.scope, pg_bin)
+        manifest = Manifest(
+            environment=env_name,
+            kind=LIVE,
+            created=archive.utc_now().isoformat(),
+            label=None,
+            project_ref=target.project_ref,
+            server_version=plan.info.version,
+            pg_dump_version=plan.pg_dump.version,
+            database=identity(target, plan.info),
+            scope=config.scope,
+            tables=tuple(
+                TableEntry(
+                    table=table,
+                    rows=0,
+                    checksum="",
+                    columns=plan.shapes[table].columns,
+                    generated=plan.shapes[table].generated,
+                    auth=table in AUTH_TABLES,
+                )
+                for table in plan.tables
+            ),
+            sequences=(),
+            migrations=catalog.migration_versions(conn),
+        )
+    return Snapshot(Path(LIVE), manifest)
 
 
 def export_snapshot(conn: psycopg.Connection) -> str:

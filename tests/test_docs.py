@@ -31,3 +31,16 @@ def test_help_has_an_example(name: str) -> None:
 def test_readme_test_command_is_what_ci_runs() -> None:
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "scripts/test" in README and "scripts/test" in ci
+
+
+def test_quick_start_is_two_commands_that_exist_and_ci_runs() -> None:
+    quick = README.split("## Quick start", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in quick.strip().splitlines()]
+    assert commands[0].startswith("git clone")
+    assert commands[1:] == ["scripts/rehearse", "scripts/test"]
+    root = Path(__file__).resolve().parent.parent
+    ci = (root / ".ci" / "run").read_text()
+    for command in commands[1:]:
+        path = root / command
+        assert path.is_file() and path.stat().st_mode & 0o111, command
+        assert command in ci

@@ -1,0 +1,43 @@
+"""scripts/: the wrappers a Node project calls from package.json in place of the old npm commands."""
+
+from __future__ import annotations
+
+import subprocess
+
+from tests.conftest import Project
+from tests.fix_db import ROOT, SCOPE
+
+NPM_DB = ROOT / "scripts" / "npm-db"
+SCOPE_TABLES = [f"public.{t}" for t in SCOPE]
+
+
+def npm_db(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(NPM_DB), *args], cwd=project.path, capture_output=True, text=True, check=False
+    )
+
+
+def test_npm_sync_verify_and_smoke_run_in_the_callers_folder(project: Project, make_db) -> None:
+    dev, prod = make_db("dev"), make_db("prod")
+    project.point("dev", dev)
+    project.point("prod", prod)
+
+    differs = npm_db(project, "verify:dev-prod")
+    synced = npm_db(project, "sync:dev-prod", "--yes")
+    verified = npm_db(project, "verify:dev-prod")
+    smoked = npm_db(project, "smoke:guardrail:prod")
+
+    assert differs.returncode == 1 and "Error: prod differs from dev" in differs.stderr
+    assert synced.returncode == 0, synced.stderr[-2000:]
+    assert "16/16 tables match; committed" in synced.stdout
+    assert [p.name.endswith("-sync") for p in project.snapshots("dev")] == [True]
+    assert verified.returncode == 0 and "verify dev prod: 16/16 tables match" in verified.stdout
+    assert smoked.returncode == 0 and "smoke prod: 3/3 guardrails hold" in smoked.stdout
+    assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
+
+
+def test_npm_db_names_the_commands_it_knows(project: Project) -> None:
+    result = npm_db(project, "db:push")
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("npm-db: unknown command 'db:push': use sync:dev-prod")
