@@ -35,25 +35,10 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from snapshot.config import DEFAULT_TABLES
+
 ROOT = Path(__file__).resolve().parent.parent
-SCOPE = [
-    "users",
-    "user_preferences",
-    "categories",
-    "subcategories",
-    "topics",
-    "questions",
-    "answers",
-    "question_topics",
-    "topic_edges",
-    "content_revisions",
-    "question_attempts",
-    "user_question_progress",
-    "user_topic_progress",
-    "playlists",
-    "playlist_items",
-    "user_playlist_progress",
-]
+SCOPE = list(DEFAULT_TABLES)  # the one scope the tool defaults to
 
 
 def url(dsn: str, dbname: str, user: str | None = None) -> str:

@@ -418,8 +418,7 @@ def smoke(app: App, target_env: str, as_json: bool) -> None:
     report = run_smoke(app.config, target_env)
     click.echo(render.as_json(report.to_json()) if as_json else render.smoke_report(report))
     if not report.ok:
-        bad = [r.check for r in report.results if r.status not in ("holds", "skipped")]
-        raise user_error(f"guardrails of {target_env} do not hold: {', '.join(bad)}", 1)
+        raise user_error(f"guardrails of {target_env} do not hold: {', '.join(report.broken)}", 1)
 
 
 @cli.command()

@@ -202,10 +202,9 @@ def _apply_detail(report: CutoverReport) -> str:
 def _smoke_detail(report: CutoverReport) -> str:
     assert report.smoke is not None
     results = report.smoke.results
-    broken = [r.check for r in results if r.status not in ("holds", "skipped")]
+    if report.smoke.broken:
+        return f"guardrails that do not hold: {', '.join(report.smoke.broken)}"
     held = sum(r.status == "holds" for r in results)
-    if broken:
-        return f"guardrails that do not hold: {', '.join(broken)}"
     return f"{held}/{len(results)} guardrails hold"
 
 

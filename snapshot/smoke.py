@@ -54,8 +54,13 @@ class SmokeReport:
     results: tuple[SmokeResult, ...]
 
     @property
+    def broken(self) -> tuple[str, ...]:
+        """The checks whose guardrail does not hold (or could not be tried)."""
+        return tuple(r.check for r in self.results if r.status not in (HOLDS, SKIPPED))
+
+    @property
     def ok(self) -> bool:
-        return all(r.status in (HOLDS, SKIPPED) for r in self.results)
+        return not self.broken
 
     def to_json(self) -> dict[str, Any]:
         return {
