@@ -139,7 +139,7 @@ def _termination_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    if os.name != "posix" or signal.getsignal(signal.SIGTERM) is None:
+    if os.name != "posix":
         yield
         return
     try:
