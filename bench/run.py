@@ -84,6 +84,30 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple
     return elapsed, int(result.stderr.strip().splitlines()[-1]) // 1024
 
 
+def raw_restore(
+    pg_bin: Path, target: str, dump: Path, setup: list[str], options: list[str]
+) -> tuple[float, int]:
+    """A raw baseline: ``setup`` statements and TRUNCATE of the scope, then pg_restore."""
+    started = time.perf_counter()
+    with psycopg.connect(target, autocommit=True) as conn:
+        for statement in [*setup, f"TRUNCATE {', '.join(f'public.{t}' for t in SCOPE)}"]:
+            conn.execute(statement)
+    prepared = time.perf_counter() - started
+    seconds, peak = timed(
+        [
+            str(pg_bin / "pg_restore"),
+            "--data-only",
+            *options,
+            "--single-transaction",
+            "--schema=public",
+            f"--dbname={target}",
+            str(dump),
+        ],
+        dump.parent,
+    )
+    return prepared + seconds, peak
+
+
 def rows(dsn: str, name: str) -> int:
     with psycopg.connect(url(dsn, name)) as conn:
         return sum(conn.execute(f"SELECT count(*) FROM public.{t}").fetchone()[0] for t in SCOPE)  # noqa: S608
@@ -135,42 +159,19 @@ def main() -> None:
         )
         our_take = timed([*snapshot, "take", "dev"], work, env)
 
-        truncate = ", ".join(f"public.{t}" for t in SCOPE)
-        started = time.perf_counter()
-        with psycopg.connect(url(args.dsn, raw), autocommit=True) as conn:
-            conn.execute(f"TRUNCATE {truncate}")
-        raw_truncate = time.perf_counter() - started
-        restore = timed(
-            [
-                str(pg_bin / "pg_restore"),
-                "--data-only",
-                "--disable-triggers",
-                "--single-transaction",
-                "--schema=public",
-                f"--dbname={url(args.dsn, raw)}",
-                str(work / "raw.dump"),
-            ],
-            work,
+        raw_apply = raw_restore(
+            pg_bin, url(args.dsn, raw), work / "raw.dump", [], ["--disable-triggers"]
         )
-        raw_apply = (raw_truncate + restore[0], restore[1])
-        started = time.perf_counter()
-        with psycopg.connect(url(args.dsn, checked, "app_owner"), autocommit=True) as conn:
-            conn.execute("DROP TRIGGER questions_publish_guardrail ON public.questions")
-            conn.execute("DROP TRIGGER question_topics_unlink_guardrail ON public.question_topics")
-            conn.execute(f"TRUNCATE {truncate}")
-        checked_truncate = time.perf_counter() - started
-        restore = timed(
+        checked_apply = raw_restore(
+            pg_bin,
+            url(args.dsn, checked, "app_owner"),
+            work / "raw.dump",
             [
-                str(pg_bin / "pg_restore"),
-                "--data-only",
-                "--single-transaction",
-                "--schema=public",
-                f"--dbname={url(args.dsn, checked, 'app_owner')}",
-                str(work / "raw.dump"),
+                "DROP TRIGGER questions_publish_guardrail ON public.questions",
+                "DROP TRIGGER question_topics_unlink_guardrail ON public.question_topics",
             ],
-            work,
+            [],
         )
-        checked_apply = (checked_truncate + restore[0], restore[1])
         our_apply = timed([*snapshot, "apply", "prod", "--yes"], work, env)
         our_verify = timed([*snapshot, "verify", "dev", "prod"], work, env)
         dump_size = (work / "raw.dump").stat().st_size
