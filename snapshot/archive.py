@@ -83,6 +83,8 @@ class TableEntry:
     def to_json(self) -> dict[str, Any]:
         return {
             "table": str(self.table),
+            "schema": self.table.schema,
+            "name": self.table.name,
             "rows": self.rows,
             "checksum": self.checksum,
             "columns": [c.to_json() for c in self.columns],
@@ -177,7 +179,7 @@ class Manifest:
             dump_file=data["dump"]["file"],
             tables=tuple(
                 TableEntry(
-                    table=TableName.parse(t["table"]),
+                    table=_table_of(t),
                     rows=int(t["rows"]),
                     checksum=t["checksum"],
                     columns=tuple(
@@ -218,6 +220,13 @@ class Snapshot:
     @property
     def dump_path(self) -> Path:
         return self.path / self.manifest.dump_file
+
+
+def _table_of(data: Mapping[str, Any]) -> TableName:
+    """A manifest's table: its separate schema and name fields, else its quoted text."""
+    if "schema" in data and "name" in data:
+        return TableName(str(data["schema"]), str(data["name"]))
+    return TableName.parse(str(data["table"]))
 
 
 def utc_now() -> datetime:
@@ -373,7 +382,7 @@ def publish(sealed: Snapshot, suffix: str | None) -> Snapshot:
 
 
 def read_snapshot(path: Path) -> Snapshot:
-    """Load a snapshot folder's manifest."""
+    """Load a snapshot folder's manifest; any defect is an :class:`ArchiveError` saying which."""
     try:
         data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -382,38 +391,84 @@ def read_snapshot(path: Path) -> Snapshot:
         raise ArchiveError(
             f"{path / MANIFEST} is not valid JSON: the snapshot is damaged"
         ) from None
+    except OSError as exc:
+        raise ArchiveError(f"{path / MANIFEST} cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise ArchiveError(f"{path / MANIFEST} is not a manifest: the snapshot is damaged")
     try:
         return Snapshot(path, Manifest.from_json(data))
-    except (KeyError, TypeError, ValueError) as exc:
+    except ArchiveError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
+        reason = f"lacks {exc}" if isinstance(exc, KeyError) else f"garbles a field ({exc})"
+        raise ArchiveError(f"{path / MANIFEST} {reason}: the snapshot is damaged") from None
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A snapshot folder whose manifest cannot be read: listed as such, never applied."""
+
+    path: Path
+    reason: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.path.parent.name}/{self.path.name}"
+
+
+def _read_entry(path: Path) -> Snapshot:
+    if path.is_symlink():
         raise ArchiveError(
-            f"{path / MANIFEST} lacks or garbles {exc}: the snapshot is damaged"
-        ) from None
+            f"{path} is a symbolic link to {os.readlink(path)}: snapshots must be folders "
+            "inside the archive"
+        )
+    return read_snapshot(path)
+
+
+def scan_archive(archive: Path, env: str | None = None) -> tuple[list[Snapshot], list[Damaged]]:
+    """Complete snapshots (newest first) and damaged ones; temporary folders are skipped.
+
+    One unreadable manifest never stops the others from being listed or applied.
+    """
+    if not archive.is_dir():
+        return [], []
+    folders = [archive / env] if env else sorted(p for p in archive.iterdir() if p.is_dir())
+    found: list[Snapshot] = []
+    damaged: list[Damaged] = []
+    for folder in folders:
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") or not (path.is_dir() or path.is_symlink()):
+                continue
+            try:
+                found.append(_read_entry(path))
+            except ArchiveError as exc:
+                damaged.append(Damaged(path, str(exc)))
+    found.sort(key=lambda s: (s.manifest.created, s.path.name), reverse=True)
+    return found, damaged
 
 
 def list_snapshots(archive: Path, env: str | None = None) -> list[Snapshot]:
     """Complete snapshots, newest first; temporary and damaged folders are skipped."""
-    if not archive.is_dir():
-        return []
-    folders = [archive / env] if env else sorted(p for p in archive.iterdir() if p.is_dir())
-    found = []
-    for folder in folders:
-        if not folder.is_dir() or folder.name.startswith("."):
-            continue
-        for path in folder.iterdir():
-            if path.is_dir() and not path.name.startswith(".") and (path / MANIFEST).is_file():
-                with contextlib.suppress(ArchiveError):
-                    found.append(read_snapshot(path))
-    return sorted(found, key=lambda s: (s.manifest.created, s.path.name), reverse=True)
+    return scan_archive(archive, env)[0]
 
 
 def find_snapshot(archive: Path, ref: str) -> Snapshot:
     """A snapshot by id (``env/name``) or by name alone when that is unambiguous.
 
-    A damaged snapshot named exactly is reported as such, not as missing.
+    A damaged snapshot named exactly is reported as such, not as missing. An id is never a
+    path: anything but ``NAME`` or ``ENV/NAME`` of plain folder names is refused.
     """
+    parts = ref.split("/")
+    if not 1 <= len(parts) <= 2 or any(not p or p.startswith(".") or "\\" in p for p in parts):
+        raise ConfigError(
+            f"{ref!r} is not a snapshot id: give ENV/NAME or NAME as 'snapshot list' prints them"
+        )
     env, _, name = ref.rpartition("/")
-    if env and name and not name.startswith(".") and (archive / env / name).is_dir():
-        return read_snapshot(archive / env / name)
+    exact = archive / env / name
+    if env and (exact.is_symlink() or exact.is_dir()):
+        return _read_entry(exact)
     matches = [
         s
         for s in list_snapshots(archive, env or None)
@@ -432,8 +487,16 @@ def newest_snapshot(archive: Path, env: str, kind: str | None = None) -> Snapsho
     for snapshot in list_snapshots(archive, env):
         if kind is None or snapshot.manifest.kind == kind:
             return snapshot
+    if kind == PRE_APPLY:
+        raise ConfigError(
+            f"there is no pre-apply backup of {env!r} in {display_path(archive / env)}: no apply "
+            "to it was made from this archive (each apply writes one); run from the project "
+            "that applied, or pass --to with a snapshot id"
+        )
     what = f"{kind} snapshot" if kind else "snapshot"
-    raise ConfigError(f"there is no {what} of {env!r} in {archive}: run 'snapshot take {env}'")
+    raise ConfigError(
+        f"there is no {what} of {env!r} in {display_path(archive / env)}: run 'snapshot take {env}'"
+    )
 
 
 def verify_files(snapshot: Snapshot) -> None:

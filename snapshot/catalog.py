@@ -8,7 +8,7 @@ fingerprints from two databases compare as text.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -346,3 +346,36 @@ def migration_versions(conn: psycopg.Connection) -> tuple[str, ...] | None:
             "SELECT version FROM supabase_migrations.schema_migrations ORDER BY version"
         )
     )
+
+
+_ROW_KEYS = """
+SELECT n.nspname, c.relname,
+       ARRAY(SELECT a.attname FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(n, o)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n ORDER BY k.o)
+FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
+JOIN pg_namespace n ON n.nspname = w.nsp
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel
+JOIN pg_index i ON i.indrelid = c.oid
+WHERE i.indisunique AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL
+  AND i.indexprs IS NULL AND NOT 0 = ANY (i.indkey::int2[])
+  AND NOT EXISTS (SELECT 1 FROM unnest(i.indkey::int2[]) k(n) JOIN pg_attribute a
+                  ON a.attrelid = i.indrelid AND a.attnum = k.n WHERE NOT a.attnotnull)
+ORDER BY n.nspname, c.relname, i.indisprimary DESC, i.indnatts, i.indexrelid
+"""
+
+
+def row_keys(
+    conn: psycopg.Connection, columns: Mapping[TableName, Sequence[str]]
+) -> dict[TableName, tuple[str, ...]]:
+    """The columns that identify a row of each table, where it has some.
+
+    The primary key, else the narrowest unique index over NOT NULL columns (no predicate,
+    no expression, not deferrable), among ``columns`` (what the snapshot holds). Tables
+    without one are absent: an apply can only replace them in full.
+    """
+    keys: dict[TableName, tuple[str, ...]] = {}
+    for nsp, rel, names in conn.execute(_ROW_KEYS, _table_arrays(columns)):
+        table = TableName(nsp, rel)
+        if table not in keys and set(names) <= set(columns[table]):
+            keys[table] = tuple(names)
+    return keys

@@ -26,9 +26,11 @@ class TableStats:
     checksum: str
 
 
-def _row_hash(columns: Sequence[str]) -> sql.Composable:
+def row_hash(columns: Sequence[str], alias: str | None = None) -> sql.Composable:
+    """``md5(ROW(a, b, ...)::text)`` over ``columns`` in name order: one row's checksum term."""
     ordered = sorted(columns)
-    return sql.SQL("md5(ROW({})::text)").format(sql.SQL(", ").join(map(sql.Identifier, ordered)))
+    names = [sql.Identifier(alias, c) if alias else sql.Identifier(c) for c in ordered]
+    return sql.SQL("md5(ROW({})::text)").format(sql.SQL(", ").join(names))
 
 
 def _sum_halves(hash_expr: sql.Composable) -> sql.Composable:
@@ -38,7 +40,8 @@ def _sum_halves(hash_expr: sql.Composable) -> sql.Composable:
     ).format(h=hash_expr)
 
 
-def _digest(rows: int, sums: str) -> str:
+def digest(rows: int, sums: str) -> str:
+    """The checksum of a table from its row count and its two sums (``"sum1:sum2"``)."""
     return hashlib.sha256(f"{rows}:{sums}".encode()).hexdigest()[:32]
 
 
@@ -52,12 +55,12 @@ def table_stats(
     relation = table.ident if isinstance(table, TableName) else table
     used = [c for c in columns if c not in ignore]
     query = sql.SQL("SELECT count(*), {} FROM (SELECT {} AS h FROM {}) AS s").format(
-        _sum_halves(sql.SQL("h")), _row_hash(used), relation
+        _sum_halves(sql.SQL("h")), row_hash(used), relation
     )
     row = conn.execute(query).fetchone()
     assert row is not None
     rows, sums = int(row[0]), str(row[1])
-    return TableStats(rows, _digest(rows, sums))
+    return TableStats(rows, digest(rows, sums))
 
 
 def column_checksums(
@@ -65,7 +68,7 @@ def column_checksums(
 ) -> dict[str, str]:
     """One checksum per column (over its multiset of values), to name the columns that differ."""
     relation = table.ident if isinstance(table, TableName) else table
-    parts = [_sum_halves(_row_hash([c])) for c in columns]
+    parts = [_sum_halves(row_hash([c])) for c in columns]
     query = sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(parts), relation)
     row = conn.execute(query).fetchone()
     assert row is not None

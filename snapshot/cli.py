@@ -16,6 +16,7 @@ import psycopg
 
 from snapshot import __version__, archive, render
 from snapshot.config import CONFIG_FILE, Config, load_config, render_default_config
+from snapshot.db import cancelled_message
 from snapshot.errors import SnapshotError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,6 +54,9 @@ class Group(click.Group):
             return super().invoke(ctx)
         except SnapshotError as exc:
             raise user_error(str(exc), exc.exit_code) from None
+        except psycopg.errors.QueryCanceled as exc:
+            name = ctx.invoked_subcommand or "snapshot"
+            raise user_error(cancelled_message(exc, "the database", f"running {name}"), 1) from None
         except psycopg.OperationalError as exc:
             raise user_error(f"database connection failed: {_one_line(exc)}", 1) from None
         except (psycopg.errors.InsufficientPrivilege, psycopg.errors.LockNotAvailable) as exc:
@@ -83,6 +87,16 @@ def yes_option(f: F) -> F:
     """``--yes``: do not ask before changing an environment that is not marked safe."""
     return click.option(
         "--yes", "-y", is_flag=True, help="Do not ask for confirmation (for scripts and CI)."
+    )(f)
+
+
+def full_option(f: F) -> F:
+    """``--full``: replace every table in full instead of writing only what differs."""
+    return click.option(
+        "--full",
+        is_flag=True,
+        help="Replace every table in full (delete all, insert all) instead of writing only "
+        "the rows that differ.",
     )(f)
 
 
@@ -136,13 +150,11 @@ def _confirmer(app: App, target: str, yes: bool, dry_run: bool) -> Any:
             2,
         )
 
-    def confirm(plan: Any) -> bool:
-        click.echo(
-            f"About to {plan.action} {plan.snapshot.id} to {target} "
-            f"({plan.target.describe()}): {len(plan.order)} tables will be replaced.",
-            err=True,
+    def confirm(proposal: Any) -> bool:
+        click.echo(render.plan_report(proposal), err=True)
+        typed = click.prompt(
+            f"\nType {target} to {proposal.action}", default="", show_default=False, err=True
         )
-        typed = click.prompt(f"Type {target} to go on", default="", show_default=False, err=True)
         return bool(typed == target)
 
     return confirm
@@ -261,11 +273,13 @@ def list_(app: App, env_name: str | None, as_json: bool) -> None:
     snapshot list
     snapshot list prod
     """
-    snapshots = archive.list_snapshots(app.config.archive, env_name)
+    snapshots, damaged = archive.scan_archive(app.config.archive, env_name)
     if as_json:
-        click.echo(render.as_json([render.snapshot_summary(s) for s in snapshots]))
-    elif snapshots:
-        click.echo(render.list_report(snapshots))
+        listed = [render.snapshot_summary(s) for s in snapshots]
+        listed += [{"id": d.id, "path": str(d.path), "damaged": d.reason} for d in damaged]
+        click.echo(render.as_json(listed))
+    elif snapshots or damaged:
+        click.echo(render.list_report(snapshots, damaged))
     else:
         where = f" of {env_name}" if env_name else ""
         click.echo(f"no snapshots{where} in {app.config.archive}", err=True)
@@ -289,6 +303,7 @@ def _apply_failure(report: Any) -> str | None:
     "--snapshot", "snapshot_id", metavar="ID", help="Apply this snapshot (snapshot list)."
 )
 @click.option("--dry-run", is_flag=True, help="Do everything, then roll back: changes nothing.")
+@full_option
 @allow_cascade_option
 @yes_option
 @json_option
@@ -299,16 +314,18 @@ def apply(
     source_env: str | None,
     snapshot_id: str | None,
     dry_run: bool,
+    full: bool,
     allow_cascades: tuple[str, ...],
     yes: bool,
     as_json: bool,
 ) -> None:
-    """Replace TARGET's scope with a snapshot, in one verified transaction.
+    """Make TARGET's scope equal a snapshot, in one verified transaction.
 
-    By default the newest snapshot of the other environment is applied (dev's for prod).
-    The preflight (see check) runs first and stops it on any error. A pre-apply backup of
-    TARGET is archived first; the transaction commits only when every table's checksum
-    equals the snapshot's.
+    By default the newest snapshot of the other environment is applied (dev's for prod),
+    writing only the rows that differ (--full replaces every table instead). The preflight
+    (see check) runs first and stops it on any error; the plan is shown before asking. A
+    pre-apply backup of TARGET is archived; the transaction commits only when every row of
+    every table matches the snapshot.
 
     \b
     snapshot apply prod
@@ -325,6 +342,7 @@ def apply(
             target_env,
             snapshot,
             dry_run=dry_run,
+            full=full,
             confirm=confirm,
             pg_bin=app.pg_bin,
             allow_cascades=allow_cascades,
@@ -345,12 +363,15 @@ def rollback(app: App, target_env: str, snapshot_id: str | None, yes: bool, as_j
     snapshot rollback prod
     snapshot rollback prod --to prod/20261124T101500Z-pre-apply
     """
-    from snapshot.apply import run_apply
+    from snapshot.apply import run_apply, settle_backups
 
     config = app.config
     if snapshot_id:
         snapshot = archive.find_snapshot(config.archive, snapshot_id)
     else:
+        # Settle first: the newest backup may be one a killed apply sealed but never listed.
+        for note in settle_backups(config, target_env):
+            click.echo(note, err=True)
         snapshot = archive.newest_snapshot(config.archive, target_env, kind=archive.PRE_APPLY)
     confirm = _confirmer(app, target_env, yes, False)
     with _preflight_table(as_json):
@@ -364,6 +385,7 @@ def rollback(app: App, target_env: str, snapshot_id: str | None, yes: bool, as_j
 @click.argument("target_env", metavar="TARGET")
 @click.option("--from", "source_env", metavar="ENV", help="Check ENV's newest snapshot.")
 @click.option("--snapshot", "snapshot_id", metavar="ID", help="Check this snapshot (see list).")
+@full_option
 @allow_cascade_option
 @json_option
 @pass_app
@@ -372,13 +394,15 @@ def check(
     target_env: str,
     source_env: str | None,
     snapshot_id: str | None,
+    full: bool,
     allow_cascades: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Run the preflight of an apply to TARGET alone: find what would fail, change nothing.
 
     Checks the snapshot's files, the schema, migrations, foreign keys from outside the
-    scope, auth user conflicts, tools, privileges, and concurrent applies. Exits 1 on any
+    scope, auth user conflicts, tools, privileges, and concurrent applies, then shows the
+    plan: per table, the rows to insert, update, delete and leave alone. Exits 1 on any
     error.
 
     \b
@@ -389,7 +413,12 @@ def check(
 
     snapshot = _choose_snapshot(app, target_env, source_env, snapshot_id)
     report = run_check(
-        app.config, target_env, snapshot, pg_bin=app.pg_bin, allow_cascades=allow_cascades
+        app.config,
+        target_env,
+        snapshot,
+        pg_bin=app.pg_bin,
+        allow_cascades=allow_cascades,
+        full=full,
     )
     click.echo(render.as_json(report.to_json()) if as_json else render.preflight_report(report))
     if not report.ok:

@@ -6,6 +6,7 @@ replaces and ``verify`` compares are one list by construction.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshot.errors import ConfigError
-from snapshot.names import TableName
+from snapshot.names import TableName, quote, split_dotted
 
 CONFIG_FILE = "snapshot.toml"
 
@@ -40,6 +41,15 @@ DEFAULT_ENV_FILES = {"dev": ".env.local", "prod": ".env.production"}
 DEFAULT_SAFE = {"dev": True, "prod": False}
 DEFAULT_INSERT_AS = {"questions.status": "draft"}
 CONNECTION_MODES = ("auto", "direct", "pooler")
+# Time limits of snapshot's own sessions, whatever the server or role sets (Supabase gives
+# every role a 2-minute statement_timeout): "0" is no limit. transaction_timeout exists
+# from PostgreSQL 17 and is only set there.
+DEFAULT_SESSION_LIMITS = {
+    "statement_timeout": "0",
+    "idle_in_transaction_session_timeout": "0",
+    "transaction_timeout": "0",
+}
+_DURATION = re.compile(r"^\d+\s*(us|ms|s|min|h|d)?$")
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,7 @@ class EnvironmentConfig:
     connection: str = "auto"
     pooler_host: str | None = None
     ssl_root_cert: Path | None = None
+    session: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_SESSION_LIMITS))
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,7 @@ class ColumnRef:
     column: str
 
     def __str__(self) -> str:
-        return f"{self.table}.{self.column}"
+        return f"{self.table}.{quote(self.column)}"
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,7 @@ class ApplySettings:
     lock_timeout: str = "10s"
     insert_as: Mapping[ColumnRef, str] = field(default_factory=dict)
     ignore_columns: tuple[ColumnRef, ...] = ()
+    orphaned_users: str = "warn"  # target users left without app rows: "warn" or "error"
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,7 @@ class Config:
     environments: Mapping[str, EnvironmentConfig]
     apply: ApplySettings
     preflight_allow_cascades: tuple[str, ...] = ()
+    session: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_SESSION_LIMITS))
 
     def environment(self, name: str) -> EnvironmentConfig:
         """The named environment; a name without a section uses ``.env.<name>``."""
@@ -114,7 +127,9 @@ class Config:
             raise ConfigError(
                 f"{name!r} is not an environment name: use letters, digits, '-' or '_'"
             )
-        return EnvironmentConfig(name=name, env_file=self.base_dir / f".env.{name}")
+        return EnvironmentConfig(
+            name=name, env_file=self.base_dir / f".env.{name}", session=self.session
+        )
 
     def ignored_columns(self, table: TableName) -> tuple[str, ...]:
         """Columns of ``table`` that parity ignores."""
@@ -130,10 +145,16 @@ def display_path(path: Path) -> str:
 
 
 def _parse_column(text: str, where: str) -> ColumnRef:
-    table_part, dot, column = text.rpartition(".")
-    if not dot or not table_part or not column:
-        raise ConfigError(f"{where}: {text!r} is not a column: write 'table.column'")
-    return ColumnRef(TableName.parse(table_part), column)
+    what = "a column: write 'table.column' or 'schema.table.column'"
+    try:
+        parts = split_dotted(text, what)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if len(parts) == 2:
+        return ColumnRef(TableName("public", parts[0]), parts[1])
+    if len(parts) == 3:
+        return ColumnRef(TableName(parts[0], parts[1]), parts[2])
+    raise ConfigError(f"{where}: {text!r} is not {what}")
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
@@ -170,9 +191,26 @@ def _parse_scope(data: Mapping[str, Any], where: str) -> Scope:
     return Scope(tuple(tables), auth)
 
 
-def _parse_environments(data: Mapping[str, Any], base_dir: Path) -> dict[str, EnvironmentConfig]:
+def _parse_session(data: Mapping[str, Any]) -> dict[str, str]:
+    """``[session]``: time limits for snapshot's own sessions (milliseconds, or '10s', '5min')."""
+    _check_keys(data, set(DEFAULT_SESSION_LIMITS), "[session]")
+    limits = dict(DEFAULT_SESSION_LIMITS)
+    for key, value in data.items():
+        text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(text, str) or not _DURATION.match(text.strip()):
+            raise ConfigError(
+                f'[session] {key} must be a duration such as "0" (no limit), 30000 (ms) or '
+                f'"10min", not {value!r}'
+            )
+        limits[key] = text.strip()
+    return limits
+
+
+def _parse_environments(
+    data: Mapping[str, Any], base_dir: Path, session: Mapping[str, str]
+) -> dict[str, EnvironmentConfig]:
     envs = {
-        name: EnvironmentConfig(name, base_dir / file, DEFAULT_SAFE[name])
+        name: EnvironmentConfig(name, base_dir / file, DEFAULT_SAFE[name], session=session)
         for name, file in DEFAULT_ENV_FILES.items()
     }
     for name, section in data.items():
@@ -193,6 +231,7 @@ def _parse_environments(data: Mapping[str, Any], base_dir: Path) -> dict[str, En
             connection=mode,
             pooler_host=section.get("pooler_host"),
             ssl_root_cert=base_dir / cert if cert else None,
+            session=session,
         )
     return envs
 
@@ -200,7 +239,10 @@ def _parse_environments(data: Mapping[str, Any], base_dir: Path) -> dict[str, En
 def _parse_apply(
     apply: Mapping[str, Any], parity: Mapping[str, Any], scope: Scope
 ) -> ApplySettings:
-    _check_keys(apply, {"lock_timeout", "insert_as"}, "[apply]")
+    _check_keys(apply, {"lock_timeout", "insert_as", "orphaned_users"}, "[apply]")
+    orphaned = _expect(apply.get("orphaned_users", "warn"), str, "[apply] orphaned_users", "text")
+    if orphaned not in ("warn", "error"):
+        raise ConfigError('[apply] orphaned_users must be "warn" or "error"')
     _check_keys(parity, {"ignore_columns"}, "[parity]")
     insert_as_raw = _expect(
         apply.get("insert_as", DEFAULT_INSERT_AS), dict, "[apply] insert_as", "a table"
@@ -215,6 +257,7 @@ def _parse_apply(
     return ApplySettings(
         lock_timeout=str(apply.get("lock_timeout", "10s")),
         insert_as=insert_as,
+        orphaned_users=orphaned,
         ignore_columns=tuple(_parse_column(c, "[parity] ignore_columns") for c in ignore),
     )
 
@@ -223,15 +266,16 @@ def parse_config(data: Mapping[str, Any], path: Path | None, base_dir: Path) -> 
     """Validate a parsed ``snapshot.toml`` (or ``{}`` for the defaults)."""
     _check_keys(
         data,
-        {"archive", "scripts", "scope", "environments", "apply", "parity", "preflight"},
+        {"archive", "scripts", "scope", "environments", "apply", "parity", "preflight", "session"},
         str(CONFIG_FILE),
     )
     pre = _expect(data.get("preflight", {}), dict, "[preflight]", "a table")
     _check_keys(pre, {"allow_cascades"}, "[preflight]")
     allow = _expect(pre.get("allow_cascades", []), list, "[preflight] allow_cascades", "a list")
     scope = _parse_scope(_expect(data.get("scope", {}), dict, "[scope]", "a table"), "[scope]")
+    session = _parse_session(_expect(data.get("session", {}), dict, "[session]", "a table"))
     envs = _parse_environments(
-        _expect(data.get("environments", {}), dict, "[environments]", "a table"), base_dir
+        _expect(data.get("environments", {}), dict, "[environments]", "a table"), base_dir, session
     )
     settings = _parse_apply(
         _expect(data.get("apply", {}), dict, "[apply]", "a table"),
@@ -255,6 +299,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None, base_dir: Path) -> 
         environments=envs,
         apply=settings,
         preflight_allow_cascades=tuple(str(a) for a in allow),
+        session=session,
     )
 
 
@@ -317,11 +362,22 @@ lock_timeout = "10s"
 # Columns given a fixed value on insert; the post-scripts restore the snapshot's value.
 # Questions go in as drafts so the publish guardrails hold while topic links are missing.
 insert_as = {{ "questions.status" = "draft" }}
+# Target users who exist only there keep their login (auth users are never deleted) but
+# lose their rows in the scope: "warn" (check and apply say so) or "error" (refuse).
+orphaned_users = "warn"
 
 [parity]
 # Columns that target triggers rewrite on purpose (an updated_at trigger, say): the
 # parity check before commit ignores them, and the report says so.
 ignore_columns = []
+
+[session]
+# Time limits of snapshot's own database sessions, whatever the server or role sets (Supabase
+# gives every role a 2-minute statement_timeout, which a large apply can exceed). "0" means
+# no limit; otherwise milliseconds or a unit: "30s", "10min".
+statement_timeout = "0"
+idle_in_transaction_session_timeout = "0"
+transaction_timeout = "0"   # PostgreSQL 17 and later
 
 [preflight]
 # Foreign keys from tables outside the scope whose ON DELETE CASCADE / SET NULL you accept

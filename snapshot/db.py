@@ -27,7 +27,10 @@ SESSION_SETTINGS = {
     "row_security": "off",
     "search_path": "pg_catalog, pg_temp",
     "application_name": "snapshot",
+    "lock_timeout": "0",
 }
+# Settings that do not exist on every supported server: (name, first server_version_num).
+_INTRODUCED = {"transaction_timeout": 170000, "client_connection_check_interval": 140000}
 
 
 def _explain(exc: psycopg.OperationalError, target: Connection) -> str:
@@ -65,15 +68,42 @@ def connect(target: Connection) -> psycopg.Connection:
         )
     except psycopg.OperationalError as exc:
         raise ConnectionFailed(_explain(exc, target)) from None
-    settings = dict(SESSION_SETTINGS)
-    if conn.info.server_version >= 140000:
-        # If the tool dies mid-statement, the server notices within a second and rolls
-        # back, instead of holding the apply's locks until the statement ends.
-        settings["client_connection_check_interval"] = "1s"
+    # The session's own time limits (snapshot.toml [session]) replace the server's and the
+    # role's: Supabase's 2-minute statement_timeout would otherwise cancel a large apply.
+    # If the tool dies mid-statement, client_connection_check_interval makes the server
+    # notice within a second and roll back, instead of holding the apply's locks.
+    settings = {
+        **SESSION_SETTINGS,
+        **target.session,
+        "client_connection_check_interval": "1s",
+    }
+    settings = {
+        k: v for k, v in settings.items() if conn.info.server_version >= _INTRODUCED.get(k, 0)
+    }
     # Set after connecting, in one round trip: Supabase's pooler drops startup options.
     calls = sql.SQL(", ").join(
         sql.SQL("set_config({}, {}, false)").format(sql.Literal(k), sql.Literal(v))
         for k, v in settings.items()
     )
-    conn.execute(sql.SQL("SELECT {}").format(calls))
+    try:
+        conn.execute(sql.SQL("SELECT {}").format(calls))
+    except psycopg.Error as exc:
+        conn.close()
+        raise ConnectionFailed(
+            f"{target.describe()} refused snapshot's session settings ({exc}): check [session] "
+            "in snapshot.toml"
+        ) from None
     return conn
+
+
+def cancelled_message(exc: psycopg.errors.QueryCanceled, env: str, doing: str) -> str:
+    """The sentence for a statement the server cancelled (a time limit, or someone's cancel)."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "canceling statement"
+    if "timeout" in reason:
+        fix = (
+            "a time limit of the server or role cut it short; snapshot's own sessions use "
+            "[session] statement_timeout in snapshot.toml (no limit unless set there): raise it"
+        )
+    else:
+        fix = "someone cancelled it (pg_cancel_backend)"
+    return f"{env} cancelled a statement while {doing} ({reason}): {fix}"

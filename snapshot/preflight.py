@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from typing import Any, LiteralString
+from typing import TYPE_CHECKING, Any, LiteralString
 
 import psycopg
 from psycopg import sql
@@ -20,6 +20,9 @@ from snapshot.errors import SnapshotError
 from snapshot.names import AUTH_IDENTITIES, AUTH_USERS
 from snapshot.session import Session
 from snapshot.take import LIVE, identity
+
+if TYPE_CHECKING:
+    from snapshot.apply.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class PreflightReport:
     target: str
     snapshot: str
     findings: tuple[Finding, ...]
+    plan: Plan | None = None
 
     @property
     def errors(self) -> tuple[Finding, ...]:
@@ -69,6 +73,7 @@ class PreflightReport:
             "snapshot": self.snapshot,
             "ok": self.ok,
             "findings": [f.to_json() for f in self.findings],
+            "plan": self.plan.to_json() if self.plan else None,
         }
 
 
@@ -320,8 +325,14 @@ def _not_null(columns: tuple[str, ...]) -> sql.Composable:
     )
 
 
-def _closure(s: Session, allowed: Collection[str]) -> Iterator[Finding]:
-    """Foreign keys from outside the scope into it: what the deletes would do to them."""
+def _closure(s: Session, allowed: Collection[str], plan: Plan | None = None) -> Iterator[Finding]:
+    """Foreign keys from outside the scope into it: what the deletes would do to them.
+
+    With the plan, only rows that refer to rows this apply deletes count; without it (the
+    cutover's first look, before anything is taken), every row that refers to the scope.
+    """
+    from snapshot.apply.write import referring_rows
+
     scoped = set(s.order)
     outside = [f for f in s.fks if f.parent in scoped and f.child not in scoped]
     outside = [f for f in outside if f.child not in {e.table for e in s.auth_entries}]
@@ -329,12 +340,13 @@ def _closure(s: Session, allowed: Collection[str]) -> Iterator[Finding]:
         name = f"{fk.child}.{fk.name}"
         rule = DELETE_RULES.get(fk.on_delete, fk.on_delete)
         try:
-            count = _scalar(
+            total = _scalar(
                 s.conn,
                 sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
                     fk.child.ident, _not_null(fk.columns)
                 ),
             )
+            count = total if plan is None or not total else referring_rows(s, plan, fk)
         except psycopg.errors.InsufficientPrivilege:
             yield Finding(
                 "scope closure",
@@ -343,27 +355,31 @@ def _closure(s: Session, allowed: Collection[str]) -> Iterator[Finding]:
                 f"SELECT on it, or add {fk.child} to the scope",
             )
             continue
+        refer = "refer to the scope" if plan is None else "refer to rows this apply deletes"
         what = f"{fk} (on delete {rule}): {count:,} rows of {fk.child}"
         if not count:
-            yield Finding("scope closure", OK, f"{what} refer to the scope")
+            spared = f", {total:,} to rows it keeps" if total else ""
+            yield Finding("scope closure", OK, f"{what} {refer}{spared}")
         elif fk.on_delete in ("a", "r"):
             yield Finding(
                 "scope closure",
                 ERROR,
-                f"{what} would block the deletes: add {fk.child} to the scope, or empty those "
-                "references first",
+                f"{what} {refer} and would block the deletes: add {fk.child} to the scope, or "
+                "remove those references first",
             )
         elif name in allowed:
             verb = "be deleted" if fk.on_delete == "c" else "lose their reference"
-            yield Finding("scope closure", WARNING, f"{what} will {verb} (acknowledged)")
+            yield Finding(
+                "scope closure", WARNING, f"{what} {refer}: they will {verb} (acknowledged)"
+            )
         else:
             verb = "silently delete" if fk.on_delete == "c" else "null out"
             yield Finding(
                 "scope closure",
                 ERROR,
-                f"{what}: the deletes would {verb} data outside the scope; add {fk.child} to "
-                f"the scope, or acknowledge with --allow-cascade {name} (or [preflight] "
-                "allow_cascades in snapshot.toml)",
+                f"{what} {refer}: the deletes would {verb} data outside the scope; add "
+                f"{fk.child} to the scope, or acknowledge with --allow-cascade {name} (or "
+                "[preflight] allow_cascades in snapshot.toml)",
             )
 
 
@@ -459,9 +475,13 @@ def _auth_conflicts(s: Session) -> Iterator[Finding]:
 
 
 def run_checks(
-    s: Session, *, lock_holder: str | None, allow_cascades: Collection[str] = ()
+    s: Session,
+    *,
+    lock_holder: str | None,
+    allow_cascades: Collection[str] = (),
+    full: bool = False,
 ) -> PreflightReport:
-    """Every check, in the order they are reported; stages the snapshot when it can.
+    """Every check, in the order they are reported; stages and plans the apply when it can.
 
     A live description of the source (:func:`snapshot.take.describe`, the cutover's first
     step) has no files yet: the checks that need the snapshot's rows are left to the apply.
@@ -489,8 +509,8 @@ def run_checks(
     findings += _migrations(s)
     findings += _privileges(s)
     findings += _order(s)
-    findings += _closure(s, allowed)
     if live:
+        findings += _closure(s, allowed)
         findings.append(
             Finding(
                 "snapshot rows",
@@ -504,14 +524,103 @@ def run_checks(
             Finding(
                 "snapshot rows",
                 WARNING,
-                "outside references and auth user conflicts are checked once the errors above are "
-                "fixed (they need the snapshot staged)",
+                "scope closure, outside references, auth user conflicts and the plan are "
+                "checked once the errors above are fixed (they need the snapshot staged)",
             )
         )
     else:
+        from snapshot.apply import plan as planning
+
         assert s.pg_restore is not None
         staging.stage(s.conn, s.pg_restore, s.snapshot, [*s.entries.values(), *s.auth_entries])
         s.staged = True
+        s.plan = planning.prepare(s, full=full)
+        findings += _staged_rows(s)
+        findings += _closure(s, allowed, s.plan)
         findings += _outside_references(s)
         findings += _auth_conflicts(s)
-    return PreflightReport(s.action, s.target.env, s.snapshot.id, tuple(findings))
+        findings += _plan_findings(s, s.plan)
+    return PreflightReport(s.action, s.target.env, s.snapshot.id, tuple(findings), s.plan)
+
+
+def _staged_rows(s: Session) -> Iterator[Finding]:
+    """The staged rows against the manifest: a swapped dump or an edited manifest stops here."""
+    from snapshot.apply import rows as rowsets
+    from snapshot.checksum import TableStats, table_stats
+
+    wrong = []
+    entries = [*s.entries.values(), *s.auth_entries]
+    for entry in entries:
+        rows = s.row_sets.get(entry.table)
+        if rows is not None:
+            staged = rowsets.snapshot_stats(s.conn, rows)
+        else:
+            staged = table_stats(s.conn, staging.staging_table(entry), entry.column_names)
+        if staged == TableStats(entry.rows, entry.checksum):
+            continue
+        if staged.rows != entry.rows:
+            wrong.append(f"{entry.table} ({staged.rows:,} rows, the manifest says {entry.rows:,})")
+        else:
+            wrong.append(f"{entry.table} (its checksum differs)")
+    if wrong:
+        yield Finding(
+            "snapshot integrity",
+            ERROR,
+            f"the rows in {s.snapshot.id}'s data.dump contradict its manifest: "
+            f"{', '.join(wrong)}; the dump was replaced or the manifest edited: take a new "
+            "snapshot",
+        )
+    else:
+        yield Finding(
+            "snapshot integrity",
+            OK,
+            f"the staged rows of {len(entries)} tables match the manifest's counts and checksums",
+        )
+
+
+def _plan_findings(s: Session, plan: Plan) -> Iterator[Finding]:
+    """What the apply will write, and whom it affects, as findings."""
+    tables = plan.tables
+    counts = (
+        f"{sum(t.inserts for t in tables):,} rows to insert, {sum(t.updates for t in tables):,} "
+        f"to update, {sum(t.deletes for t in tables):,} to delete, "
+        f"{sum(t.unchanged for t in tables):,} unchanged"
+    )
+    full = [t for t in tables if t.full]
+    how = f"{len(tables) - len(full)} tables as a delta"
+    if full:
+        how += (
+            f", {len(full)} replaced in full ({'; '.join(f'{t.table}: {t.reason}' for t in full)})"
+        )
+    yield Finding("plan", OK, f"{counts}: {how}")
+    if plan.helper_indexes:
+        yield Finding(
+            "plan",
+            OK,
+            f"{len(plan.helper_indexes)} foreign keys have no index and their parents lose "
+            "many rows: the apply indexes them for its own use and drops the indexes after "
+            "commit (DROP INDEX CONCURRENTLY: readers never wait); to index them for good: "
+            + " ".join(
+                f"CREATE INDEX CONCURRENTLY ON {fk.child} ({', '.join(fk.columns)});"
+                for fk in plan.helper_indexes
+            ),
+        )
+    people = plan.auth
+    if people is None:
+        return
+    if people.create:
+        yield Finding(
+            "new logins",
+            OK,
+            f"{people.create_sentence(s.target.env)} (auth users are never updated)",
+        )
+    if people.orphaned:
+        setting = s.config.apply.orphaned_users
+        status = ERROR if setting == "error" else WARNING
+        fix = (
+            '; [apply] orphaned_users = "error" in snapshot.toml refuses such applies'
+            if status == WARNING
+            else ": copy those users' rows to the source first, or set [apply] orphaned_users "
+            '= "warn" in snapshot.toml to accept it'
+        )
+        yield Finding("orphaned users", status, people.orphaned_sentence(s.target.env) + fix)

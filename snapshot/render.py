@@ -8,7 +8,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from snapshot.archive import Snapshot
+from snapshot.archive import Damaged, Snapshot
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -68,7 +68,8 @@ def take_report(snapshot: Snapshot) -> str:
     )
 
 
-def list_report(snapshots: Sequence[Snapshot]) -> str:
+def list_report(snapshots: Sequence[Snapshot], damaged: Sequence[Damaged] = ()) -> str:
+    """``snapshot list``: one row per snapshot, then the damaged ones with their reason."""
     rows = [
         (
             s.id,
@@ -81,7 +82,11 @@ def list_report(snapshots: Sequence[Snapshot]) -> str:
         )
         for s in snapshots
     ]
-    return table(("id", "environment", "created (UTC)", "label", "tables", "rows", "size"), rows)
+    text = table(("id", "environment", "created (UTC)", "label", "tables", "rows", "size"), rows)
+    if damaged:
+        broken = table(("damaged (never applied)", "reason"), [(d.id, d.reason) for d in damaged])
+        text = f"{text}\n\n{broken}" if rows else broken
+    return text
 
 
 def env_report(report: Any) -> str:
@@ -97,20 +102,89 @@ def env_report(report: Any) -> str:
     return tabulate(rows, tablefmt="plain")
 
 
+def age(seconds: int) -> str:
+    """``3 min``, ``2 h``, ``5 days``: how old a snapshot is."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
+def plan_report(proposal: Any) -> str:
+    """What an apply is about to do: which snapshot, then per table what changes."""
+    snap = proposal.to_json()["snapshot"]
+    label = f", label {snap['label']}" if snap["label"] and snap["label"] != snap["kind"] else ""
+    head = (
+        f"{proposal.action} {snap['id']} (taken from {snap['source']} {age(snap['age_seconds'])} "
+        f"ago{label}) to {proposal.target.env} ({proposal.target.describe()}):"
+    )
+    return "\n".join([head, "", plan_table(proposal.plan, proposal.target.env)])
+
+
+def plan_table(plan: Any, target: str) -> str:
+    """Per table: mode, rows to insert, update, delete and leave alone; then auth users."""
+    rows = [
+        (
+            str(t.table),
+            t.mode,
+            f"{t.inserts:,}",
+            f"{t.updates:,}",
+            f"{t.deletes:,}",
+            f"{t.unchanged:,}",
+            t.reason,
+        )
+        for t in plan.tables
+    ]
+    text = tabulate(
+        rows,
+        headers=["table", "mode", "insert", "update", "delete", "unchanged", "why in full"],
+        tablefmt="simple",
+        disable_numparse=True,
+        maxcolwidths=[None, None, None, None, None, None, 60],
+    )
+    lines = [text]
+    if plan.auth is not None:
+        lines.append(f"auth users: {plan.auth.create_sentence(target)}")
+        if plan.auth.orphaned:
+            lines.append(f"warning: {plan.auth.orphaned_sentence(target)}")
+    return "\n".join(lines)
+
+
 def parity_report(report: Any) -> str:
     """The closing table of apply, rollback and verify, with a summary line."""
     applying = hasattr(report, "committed")
+    changes = {t.table: t for t in report.plan.tables} if applying and report.plan else {}
     rows = []
     for t in report.tables:
         status = "match" if t.match else "DIFFERS"
-        line = [str(t.table), f"{t.source_rows:,}"]
+        line = [str(t.table)]
+        if applying:
+            c = changes.get(t.table)
+            line += (
+                [c.mode, f"{c.inserts:,}", f"{c.updates:,}", f"{c.deletes:,}", f"{c.unchanged:,}"]
+                if c
+                else ["-"] * 5
+            )
+        line.append(f"{t.source_rows:,}")
         if applying:
             before = "-" if t.target_rows_before is None else f"{t.target_rows_before:,}"
             line.append(before)
         line += [f"{t.target_rows:,}", status, t.detail]
         rows.append(line)
     if applying:
-        headers = ["table", "snapshot rows", "target before", "target after", "checksum", "detail"]
+        headers = [
+            "table",
+            "mode",
+            "insert",
+            "update",
+            "delete",
+            "unchanged",
+            "snapshot rows",
+            "target before",
+            "target after",
+            "checksum",
+            "detail",
+        ]
     else:
         source = "snapshot" if "/" in report.source else report.source  # a snapshot's id
         headers = ["table", f"{source} rows", f"{report.target} rows", "checksum", "detail"]
@@ -164,8 +238,9 @@ def preflight_report(report: Any) -> str:
     errors = sum(f.status == "error" for f in report.findings)
     warnings = sum(f.status == "warning" for f in report.findings)
     verdict = "ready" if not errors else "not ready"
+    plan = f"\n\n{plan_table(report.plan, report.target)}" if getattr(report, "plan", None) else ""
     return (
-        f"{text}\n\n{report.action} {report.snapshot} to {report.target}: {verdict} "
+        f"{text}{plan}\n\n{report.action} {report.snapshot} to {report.target}: {verdict} "
         f"({errors} errors, {warnings} warnings)"
     )
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -24,6 +25,10 @@ from snapshot.db import connect
 from snapshot.environments import Connection, resolve_connection
 from snapshot.errors import Refused, SnapshotError
 from snapshot.names import TableName
+
+if TYPE_CHECKING:
+    from snapshot.apply.plan import Plan
+    from snapshot.apply.rows import RowSet
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,8 @@ class Session:
     problems: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     staged: bool = False
+    row_sets: dict[TableName, RowSet] = field(default_factory=dict)
+    plan: Plan | None = None
 
     @property
     def entries(self) -> dict[TableName, TableEntry]:

@@ -18,7 +18,7 @@ import psycopg
 
 from snapshot import archive, catalog, pgtools
 from snapshot.archive import DatabaseIdentity, Manifest, Snapshot, TableEntry
-from snapshot.catalog import ServerInfo, TableShape
+from snapshot.catalog import OwnedSequence, ServerInfo, TableShape
 from snapshot.checksum import TableStats, table_stats
 from snapshot.config import Config, Scope
 from snapshot.db import connect
@@ -74,49 +74,48 @@ def identity(target: Connection, info: ServerInfo) -> DatabaseIdentity:
     return DatabaseIdentity(host, port, info.dbname, info.system_identifier)
 
 
-def dump_in_snapshot(
+@dataclass(frozen=True)
+class DumpState:
+    """What a manifest says of the dumped database: per-table stats, sequences, migrations."""
+
+    tables: tuple[TableEntry, ...]
+    sequences: tuple[OwnedSequence, ...]
+    migrations: tuple[str, ...] | None
+
+
+def describe_state(
     conn: psycopg.Connection,
     plan: DumpPlan,
-    snapshot_id: str,
-    folder: Path,
-    *,
-    kind: str,
-    label: str | None,
-    applies: str | None = None,
     known: Mapping[TableName, TableStats] | None = None,
-) -> Manifest:
-    """Dump ``plan`` into ``folder`` under an exported snapshot, and describe it.
-
-    ``conn`` must be inside the transaction that exported ``snapshot_id``; the statistics
-    are computed there (or taken from ``known``) while pg_dump runs alongside.
-    """
+) -> DumpState:
+    """Counts and checksums of ``plan``'s tables (or ``known`` ones), in ``conn``'s snapshot."""
     started = time.monotonic()
-    dump = pgtools.start_dump(
-        plan.pg_dump, plan.target, snapshot_id, plan.tables, folder / archive.DUMP_FILE
-    )
     entries = []
-    try:
-        for table in plan.tables:
-            shape = plan.shapes[table]
-            stats = (known or {}).get(table) or table_stats(conn, table, shape.column_names)
-            entries.append(
-                TableEntry(
-                    table=table,
-                    rows=stats.rows,
-                    checksum=stats.checksum,
-                    columns=shape.columns,
-                    generated=shape.generated,
-                    auth=table in AUTH_TABLES,
-                )
+    for table in plan.tables:
+        shape = plan.shapes[table]
+        stats = (known or {}).get(table) or table_stats(conn, table, shape.column_names)
+        entries.append(
+            TableEntry(
+                table=table,
+                rows=stats.rows,
+                checksum=stats.checksum,
+                columns=shape.columns,
+                generated=shape.generated,
+                auth=table in AUTH_TABLES,
             )
-            log.info("  %-34s %10d rows  %6.1f s", table, stats.rows, time.monotonic() - started)
-        sequences = catalog.owned_sequences(conn, plan.scope.tables)
-        migrations = catalog.migration_versions(conn)
-    except BaseException:
-        dump.kill()
-        raise
-    dump.wait()
-    log.info("  pg_dump done                       %17.1f s", time.monotonic() - started)
+        )
+        log.info("  %-34s %10d rows  %6.1f s", table, stats.rows, time.monotonic() - started)
+    return DumpState(
+        tuple(entries),
+        tuple(catalog.owned_sequences(conn, plan.scope.tables)),
+        catalog.migration_versions(conn),
+    )
+
+
+def build_manifest(
+    plan: DumpPlan, state: DumpState, *, kind: str, label: str | None, applies: str | None = None
+) -> Manifest:
+    """The manifest of a dump of ``plan`` whose content ``state`` describes."""
     return Manifest(
         environment=plan.target.env,
         kind=kind,
@@ -127,11 +126,44 @@ def dump_in_snapshot(
         pg_dump_version=plan.pg_dump.version,
         database=identity(plan.target, plan.info),
         scope=plan.scope,
-        tables=tuple(entries),
-        sequences=tuple(sequences),
+        tables=state.tables,
+        sequences=state.sequences,
         applies=applies,
-        migrations=migrations,
+        migrations=state.migrations,
     )
+
+
+def start_dump(plan: DumpPlan, snapshot_id: str, folder: Path) -> pgtools.Running:
+    """pg_dump of ``plan``'s tables into ``folder``, in the exported snapshot ``snapshot_id``."""
+    return pgtools.start_dump(
+        plan.pg_dump, plan.target, snapshot_id, plan.tables, folder / archive.DUMP_FILE
+    )
+
+
+def dump_in_snapshot(
+    conn: psycopg.Connection,
+    plan: DumpPlan,
+    snapshot_id: str,
+    folder: Path,
+    *,
+    kind: str,
+    label: str | None,
+) -> Manifest:
+    """Dump ``plan`` into ``folder`` under an exported snapshot, and describe it.
+
+    ``conn`` must be inside the transaction that exported ``snapshot_id``; the statistics
+    are computed there while pg_dump runs alongside.
+    """
+    started = time.monotonic()
+    dump = start_dump(plan, snapshot_id, folder)
+    try:
+        state = describe_state(conn, plan)
+    except BaseException:
+        dump.kill()
+        raise
+    dump.wait()
+    log.info("  pg_dump done                       %17.1f s", time.monotonic() - started)
+    return build_manifest(plan, state, kind=kind, label=label)
 
 
 def describe(config: Config, env_name: str, *, pg_bin: Path | None) -> Snapshot:

@@ -67,9 +67,10 @@ def test_apply_makes_the_target_equal_to_the_snapshot(project: Project, make_db)
     assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
     assert "16/16 tables match; committed" in result.stdout
     for table in SCOPE_TABLES:
+        # table, mode, insert, update, delete, unchanged, snapshot, before, after, checksum
         assert re.search(
-            rf"^{re.escape(table)}\s+[\d,]+\s+[\d,]+\s+[\d,]+\s+match", result.stdout, re.M
-        )
+            rf"^{re.escape(table)}\s+(delta|full)(\s+[\d,]+){{7}}\s+match", result.stdout, re.M
+        ), table
     # Progress per phase and per table went to stderr.
     for phase in (
         "preflight",

@@ -38,14 +38,27 @@ def _guardrail_violation(project: Project, prod: Database) -> None:
 
 
 def _foreign_key_violation(project: Project, prod: Database) -> None:
-    # A table outside the scope references questions; it is empty when the preflight looks,
-    # and a row appears inside the transaction (here: a pre-script) before the deletes.
+    # A table outside the scope references playlists; it is empty when the preflight looks,
+    # and a row appears after the lock (here: a pre-script), pointing at a playlist the apply
+    # deletes: the recount under the lock must refuse before any delete.
     prod.execute(
         "SET ROLE app_owner; CREATE TABLE public.notifications (id int PRIMARY KEY, "
-        "question_id bigint REFERENCES public.questions (id))"
+        "playlist_id uuid REFERENCES public.playlists (id))"
     )
     (own_scripts(project) / "pre" / "020_notify.sql").write_text(
-        "INSERT INTO public.notifications VALUES (1, 4);\n"
+        "INSERT INTO public.notifications SELECT 1, id FROM public.playlists LIMIT 1;\n"
+    )
+
+
+def _cascade_after_preflight(project: Project, prod: Database) -> None:
+    # Same, with ON DELETE CASCADE: the apply would delete the new row without being asked.
+    prod.execute(
+        "SET ROLE app_owner; CREATE TABLE public.notifications (id int PRIMARY KEY, "
+        "playlist_id uuid REFERENCES public.playlists (id) ON DELETE CASCADE)"
+    )
+    (own_scripts(project) / "pre" / "020_notify.sql").write_text(
+        "INSERT INTO public.notifications SELECT row_number() OVER (), id "
+        "FROM public.playlists LIMIT 3;\n"
     )
 
 
@@ -75,7 +88,13 @@ FAILURES: dict[str, tuple[Setup, str]] = {
     ),
     "foreign key violation": (
         _foreign_key_violation,
-        'failed while deleting: update or delete on table "questions" violates foreign key constraint',
+        "1 rows of public.notifications (outside the scope) refer to rows this apply deletes "
+        "from public.playlists",
+    ),
+    "cascade to rows written after the preflight": (
+        _cascade_after_preflight,
+        "3 rows of public.notifications (outside the scope) refer to rows this apply deletes "
+        "from public.playlists",
     ),
     "failing post-script": (
         _failing_post_script,

@@ -74,7 +74,7 @@ def test_cutover_stops_at_a_failing_preflight_and_changes_nothing(
     }
     flat = " ".join(result.stdout.split())
     assert re.search(r"preflight failed [\d.]+ 1 error \(scope closure\): see the table", flat)
-    assert "3 rows of public.notifications would block the deletes" in flat
+    assert "3 rows of public.notifications refer to the scope and would block the deletes" in flat
     assert "state: nothing was changed: prod is exactly as it was" in result.stdout
     assert "to roll back" not in result.stdout
     assert result.stderr.strip().splitlines()[-1] == (

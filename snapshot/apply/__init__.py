@@ -1,0 +1,451 @@
+"""``snapshot apply`` and ``rollback``: make the target's scope equal a snapshot, atomically,
+writing only the rows that differ.
+
+Every trigger and constraint stays on (no ``session_replication_role``, no ``DISABLE
+TRIGGER``) and everything happens in one REPEATABLE READ transaction that commits only when
+every row of every scoped table matches the snapshot. The recipe:
+
+Before any lock (the target's writers go on):
+  1. preflight (:mod:`snapshot.preflight`): integrity, identity, schema, privileges, scope
+     closure...; the snapshot's rows staged in temporary tables;
+  2. plan (:mod:`.plan`): both sides hashed row by row, every row classified (insert,
+     update, delete, unchanged), each table written as a delta or replaced in full;
+     shown before the confirmation.
+Under the lock (writers wait, readers go on):
+  3. lock the scope; start the pre-apply backup in the transaction's snapshot
+     (:mod:`.backup`): it runs while the writes run, and is joined before the commit;
+  4. reconcile the plan with rows written since it was made (:mod:`.rows`);
+  5. create the snapshot's auth users the target lacks (:mod:`.auth`), insert only;
+  6. in a savepoint: pre-scripts, the writes (:mod:`.write`), post-scripts, parity
+     (:mod:`.proof`). A table whose delta cannot be applied cleanly is replaced in full
+     instead, within the same transaction, and the report says so;
+  7. sequences (:mod:`.sequences`); the backup joined; commit. Or roll back: nothing changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from snapshot import archive, preflight, scripts
+from snapshot.apply import auth, backup, proof, sequences, write
+from snapshot.apply import plan as planning
+from snapshot.apply import rows as rowsets
+from snapshot.apply.backup import settle_orphaned_backups
+from snapshot.apply.plan import Plan
+from snapshot.apply.report import ApplyPlan, ApplyReport, AuthOutcome, Confirm
+from snapshot.archive import Snapshot
+from snapshot.config import Config
+from snapshot.db import cancelled_message, connect
+from snapshot.environments import resolve_connection
+from snapshot.errors import ApplyFailed, Refused, ScriptFailed, SnapshotError
+from snapshot.names import AUTH_USERS, TableName
+from snapshot.parity import TableParity
+from snapshot.session import Session, apply_lock_holder, open_session, release_apply_lock
+
+__all__ = [
+    "ApplyPlan",
+    "ApplyReport",
+    "AuthOutcome",
+    "Confirm",
+    "check",
+    "run_apply",
+    "settle_backups",
+]
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 3  # the delta, then the failing tables in full, then everything in full
+Progress = Callable[[str], None]
+
+
+class _Phases:
+    """Names the phase running (for error messages) and times each one."""
+
+    def __init__(self, progress: Progress | None = None) -> None:
+        self.current = "preparing"
+        self.done: list[tuple[str, float]] = []
+        self._progress = progress
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.current = name
+        started = time.monotonic()
+        log.info("%s…", name)
+        if self._progress:
+            self._progress(name)
+        yield
+        self.done.append((name, time.monotonic() - started))
+
+
+class _Retry(Exception):
+    """A delta that did not apply cleanly: these tables go in full on the next attempt."""
+
+    def __init__(self, tables: Collection[TableName], why: str) -> None:
+        super().__init__(why)
+        self.tables = tuple(tables)
+        self.why = why
+
+
+# --- before the lock -----------------------------------------------------------------------
+
+
+def run_apply(
+    config: Config,
+    target_env: str,
+    snapshot: Snapshot,
+    *,
+    action: str = "apply",
+    dry_run: bool = False,
+    full: bool = False,
+    confirm: Confirm | None = None,
+    pg_bin: Path | None = None,
+    allow_cascades: Collection[str] = (),
+    progress: Progress | None = None,
+) -> ApplyReport:
+    """Apply ``snapshot`` to ``target_env`` (see the module docstring for the recipe).
+
+    The preflight runs first, with the apply lock held; any error stops everything before
+    the first write (:class:`PreflightFailed` carries its report). ``full`` replaces every
+    table in full instead of writing only what differs.
+    """
+    phases = _Phases(progress)
+    with open_session(
+        config, target_env, snapshot, action=action, pg_bin=pg_bin, backup=not dry_run
+    ) as session:
+        with phases("preflight"):
+            holder = apply_lock_holder(session.conn)
+            if holder is None and not dry_run:
+                session.notes += settle_orphaned_backups(config, session.target, session.conn)
+                session.notes += _sweep_helper_indexes(session)
+            checks = preflight.run_checks(
+                session, lock_holder=holder, allow_cascades=allow_cascades, full=full
+            )
+        for finding in checks.findings:
+            if finding.status == preflight.WARNING:
+                log.warning("warning: %s: %s", finding.check, finding.detail)
+        if not checks.ok:
+            raise preflight.PreflightFailed(checks)
+        assert session.plan is not None, "the preflight plans the apply once it has staged"
+        proposal = ApplyPlan(action, session.target, snapshot, session.plan, dry_run)
+        if confirm is not None and not confirm(proposal):
+            raise Refused(f"{action} to {target_env} cancelled: nothing was changed")
+        allowed = set(allow_cascades) | set(config.preflight_allow_cascades)
+        return _execute(session, phases, dry_run, allowed)
+
+
+def check(
+    config: Config,
+    target_env: str,
+    snapshot: Snapshot,
+    *,
+    pg_bin: Path | None = None,
+    allow_cascades: Collection[str] = (),
+    full: bool = False,
+) -> preflight.PreflightReport:
+    """The preflight and the plan alone (``snapshot check``): changes nothing."""
+    with open_session(
+        config, target_env, snapshot, action="apply", pg_bin=pg_bin, backup=True
+    ) as session:
+        holder = apply_lock_holder(session.conn)
+        try:
+            return preflight.run_checks(
+                session, lock_holder=holder, allow_cascades=allow_cascades, full=full
+            )
+        finally:
+            if holder is None:
+                release_apply_lock(session.conn)
+
+
+def settle_backups(config: Config, target_env: str) -> list[str]:
+    """Publish or discard the pre-apply backups a killed apply left sealed but unlisted.
+
+    Rollback runs this before it chooses the newest backup: an apply that committed and
+    died before publishing its backup must be the one rolled back, not the one before.
+    """
+    if not archive.orphaned_backups(config.archive, target_env):
+        return []
+    target = resolve_connection(config.environment(target_env))
+    with contextlib.closing(connect(target)) as conn:
+        if apply_lock_holder(conn) is not None:
+            return []  # the apply running now settles them, and rollback will refuse
+        try:
+            return settle_orphaned_backups(config, target, conn)
+        finally:
+            release_apply_lock(conn)
+
+
+# --- under the lock ------------------------------------------------------------------------
+
+
+def _execute(run: Session, phases: _Phases, dry_run: bool, allowed: Collection[str]) -> ApplyReport:
+    env = run.target.env
+    log.info(
+        "%s %s to %s (%s)%s",
+        run.action,
+        run.snapshot.id,
+        env,
+        run.target.describe(),
+        " as a dry run" if dry_run else "",
+    )
+    try:
+        if dry_run:
+            report, _ = _transaction(run, phases, None, allowed, commit=False)
+            return report
+        with archive.pending_snapshot(run.config.archive, env) as folder:
+            report, sealed = _transaction(run, phases, folder, allowed, commit=True)
+            if not report.committed or sealed is None:
+                return report
+            # Published only now: a backup never claims an apply that did not commit.
+            published = archive.publish(sealed, sealed.manifest.label)
+        return replace(report, backup=published.id)
+    except ScriptFailed as exc:
+        raise ScriptFailed(f"{exc}; rolled back, {env} is unchanged") from None
+    except SnapshotError:
+        raise
+    except psycopg.errors.LockNotAvailable:
+        related = {*run.order, *(fk.child for fk in run.fks if fk.parent in run.order)}
+        raise ApplyFailed(
+            f"{run.action} to {env} waited longer than [apply] lock_timeout "
+            f"({run.config.apply.lock_timeout}) for a lock while {phases.current}: "
+            f"{write.lock_holders(run.conn, related)}; rolled back, {env} is unchanged"
+        ) from None
+    except psycopg.errors.QueryCanceled as exc:
+        raise ApplyFailed(
+            f"{cancelled_message(exc, env, phases.current)}; rolled back, {env} is unchanged"
+        ) from None
+    except psycopg.OperationalError as exc:
+        raise ApplyFailed(
+            f"lost the connection to {env} while {phases.current} "
+            f"({scripts.error_message(exc)}): the server rolls the transaction back, so "
+            f"{env} is unchanged"
+        ) from None
+    except psycopg.Error as exc:
+        raise ApplyFailed(
+            f"{run.action} to {env} failed while {phases.current}: "
+            f"{scripts.error_message(exc)}; rolled back, {env} is unchanged"
+        ) from None
+
+
+def _lock(run: Session) -> None:
+    """Lock the scope against writers; the transaction's snapshot is taken after this.
+
+    ``lock_timeout`` stays set for the whole transaction: every lock the apply waits
+    for (the tables, their rows, sequences, rows of referencing tables) is bounded by it.
+    """
+    timeout = run.config.apply.lock_timeout
+    # SET, not SELECT set_config(): a SELECT would fix the transaction's snapshot before
+    # the locks, and rows committed while we wait for them would be invisible to it.
+    run.conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(timeout)))
+    for table in run.order:
+        try:
+            with run.conn.transaction():  # a savepoint, to name the holder after a timeout
+                run.conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table.ident))
+        except psycopg.errors.LockNotAvailable:
+            holders = write.lock_holders(run.conn, [table])
+            raise ApplyFailed(
+                f"could not lock {table} on {run.target.env} within {timeout}: {holders}; "
+                "retry in a quieter moment or raise [apply] lock_timeout; nothing was changed"
+            ) from None
+
+
+def _reconcile(run: Session, tables: Collection[TableName]) -> int:
+    moved = sum(rowsets.reconcile(run.conn, run.row_sets[t]) for t in tables if t in run.row_sets)
+    if moved:
+        log.info("  %d rows changed since the plan was made: compared again", moved)
+    return moved
+
+
+def _write_counters(conn: psycopg.Connection) -> dict[int, int]:
+    """Rows this transaction has written so far, per table (inserts + updates + deletes)."""
+    return {
+        int(oid): int(n)
+        for oid, n in conn.execute(
+            "SELECT relid, n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_xact_user_tables"
+        )
+    }
+
+
+def _touched(run: Session, before: dict[int, int]) -> list[TableName]:
+    """Scoped tables written since ``before`` (partitioned ones always count)."""
+    after = _write_counters(run.conn)
+    touched = []
+    for table in run.order:
+        oid, kind = run.conn.execute(
+            "SELECT oid, relkind FROM pg_class WHERE oid = %s::regclass",
+            (table.ident.as_string(run.conn),),
+        ).fetchone() or (0, "")
+        if kind == "p" or after.get(oid, 0) != before.get(oid, 0):
+            touched.append(table)
+    return touched
+
+
+def _transaction(
+    run: Session, phase: _Phases, folder: Path | None, allowed: Collection[str], *, commit: bool
+) -> tuple[ApplyReport, Snapshot | None]:
+    """The locked, all-or-nothing part; commits only when ``commit`` and parity holds."""
+    conn = run.conn
+    assert run.plan is not None
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = False
+    running: backup.Backup | None = None
+    sealed = None
+    helpers: list[sql.Identifier] = []
+    try:
+        with conn.transaction() as tx:
+            with phase("locking"):
+                _lock(run)
+                helpers = write.create_helper_indexes(run, run.plan.helper_indexes)
+            if folder is not None:
+                running = backup.start(run, folder)
+            with phase("reconciling"):
+                _reconcile(run, run.order)
+                known = {t: rowsets.record_stats(conn, r) for t, r in run.row_sets.items()}
+                if running is not None:
+                    backup.describe(run, running, known)
+                before = {t: known[t].rows if t in known else _count(conn, t) for t in run.order}
+            created = (0, 0)
+            if run.auth_entries:
+                with phase("creating auth users"):
+                    counters = _write_counters(conn)
+                    created = auth.create_users(run)
+                    if created[0]:
+                        _reconcile(run, _touched(run, counters))
+            plan, tables = _attempts(run, phase, allowed, before)
+            with phase("sequences"):
+                sequences.restart(run)
+            report = ApplyReport(
+                action=run.action,
+                target=run.target.env,
+                snapshot=run.snapshot.id,
+                dry_run=not commit,
+                committed=False,
+                tables=tuple(tables),
+                auth=_auth_outcome(run, *created),
+                backup=None,
+                phases=tuple(phase.done),
+                notes=tuple(run.notes),
+                plan=plan,
+            )
+            keep = commit and report.matches
+            if keep and running is not None:
+                with phase("waiting for the backup"):
+                    sealed = backup.finish(run, running)
+                    running = None
+            if not keep:
+                raise psycopg.Rollback(tx)  # leaves the block, rolling back; nothing raised
+            phase.current = "committing"
+    finally:
+        if running is not None:
+            backup.abandon(running)
+    report = replace(report, committed=keep, phases=tuple(phase.done))
+    if helpers:
+        # After the commit (or the rollback, which already removed them): never a lock
+        # that makes readers wait.
+        left = write.drop_helper_indexes(conn, helpers, run.config.apply.lock_timeout)
+        if keep and left:
+            report = replace(report, notes=(*report.notes, _left_behind(left)))
+    return report, sealed if keep else None
+
+
+def _sweep_helper_indexes(run: Session) -> list[str]:
+    """Drop helper indexes a killed apply left behind (it committed, then died)."""
+    leftovers = write.leftover_helper_indexes(run.conn, run.order)
+    if not leftovers:
+        return []
+    left = write.drop_helper_indexes(run.conn, leftovers, run.config.apply.lock_timeout)
+    dropped = len(leftovers) - len(left)
+    notes = [f"dropped {dropped} helper indexes an earlier apply left behind"] if dropped else []
+    return notes + ([_left_behind(left)] if left else [])
+
+
+def _left_behind(indexes: Collection[str]) -> str:
+    return (
+        f"could not drop the apply's helper indexes {', '.join(indexes)} without waiting "
+        "longer than lock_timeout: harmless, the next apply drops them (or run DROP INDEX "
+        "CONCURRENTLY)"
+    )
+
+
+def _count(conn: psycopg.Connection, table: TableName) -> int:
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _attempts(
+    run: Session, phase: _Phases, allowed: Collection[str], before: dict[TableName, int]
+) -> tuple[Plan, list[TableParity]]:
+    """Pre-scripts, writes, post-scripts and parity, in a savepoint; fall back to full."""
+    assert run.plan is not None
+    conn = run.conn
+    forced = {t.table: t.reason for t in run.plan.tables if t.full}
+    for attempt in range(1, ATTEMPTS + 1):
+        plan = planning.decide(run, forced)
+        last = attempt == ATTEMPTS or len(plan.full_tables) == len(run.order)
+        try:
+            with conn.transaction():
+                write.full_replace_setting(conn, plan.full_tables)
+                with phase("pre-scripts"):
+                    scripts.run(conn, scripts.scripts(run.config, "pre"), "pre")
+                write.guard_outside(run, plan, allowed)
+                with phase("deleting"):
+                    done = write.delete_first(run, plan)
+                with phase("inserting and updating"):
+                    write.insert_and_update(run, plan, done)
+                with phase("deleting what waited"):
+                    write.delete_last(run, plan, done)
+                with phase("post-scripts"):
+                    scripts.run(conn, scripts.scripts(run.config, "post"), "post")
+                with phase("verifying"):
+                    tables = proof.parity(run, plan.full_tables, before)
+                failed = [t for t in tables if not t.match and t.table not in plan.full_tables]
+                if failed and not last:
+                    details = "; ".join(f"{t.table} {t.detail}" for t in failed)
+                    raise _Retry([t.table for t in failed], f"it did not match ({details})")
+                return plan, tables
+        except _Retry as retry:
+            _fall_back(run, forced, retry.tables, retry.why)
+        except write.TableFailed as exc:
+            if last:
+                raise exc.error from None
+            why = f"it failed: {scripts.error_message(exc.error)}"
+            broken = [exc.table] if exc.table not in plan.full_tables else list(run.order)
+            _fall_back(run, forced, broken, why)
+        except ScriptFailed as exc:
+            if last:
+                raise
+            _fall_back(run, forced, list(run.order), f"a script failed on it ({exc})")
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _fall_back(
+    run: Session, forced: dict[TableName, str], tables: Collection[TableName], why: str
+) -> None:
+    """Mark ``tables`` (and the tables that reference them) for a full replace."""
+    fresh = [t for t in tables if t not in forced]
+    for table in fresh:
+        forced[table] = f"the delta was tried first and {why}"
+    for table in planning.descendants(fresh, run.fks, run.order) - set(forced):
+        forced[table] = f"references {', '.join(map(str, fresh))}, replaced in full"
+    names = ", ".join(map(str, fresh)) or "every table"
+    run.notes.append(f"{names}: the delta was tried first and {why}; replaced in full")
+    log.warning("%s: the delta did not apply cleanly (%s): replacing in full", names, why)
+
+
+def _auth_outcome(run: Session, created_users: int, created_identities: int) -> AuthOutcome | None:
+    users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
+    if users is None:
+        return None
+    return AuthOutcome(
+        snapshot_users=users.rows,
+        created_users=created_users,
+        created_identities=created_identities,
+        missing_after=auth.missing_users(run),
+    )

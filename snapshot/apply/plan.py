@@ -1,0 +1,214 @@
+"""What an apply will do, worked out before it takes any lock: the plan a person confirms.
+
+Per table: whether it is written as a delta (only the rows that differ) or replaced in
+full, and how many rows it inserts, updates, deletes and leaves alone. The snapshot's rows
+are hashed from their staged copy and the target's from one REPEATABLE READ read of every
+table, so the numbers are exact for that moment; the apply reconciles them under its lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from snapshot import catalog, staging
+from snapshot.apply import rows as rowsets
+from snapshot.apply.auth import AuthPlan, auth_plan
+from snapshot.apply.rows import RowSet
+from snapshot.catalog import ForeignKey
+from snapshot.names import TableName
+from snapshot.session import Session
+
+log = logging.getLogger(__name__)
+
+# Deleting a parent row makes PostgreSQL look for its children; without an index on the
+# child's foreign key every look scans the child. From this many deleted parents on, a
+# temporary index (built inside the transaction) is cheaper than the scans.
+HELPER_INDEX_FROM = 16
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """One table: how it is written and how many rows change."""
+
+    table: TableName
+    full: bool
+    reason: str  # why it is replaced in full ("" for a delta)
+    inserts: int
+    updates: int
+    deletes: int
+    target_rows: int
+
+    @property
+    def unchanged(self) -> int:
+        return self.target_rows - self.updates - self.deletes
+
+    @property
+    def mode(self) -> str:
+        return "full" if self.full else "delta"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "table": str(self.table),
+            "mode": self.mode,
+            "reason": self.reason,
+            "insert": self.inserts,
+            "update": self.updates,
+            "delete": self.deletes,
+            "unchanged": self.unchanged,
+            "target_rows": self.target_rows,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every table's plan, in the order the inserts go (parents first)."""
+
+    tables: tuple[TablePlan, ...]
+    helper_indexes: tuple[ForeignKey, ...] = ()
+    auth: AuthPlan | None = None
+    seconds: float = 0.0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def table(self, name: TableName) -> TablePlan:
+        return next(t for t in self.tables if t.table == name)
+
+    @property
+    def full_tables(self) -> frozenset[TableName]:
+        return frozenset(t.table for t in self.tables if t.full)
+
+    @property
+    def changes(self) -> int:
+        return sum(t.inserts + t.updates + t.deletes for t in self.tables)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tables": [t.to_json() for t in self.tables],
+            "helper_indexes": [str(fk) for fk in self.helper_indexes],
+            "auth": self.auth.to_json() if self.auth else None,
+            "changes": self.changes,
+        }
+
+
+def descendants(
+    tables: Iterable[TableName], fks: Sequence[ForeignKey], scope: Collection[TableName]
+) -> set[TableName]:
+    """``tables`` and every scoped table that references them, transitively.
+
+    A table replaced in full loses every row; rows of a child kept as they are would then
+    point at nothing (or be cascaded away), so its children are replaced in full too.
+    """
+    found = set(tables)
+    frontier = list(found)
+    while frontier:
+        parent = frontier.pop()
+        for fk in fks:
+            if fk.parent == parent and fk.child in scope and fk.child not in found:
+                found.add(fk.child)
+                frontier.append(fk.child)
+    return found
+
+
+def row_sets(s: Session) -> dict[TableName, RowSet]:
+    """A :class:`RowSet` for every scoped table the catalog gives a key."""
+    entries = s.entries
+    columns = {t: entries[t].column_names for t in s.order}
+    keys = catalog.row_keys(s.conn, columns)
+    numbers = {t: i for i, t in enumerate(s.config.scope.tables)}
+    return {
+        table: RowSet(
+            table,
+            numbers[table],
+            keys[table],
+            columns[table],
+            staging.staging_table(entries[table]),
+        )
+        for table in s.order
+        if table in keys
+    }
+
+
+def prepare(s: Session, *, full: bool = False) -> Plan:
+    """Hash both sides, classify every row, and decide each table's mode (no lock taken).
+
+    ``full`` replaces every table in full (``apply --full``); the hashes are still made,
+    since they are what the apply's backup and parity are computed from.
+    """
+    started = time.monotonic()
+    conn = s.conn
+    s.row_sets = row_sets(s)
+    for rows in s.row_sets.values():
+        rowsets.hash_snapshot(conn, rows)
+        rowsets.create_record(conn, rows)
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    with conn.transaction():  # one moment for every table
+        for rows in s.row_sets.values():
+            rowsets.fill_record(conn, rows)
+    for rows in s.row_sets.values():
+        rowsets.classify(conn, rows)
+    log.info("  compared %d tables row by row  %.1f s", len(s.row_sets), time.monotonic() - started)
+    forced = {t: "apply --full" for t in s.order} if full else {}
+    return replace(
+        decide(s, forced),
+        auth=auth_plan(s),
+        seconds=time.monotonic() - started,
+    )
+
+
+def decide(s: Session, forced: Mapping[TableName, str]) -> Plan:
+    """Each table's mode and counts from the current deltas; ``forced`` tables go in full."""
+    scope = set(s.order)
+    reasons = dict(forced)
+    for table in s.order:
+        if table not in s.row_sets and table not in reasons:
+            reasons[table] = "no primary key or unique key over NOT NULL columns"
+    for table in sorted(descendants(reasons, s.fks, scope) - set(reasons)):
+        parents = sorted(
+            str(fk.parent) for fk in s.fks if fk.child == table and fk.parent in reasons
+        )
+        reasons[table] = f"references {', '.join(parents)}, replaced in full"
+    plans = []
+    for table in s.order:
+        entry = s.entries[table]
+        rows = s.row_sets.get(table)
+        if rows is not None:
+            inserts, updates, deletes, target = rowsets.counts(s.conn, rows)
+        else:
+            inserts, updates, deletes = entry.rows, 0, 0
+            target = _count(s.conn, table)
+        if table in reasons:
+            plans.append(TablePlan(table, True, reasons[table], entry.rows, 0, target, target))
+        else:
+            plans.append(TablePlan(table, False, "", inserts, updates, deletes, target))
+    return Plan(tuple(plans), helper_indexes=tuple(_helper_indexes(s, plans)))
+
+
+def _count(conn: psycopg.Connection, table: TableName) -> int:
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _helper_indexes(s: Session, plans: Sequence[TablePlan]) -> list[ForeignKey]:
+    """Foreign keys inside the scope whose parents lose enough rows to index the child."""
+    deletes = {p.table: p.deletes for p in plans}
+    owned = {t for t in s.order if _owned(s.conn, t)}
+    candidates = [
+        fk
+        for fk in s.fks
+        if fk.child in owned and fk.parent in deletes and deletes[fk.parent] >= HELPER_INDEX_FROM
+    ]
+    return catalog.unindexed_foreign_keys(s.conn, candidates)
+
+
+def _owned(conn: psycopg.Connection, table: TableName) -> bool:
+    row = conn.execute(
+        "SELECT pg_has_role(relowner, 'USAGE') FROM pg_class WHERE oid = %s::regclass",
+        (table.ident.as_string(conn),),
+    ).fetchone()
+    return bool(row and row[0])

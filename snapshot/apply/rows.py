@@ -1,0 +1,273 @@
+"""One table's rows on both sides, as hashes: what the apply compares, writes and proves.
+
+For a scoped table with a key (its primary key, else a unique index over NOT NULL
+columns) the apply keeps three temporary tables in its session:
+
+* ``_snapshot_s<n>``: key and hash of every snapshot row (from the staged copy);
+* ``_snapshot_t<n>``, the *record*: key, ``xmin`` and hash of every target row version;
+* ``_snapshot_d<n>``, the *delta*: key and op of every row that differs
+  (``i`` insert, ``u`` update, ``d`` delete).
+
+A row's hash is the md5 of its text over the snapshot's columns in name order, kept as two
+bigint halves: exactly the terms of the table checksum (:mod:`snapshot.checksum`), so a sum
+of recorded hashes *is* a checksum. A row version is identified by ``(key, xmin)``: a
+version never changes, every write makes a new one with the writer's transaction id, and
+under the apply's lock no other transaction writes. That is what lets the record be made
+before the lock (reconciled under it by a cheap ``(key, xmin)`` join instead of hashing
+every row again) and what makes :func:`prove` a proof: every live row is counted, with
+its recorded hash when its version is the recorded one, else hashed afresh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from snapshot.checksum import TableStats, digest, row_hash
+from snapshot.names import TableName
+
+INSERT, UPDATE, DELETE = "i", "u", "d"
+
+
+def _halves(md5: sql.Composable) -> sql.Composable:
+    return sql.SQL(
+        "('x' || substr({m}, 1, 16))::bit(64)::bigint AS h1, "
+        "('x' || substr({m}, 17, 16))::bit(64)::bigint AS h2"
+    ).format(m=md5)
+
+
+@dataclass(frozen=True)
+class RowSet:
+    """The temporary tables of one scoped table, and how its rows are keyed and hashed."""
+
+    table: TableName
+    number: int
+    key: tuple[str, ...]
+    columns: tuple[str, ...]  # the snapshot's columns: what is hashed and written
+    stage: sql.Identifier  # pg_temp.snapshot_<table>: the snapshot's rows
+
+    def _temp(self, kind: str) -> sql.Identifier:
+        return sql.Identifier("pg_temp", f"_snapshot_{kind}{self.number}")
+
+    @property
+    def hashes(self) -> sql.Identifier:
+        return self._temp("s")
+
+    @property
+    def record(self) -> sql.Identifier:
+        return self._temp("t")
+
+    @property
+    def delta(self) -> sql.Identifier:
+        return self._temp("d")
+
+    @property
+    def moved(self) -> sql.Identifier:
+        return self._temp("m")
+
+    @property
+    def keys(self) -> sql.Composable:
+        return sql.SQL(", ").join(map(sql.Identifier, self.key))
+
+    def match(self, left: str, right: str) -> sql.Composable:
+        """``left.k1 = right.k1 AND ...`` over the key."""
+        return sql.SQL(" AND ").join(
+            sql.SQL("{}.{} = {}.{}").format(
+                sql.Identifier(left), sql.Identifier(k), sql.Identifier(right), sql.Identifier(k)
+            )
+            for k in self.key
+        )
+
+    def row_md5(self, alias: str) -> sql.Composable:
+        return row_hash(self.columns, alias)
+
+
+def hash_snapshot(conn: psycopg.Connection, rows: RowSet) -> None:
+    """``_snapshot_s<n>``: key and hash of every staged snapshot row (before any lock)."""
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.hashes))
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE {} AS SELECT {k}, {h} FROM {stage} AS s").format(
+            rows.hashes, k=rows.keys, h=_halves(rows.row_md5("s")), stage=rows.stage
+        )
+    )
+    conn.execute(sql.SQL("ANALYZE {}").format(rows.hashes))
+
+
+def snapshot_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
+    """Count and checksum of the staged snapshot rows, from their hashes (as the manifest's)."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT count(*), coalesce(sum(h1), 0)::text || ':' || coalesce(sum(h2), 0)::text "
+            "FROM {}"
+        ).format(rows.hashes)
+    ).fetchone()
+    assert row is not None
+    return TableStats(int(row[0]), digest(int(row[0]), str(row[1])))
+
+
+def create_record(conn: psycopg.Connection, rows: RowSet) -> None:
+    """An empty record and delta for ``rows.table`` (outside any transaction: DDL)."""
+    for temp in (rows.record, rows.delta):
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(temp))
+    conn.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE {} AS SELECT {k}, t.xmin AS x, 0::bigint AS h1, 0::bigint AS h2 "
+            "FROM {table} AS t WITH NO DATA"
+        ).format(rows.record, k=rows.keys, table=rows.table.ident)
+    )
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE {} AS SELECT ''::text AS op, {k} FROM {} WITH NO DATA").format(
+            rows.delta, rows.hashes, k=rows.keys
+        )
+    )
+
+
+def fill_record(conn: psycopg.Connection, rows: RowSet) -> None:
+    """Record every live row version of the target with its hash."""
+    conn.execute(sql.SQL("TRUNCATE {}").format(rows.record))
+    conn.execute(
+        sql.SQL("INSERT INTO {} SELECT {k}, t.xmin, {h} FROM {table} AS t").format(
+            rows.record, k=rows.keys, h=_halves(rows.row_md5("t")), table=rows.table.ident
+        )
+    )
+    conn.execute(sql.SQL("ANALYZE {}").format(rows.record))
+
+
+def classify(conn: psycopg.Connection, rows: RowSet) -> None:
+    """The delta: every key whose row differs between the snapshot and the record."""
+    conn.execute(sql.SQL("TRUNCATE {}").format(rows.delta))
+    conn.execute(_CLASSIFY.format(delta=rows.delta, k=rows.keys, s=rows.hashes, t=rows.record))
+    conn.execute(sql.SQL("ANALYZE {}").format(rows.delta))
+
+
+_CLASSIFY = sql.SQL(
+    "INSERT INTO {delta} "
+    "SELECT CASE WHEN t.x IS NULL THEN 'i' WHEN s.h1 IS NULL THEN 'd' ELSE 'u' END, {k} "
+    "FROM {s} AS s FULL JOIN {t} AS t USING ({k}) "
+    "WHERE (s.h1, s.h2) IS DISTINCT FROM (t.h1, t.h2)"
+)
+
+
+def counts(conn: psycopg.Connection, rows: RowSet) -> tuple[int, int, int, int]:
+    """(inserts, updates, deletes, target rows) of the current delta and record."""
+    found: dict[str, int] = {
+        str(op): int(n)
+        for op, n in conn.execute(
+            sql.SQL("SELECT op, count(*) FROM {} GROUP BY op").format(rows.delta)
+        )
+    }
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(rows.record)).fetchone()
+    target = int(row[0]) if row else 0
+    return (int(found.get(INSERT, 0)), int(found.get(UPDATE, 0)), int(found.get(DELETE, 0)), target)
+
+
+def reconcile(conn: psycopg.Connection, rows: RowSet) -> int:
+    """Bring the record and the delta up to the live table (under the lock); rows moved.
+
+    One ``(key, xmin)`` join finds the row versions that appeared or vanished since the
+    record was made; only those are hashed and classified again.
+    """
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.moved))
+    moved = conn.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE {moved} AS SELECT {k} FROM "
+            "(SELECT {k}, t.xmin AS x FROM {table} AS t) AS live FULL JOIN {record} AS r "
+            "USING ({k}) WHERE live.x IS DISTINCT FROM r.x"
+        ).format(moved=rows.moved, k=rows.keys, table=rows.table.ident, record=rows.record)
+    ).rowcount
+    if moved:
+        using = sql.SQL("USING {} AS m WHERE {}")
+        for temp, alias in ((rows.record, "r"), (rows.delta, "d")):
+            conn.execute(
+                sql.SQL("DELETE FROM {} AS {} {}").format(
+                    temp, sql.Identifier(alias), using.format(rows.moved, rows.match(alias, "m"))
+                )
+            )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {record} SELECT {tk}, t.xmin, {h} FROM {table} AS t "
+                "JOIN {moved} AS m ON {on}"
+            ).format(
+                record=rows.record,
+                tk=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in rows.key),
+                h=_halves(rows.row_md5("t")),
+                table=rows.table.ident,
+                moved=rows.moved,
+                on=rows.match("t", "m"),
+            )
+        )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {delta} "
+                "SELECT CASE WHEN t.x IS NULL THEN 'i' WHEN s.h1 IS NULL THEN 'd' ELSE 'u' END, "
+                "{k} FROM (SELECT * FROM {s} AS s WHERE EXISTS (SELECT 1 FROM {moved} AS m "
+                "WHERE {sm})) AS s FULL JOIN (SELECT * FROM {t} AS t WHERE EXISTS (SELECT 1 "
+                "FROM {moved} AS m WHERE {tm})) AS t USING ({k}) "
+                "WHERE (s.h1, s.h2) IS DISTINCT FROM (t.h1, t.h2)"
+            ).format(
+                delta=rows.delta,
+                k=rows.keys,
+                s=rows.hashes,
+                t=rows.record,
+                moved=rows.moved,
+                sm=rows.match("s", "m"),
+                tm=rows.match("t", "m"),
+            )
+        )
+    conn.execute(sql.SQL("DROP TABLE {}").format(rows.moved))
+    return int(moved)
+
+
+def record_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
+    """Count and checksum of the recorded rows (the target as the record last saw it)."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT count(*), coalesce(sum(h1), 0)::text || ':' || coalesce(sum(h2), 0)::text "
+            "FROM {}"
+        ).format(rows.record)
+    ).fetchone()
+    assert row is not None
+    return TableStats(int(row[0]), digest(int(row[0]), str(row[1])))
+
+
+def prove(conn: psycopg.Connection, rows: RowSet) -> TableStats:
+    """Count and checksum of the live table, every row accounted for.
+
+    A live row whose ``(key, xmin)`` is recorded is that very version: its recorded hash
+    stands. Every other row (written by this apply, its scripts or its triggers) is hashed
+    now. Only those rows pay for md5.
+    """
+    row = conn.execute(
+        sql.SQL(
+            "SELECT count(*), coalesce(sum(coalesce(r.h1, f.h1)), 0)::text || ':' || "
+            "coalesce(sum(coalesce(r.h2, f.h2)), 0)::text "
+            "FROM {table} AS t LEFT JOIN {record} AS r ON {on} AND r.x = t.xmin "
+            "CROSS JOIN LATERAL (SELECT {h} FROM (SELECT CASE WHEN r.x IS NULL THEN {md5} END "
+            "AS m) AS z) AS f"
+        ).format(
+            table=rows.table.ident,
+            record=rows.record,
+            on=rows.match("r", "t"),
+            h=_halves(sql.SQL("z.m")),
+            md5=rows.row_md5("t"),
+        )
+    ).fetchone()
+    assert row is not None
+    return TableStats(int(row[0]), digest(int(row[0]), str(row[1])))
+
+
+def key_columns(rows: RowSet, alias: str) -> sql.Composable:
+    """``alias.k1, alias.k2``."""
+    return sql.SQL(", ").join(
+        sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(k)) for k in rows.key
+    )
+
+
+def drop_all(conn: psycopg.Connection, sets: Sequence[RowSet]) -> None:
+    """Remove the temporary tables of ``sets`` (they also die with the session)."""
+    for rows in sets:
+        for temp in (rows.hashes, rows.record, rows.delta):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(temp))

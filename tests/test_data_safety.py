@@ -1,0 +1,187 @@
+"""Data safety: rollback goes back one apply, locks are bounded, and manifests are believed
+only when the staged rows agree with them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import psycopg
+
+from tests.conftest import Project
+from tests.fix_db import Database
+from tests.test_apply import apply, setup_pair
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def _unpublish(backup: Path) -> None:
+    """Put a published backup back in the state of a process killed right after its commit."""
+    stamp = backup.name.split("-", 1)[0].rstrip("Z")
+    backup.rename(backup.with_name(f".tmp-{stamp}-{_dead_pid()}"))
+
+
+def test_rollback_after_a_kill_before_publishing_undoes_only_the_last_apply(
+    project: Project, make_db
+) -> None:
+    dev, prod = setup_pair(project, make_db)
+    assert apply(project).exit_code == 0
+    after_first = prod.fingerprint()
+    dev.execute("UPDATE public.categories SET name = name || ' (second)'")
+    assert project.run("take", "dev").exit_code == 0
+    assert apply(project).exit_code == 0
+    assert prod.fingerprint() != after_first
+    first_backup, second_backup = project.snapshots("prod")
+    _unpublish(second_backup)  # the second apply committed, then died before listing it
+
+    result = project.run("rollback", "prod", "--yes")
+
+    assert result.exit_code == 0, result.output
+    assert prod.fingerprint() == after_first  # one apply undone, not two
+    assert f"recovered backup prod/{second_backup.name} of an apply that committed" in (
+        result.stderr
+    )
+    assert f"rollback prod/{second_backup.name} to prod" in result.stdout
+    assert first_backup.exists()
+
+
+def test_rollback_without_any_backup_says_where_it_looked(project: Project, make_db) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    original = prod.fingerprint()
+
+    result = project.run("rollback", "prod", "--yes")
+
+    assert result.exit_code == 2
+    assert "there is no pre-apply backup of 'prod' in snapshots/prod" in result.stderr
+    assert "snapshot take" not in result.stderr
+    assert prod.fingerprint() == original
+
+
+def _idle_reader(prod: Database, table: str) -> psycopg.Connection:
+    """An app session idle in a transaction that has read ``table`` (it holds ACCESS SHARE)."""
+    conn = psycopg.connect(prod.app_url, application_name="idle reader")
+    conn.execute(f"SELECT count(*) FROM {table}")
+    return conn
+
+
+def _helper_indexes(prod: Database) -> list[str]:
+    rows = prod.execute(
+        "SELECT indexrelid::regclass::text FROM pg_index i JOIN pg_class c "
+        "ON c.oid = i.indexrelid WHERE c.relname LIKE 'snapshot_apply_fk_%%'"
+    )
+    return [r[0] for r in rows]
+
+
+def test_an_idle_reader_never_stalls_the_apply_and_helper_indexes_go_later(
+    project: Project, make_db
+) -> None:
+    # Every playlist is replaced: the apply indexes playlist_items(playlist_id) for itself.
+    # A plain DROP INDEX at commit would wait on the idle reader while holding every lock.
+    _dev, prod = setup_pair(project, make_db)
+    project.config('[apply]\nlock_timeout = "1s"\n')
+    reader = _idle_reader(prod, "public.user_playlist_progress")
+    try:
+        result = apply(project)
+        left = _helper_indexes(prod)
+    finally:
+        reader.close()
+
+    assert result.exit_code == 0, result.output
+    assert "16/16 tables match; committed" in result.stdout
+    assert left, "the idle reader should have kept one helper index from being dropped"
+    assert "the next apply drops them" in " ".join(result.stderr.split())
+
+    again = apply(project)
+
+    assert again.exit_code == 0, again.output
+    assert _helper_indexes(prod) == []
+    assert "helper indexes an earlier apply left behind" in again.stderr
+
+
+def test_a_lock_that_cannot_be_had_names_its_holder_and_changes_nothing(
+    project: Project, make_db
+) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    project.config('[apply]\nlock_timeout = "500ms"\n')
+    original = prod.fingerprint()
+    writer = psycopg.connect(prod.app_url, application_name="busy app")
+    writer.execute("UPDATE public.categories SET name = name WHERE id = 1")
+    pid = writer.info.backend_pid
+    try:
+        result = apply(project)
+    finally:
+        writer.rollback()
+        writer.close()
+
+    assert result.exit_code == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert "could not lock public.categories on prod within 500ms" in error
+    assert f"held by pid {pid} ('busy app', idle in transaction for" in error
+    assert "nothing was changed" in error
+    assert prod.fingerprint() == original
+    assert project.snapshots("prod") == []
+
+
+def _edit_manifest(snapshot: Path, change) -> None:
+    path = snapshot / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def _edit_checksum(manifest: dict) -> None:
+    table = next(t for t in manifest["tables"] if t["name"] == "categories")
+    table["checksum"] = "0" * len(table["checksum"])
+
+
+def test_a_manifest_that_contradicts_its_rows_is_refused_before_any_lock(
+    project: Project, make_db
+) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    [snapshot] = project.snapshots("dev")
+    _edit_manifest(snapshot, _edit_checksum)
+    original = prod.fingerprint()
+
+    checked = project.run("check", "prod", "--json")
+    applied = apply(project)
+
+    assert checked.exit_code == 1
+    [finding] = [
+        f
+        for f in json.loads(checked.stdout)["findings"]
+        if f["check"] == "snapshot integrity" and f["status"] == "error"
+    ]
+    assert "contradict its manifest: public.categories (its checksum differs)" in finding["detail"]
+    assert applied.exit_code == 1
+    assert "contradict its manifest" in applied.stdout
+    assert "locking" not in applied.stderr
+    assert prod.fingerprint() == original
+
+
+def test_a_dump_swapped_in_with_its_hash_updated_is_refused(project: Project, make_db) -> None:
+    dev, prod = setup_pair(project, make_db)
+    # same row counts (staging already compares those), other contents
+    dev.execute("UPDATE public.playlists SET title = title || ' (edited)'")
+    assert project.run("take", "dev").exit_code == 0
+    first, second = project.snapshots("dev")
+    (first / "data.dump").write_bytes((second / "data.dump").read_bytes())
+
+    def rehash(manifest: dict) -> None:
+        manifest["files"]["data.dump"] = json.loads((second / "manifest.json").read_text())[
+            "files"
+        ]["data.dump"]
+
+    _edit_manifest(first, rehash)
+    original = prod.fingerprint()
+
+    result = project.run("apply", "prod", "--snapshot", f"dev/{first.name}", "--yes")
+
+    assert result.exit_code == 1
+    flat = " ".join(result.stdout.split())
+    assert "contradict its manifest: public.playlists (its checksum differs)" in flat
+    assert prod.fingerprint() == original
