@@ -197,6 +197,10 @@ def parity_report(report: Any) -> str:
                 f"auth.users: {a.snapshot_users:,} in the snapshot, {a.created_users:,} created "
                 f"({a.created_identities:,} identities), {a.missing_after:,} missing"
             )
+        people = report.plan.auth if report.plan else None
+        if people is not None and people.orphaned:
+            done = report.committed and not report.dry_run
+            lines.append(f"note: {people.orphaned_sentence(report.target, done=done)}")
         if report.backup:
             undo = f"snapshot rollback {report.target}"
             if report.action != "apply":

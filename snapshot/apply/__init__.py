@@ -387,7 +387,7 @@ def _attempts(
     conn = run.conn
     forced = {t.table: t.reason for t in run.plan.tables if t.full}
     for attempt in range(1, ATTEMPTS + 1):
-        plan = planning.decide(run, forced)
+        plan = replace(planning.decide(run, forced), auth=run.plan.auth)
         last = attempt == ATTEMPTS or len(plan.full_tables) == len(run.order)
         try:
             with conn.transaction():

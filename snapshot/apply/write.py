@@ -315,7 +315,9 @@ def delete_first(s: Session, plan: Plan) -> Written:
     run, done, started = _Statement(s.conn), Written(), time.monotonic()
     for table in reversed(s.order):
         if table in plan.full_tables:
-            rows = run(table, sql.SQL("DELETE FROM {} WHERE true").format(table.ident))
+            rows = run(
+                table, sql.SQL("DELETE FROM {} WHERE true").format(table.ident)
+            )  # WHERE: pg_safeupdate
         elif plan.table(table).deletes:
             rows = run(table, _guarded_delete(s, s.row_sets[table], final=False))
         else:
