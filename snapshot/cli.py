@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 import psycopg
 
-from snapshot import __version__, archive, render
+from snapshot import __version__, archive, progress, render
 from snapshot.config import CONFIG_FILE, Config, load_config, render_default_config
 from snapshot.db import cancelled_message
 from snapshot.errors import SnapshotError
@@ -36,8 +36,16 @@ class UsageFailure(click.ClickException):
     exit_code = 2
 
 
+class InterruptedFailure(click.ClickException):
+    """Ctrl-C (exit code 130, as shells report SIGINT)."""
+
+    exit_code = 130
+
+
 def user_error(message: str, exit_code: int) -> click.ClickException:
     """A one-line error with the exit code its cause calls for."""
+    if exit_code == 130:
+        return InterruptedFailure(message)
     return UsageFailure(message) if exit_code == 2 else RuntimeFailure(message)
 
 
@@ -61,6 +69,10 @@ class Group(click.Group):
             raise user_error(f"database connection failed: {_one_line(exc)}", 1) from None
         except (psycopg.errors.InsufficientPrivilege, psycopg.errors.LockNotAvailable) as exc:
             raise user_error(_one_line(exc), 1) from None
+        except KeyboardInterrupt:
+            # Commands that change a database turn Ctrl-C into Interrupted with the state;
+            # anything else wrote nothing that stays (take's folder is removed unpublished).
+            raise user_error("interrupted (Ctrl-C): nothing was changed", 130) from None
 
 
 @dataclass
@@ -175,6 +187,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    progress.enable(sys.stderr.isatty() and not quiet)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

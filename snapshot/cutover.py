@@ -106,6 +106,12 @@ def _step(report: CutoverReport, name: str, detail: Callable[[], str]) -> Iterat
         report.failure = f"{name} failed: {message}"
         report.exit_code = exc.exit_code if isinstance(exc, SnapshotError) else 1
         raise _Stop from None
+    except KeyboardInterrupt:
+        message = "interrupted (Ctrl-C)"
+        report.steps.append(Step(name, FAILED, time.monotonic() - started, message))
+        report.failure = f"{name} {message}"
+        report.exit_code = 130
+        raise _Stop from None
     report.steps.append(Step(name, OK, time.monotonic() - started, detail()))
 
 

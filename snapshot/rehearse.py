@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, localpg, scripts
+from snapshot import archive, localpg, progress, scripts
 from snapshot.apply import ApplyReport, run_apply
 from snapshot.config import Config, load_config
 from snapshot.cutover import CutoverReport, cutover
@@ -162,9 +162,10 @@ def _load(server: localpg.LocalServer, files: list[Path], scale: int, password: 
     ) as conn:
         conn.autocommit = True
         conn.execute(sql.SQL("SET seed.scale = {}").format(sql.Literal(str(scale))))
-        for path in files:
-            conn.execute(path.read_bytes())
-        conn.execute("VACUUM ANALYZE")
+        with progress.still_running(f"loading {server.name} (scale {scale})"):
+            for path in files:
+                conn.execute(path.read_bytes())
+            conn.execute("VACUUM ANALYZE")
         conn.execute(
             sql.SQL("ALTER ROLE {} PASSWORD {}").format(
                 sql.Identifier(APP_ROLE), sql.Literal(password)

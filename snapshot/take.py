@@ -89,10 +89,10 @@ def describe_state(
     known: Mapping[TableName, TableStats] | None = None,
 ) -> DumpState:
     """Counts and checksums of ``plan``'s tables (or ``known`` ones), in ``conn``'s snapshot."""
-    started = time.monotonic()
     entries = []
     for table in plan.tables:
         shape = plan.shapes[table]
+        started = time.monotonic()
         stats = (known or {}).get(table) or table_stats(conn, table, shape.column_names)
         entries.append(
             TableEntry(

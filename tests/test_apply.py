@@ -74,7 +74,7 @@ def test_apply_makes_the_target_equal_to_the_snapshot(project: Project, make_db)
     # Progress per phase and per table went to stderr.
     for phase in (
         "preflight",
-        "staged public.questions",
+        "staged   public.questions",
         "locking",
         "backing up prod",
         "pre-scripts",

@@ -26,15 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, preflight, scripts
+from snapshot import archive, preflight, progress, scripts
 from snapshot.apply import auth, backup, proof, sequences, write
 from snapshot.apply import plan as planning
 from snapshot.apply import rows as rowsets
@@ -45,7 +48,7 @@ from snapshot.archive import Snapshot
 from snapshot.config import Config
 from snapshot.db import cancelled_message, connect
 from snapshot.environments import resolve_connection
-from snapshot.errors import ApplyFailed, Refused, ScriptFailed, SnapshotError
+from snapshot.errors import ApplyFailed, Interrupted, Refused, ScriptFailed, SnapshotError
 from snapshot.names import AUTH_USERS, TableName
 from snapshot.parity import TableParity
 from snapshot.session import Session, apply_lock_holder, open_session, release_apply_lock
@@ -72,7 +75,24 @@ class _Phases:
     def __init__(self, progress: Progress | None = None) -> None:
         self.current = "preparing"
         self.done: list[tuple[str, float]] = []
+        self.committed = False
         self._progress = progress
+        self._held: list[int] = []
+        self._previous: Any = None
+
+    def hold_interrupts(self) -> None:
+        """Record SIGINT instead of acting on it, until :meth:`release_interrupts`."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, lambda n, _f: self._held.append(n))
+
+    def release_interrupts(self, *, raise_held: bool = True) -> None:
+        """Act on a SIGINT held back (raise KeyboardInterrupt), once it is safe to."""
+        if self._previous is None:
+            return
+        signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
+        if self._held and raise_held:
+            raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -205,7 +225,17 @@ def _execute(run: Session, phases: _Phases, dry_run: bool, allowed: Collection[s
                 return report
             # Published only now: a backup never claims an apply that did not commit.
             published = archive.publish(sealed, sealed.manifest.label)
+        phases.release_interrupts()
         return replace(report, backup=published.id)
+    except KeyboardInterrupt:
+        if phases.committed:
+            raise Interrupted(
+                f"interrupted (Ctrl-C) after the commit: {env} holds {run.snapshot.id}; undo "
+                f"with: snapshot rollback {env}"
+            ) from None
+        raise Interrupted(
+            f"interrupted (Ctrl-C) while {phases.current}: rolled back, {env} is unchanged"
+        ) from None
     except ScriptFailed as exc:
         raise ScriptFailed(f"{exc}; rolled back, {env} is unchanged") from None
     except SnapshotError:
@@ -232,6 +262,8 @@ def _execute(run: Session, phases: _Phases, dry_run: bool, allowed: Collection[s
             f"{run.action} to {env} failed while {phases.current}: "
             f"{scripts.error_message(exc)}; rolled back, {env} is unchanged"
         ) from None
+    finally:
+        phases.release_interrupts(raise_held=False)
 
 
 def _lock(run: Session) -> None:
@@ -298,10 +330,18 @@ def _transaction(
     running: backup.Backup | None = None
     sealed = None
     helpers: list[sql.Identifier] = []
+    locked = time.monotonic()
     try:
         with conn.transaction() as tx:
             with phase("locking"):
                 _lock(run)
+                locked = time.monotonic()
+                log.info(
+                    "  %s: writers to the %d scoped tables wait from now until the commit; "
+                    "readers go on",
+                    run.target.env,
+                    len(run.order),
+                )
                 helpers = write.create_helper_indexes(run, run.plan.helper_indexes)
             if folder is not None:
                 running = backup.start(run, folder)
@@ -342,9 +382,19 @@ def _transaction(
             if not keep:
                 raise psycopg.Rollback(tx)  # leaves the block, rolling back; nothing raised
             phase.current = "committing"
+            # From the commit to the backup's publication, Ctrl-C waits: the outcome is then
+            # certain (committed with its backup listed, or rolled back), never in between.
+            phase.hold_interrupts()
     finally:
         if running is not None:
             backup.abandon(running)
+    phase.committed = keep
+    if keep:
+        log.info(
+            "  committed: %s's writers go on (they waited %.1f s)",
+            run.target.env,
+            time.monotonic() - locked,
+        )
     report = replace(report, committed=keep, phases=tuple(phase.done))
     if helpers:
         # After the commit (or the rollback, which already removed them): never a lock
@@ -395,6 +445,7 @@ def _attempts(
                 with phase("pre-scripts"):
                     scripts.run(conn, scripts.scripts(run.config, "pre"), "pre")
                 write.guard_outside(run, plan, allowed)
+                progress.begin("writes", *write.expected_writes(plan))
                 with phase("deleting"):
                     done = write.delete_first(run, plan)
                 with phase("inserting and updating"):
