@@ -236,6 +236,19 @@ def _parse_environments(
     return envs
 
 
+_UNITS = {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_seconds(text: str) -> float:
+    """A PostgreSQL time setting (``"10s"``, ``"500ms"``, ``"2min"``, bare milliseconds)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)?\s*", str(text))
+    if not match:
+        raise ConfigError(
+            f'{text!r} is not a duration: write it as PostgreSQL does ("10s", "500ms", "2min")'
+        )
+    return float(match.group(1)) * _UNITS[match.group(2) or "ms"]
+
+
 def _parse_apply(
     apply: Mapping[str, Any], parity: Mapping[str, Any], scope: Scope
 ) -> ApplySettings:
@@ -254,8 +267,16 @@ def _parse_apply(
     if "insert_as" not in apply:  # the built-in default applies where its table is scoped
         insert_as = {c: v for c, v in insert_as.items() if c.table in scope.tables}
     ignore = _expect(parity.get("ignore_columns", []), list, "[parity] ignore_columns", "a list")
+    lock_timeout = _expect(apply.get("lock_timeout", "10s"), str, "[apply] lock_timeout", "text")
+    try:
+        if duration_seconds(lock_timeout) <= 0:
+            raise ConfigError(
+                "[apply] lock_timeout must be more than 0: without it, a lock waits forever"
+            )
+    except ConfigError as exc:
+        raise ConfigError(f"[apply] lock_timeout: {exc}") from None
     return ApplySettings(
-        lock_timeout=str(apply.get("lock_timeout", "10s")),
+        lock_timeout=lock_timeout,
         insert_as=insert_as,
         orphaned_users=orphaned,
         ignore_columns=tuple(_parse_column(c, "[parity] ignore_columns") for c in ignore),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import signal
 import threading
 import time
@@ -45,7 +46,7 @@ from snapshot.apply.backup import settle_orphaned_backups
 from snapshot.apply.plan import Plan
 from snapshot.apply.report import ApplyPlan, ApplyReport, AuthOutcome, Confirm
 from snapshot.archive import Snapshot
-from snapshot.config import Config
+from snapshot.config import Config, duration_seconds
 from snapshot.db import cancelled_message, connect
 from snapshot.environments import resolve_connection
 from snapshot.errors import ApplyFailed, Interrupted, Refused, ScriptFailed, SnapshotError
@@ -266,26 +267,48 @@ def _execute(run: Session, phases: _Phases, dry_run: bool, allowed: Collection[s
         phases.release_interrupts(raise_held=False)
 
 
+LOCK_TRY = 0.2  # seconds one attempt waits for one table before letting go of them all
+
+
 def _lock(run: Session) -> None:
     """Lock the scope against writers; the transaction's snapshot is taken after this.
 
-    ``lock_timeout`` stays set for the whole transaction: every lock the apply waits
-    for (the tables, their rows, sequences, rows of referencing tables) is bounded by it.
+    All or nothing: an attempt locks every table (children first), each wait bounded by
+    :data:`LOCK_TRY`; when one cannot be had, the attempt lets go of every lock it took
+    and tries again, until ``[apply] lock_timeout`` has passed. Holding some tables while
+    waiting long for another would deadlock with an app that writes a child row (its
+    foreign-key check then locks the parent's row): the app would get the error.
+    Afterwards ``lock_timeout`` stays set for the whole transaction: every other lock the
+    apply waits for (rows, sequences, rows of referencing tables) is bounded by it.
     """
     timeout = run.config.apply.lock_timeout
+    budget = duration_seconds(timeout)
+    attempt = min(LOCK_TRY, budget)
+    deadline = time.monotonic() + budget
     # SET, not SELECT set_config(): a SELECT would fix the transaction's snapshot before
     # the locks, and rows committed while we wait for them would be invisible to it.
-    run.conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(timeout)))
-    for table in run.order:
+    run.conn.execute(
+        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{attempt * 1000:.0f}ms"))
+    )
+    while True:
+        waiting = run.order[-1]
         try:
-            with run.conn.transaction():  # a savepoint, to name the holder after a timeout
-                run.conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table.ident))
+            with run.conn.transaction():  # a savepoint: a failed attempt releases its locks
+                for waiting in reversed(run.order):
+                    run.conn.execute(
+                        sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(waiting.ident)
+                    )
+            break
         except psycopg.errors.LockNotAvailable:
-            holders = write.lock_holders(run.conn, [table])
-            raise ApplyFailed(
-                f"could not lock {table} on {run.target.env} within {timeout}: {holders}; "
-                "retry in a quieter moment or raise [apply] lock_timeout; nothing was changed"
-            ) from None
+            if time.monotonic() >= deadline:
+                holders = write.lock_holders(run.conn, [waiting])
+                raise ApplyFailed(
+                    f"could not lock {waiting} on {run.target.env} within {timeout}: "
+                    f"{holders}; retry in a quieter moment or raise [apply] lock_timeout; "
+                    "nothing was changed"
+                ) from None
+            time.sleep(random.uniform(0.02, 0.1))  # let the app's transaction finish
+    run.conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(timeout)))
 
 
 def _reconcile(run: Session, tables: Collection[TableName]) -> int:
