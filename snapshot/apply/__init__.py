@@ -218,16 +218,16 @@ def _execute(run: Session, phases: _Phases, dry_run: bool, allowed: Collection[s
     )
     try:
         if dry_run:
-            report, _ = _transaction(run, phases, None, allowed, commit=False)
-            return report
+            report, _, helpers = _transaction(run, phases, None, allowed, commit=False)
+            return _after_commit(run, report, helpers)
         with archive.pending_snapshot(run.config.archive, env) as folder:
-            report, sealed = _transaction(run, phases, folder, allowed, commit=True)
+            report, sealed, helpers = _transaction(run, phases, folder, allowed, commit=True)
             if not report.committed or sealed is None:
-                return report
+                return _after_commit(run, report, helpers)
             # Published only now: a backup never claims an apply that did not commit.
             published = archive.publish(sealed, sealed.manifest.label)
         phases.release_interrupts()
-        return replace(report, backup=published.id)
+        return _after_commit(run, replace(report, backup=published.id), helpers)
     except KeyboardInterrupt:
         if phases.committed:
             raise Interrupted(
@@ -344,8 +344,11 @@ def _touched(run: Session, before: dict[int, int]) -> list[TableName]:
 
 def _transaction(
     run: Session, phase: _Phases, folder: Path | None, allowed: Collection[str], *, commit: bool
-) -> tuple[ApplyReport, Snapshot | None]:
-    """The locked, all-or-nothing part; commits only when ``commit`` and parity holds."""
+) -> tuple[ApplyReport, Snapshot | None, list[sql.Identifier]]:
+    """The locked, all-or-nothing part; commits only when ``commit`` and parity holds.
+
+    Returns the report, the sealed backup (when committed) and the helper indexes to drop.
+    """
     conn = run.conn
     assert run.plan is not None
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -419,13 +422,25 @@ def _transaction(
             time.monotonic() - locked,
         )
     report = replace(report, committed=keep, phases=tuple(phase.done))
-    if helpers:
-        # After the commit (or the rollback, which already removed them): never a lock
-        # that makes readers wait.
-        left = write.drop_helper_indexes(conn, helpers, run.config.apply.lock_timeout)
-        if keep and left:
-            report = replace(report, notes=(*report.notes, _left_behind(left)))
-    return report, sealed if keep else None
+    return report, sealed if keep else None, helpers
+
+
+def _after_commit(run: Session, report: ApplyReport, helpers: list[sql.Identifier]) -> ApplyReport:
+    """Drop the helper indexes (already gone after a rollback); nothing here can fail it.
+
+    After the commit nothing can undo the apply, so a failure here (a lost connection, a
+    lock not had) is a note, never an error that would call the target unchanged.
+    """
+    if not helpers:
+        return report
+    try:
+        left = write.drop_helper_indexes(run.conn, helpers, run.config.apply.lock_timeout)
+    except psycopg.Error as exc:
+        left = [h.as_string() for h in helpers]
+        log.warning("could not drop the helper indexes: %s", scripts.error_message(exc))
+    if report.committed and left:
+        return replace(report, notes=(*report.notes, _left_behind(left)))
+    return report
 
 
 def _sweep_helper_indexes(run: Session) -> list[str]:
