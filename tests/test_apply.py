@@ -165,7 +165,9 @@ def test_auth_users_are_created_never_touched(project: Project, make_db) -> None
     assert prod.fingerprint(["public.users"]) == dev.fingerprint(["public.users"])
 
 
-def test_pre_apply_backup_holds_the_replaced_state(project: Project, make_db, pg_bin: Path) -> None:
+def test_pre_apply_backup_holds_the_replaced_state(
+    project: Project, make_db, restore_bin: Path
+) -> None:
     _dev, prod = setup_pair(project, make_db)
     original = prod.fingerprint()
 
@@ -185,7 +187,7 @@ def test_pre_apply_backup_holds_the_replaced_state(project: Project, make_db, pg
 
     subprocess.run(
         [
-            str(pg_bin / "pg_restore"),
+            str(restore_bin / "pg_restore"),
             "--data-only",
             "--disable-triggers",
             "-d",
