@@ -95,7 +95,7 @@ def test_env_shows_the_connection_masked_and_that_it_answers(project: Project, m
     result = project.run("-v", "env", "dev")
 
     assert result.exit_code == 0, result.stderr
-    assert "postgresql://app_owner:****@127.0.0.1:5432/" in result.stdout
+    assert f"postgresql://app_owner:****@127.0.0.1:{db.server.port}/" in result.stdout
     assert "yes: PostgreSQL" in result.stdout and db.name in result.stdout
     assert "s3cr" not in result.output
 
