@@ -136,7 +136,12 @@ def find_tool(name: str, min_major: int, explicit: Path | None, why: str) -> PgT
             log.debug("using %s %s at %s (%s)", name, version, path, origin)
             return PgTool(name, path, version, major)
         seen.append(f"{name} {version} ({path})")
-    found_text = f"; found only {', '.join(seen)}" if seen else f"; no {name} was found"
+    found_text = (
+        f"; found only {', '.join(seen)}"
+        if seen
+        else f"; no {name} was found (searched PATH, {', '.join(USUAL_PLACES)} and the "
+        "bundled PostgreSQL)"
+    )
     raise ConfigError(
         f"{why} needs {name} {min_major} or newer{found_text}: install the PostgreSQL "
         f"{min_major} client (apt install postgresql-client-{min_major}, brew install "
