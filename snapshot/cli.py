@@ -279,8 +279,7 @@ def _preflight_failure(report: Any, message: str) -> click.ClickException:
     first = report.errors[0]
     more = len(report.errors) - 1
     cause = f"{first.check}: {first.detail}" + (f" (and {more} more)" if more else "")
-    code = 2 if any(f.check == "tooling" for f in report.errors) else 1
-    return user_error(f"{message}; {cause}", code)
+    return user_error(f"{message}; {cause}", report.exit_code)
 
 
 @contextlib.contextmanager

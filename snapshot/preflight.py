@@ -66,6 +66,11 @@ class PreflightReport:
     def ok(self) -> bool:
         return not self.errors
 
+    @property
+    def exit_code(self) -> int:
+        """2 when an error is an installation problem (pg_dump/pg_restore), as in take; else 1."""
+        return 2 if any(f.check == "tooling" for f in self.errors) else 1
+
     def to_json(self) -> dict[str, Any]:
         return {
             "action": self.action,

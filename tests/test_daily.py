@@ -646,3 +646,16 @@ def test_check_shows_migrations_and_scope_closure_when_clean(project: Project, m
 
     statuses = {f["check"]: f["status"] for f in json.loads(result.stdout)["findings"]}
     assert statuses["migrations"] == "ok" and statuses["scope closure"] == "ok"
+
+
+def test_a_too_old_pg_dump_for_the_target_exits_2_in_cutover(
+    project: Project, make_db, pg16: localpg.LocalServer, pg_bin: Path
+) -> None:
+    project.point("dev", make_db("dev"))
+    project.env("prod", SUPABASE_DB_URL=pg16.url("app", user="app_owner"))
+
+    result = project.run("cutover", "dev", "prod", "--yes", "--pg-bin", str(pg_bin), "--json")
+
+    assert result.exit_code == 2
+    assert "needs pg_dump 16 or newer" in one_error_line(result)
+    assert json.loads(result.stdout)["steps"][0]["status"] == "failed"
