@@ -66,6 +66,11 @@ class PreflightReport:
     def ok(self) -> bool:
         return not self.errors
 
+    @property
+    def exit_code(self) -> int:
+        """2 when an error is an installation problem (pg_dump/pg_restore), as in take; else 1."""
+        return 2 if any(f.check == "tooling" for f in self.errors) else 1
+
     def to_json(self) -> dict[str, Any]:
         return {
             "action": self.action,
@@ -205,6 +210,7 @@ def _migrations(s: Session) -> Iterator[Finding]:
     source = s.snapshot.manifest.migrations
     here = catalog.migration_versions(s.conn)
     if source is None and here is None:
+        yield Finding("migrations", OK, "neither side has supabase_migrations.schema_migrations")
         return
     env, other = s.snapshot.manifest.environment, s.target.env
     if source is None or here is None:
@@ -336,6 +342,8 @@ def _closure(s: Session, allowed: Collection[str], plan: Plan | None = None) -> 
     scoped = set(s.order)
     outside = [f for f in s.fks if f.parent in scoped and f.child not in scoped]
     outside = [f for f in outside if f.child not in {e.table for e in s.auth_entries}]
+    if not outside:
+        yield Finding("scope closure", OK, "no foreign key from outside the scope refers to it")
     for fk in outside:
         name = f"{fk.child}.{fk.name}"
         rule = DELETE_RULES.get(fk.on_delete, fk.on_delete)

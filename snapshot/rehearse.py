@@ -189,15 +189,17 @@ def _write_project(
         report.env_files[name] = path
         report.urls[name] = f"postgresql://{APP_ROLE}:***@127.0.0.1:{server.port}/{DATABASE}"
     config_path = report.folder / "snapshot.toml"
-    config_path.write_text(_config_text(sql_root), encoding="utf-8")
+    config_path.write_text(_config_text(sql_root, report.bin_dir), encoding="utf-8")
     return load_config(config_path)
 
 
-def _config_text(sql_root: Path) -> str:
+def _config_text(sql_root: Path, bin_dir: Path) -> str:
     return (
         "# The rehearsal's project: two throwaway servers, the default scope.\n"
         'archive = "snapshots"\n'
-        f"scripts = {json.dumps(str(sql_root))}\n\n"
+        f"scripts = {json.dumps(str(sql_root))}\n"
+        "# The servers' own pg_dump/pg_restore: Debian 12 packages none this new.\n"
+        f"pg_bin = {json.dumps(str(bin_dir))}\n\n"
         '[environments.dev]\nenv_file = ".env.dev"\nsafe = true\n\n'
         '[environments.prod]\nenv_file = ".env.prod"\nsafe = false\n'
     )
@@ -221,6 +223,7 @@ def rehearse(
     clean_up = True
     try:
         with _termination_as_interrupt():
+            report.bin_dir = localpg.server_binaries(bin_dir, folder)
             _run(report, sql_root, servers)
         clean_up = not keep
     finally:

@@ -22,11 +22,11 @@ def manifest_of(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
 
-def restore_into(db: Database, dump: Path, pg_bin: Path) -> None:
+def restore_into(db: Database, dump: Path, bin_dir: Path) -> None:
     """Load a data-only dump into an empty-schema database with the real pg_restore."""
     subprocess.run(
         [
-            str(pg_bin / "pg_restore"),
+            str(bin_dir / "pg_restore"),
             "--data-only",
             "--disable-triggers",
             "--dbname",
@@ -39,7 +39,7 @@ def restore_into(db: Database, dump: Path, pg_bin: Path) -> None:
 
 
 def test_take_archives_exactly_the_rows_of_the_database(
-    project: Project, make_db, pg_bin: Path
+    project: Project, make_db, restore_bin: Path
 ) -> None:
     dev = make_db("dev")
     project.point("dev", dev)
@@ -65,10 +65,10 @@ def test_take_archives_exactly_the_rows_of_the_database(
             assert stats.checksum == entry["checksum"], entry["table"]
     # The dump holds exactly the database's rows: restored elsewhere, they compare equal.
     empty = make_db("empty")
-    restore_into(empty, folder / "data.dump", pg_bin)
+    restore_into(empty, folder / "data.dump", restore_bin)
     assert empty.fingerprint() == dev.fingerprint()
     listing = subprocess.run(
-        [str(pg_bin / "pg_restore"), "--list", str(folder / "data.dump")],
+        [str(restore_bin / "pg_restore"), "--list", str(folder / "data.dump")],
         check=True,
         capture_output=True,
         text=True,
@@ -130,7 +130,7 @@ def test_take_json_prints_the_manifest_summary(project: Project, make_db) -> Non
 
 
 def test_take_is_consistent_while_the_database_is_written(
-    project: Project, make_db, pg_bin: Path
+    project: Project, make_db, restore_bin: Path
 ) -> None:
     dev = make_db("devx5")
     project.point("dev", dev)
@@ -163,7 +163,7 @@ def test_take_is_consistent_while_the_database_is_written(
     [folder] = project.snapshots("dev")
     manifest = manifest_of(folder)
     restored = make_db("empty")
-    restore_into(restored, folder / "data.dump", pg_bin)
+    restore_into(restored, folder / "data.dump", restore_bin)
     with psycopg.connect(restored.server.url(restored.name)) as conn:
         conn.execute("SET search_path = pg_catalog; SET TimeZone = 'UTC'")
         for entry in manifest["tables"]:
