@@ -462,14 +462,27 @@ def human_size(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _no_space(folder: Path, needed: int) -> ArchiveError:
+def write_file(folder: Path, name: str, text: str, what: str) -> None:
+    """Write a small private file into a snapshot folder; a full disk is one clear line."""
+    try:
+        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        (folder / name).unlink(missing_ok=True)
+        raise _no_space(folder, len(text.encode()), what) from None
+
+
+def _no_space(folder: Path, needed: int, what: str = "manifest") -> ArchiveError:
     """The one line for a full disk: where, how much was needed, how much is free."""
     try:
         free = f", {human_size(shutil.disk_usage(folder).free)} free"
     except OSError:
         free = ""
     return ArchiveError(
-        f"no space left in {display_path(folder.parent)}: the snapshot's manifest needs "
+        f"no space left in {display_path(folder.parent)}: the snapshot's {what} needs "
         f"{human_size(needed)} more{free}; nothing was published: free some space "
         "('snapshot prune') or set archive in snapshot.toml to a larger disk"
     )

@@ -67,7 +67,7 @@ def finish(s: Session, backup: Backup) -> Snapshot:
     # the server whether this transaction committed, instead of guessing from the rows.
     row = s.conn.execute("SELECT txid_current()::text").fetchone()
     assert row is not None
-    (backup.folder / TRANSACTION_FILE).write_text(f"{row[0]}\n", encoding="ascii")
+    archive.write_file(backup.folder, TRANSACTION_FILE, f"{row[0]}\n", "transaction id")
     kind = f"pre-{s.action}"
     manifest = build_manifest(
         backup.plan, backup.state, kind=kind, label=kind, applies=s.snapshot.id
