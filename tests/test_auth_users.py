@@ -124,3 +124,50 @@ def test_the_plan_is_shown_before_the_question(project: Project, make_db) -> Non
     assert "dev/" in plan  # which snapshot
     assert "Type prod to apply" in plan
     assert prod.fingerprint() == original
+
+
+def _sso_pair(project: Project, make_db, sso: bool) -> tuple[Database, Database, str]:
+    """A dev-only user given the email of a prod user, as an SSO user or not."""
+    dev, prod = make_db("dev"), make_db("prod")
+    dev_only = sorted(
+        _ids(dev, "SELECT id FROM auth.users") - _ids(prod, "SELECT id FROM auth.users")
+    )[0]
+    dev_emails = _ids(dev, "SELECT email FROM auth.users WHERE email IS NOT NULL")
+    email = sorted(
+        _ids(prod, "SELECT email FROM auth.users WHERE NOT is_sso_user AND email IS NOT NULL")
+        - dev_emails
+    )[0]
+    dev.execute(
+        "UPDATE auth.users SET email = %s, is_sso_user = %s WHERE id = %s",
+        [email, sso, dev_only],
+    )
+    project.point("dev", dev)
+    project.point("prod", prod)
+    assert project.run("take", "dev").exit_code == 0
+    return dev, prod, dev_only
+
+
+def test_an_sso_user_may_share_a_password_users_email(project: Project, make_db) -> None:
+    # Supabase's unique email index covers only is_sso_user = false: the database accepts it.
+    _dev, prod, sso_user = _sso_pair(project, make_db, sso=True)
+
+    checked = project.run("check", "prod", "--json")
+    applied = apply(project)
+
+    assert checked.exit_code == 0, checked.output
+    assert _finding(checked, "auth users")["status"] == "ok"
+    assert applied.exit_code == 0, applied.output
+    assert prod.scalar("SELECT is_sso_user FROM auth.users WHERE id = %s", [sso_user]) is True
+
+
+def test_a_password_user_with_a_taken_email_is_a_conflict(project: Project, make_db) -> None:
+    _dev, prod, user = _sso_pair(project, make_db, sso=False)
+    original = prod.fingerprint([*SCOPE_TABLES, "auth.users"])
+
+    checked = project.run("check", "prod", "--json")
+
+    assert checked.exit_code == 1
+    found = _finding(checked, "auth users")
+    assert found["status"] == "error"
+    assert f"{user} (" in found["detail"] and "has the email of" in found["detail"]
+    assert prod.fingerprint([*SCOPE_TABLES, "auth.users"]) == original
