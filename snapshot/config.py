@@ -135,8 +135,8 @@ class Config:
             return self.environments[name]
         _check_env_name(name)
         env_file = self.base_dir / f".env.{name}"
-        if not env_file.is_file():
-            raise ConfigError(self.unknown_environment(name))
+        if not env_file.is_file() and name not in self.environment_names():
+            raise ConfigError(self.unknown_environment(name))  # archived only: say the file
         return EnvironmentConfig(
             name=name, env_file=env_file, session=self.session, origin=self.origin
         )
@@ -163,7 +163,7 @@ class Config:
     def unknown_environment(self, name: str) -> str:
         """The sentence for an unknown environment: where it was looked for, what is close."""
         known = self.environment_names()
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(name, [k for k in known if k != name], n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}? " if close else ""
         where = display_path(self.base_dir / f".env.{name}")
         return (

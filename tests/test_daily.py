@@ -659,3 +659,16 @@ def test_a_too_old_pg_dump_for_the_target_exits_2_in_cutover(
     assert result.exit_code == 2
     assert "needs pg_dump 16 or newer" in one_error_line(result)
     assert json.loads(result.stdout)["steps"][0]["status"] == "failed"
+
+
+def test_an_archived_environment_without_its_env_file_names_the_file(project: Project) -> None:
+    (project.path / "snapshots" / "staging").mkdir(parents=True)
+
+    listed = project.run("list", "staging")
+    taken = project.run("take", "staging")
+
+    assert listed.exit_code == 0
+    assert taken.exit_code == 2
+    assert "environment 'staging' needs .env.staging, which does not exist" in (
+        one_error_line(taken)
+    )
