@@ -73,10 +73,18 @@ def test_a_backup_of_an_apply_that_never_committed_is_never_restored(
     )
     original = prod.fingerprint(SCOPE_TABLES)
     process = project.spawn("apply", "prod", "--yes")
-    backend = _wait_for_query(prod, process, "COMMIT")
-    assert list((project.path / "snapshots" / "prod").glob(".tmp-*/manifest.json"))
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
+    try:
+        # The backup is sealed just before the COMMIT (other COMMITs come earlier).
+        folder = project.path / "snapshots" / "prod"
+        deadline = time.monotonic() + 60
+        while not list(folder.glob(".tmp-*/manifest.json")):
+            assert process.poll() is None and time.monotonic() < deadline, "no sealed backup"
+            time.sleep(0.01)
+        backend = _wait_for_query(prod, process, "COMMIT")
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.communicate()
     _wait_until_gone(prod, backend)
     assert prod.fingerprint(SCOPE_TABLES) == original  # rolled back
     prod.execute("DROP TRIGGER slow_commit ON public.categories")

@@ -376,7 +376,9 @@ def test_smoke_fails_when_a_guardrail_was_removed(project: Project, make_db) -> 
 BARE = """
 DROP TABLE public.question_topics, public.questions, public.topics CASCADE;
 """
-OTHER_APP = BARE + """
+OTHER_APP = (
+    BARE
+    + """
 SET ROLE app_owner;
 CREATE TABLE public.topics (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), name text);
 CREATE TABLE public.questions (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -413,6 +415,7 @@ INSERT INTO public.question_topics SELECT q.id, t.id FROM public.questions q, pu
 UPDATE public.questions SET status = 'published';
 RESET ROLE;
 """
+)
 
 
 def test_bundled_smoke_checks_work_on_an_app_that_is_not_ours(project: Project, make_db) -> None:
