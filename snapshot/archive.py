@@ -357,12 +357,17 @@ def seal(folder: Path, manifest: Manifest) -> Snapshot:
         files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         _fsync(path)
     manifest = replace(manifest, files=files)
-    fd = os.open(folder / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Written aside, then renamed: a process killed while writing it leaves no manifest, so
+    # the folder stays a half-written one the next run sweeps, never a sealed one it cannot read.
+    part = folder / f"{MANIFEST}.part"
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(manifest.to_json(), handle, indent=2)
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
+    part.rename(folder / MANIFEST)
+    _fsync(folder)
     return Snapshot(folder, manifest)
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from snapshot import archive, checksum
 from snapshot.names import TableName
@@ -265,6 +266,36 @@ def test_killed_take_leaves_no_snapshot(project: Project, make_db) -> None:
     assert project.run("take", "dev").exit_code == 0
     assert [p.name for p in env_folder.iterdir() if p.name.startswith(".")] == []
     assert len(project.snapshots("dev")) == 1
+
+
+def test_a_take_killed_while_sealing_leaves_a_folder_the_next_run_sweeps(
+    project: Project, make_db, monkeypatch
+) -> None:
+    project.point("dev", make_db("dev"))
+    assert project.run("take", "dev").exit_code == 0
+    taken = archive.read_snapshot(project.snapshots("dev")[0])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pending = taken.path.parent / f".tmp-20261124T000000-{dead.pid}"
+    pending.mkdir()
+    (pending / "data.dump").write_bytes(taken.dump_path.read_bytes())
+
+    def dies_halfway(data, handle, **kw) -> None:
+        handle.write(json.dumps(data)[:100])
+        handle.flush()
+        raise SystemExit("killed while writing the manifest")
+
+    monkeypatch.setattr(archive.json, "dump", dies_halfway)
+    with pytest.raises(SystemExit):
+        archive.seal(pending, taken.manifest)
+    monkeypatch.undo()
+
+    # No half-written manifest.json: the folder is not mistaken for a sealed backup, and the
+    # next run's sweep removes it.
+    assert not (pending / "manifest.json").exists()
+    assert archive.orphaned_backups(project.path / "snapshots", "dev") == []
+    archive.sweep_stale(taken.path.parent)
+    assert not pending.exists()
 
 
 def _readable(path: Path) -> bool:
