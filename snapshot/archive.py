@@ -350,7 +350,20 @@ def _fsync(path: Path) -> None:
 
 
 def seal(folder: Path, manifest: Manifest) -> Snapshot:
-    """Hash the folder's files into the manifest, write it and sync it all to disk."""
+    """Hash the folder's files into the manifest, write it and sync it all to disk.
+
+    A full or failing disk is an :class:`ArchiveError` naming the folder.
+    """
+    try:
+        return _seal(folder, manifest)
+    except OSError as exc:
+        raise ArchiveError(
+            f"could not finish writing a snapshot in {display_path(folder.parent)} "
+            f"({exc.strerror or exc}): free space there, or set archive in snapshot.toml"
+        ) from None
+
+
+def _seal(folder: Path, manifest: Manifest) -> Snapshot:
     files = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST):
         os.chmod(path, 0o600)
