@@ -1,29 +1,26 @@
 """The fault campaign's laboratory: a throwaway server, the databases, and observed runs.
 
-``bench/faults.py`` drives it. Everything here observes; nothing decides whether a trial
-passed. The pieces:
+``bench/faults.py`` drives it and ``bench/faultcheck.py`` judges what it observes. Here:
 
-* :func:`open_lab`: a private PostgreSQL server (it is stopped with ``pg_ctl stop -m
-  immediate`` by one fault, so never the shared one) holding ``dev``, a diverged ``prod``
-  template built by ``bench/run.py``'s ``build``, and ``public.app_log``, a table outside
-  the scope that the app writes to;
+* :func:`open_lab`: a private PostgreSQL server (one fault stops it with ``pg_ctl stop -m
+  immediate``, so never the shared one) holding ``dev``, a diverged ``prod`` template built
+  by ``bench/run.py``'s ``build``, and ``public.app_log``, a table outside the scope that
+  the app writes to;
 * :class:`Run`: the CLI started as a user would, its stderr read line by line with the time
-  each line appeared, so a fault can be aimed at a phase;
+  each line appeared, and its archive folder watched for the backup's seal and publication,
+  so a fault can be aimed at a phase;
 * :class:`AppWriter`: the app, writing to a scoped table and an unscoped one throughout,
   keeping a record of every write the server acknowledged;
-* :func:`inspect_target` and :func:`listed`: what a trial leaves in the target and in the
-  archive, read independently of the tool (an md5 over every row's text, the catalog,
-  ``pg_locks``, ``snapshot list --json`` plus each listed file's sha256).
+* :func:`mount_small`: a tmpfs too small for what the archive must hold.
 
-Runs with synchronous_commit on: an immediate stop must never lose a commit the apply was
-told about. fsync stays off (as in every throwaway server here): a killed server loses
-nothing the operating system already holds.
+The server is durable like a real one (fsync and synchronous_commit on): a commit waits for
+its WAL to reach the disk, which gives the commit a real duration to aim at, and an
+immediate stop loses nothing that was acknowledged.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -35,37 +32,24 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import psycopg
-from click.testing import CliRunner
 from psycopg import sql
 from run import build  # bench/run.py, beside this file
 
-from snapshot import archive, catalog, localpg
-from snapshot.cli import cli
-from snapshot.config import DEFAULT_TABLES
-from snapshot.errors import ArchiveError
-from snapshot.names import TableName
+from snapshot import archive, localpg
 
 PREFIX = "snapshot-faults-"
 LAB_APP = "fault-lab"  # application_name of the lab's own sessions (never "snapshot…")
 WRITER_APP = "fault-app"
-WRITER_TABLE = "public.question_attempts"
 WRITER_MARK = "fault_app"  # key in client_info of the rows the app writes
-SCOPE = tuple(TableName("public", t) for t in DEFAULT_TABLES)
-CHECKED = (*(str(t) for t in SCOPE), "auth.users", "auth.identities")
-HELPER_PREFIX = "snapshot_apply_fk_"
 # Marks a run's timeline gets from watching its archive folder: the backup sealed (in its
 # hidden folder, just before the commit) and published (renamed into place, after it).
 SEALED = "[backup sealed]"
 PUBLISHED = "[backup published]"
 COMMIT = "commit"  # from SEALED to PUBLISHED: commit, helper indexes dropped, publish
-# Durable like a real server: a commit waits for its WAL to reach the disk, and an immediate
-# stop loses nothing that was acknowledged.
-# Checkpoints often, so that crash recovery after an immediate stop stays short.
+# Durable (see above), and checkpointing often so that crash recovery stays short.
 SETTINGS = {
     "fsync": "on",
     "synchronous_commit": "on",
@@ -73,8 +57,6 @@ SETTINGS = {
     "checkpoint_timeout": "30s",
     "max_wal_size": "256MB",
 }
-
-Fingerprint = dict[str, tuple[int, str]]
 
 
 def system_bin() -> Path:
@@ -529,154 +511,6 @@ def open_lab(bin_dir: Path, scale: int) -> Iterator[Lab]:
         server.stop()
         localpg.stop_servers(base)
         shutil.rmtree(base, ignore_errors=True)
-
-
-# --- what a trial leaves behind --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TargetState:
-    """What the target holds after a trial, read without the tool."""
-
-    fingerprint: Fingerprint
-    helper_indexes: tuple[str, ...]
-    stray_objects: tuple[str, ...]
-    advisory_locks: tuple[str, ...]
-    sequences_behind: tuple[str, ...]
-    app_rows: frozenset[int]  # n of every public.app_log row
-    app_attempts: frozenset[int]  # n of every attempt the app wrote that is still there
-
-
-def fingerprint(conn: psycopg.Connection) -> Fingerprint:
-    """Rows and an md5 over every row's text (sorted), per checked table; the app's own
-    attempts left out (accounted for separately)."""
-    conn.execute("SET TimeZone = 'UTC'")
-    conn.execute("SET extra_float_digits = 1")
-    result = {}
-    for table in CHECKED:
-        where = (
-            sql.SQL(" WHERE NOT coalesce(t.client_info ? {}, false)").format(
-                sql.Literal(WRITER_MARK)
-            )
-            if table == WRITER_TABLE
-            else sql.SQL("")
-        )
-        row = conn.execute(
-            sql.SQL(
-                "SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), ''))"
-                " FROM {} t{}"
-            ).format(TableName.parse(table).ident, where)
-        ).fetchone()
-        assert row is not None
-        result[table] = (int(row[0]), str(row[1]))
-    return result
-
-
-def inspect_target(lab: Lab) -> TargetState:
-    with lab.connect() as conn:
-        helpers = tuple(
-            r[0]
-            for r in conn.execute(
-                "SELECT relname FROM pg_class WHERE relname LIKE %s",
-                (HELPER_PREFIX.replace("_", "\\_") + "%",),
-            )
-        )
-        stray = tuple(
-            f"{r[0]}.{r[1]} ({r[2]})"
-            for r in conn.execute(
-                "SELECT n.nspname, c.relname, c.relkind FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE c.relname LIKE 'snapshot\\_%%' AND c.relpersistence <> 't' "
-                "AND c.relname NOT LIKE %s",
-                (HELPER_PREFIX.replace("_", "\\_") + "%",),
-            )
-        )
-        locks = tuple(
-            f"pid {r[0]} ({r[1]})"
-            for r in conn.execute(
-                "SELECT l.pid, coalesce(a.application_name, '?') FROM pg_locks l "
-                "LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-                "AND l.database = (SELECT oid FROM pg_database WHERE datname = 'prod')"
-            )
-        )
-        behind = []
-        for seq in catalog.owned_sequences(conn, SCOPE):
-            row = conn.execute(
-                sql.SQL("SELECT max({})::bigint FROM {}").format(
-                    sql.Identifier(seq.column), seq.table.ident
-                )
-            ).fetchone()
-            highest = row[0] if row else None
-            if highest is not None and seq.next_value <= highest:
-                behind.append(f"{seq.sequence} gives {seq.next_value}, data reaches {highest}")
-        app_rows = frozenset(int(r[0]) for r in conn.execute("SELECT n FROM public.app_log"))
-        attempts = frozenset(
-            int(r[0])
-            for r in conn.execute(
-                "SELECT (client_info ->> %s)::int FROM public.question_attempts "
-                "WHERE client_info ? %s",
-                (WRITER_MARK, WRITER_MARK),
-            )
-        )
-        prints = fingerprint(conn)
-    return TargetState(prints, helpers, stray, locks, tuple(behind), app_rows, attempts)
-
-
-def listed(project: Project) -> tuple[list[dict[str, Any]], list[str]]:
-    """``snapshot list --json``, and what is wrong with what it lists (missing or altered
-    files, damaged manifests)."""
-    result = CliRunner().invoke(cli, ["--config", str(project.config), "list", "--json"])
-    if result.exit_code != 0:
-        return [], [f"snapshot list failed: {result.output.strip()[-200:]}"]
-    entries = json.loads(result.stdout)
-    problems = []
-    good = []
-    for entry in entries:
-        if "damaged" in entry:
-            problems.append(f"listed a damaged snapshot {entry['id']}: {entry['damaged']}")
-            continue
-        try:
-            archive.verify_files(archive.read_snapshot(Path(entry["path"])))
-        except ArchiveError as exc:
-            problems.append(f"listed a half-written snapshot: {exc}")
-            continue
-        good.append(entry)
-    return good, problems
-
-
-def hidden_folders(folder: Path) -> list[str]:
-    """Temporary (``.tmp-*``) folders under an archive folder, sealed ones marked."""
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in sorted(folder.glob(".tmp-*")):
-        if not (path / archive.MANIFEST).is_file():
-            found.append(path.name)
-            continue
-        try:
-            archive.read_snapshot(path)
-            found.append(f"{path.name} (sealed)")
-        except ArchiveError:
-            size = (path / archive.MANIFEST).stat().st_size
-            found.append(f"{path.name} (manifest.json of {size} bytes, unreadable)")
-    return found
-
-
-def scope_sums(entry: dict[str, Any], skip: str | None = None) -> dict[str, tuple[int, str]]:
-    """A listed snapshot's scoped tables: rows and checksum (``skip``: one left out)."""
-    return {
-        name: (t["rows"], t["checksum"])
-        for name, t in entry["tables"].items()
-        if not t["auth"] and name != skip
-    }
-
-
-def created(entry: dict[str, Any]) -> datetime:
-    return datetime.fromisoformat(entry["created"])
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 # --- a full disk -----------------------------------------------------------------------------

@@ -44,40 +44,27 @@ import shutil
 import signal
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import faultcheck
 import faultlab
-from faultlab import COMMIT, WRITER_TABLE, AppWriter, Lab, Project, Run, Segment
-from tabulate import tabulate
+from faultcheck import (
+    WRITER_TABLE,
+    Trial,
+    inspect_leftovers,
+    judge_app,
+    judge_runs,
+    render,
+    what_user_saw,
+)
+from faultlab import COMMIT, AppWriter, Lab, Project, Run, Segment
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT_TRIALS = 1
 PAGE = 4096
-
-
-@dataclass
-class Trial:
-    """One fault injected, and everything observed about its outcome."""
-
-    fault: str
-    number: int
-    aimed: str = ""
-    hit: str = ""
-    landed: bool = True
-    state: str = "?"
-    saw: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    left: list[str] = field(default_factory=list)  # what the next run settled
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 @dataclass
@@ -95,10 +82,10 @@ class Injected:
 class References:
     """A clean take, apply and rollback, measured: the states trials are judged against."""
 
-    dev: faultlab.Fingerprint
-    before: faultlab.Fingerprint
-    applied: faultlab.Fingerprint
-    rolled: faultlab.Fingerprint
+    dev: faultcheck.Fingerprint
+    before: faultcheck.Fingerprint
+    applied: faultcheck.Fingerprint
+    rolled: faultcheck.Fingerprint
     snapshot_sums: dict[str, tuple[int, str]]
     before_sums: dict[str, tuple[int, str]]
     snapshot: Path
@@ -155,7 +142,7 @@ def needed_space(folder: Path) -> int:
 
 
 def _sums(entry: dict[str, Any]) -> dict[str, tuple[int, str]]:
-    return faultlab.scope_sums(entry, skip=WRITER_TABLE)
+    return faultcheck.scope_sums(entry, skip=WRITER_TABLE)
 
 
 def prepare(lab: Lab) -> References:
@@ -164,21 +151,21 @@ def prepare(lab: Lab) -> References:
     take = project.spawn("take", "dev")
     take_life = observe_dump(take)
     _require(take, "take dev")
-    entries, problems = faultlab.listed(project)
+    entries, problems = faultcheck.listed(project)
     assert entries and not problems, problems
     snapshot = Path(entries[0]["path"])
     with lab.connect("dev") as conn:
-        dev = faultlab.fingerprint(conn)
+        dev = faultcheck.fingerprint(conn)
 
     lab.reset_prod("prod_before")
     with lab.connect() as conn:
-        before = faultlab.fingerprint(conn)
+        before = faultcheck.fingerprint(conn)
     apply = project.spawn("apply", "prod", "--yes")
     backup_life = observe_dump(apply)
     _require(apply, "apply prod")
     with lab.connect() as conn:
-        applied = faultlab.fingerprint(conn)
-    entries, _ = faultlab.listed(project)
+        applied = faultcheck.fingerprint(conn)
+    entries, _ = faultcheck.listed(project)
     backup_entry = next(e for e in entries if e["kind"] == "pre-apply")
     backup = Path(backup_entry["path"])
     lab.wait_quiet()
@@ -377,97 +364,9 @@ FAULTS = {
 }
 
 
-# --- judging -----------------------------------------------------------------------------------
-
-
-def what_user_saw(run: Run) -> str:
-    if run.killed:
-        return "killed"
-    if run.committed:
-        return "committed"
-    code = run.proc.returncode
-    if run.traceback:
-        return f"exit {code} with a traceback"
-    if code == 0:
-        return "exit 0"
-    if run.error is None:
-        return f"exit {code}, no reason"
-    return run.error
-
-
-def judge_runs(runs: list[Run], state: str, trial: Trial) -> None:
-    """A failed run says why (and nothing false); a committed one left the target applied."""
-    someone_committed = any(r.committed for r in runs)
-    for run in runs:
-        trial.saw.append(what_user_saw(run))
-        if run.killed:
-            continue
-        code = run.proc.returncode
-        if run.traceback:
-            trial.problems.append(f"{' '.join(run.args)} printed a traceback")
-        if code != 0 and run.error is None:
-            trial.problems.append(f"{' '.join(run.args)} exited {code} without an Error: line")
-        if run.committed and state != "applied":
-            trial.problems.append(f"{' '.join(run.args)} reported a commit, the target is {state}")
-        lied = code != 0 and "unchanged" in (run.error or "") and state == "applied"
-        if lied and not someone_committed:
-            trial.problems.append(
-                f"{' '.join(run.args)} said the target is unchanged, but it was changed"
-            )
-
-
-def judge_app(
-    writer: AppWriter, target: faultlab.TargetState, state: str, runs: list[Run]
-) -> list[str]:
-    """Every acknowledged write of the app is accounted for."""
-    problems = []
-    acked = set(writer.acked)
-    possible = acked | writer.in_doubt
-    lost = acked - target.app_rows
-    if lost:
-        problems.append(f"app_log lost {len(lost)} acknowledged writes (e.g. n={min(lost)})")
-    if target.app_rows - possible:
-        problems.append("app_log holds rows the app never wrote")
-    if target.app_attempts - possible:
-        problems.append("question_attempts holds app rows the app never wrote")
-    if target.app_attempts - target.app_rows:
-        problems.append("app attempts without their app_log row (one transaction wrote both)")
-    started = min(r.t0 for r in runs)
-    ended = max(r.t0 + (r.ended or 0) for r in runs)
-    if state == "before":
-        gone = acked - target.app_attempts
-        if gone:
-            problems.append(f"{len(gone)} acknowledged app attempts vanished, nothing applied")
-    if state == "applied":
-        early = {n for n, t in writer.acked.items() if t < started} & target.app_attempts
-        late = {n for n, t in writer.acked.items() if t > ended} - target.app_attempts
-        if early:
-            problems.append(f"{len(early)} app attempts written before the apply survived it")
-        if late:
-            problems.append(f"{len(late)} app attempts written after the apply are gone")
-    if writer.errors.get("UniqueViolation"):
-        problems.append("the app hit duplicate keys (a sequence below its data)")
-    return problems
-
-
-def inspect_leftovers(target: faultlab.TargetState, trial: Trial, *, settled: bool) -> None:
-    where = "after the next apply" if settled else "after the fault"
-    if target.advisory_locks:
-        trial.problems.append(f"advisory lock held {where}: {', '.join(target.advisory_locks)}")
-    if target.stray_objects:
-        trial.problems.append(f"snapshot objects left {where}: {', '.join(target.stray_objects)}")
-    if target.sequences_behind:
-        trial.problems.append(f"sequences below the data {where}: {target.sequences_behind}")
-    if target.helper_indexes:
-        if settled:
-            trial.problems.append(f"helper indexes left {where}: {target.helper_indexes}")
-        else:
-            trial.left.append("helper indexes")
-
-
 def settle(c: Campaign, project: Project, trial: Trial) -> None:
     """The next apply succeeds, 16/16, and leaves the target and the archive clean."""
-    hidden = [h for env in ("dev", "prod") for h in faultlab.hidden_folders(project.archive(env))]
+    hidden = [h for env in ("dev", "prod") for h in faultcheck.hidden_folders(project.archive(env))]
     nxt = project.run("apply", "prod", "--yes")
     if not nxt.committed or "16/16 tables match" not in nxt.stdout:
         trial.problems.append(f"the next apply failed: {what_user_saw(nxt)}")
@@ -482,14 +381,14 @@ def settle(c: Campaign, project: Project, trial: Trial) -> None:
         else:
             trial.left.append("half-written folder")
     if not c.lab.wait_quiet():
-        after = faultlab.inspect_target(c.lab)
+        after = faultcheck.inspect_target(c.lab)
         if after.fingerprint != c.refs.applied:
             trial.problems.append("after the next apply the target is not the snapshot")
         inspect_leftovers(after, trial, settled=True)
-    _, listing = faultlab.listed(project)
+    _, listing = faultcheck.listed(project)
     trial.problems += listing
     for env in ("dev", "prod"):
-        hidden = faultlab.hidden_folders(project.archive(env))
+        hidden = faultcheck.hidden_folders(project.archive(env))
         if hidden:
             trial.problems.append(f"hidden folders left in {env} after the next run: {hidden}")
 
@@ -511,7 +410,7 @@ def target_trial(c: Campaign, fault: Fault, n: int) -> Trial:
         writer = AppWriter(lab.server.url("prod"), lab.writer_pairs)
         writer.start()
         time.sleep(0.05)
-    started = faultlab.utc_now()
+    started = faultcheck.utc_now()
     assert fault.inject is not None
     try:
         injected = fault.inject(c, fault.name, fault.action, project, n)
@@ -523,7 +422,7 @@ def target_trial(c: Campaign, fault: Fault, n: int) -> Trial:
     left = lab.wait_quiet()
     if left:
         trial.problems.append(f"sessions still open 30 s after the runs ended: {left}")
-    target = faultlab.inspect_target(lab)
+    target = faultcheck.inspect_target(lab)
     prints = target.fingerprint
     trial.state = "before" if prints == pre else "applied" if prints == goal else "neither"
     if trial.state == "neither":
@@ -534,14 +433,14 @@ def target_trial(c: Campaign, fault: Fault, n: int) -> Trial:
         trial.problems += judge_app(writer, target, trial.state, injected.runs)
         trial.notes += [f"app: {k} ×{v}" for k, v in writer.errors.items()]
     inspect_leftovers(target, trial, settled=False)
-    _, listing = faultlab.listed(project)
+    _, listing = faultcheck.listed(project)
     trial.problems += listing
 
-    settling = faultlab.utc_now()
+    settling = faultcheck.utc_now()
     settle(c, project, trial)
-    entries, _ = faultlab.listed(project)
+    entries, _ = faultcheck.listed(project)
     kind = "pre-rollback" if rollback else "pre-apply"
-    new = [e for e in entries if e["kind"] == kind and started <= faultlab.created(e) < settling]
+    new = [e for e in entries if e["kind"] == kind and started <= faultcheck.created(e) < settling]
     if trial.state == "applied" and not any(_sums(e) == pre_sums for e in new):
         trial.problems.append(f"committed, but no {kind} backup of the state before is listed")
     if trial.state == "before" and not any(r.committed for r in injected.runs) and new:
@@ -573,10 +472,10 @@ def take_trial(c: Campaign, fault: Fault, n: int) -> Trial:
         life = refs.dump_life["take"]
         trial.aimed, trial.hit, trial.landed = kill_pg_dump(c, fault.name, n, run, life)
         run.wait()
-    trial.left += ["half-written folder" for _ in faultlab.hidden_folders(folder)]
+    trial.left += ["half-written folder" for _ in faultcheck.hidden_folders(folder)]
     if disk:
         faultlab.unmount_keeping(folder)
-    entries, listing = faultlab.listed(project)
+    entries, listing = faultcheck.listed(project)
     trial.problems += listing
     takes = [e for e in entries if e["kind"] == "take"]
     if run.proc.returncode == 0:
@@ -590,7 +489,7 @@ def take_trial(c: Campaign, fault: Fault, n: int) -> Trial:
         )
     judge_runs([run], trial.state, trial)
     with lab.connect("dev") as conn:
-        if faultlab.fingerprint(conn) != refs.dev:
+        if faultcheck.fingerprint(conn) != refs.dev:
             trial.problems.append("dev changed")
     nxt = project.run("take", "dev")
     if nxt.proc.returncode != 0:
@@ -609,51 +508,6 @@ def run_trial(c: Campaign, fault: Fault, n: int) -> Trial:
     trial = take_trial(c, fault, n) if fault.action == "take" else target_trial(c, fault, n)
     trial.seconds = time.monotonic() - started
     return trial
-
-
-def _count(values: list[str]) -> str:
-    counted = Counter(values)
-    return "; ".join(f"{v} ×{k}" if k > 1 else v for v, k in counted.most_common())
-
-
-def _shorten(text: str, width: int = 90) -> str:
-    text = text.removeprefix("Error: ")
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def render(trials: dict[str, list[Trial]], skipped: dict[str, str]) -> str:
-    rows = []
-    for name, done in trials.items():
-        states = Counter(t.state for t in done)
-        intact = states["before"] + states["applied"]
-        landed = sum(t.landed for t in done)
-        hits = sorted({t.hit.split(" (")[0] for t in done if t.landed})
-        saw = _count([_shorten(s) for t in done for s in t.saw])
-        left = _count([what for t in done for what in t.left]) or "nothing"
-        failed = sum(not t.ok for t in done)
-        rows.append(
-            (
-                name,
-                f"{len(done)} ({landed} landed)",
-                f"{intact}/{len(done)} ({states['before']} before, {states['applied']} applied)",
-                saw,
-                ", ".join(hits),
-                left,
-                "ok" if not failed else f"{failed} FAILED",
-            )
-        )
-    for name, why in skipped.items():
-        rows.append((name, "0", "-", f"not possible here: {why}", "", "", "skipped"))
-    headers = (
-        "fault",
-        "trials",
-        "target intact",
-        "what the user saw",
-        "landed in",
-        "left for the next run",
-        "result",
-    )
-    return tabulate(rows, headers=headers, maxcolwidths=[None, 12, 14, 50, 36, 24, None])
 
 
 def main() -> None:
@@ -717,7 +571,7 @@ def main() -> None:
             print(f"  {line}")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    stamp = faultlab.utc_now().strftime("%Y%m%dT%H%M%SZ")
+    stamp = faultcheck.utc_now().strftime("%Y%m%dT%H%M%SZ")
     (out / f"faults-{stamp}.json").write_text(
         json.dumps(
             {
