@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 from click.testing import CliRunner
-from faultlab import WRITER_MARK, AppWriter, Lab, Project, Run
+from faultlab import COMMIT, WRITER_MARK, AppWriter, Lab, Project, Run
 from psycopg import sql
 from tabulate import tabulate
 
@@ -310,7 +310,16 @@ def gist(message: str) -> str:
     text = re.sub(r" while [a-z -]+", " while …", text)
     parts = [p.strip() for p in re.split(r"[:;] ", text)]
     keep = 2 if len(parts[0]) < 20 and len(parts) > 1 else 1
-    return ": ".join(parts[:keep])
+    cause = " (deadlock detected)" if "deadlock detected" in message else ""
+    return ": ".join(parts[:keep]) + cause
+
+
+def _where(hits: list[str]) -> str:
+    """Where the faults landed, in short: the phases hit, counted when there are many."""
+    places = {h.split(" (")[0].split(", in ")[0].removeprefix("second started in ") for h in hits}
+    if len(places) <= 3:
+        return ", ".join(sorted(places))
+    return f"{len(places)} phases" + (", commit included" if COMMIT in places else "")
 
 
 def render(trials: dict[str, list[Trial]], skipped: dict[str, str]) -> str:
@@ -319,7 +328,7 @@ def render(trials: dict[str, list[Trial]], skipped: dict[str, str]) -> str:
         states = Counter(t.state for t in done)
         intact = states["before"] + states["applied"]
         landed = sum(t.landed for t in done)
-        hits = sorted({t.hit.split(" (")[0] for t in done if t.landed})
+        hits = _where([t.hit for t in done if t.landed])
         saw = _count([gist(s) for t in done for s in t.saw])
         left = _count([what for t in done for what in t.left]) or "nothing"
         failed = sum(not t.ok for t in done)
@@ -329,7 +338,7 @@ def render(trials: dict[str, list[Trial]], skipped: dict[str, str]) -> str:
                 f"{len(done)} ({landed} landed)",
                 f"{intact}/{len(done)} ({states['before']} before, {states['applied']} applied)",
                 saw,
-                ", ".join(hits),
+                hits,
                 left,
                 "ok" if not failed else f"{failed} FAILED",
             )
@@ -345,4 +354,4 @@ def render(trials: dict[str, list[Trial]], skipped: dict[str, str]) -> str:
         "left for the next run",
         "result",
     )
-    return tabulate(rows, headers=headers, maxcolwidths=[None, 12, 14, 50, 36, 24, None])
+    return tabulate(rows, headers=headers, maxcolwidths=[None, 10, 14, 44, 22, 24, None])

@@ -325,7 +325,7 @@ def _filling(run: Run) -> str:
         return "pg_dump's output"
     if "could not finish writing" in error:
         return "the manifest"
-    return "?"
+    return "not reached"
 
 
 def _small_size(c: Campaign, fault: str, n: int, needed: int) -> int:
@@ -383,11 +383,13 @@ def settle(c: Campaign, project: Project, trial: Trial) -> None:
             )
         else:
             trial.left.append("half-written folder")
-    if not c.lab.wait_quiet():
-        after = faultcheck.inspect_target(c.lab)
-        if after.fingerprint != c.refs.applied:
-            trial.problems.append("after the next apply the target is not the snapshot")
-        inspect_leftovers(after, trial, settled=True)
+    left = c.lab.wait_quiet()
+    if left:
+        trial.problems.append(f"sessions still open 30 s after the next apply: {left}")
+    after = faultcheck.inspect_target(c.lab)
+    if after.fingerprint != c.refs.applied:
+        trial.problems.append("after the next apply the target is not the snapshot")
+    inspect_leftovers(after, trial, settled=True)
     _, listing = faultcheck.listed(project)
     trial.problems += listing
     for env in ("dev", "prod"):
@@ -447,7 +449,8 @@ def target_trial(c: Campaign, fault: Fault, n: int) -> Trial:
     if trial.state == "applied" and not any(_sums(e) == pre_sums for e in new):
         trial.problems.append(f"committed, but no {kind} backup of the state before is listed")
     if trial.state == "before" and not any(r.committed for r in injected.runs) and new:
-        trial.problems.append(f"a {kind} backup of a {fault.action} that never committed is listed")
+        what = "a rollback" if rollback else "an apply"
+        trial.problems.append(f"a {kind} backup of {what} that never committed is listed")
     if len(new) > len(injected.runs):
         trial.problems.append(f"{len(new)} {kind} backups listed for {len(injected.runs)} runs")
     return trial
