@@ -16,12 +16,14 @@ each trial resets prod, runs the CLI as a user would and injects one fault:
   concurrent-apply     a second ``snapshot apply`` started while one runs
   app-writer           the app writing to a scoped and an unscoped table throughout the apply
 
-Faults are aimed at moments of a reference run: its phases (the stderr lines ending in
-"…"), each trial a random moment within the next phase of a shuffled order that starts
-with the commit (from "waiting for the backup…" to the end); pg_dump is killed at a random
-moment of its measured life; the tmpfs gets a random size below what the archive needs.
-The app (an :class:`~faultlab.AppWriter`) writes throughout every apply and rollback trial
-unless ``--no-app``.
+Faults are aimed at moments of a clean reference apply, cut into phases at its stderr
+lines ending in "…" and at the backup's seal and publication in the archive (the "commit"
+phase lies between them). Trial n of a fault aims at a random moment of the n-th phase of
+a shuffled order that starts with the riskiest one (the commit; for a second apply, the
+first one's writes); pg_dump is killed at a random moment of its measured life; the tmpfs
+gets a random size below what the archive needs (the first trial, one page short). The app
+(:class:`faultlab.AppWriter`) writes throughout every apply and rollback trial unless
+``--no-app``. ``--short`` (CI) runs one trial of each fault.
 
 After each trial the target must be exactly as before or exactly as applied (an md5 over
 every row of the 16 tables and auth.users/identities, the app's own rows accounted for
@@ -31,7 +33,11 @@ traceback, and must not say "unchanged" of a target it changed; no advisory lock
 ``snapshot_*`` object or sequence below its data; ``snapshot list --json`` lists only
 complete snapshots (files checked against their sha256); a committed apply has its
 pre-apply backup listed once settled. Then the next apply (or take) must succeed, 16/16,
-leaving no helper index and no hidden folder. Exit 1 when any trial breaks one of these.
+leaving no helper index and no hidden folder (bench/faultcheck.py judges all this).
+
+Prints a table per fault, then each failed trial with where its fault was aimed and what
+it left; everything goes to bench/results/faults-<time>.json too. Exit 1 when any trial
+breaks a promise.
 """
 
 from __future__ import annotations
