@@ -8,8 +8,10 @@ something that ``list`` or ``apply`` could pick. Folders are 0700, files 0600.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +33,8 @@ DUMP_FILE = "data.dump"
 PRE_APPLY = "pre-apply"
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
 _TMP_PREFIX = ".tmp-"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -250,12 +254,34 @@ def check_label(label: str | None) -> str | None:
     return label
 
 
+GITIGNORE = ".gitignore"
+GITIGNORE_TEXT = (
+    "# Created by snapshot: this archive holds database dumps (auth users' password hashes\n"
+    "# among them). Never commit it.\n"
+    "*\n"
+)
+
+
+def protect(archive: Path) -> None:
+    """Create the archive folder private (0700), with a ``.gitignore`` of ``*`` inside.
+
+    The archive often lands inside an app's repository (``scripts/npm-db`` runs there), whose
+    own ``.gitignore`` knows nothing of it: like pytest's cache, it ignores itself.
+    """
+    archive.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(archive, 0o700)
+    ignore = archive / GITIGNORE
+    if not ignore.exists():
+        fd = os.open(ignore, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(GITIGNORE_TEXT)
+
+
 def env_dir(archive: Path, env: str) -> Path:
     """The archive folder of one environment, created private and checked writable."""
     folder = archive / env
     try:
-        if not archive.exists():
-            archive.mkdir(mode=0o700, parents=True)
+        protect(archive)
         _private_dir(folder)
         probe = folder / f"{_TMP_PREFIX}probe-{os.getpid()}"
         probe.touch(mode=0o600)
@@ -278,23 +304,88 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_started(pid: int) -> float | None:
+    """When ``pid`` started (seconds since the epoch), from /proc; None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rpartition(")")[2].split()[19])
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+# .tmp-<UTC time>-<pid>[.n] (a snapshot being written) and .pruning-<pid>-<name> (one being
+# deleted): the writer's pid and, for .tmp, when it began.
+_PENDING = re.compile(r"^\.tmp-(?P<time>\d{8}T\d{6})-(?P<pid>\d+)(?:\.\d+)?$")
+_PRUNING_PREFIX = ".pruning-"
+_PID_REUSE_SLACK = 5.0  # seconds: /proc's boot time is rounded
+
+
+def _stale(entry: Path) -> bool:
+    """Whether no running process can own this hidden folder.
+
+    Its process is gone, or the pid now belongs to a process started after the folder was
+    made (a pid reused after a reboot or a long time).
+    """
+    if entry.name.startswith(_PRUNING_PREFIX):
+        pid_text = entry.name.removeprefix(_PRUNING_PREFIX).split("-", 1)[0]
+        return pid_text.isdigit() and not _pid_alive(int(pid_text))
+    match = _PENDING.match(entry.name)
+    if match is None:
+        return False
+    pid = int(match["pid"])
+    if not _pid_alive(pid):
+        return True
+    created = datetime.strptime(match["time"], "%Y%m%dT%H%M%S").replace(tzinfo=UTC).timestamp()
+    started = _process_started(pid)
+    return started is not None and started > created + _PID_REUSE_SLACK
+
+
 def _orphans(folder: Path) -> Iterator[Path]:
     """Temporary folders whose writing process no longer runs."""
     for entry in folder.glob(f"{_TMP_PREFIX}*"):
-        pid_text = entry.name.rsplit("-", 1)[-1].split(".")[0]
-        if entry.is_dir() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if entry.is_dir() and not entry.is_symlink() and _stale(entry):
             yield entry
 
 
-def sweep_stale(folder: Path) -> None:
-    """Remove half-written folders left by killed processes.
+def _is_backup(snapshot: Snapshot) -> bool:
+    return snapshot.manifest.kind.startswith("pre-")
 
-    Sealed ones (complete, with a manifest) are pre-apply backups whose process died at
-    commit time: :func:`orphaned_backups` finds them, and apply settles them.
+
+def sweep_stale(folder: Path) -> None:
+    """Remove what killed processes left in one environment's folder.
+
+    Half-written snapshots go, and so do complete takes that were never published. A
+    complete pre-apply (or pre-rollback) backup stays: its process may have died at commit
+    time, and only apply can tell (:func:`orphaned_backups`, settled by the next apply or
+    rollback). Folders a prune was deleting go too.
     """
     for entry in _orphans(folder):
-        if not (entry / MANIFEST).is_file():
+        try:
+            if _is_backup(read_snapshot(entry)):
+                continue
+        except ArchiveError:
+            pass  # unsealed, or its manifest half-written: not a snapshot
+        log.info("removing %s, left by a process that no longer runs", entry)
+        shutil.rmtree(entry, ignore_errors=True)
+    for entry in folder.glob(f"{_PRUNING_PREFIX}*"):
+        if entry.is_dir() and not entry.is_symlink() and _stale(entry):
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def sweep_archive(archive: Path) -> None:
+    """:func:`sweep_stale` in every environment's folder: any command that writes calls it."""
+    if not archive.is_dir():
+        return
+    for folder in sorted(archive.iterdir()):
+        if folder.is_dir() and not folder.is_symlink() and not folder.name.startswith("."):
+            with contextlib.suppress(OSError):
+                sweep_stale(folder)
 
 
 def orphaned_backups(archive: Path, env: str) -> list[Snapshot]:
@@ -304,10 +395,22 @@ def orphaned_backups(archive: Path, env: str) -> list[Snapshot]:
         return []
     found = []
     for entry in _orphans(folder):
-        if (entry / MANIFEST).is_file():
-            with contextlib.suppress(ArchiveError):
-                found.append(read_snapshot(entry))
+        with contextlib.suppress(ArchiveError):
+            snapshot = read_snapshot(entry)
+            if _is_backup(snapshot):
+                found.append(snapshot)
     return found
+
+
+def remove(snapshot: Snapshot) -> None:
+    """Delete a published snapshot: first out of sight (renamed hidden), then from disk.
+
+    A prune killed halfway leaves a hidden folder the next sweep removes, never a
+    visible snapshot with files missing.
+    """
+    hidden = snapshot.path.with_name(f"{_PRUNING_PREFIX}{os.getpid()}-{snapshot.path.name}")
+    snapshot.path.rename(hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def discard(snapshot: Snapshot) -> None:
@@ -319,7 +422,7 @@ def discard(snapshot: Snapshot) -> None:
 def pending_snapshot(archive: Path, env: str) -> Iterator[Path]:
     """A private temporary folder for a snapshot being written; removed unless published."""
     folder = env_dir(archive, env)
-    sweep_stale(folder)
+    sweep_archive(archive)
     tmp = folder / f"{_TMP_PREFIX}{utc_now():%Y%m%dT%H%M%S}-{os.getpid()}"
     suffix = 0
     while tmp.exists():
@@ -349,38 +452,67 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def human_size(size: int) -> str:
+    """``512 B``, ``3.4 MiB``: a size for people."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def write_file(folder: Path, name: str, text: str, what: str) -> None:
+    """Write a small private file into a snapshot folder; a full disk is one clear line."""
+    try:
+        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        (folder / name).unlink(missing_ok=True)
+        raise _no_space(folder, len(text.encode()), what) from None
+
+
+def _no_space(folder: Path, needed: int, what: str = "manifest") -> ArchiveError:
+    """The one line for a full disk: where, how much was needed, how much is free."""
+    try:
+        free = f", {human_size(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = ""
+    return ArchiveError(
+        f"no space left in {display_path(folder.parent)}: the snapshot's {what} needs "
+        f"{human_size(needed)} more{free}; nothing was published: free some space "
+        "('snapshot prune') or set archive in snapshot.toml to a larger disk"
+    )
+
+
 def seal(folder: Path, manifest: Manifest) -> Snapshot:
     """Hash the folder's files into the manifest, write it and sync it all to disk.
 
-    A full or failing disk is an :class:`ArchiveError` naming the folder.
+    A full disk is an :class:`ArchiveError` naming the folder and the space needed; the
+    half-written manifest is removed, so the folder stays unsealed and is swept later.
     """
-    try:
-        return _seal(folder, manifest)
-    except OSError as exc:
-        raise ArchiveError(
-            f"could not finish writing a snapshot in {display_path(folder.parent)} "
-            f"({exc.strerror or exc}): free space there, or set archive in snapshot.toml"
-        ) from None
-
-
-def _seal(folder: Path, manifest: Manifest) -> Snapshot:
     files = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST):
         os.chmod(path, 0o600)
         files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         _fsync(path)
     manifest = replace(manifest, files=files)
-    # Written aside, then renamed: a process killed while writing it leaves no manifest, so
-    # the folder stays a half-written one the next run sweeps, never a sealed one it cannot read.
-    part = folder / f"{MANIFEST}.part"
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(manifest.to_json(), handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    part.rename(folder / MANIFEST)
-    _fsync(folder)
+    text = json.dumps(manifest.to_json(), indent=2) + "\n"
+    target = folder / MANIFEST
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        target.unlink(missing_ok=True)
+        raise _no_space(folder, len(text.encode())) from None
     return Snapshot(folder, manifest)
 
 

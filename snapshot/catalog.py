@@ -379,3 +379,15 @@ def row_keys(
         if table not in keys and set(names) <= set(columns[table]):
             keys[table] = tuple(names)
     return keys
+
+
+def estimated_rows(conn: psycopg.Connection, tables: Sequence[TableName]) -> dict[TableName, int]:
+    """The planner's row estimates (``pg_class.reltuples``; 0 when never analyzed)."""
+    estimates = {}
+    for table in tables:
+        row = conn.execute(
+            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = %s::regclass",
+            (table.ident.as_string(conn),),
+        ).fetchone()
+        estimates[table] = int(row[0]) if row else 0
+    return estimates

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,10 +15,11 @@ from typing import Any, TypeVar
 import click
 import psycopg
 
-from snapshot import __version__, archive, render
-from snapshot.config import CONFIG_FILE, Config, load_config, render_default_config
-from snapshot.db import cancelled_message
+from snapshot import __version__, archive, progress, render
+from snapshot.config import CONFIG_FILE, Config, display_path, load_config, render_default_config
+from snapshot.db import cancelled_message, libpq_reason
 from snapshot.errors import SnapshotError
+from snapshot.project import find_root
 
 F = TypeVar("F", bound=Callable[..., Any])
 OTHER_ENV = {"prod": "dev", "dev": "prod"}
@@ -36,8 +38,16 @@ class UsageFailure(click.ClickException):
     exit_code = 2
 
 
+class InterruptedFailure(click.ClickException):
+    """Ctrl-C (exit code 130, as shells report SIGINT)."""
+
+    exit_code = 130
+
+
 def user_error(message: str, exit_code: int) -> click.ClickException:
     """A one-line error with the exit code its cause calls for."""
+    if exit_code == 130:
+        return InterruptedFailure(message)
     return UsageFailure(message) if exit_code == 2 else RuntimeFailure(message)
 
 
@@ -46,41 +56,188 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def _as_user_error(ctx: click.Context, exc: Exception) -> click.ClickException | None:
+    """The one line and exit code for an error a user can act on; None for a bug."""
+    if isinstance(exc, click.ClickException):
+        return exc
+    if isinstance(exc, SnapshotError):
+        return user_error(str(exc), exc.exit_code)
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        name = ctx.invoked_subcommand or "snapshot"
+        return user_error(cancelled_message(exc, "the database", f"running {name}"), 1)
+    if isinstance(exc, psycopg.OperationalError):
+        return user_error(f"database connection failed: {libpq_reason(str(exc))}", 1)
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege | psycopg.errors.LockNotAvailable):
+        return user_error(_one_line(exc), 1)
+    return None
+
+
+_ARGV = "snapshot.argv"
+
+
 class Group(click.Group):
-    """Turns the tool's errors, and database failures, into one line and an exit code."""
+    """Turns the tool's errors, and database failures, into one line and an exit code.
+
+    With ``--json``, stdout gets exactly one JSON document whatever happens: the command's
+    report, with an ``error`` field when it failed (``{"error": ...}`` when there is none).
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[_ARGV] = list(args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
-        except SnapshotError as exc:
-            raise user_error(str(exc), exc.exit_code) from None
-        except psycopg.errors.QueryCanceled as exc:
-            name = ctx.invoked_subcommand or "snapshot"
-            raise user_error(cancelled_message(exc, "the database", f"running {name}"), 1) from None
-        except psycopg.OperationalError as exc:
-            raise user_error(f"database connection failed: {_one_line(exc)}", 1) from None
-        except (psycopg.errors.InsufficientPrivilege, psycopg.errors.LockNotAvailable) as exc:
-            raise user_error(_one_line(exc), 1) from None
+            result = super().invoke(ctx)
+        except Exception as exc:
+            failure = _as_user_error(ctx, exc)
+            if failure is None:
+                raise
+            _print_document(ctx, failure)
+            raise failure from None
+        except KeyboardInterrupt:
+            # Commands that change a database turn Ctrl-C into Interrupted with the state;
+            # anything else wrote nothing that stays (take's folder is removed unpublished).
+            failure = user_error("interrupted (Ctrl-C): nothing was changed", 130)
+            _print_document(ctx, failure)
+            raise failure from None
+        _print_document(ctx, None)
+        return result
+
+
+def _print_document(ctx: click.Context, failure: click.ClickException | None) -> None:
+    """Print the JSON document of a ``--json`` run (see :class:`Group`)."""
+    app = ctx.obj if isinstance(ctx.obj, App) else None
+    if not ((app is not None and app.as_json) or "--json" in ctx.meta.get(_ARGV, ())):
+        return
+    document = app.document if app is not None else None
+    if failure is not None:
+        error = failure.format_message()
+        if isinstance(document, dict):
+            document = {**document, "error": error}
+        elif document is None:
+            document = {"error": error}
+        else:
+            document = {"result": document, "error": error}
+    if document is not None:
+        click.echo(render.as_json(document))
 
 
 @dataclass
 class App:
-    """Options shared by every command."""
+    """Options shared by every command, and the JSON document a command produced."""
 
     config_path: Path | None
-    pg_bin: Path | None
+    option_pg_bin: Path | None
+    verbose: int = 0
+    quiet: bool = False
+    as_json: bool = False
+    document: Any = None
 
     @functools.cached_property
     def config(self) -> Config:
         return load_config(self.config_path)
 
+    @property
+    def pg_bin(self) -> Path | None:
+        """--pg-bin/PG_BIN, else pg_bin in snapshot.toml, else None (search)."""
+        return self.option_pg_bin or self.config.pg_bin
+
+    def output(self, document: Any, text: Callable[[], str]) -> None:
+        """Print ``text()``, or keep ``document`` for the one JSON document of ``--json``."""
+        if self.as_json:
+            self.document = document
+        else:
+            click.echo(text())
+
 
 pass_app = click.make_pass_decorator(App)
 
 
+def _global_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A global option given after the subcommand (``snapshot take dev -v``)."""
+    app = ctx.find_object(App)
+    if app is None or value in (None, 0, False):
+        return value
+    if param.name == "config_path":
+        app.config_path = value
+        app.__dict__.pop("config", None)
+    elif param.name == "pg_bin":
+        app.option_pg_bin = value
+    elif param.name == "verbose":
+        app.verbose += value
+    elif param.name == "quiet":
+        app.quiet = True
+    _setup_logging(app.verbose, app.quiet)
+    return value
+
+
+CONFIG_HELP = (
+    f"Config file (default: the nearest {CONFIG_FILE} at or above the working directory). "
+    "Env files and the archive resolve relative to its folder."
+)
+PG_BIN_HELP = (
+    "Directory holding pg_dump/pg_restore (default: pg_bin in snapshot.toml, PATH, the usual "
+    "install places, then the bundled PostgreSQL)."
+)
+
+
+def global_options(f: F) -> F:
+    """--config, --pg-bin, -v and -q, accepted after the subcommand as well as before it."""
+    options = [
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(path_type=Path, dir_okay=False),
+            expose_value=False,
+            callback=_global_option,
+            help=CONFIG_HELP,
+        ),
+        click.option(
+            "--pg-bin",
+            type=click.Path(path_type=Path, file_okay=False),
+            expose_value=False,
+            callback=_global_option,
+            help=PG_BIN_HELP,
+        ),
+        click.option(
+            "-v",
+            "--verbose",
+            count=True,
+            expose_value=False,
+            callback=_global_option,
+            help="Show debug output, commands included.",
+        ),
+        click.option(
+            "-q",
+            "--quiet",
+            is_flag=True,
+            expose_value=False,
+            callback=_global_option,
+            help="Show only warnings and errors on stderr.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _json_flag(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    app = ctx.find_object(App)
+    if app is not None and value:
+        app.as_json = True
+    return value
+
+
 def json_option(f: F) -> F:
-    """``--json``: print machine-readable output instead of a table."""
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+    """``--json``: print one machine-readable document instead of a table, even on failure."""
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        callback=_json_flag,
+        help="Print one JSON document instead of a table (with an error field on failure).",
+    )(f)
 
 
 def yes_option(f: F) -> F:
@@ -123,20 +280,33 @@ def _choose_snapshot(
     source = source_env or OTHER_ENV.get(target_env)
     if source is None:
         raise user_error(f"which snapshot should go to {target_env}? pass --from ENV", 2)
+    app.config.require_known(source)
     return archive.newest_snapshot(app.config.archive, source, kind="take")
 
 
+def _preflight_failure(report: Any, message: str) -> click.ClickException:
+    """The error line of a failed preflight: the verdict, then the first error itself.
+
+    The cause is on stderr too, so ``-q`` or a redirected stdout never hides it. A missing
+    or too old pg_dump/pg_restore is an installation problem: exit 2, as in take.
+    """
+    first = report.errors[0]
+    more = len(report.errors) - 1
+    cause = f"{first.check}: {first.detail}" + (f" (and {more} more)" if more else "")
+    return user_error(f"{message}; {cause}", report.exit_code)
+
+
 @contextlib.contextmanager
-def _preflight_table(as_json: bool) -> Any:
-    """Print the preflight's table when it refuses, before the one-line error."""
+def _preflight_table(app: App) -> Any:
+    """Show the preflight's table (or keep its JSON) when it refuses, then the one-line error."""
     from snapshot.preflight import PreflightFailed
 
     try:
         yield
     except PreflightFailed as exc:
         report = exc.report
-        click.echo(render.as_json(report.to_json()) if as_json else render.preflight_report(report))
-        raise
+        app.output(report.to_json(), lambda: render.preflight_report(report))
+        raise _preflight_failure(report, str(exc)) from None
 
 
 def _confirmer(app: App, target: str, yes: bool, dry_run: bool) -> Any:
@@ -144,9 +314,12 @@ def _confirmer(app: App, target: str, yes: bool, dry_run: bool) -> Any:
     if yes or dry_run or app.config.environment(target).safe:
         return None
     if not sys.stdin.isatty():
+        # Never advise marking it safe: that would turn off the question for good.
+        npm_script = os.environ.get("npm_lifecycle_event")  # noqa: SIM112 (npm's own name)
+        how = f"npm run {npm_script} -- --yes" if npm_script else "pass --yes"
         raise user_error(
-            f"refusing to change {target} without confirmation: no terminal to ask in; pass "
-            "--yes, or mark the environment safe in snapshot.toml",
+            f"refusing to change {target} without confirmation: no terminal to ask in; "
+            f"{how} to confirm from a script",
             2,
         )
 
@@ -160,13 +333,33 @@ def _confirmer(app: App, target: str, yes: bool, dry_run: bool) -> Any:
     return confirm
 
 
-def _finish(report: Any, as_json: bool, failure: str | None) -> None:
+def _finish(app: App, report: Any, failure: str | None) -> None:
     """Print a report (table or JSON); exit 1 with ``failure`` as the error line when set."""
-    click.echo(render.as_json(report.to_json()) if as_json else render.parity_report(report))
+    app.output(report.to_json(), lambda: render.parity_report(report))
     for note in getattr(report, "notes", ()):
         click.echo(f"note: {note}", err=True)
     if failure:
         raise user_error(failure, 1)
+
+
+def _retain(app: App, *envs: str) -> None:
+    """Apply [retention] keep to ``envs`` after a command that archived something."""
+    from snapshot.prune import prune as run_prune
+
+    keep = app.config.retention
+    if keep is None:
+        return
+    for env in envs:
+        report = run_prune(app.config.archive, keep, env)
+        if report.removed:
+            log.info(
+                "pruned %d old snapshot%s of %s (%s; [retention] keep = %d)",
+                len(report.removed),
+                "" if len(report.removed) == 1 else "s",
+                env,
+                archive.human_size(report.freed),
+                keep,
+            )
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -175,6 +368,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    progress.enable(sys.stderr.isatty() and not quiet)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -184,13 +378,13 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     "config_path",
     type=click.Path(path_type=Path, dir_okay=False),
     envvar="SNAPSHOT_CONFIG",
-    help=f"Config file (default: ./{CONFIG_FILE} when present, else built-in defaults).",
+    help=CONFIG_HELP,
 )
 @click.option(
     "--pg-bin",
     type=click.Path(path_type=Path, file_okay=False),
     envvar="PG_BIN",
-    help="Directory holding pg_dump/pg_restore (default: PATH, then usual install places).",
+    help=PG_BIN_HELP,
 )
 @click.option("-v", "--verbose", count=True, help="Show debug output, commands included.")
 @click.option("-q", "--quiet", is_flag=True, help="Show only warnings and errors on stderr.")
@@ -200,25 +394,34 @@ def cli(
 ) -> None:
     """Make one PostgreSQL database's data match another's, safely, with pg_dump/pg_restore.
 
+    Global options (--config, --pg-bin, -v, -q) go before or after the command.
+
     \b
     snapshot take dev          archive a snapshot of dev's scope
     snapshot apply prod        apply dev's newest snapshot to prod
     snapshot verify dev prod   compare the two live databases
     """
     _setup_logging(verbose, quiet)
-    ctx.obj = App(config_path, pg_bin)
+    ctx.obj = App(config_path, pg_bin, verbose, quiet)
 
 
 @cli.command()
 @click.option("--force", is_flag=True, help="Overwrite an existing config file.")
+@global_options
 @pass_app
 def init(app: App, force: bool) -> None:
-    """Write a commented snapshot.toml with the default scope.
+    """Write a commented snapshot.toml with the default scope, in the project root.
+
+    The project root is the nearest folder at or above this one holding snapshot.toml or
+    .env.local/.env.production (else this folder).
 
     \b
     snapshot init
     """
-    path = app.config_path or Path(CONFIG_FILE)
+    path = app.config_path
+    if path is None:
+        root = find_root(Path.cwd())
+        path = root.config or root.folder / CONFIG_FILE
     if path.exists() and not force:
         raise user_error(f"{path} already exists: edit it, or pass --force to overwrite it", 2)
     path.write_text(render_default_config(), encoding="utf-8")
@@ -228,6 +431,7 @@ def init(app: App, force: bool) -> None:
 @cli.command()
 @click.argument("env_name", metavar="ENV")
 @json_option
+@global_options
 @pass_app
 def env(app: App, env_name: str, as_json: bool) -> None:
     """Show how ENV is reached (password masked) and whether it answers.
@@ -238,15 +442,16 @@ def env(app: App, env_name: str, as_json: bool) -> None:
     from snapshot.envinfo import probe_environment
 
     report = probe_environment(app.config, env_name)
-    click.echo(render.as_json(report.to_json()) if as_json else render.env_report(report))
+    app.output(report.to_json(), lambda: render.env_report(report))
     if not report.answers:
-        sys.exit(1)
+        raise user_error(f"{env_name} does not answer: {report.error}", 1)
 
 
 @cli.command()
 @click.argument("env_name", metavar="ENV")
 @click.option("--label", help="Suffix for the snapshot's name, e.g. before-cutover.")
 @json_option
+@global_options
 @pass_app
 def take(app: App, env_name: str, label: str | None, as_json: bool) -> None:
     """Archive a consistent, data-only snapshot of ENV's scope.
@@ -258,13 +463,14 @@ def take(app: App, env_name: str, label: str | None, as_json: bool) -> None:
     from snapshot.take import take as take_snapshot
 
     snapshot = take_snapshot(app.config, env_name, label=label, pg_bin=app.pg_bin)
-    summary = render.snapshot_summary(snapshot)
-    click.echo(render.as_json(summary) if as_json else render.take_report(snapshot))
+    app.output(render.snapshot_summary(snapshot), lambda: render.take_report(snapshot))
+    _retain(app, env_name)
 
 
 @cli.command(name="list")
 @click.argument("env_name", metavar="[ENV]", required=False)
 @json_option
+@global_options
 @pass_app
 def list_(app: App, env_name: str | None, as_json: bool) -> None:
     """List archived snapshots, newest first.
@@ -273,16 +479,55 @@ def list_(app: App, env_name: str | None, as_json: bool) -> None:
     snapshot list
     snapshot list prod
     """
+    if env_name is not None:
+        app.config.require_known(env_name)
     snapshots, damaged = archive.scan_archive(app.config.archive, env_name)
+    listed = [render.snapshot_summary(s) for s in snapshots]
+    listed += [{"id": d.id, "path": str(d.path), "damaged": d.reason} for d in damaged]
     if as_json:
-        listed = [render.snapshot_summary(s) for s in snapshots]
-        listed += [{"id": d.id, "path": str(d.path), "damaged": d.reason} for d in damaged]
-        click.echo(render.as_json(listed))
+        app.document = listed
     elif snapshots or damaged:
         click.echo(render.list_report(snapshots, damaged))
     else:
         where = f" of {env_name}" if env_name else ""
-        click.echo(f"no snapshots{where} in {app.config.archive}", err=True)
+        click.echo(f"no snapshots{where} in {display_path(app.config.archive)}", err=True)
+
+
+@cli.command()
+@click.argument("env_name", metavar="[ENV]", required=False)
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Keep the newest N per environment and kind (default: [retention] keep).",
+)
+@click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
+@json_option
+@global_options
+@pass_app
+def prune(app: App, env_name: str | None, keep: int | None, dry_run: bool, as_json: bool) -> None:
+    """Delete old snapshots: keep the newest N per environment and kind.
+
+    Kinds are takes, pre-apply backups and pre-rollback backups. The newest pre-apply
+    backup of each environment (what rollback restores) is always kept.
+
+    \b
+    snapshot prune --keep 5 --dry-run
+    snapshot prune prod
+    """
+    from snapshot.prune import prune as run_prune
+
+    keep = keep or app.config.retention
+    if keep is None:
+        raise user_error(
+            "how many snapshots should stay? pass --keep N, or set [retention] keep in "
+            "snapshot.toml",
+            2,
+        )
+    if env_name is not None:
+        app.config.require_known(env_name)
+    report = run_prune(app.config.archive, keep, env_name, dry_run=dry_run)
+    app.output(report.to_json(), lambda: render.prune_report(report))
 
 
 def _apply_failure(report: Any) -> str | None:
@@ -307,6 +552,7 @@ def _apply_failure(report: Any) -> str | None:
 @allow_cascade_option
 @yes_option
 @json_option
+@global_options
 @pass_app
 def apply(
     app: App,
@@ -336,7 +582,7 @@ def apply(
 
     snapshot = _choose_snapshot(app, target_env, source_env, snapshot_id)
     confirm = _confirmer(app, target_env, yes, dry_run)
-    with _preflight_table(as_json):
+    with _preflight_table(app):
         report = run_apply(
             app.config,
             target_env,
@@ -347,7 +593,9 @@ def apply(
             pg_bin=app.pg_bin,
             allow_cascades=allow_cascades,
         )
-    _finish(report, as_json, _apply_failure(report))
+    _finish(app, report, _apply_failure(report))
+    if report.committed:
+        _retain(app, target_env)
 
 
 @cli.command()
@@ -355,6 +603,7 @@ def apply(
 @click.option("--to", "snapshot_id", metavar="ID", help="Restore this snapshot of TARGET.")
 @yes_option
 @json_option
+@global_options
 @pass_app
 def rollback(app: App, target_env: str, snapshot_id: str | None, yes: bool, as_json: bool) -> None:
     """Put TARGET back as it was before the last apply (its newest pre-apply backup).
@@ -369,16 +618,19 @@ def rollback(app: App, target_env: str, snapshot_id: str | None, yes: bool, as_j
     if snapshot_id:
         snapshot = archive.find_snapshot(config.archive, snapshot_id)
     else:
+        config.environment(target_env)  # an unknown name is a typo, not a missing backup
         # Settle first: the newest backup may be one a killed apply sealed but never listed.
         for note in settle_backups(config, target_env):
             click.echo(note, err=True)
         snapshot = archive.newest_snapshot(config.archive, target_env, kind=archive.PRE_APPLY)
     confirm = _confirmer(app, target_env, yes, False)
-    with _preflight_table(as_json):
+    with _preflight_table(app):
         report = run_apply(
             config, target_env, snapshot, action="rollback", confirm=confirm, pg_bin=app.pg_bin
         )
-    _finish(report, as_json, _apply_failure(report))
+    _finish(app, report, _apply_failure(report))
+    if report.committed:
+        _retain(app, target_env)
 
 
 @cli.command()
@@ -388,6 +640,7 @@ def rollback(app: App, target_env: str, snapshot_id: str | None, yes: bool, as_j
 @full_option
 @allow_cascade_option
 @json_option
+@global_options
 @pass_app
 def check(
     app: App,
@@ -403,7 +656,7 @@ def check(
     Checks the snapshot's files, the schema, migrations, foreign keys from outside the
     scope, auth user conflicts, tools, privileges, and concurrent applies, then shows the
     plan: per table, the rows to insert, update, delete and leave alone. Exits 1 on any
-    error.
+    error (2 when pg_dump or pg_restore is missing or too old).
 
     \b
     snapshot check prod
@@ -420,19 +673,20 @@ def check(
         allow_cascades=allow_cascades,
         full=full,
     )
-    click.echo(render.as_json(report.to_json()) if as_json else render.preflight_report(report))
+    app.output(report.to_json(), lambda: render.preflight_report(report))
     if not report.ok:
         count = len(report.errors)
-        raise user_error(
+        raise _preflight_failure(
+            report,
             f"preflight found {count} error{'s' if count > 1 else ''}: apply {snapshot.id} to "
             f"{target_env} would not go through",
-            1,
         )
 
 
 @cli.command()
 @click.argument("target_env", metavar="TARGET")
 @json_option
+@global_options
 @pass_app
 def smoke(app: App, target_env: str, as_json: bool) -> None:
     """Prove TARGET's guardrails hold: try what they must refuse, then roll back.
@@ -445,7 +699,7 @@ def smoke(app: App, target_env: str, as_json: bool) -> None:
     from snapshot.smoke import smoke as run_smoke
 
     report = run_smoke(app.config, target_env)
-    click.echo(render.as_json(report.to_json()) if as_json else render.smoke_report(report))
+    app.output(report.to_json(), lambda: render.smoke_report(report))
     if not report.ok:
         raise user_error(f"guardrails of {target_env} do not hold: {', '.join(report.broken)}", 1)
 
@@ -456,6 +710,7 @@ def smoke(app: App, target_env: str, as_json: bool) -> None:
 @allow_cascade_option
 @yes_option
 @json_option
+@global_options
 @pass_app
 def cutover(
     app: App,
@@ -478,6 +733,7 @@ def cutover(
 
     if source_env == target_env:
         raise user_error(f"cutover needs two environments, got {source_env} twice", 2)
+    app.config.environment(source_env)
     confirm = _confirmer(app, target_env, yes, False)
     report = run_cutover(
         app.config,
@@ -487,9 +743,10 @@ def cutover(
         pg_bin=app.pg_bin,
         allow_cascades=allow_cascades,
     )
-    click.echo(render.as_json(report.to_json()) if as_json else render.cutover_report(report))
+    app.output(report.to_json(), lambda: render.cutover_report(report))
     if report.failure:
         raise user_error(report.failure, report.exit_code)
+    _retain(app, source_env, target_env)
 
 
 @cli.command()
@@ -503,6 +760,7 @@ def cutover(
 @click.option("--keep", is_flag=True, help="Leave the servers running and print how to reach them.")
 @click.option("--down", is_flag=True, help="Stop servers a kept or killed rehearsal left running.")
 @json_option
+@global_options
 @pass_app
 def rehearse(app: App, scale: int, keep: bool, down: bool, as_json: bool) -> None:
     """Rehearse the whole cutover on two throwaway local PostgreSQL servers.
@@ -523,12 +781,15 @@ def rehearse(app: App, scale: int, keep: bool, down: bool, as_json: bool) -> Non
         if keep:
             raise user_error("give --down or --keep, not both", 2)
         stopped = rehearsal.down()
-        click.echo(f"stopped {stopped} rehearsal server{'s' if stopped != 1 else ''}")
+        app.output(
+            {"stopped": stopped},
+            lambda: f"stopped {stopped} rehearsal server{'s' if stopped != 1 else ''}",
+        )
         return
     report = rehearsal.rehearse(
         rehearsal.rehearsal_sql(app.config), scale=scale, keep=keep, pg_bin=app.pg_bin
     )
-    click.echo(render.as_json(report.to_json()) if as_json else render.rehearsal_report(report))
+    app.output(report.to_json(), lambda: render.rehearsal_report(report))
     if report.failure:
         raise user_error(f"rehearsal failed: {report.failure}", 1)
 
@@ -537,6 +798,7 @@ def rehearse(app: App, scale: int, keep: bool, down: bool, as_json: bool) -> Non
 @click.argument("source_env", metavar="SOURCE")
 @click.argument("target_env", metavar="TARGET")
 @json_option
+@global_options
 @pass_app
 def verify(app: App, source_env: str, target_env: str, as_json: bool) -> None:
     """Compare two live databases over the scope: counts and checksums.
@@ -548,6 +810,8 @@ def verify(app: App, source_env: str, target_env: str, as_json: bool) -> None:
     """
     from snapshot.verify import verify as run_verify
 
+    for name in (source_env, target_env):
+        app.config.environment(name)  # a typo is named before anything connects
     report = run_verify(app.config, source_env, target_env)
     failure = None
     if not report.matches:
@@ -555,7 +819,7 @@ def verify(app: App, source_env: str, target_env: str, as_json: bool) -> None:
         if report.auth_users_missing:
             bad.append(f"auth.users ({report.auth_users_missing} missing in {target_env})")
         failure = f"{target_env} differs from {source_env} in {', '.join(bad)}"
-    _finish(report, as_json, failure)
+    _finish(app, report, failure)
 
 
 def main() -> None:

@@ -6,17 +6,19 @@ replaces and ``verify`` compares are one list by construction.
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from snapshot.errors import ConfigError
 from snapshot.names import TableName, quote, split_dotted
+from snapshot.project import CONFIG_FILE, ProjectRoot, find_root
 
-CONFIG_FILE = "snapshot.toml"
+__all__ = ["CONFIG_FILE", "Config", "load_config", "render_default_config"]
 
 DEFAULT_TABLES = (
     "users",
@@ -63,6 +65,7 @@ class EnvironmentConfig:
     pooler_host: str | None = None
     ssl_root_cert: Path | None = None
     session: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_SESSION_LIMITS))
+    origin: str = ""  # why env_file resolves where it does, for "does not exist" messages
 
 
 @dataclass(frozen=True)
@@ -118,22 +121,68 @@ class Config:
     apply: ApplySettings
     preflight_allow_cascades: tuple[str, ...] = ()
     session: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_SESSION_LIMITS))
+    origin: str = ""  # why relative paths resolve from base_dir, for messages
+    pg_bin: Path | None = None
+    retention: int | None = None
 
     def environment(self, name: str) -> EnvironmentConfig:
-        """The named environment; a name without a section uses ``.env.<name>``."""
+        """The named environment; a name without a section uses ``.env.<name>``.
+
+        A name that is neither configured nor has its env file is refused, with the known
+        environment it most resembles (``prdo``: did you mean prod?).
+        """
         if name in self.environments:
             return self.environments[name]
-        if not name or not all(c.isalnum() or c in "-_" for c in name):
-            raise ConfigError(
-                f"{name!r} is not an environment name: use letters, digits, '-' or '_'"
-            )
+        _check_env_name(name)
+        env_file = self.base_dir / f".env.{name}"
+        if not env_file.is_file() and name not in self.environment_names():
+            raise ConfigError(self.unknown_environment(name))  # archived only: say the file
         return EnvironmentConfig(
-            name=name, env_file=self.base_dir / f".env.{name}", session=self.session
+            name=name, env_file=env_file, session=self.session, origin=self.origin
+        )
+
+    def environment_names(self) -> list[str]:
+        """Environments this project knows: configured, with an env file, or archived."""
+        names = set(self.environments)
+        taken = {e.env_file.name for e in self.environments.values()}
+        if self.base_dir.is_dir():
+            for path in self.base_dir.glob(".env.*"):
+                name = path.name.removeprefix(".env.")
+                if path.name not in taken and name and all(c.isalnum() or c in "-_" for c in name):
+                    names.add(name)
+        if self.archive.is_dir():
+            names.update(p.name for p in self.archive.iterdir() if _archived_env(p))
+        return sorted(names)
+
+    def require_known(self, name: str) -> None:
+        """Refuse an environment name this project does not know (a typo, most likely)."""
+        _check_env_name(name)
+        if name not in self.environment_names():
+            raise ConfigError(self.unknown_environment(name))
+
+    def unknown_environment(self, name: str) -> str:
+        """The sentence for an unknown environment: where it was looked for, what is close."""
+        known = self.environment_names()
+        close = difflib.get_close_matches(name, [k for k in known if k != name], n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        where = display_path(self.base_dir / f".env.{name}")
+        return (
+            f"unknown environment {name!r}: {hint}known: {', '.join(known) or 'none'}; "
+            f"{name} needs [environments.{name}] in snapshot.toml or {where} ({self.origin})"
         )
 
     def ignored_columns(self, table: TableName) -> tuple[str, ...]:
         """Columns of ``table`` that parity ignores."""
         return tuple(c.column for c in self.apply.ignore_columns if c.table == table)
+
+
+def _check_env_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise ConfigError(f"{name!r} is not an environment name: use letters, digits, '-' or '_'")
+
+
+def _archived_env(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".")
 
 
 def display_path(path: Path) -> str:
@@ -236,6 +285,19 @@ def _parse_environments(
     return envs
 
 
+_UNITS = {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_seconds(text: str) -> float:
+    """A PostgreSQL time setting (``"10s"``, ``"500ms"``, ``"2min"``, bare milliseconds)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)?\s*", str(text))
+    if not match:
+        raise ConfigError(
+            f'{text!r} is not a duration: write it as PostgreSQL does ("10s", "500ms", "2min")'
+        )
+    return float(match.group(1)) * _UNITS[match.group(2) or "ms"]
+
+
 def _parse_apply(
     apply: Mapping[str, Any], parity: Mapping[str, Any], scope: Scope
 ) -> ApplySettings:
@@ -254,19 +316,51 @@ def _parse_apply(
     if "insert_as" not in apply:  # the built-in default applies where its table is scoped
         insert_as = {c: v for c, v in insert_as.items() if c.table in scope.tables}
     ignore = _expect(parity.get("ignore_columns", []), list, "[parity] ignore_columns", "a list")
+    lock_timeout = _expect(apply.get("lock_timeout", "10s"), str, "[apply] lock_timeout", "text")
+    try:
+        if duration_seconds(lock_timeout) <= 0:
+            raise ConfigError(
+                "[apply] lock_timeout must be more than 0: without it, a lock waits forever"
+            )
+    except ConfigError as exc:
+        raise ConfigError(f"[apply] lock_timeout: {exc}") from None
     return ApplySettings(
-        lock_timeout=str(apply.get("lock_timeout", "10s")),
+        lock_timeout=lock_timeout,
         insert_as=insert_as,
         orphaned_users=orphaned,
         ignore_columns=tuple(_parse_column(c, "[parity] ignore_columns") for c in ignore),
     )
 
 
-def parse_config(data: Mapping[str, Any], path: Path | None, base_dir: Path) -> Config:
+def _parse_retention(data: Mapping[str, Any]) -> int | None:
+    """``[retention] keep = N``: the newest N snapshots kept per environment and kind."""
+    _check_keys(data, {"keep"}, "[retention]")
+    if "keep" not in data:
+        return None
+    keep = data["keep"]
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ConfigError(f"[retention] keep must be a whole number of at least 1, not {keep!r}")
+    return int(keep)
+
+
+def parse_config(
+    data: Mapping[str, Any], path: Path | None, base_dir: Path, origin: str = ""
+) -> Config:
     """Validate a parsed ``snapshot.toml`` (or ``{}`` for the defaults)."""
     _check_keys(
         data,
-        {"archive", "scripts", "scope", "environments", "apply", "parity", "preflight", "session"},
+        {
+            "archive",
+            "scripts",
+            "pg_bin",
+            "scope",
+            "environments",
+            "apply",
+            "parity",
+            "preflight",
+            "session",
+            "retention",
+        },
         str(CONFIG_FILE),
     )
     pre = _expect(data.get("preflight", {}), dict, "[preflight]", "a table")
@@ -277,6 +371,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None, base_dir: Path) -> 
     envs = _parse_environments(
         _expect(data.get("environments", {}), dict, "[environments]", "a table"), base_dir, session
     )
+    envs = {name: replace(env, origin=origin) for name, env in envs.items()}
     settings = _parse_apply(
         _expect(data.get("apply", {}), dict, "[apply]", "a table"),
         _expect(data.get("parity", {}), dict, "[parity]", "a table"),
@@ -288,7 +383,15 @@ def parse_config(data: Mapping[str, Any], path: Path | None, base_dir: Path) -> 
                 f"column {column} is configured but {column.table} is not in [scope] tables"
             )
     archive = _expect(data.get("archive", "snapshots"), str, "archive", "a path")
+    archive_dir = (base_dir / archive).resolve()
+    if archive_dir == base_dir.resolve() or archive_dir in base_dir.resolve().parents:
+        raise ConfigError(
+            f"archive = {archive!r} is the project folder or above it: name a folder of its "
+            "own (snapshot makes it private and git-ignored)"
+        )
     scripts = _expect(data.get("scripts", "sql"), str, "scripts", "a path")
+    pg_bin = _expect(data.get("pg_bin", ""), str, "pg_bin", "a path")
+    retention = _parse_retention(_expect(data.get("retention", {}), dict, "[retention]", "a table"))
     return Config(
         path=path,
         base_dir=base_dir,
@@ -300,24 +403,35 @@ def parse_config(data: Mapping[str, Any], path: Path | None, base_dir: Path) -> 
         apply=settings,
         preflight_allow_cascades=tuple(str(a) for a in allow),
         session=session,
+        origin=origin,
+        pg_bin=base_dir / pg_bin if pg_bin else None,
+        retention=retention,
     )
 
 
 def load_config(path: Path | None = None, cwd: Path | None = None) -> Config:
-    """Read ``path`` (or ``./snapshot.toml`` when it exists); with neither, the user's defaults."""
-    cwd = cwd or Path.cwd()
+    """Read ``path``, else the project's ``snapshot.toml``; with neither, the user's defaults.
+
+    The project is the nearest folder at or above ``cwd`` holding ``snapshot.toml`` or an
+    env file (:func:`snapshot.project.find_root`); relative paths resolve from it, or from
+    the folder of an explicit ``path``.
+    """
     if path is None:
-        candidate = cwd / CONFIG_FILE
-        if not candidate.exists():
-            return parse_config({}, None, cwd)
-        path = candidate
+        root: ProjectRoot = find_root(cwd or Path.cwd())
+        if root.config is None:
+            return parse_config({}, None, root.folder, root.describe())
+        path, origin = root.config, root.describe()
+    else:
+        origin = f"env files and the archive resolve relative to the folder of {path}"
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist: run 'snapshot init'") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder: name the .toml file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    return parse_config(data, path, path.resolve().parent)
+    return parse_config(data, path, path.resolve().parent, origin)
 
 
 def render_default_config() -> str:
@@ -325,15 +439,30 @@ def render_default_config() -> str:
     tables = "\n".join(f'    "{t}",' for t in DEFAULT_TABLES)
     return f"""\
 # snapshot.toml: the one scope that `snapshot take`, `apply` and `verify` share.
-# Relative paths are relative to this file.
+# Relative paths are relative to this file's folder, the project root: snapshot finds it
+# from any folder below it.
 
 # Where snapshots and pre-apply backups are archived: <archive>/<env>/<UTC time>[-label]/
+# (private: 0700, with a .gitignore of its own, so git never offers to commit it).
 archive = "snapshots"
 
 # SQL scripts run by apply inside its transaction: <scripts>/pre/*.sql before any row
-# changes, <scripts>/post/*.sql after the snapshot's rows are in, in file-name order.
-# They can read the snapshot's rows from temporary tables named snapshot_<table>.
-scripts = "sql"
+# changes, <scripts>/post/*.sql after the snapshot's rows are in, in file-name order; and
+# <scripts>/smoke/*.sql for `snapshot smoke`. They can read the snapshot's rows from
+# temporary tables named snapshot_<table>. Until a sql/ folder exists here, snapshot's
+# bundled scripts run; set this to use another folder.
+# scripts = "sql"
+
+# The folder of pg_dump and pg_restore (at least the servers' major version). Default:
+# --pg-bin/PG_BIN, then PATH, then the usual install places, then the bundled PostgreSQL.
+# pg_bin = "/usr/lib/postgresql/17/bin"
+
+[retention]
+# `snapshot prune` keeps the newest N snapshots per environment and kind (takes, pre-apply
+# backups, pre-rollback backups) and deletes older ones; when set, take, apply and rollback
+# prune their environment after they succeed. The newest pre-apply backup (what
+# `snapshot rollback` restores) is always kept. Unset: keep everything.
+# keep = 10
 
 [scope]
 # Tables copied by take, replaced by apply and compared by verify. Order does not matter:

@@ -92,6 +92,10 @@ class CutoverReport:
 class _StepFailed(Exception):
     """A step's own verdict (a report that says no), as opposed to an error raised in it."""
 
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 @contextlib.contextmanager
 def _step(report: CutoverReport, name: str, detail: Callable[[], str]) -> Iterator[None]:
@@ -104,7 +108,13 @@ def _step(report: CutoverReport, name: str, detail: Callable[[], str]) -> Iterat
         message = scripts.error_message(exc) if isinstance(exc, psycopg.Error) else str(exc)
         report.steps.append(Step(name, FAILED, time.monotonic() - started, message))
         report.failure = f"{name} failed: {message}"
-        report.exit_code = exc.exit_code if isinstance(exc, SnapshotError) else 1
+        report.exit_code = exc.exit_code if isinstance(exc, SnapshotError | _StepFailed) else 1
+        raise _Stop from None
+    except KeyboardInterrupt:
+        message = "interrupted (Ctrl-C)"
+        report.steps.append(Step(name, FAILED, time.monotonic() - started, message))
+        report.failure = f"{name} {message}"
+        report.exit_code = 130
         raise _Stop from None
     report.steps.append(Step(name, OK, time.monotonic() - started, detail()))
 
@@ -146,7 +156,7 @@ def _run(
         live = describe(config, source, pg_bin=pg_bin)
         report.preflight = check(config, target, live, pg_bin=pg_bin, allow_cascades=allow_cascades)
         if not report.preflight.ok:
-            raise _StepFailed(_preflight_errors(report.preflight))
+            raise _StepFailed(_preflight_errors(report.preflight), report.preflight.exit_code)
 
     with _step(report, "take", lambda: f"{report.snapshot}"):
         snapshot = take(config, source, label="cutover", pg_bin=pg_bin)
@@ -164,7 +174,7 @@ def _run(
             )
         except PreflightFailed as exc:
             report.preflight = exc.report
-            raise _StepFailed(_preflight_errors(exc.report)) from None
+            raise _StepFailed(_preflight_errors(exc.report), exc.report.exit_code) from None
         if not report.apply.committed:
             bad = ", ".join(str(t.table) for t in report.apply.tables if not t.match)
             raise _StepFailed(f"parity check failed for {bad or 'auth.users'}: rolled back")
@@ -189,7 +199,12 @@ def _preflight_detail(report: CutoverReport) -> str:
 def _preflight_errors(checks: PreflightReport) -> str:
     names = list(dict.fromkeys(f.check for f in checks.errors))
     count = len(checks.errors)
-    return f"{count} error{'s' if count > 1 else ''} ({', '.join(names)}): see the table below"
+    # The first error itself too: with -q or --json there is no table to look at.
+    first = checks.errors[0].detail
+    return (
+        f"{count} error{'s' if count > 1 else ''} ({', '.join(names)}): see the table below; "
+        f"the first: {first}"
+    )
 
 
 def _apply_detail(report: CutoverReport) -> str:

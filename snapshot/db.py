@@ -33,13 +33,36 @@ SESSION_SETTINGS = {
 _INTRODUCED = {"transaction_timeout": 170000, "client_connection_check_interval": 140000}
 
 
+_ATTEMPT = re.compile(r"^(?:connection failed: )?connection to server .*? failed: ")
+
+
+def libpq_reason(text: str) -> str:
+    """libpq's connection error as one line, its cause kept.
+
+    libpq writes ``connection to server at "h", port p failed: Connection refused`` and a
+    tab-indented hint on the next line ("Is the server running…"); with several addresses,
+    one such block per attempt. The last attempt's cause and hint are kept, on one line.
+    """
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return "connection failed"
+    starts = [i for i, ln in enumerate(lines) if _ATTEMPT.match(ln)] or [0]
+    cause, *hints = lines[starts[-1] :]
+    cause = _ATTEMPT.sub("", cause).removeprefix("connection failed: ")
+    cause = re.sub(r"^(FATAL|ERROR):\s+", "", cause)
+    if hints:
+        hint = " ".join(hints).rstrip(".")
+        cause += f" ({hint[:1].lower()}{hint[1:]})"
+    return cause
+
+
 def _explain(exc: psycopg.OperationalError, target: Connection) -> str:
     text = str(exc).strip()
     where = target.describe()
     if "password authentication failed" in text or "no password supplied" in text:
         return (
             f"{where} refused the password for user {target.user!r}: "
-            f"check SUPABASE_DB_PASSWORD in {target.source}"
+            f"check {target.password_from} in {target.source}"
         )
     if "Tenant or user not found" in text:
         return (
@@ -47,11 +70,9 @@ def _explain(exc: psycopg.OperationalError, target: Connection) -> str:
             "(Tenant or user not found): copy the pooler host from the dashboard or "
             "set SUPABASE_ACCESS_TOKEN so it is discovered"
         )
+    reason = libpq_reason(text) if text else type(exc).__name__
     if "does not exist" in text and ("database" in text or "role" in text):
-        last = text.splitlines()[-1]
-        return f"{where}: {last.split('FATAL:')[-1].strip()}: check {target.source}"
-    reason = text.splitlines()[-1] if text else type(exc).__name__
-    reason = re.sub(r"^connection to server .*? failed: ", "", reason)
+        return f"{where}: {reason}: check {target.source}"
     return f"cannot connect to {where}: {reason}: check the host and port in {target.source}"
 
 

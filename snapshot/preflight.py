@@ -66,6 +66,11 @@ class PreflightReport:
     def ok(self) -> bool:
         return not self.errors
 
+    @property
+    def exit_code(self) -> int:
+        """2 when an error is an installation problem (pg_dump/pg_restore), as in take; else 1."""
+        return 2 if any(f.check == "tooling" for f in self.errors) else 1
+
     def to_json(self) -> dict[str, Any]:
         return {
             "action": self.action,
@@ -205,6 +210,7 @@ def _migrations(s: Session) -> Iterator[Finding]:
     source = s.snapshot.manifest.migrations
     here = catalog.migration_versions(s.conn)
     if source is None and here is None:
+        yield Finding("migrations", OK, "neither side has supabase_migrations.schema_migrations")
         return
     env, other = s.snapshot.manifest.environment, s.target.env
     if source is None or here is None:
@@ -336,6 +342,8 @@ def _closure(s: Session, allowed: Collection[str], plan: Plan | None = None) -> 
     scoped = set(s.order)
     outside = [f for f in s.fks if f.parent in scoped and f.child not in scoped]
     outside = [f for f in outside if f.child not in {e.table for e in s.auth_entries}]
+    if not outside:
+        yield Finding("scope closure", OK, "no foreign key from outside the scope refers to it")
     for fk in outside:
         name = f"{fk.child}.{fk.name}"
         rule = DELETE_RULES.get(fk.on_delete, fk.on_delete)
@@ -423,6 +431,25 @@ def _outside_references(s: Session) -> Iterator[Finding]:
         yield Finding("outside references", OK, "every key leaving the scope finds its row")
 
 
+def _unique_keys(
+    conn: psycopg.Connection, staged: Collection[str]
+) -> list[tuple[list[str], str | None]]:
+    """The target's unique keys on auth.users (not the id) over staged plain columns.
+
+    Each with its predicate: Supabase's email index covers only ``is_sso_user = false``,
+    so an SSO user may share a password user's email; conflicts follow the real index.
+    """
+    rows = conn.execute(
+        "SELECT array_agg(a.attname::text ORDER BY k.n), pg_get_expr(i.indpred, i.indrelid) "
+        "FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(num, n) "
+        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.num "
+        "WHERE i.indrelid = 'auth.users'::regclass AND i.indisunique AND NOT i.indisprimary "
+        "AND i.indisvalid AND 0 <> ALL (i.indkey::int2[]) GROUP BY i.indexrelid, i.indpred, "
+        "i.indrelid ORDER BY i.indexrelid"
+    ).fetchall()
+    return [(list(cols), pred) for cols, pred in rows if set(cols) <= set(staged)]
+
+
 def _auth_conflicts(s: Session) -> Iterator[Finding]:
     """Snapshot users to create whose email or phone already belongs to another target user."""
     users = next((e for e in s.auth_entries if e.table == AUTH_USERS), None)
@@ -430,18 +457,24 @@ def _auth_conflicts(s: Session) -> Iterator[Finding]:
         return
     stage = staging.staging_table(users)
     conflicts = []
-    for column in ("email", "phone"):
-        if column not in users.column_names:
+    for columns, predicate in _unique_keys(s.conn, users.column_names):
+        covered = sql.SQL(" WHERE {}").format(sql.SQL(predicate)) if predicate else sql.SQL("")
+        same = sql.SQL(" AND ").join(
+            sql.SQL("t.{c} = s.{c}").format(c=sql.Identifier(c)) for c in columns
+        )
+        query = sql.SQL(
+            "SELECT s.id, s.email, t.id FROM (SELECT * FROM {stage}{covered}) s "
+            "JOIN (SELECT * FROM auth.users{covered}) t ON {same} AND t.id <> s.id "
+            "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) ORDER BY s.id LIMIT 20"
+        ).format(stage=stage, covered=covered, same=same)
+        try:
+            with s.conn.transaction():  # a predicate over a column the snapshot lacks fails
+                rows = s.conn.execute(query).fetchall()
+        except psycopg.Error:
             continue
-        rows = s.conn.execute(
-            sql.SQL(
-                "SELECT s.id, s.email, t.id FROM {stage} s JOIN auth.users t ON t.{col} = s.{col} "
-                "AND t.id <> s.id WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) "
-                "ORDER BY s.id LIMIT 20"
-            ).format(stage=stage, col=sql.Identifier(column))
-        ).fetchall()
+        what = " and ".join(columns)
         for source_id, email, target_id in rows:
-            conflicts.append(f"{source_id} ({mask_email(email)}) has the {column} of {target_id}")
+            conflicts.append(f"{source_id} ({mask_email(email)}) has the {what} of {target_id}")
     identities = next((e for e in s.auth_entries if e.table == AUTH_IDENTITIES), None)
     if identities is not None:
         rows = s.conn.execute(
@@ -509,6 +542,7 @@ def run_checks(
     findings += _migrations(s)
     findings += _privileges(s)
     findings += _order(s)
+    findings.append(_scripts(s))
     if live:
         findings += _closure(s, allowed)
         findings.append(
@@ -576,6 +610,16 @@ def _staged_rows(s: Session) -> Iterator[Finding]:
             OK,
             f"the staged rows of {len(entries)} tables match the manifest's counts and checksums",
         )
+
+
+def _scripts(s: Session) -> Finding:
+    """Which pre, post and smoke scripts will run, from the user's folder or bundled."""
+    from snapshot import scripts
+
+    try:
+        return Finding("scripts", OK, scripts.describe(s.config))
+    except SnapshotError as exc:
+        return Finding("scripts", ERROR, str(exc))
 
 
 def _plan_findings(s: Session, plan: Plan) -> Iterator[Finding]:

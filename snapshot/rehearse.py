@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, localpg, scripts
+from snapshot import archive, localpg, progress, scripts
 from snapshot.apply import ApplyReport, run_apply
 from snapshot.config import Config, load_config
 from snapshot.cutover import CutoverReport, cutover
@@ -162,9 +162,10 @@ def _load(server: localpg.LocalServer, files: list[Path], scale: int, password: 
     ) as conn:
         conn.autocommit = True
         conn.execute(sql.SQL("SET seed.scale = {}").format(sql.Literal(str(scale))))
-        for path in files:
-            conn.execute(path.read_bytes())
-        conn.execute("VACUUM ANALYZE")
+        with progress.still_running(f"loading {server.name} (scale {scale})"):
+            for path in files:
+                conn.execute(path.read_bytes())
+            conn.execute("VACUUM ANALYZE")
         conn.execute(
             sql.SQL("ALTER ROLE {} PASSWORD {}").format(
                 sql.Identifier(APP_ROLE), sql.Literal(password)
@@ -188,15 +189,17 @@ def _write_project(
         report.env_files[name] = path
         report.urls[name] = f"postgresql://{APP_ROLE}:***@127.0.0.1:{server.port}/{DATABASE}"
     config_path = report.folder / "snapshot.toml"
-    config_path.write_text(_config_text(sql_root), encoding="utf-8")
+    config_path.write_text(_config_text(sql_root, report.bin_dir), encoding="utf-8")
     return load_config(config_path)
 
 
-def _config_text(sql_root: Path) -> str:
+def _config_text(sql_root: Path, bin_dir: Path) -> str:
     return (
         "# The rehearsal's project: two throwaway servers, the default scope.\n"
         'archive = "snapshots"\n'
-        f"scripts = {json.dumps(str(sql_root))}\n\n"
+        f"scripts = {json.dumps(str(sql_root))}\n"
+        "# The servers' own pg_dump/pg_restore: Debian 12 packages none this new.\n"
+        f"pg_bin = {json.dumps(str(bin_dir))}\n\n"
         '[environments.dev]\nenv_file = ".env.dev"\nsafe = true\n\n'
         '[environments.prod]\nenv_file = ".env.prod"\nsafe = false\n'
     )
@@ -220,6 +223,7 @@ def rehearse(
     clean_up = True
     try:
         with _termination_as_interrupt():
+            report.bin_dir = localpg.server_binaries(bin_dir, folder)
             _run(report, sql_root, servers)
         clean_up = not keep
     finally:

@@ -8,7 +8,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from snapshot.archive import Damaged, Snapshot
+from snapshot.archive import Damaged, Snapshot, human_size
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -18,15 +18,6 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def as_json(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=False, default=str)
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def short(checksum: str) -> str:
@@ -91,11 +82,14 @@ def list_report(snapshots: Sequence[Snapshot], damaged: Sequence[Damaged] = ()) 
 
 def env_report(report: Any) -> str:
     """``snapshot env`` as aligned key/value lines."""
+    route = report.route
+    if report.note and report.route != "none":
+        route += f" ({report.note})"
     rows = [
         ("environment", report.environment),
         ("env file", report.env_file),
         ("project ref", report.project_ref or "-"),
-        ("route", report.route + (f" ({report.note})" if report.note else "")),
+        ("route", route),
         ("connection", report.connection),
         ("answers", f"yes: {report.server}" if report.answers else f"no: {report.error}"),
     ]
@@ -197,6 +191,10 @@ def parity_report(report: Any) -> str:
                 f"auth.users: {a.snapshot_users:,} in the snapshot, {a.created_users:,} created "
                 f"({a.created_identities:,} identities), {a.missing_after:,} missing"
             )
+        people = report.plan.auth if report.plan else None
+        if people is not None and people.orphaned:
+            done = report.committed and not report.dry_run
+            lines.append(f"note: {people.orphaned_sentence(report.target, done=done)}")
         if report.backup:
             undo = f"snapshot rollback {report.target}"
             if report.action != "apply":
@@ -325,3 +323,25 @@ def rehearsal_report(report: Any) -> str:
         ending += f"\nservers stopped, {report.folder} removed"
     parts.append(ending)
     return "\n\n".join(parts)
+
+
+def prune_report(report: Any) -> str:
+    """``snapshot prune``: what went (or would go), and what it freed."""
+    rows = [
+        (
+            s.id,
+            s.manifest.kind,
+            s.manifest.created[:19].replace("T", " "),
+            human_size(s.manifest.size),
+        )
+        for s in report.removed
+    ]
+    verb = "would remove" if report.dry_run else "removed"
+    count = len(report.removed)
+    summary = (
+        f"prune (keep {report.keep} per environment and kind): {verb} {count} snapshot"
+        f"{'' if count == 1 else 's'} ({human_size(report.freed)}), kept {len(report.kept)}"
+    )
+    if not rows:
+        return summary
+    return f"{table(('id', 'kind', 'created (UTC)', 'size'), rows)}\n\n{summary}"

@@ -41,10 +41,32 @@ def scripts_root(config: Config) -> Path:
     return bundled_sql()
 
 
+def phase_folder(config: Config, phase: str) -> Path:
+    """Where a phase's scripts come from: the user's ``sql/<phase>``, else the bundled one.
+
+    Per phase: a ``sql/`` folder holding only ``smoke/`` keeps the bundled pre and post
+    scripts (an empty ``sql/pre`` means "no pre-scripts").
+    """
+    folder = scripts_root(config) / phase
+    return folder if folder.is_dir() else bundled_sql() / phase
+
+
 def scripts(config: Config, phase: str) -> list[Path]:
     """The ``*.sql`` files of a phase, in name order."""
-    folder = scripts_root(config) / phase
+    folder = phase_folder(config, phase)
     return sorted(folder.glob("*.sql")) if folder.is_dir() else []
+
+
+def describe(config: Config) -> str:
+    """Which scripts each phase runs, and from where (for ``check``)."""
+    bundled = bundled_sql()
+    parts = []
+    for phase in PHASES:
+        folder = phase_folder(config, phase)
+        names = ", ".join(p.name for p in scripts(config, phase)) or "none"
+        where = "bundled" if folder.is_relative_to(bundled) else display_path(folder)
+        parts.append(f"{phase}: {names} ({where})")
+    return "; ".join(parts)
 
 
 def run(conn: psycopg.Connection, files: list[Path], phase: str) -> None:

@@ -107,7 +107,7 @@ def smoke(config: Config, target_env: str) -> SmokeReport:
     """Run every smoke check against ``target_env``; nothing is ever committed."""
     files = scripts.scripts(config, "smoke")
     if not files:
-        folder = display_path(scripts.scripts_root(config) / "smoke")
+        folder = display_path(scripts.phase_folder(config, "smoke"))
         raise ConfigError(f"there are no smoke checks in {folder}: add *.sql files there")
     checks = [(path, *_header(path)) for path in files]
     target = resolve_connection(config.environment(target_env))

@@ -19,7 +19,7 @@ from typing import BinaryIO
 import psycopg
 from psycopg import sql
 
-from snapshot import pgtools
+from snapshot import pgtools, progress
 from snapshot.archive import Snapshot, TableEntry
 from snapshot.errors import ArchiveError
 from snapshot.names import TableName
@@ -108,13 +108,14 @@ def stage(
     One pg_restore streams the archive's data; each COPY block is identified by its
     header and checked against the manifest (columns, then row count).
     """
-    started = time.monotonic()
     wanted = {entry.table: entry for entry in entries}
+    progress.begin("staged", len(entries), sum(e.rows for e in entries))
     staged: set[TableName] = set()
     with pgtools.restore_script(pg_restore, snapshot.dump_path) as stream:
         script = ScriptReader(stream)
         while header := script.next_header():
             table, columns = parse_copy_header(header)
+            started = time.monotonic()
             entry = wanted.get(table)
             if entry is None or table in staged:
                 raise ArchiveError(f"{snapshot.id}: the dump holds unexpected data for {table}")
@@ -123,14 +124,15 @@ def stage(
                     f"{snapshot.id}: the dump's columns of {table} differ from its manifest: "
                     "the snapshot is damaged"
                 )
-            rows = _stage_table(conn, entry, columns, script)
+            with progress.still_running(f"staging {table}"):
+                rows = _stage_table(conn, entry, columns, script)
             if rows != entry.rows:
                 raise ArchiveError(
                     f"{snapshot.id}: {table} holds {rows} rows in the dump but {entry.rows} "
                     "in the manifest: the snapshot is damaged"
                 )
             staged.add(table)
-            log.info("  staged %-30s %10d rows  %6.1f s", table, rows, time.monotonic() - started)
+            progress.table_done("staged", table, rows, time.monotonic() - started)
     missing = [str(t) for t in wanted if t not in staged]
     if missing:
         raise ArchiveError(f"{snapshot.id}: the dump lacks {', '.join(missing)}: it is damaged")

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from snapshot.cli import cli
+from snapshot.pgtools import bundled_bins
 from tests.fix_db import (  # noqa: F401  (fixtures)
     Database,
     Server,
@@ -119,6 +120,20 @@ def pg_bin() -> Path:
         if (candidate / "pg_dump").exists():
             return candidate
     pytest.skip("no /usr/lib/postgresql/*/bin")
+
+
+@pytest.fixture
+def restore_bin() -> Path:
+    """A pg_restore to load the tool's dumps into the test server with: the system's, else the
+    bundled one (on a machine without a system PostgreSQL the test server is the bundled one).
+    """
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "pg_restore").exists():
+            return candidate
+    bundled = bundled_bins()
+    if not bundled:
+        pytest.skip("no pg_restore: neither /usr/lib/postgresql/*/bin nor a bundled PostgreSQL")
+    return bundled[0][1]
 
 
 __all__ = ["Project", "os"]

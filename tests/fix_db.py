@@ -65,6 +65,16 @@ class Server:
 
     dsn: str
 
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on (5432 unless the DSN says otherwise)."""
+        return int(conninfo_to_dict(self.dsn).get("port") or 5432)
+
+    def major(self) -> int:
+        """The server's major version."""
+        with self.connect() as conn:
+            return int(conn.info.server_version) // 10000
+
     def connect(self, dbname: str | None = None, **kw: object) -> psycopg.Connection:
         params = conninfo_to_dict(self.dsn)
         if dbname:

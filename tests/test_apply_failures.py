@@ -224,3 +224,33 @@ def test_a_second_apply_is_refused_while_one_runs(project: Project, make_db) -> 
     assert "Error: preflight found 1 error" in second.stderr
     assert first.returncode == 0
     assert prod.fingerprint() != original  # the first one went through, alone
+
+
+@pytest.mark.parametrize(
+    "command", [["apply", "prod", "--yes"], ["cutover", "dev", "prod", "--yes"]]
+)
+def test_ctrl_c_says_prod_is_unchanged_and_exits_130(
+    project: Project, make_db, command: list[str]
+) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    _slow_inserts(prod, 30)
+    original = prod.fingerprint()
+
+    process = project.spawn(*command)
+    backend = _wait_for_insert(prod, process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "Aborted!" not in err
+    error = err.strip().splitlines()[-1]
+    assert error.startswith("Error: ")
+    assert "interrupted (Ctrl-C)" in error
+    _wait_until_gone(prod, backend)
+    assert prod.fingerprint() == original
+    assert project.snapshots("prod") == []
+    if command[0] == "apply":
+        assert "while inserting and updating: rolled back, prod is unchanged" in error
+    else:  # the cutover's step report, as on any other stop
+        assert "apply      failed" in out
+        assert "state: nothing was changed: prod is exactly as it was" in out

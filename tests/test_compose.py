@@ -8,7 +8,6 @@ ship beside the compose file.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,8 @@ import yaml
 from dotenv import dotenv_values
 from psycopg.conninfo import conninfo_to_dict
 
+from snapshot import pgtools
+from snapshot.errors import ConfigError
 from snapshot.rehearse import schema_files, seed_files
 from tests.conftest import Project
 from tests.fix_db import PREFIX, ROOT, SCOPE, SQL, Database, Server
@@ -92,8 +93,9 @@ def blank_pair(server: Server) -> Iterator[tuple[Database, Database]]:
 def test_compose_init_gives_a_pair_that_cutover_takes_through(
     project: Project, blank_pair: tuple[Database, Database]
 ) -> None:
-    psql = shutil.which("psql")
-    if psql is None:
+    try:  # PATH's (Debian's psql is a wrapper that fails without a cluster), else bundled
+        psql = pgtools.find_tool("psql", 1, None, "the compose test").path
+    except ConfigError:
         pytest.skip("psql is not installed")
     dev, prod = blank_pair
     entrypoint_init(dev, init_files("dev"), Path(psql))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from snapshot.config import DEFAULT_TABLES, load_config
+from snapshot.config import DEFAULT_TABLES, load_config, parse_config
 from tests.conftest import Project
 
 
@@ -13,13 +13,15 @@ def test_init_writes_a_config_equal_to_the_defaults(project: Project) -> None:
 
     assert result.exit_code == 0, result.output
     written = load_config(project.path / "snapshot.toml")
-    defaults = load_config(None, cwd=project.path / "elsewhere")
+    defaults = parse_config({}, None, project.path)  # no snapshot.toml at all
     assert [str(t) for t in written.scope.tables] == [f"public.{t}" for t in DEFAULT_TABLES]
     assert written.scope == defaults.scope
     assert written.apply == defaults.apply
     assert written.archive == project.path / "snapshots"
     assert written.environments["prod"].env_file == project.path / ".env.production"
     assert written.environments["dev"].safe and not written.environments["prod"].safe
+    assert written.scripts_explicit is False  # the bundled scripts until sql/ exists
+    assert written.retention is None and written.pg_bin is None
 
 
 def test_init_refuses_to_overwrite(project: Project) -> None:

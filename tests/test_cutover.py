@@ -77,9 +77,11 @@ def test_cutover_stops_at_a_failing_preflight_and_changes_nothing(
     assert "3 rows of public.notifications refer to the scope and would block the deletes" in flat
     assert "state: nothing was changed: prod is exactly as it was" in result.stdout
     assert "to roll back" not in result.stdout
-    assert result.stderr.strip().splitlines()[-1] == (
-        "Error: preflight failed: 1 error (scope closure): see the table below"
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(
+        "Error: preflight failed: 1 error (scope closure): see the table below; the first: "
     )
+    assert "3 rows of public.notifications refer to the scope and would block" in error
     assert project.snapshots() == []
     assert prod.fingerprint(tables) == original
 

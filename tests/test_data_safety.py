@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -185,3 +187,49 @@ def test_a_dump_swapped_in_with_its_hash_updated_is_refused(project: Project, ma
     flat = " ".join(result.stdout.split())
     assert "contradict its manifest: public.playlists (its checksum differs)" in flat
     assert prod.fingerprint() == original
+
+
+def test_an_app_writing_child_rows_never_deadlocks_with_the_apply(
+    project: Project, make_db
+) -> None:
+    # The app inserts attempts in transactions that hold the child table while their
+    # foreign-key checks then lock rows of the parents: an apply holding a parent while
+    # waiting for the child would deadlock with it, and the server would fail the app.
+    _dev, prod = setup_pair(project, make_db)
+    errors: list[str] = []
+    written = 0
+    stop = threading.Event()
+
+    def app() -> None:
+        nonlocal written
+        with psycopg.connect(prod.app_url, autocommit=True, application_name="app") as conn:
+            user, question = conn.execute(
+                "SELECT user_id, question_id FROM public.question_attempts LIMIT 1"
+            ).fetchone()
+            while not stop.is_set():
+                try:
+                    with conn.transaction():
+                        for _ in range(2):
+                            conn.execute(
+                                "INSERT INTO public.question_attempts (user_id, question_id, "
+                                "is_correct) VALUES (%s, %s, true)",
+                                (user, question),
+                            )
+                            time.sleep(0.03)
+                    written += 1
+                except psycopg.Error as exc:
+                    errors.append(str(exc).splitlines()[0])
+                    return
+
+    thread = threading.Thread(target=app)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        result = apply(project)
+    finally:
+        stop.set()
+        thread.join()
+
+    assert result.exit_code == 0, result.output
+    assert errors == []
+    assert written > 0

@@ -44,3 +44,23 @@ def test_quick_start_is_two_commands_that_exist_and_ci_runs() -> None:
         path = root / command
         assert path.is_file() and path.stat().st_mode & 0o111, command
         assert command in ci
+
+
+GLOBAL_OPTIONS = {"--config", "--pg-bin", "--verbose", "--quiet", "--help"}
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_option_is_in_the_readme_synopsis(name: str) -> None:
+    command = cli.commands[name]
+    [synopsis] = [
+        line
+        for line in README.splitlines()
+        if line.startswith("### ") and f"`snapshot {name} " in line + " "
+    ]
+    own = {
+        max(p.opts, key=len)
+        for p in command.params
+        if isinstance(p, click.Option) and not GLOBAL_OPTIONS & set(p.opts)
+    }
+    missing = sorted(o for o in own if o not in synopsis)
+    assert not missing, f"README's `snapshot {name}` synopsis lacks {', '.join(missing)}"

@@ -95,7 +95,7 @@ def test_env_shows_the_connection_masked_and_that_it_answers(project: Project, m
     result = project.run("-v", "env", "dev")
 
     assert result.exit_code == 0, result.stderr
-    assert "postgresql://app_owner:****@127.0.0.1:5432/" in result.stdout
+    assert f"postgresql://app_owner:****@127.0.0.1:{db.server.port}/" in result.stdout
     assert "yes: PostgreSQL" in result.stdout and db.name in result.stdout
     assert "s3cr" not in result.output
 
@@ -167,12 +167,23 @@ def test_project_id_is_accepted_as_the_ref(
     assert json.loads(result.stdout)["project_ref"] == POOLER_REF
 
 
+@pytest.mark.parametrize(
+    ("where", "advice"),
+    [
+        ("url", "check the password in SUPABASE_DB_URL in .env.production"),
+        ("variable", "check SUPABASE_DB_PASSWORD in .env.production"),
+    ],
+)
 def test_wrong_password_is_one_line_naming_the_variable(
-    project: Project, tls_server: localpg.LocalServer
+    project: Project, tls_server: localpg.LocalServer, where: str, advice: str
 ) -> None:
-    project.env(
-        "prod", SUPABASE_DB_URL=tls_server.url(user=f"postgres.{POOLER_REF}", password="wrong-one")
-    )
+    user = f"postgres.{POOLER_REF}"
+    if where == "url":
+        project.env("prod", SUPABASE_DB_URL=tls_server.url(user=user, password="wrong-one"))
+    else:
+        project.env(
+            "prod", SUPABASE_DB_URL=tls_server.url(user=user), SUPABASE_DB_PASSWORD="wrong-one"
+        )
 
     env = project.run("env", "prod")
     take = project.run("take", "prod")
@@ -181,7 +192,7 @@ def test_wrong_password_is_one_line_naming_the_variable(
     assert take.exit_code == 1
     assert take.stderr.strip().splitlines()[-1].startswith("Error: ")
     assert "refused the password for user 'postgres.abcdefghijklmnopqrst'" in take.stderr
-    assert "check SUPABASE_DB_PASSWORD in .env.production" in take.stderr
+    assert advice in take.stderr and advice in env.stderr
     assert "wrong-one" not in take.output and "Traceback" not in take.output
     assert project.snapshots() == []
 

@@ -1,7 +1,7 @@
 """Faults that ``bench/faults.py`` found in apply, reproduced deterministically.
 
-Each test states the promise the fault broke. They are strict xfails until snapshot/apply
-keeps the promise: then they pass, strict mode fails them, and the marker goes.
+Each test states the promise the fault broke; both hold since the apply records its
+transaction id in the backup and nothing after the commit can call the target unchanged.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-
-import pytest
 
 from tests.conftest import Project
 from tests.fix_db import Database
@@ -40,11 +38,6 @@ def _wait_until_gone(db: Database, pid: int) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="apply reports a connection lost after its commit as 'unchanged' and deletes the "
-    "sealed backup (bench/faults.py: terminate-backend and server-restart at commit)",
-)
 def test_a_connection_lost_after_the_commit_keeps_the_way_back(project: Project, make_db) -> None:
     dev, prod = setup_pair(project, make_db)
     original = prod.fingerprint(SCOPE_TABLES)
@@ -66,11 +59,6 @@ def test_a_connection_lost_after_the_commit_keeps_the_way_back(project: Project,
     assert prod.fingerprint(SCOPE_TABLES) == original
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="settling an orphaned backup compares checksums, so an app write after a killed "
-    "apply makes it 'recovered' (bench/faults.py: kill-apply at commit, app writing)",
-)
 def test_a_backup_of_an_apply_that_never_committed_is_never_restored(
     project: Project, make_db
 ) -> None:
@@ -85,10 +73,18 @@ def test_a_backup_of_an_apply_that_never_committed_is_never_restored(
     )
     original = prod.fingerprint(SCOPE_TABLES)
     process = project.spawn("apply", "prod", "--yes")
-    backend = _wait_for_query(prod, process, "COMMIT")
-    assert list((project.path / "snapshots" / "prod").glob(".tmp-*/manifest.json"))
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
+    try:
+        # The backup is sealed just before the COMMIT (other COMMITs come earlier).
+        folder = project.path / "snapshots" / "prod"
+        deadline = time.monotonic() + 60
+        while not list(folder.glob(".tmp-*/manifest.json")):
+            assert process.poll() is None and time.monotonic() < deadline, "no sealed backup"
+            time.sleep(0.01)
+        backend = _wait_for_query(prod, process, "COMMIT")
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.communicate()
     _wait_until_gone(prod, backend)
     assert prod.fingerprint(SCOPE_TABLES) == original  # rolled back
     prod.execute("DROP TRIGGER slow_commit ON public.categories")

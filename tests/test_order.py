@@ -63,7 +63,7 @@ def test_a_cycle_is_reported_with_its_tables() -> None:
 
 def test_the_app_schema_orders_parents_before_children(make_db) -> None:
     db = make_db("empty")
-    conn = connect(Connection("t", "test", "127.0.0.1", None, "app_owner", db.name))
+    conn = connect(Connection("t", "test", "127.0.0.1", db.server.port, "app_owner", db.name))
     with conn:
         tables = [TableName("public", t) for t in reversed(SCOPE)]
         fks = catalog.foreign_keys(conn, tables)

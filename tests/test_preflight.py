@@ -336,7 +336,7 @@ def test_a_pg_restore_older_than_the_snapshot_is_refused(
 
     tooling = statuses(result, "tooling")
     assert any(s == "error" and "needs pg_restore 16 or newer" in d for s, d in tooling)
-    assert result.exit_code == 1 and prod.fingerprint() == original
+    assert result.exit_code == 2 and prod.fingerprint() == original  # an installation problem
 
 
 def test_smoke_reports_each_guardrail_holding(project: Project, make_db) -> None:
@@ -369,3 +369,84 @@ def test_smoke_fails_when_a_guardrail_was_removed(project: Project, make_db) -> 
     }
     assert "guardrails of prod do not hold: 030_unlink_topic_from_published" in result.stderr
     assert prod.fingerprint() == original
+
+
+# An app that is not ours: uuid keys, no title, text statuses, its own guardrail wording
+# (the same contract: no published question without topic links).
+BARE = """
+DROP TABLE public.question_topics, public.questions, public.topics CASCADE;
+"""
+OTHER_APP = (
+    BARE
+    + """
+SET ROLE app_owner;
+CREATE TABLE public.topics (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), name text);
+CREATE TABLE public.questions (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    status text NOT NULL DEFAULT 'draft', body text NOT NULL,
+    topic_hint uuid NOT NULL REFERENCES public.topics (id));
+CREATE TABLE public.question_topics (
+    question_id uuid NOT NULL REFERENCES public.questions (id) ON DELETE CASCADE,
+    topic_id uuid NOT NULL REFERENCES public.topics (id), PRIMARY KEY (question_id, topic_id));
+CREATE FUNCTION public.publish_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.status = 'published' AND NOT EXISTS (
+      SELECT 1 FROM public.question_topics WHERE question_id = NEW.id) THEN
+    RAISE EXCEPTION 'question % cannot go live without topic links', NEW.id;
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER publish_guard BEFORE INSERT OR UPDATE OF status ON public.questions
+    FOR EACH ROW EXECUTE FUNCTION public.publish_guard();
+CREATE FUNCTION public.unlink_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM public.questions WHERE id = OLD.question_id
+             AND status = 'published') THEN
+    RAISE EXCEPTION 'cannot unlink topic from a live question';
+  END IF;
+  RETURN OLD;
+END $$;
+CREATE TRIGGER unlink_guard BEFORE DELETE ON public.question_topics
+    FOR EACH ROW EXECUTE FUNCTION public.unlink_guard();
+INSERT INTO public.topics (name) SELECT 'topic ' || i FROM generate_series(1, 3) i;
+INSERT INTO public.questions (status, body, topic_hint)
+    SELECT 'draft', 'q' || i, (SELECT min(id::text)::uuid FROM public.topics)
+    FROM generate_series(1, 4) i;
+INSERT INTO public.question_topics SELECT q.id, t.id FROM public.questions q, public.topics t;
+UPDATE public.questions SET status = 'published';
+RESET ROLE;
+"""
+)
+
+
+def test_bundled_smoke_checks_work_on_an_app_that_is_not_ours(project: Project, make_db) -> None:
+    prod = make_db("empty")
+    prod.execute(OTHER_APP)
+    project.point("prod", prod)
+    original = prod.fingerprint(["public.questions", "public.question_topics"])
+
+    result = project.run("smoke", "prod", "--json")
+
+    assert result.exit_code == 0, result.output
+    status = {r["check"]: r["status"] for r in json.loads(result.stdout)["results"]}
+    assert status == dict.fromkeys(
+        [
+            "010_publish_without_topic_links",
+            "020_insert_published_question",
+            "030_unlink_topic_from_published",
+        ],
+        "holds",
+    )
+    assert prod.fingerprint(["public.questions", "public.question_topics"]) == original
+
+
+def test_bundled_smoke_checks_skip_what_an_app_lacks(project: Project, make_db) -> None:
+    prod = make_db("empty")
+    prod.execute(BARE)
+    project.point("prod", prod)
+
+    result = project.run("smoke", "prod", "--json")
+
+    results = json.loads(result.stdout)["results"]
+    assert [r["status"] for r in results] == ["skipped"] * 3
+    assert all("absent here" in r["detail"] for r in results)
+    assert result.exit_code == 0, result.output

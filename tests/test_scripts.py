@@ -41,3 +41,30 @@ def test_npm_db_names_the_commands_it_knows(project: Project) -> None:
 
     assert result.returncode == 2
     assert result.stderr.startswith("npm-db: unknown command 'db:push': use sync:dev-prod")
+
+
+def test_a_sql_folder_with_only_smoke_checks_keeps_the_bundled_pre_and_post(
+    project: Project, make_db
+) -> None:
+    import json
+    import shutil
+
+    from tests.test_apply import SCOPE_TABLES, apply, setup_pair
+
+    dev, prod = setup_pair(project, make_db)
+    shutil.copytree(ROOT / "sql" / "smoke", project.path / "sql" / "smoke")
+
+    checked = project.run("check", "prod", "--json")
+    applied = apply(project)
+    smoked = project.run("smoke", "prod")
+
+    assert checked.exit_code == 0, checked.output
+    [detail] = [
+        f["detail"] for f in json.loads(checked.stdout)["findings"] if f["check"] == "scripts"
+    ]
+    assert "pre: 010_questions_to_draft.sql (bundled)" in detail
+    assert "post: 010_restore_question_status.sql (bundled)" in detail
+    assert "smoke: 010_publish_without_topic_links.sql" in detail and "(sql/smoke)" in detail
+    assert applied.exit_code == 0, applied.output  # the guardrails let the apply through
+    assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
+    assert smoked.exit_code == 0, smoked.output

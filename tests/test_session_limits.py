@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import Project
 from tests.fix_db import Database
-from tests.test_apply import apply, setup_pair
+from tests.test_apply import SCOPE_TABLES, apply, setup_pair
 
 
 def _role_limit(db: Database, limit: str) -> None:
@@ -72,3 +72,42 @@ def test_a_bad_session_limit_is_one_clear_line(project: Project, value: str) -> 
     assert result.exit_code == 2
     assert "[session] statement_timeout must be a duration" in result.stderr
     assert "Traceback" not in result.output
+
+
+def _safeupdate_available(db: Database) -> bool:
+    try:
+        with db.connect() as conn:
+            conn.execute("LOAD 'safeupdate'")
+    except psycopg.Error:
+        return False
+    return True
+
+
+def test_every_write_passes_pg_safeupdate(project: Project, make_db) -> None:
+    # Supabase preloads safeupdate for postgres; enabled, it refuses DELETE and UPDATE
+    # without WHERE. Delta, full replace and rollback must all pass it.
+    _dev, prod = setup_pair(project, make_db)
+    if not _safeupdate_available(prod):
+        pytest.skip("pg-safeupdate is not installed on the test server")
+    prod.execute(f"ALTER DATABASE {prod.name} SET session_preload_libraries = 'safeupdate'")
+    with (
+        psycopg.connect(prod.app_url) as conn,
+        pytest.raises(psycopg.Error, match="DELETE requires a WHERE clause"),
+    ):
+        conn.execute("DELETE FROM public.playlist_items")  # safeupdate is on for the tool's role
+    before = prod.fingerprint(SCOPE_TABLES)
+
+    delta = apply(project)
+    full = apply(project, "--full")
+    rolled = project.run("rollback", "prod", "--yes", "--to", _oldest_backup(project))
+
+    assert delta.exit_code == 0, delta.output
+    assert full.exit_code == 0, full.output
+    assert "16/16 tables match; committed" in full.stdout
+    assert rolled.exit_code == 0, rolled.output
+    assert prod.fingerprint(SCOPE_TABLES) == before  # created auth users stay, by design
+
+
+def _oldest_backup(project: Project) -> str:
+    oldest = project.snapshots("prod")[0]
+    return f"prod/{oldest.name}"

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from snapshot import archive, localpg
+from snapshot import localpg
 from tests.conftest import Project
 from tests.fix_db import Database
 
@@ -203,23 +201,3 @@ def test_a_new_enough_pg_dump_is_found_for_a_newer_server(
 
     assert result.exit_code == 0, result.stderr
     assert '"server_version": "16.' in result.stdout and '"pg_dump_version": "16.' in result.stdout
-
-
-def test_a_full_disk_while_sealing_is_one_line_and_lists_nothing(
-    project: Project, make_db, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    project.point("dev", make_db("dev"))
-
-    def disk_full(*args, **kw) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(archive.json, "dump", disk_full)
-    result = project.run("take", "dev")
-
-    assert result.exit_code == 1, result.output
-    error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("Error: could not finish writing a snapshot in snapshots/dev")
-    assert "(No space left on device)" in error
-    assert "Traceback" not in result.stderr
-    assert project.snapshots() == []
-    assert not list(project.path.glob("snapshots/*/.tmp-*"))

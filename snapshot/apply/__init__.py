@@ -26,15 +26,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, preflight, scripts
+from snapshot import archive, preflight, progress, scripts
 from snapshot.apply import auth, backup, proof, sequences, write
 from snapshot.apply import plan as planning
 from snapshot.apply import rows as rowsets
@@ -42,10 +46,10 @@ from snapshot.apply.backup import settle_orphaned_backups
 from snapshot.apply.plan import Plan
 from snapshot.apply.report import ApplyPlan, ApplyReport, AuthOutcome, Confirm
 from snapshot.archive import Snapshot
-from snapshot.config import Config
+from snapshot.config import Config, duration_seconds
 from snapshot.db import cancelled_message, connect
 from snapshot.environments import resolve_connection
-from snapshot.errors import ApplyFailed, Refused, ScriptFailed, SnapshotError
+from snapshot.errors import ApplyFailed, Interrupted, Refused, ScriptFailed, SnapshotError
 from snapshot.names import AUTH_USERS, TableName
 from snapshot.parity import TableParity
 from snapshot.session import Session, apply_lock_holder, open_session, release_apply_lock
@@ -72,7 +76,24 @@ class _Phases:
     def __init__(self, progress: Progress | None = None) -> None:
         self.current = "preparing"
         self.done: list[tuple[str, float]] = []
+        self.committed = False
         self._progress = progress
+        self._held: list[int] = []
+        self._previous: Any = None
+
+    def hold_interrupts(self) -> None:
+        """Record SIGINT instead of acting on it, until :meth:`release_interrupts`."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, lambda n, _f: self._held.append(n))
+
+    def release_interrupts(self, *, raise_held: bool = True) -> None:
+        """Act on a SIGINT held back (raise KeyboardInterrupt), once it is safe to."""
+        if self._previous is None:
+            return
+        signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
+        if self._held and raise_held:
+            raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -197,15 +218,25 @@ def _execute(run: Session, phases: _Phases, dry_run: bool, allowed: Collection[s
     )
     try:
         if dry_run:
-            report, _ = _transaction(run, phases, None, allowed, commit=False)
-            return report
+            report, _, helpers = _transaction(run, phases, None, allowed, commit=False)
+            return _after_commit(run, report, helpers)
         with archive.pending_snapshot(run.config.archive, env) as folder:
-            report, sealed = _transaction(run, phases, folder, allowed, commit=True)
+            report, sealed, helpers = _transaction(run, phases, folder, allowed, commit=True)
             if not report.committed or sealed is None:
-                return report
+                return _after_commit(run, report, helpers)
             # Published only now: a backup never claims an apply that did not commit.
             published = archive.publish(sealed, sealed.manifest.label)
-        return replace(report, backup=published.id)
+        phases.release_interrupts()
+        return _after_commit(run, replace(report, backup=published.id), helpers)
+    except KeyboardInterrupt:
+        if phases.committed:
+            raise Interrupted(
+                f"interrupted (Ctrl-C) after the commit: {env} holds {run.snapshot.id}; undo "
+                f"with: snapshot rollback {env}"
+            ) from None
+        raise Interrupted(
+            f"interrupted (Ctrl-C) while {phases.current}: rolled back, {env} is unchanged"
+        ) from None
     except ScriptFailed as exc:
         raise ScriptFailed(f"{exc}; rolled back, {env} is unchanged") from None
     except SnapshotError:
@@ -232,28 +263,52 @@ def _execute(run: Session, phases: _Phases, dry_run: bool, allowed: Collection[s
             f"{run.action} to {env} failed while {phases.current}: "
             f"{scripts.error_message(exc)}; rolled back, {env} is unchanged"
         ) from None
+    finally:
+        phases.release_interrupts(raise_held=False)
+
+
+LOCK_TRY = 0.2  # seconds one attempt waits for one table before letting go of them all
 
 
 def _lock(run: Session) -> None:
     """Lock the scope against writers; the transaction's snapshot is taken after this.
 
-    ``lock_timeout`` stays set for the whole transaction: every lock the apply waits
-    for (the tables, their rows, sequences, rows of referencing tables) is bounded by it.
+    All or nothing: an attempt locks every table (children first), each wait bounded by
+    :data:`LOCK_TRY`; when one cannot be had, the attempt lets go of every lock it took
+    and tries again, until ``[apply] lock_timeout`` has passed. Holding some tables while
+    waiting long for another would deadlock with an app that writes a child row (its
+    foreign-key check then locks the parent's row): the app would get the error.
+    Afterwards ``lock_timeout`` stays set for the whole transaction: every other lock the
+    apply waits for (rows, sequences, rows of referencing tables) is bounded by it.
     """
     timeout = run.config.apply.lock_timeout
+    budget = duration_seconds(timeout)
+    attempt = min(LOCK_TRY, budget)
+    deadline = time.monotonic() + budget
     # SET, not SELECT set_config(): a SELECT would fix the transaction's snapshot before
     # the locks, and rows committed while we wait for them would be invisible to it.
-    run.conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(timeout)))
-    for table in run.order:
+    run.conn.execute(
+        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{attempt * 1000:.0f}ms"))
+    )
+    while True:
+        waiting = run.order[-1]
         try:
-            with run.conn.transaction():  # a savepoint, to name the holder after a timeout
-                run.conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table.ident))
+            with run.conn.transaction():  # a savepoint: a failed attempt releases its locks
+                for waiting in reversed(run.order):
+                    run.conn.execute(
+                        sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(waiting.ident)
+                    )
+            break
         except psycopg.errors.LockNotAvailable:
-            holders = write.lock_holders(run.conn, [table])
-            raise ApplyFailed(
-                f"could not lock {table} on {run.target.env} within {timeout}: {holders}; "
-                "retry in a quieter moment or raise [apply] lock_timeout; nothing was changed"
-            ) from None
+            if time.monotonic() >= deadline:
+                holders = write.lock_holders(run.conn, [waiting])
+                raise ApplyFailed(
+                    f"could not lock {waiting} on {run.target.env} within {timeout}: "
+                    f"{holders}; retry in a quieter moment or raise [apply] lock_timeout; "
+                    "nothing was changed"
+                ) from None
+            time.sleep(random.uniform(0.02, 0.1))  # let the app's transaction finish
+    run.conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(timeout)))
 
 
 def _reconcile(run: Session, tables: Collection[TableName]) -> int:
@@ -289,8 +344,11 @@ def _touched(run: Session, before: dict[int, int]) -> list[TableName]:
 
 def _transaction(
     run: Session, phase: _Phases, folder: Path | None, allowed: Collection[str], *, commit: bool
-) -> tuple[ApplyReport, Snapshot | None]:
-    """The locked, all-or-nothing part; commits only when ``commit`` and parity holds."""
+) -> tuple[ApplyReport, Snapshot | None, list[sql.Identifier]]:
+    """The locked, all-or-nothing part; commits only when ``commit`` and parity holds.
+
+    Returns the report, the sealed backup (when committed) and the helper indexes to drop.
+    """
     conn = run.conn
     assert run.plan is not None
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -298,10 +356,18 @@ def _transaction(
     running: backup.Backup | None = None
     sealed = None
     helpers: list[sql.Identifier] = []
+    locked = time.monotonic()
     try:
         with conn.transaction() as tx:
             with phase("locking"):
                 _lock(run)
+                locked = time.monotonic()
+                log.info(
+                    "  %s: writers to the %d scoped tables wait from now until the commit; "
+                    "readers go on",
+                    run.target.env,
+                    len(run.order),
+                )
                 helpers = write.create_helper_indexes(run, run.plan.helper_indexes)
             if folder is not None:
                 running = backup.start(run, folder)
@@ -342,17 +408,39 @@ def _transaction(
             if not keep:
                 raise psycopg.Rollback(tx)  # leaves the block, rolling back; nothing raised
             phase.current = "committing"
+            # From the commit to the backup's publication, Ctrl-C waits: the outcome is then
+            # certain (committed with its backup listed, or rolled back), never in between.
+            phase.hold_interrupts()
     finally:
         if running is not None:
             backup.abandon(running)
+    phase.committed = keep
+    if keep:
+        log.info(
+            "  committed: %s's writers go on (they waited %.1f s)",
+            run.target.env,
+            time.monotonic() - locked,
+        )
     report = replace(report, committed=keep, phases=tuple(phase.done))
-    if helpers:
-        # After the commit (or the rollback, which already removed them): never a lock
-        # that makes readers wait.
-        left = write.drop_helper_indexes(conn, helpers, run.config.apply.lock_timeout)
-        if keep and left:
-            report = replace(report, notes=(*report.notes, _left_behind(left)))
-    return report, sealed if keep else None
+    return report, sealed if keep else None, helpers
+
+
+def _after_commit(run: Session, report: ApplyReport, helpers: list[sql.Identifier]) -> ApplyReport:
+    """Drop the helper indexes (already gone after a rollback); nothing here can fail it.
+
+    After the commit nothing can undo the apply, so a failure here (a lost connection, a
+    lock not had) is a note, never an error that would call the target unchanged.
+    """
+    if not helpers:
+        return report
+    try:
+        left = write.drop_helper_indexes(run.conn, helpers, run.config.apply.lock_timeout)
+    except psycopg.Error as exc:
+        left = [h.as_string() for h in helpers]
+        log.warning("could not drop the helper indexes: %s", scripts.error_message(exc))
+    if report.committed and left:
+        return replace(report, notes=(*report.notes, _left_behind(left)))
+    return report
 
 
 def _sweep_helper_indexes(run: Session) -> list[str]:
@@ -387,7 +475,7 @@ def _attempts(
     conn = run.conn
     forced = {t.table: t.reason for t in run.plan.tables if t.full}
     for attempt in range(1, ATTEMPTS + 1):
-        plan = planning.decide(run, forced)
+        plan = replace(planning.decide(run, forced), auth=run.plan.auth)
         last = attempt == ATTEMPTS or len(plan.full_tables) == len(run.order)
         try:
             with conn.transaction():
@@ -395,6 +483,7 @@ def _attempts(
                 with phase("pre-scripts"):
                     scripts.run(conn, scripts.scripts(run.config, "pre"), "pre")
                 write.guard_outside(run, plan, allowed)
+                progress.begin("writes", *write.expected_writes(plan))
                 with phase("deleting"):
                     done = write.delete_first(run, plan)
                 with phase("inserting and updating"):

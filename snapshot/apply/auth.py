@@ -38,13 +38,17 @@ class AuthPlan:
     orphaned_sample: tuple[str, ...] = ()  # masked emails
     profile_tables: tuple[str, ...] = ()
 
-    def orphaned_sentence(self, target: str) -> str:
-        """``270 prod users will keep their login but lose ...``, or "" when there are none."""
+    def orphaned_sentence(self, target: str, *, done: bool = False) -> str:
+        """``270 prod users will keep their login but lose ...``, or "" when there are none.
+
+        ``done``: in the past tense, for the report of an apply that committed.
+        """
         if not self.orphaned:
             return ""
         sample = f" ({', '.join(self.orphaned_sample)}…)" if self.orphaned_sample else ""
+        verbs = "kept their login but lost" if done else "will keep their login but lose"
         return (
-            f"{self.orphaned:,} {target} users will keep their login but lose their profile and "
+            f"{self.orphaned:,} {target} users {verbs} their profile and "
             f"activity (their rows in {', '.join(self.profile_tables)} and what refers to "
             f"them): {self.orphaned_recent:,} signed in within the last {RECENT}{sample}"
         )

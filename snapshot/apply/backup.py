@@ -30,6 +30,8 @@ from snapshot.take import start_dump as start_pg_dump
 
 log = logging.getLogger(__name__)
 
+TRANSACTION_FILE = "transaction"  # in a backup folder: the id of the apply's transaction
+
 
 @dataclass
 class Backup:
@@ -61,6 +63,11 @@ def finish(s: Session, backup: Backup) -> Snapshot:
     assert backup.state is not None
     backup.dump.wait()
     log.info("  backup written in %.1f s", time.monotonic() - backup.started)
+    # The apply's transaction id: if the process dies around the commit, the next run asks
+    # the server whether this transaction committed, instead of guessing from the rows.
+    row = s.conn.execute("SELECT txid_current()::text").fetchone()
+    assert row is not None
+    archive.write_file(backup.folder, TRANSACTION_FILE, f"{row[0]}\n", "transaction id")
     kind = f"pre-{s.action}"
     manifest = build_manifest(
         backup.plan, backup.state, kind=kind, label=kind, applies=s.snapshot.id
@@ -78,19 +85,40 @@ def settle_orphaned_backups(
 ) -> list[str]:
     """Resolve backups left sealed but unpublished by a process that died at commit time.
 
-    If the target still holds exactly the backup's rows, its apply never committed and the
-    backup is removed; otherwise the apply committed, and the backup is published.
+    The server says whether the apply's transaction committed (its id is in the backup);
+    when it no longer knows (a very old transaction), the rows decide: if the target still
+    holds exactly the backup's rows, its apply never committed and the backup is removed;
+    otherwise the apply committed, and the backup is published.
     """
     notes = []
     for orphan in archive.orphaned_backups(config.archive, target.env):
-        unchanged = all(
-            table_stats(conn, e.table, e.column_names) == TableStats(e.rows, e.checksum)
-            for e in orphan.manifest.scope_tables
-        )
-        if unchanged:
+        committed = _committed(conn, orphan)
+        if committed is None:
+            committed = not all(
+                table_stats(conn, e.table, e.column_names) == TableStats(e.rows, e.checksum)
+                for e in orphan.manifest.scope_tables
+            )
+        if not committed:
             archive.discard(orphan)
         else:
             published = archive.publish(orphan, orphan.manifest.label)
             notes.append(f"recovered backup {published.id} of an apply that committed")
             log.warning("recovered %s: its apply committed before the process died", published.id)
     return notes
+
+
+def _committed(conn: psycopg.Connection, orphan: Snapshot) -> bool | None:
+    """Whether the orphan's apply committed, by its transaction id; None when unknown."""
+    try:
+        xid = (orphan.path / TRANSACTION_FILE).read_text(encoding="ascii").strip()
+    except OSError:
+        return None
+    if not xid.isdigit():
+        return None
+    row = conn.execute("SELECT txid_status(%s::bigint)", (int(xid),)).fetchone()
+    status = row[0] if row else None
+    if status == "committed":
+        return True
+    if status == "aborted":
+        return False
+    return None  # in progress (cannot be: we hold the apply lock) or forgotten

@@ -50,6 +50,11 @@ class TablePlan:
         return self.target_rows - self.updates - self.deletes
 
     @property
+    def changes(self) -> int:
+        """Rows written: inserted, updated and deleted."""
+        return self.inserts + self.updates + self.deletes
+
+    @property
     def mode(self) -> str:
         return "full" if self.full else "delta"
 

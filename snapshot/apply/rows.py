@@ -33,10 +33,24 @@ INSERT, UPDATE, DELETE = "i", "u", "d"
 
 
 def _halves(md5: sql.Composable) -> sql.Composable:
+    """``h1, h2``: the two signed 64-bit halves of an md5, as the checksums sum them.
+
+    ``md5`` must be a column computed once (an inner query with ``OFFSET 0``): written
+    twice in one select list, md5 would be computed twice per row.
+    """
     return sql.SQL(
-        "('x' || substr({m}, 1, 16))::bit(64)::bigint AS h1, "
-        "('x' || substr({m}, 17, 16))::bit(64)::bigint AS h2"
+        "(('x' || {m})::bit(128))::bit(64)::bigint AS h1, "
+        "((('x' || {m})::bit(128)) << 64)::bit(64)::bigint AS h2"
     ).format(m=md5)
+
+
+def _hashed(
+    outer: sql.Composable, inner: sql.Composable, md5: sql.Composable, source: sql.Composable
+) -> sql.Composed:
+    """``SELECT outer, h1, h2`` over ``SELECT inner, md5 AS m FROM source``, md5 once a row."""
+    return sql.SQL(
+        "SELECT {outer}, {h} FROM (SELECT {inner}, {md5} AS m FROM {source} OFFSET 0) AS z"
+    ).format(outer=outer, h=_halves(sql.SQL("z.m")), inner=inner, md5=md5, source=source)
 
 
 @dataclass(frozen=True)
@@ -89,8 +103,9 @@ def hash_snapshot(conn: psycopg.Connection, rows: RowSet) -> None:
     """``_snapshot_s<n>``: key and hash of every staged snapshot row (before any lock)."""
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.hashes))
     conn.execute(
-        sql.SQL("CREATE TEMP TABLE {} AS SELECT {k}, {h} FROM {stage} AS s").format(
-            rows.hashes, k=rows.keys, h=_halves(rows.row_md5("s")), stage=rows.stage
+        sql.SQL("CREATE TEMP TABLE {} AS {}").format(
+            rows.hashes,
+            _hashed(rows.keys, rows.keys, rows.row_md5("s"), sql.SQL("{} AS s").format(rows.stage)),
         )
     )
     conn.execute(sql.SQL("ANALYZE {}").format(rows.hashes))
@@ -129,8 +144,14 @@ def fill_record(conn: psycopg.Connection, rows: RowSet) -> None:
     """Record every live row version of the target with its hash."""
     conn.execute(sql.SQL("TRUNCATE {}").format(rows.record))
     conn.execute(
-        sql.SQL("INSERT INTO {} SELECT {k}, t.xmin, {h} FROM {table} AS t").format(
-            rows.record, k=rows.keys, h=_halves(rows.row_md5("t")), table=rows.table.ident
+        sql.SQL("INSERT INTO {} {}").format(
+            rows.record,
+            _hashed(
+                sql.SQL("{}, z.x").format(rows.keys),
+                sql.SQL("{}, t.xmin AS x").format(rows.keys),
+                rows.row_md5("t"),
+                sql.SQL("{} AS t").format(rows.table.ident),
+            ),
         )
     )
     conn.execute(sql.SQL("ANALYZE {}").format(rows.record))
@@ -187,16 +208,16 @@ def reconcile(conn: psycopg.Connection, rows: RowSet) -> int:
                 )
             )
         conn.execute(
-            sql.SQL(
-                "INSERT INTO {record} SELECT {tk}, t.xmin, {h} FROM {table} AS t "
-                "JOIN {moved} AS m ON {on}"
-            ).format(
-                record=rows.record,
-                tk=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in rows.key),
-                h=_halves(rows.row_md5("t")),
-                table=rows.table.ident,
-                moved=rows.moved,
-                on=rows.match("t", "m"),
+            sql.SQL("INSERT INTO {} {}").format(
+                rows.record,
+                _hashed(
+                    sql.SQL("{}, z.x").format(rows.keys),
+                    sql.SQL("{}, t.xmin AS x").format(key_columns(rows, "t")),
+                    rows.row_md5("t"),
+                    sql.SQL("{} AS t JOIN {} AS m ON {}").format(
+                        rows.table.ident, rows.moved, rows.match("t", "m")
+                    ),
+                ),
             )
         )
         conn.execute(
@@ -246,7 +267,7 @@ def prove(conn: psycopg.Connection, rows: RowSet) -> TableStats:
             "coalesce(sum(coalesce(r.h2, f.h2)), 0)::text "
             "FROM {table} AS t LEFT JOIN {record} AS r ON {on} AND r.x = t.xmin "
             "CROSS JOIN LATERAL (SELECT {h} FROM (SELECT CASE WHEN r.x IS NULL THEN {md5} END "
-            "AS m) AS z) AS f"
+            "AS m OFFSET 0) AS z) AS f"
         ).format(
             table=rows.table.ident,
             record=rows.record,

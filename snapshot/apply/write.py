@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from snapshot import staging
+from snapshot import progress, staging
 from snapshot.apply.plan import Plan
 from snapshot.apply.rows import DELETE, INSERT, UPDATE, RowSet
 from snapshot.catalog import ForeignKey
@@ -306,56 +306,67 @@ def _guarded_delete(s: Session, rows: RowSet, final: bool) -> sql.Composed:
     )
 
 
-def _log(verb: str, table: TableName, rows: int, started: float) -> None:
-    log.info("  %-8s %-30s %10d rows  %6.1f s", verb, table, rows, time.monotonic() - started)
+def _timed(run: _Statement, verb: str, table: TableName, query: sql.Composed) -> int:
+    """Run one table's statement, saying so while it runs long and when it is done."""
+    started = time.monotonic()
+    with progress.still_running(f"{_PRESENT[verb]} {table}"):
+        rows = run(table, query)
+    progress.table_done(verb, table, rows, time.monotonic() - started)
+    return rows
+
+
+_PRESENT = {"deleted": "deleting from", "inserted": "inserting into", "updated": "updating"}
 
 
 def delete_first(s: Session, plan: Plan) -> Written:
     """Pass 1, children first: the rows the snapshot lacks, but parents still referred to."""
-    run, done, started = _Statement(s.conn), Written(), time.monotonic()
+    run, done = _Statement(s.conn), Written()
     for table in reversed(s.order):
         if table in plan.full_tables:
-            rows = run(table, sql.SQL("DELETE FROM {} WHERE true").format(table.ident))
+            # WHERE true: pg_safeupdate (Supabase) refuses a DELETE without WHERE
+            query = sql.SQL("DELETE FROM {} WHERE true").format(table.ident)
         elif plan.table(table).deletes:
-            rows = run(table, _guarded_delete(s, s.row_sets[table], final=False))
+            query = _guarded_delete(s, s.row_sets[table], final=False)
         else:
             continue
-        done.add(done.deleted, table, rows)
-        _log("deleted", table, rows, started)
+        done.add(done.deleted, table, _timed(run, "deleted", table, query))
     return done
 
 
 def insert_and_update(s: Session, plan: Plan, done: Written) -> None:
     """Pass 2, parents first: insert what the target lacks, update what differs."""
-    run, started = _Statement(s.conn), time.monotonic()
+    run = _Statement(s.conn)
     for table in s.order:
         if table in plan.full_tables:
             source = sql.SQL("{} AS s").format(staging.staging_table(s.entries[table]))
-            done.add(done.inserted, table, run(table, _insert(s, table, source)))
-            _log("inserted", table, done.inserted[table], started)
+            done.add(
+                done.inserted, table, _timed(run, "inserted", table, _insert(s, table, source))
+            )
             continue
         rows, counts = s.row_sets[table], plan.table(table)
         self_ref = any(fk.child == table == fk.parent for fk in s.fks)
         for step in ("insert", "update") if self_ref else ("update", "insert"):
             if step == "insert" and counts.inserts:
-                done.add(
-                    done.inserted, table, run(table, _insert(s, table, _delta_rows(rows, INSERT)))
-                )
-                _log("inserted", table, done.inserted[table], started)
-            elif step == "update" and counts.updates and (query := _update(s, rows)) is not None:
-                done.add(done.updated, table, run(table, query))
-                _log("updated", table, done.updated[table], started)
+                insert = _insert(s, table, _delta_rows(rows, INSERT))
+                done.add(done.inserted, table, _timed(run, "inserted", table, insert))
+            elif step == "update" and counts.updates and (update := _update(s, rows)) is not None:
+                done.add(done.updated, table, _timed(run, "updated", table, update))
 
 
 def delete_last(s: Session, plan: Plan, done: Written) -> None:
     """Pass 3, children first: the parents that waited for their children to move."""
-    run, started = _Statement(s.conn), time.monotonic()
+    run = _Statement(s.conn)
     for table in reversed(s.order):
         if table in plan.full_tables or plan.table(table).deletes <= done.deleted.get(table, 0):
             continue
-        rows = run(table, _guarded_delete(s, s.row_sets[table], final=True))
-        done.add(done.deleted, table, rows)
-        _log("deleted", table, rows, started)
+        query = _guarded_delete(s, s.row_sets[table], final=True)
+        done.add(done.deleted, table, _timed(run, "deleted", table, query))
+
+
+def expected_writes(plan: Plan) -> tuple[int, int]:
+    """Table statements and rows the writes will run through, for progress."""
+    statements = sum(bool(t.inserts) + bool(t.updates) + bool(t.deletes) for t in plan.tables)
+    return statements, plan.changes
 
 
 def full_replace_setting(conn: psycopg.Connection, tables: Collection[TableName]) -> None:

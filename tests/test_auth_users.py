@@ -1,0 +1,173 @@
+"""Auth users: who becomes a login in the target, and whose app rows an apply removes,
+said before asking and after committing; the second can be made an error."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+
+from tests.conftest import Project
+from tests.fix_db import Database
+from tests.test_apply import SCOPE_TABLES, apply
+
+
+def _ids(db: Database, query: str) -> set[str]:
+    return {str(r[0]) for r in db.execute(query)}
+
+
+def _pair(project: Project, make_db) -> tuple[Database, Database, set[str]]:
+    """dev and prod, 2 of dev's new users unconfirmed, 3 of prod's own users recently active.
+
+    Returns the prod users that keep their login but lose their app rows (computed here,
+    independently of the tool: referenced by prod's public.users, absent from dev).
+    """
+    dev, prod = make_db("dev"), make_db("prod")
+    dev_only = sorted(
+        _ids(dev, "SELECT id FROM auth.users") - _ids(prod, "SELECT id FROM auth.users")
+    )
+    dev.execute(
+        "UPDATE auth.users SET email_confirmed_at = NULL, phone_confirmed_at = NULL "
+        "WHERE id = ANY(%s::uuid[])",
+        [dev_only[:2]],
+    )
+    orphans = (
+        _ids(prod, "SELECT id FROM public.users")
+        - _ids(dev, "SELECT id FROM auth.users")
+        - _ids(dev, "SELECT id FROM public.users")
+    )
+    prod.execute(
+        "UPDATE auth.users SET last_sign_in_at = now() - interval '1 hour' "
+        "WHERE id = ANY(%s::uuid[])",
+        [sorted(orphans)[:3]],
+    )
+    project.point("dev", dev)
+    project.point("prod", prod)
+    assert project.run("take", "dev").exit_code == 0
+    return dev, prod, orphans
+
+
+def _answer_prompt(project: Project, args: list[str], answer: str) -> subprocess.CompletedProcess:
+    """Run the CLI with a terminal on stdin (so it asks), typing ``answer``."""
+    main, terminal = pty.openpty()
+    try:
+        process = project.spawn(*args, stdin=terminal)
+        os.write(main, answer.encode())
+        out, err = process.communicate(timeout=120)
+    finally:
+        os.close(main)
+        os.close(terminal)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def _finding(result, check: str) -> dict:
+    [found] = [f for f in json.loads(result.stdout)["findings"] if f["check"] == check]
+    return found
+
+
+def test_check_and_apply_count_orphaned_users_and_new_logins(project: Project, make_db) -> None:
+    _dev, prod, orphans = _pair(project, make_db)
+    emails = [r[0] for r in prod.execute("SELECT email FROM auth.users WHERE email IS NOT NULL")]
+
+    checked = project.run("check", "prod", "--json")
+    applied = apply(project)
+
+    assert checked.exit_code == 0, checked.output
+    orphaned = _finding(checked, "orphaned users")
+    assert orphaned["status"] == "warning"
+    assert orphaned["detail"].startswith(
+        f"{len(orphans)} prod users will keep their login but lose their profile and activity"
+    )
+    assert ": 3 signed in within the last 7 days (" in orphaned["detail"]
+    assert '[apply] orphaned_users = "error"' in orphaned["detail"]
+    assert not any(email in checked.stdout for email in emails)  # masked
+    logins = _finding(checked, "new logins")
+    assert logins["status"] == "ok"
+    assert "snapshot users will become logins in prod, 2 of them unconfirmed" in logins["detail"]
+    assert applied.exit_code == 0, applied.output
+    assert f"note: {len(orphans)} prod users kept their login but lost their profile" in (
+        applied.stdout
+    )
+    # what was announced happened: their logins stay, their app rows are gone
+    assert _ids(prod, "SELECT id FROM auth.users") >= orphans
+    assert not _ids(prod, "SELECT id FROM public.users") & orphans
+
+
+def test_orphaned_users_can_be_made_an_error(project: Project, make_db) -> None:
+    _dev, prod, orphans = _pair(project, make_db)
+    project.config('[apply]\norphaned_users = "error"\n')
+    original = prod.fingerprint([*SCOPE_TABLES, "auth.users"])
+
+    checked = project.run("check", "prod", "--json")
+    applied = apply(project)
+
+    assert checked.exit_code == 1
+    assert _finding(checked, "orphaned users")["status"] == "error"
+    assert applied.exit_code == 1
+    assert f"{len(orphans)} prod users will keep their login" in " ".join(applied.stdout.split())
+    assert prod.fingerprint([*SCOPE_TABLES, "auth.users"]) == original
+
+
+def test_the_plan_is_shown_before_the_question(project: Project, make_db) -> None:
+    _dev, prod, orphans = _pair(project, make_db)
+    original = prod.fingerprint()
+
+    refused = _answer_prompt(project, ["apply", "prod"], "no\n")
+
+    assert refused.returncode == 1
+    plan = refused.stderr
+    assert "insert" in plan and "update" in plan and "delete" in plan and "unchanged" in plan
+    assert "public.question_attempts" in plan
+    assert "snapshot users will become logins in prod" in plan
+    assert f"{len(orphans)} prod users will keep their login" in plan
+    assert "dev/" in plan  # which snapshot
+    assert "Type prod to apply" in plan
+    assert prod.fingerprint() == original
+
+
+def _sso_pair(project: Project, make_db, sso: bool) -> tuple[Database, Database, str]:
+    """A dev-only user given the email of a prod user, as an SSO user or not."""
+    dev, prod = make_db("dev"), make_db("prod")
+    dev_only = sorted(
+        _ids(dev, "SELECT id FROM auth.users") - _ids(prod, "SELECT id FROM auth.users")
+    )[0]
+    dev_emails = _ids(dev, "SELECT email FROM auth.users WHERE email IS NOT NULL")
+    email = sorted(
+        _ids(prod, "SELECT email FROM auth.users WHERE NOT is_sso_user AND email IS NOT NULL")
+        - dev_emails
+    )[0]
+    dev.execute(
+        "UPDATE auth.users SET email = %s, is_sso_user = %s WHERE id = %s",
+        [email, sso, dev_only],
+    )
+    project.point("dev", dev)
+    project.point("prod", prod)
+    assert project.run("take", "dev").exit_code == 0
+    return dev, prod, dev_only
+
+
+def test_an_sso_user_may_share_a_password_users_email(project: Project, make_db) -> None:
+    # Supabase's unique email index covers only is_sso_user = false: the database accepts it.
+    _dev, prod, sso_user = _sso_pair(project, make_db, sso=True)
+
+    checked = project.run("check", "prod", "--json")
+    applied = apply(project)
+
+    assert checked.exit_code == 0, checked.output
+    assert _finding(checked, "auth users")["status"] == "ok"
+    assert applied.exit_code == 0, applied.output
+    assert prod.scalar("SELECT is_sso_user FROM auth.users WHERE id = %s", [sso_user]) is True
+
+
+def test_a_password_user_with_a_taken_email_is_a_conflict(project: Project, make_db) -> None:
+    _dev, prod, user = _sso_pair(project, make_db, sso=False)
+    original = prod.fingerprint([*SCOPE_TABLES, "auth.users"])
+
+    checked = project.run("check", "prod", "--json")
+
+    assert checked.exit_code == 1
+    found = _finding(checked, "auth users")
+    assert found["status"] == "error"
+    assert f"{user} (" in found["detail"] and "has the email of" in found["detail"]
+    assert prod.fingerprint([*SCOPE_TABLES, "auth.users"]) == original

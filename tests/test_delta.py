@@ -1,0 +1,174 @@
+"""The delta apply ends where a full replace ends, on the cases that make deltas hard.
+
+Each case starts from a prod equal to dev, changes dev, and applies the new snapshot twice:
+as a delta to one copy of prod and with ``--full`` to another. Both must equal dev, row for
+row; where a table's delta cannot be applied cleanly the report says it was replaced in full.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import Project
+from tests.fix_db import Database
+
+# Not the bundled app: PascalCase and uuid keys, a unique key besides the primary key, a json
+# column, a self-referencing tree, cascades inside the scope, a table without any key, and a
+# trigger that rewrites rows on update.
+SCHEMA = """
+SET ROLE app_owner;
+CREATE TABLE public."Team" (id uuid PRIMARY KEY, slug text NOT NULL UNIQUE, meta json);
+CREATE TABLE public.node (
+    id int PRIMARY KEY,
+    parent_id int REFERENCES public.node (id),
+    "teamId" uuid NOT NULL REFERENCES public."Team" (id) ON DELETE CASCADE,
+    label text NOT NULL);
+CREATE TABLE public.member (
+    id int PRIMARY KEY,
+    "teamId" uuid NOT NULL REFERENCES public."Team" (id) ON DELETE CASCADE,
+    rank int NOT NULL,
+    UNIQUE ("teamId", rank));
+CREATE TABLE public.event_log (note text, payload json);
+CREATE TABLE public.stamped (id int PRIMARY KEY, body text NOT NULL, edits int NOT NULL DEFAULT 0);
+CREATE FUNCTION public.count_edit() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN NEW.edits := OLD.edits + 1; RETURN NEW; END $$;
+CREATE TRIGGER count_edit BEFORE UPDATE ON public.stamped
+    FOR EACH ROW EXECUTE FUNCTION public.count_edit();
+RESET ROLE;
+"""
+SCOPE = ('public."Team"', "public.node", "public.member", "public.event_log", "public.stamped")
+CONFIG = f"""
+[scope]
+tables = [{", ".join("'" + t + "'" for t in SCOPE)}]
+auth_users = false
+
+[apply]
+insert_as = {{}}
+"""
+
+SEED = """
+INSERT INTO public."Team" SELECT md5('team' || i)::uuid, 'team-' || i, json_build_object('n', i)
+    FROM generate_series(1, 6) i;
+INSERT INTO public.node SELECT i, CASE WHEN i > 1 THEN 1 END, md5('team' || (1 + i % 3))::uuid,
+    'node ' || i FROM generate_series(1, 40) i;
+INSERT INTO public.member SELECT i, md5('team' || (1 + i % 6))::uuid, i FROM generate_series(1, 60) i;
+INSERT INTO public.event_log SELECT 'event ' || i, json_build_object('i', i)
+    FROM generate_series(1, 30) i;
+INSERT INTO public.stamped (id, body) SELECT i, 'body ' || i FROM generate_series(1, 20) i;
+"""
+
+
+def team(i: int) -> str:
+    return f"md5('team{i}')::uuid"
+
+
+# case: (dev changes, tables the delta must replace in full because it cannot apply cleanly)
+CASES: dict[str, tuple[str, set[str]]] = {
+    "child re-pointed to a new parent": (
+        f"INSERT INTO public.\"Team\" VALUES ({team(7)}, 'team-7', '{{}}');"
+        f'UPDATE public.node SET "teamId" = {team(7)} WHERE id IN (5, 6);',
+        set(),
+    ),
+    "parent removed, its children kept under another": (
+        f'UPDATE public.node SET "teamId" = {team(1)} WHERE "teamId" = {team(2)};'
+        f'UPDATE public.member SET "teamId" = {team(1)}, rank = rank + 1000 '
+        f'WHERE "teamId" = {team(2)};'
+        f'DELETE FROM public."Team" WHERE id = {team(2)};',
+        set(),
+    ),
+    "unique keys swapped between rows": (
+        f"UPDATE public.\"Team\" SET slug = 'moving' WHERE id = {team(3)};"
+        f"UPDATE public.\"Team\" SET slug = 'team-3' WHERE id = {team(4)};"
+        f"UPDATE public.\"Team\" SET slug = 'team-4' WHERE id = {team(3)};",
+        {'public."Team"'},
+    ),
+    "self-referencing tree re-parented": (
+        "INSERT INTO public.node VALUES (41, NULL, md5('team1')::uuid, 'new root');"
+        "UPDATE public.node SET parent_id = 41 WHERE id IN (1, 2, 3);"
+        "UPDATE public.node SET parent_id = 2 WHERE id BETWEEN 10 AND 20;"
+        "DELETE FROM public.node WHERE id = 40;",
+        set(),
+    ),
+    "cascade parent removed with its children": (
+        f'DELETE FROM public."Team" WHERE id = {team(5)};',  # cascades to members in dev too
+        set(),
+    ),
+    "table without a key": (
+        "DELETE FROM public.event_log WHERE note LIKE 'event 1%';"
+        "INSERT INTO public.event_log VALUES ('event new', '{\"new\": true}');",
+        {"public.event_log"},
+    ),
+    "json values edited": (
+        f'UPDATE public."Team" SET meta = \'{{"n": 1, "edited": [1, 2]}}\' WHERE id = {team(1)};'
+        "UPDATE public.event_log SET payload = '{\"i\":  3}' WHERE note = 'event 3';",
+        {"public.event_log"},
+    ),
+    "trigger rewrites rows on update": (
+        # edited twice in dev (edits = 2); writing the row once in prod makes edits 1
+        "UPDATE public.stamped SET body = body || ' (edited)' WHERE id <= 5;"
+        "UPDATE public.stamped SET body = body || '!' WHERE id <= 5;",
+        {"public.stamped"},
+    ),
+}
+
+
+def _database(make_db) -> Database:
+    db = make_db("empty")
+    db.execute(SCHEMA)
+    db.execute(SEED)
+    return db
+
+
+def _apply(project: Project, prod: Database, *args: str):
+    project.point("prod", prod)
+    return project.run("apply", "prod", "--yes", *args)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_delta_ends_where_a_full_replace_ends(project: Project, make_db, case: str) -> None:
+    changes, replaced = CASES[case]
+    dev, by_delta, by_full = _database(make_db), _database(make_db), _database(make_db)
+    dev.execute(changes)
+    project.point("dev", dev)
+    project.config(CONFIG)
+    for phase in ("pre", "post"):  # this app has no guardrails to step around
+        (project.path / "sql" / phase).mkdir(parents=True, exist_ok=True)
+    assert project.run("take", "dev").exit_code == 0
+
+    delta = _apply(project, by_delta, "--json")
+    full = _apply(project, by_full, "--full")
+
+    assert delta.exit_code == 0, delta.output
+    assert full.exit_code == 0, full.output
+    expected = dev.fingerprint(SCOPE)
+    assert by_delta.fingerprint(SCOPE) == expected
+    assert by_full.fingerprint(SCOPE) == expected
+    changes = json.loads(delta.stdout)["changes"]
+    modes = {t["table"]: t["mode"] for t in changes}
+    assert replaced <= {t for t, mode in modes.items() if mode == "full"}, modes
+    assert "delta" in modes.values(), "the tables the change does not reach stay deltas"
+    for table in replaced:
+        [reason] = [t["reason"] for t in changes if t["table"] == table]
+        assert reason, f"{table} is replaced in full without saying why"
+
+
+def test_an_unchanged_snapshot_writes_nothing(project: Project, make_db) -> None:
+    dev, prod = _database(make_db), _database(make_db)
+    project.point("dev", dev)
+    project.config(CONFIG)
+    for phase in ("pre", "post"):
+        (project.path / "sql" / phase).mkdir(parents=True, exist_ok=True)
+    assert project.run("take", "dev").exit_code == 0
+    xmins = prod.execute("SELECT xmin::text FROM public.node ORDER BY id")
+
+    result = _apply(project, prod, "--json")
+
+    assert result.exit_code == 0, result.output
+    changes = json.loads(result.stdout)["changes"]
+    assert {t["table"]: t["mode"] for t in changes}["public.event_log"] == "full"  # no key
+    assert [(t["insert"], t["update"], t["delete"]) for t in changes if t["mode"] == "delta"] == [
+        (0, 0, 0)
+    ] * 4
+    assert prod.execute("SELECT xmin::text FROM public.node ORDER BY id") == xmins
