@@ -267,6 +267,27 @@ def test_killed_take_leaves_no_snapshot(project: Project, make_db) -> None:
     assert len(project.snapshots("dev")) == 1
 
 
+def test_a_backup_killed_while_writing_its_manifest_is_swept_not_settled(
+    project: Project, make_db
+) -> None:
+    project.point("dev", make_db("dev"))
+    assert project.run("take", "dev").exit_code == 0
+    taken = archive.read_snapshot(project.snapshots("dev")[0])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    # What a process killed halfway through the manifest of a pre-apply backup leaves.
+    pending = taken.path.parent / f".tmp-20261124T000000-{dead.pid}"
+    pending.mkdir()
+    (pending / "data.dump").write_bytes(taken.dump_path.read_bytes())
+    manifest = json.dumps({**manifest_of(taken.path), "kind": "pre-apply"}, indent=2)
+    (pending / "manifest.json").write_text(manifest[: len(manifest) // 2])
+
+    # Not mistaken for a sealed backup to settle, and removed by the next sweep.
+    assert archive.orphaned_backups(project.path / "snapshots", "dev") == []
+    archive.sweep_stale(taken.path.parent)
+    assert not pending.exists()
+
+
 def _readable(path: Path) -> bool:
     try:
         path.read_bytes()
