@@ -432,8 +432,19 @@ def pending_snapshot(archive: Path, env: str) -> Iterator[Path]:
     try:
         yield tmp
     finally:
-        if tmp.exists():
+        if tmp in _KEPT:
+            _KEPT.discard(tmp)  # left for the next run to settle (see keep_pending)
+        elif tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_KEPT: set[Path] = set()
+
+
+def keep_pending(folder: Path) -> None:
+    """Leave a sealed pending folder in place when its owner exits (an apply whose commit
+    outcome is unknown): the next apply or rollback settles it as an orphaned backup."""
+    _KEPT.add(folder)
 
 
 def sha256_file(path: Path) -> str:

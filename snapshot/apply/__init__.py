@@ -221,7 +221,21 @@ def _execute(run: Session, phases: _Phases, dry_run: bool, allowed: Collection[s
             report, _, helpers = _transaction(run, phases, None, allowed, commit=False)
             return _after_commit(run, report, helpers)
         with archive.pending_snapshot(run.config.archive, env) as folder:
-            report, sealed, helpers = _transaction(run, phases, folder, allowed, commit=True)
+            try:
+                report, sealed, helpers = _transaction(run, phases, folder, allowed, commit=True)
+            except psycopg.OperationalError as exc:
+                if phases.current != "committing":
+                    raise
+                # The COMMIT was sent and the answer lost: it may have committed. Keep the
+                # sealed backup; the next run asks the server (by transaction id) and
+                # publishes or removes it.
+                archive.keep_pending(folder)
+                raise ApplyFailed(
+                    f"lost the connection to {env} while committing "
+                    f"({scripts.error_message(exc)}): whether the {run.action} committed is "
+                    f"unknown; its pre-apply backup is kept and the next apply or rollback "
+                    f"settles it; 'snapshot verify {run.snapshot.id} {env}' shows which"
+                ) from None
             if not report.committed or sealed is None:
                 return _after_commit(run, report, helpers)
             # Published only now: a backup never claims an apply that did not commit.
