@@ -23,10 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,6 +111,115 @@ def raw_restore(
     return prepared + seconds, peak
 
 
+# The re-sync: prod already holds dev's data, then each side changes about 1% (issue 9).
+RESYNC_DEV = """
+UPDATE public.questions SET body = body || ' (edited)' WHERE id % 100 = 7;
+UPDATE public.answers SET body = body || ' (edited)' WHERE id % 100 = 7;
+INSERT INTO public.question_attempts (user_id, question_id, is_correct)
+  SELECT user_id, question_id, NOT is_correct FROM public.question_attempts WHERE id % 100 = 3;
+DELETE FROM public.user_question_progress
+  WHERE abs(hashtext(user_id::text || question_id)) % 200 = 0;
+UPDATE public.user_topic_progress SET mastery = least(mastery + 1, 100)
+  WHERE abs(hashtext(user_id::text || topic_id)) % 100 = 0;
+"""
+RESYNC_PROD = """
+INSERT INTO public.question_attempts (user_id, question_id, is_correct)
+  SELECT user_id, question_id, is_correct FROM public.question_attempts WHERE id % 100 = 5;
+UPDATE public.user_question_progress SET attempts = attempts + 1
+  WHERE abs(hashtext(user_id::text || question_id)) % 100 = 1;
+"""
+RESYNC_MIX = (
+    "dev: 1% of questions and answers edited, 1% more question_attempts, 0.5% of "
+    "user_question_progress deleted, 1% of user_topic_progress updated; prod: 1% more "
+    "question_attempts, 1% of user_question_progress updated"
+)
+
+
+class AppProbe:
+    """An app writer (an in-scope insert every 20 ms) and a reader, timing each statement."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.stop = threading.Event()
+        self.waits: dict[str, list[float]] = {"writer": [], "reader": []}
+        self.errors: list[str] = []
+        self.threads = [
+            threading.Thread(target=self._run, args=(role,), daemon=True)
+            for role in ("writer", "reader")
+        ]
+
+    def _run(self, role: str) -> None:
+        try:
+            with psycopg.connect(self.target, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT user_id, question_id FROM public.question_attempts LIMIT 1"
+                ).fetchone()
+                top = conn.execute("SELECT max(id) FROM public.questions").fetchone()
+                while not self.stop.is_set():
+                    started = time.perf_counter()
+                    if role == "writer":
+                        conn.execute(
+                            "INSERT INTO public.question_attempts (user_id, question_id, "
+                            "is_correct) VALUES (%s, %s, true)",
+                            row,
+                        )
+                    else:
+                        conn.execute(
+                            "SELECT count(*) FROM public.questions WHERE id = %s",
+                            (random.randint(1, int(top[0] or 1)),),
+                        )
+                    self.waits[role].append(time.perf_counter() - started)
+                    time.sleep(0.02)
+        except psycopg.Error as exc:
+            self.errors.append(f"{role}: {str(exc).splitlines()[0]}")
+
+    def __enter__(self) -> AppProbe:
+        for thread in self.threads:
+            thread.start()
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+    def longest(self, role: str) -> float:
+        return max(self.waits[role], default=0.0)
+
+
+def probed_apply(
+    snapshot: list[str], work: Path, env: dict[str, str], target: str, *args: str
+) -> dict[str, float | str]:
+    """Time an apply while the app writes and reads; the apply's own wait figure too."""
+    with AppProbe(target) as app:
+        started = time.perf_counter()
+        result = subprocess.run(
+            [*snapshot[:1], "apply", "prod", "--yes", *args],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        sys.exit(f"apply {' '.join(args)} failed:\n{result.stderr[-2000:]}")
+    if app.errors:
+        sys.exit(f"the app failed during the apply: {'; '.join(app.errors)}")
+    waited = re.search(r"they waited ([\d.]+) s", result.stderr)
+    return {
+        "snapshot_s": seconds,
+        "writer_max_wait_s": app.longest("writer"),
+        "reader_max_wait_s": app.longest("reader"),
+        "locked_s": float(waited.group(1)) if waited else float("nan"),
+    }
+
+
+def run_sql(target: str, text: str) -> None:
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(text)
+
+
 def rows(dsn: str, name: str) -> int:
     with psycopg.connect(url(dsn, name)) as conn:
         return sum(conn.execute(f"SELECT count(*) FROM public.{t}").fetchone()[0] for t in SCOPE)  # noqa: S608
@@ -122,6 +234,7 @@ def main() -> None:
     pg_bin = Path(args.pg_bin)
     work = Path(tempfile.mkdtemp(prefix="snapshot-bench-"))
     dev, prod, raw, checked = "bench_dev", "bench_prod", "bench_raw", "bench_checked"
+    resync = "bench_prod_resync"
     try:
         print(f"building dev and prod at scale {args.scale}…", file=sys.stderr)
         t = time.perf_counter()
@@ -174,6 +287,21 @@ def main() -> None:
         )
         our_apply = timed([*snapshot, "apply", "prod", "--yes"], work, env)
         our_verify = timed([*snapshot, "verify", "dev", "prod"], work, env)
+
+        # Re-sync: prod holds dev's data now; both sides change about 1%.
+        run_sql(url(args.dsn, dev, "app_owner"), RESYNC_DEV)
+        run_sql(url(args.dsn, prod, "app_owner"), RESYNC_PROD)
+        with psycopg.connect(args.dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {resync} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {resync} TEMPLATE {prod}")
+        resync_take = timed([*snapshot, "take", "dev"], work, env)
+        prod_url = url(args.dsn, prod, "app_owner")
+        delta = probed_apply(snapshot, work, env, prod_url)
+        with psycopg.connect(args.dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {prod} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {prod} TEMPLATE {resync}")
+        full = probed_apply(snapshot, work, env, prod_url, "--full")
+        reference = raw_take[0] + checked_apply[0]
         dump_size = (work / "raw.dump").stat().st_size
         ours = next((work / "snapshots" / "dev").iterdir()) / "data.dump"
 
@@ -198,6 +326,13 @@ def main() -> None:
                 "raw_mib": raw_apply[1],
             },
             "verify": {"snapshot_s": our_verify[0]},
+            "resync": {
+                "mix": RESYNC_MIX,
+                "take_s": resync_take[0],
+                "raw_reference_s": reference,
+                "delta": delta,
+                "full": full,
+            },
         }
         out = ROOT / "bench" / "results"
         out.mkdir(exist_ok=True)
@@ -217,9 +352,18 @@ def main() -> None:
             f"{apply['snapshot_mib']} MiB vs {apply['raw_mib']} MiB"
         )
         print(f"verify: {results['verify']['snapshot_s']:.1f} s (both sides, all 16 tables)")
+        print(f"re-sync ({RESYNC_MIX}):")
+        for name, figures in (("delta", delta), ("--full", full)):
+            print(
+                f"  apply {name}: {figures['snapshot_s']:.1f} s vs raw reference "
+                f"{reference:.1f} s -> {float(figures['snapshot_s']) / reference:.2f}x; app "
+                f"writer waited at most {figures['writer_max_wait_s']:.2f} s (apply says "
+                f"{figures['locked_s']:.1f} s), reader at most "
+                f"{figures['reader_max_wait_s']:.3f} s"
+            )
     finally:
         with psycopg.connect(args.dsn, autocommit=True) as conn:
-            for name in (dev, prod, raw, checked):
+            for name in (dev, prod, raw, checked, resync):
                 conn.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
                 )

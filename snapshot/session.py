@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from snapshot import catalog, pgtools
 from snapshot.archive import Snapshot, TableEntry
@@ -87,7 +88,7 @@ def open_session(
     """Connect to ``target_env`` and read the catalog for ``snapshot``'s scope."""
     target = resolve_connection(config.environment(target_env))
     conn = connect(target)
-    with contextlib.closing(conn):
+    with contextlib.closing(conn), _releasing_locks(conn):
         info = catalog.server_info(conn)
         manifest = snapshot.manifest
         problems: dict[str, str] = {}
@@ -134,6 +135,21 @@ def open_session(
             pg_dump,
             problems,
         )
+
+
+@contextlib.contextmanager
+def _releasing_locks(conn: psycopg.Connection) -> Iterator[None]:
+    """Release the apply lock before the session closes, not when the server gets round to it.
+
+    A closed connection's backend exits, and drops its advisory locks, a moment later: an
+    apply started right after this one would find the lock still held.
+    """
+    try:
+        yield
+    finally:
+        if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock_all()")
 
 
 def apply_lock_holder(conn: psycopg.Connection) -> str | None:

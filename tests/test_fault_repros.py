@@ -21,6 +21,7 @@ from tests.conftest import Project
 from tests.fix_db import SCHEMA_FILES, SQL, Database, Server
 from tests.fix_servers import system_bin
 from tests.test_apply import SCOPE_TABLES, setup_pair
+from tests.test_apply_failures import _wait_until_gone
 
 
 def _wait_for_query(db: Database, process: subprocess.Popen[str], prefix: str) -> int:
@@ -37,13 +38,6 @@ def _wait_for_query(db: Database, process: subprocess.Popen[str], prefix: str) -
             return int(rows[0][0])
         time.sleep(0.01)
     raise AssertionError(f"the apply never ran {prefix}")
-
-
-def _wait_until_gone(db: Database, pid: int) -> None:
-    deadline = time.monotonic() + 30
-    while db.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]):
-        assert time.monotonic() < deadline, "the apply's backend is still there"
-        time.sleep(0.05)
 
 
 def test_a_connection_lost_after_the_commit_keeps_the_way_back(project: Project, make_db) -> None:
