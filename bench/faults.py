@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -329,9 +330,8 @@ def _filling(run: Run) -> str:
     error = run.error or ""
     if "pg_dump failed" in error:
         return "pg_dump's output"
-    if "could not finish writing" in error:
-        return "the manifest"
-    return "not reached"
+    named = re.search(r"the snapshot's (.+?) needs", error)
+    return f"the {named.group(1)}" if named else "not reached"
 
 
 def _small_size(c: Campaign, fault: str, n: int, needed: int) -> int:
