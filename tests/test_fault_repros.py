@@ -2,8 +2,7 @@
 
 Each test states the promise the fault broke. The first two hold since the apply records
 its transaction id in the backup and nothing after the commit can call the target
-unchanged; the last is a strict xfail until a connection lost during the COMMIT itself is
-treated as the in-doubt outcome it is.
+unchanged; a connection lost during the COMMIT itself is the in-doubt outcome it is.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import time
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from snapshot import localpg
 from tests.conftest import Project
@@ -100,11 +98,6 @@ def test_a_backup_of_an_apply_that_never_committed_is_never_restored(
     assert prod.scalar("SELECT name FROM public.topics WHERE id = 1") == "written by the app"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a connection lost during COMMIT is reported as 'unchanged' and the sealed backup is "
-    "deleted, though the commit may have happened (bench/faults.py: server-restart at commit)",
-)
 def test_a_connection_lost_during_the_commit_keeps_the_way_back(
     project: Project, make_db, server_base: Path
 ) -> None:
