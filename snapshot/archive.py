@@ -30,6 +30,8 @@ from snapshot.names import TableName
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DUMP_FILE = "data.dump"
+# A pre-apply backup's rows written between its pg_dump and the lock (snapshot.staging).
+CATCH_UP_FILE = "catchup.copy"
 PRE_APPLY = "pre-apply"
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
 _TMP_PREFIX = ".tmp-"
@@ -483,19 +485,20 @@ def write_file(folder: Path, name: str, text: str, what: str) -> None:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         (folder / name).unlink(missing_ok=True)
-        raise _no_space(folder, len(text.encode()), what) from None
+        raise no_space(folder, len(text.encode()), what) from None
 
 
-def _no_space(folder: Path, needed: int, what: str = "manifest") -> ArchiveError:
-    """The one line for a full disk: where, how much was needed, how much is free."""
+def no_space(folder: Path, needed: int | None, what: str = "manifest") -> ArchiveError:
+    """The one line for a full disk: where, how much was needed (when known), how much is free."""
     try:
         free = f", {human_size(shutil.disk_usage(folder).free)} free"
     except OSError:
         free = ""
+    need = f"needs {human_size(needed)} more" if needed is not None else "does not fit"
     return ArchiveError(
-        f"no space left in {display_path(folder.parent)}: the snapshot's {what} needs "
-        f"{human_size(needed)} more{free}; nothing was published: free some space "
-        "('snapshot prune') or set archive in snapshot.toml to a larger disk"
+        f"no space left in {display_path(folder.parent)}: the snapshot's {what} {need}{free}; "
+        "nothing was published: free some space ('snapshot prune') or set archive in "
+        "snapshot.toml to a larger disk"
     )
 
 
@@ -523,7 +526,7 @@ def seal(folder: Path, manifest: Manifest) -> Snapshot:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         target.unlink(missing_ok=True)
-        raise _no_space(folder, len(text.encode())) from None
+        raise no_space(folder, len(text.encode())) from None
     return Snapshot(folder, manifest)
 
 

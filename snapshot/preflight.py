@@ -566,6 +566,12 @@ def run_checks(
         from snapshot.apply import plan as planning
 
         assert s.pg_restore is not None
+        if s.backup_into is not None:
+            from snapshot.apply import backup
+
+            # pg_dump runs while the snapshot is staged; the plan records the target in
+            # pg_dump's snapshot, and the apply copies what changed since under its lock.
+            s.backup = backup.start(s, s.backup_into)
         staging.stage(s.conn, s.pg_restore, s.snapshot, [*s.entries.values(), *s.auth_entries])
         s.staged = True
         s.plan = planning.prepare(s, full=full)

@@ -28,6 +28,7 @@ from snapshot.errors import Refused, SnapshotError
 from snapshot.names import TableName
 
 if TYPE_CHECKING:
+    from snapshot.apply.backup import Backup
     from snapshot.apply.plan import Plan
     from snapshot.apply.rows import RowSet
 
@@ -58,6 +59,8 @@ class Session:
     staged: bool = False
     row_sets: dict[TableName, RowSet] = field(default_factory=dict)
     plan: Plan | None = None
+    backup_into: Path | None = None  # a pending archive folder: the apply backs up into it
+    backup: Backup | None = None  # started with the staging, joined before the commit
 
     @property
     def entries(self) -> dict[TableName, TableEntry]:

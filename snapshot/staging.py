@@ -6,6 +6,12 @@ table shaped like the target's columns. Nothing else in the script is executed, 
 newer pg_restore can feed an older server (its ``SET transaction_timeout`` and
 ``\\restrict`` lines never reach it). The temporary tables are what the SQL scripts in
 ``sql/`` read to see the snapshot's own values.
+
+A pre-apply backup may carry a catch-up (``catchup.copy``, see
+:mod:`snapshot.apply.backup`): blocks in the same COPY text format whose header verb says
+what to do with the staged rows: ``REMOVE`` those with these keys, ``ADD`` these rows,
+``REPLACE`` the whole table with these rows. It is applied after the dump is staged, and
+only then are the counts compared with the manifest.
 """
 
 from __future__ import annotations
@@ -20,13 +26,15 @@ import psycopg
 from psycopg import sql
 
 from snapshot import pgtools, progress
-from snapshot.archive import Snapshot, TableEntry
+from snapshot.archive import CATCH_UP_FILE, Snapshot, TableEntry
 from snapshot.errors import ArchiveError
 from snapshot.names import TableName
 
 log = logging.getLogger(__name__)
 
 TERMINATOR = b"\n\\.\n"
+COPY, REMOVE, ADD, REPLACE = "COPY", "REMOVE", "ADD", "REPLACE"
+CATCH_UP_VERBS = (REMOVE, ADD, REPLACE)
 _IDENT = re.compile(rb'"((?:[^"]|"")*)"|([^,\s]+)')
 
 
@@ -37,25 +45,33 @@ def staging_table(entry: TableEntry) -> sql.Identifier:
 
 def parse_copy_header(header: bytes) -> tuple[TableName, list[str]]:
     """Table and column names of a ``COPY schema.table (a, "b c") FROM stdin;`` line."""
+    _, table, names = parse_header(header, (COPY,))
+    return table, names
+
+
+def parse_header(header: bytes, verbs: Sequence[str]) -> tuple[str, TableName, list[str]]:
+    """Verb, table and column names of a ``VERB schema.table (a, "b c") FROM stdin;`` line."""
     text = header.decode("utf-8", "replace").rstrip()
+    verb = text.split(" ", 1)[0]
     open_paren = text.find(" (")
-    if not text.startswith("COPY ") or open_paren < 0 or not text.endswith(") FROM stdin;"):
+    if verb not in verbs or open_paren < 0 or not text.endswith(") FROM stdin;"):
         raise ArchiveError(f"unexpected COPY line in the archive: {text[:80]!r}")
-    table = TableName.parse(text[5:open_paren])
+    table = TableName.parse(text[len(verb) + 1 : open_paren])
     inner = header[header.find(b" (") + 2 : header.rfind(b") FROM stdin;")]
     names = [
         quoted.replace(b'""', b'"').decode() if quoted else plain.decode()
         for quoted, plain in _IDENT.findall(inner)
     ]
-    return table, names
+    return verb, table, names
 
 
 class ScriptReader:
     """Reads a pg_restore script: lines up to each COPY header, then that block's data."""
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, verbs: Sequence[str] = (COPY,)) -> None:
         self._stream = stream
         self._buffer = b""
+        self._starts = tuple(f"{verb} ".encode() for verb in verbs)
 
     def next_header(self) -> bytes | None:
         """The next ``COPY ... FROM stdin;`` line; None at the end of the script."""
@@ -68,7 +84,7 @@ class ScriptReader:
                 self._buffer += chunk
                 continue
             line, self._buffer = self._buffer[: newline + 1], self._buffer[newline + 1 :]
-            if line.startswith(b"COPY ") and line.rstrip().endswith(b"FROM stdin;"):
+            if line.startswith(self._starts) and line.rstrip().endswith(b"FROM stdin;"):
                 return line
 
     def pump(self, copy: psycopg.Copy) -> None:
@@ -110,32 +126,90 @@ def stage(
     """
     wanted = {entry.table: entry for entry in entries}
     progress.begin("staged", len(entries), sum(e.rows for e in entries))
-    staged: set[TableName] = set()
+    counts: dict[TableName, int] = {}
     with pgtools.restore_script(pg_restore, snapshot.dump_path) as stream:
         script = ScriptReader(stream)
         while header := script.next_header():
             table, columns = parse_copy_header(header)
             started = time.monotonic()
             entry = wanted.get(table)
-            if entry is None or table in staged:
+            if entry is None or table in counts:
                 raise ArchiveError(f"{snapshot.id}: the dump holds unexpected data for {table}")
-            if sorted(columns) != sorted(entry.column_names):
-                raise ArchiveError(
-                    f"{snapshot.id}: the dump's columns of {table} differ from its manifest: "
-                    "the snapshot is damaged"
-                )
+            _same_columns(snapshot, entry, columns)
             with progress.still_running(f"staging {table}"):
-                rows = _stage_table(conn, entry, columns, script)
-            if rows != entry.rows:
-                raise ArchiveError(
-                    f"{snapshot.id}: {table} holds {rows} rows in the dump but {entry.rows} "
-                    "in the manifest: the snapshot is damaged"
-                )
-            staged.add(table)
-            progress.table_done("staged", table, rows, time.monotonic() - started)
-    missing = [str(t) for t in wanted if t not in staged]
+                counts[table] = _stage_table(conn, entry, columns, script)
+            progress.table_done("staged", table, counts[table], time.monotonic() - started)
+    missing = [str(t) for t in wanted if t not in counts]
     if missing:
         raise ArchiveError(f"{snapshot.id}: the dump lacks {', '.join(missing)}: it is damaged")
+    if CATCH_UP_FILE in snapshot.manifest.files:
+        counts.update(_catch_up(conn, snapshot, wanted))
+    for table, rows in counts.items():
+        if rows != wanted[table].rows:
+            raise ArchiveError(
+                f"{snapshot.id}: {table} holds {rows} rows in the dump but "
+                f"{wanted[table].rows} in the manifest: the snapshot is damaged"
+            )
+
+
+def _same_columns(snapshot: Snapshot, entry: TableEntry, columns: Sequence[str]) -> None:
+    if sorted(columns) != sorted(entry.column_names):
+        raise ArchiveError(
+            f"{snapshot.id}: the dump's columns of {entry.table} differ from its manifest: "
+            "the snapshot is damaged"
+        )
+
+
+def _catch_up(
+    conn: psycopg.Connection, snapshot: Snapshot, wanted: dict[TableName, TableEntry]
+) -> dict[TableName, int]:
+    """Apply a backup's catch-up to the staged rows; the patched tables' new counts."""
+    counts: dict[TableName, int] = {}
+    keys = sql.Identifier("pg_temp", "_snapshot_catch_up_keys")
+    with (snapshot.path / CATCH_UP_FILE).open("rb") as stream:
+        script = ScriptReader(stream, CATCH_UP_VERBS)
+        while header := script.next_header():
+            verb, table, columns = parse_header(header, CATCH_UP_VERBS)
+            entry = wanted.get(table)
+            if entry is None:
+                raise ArchiveError(f"{snapshot.id}: its catch-up holds unexpected data for {table}")
+            staged = staging_table(entry)
+            names = sql.SQL(", ").join(map(sql.Identifier, columns))
+            if verb == REMOVE:
+                if not columns or not set(columns) <= set(entry.column_names):
+                    _same_columns(snapshot, entry, columns)  # raises: names unknown columns
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(keys))
+                conn.execute(
+                    sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
+                        keys, names, staged
+                    )
+                )
+                _copy_in(conn, keys, names, script)
+                # Key columns are never NULL (a primary key, or a unique key over NOT NULL).
+                on = sql.SQL(" AND ").join(
+                    sql.SQL("s.{c} = k.{c}").format(c=sql.Identifier(c)) for c in columns
+                )
+                conn.execute(
+                    sql.SQL("DELETE FROM {} AS s USING {} AS k WHERE {}").format(staged, keys, on)
+                )
+                conn.execute(sql.SQL("DROP TABLE {}").format(keys))
+            else:
+                _same_columns(snapshot, entry, columns)
+                if verb == REPLACE:
+                    conn.execute(sql.SQL("TRUNCATE {}").format(staged))
+                _copy_in(conn, staged, names, script)
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(staged)).fetchone()
+            counts[table] = int(row[0]) if row else 0
+    return counts
+
+
+def _copy_in(
+    conn: psycopg.Connection, table: sql.Identifier, names: sql.Composable, script: ScriptReader
+) -> int:
+    with conn.cursor() as cur:
+        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(table, names)) as copy:
+            script.pump(copy)
+        return cur.rowcount
 
 
 def _stage_table(
@@ -149,7 +223,4 @@ def _stage_table(
             target, names, entry.table.ident
         )
     )
-    with conn.cursor() as cur:
-        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(target, names)) as copy:
-            script.pump(copy)
-        return cur.rowcount
+    return _copy_in(conn, target, names, script)

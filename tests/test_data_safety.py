@@ -3,7 +3,11 @@ only when the staged rows agree with them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import pty
+import select
 import subprocess
 import threading
 import time
@@ -245,3 +249,113 @@ def test_an_app_writing_child_rows_never_deadlocks_with_the_apply(
     assert result.exit_code == 0, result.output
     assert errors == []
     assert written > 0
+
+
+# What an app writes between the backup's pg_dump snapshot (taken while the snapshot is
+# staged) and the apply's lock: in scope (insert, update, delete) and in the auth tables.
+APP_WRITES = """
+INSERT INTO public.question_attempts (user_id, question_id, is_correct)
+  SELECT user_id, question_id, true FROM public.question_attempts ORDER BY id LIMIT 5;
+UPDATE public.answers SET body = body || ' (app)' WHERE id IN (
+  SELECT id FROM public.answers ORDER BY id LIMIT 3);
+DELETE FROM public.user_question_progress WHERE (user_id, question_id) IN (
+  SELECT user_id, question_id FROM public.user_question_progress ORDER BY 1, 2 LIMIT 4);
+UPDATE auth.users SET last_sign_in_at = now() WHERE id IN (
+  SELECT id FROM auth.users ORDER BY id LIMIT 2);
+"""
+
+
+def _apply_while_the_app_writes(
+    project: Project, prod: Database
+) -> tuple[subprocess.CompletedProcess, dict[str, tuple[int, str]]]:
+    """``apply prod`` at a terminal; the app writes while the person reads the plan.
+
+    Returns the outcome and prod's fingerprint as the apply's lock found it.
+    """
+    main, terminal = pty.openpty()
+    try:
+        process = project.spawn("apply", "prod", stdin=terminal)
+        assert process.stderr is not None
+        seen = ""
+        deadline = time.monotonic() + 120
+        while "Type prod to apply" not in seen:
+            assert time.monotonic() < deadline, seen
+            ready, _, _ = select.select([process.stderr], [], [], 1)
+            if ready:
+                chunk = os.read(process.stderr.fileno(), 65536).decode()
+                assert chunk, f"the apply ended before asking: {seen}"
+                seen += chunk
+        prod.execute(APP_WRITES)
+        locked = prod.fingerprint()
+        os.write(main, b"prod\n")
+        out, err = process.communicate(timeout=180)
+    finally:
+        os.close(main)
+        os.close(terminal)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, seen + err), locked
+
+
+def test_what_the_app_writes_while_the_backup_runs_is_in_the_backup(
+    project: Project, make_db
+) -> None:
+    # pg_dump starts before the lock (while the snapshot is staged and the person reads the
+    # plan); the rows written until the lock are caught up under it.
+    _dev, prod = setup_pair(project, make_db)
+
+    result, locked = _apply_while_the_app_writes(project, prod)
+
+    assert result.returncode == 0, result.stderr
+    assert prod.fingerprint() != locked
+    [backup] = project.snapshots("prod")
+    catch_up = (backup / "catchup.copy").read_text()
+    headers = {
+        line.split(" (")[0].replace('"', "")
+        for line in catch_up.splitlines()
+        if line.endswith("stdin;")
+    }
+    assert {
+        "REMOVE public.question_attempts",
+        "ADD public.question_attempts",
+        "REMOVE public.answers",
+        "ADD public.answers",
+        "REMOVE public.user_question_progress",
+        "REPLACE auth.users",
+    } <= headers
+    rolled = project.run("rollback", "prod", "--yes")
+    assert rolled.exit_code == 0, rolled.output
+    # The app's writes included, nothing else (auth users are never taken back by a rollback).
+    scope = [table for table in locked if not table.startswith("auth.")]
+    assert prod.fingerprint(scope) == {table: locked[table] for table in scope}
+
+
+def test_a_tampered_catch_up_is_refused(project: Project, make_db) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    result, _ = _apply_while_the_app_writes(project, prod)
+    assert result.returncode == 0, result.stderr
+    [backup] = project.snapshots("prod")
+    path = backup / "catchup.copy"
+    # Drop the app's new answers' versions: the keys are removed, nothing is added back.
+    kept, skipping = [], False
+    for line in path.read_text().splitlines(keepends=True):
+        if line.startswith('ADD "public"."answers" '):
+            skipping = True
+        if not skipping:
+            kept.append(line)
+        elif line == "\\.\n":
+            skipping = False
+    path.write_text("".join(kept))
+
+    def rehash(manifest: dict) -> None:
+        manifest["files"]["catchup.copy"] = {
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "bytes": path.stat().st_size,
+        }
+
+    _edit_manifest(backup, rehash)
+    applied = prod.fingerprint()
+
+    rolled = project.run("rollback", "prod", "--yes")
+
+    assert rolled.exit_code != 0
+    assert "public.answers holds" in " ".join(rolled.output.split())
+    assert prod.fingerprint() == applied

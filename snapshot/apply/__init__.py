@@ -138,9 +138,17 @@ def run_apply(
     table in full instead of writing only what differs.
     """
     phases = _Phases(progress)
-    with open_session(
-        config, target_env, snapshot, action=action, pg_bin=pg_bin, backup=not dry_run
-    ) as session:
+    with (
+        open_session(
+            config, target_env, snapshot, action=action, pg_bin=pg_bin, backup=not dry_run
+        ) as session,
+        contextlib.ExitStack() as cleanup,
+    ):
+        if not dry_run:
+            session.backup_into = cleanup.enter_context(
+                archive.pending_snapshot(config.archive, session.target.env)
+            )
+            cleanup.callback(_abandon_backup, session)
         with phases("preflight"):
             holder = apply_lock_holder(session.conn)
             if holder is None and not dry_run:
@@ -220,26 +228,27 @@ def _execute(run: Session, phases: _Phases, dry_run: bool, allowed: Collection[s
         if dry_run:
             report, _, helpers = _transaction(run, phases, None, allowed, commit=False)
             return _after_commit(run, report, helpers)
-        with archive.pending_snapshot(run.config.archive, env) as folder:
-            try:
-                report, sealed, helpers = _transaction(run, phases, folder, allowed, commit=True)
-            except psycopg.OperationalError as exc:
-                if phases.current != "committing":
-                    raise
-                # The COMMIT was sent and the answer lost: it may have committed. Keep the
-                # sealed backup; the next run asks the server (by transaction id) and
-                # publishes or removes it.
-                archive.keep_pending(folder)
-                raise ApplyFailed(
-                    f"lost the connection to {env} while committing "
-                    f"({scripts.error_message(exc)}): whether the {run.action} committed is "
-                    f"unknown; its pre-apply backup is kept and the next apply or rollback "
-                    f"settles it; 'snapshot verify {run.snapshot.id} {env}' shows which"
-                ) from None
-            if not report.committed or sealed is None:
-                return _after_commit(run, report, helpers)
-            # Published only now: a backup never claims an apply that did not commit.
-            published = archive.publish(sealed, sealed.manifest.label)
+        folder = run.backup_into
+        assert folder is not None and run.backup is not None, "the preflight started the backup"
+        try:
+            report, sealed, helpers = _transaction(run, phases, folder, allowed, commit=True)
+        except psycopg.OperationalError as exc:
+            if phases.current != "committing":
+                raise
+            # The COMMIT was sent and the answer lost: it may have committed. Keep the
+            # sealed backup; the next run asks the server (by transaction id) and
+            # publishes or removes it.
+            archive.keep_pending(folder)
+            raise ApplyFailed(
+                f"lost the connection to {env} while committing "
+                f"({scripts.error_message(exc)}): whether the {run.action} committed is "
+                f"unknown; its pre-apply backup is kept and the next apply or rollback "
+                f"settles it; 'snapshot verify {run.snapshot.id} {env}' shows which"
+            ) from None
+        if not report.committed or sealed is None:
+            return _after_commit(run, report, helpers)
+        # Published only now: a backup never claims an apply that did not commit.
+        published = archive.publish(sealed, sealed.manifest.label)
         phases.release_interrupts()
         return _after_commit(run, replace(report, backup=published.id), helpers)
     except KeyboardInterrupt:
@@ -356,6 +365,13 @@ def _touched(run: Session, before: dict[int, int]) -> list[TableName]:
     return touched
 
 
+def _abandon_backup(run: Session) -> None:
+    """Stop a pre-apply backup the apply did not finish (refused, failed, interrupted)."""
+    if run.backup is not None:
+        backup.abandon(run.backup)
+        run.backup = None
+
+
 def _transaction(
     run: Session, phase: _Phases, folder: Path | None, allowed: Collection[str], *, commit: bool
 ) -> tuple[ApplyReport, Snapshot | None, list[sql.Identifier]]:
@@ -367,7 +383,7 @@ def _transaction(
     assert run.plan is not None
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     conn.read_only = False
-    running: backup.Backup | None = None
+    running = run.backup if folder is not None else None
     sealed = None
     helpers: list[sql.Identifier] = []
     locked = time.monotonic()
@@ -383,13 +399,12 @@ def _transaction(
                     len(run.order),
                 )
                 helpers = write.create_helper_indexes(run, run.plan.helper_indexes)
-            if folder is not None:
-                running = backup.start(run, folder)
             with phase("reconciling"):
                 _reconcile(run, run.order)
                 known = {t: rowsets.record_stats(conn, r) for t, r in run.row_sets.items()}
                 if running is not None:
                     backup.describe(run, running, known)
+                    backup.catch_up(run, running)
                 before = {t: known[t].rows if t in known else _count(conn, t) for t in run.order}
             created = (0, 0)
             if run.auth_entries:
@@ -418,7 +433,7 @@ def _transaction(
             if keep and running is not None:
                 with phase("waiting for the backup"):
                     sealed = backup.finish(run, running)
-                    running = None
+                    running = run.backup = None
             if not keep:
                 raise psycopg.Rollback(tx)  # leaves the block, rolling back; nothing raised
             phase.current = "committing"
@@ -427,7 +442,7 @@ def _transaction(
             phase.hold_interrupts()
     finally:
         if running is not None:
-            backup.abandon(running)
+            _abandon_backup(run)
     phase.committed = keep
     if keep:
         log.info(

@@ -1,30 +1,41 @@
 """The pre-apply backup: the target exactly as the apply found it, archived for rollback.
 
-pg_dump starts right after the lock, in the transaction's exported snapshot, so it sees
-the locked state before any write, and runs while the writes run. Its manifest's counts
-and checksums come from the record the apply already holds (no second read of the
-target). The apply joins it before committing: a backup that failed stops the commit, so
-an apply never commits without its way back. It is published only after the commit.
+pg_dump starts before the lock, while the snapshot is being staged, in a snapshot exported
+by a session of its own; the apply records the target's rows (key, row version, hash) in
+that same snapshot. Under the lock, the record's reconciliation finds every row written
+since, by key and row version, and :func:`catch_up` copies those rows (and the keys they
+replace) into ``catchup.copy`` beside the dump. Dump plus catch-up is the target as the
+lock found it, whatever the app wrote while pg_dump ran, and only that change is read
+under the lock: the writers' wait no longer includes pg_dump. Tables the record cannot
+follow (no key; the auth tables) are copied whole under the lock. The manifest's counts
+and checksums are the locked state's. The apply joins pg_dump before committing: a backup
+that failed stops the commit, so an apply never commits without its way back. It is
+published only after the commit.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import psycopg
+from psycopg import sql
 
 from snapshot import archive
-from snapshot.archive import Snapshot
+from snapshot.archive import Snapshot, TableEntry
 from snapshot.checksum import TableStats, table_stats
 from snapshot.config import Config
+from snapshot.db import connect
 from snapshot.environments import Connection
 from snapshot.names import TableName
 from snapshot.pgtools import Running
 from snapshot.session import Session
+from snapshot.staging import ADD, REMOVE, REPLACE, TERMINATOR
 from snapshot.take import DumpPlan, DumpState, build_manifest, describe_state, export_snapshot
 from snapshot.take import start_dump as start_pg_dump
 
@@ -40,29 +51,156 @@ class Backup:
     folder: Path
     plan: DumpPlan
     dump: Running
+    exporter: psycopg.Connection  # holds pg_dump's snapshot open until pg_dump is done
+    snapshot_id: str
     started: float
     state: DumpState | None = None
+    caught_up: int = 0  # rows copied under the lock
+
+    def close(self) -> None:
+        """End the exporting session (its transaction only held the snapshot)."""
+        if not self.exporter.closed:
+            self.exporter.close()
 
 
 def start(s: Session, folder: Path) -> Backup:
-    """Start pg_dump in this transaction's snapshot (call before anything is written)."""
+    """Start pg_dump in a snapshot exported by a session of its own (before the lock).
+
+    The apply records the target's rows in this same snapshot (:func:`import_snapshot`),
+    so that under the lock :func:`catch_up` knows exactly which rows changed since.
+    """
     assert s.pg_dump is not None, "a backup needs pg_dump (the preflight found one)"
     plan = DumpPlan(s.target, s.info, s.pg_dump, s.config.scope, s.shapes)
     log.info("backing up %s (pg_dump %s, in the background)", s.target.env, s.pg_dump.version)
-    dump = start_pg_dump(plan, export_snapshot(s.conn), folder)
-    return Backup(folder, plan, dump, time.monotonic())
+    exporter = connect(s.target)
+    try:
+        exporter.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        exporter.read_only = True
+        exporter.autocommit = False  # the transaction stays open: it keeps the snapshot valid
+        snapshot_id = export_snapshot(exporter)
+        dump = start_pg_dump(plan, snapshot_id, folder)
+    except BaseException:
+        exporter.close()
+        raise
+    return Backup(folder, plan, dump, exporter, snapshot_id, time.monotonic())
+
+
+def import_snapshot(conn: psycopg.Connection, backup: Backup) -> None:
+    """Make ``conn``'s transaction see what pg_dump sees (its first statement)."""
+    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(backup.snapshot_id)))
 
 
 def describe(s: Session, backup: Backup, known: Mapping[TableName, TableStats]) -> None:
-    """Record what the backup holds (call before anything is written)."""
+    """Record what the backup holds: the locked state (call before anything is written)."""
     backup.state = describe_state(s.conn, backup.plan, known)
+
+
+def catch_up(s: Session, backup: Backup) -> int:
+    """Copy what changed between pg_dump's snapshot and the lock into ``catchup.copy``.
+
+    Call under the lock, after the record is reconciled and before anything is written.
+    For a table the record follows, the keys of the rows that moved (``REMOVE``) and their
+    live versions (``ADD``); any other table whole (``REPLACE``). Returns the rows copied.
+    """
+    assert backup.state is not None
+    path = backup.folder / archive.CATCH_UP_FILE
+    try:
+        copied = _write_catch_up(s, backup, path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        path.unlink(missing_ok=True)
+        raise archive.no_space(backup.folder, None, "pre-apply backup") from None
+    if not copied and path.stat().st_size == 0:
+        path.unlink()
+    backup.caught_up = copied
+    return copied
+
+
+def _write_catch_up(s: Session, backup: Backup, path: Path) -> int:
+    assert backup.state is not None
+    copied = 0
+    with path.open("wb") as out:
+        for entry in backup.state.tables:
+            rows = s.row_sets.get(entry.table)
+            columns = sql.SQL(", ").join(map(sql.Identifier, entry.column_names))
+            if rows is None:
+                copied += _block(
+                    s.conn,
+                    out,
+                    REPLACE,
+                    entry,
+                    entry.column_names,
+                    sql.SQL("SELECT {} FROM {}").format(columns, entry.table.ident),
+                )
+                continue
+            if not _has_rows(s.conn, rows.moved):
+                continue
+            copied += _block(
+                s.conn,
+                out,
+                REMOVE,
+                entry,
+                rows.key,
+                sql.SQL("SELECT {} FROM {}").format(rows.keys, rows.moved),
+            )
+            copied += _block(
+                s.conn,
+                out,
+                ADD,
+                entry,
+                entry.column_names,
+                sql.SQL(
+                    "SELECT {c} FROM {t} AS t WHERE EXISTS (SELECT 1 FROM {m} AS m WHERE {on})"
+                ).format(
+                    c=sql.SQL(", ").join(
+                        sql.SQL("t.{}").format(sql.Identifier(c)) for c in entry.column_names
+                    ),
+                    t=entry.table.ident,
+                    m=rows.moved,
+                    on=rows.match("t", "m"),
+                ),
+            )
+    return copied
+
+
+def _has_rows(conn: psycopg.Connection, table: sql.Identifier) -> bool:
+    row = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(table)).fetchone()
+    return bool(row and row[0])
+
+
+def _block(
+    conn: psycopg.Connection,
+    out: BinaryIO,
+    verb: str,
+    entry: TableEntry,
+    columns: tuple[str, ...],
+    query: sql.Composable,
+) -> int:
+    """One ``VERB table (columns) FROM stdin;`` block, its rows in COPY text format."""
+    names = ", ".join(sql.Identifier(c).as_string(conn) for c in columns)
+    out.write(f"{verb} {entry.table.ident.as_string(conn)} ({names}) FROM stdin;\n".encode())
+    with conn.cursor() as cur:
+        with cur.copy(sql.SQL("COPY ({}) TO STDOUT").format(query)) as copy:
+            for data in copy:
+                out.write(data)
+        count = cur.rowcount
+    out.write(TERMINATOR[1:])
+    return count
 
 
 def finish(s: Session, backup: Backup) -> Snapshot:
     """Wait for pg_dump; seal the backup (published by the caller after the commit)."""
     assert backup.state is not None
-    backup.dump.wait()
-    log.info("  backup written in %.1f s", time.monotonic() - backup.started)
+    try:
+        backup.dump.wait()
+    finally:
+        backup.close()
+    log.info(
+        "  backup written in %.1f s (%d rows changed while pg_dump ran, copied under the lock)",
+        time.monotonic() - backup.started,
+        backup.caught_up,
+    )
     # The apply's transaction id: if the process dies around the commit, the next run asks
     # the server whether this transaction committed, instead of guessing from the rows.
     row = s.conn.execute("SELECT txid_current()::text").fetchone()
@@ -76,8 +214,9 @@ def finish(s: Session, backup: Backup) -> Snapshot:
 
 
 def abandon(backup: Backup) -> None:
-    """Stop pg_dump (the apply failed); the pending folder is removed by its owner."""
+    """Stop pg_dump (the apply failed or was refused); the pending folder's owner removes it."""
     backup.dump.kill()
+    backup.close()
 
 
 def settle_orphaned_backups(

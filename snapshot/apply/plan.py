@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import catalog, staging
+from snapshot.apply import backup
 from snapshot.apply import rows as rowsets
 from snapshot.apply.auth import AuthPlan, auth_plan
 from snapshot.apply.rows import RowSet
@@ -153,6 +154,8 @@ def prepare(s: Session, *, full: bool = False) -> Plan:
         rowsets.create_record(conn, rows)
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     with conn.transaction():  # one moment for every table
+        if s.backup is not None:
+            backup.import_snapshot(conn, s.backup)  # the moment the pre-apply backup sees
         for rows in s.row_sets.values():
             rowsets.fill_record(conn, rows)
     for rows in s.row_sets.values():

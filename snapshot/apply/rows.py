@@ -238,8 +238,7 @@ def reconcile(conn: psycopg.Connection, rows: RowSet) -> int:
                 tm=rows.match("t", "m"),
             )
         )
-    conn.execute(sql.SQL("DROP TABLE {}").format(rows.moved))
-    return int(moved)
+    return int(moved)  # rows.moved stays: the pre-apply backup copies those rows
 
 
 def record_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
@@ -290,5 +289,5 @@ def key_columns(rows: RowSet, alias: str) -> sql.Composable:
 def drop_all(conn: psycopg.Connection, sets: Sequence[RowSet]) -> None:
     """Remove the temporary tables of ``sets`` (they also die with the session)."""
     for rows in sets:
-        for temp in (rows.hashes, rows.record, rows.delta):
+        for temp in (rows.hashes, rows.record, rows.delta, rows.moved):
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(temp))
