@@ -56,6 +56,29 @@ def test_rollback_after_a_kill_before_publishing_undoes_only_the_last_apply(
     assert first_backup.exists()
 
 
+def test_rollback_waits_for_the_ending_apply_before_choosing_its_backup(
+    project: Project, make_db
+) -> None:
+    # The session of the apply that just ended still holds the apply lock a moment, and its
+    # backup is unsettled: choosing then would roll back to the backup before it.
+    dev, prod = setup_pair(project, make_db)
+    assert apply(project).exit_code == 0
+    after_first = prod.fingerprint()
+    dev.execute("UPDATE public.categories SET name = name || ' (second)'")
+    assert project.run("take", "dev").exit_code == 0
+    assert apply(project).exit_code == 0
+    _first, second_backup = project.snapshots("prod")
+    _unpublish(second_backup)
+    holder = psycopg.connect(prod.app_url, autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s)", (0x736E6170,))
+    threading.Timer(1.0, holder.close).start()
+
+    result = project.run("rollback", "prod", "--yes")
+
+    assert result.exit_code == 0, result.output
+    assert prod.fingerprint() == after_first  # one apply undone, not two
+
+
 def test_rollback_without_any_backup_says_where_it_looked(project: Project, make_db) -> None:
     _dev, prod = setup_pair(project, make_db)
     original = prod.fingerprint()

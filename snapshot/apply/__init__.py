@@ -193,6 +193,9 @@ def check(
                 release_apply_lock(session.conn)
 
 
+SETTLE_WAIT = 10.0  # seconds settle_backups waits for the apply lock to be free
+
+
 def settle_backups(config: Config, target_env: str) -> list[str]:
     """Publish or discard the pre-apply backups a killed apply left sealed but unlisted.
 
@@ -203,8 +206,17 @@ def settle_backups(config: Config, target_env: str) -> list[str]:
         return []
     target = resolve_connection(config.environment(target_env))
     with contextlib.closing(connect(target)) as conn:
-        if apply_lock_holder(conn) is not None:
-            return []  # the apply running now settles them, and rollback will refuse
+        # The session of an apply that just ended may hold the lock a moment longer; one
+        # that goes on running settles them itself, and choosing a backup before it has
+        # would pick the one before it: refuse then.
+        deadline = time.monotonic() + SETTLE_WAIT
+        while (holder := apply_lock_holder(conn)) is not None:
+            if time.monotonic() >= deadline:
+                raise Refused(
+                    f"another snapshot apply or rollback is running against {target_env} "
+                    f"({holder}): wait for it to finish; nothing was changed"
+                )
+            time.sleep(0.2)
         try:
             return settle_orphaned_backups(config, target, conn)
         finally:
