@@ -1,9 +1,16 @@
 """Row counts and content checksums, computed on the server, for take, apply and verify.
 
-A table's checksum is the sum, over its rows, of the md5 of the row's text form (columns
-in name order, generated columns left out), kept as two 64-bit halves summed in ``numeric``.
-A sum does not depend on physical row order and counts duplicate rows; the session
-settings pinned in :mod:`snapshot.db` make the text form the same on every server.
+A table's checksum is the sum, over its rows, of a 128-bit hash of the row's text form
+(columns in name order, generated columns left out), kept as two 64-bit halves summed in
+``numeric``. A sum does not depend on physical row order and counts duplicate rows; the
+session settings pinned in :mod:`snapshot.db` make the text form the same on every server.
+
+Two row hashes exist. :data:`HASHTEXT` (``hashtextextended`` of the row text with seeds 0
+and 1, PostgreSQL's own stable 64-bit text hash) is what new checksums use: it costs half
+of :data:`MD5`, which snapshots and backups written before December 2026 carry. A checksum
+says which it is (``h2:`` in front for HASHTEXT), and whatever is compared with a stored
+checksum is computed the same way (:func:`kind_of`): an old snapshot or backup still
+applies, rolls back and verifies.
 """
 
 from __future__ import annotations
@@ -17,6 +24,16 @@ from psycopg import sql
 
 from snapshot.names import TableName
 
+MD5 = "md5"
+HASHTEXT = "hashtext"
+CURRENT = HASHTEXT
+_PREFIX = "h2:"  # in front of a HASHTEXT checksum; an MD5 one has none
+
+
+def kind_of(checksum: str) -> str:
+    """The row hash a stored checksum was computed with."""
+    return HASHTEXT if checksum.startswith(_PREFIX) else MD5
+
 
 @dataclass(frozen=True)
 class TableStats:
@@ -26,23 +43,44 @@ class TableStats:
     checksum: str
 
 
-def row_hash(columns: Sequence[str], alias: str | None = None) -> sql.Composable:
-    """``md5(ROW(a, b, ...)::text)`` over ``columns`` in name order: one row's checksum term."""
+def row_term(
+    columns: Sequence[str], alias: str | None = None, kind: str = CURRENT
+) -> sql.Composable:
+    """The per-row value :func:`halves` reads: the row's text (its md5 for :data:`MD5`).
+
+    Compute it once per row (an inner query with ``OFFSET 0``): written twice in a select
+    list, it would be computed twice.
+    """
     ordered = sorted(columns)
     names = [sql.Identifier(alias, c) if alias else sql.Identifier(c) for c in ordered]
-    return sql.SQL("md5(ROW({})::text)").format(sql.SQL(", ").join(names))
+    text = sql.SQL("ROW({})::text").format(sql.SQL(", ").join(names))
+    return sql.SQL("md5({})").format(text) if kind == MD5 else text
 
 
-def _sum_halves(hash_expr: sql.Composable) -> sql.Composable:
-    return sql.SQL(
-        "coalesce(sum(('x' || substr({h}, 1, 16))::bit(64)::bigint), 0)::text || ':' || "
-        "coalesce(sum(('x' || substr({h}, 17, 16))::bit(64)::bigint), 0)::text"
-    ).format(h=hash_expr)
+def halves(term: sql.Composable, kind: str = CURRENT) -> tuple[sql.Composable, sql.Composable]:
+    """The two signed 64-bit halves of a row's hash, from its :func:`row_term`."""
+    if kind == MD5:
+        return (
+            sql.SQL("('x' || substr({}, 1, 16))::bit(64)::bigint").format(term),
+            sql.SQL("('x' || substr({}, 17, 16))::bit(64)::bigint").format(term),
+        )
+    return (
+        sql.SQL("hashtextextended({}, 0)").format(term),
+        sql.SQL("hashtextextended({}, 1)").format(term),
+    )
 
 
-def digest(rows: int, sums: str) -> str:
+def _sum_halves(term: sql.Composable, kind: str) -> sql.Composable:
+    first, second = halves(term, kind)
+    return sql.SQL("coalesce(sum({}), 0)::text || ':' || coalesce(sum({}), 0)::text").format(
+        first, second
+    )
+
+
+def digest(rows: int, sums: str, kind: str = CURRENT) -> str:
     """The checksum of a table from its row count and its two sums (``"sum1:sum2"``)."""
-    return hashlib.sha256(f"{rows}:{sums}".encode()).hexdigest()[:32]
+    hashed = hashlib.sha256(f"{rows}:{sums}".encode()).hexdigest()[:32]
+    return hashed if kind == MD5 else _PREFIX + hashed
 
 
 def table_stats(
@@ -50,18 +88,19 @@ def table_stats(
     table: TableName | sql.Identifier,
     columns: Sequence[str],
     ignore: Sequence[str] = (),
+    kind: str = CURRENT,
 ) -> TableStats:
-    """Count and checksum ``table`` over ``columns`` minus ``ignore``."""
+    """Count and checksum ``table`` over ``columns`` minus ``ignore``, with ``kind``'s hash."""
     relation = table.ident if isinstance(table, TableName) else table
     used = [c for c in columns if c not in ignore]
-    # OFFSET 0 keeps the inner query apart: flattened, md5 would run once per half.
+    # OFFSET 0 keeps the inner query apart: flattened, the row text would be made per half.
     query = sql.SQL("SELECT count(*), {} FROM (SELECT {} AS h FROM {} OFFSET 0) AS s").format(
-        _sum_halves(sql.SQL("h")), row_hash(used), relation
+        _sum_halves(sql.SQL("h"), kind), row_term(used, kind=kind), relation
     )
     row = conn.execute(query).fetchone()
     assert row is not None
     rows, sums = int(row[0]), str(row[1])
-    return TableStats(rows, digest(rows, sums))
+    return TableStats(rows, digest(rows, sums, kind))
 
 
 def column_checksums(
@@ -69,7 +108,7 @@ def column_checksums(
 ) -> dict[str, str]:
     """One checksum per column (over its multiset of values), to name the columns that differ."""
     relation = table.ident if isinstance(table, TableName) else table
-    parts = [_sum_halves(row_hash([c])) for c in columns]
+    parts = [_sum_halves(row_term([c]), CURRENT) for c in columns]
     query = sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(parts), relation)
     row = conn.execute(query).fetchone()
     assert row is not None

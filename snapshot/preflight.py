@@ -586,7 +586,7 @@ def run_checks(
 def _staged_rows(s: Session) -> Iterator[Finding]:
     """The staged rows against the manifest: a swapped dump or an edited manifest stops here."""
     from snapshot.apply import rows as rowsets
-    from snapshot.checksum import TableStats, table_stats
+    from snapshot.checksum import TableStats, kind_of, table_stats
 
     wrong = []
     entries = [*s.entries.values(), *s.auth_entries]
@@ -595,7 +595,12 @@ def _staged_rows(s: Session) -> Iterator[Finding]:
         if rows is not None:
             staged = rowsets.snapshot_stats(s.conn, rows)
         else:
-            staged = table_stats(s.conn, staging.staging_table(entry), entry.column_names)
+            staged = table_stats(
+                s.conn,
+                staging.staging_table(entry),
+                entry.column_names,
+                kind=kind_of(entry.checksum),
+            )
         if staged == TableStats(entry.rows, entry.checksum):
             continue
         if staged.rows != entry.rows:

@@ -18,7 +18,7 @@ from psycopg import sql
 
 from snapshot import archive, catalog
 from snapshot.catalog import TableShape
-from snapshot.checksum import TableStats, column_checksums, table_stats
+from snapshot.checksum import TableStats, column_checksums, kind_of, table_stats
 from snapshot.config import Config
 from snapshot.db import connect
 from snapshot.environments import Connection, resolve_connection
@@ -162,7 +162,9 @@ def verify_snapshot(config: Config, env: str, snapshot: archive.Snapshot) -> Ver
     with contextlib.closing(side.conn), side.conn.transaction(force_rollback=True):
         results = []
         for entry in snapshot.manifest.scope_tables:
-            stats = table_stats(side.conn, entry.table, entry.column_names)
+            stats = table_stats(
+                side.conn, entry.table, entry.column_names, kind=kind_of(entry.checksum)
+            )
             log.info("  %-5s %-32s %10d rows", env, entry.table, stats.rows)
             match = (stats.rows, stats.checksum) == (entry.rows, entry.checksum)
             results.append(TableParity(entry.table, entry.rows, stats.rows, match))

@@ -28,7 +28,7 @@ from psycopg import sql
 
 from snapshot import archive
 from snapshot.archive import Snapshot, TableEntry
-from snapshot.checksum import TableStats, table_stats
+from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.config import Config
 from snapshot.db import connect
 from snapshot.environments import Connection
@@ -234,7 +234,8 @@ def settle_orphaned_backups(
         committed = _committed(conn, orphan)
         if committed is None:
             committed = not all(
-                table_stats(conn, e.table, e.column_names) == TableStats(e.rows, e.checksum)
+                table_stats(conn, e.table, e.column_names, kind=kind_of(e.checksum))
+                == TableStats(e.rows, e.checksum)
                 for e in orphan.manifest.scope_tables
             )
         if not committed:

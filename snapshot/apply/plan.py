@@ -23,6 +23,7 @@ from snapshot.apply import rows as rowsets
 from snapshot.apply.auth import AuthPlan, auth_plan
 from snapshot.apply.rows import RowSet
 from snapshot.catalog import ForeignKey
+from snapshot.checksum import kind_of
 from snapshot.names import TableName
 from snapshot.session import Session
 
@@ -134,6 +135,7 @@ def row_sets(s: Session) -> dict[TableName, RowSet]:
             keys[table],
             columns[table],
             staging.staging_table(entries[table]),
+            kind_of(entries[table].checksum),
         )
         for table in s.order
         if table in keys

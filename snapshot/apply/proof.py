@@ -13,7 +13,7 @@ from collections.abc import Collection, Mapping
 
 from snapshot import staging
 from snapshot.apply import rows as rowsets
-from snapshot.checksum import TableStats, table_stats
+from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.names import TableName
 from snapshot.parity import TableParity, name_columns
 from snapshot.session import Session
@@ -29,12 +29,13 @@ def parity(
         ignored = tuple(c for c in s.config.ignored_columns(table) if c in entry.column_names)
         stage = staging.staging_table(entry)
         rows = s.row_sets.get(table)
+        kind = kind_of(entry.checksum)
         if rows is not None and table not in full and not ignored:
             actual = rowsets.prove(s.conn, rows)
         else:
-            actual = table_stats(s.conn, table, entry.column_names, ignored)
+            actual = table_stats(s.conn, table, entry.column_names, ignored, kind)
         expected = (
-            table_stats(s.conn, stage, entry.column_names, ignored)
+            table_stats(s.conn, stage, entry.column_names, ignored, kind)
             if ignored
             else TableStats(entry.rows, entry.checksum)
         )

@@ -8,9 +8,10 @@ columns) the apply keeps three temporary tables in its session:
 * ``_snapshot_d<n>``, the *delta*: key and op of every row that differs
   (``i`` insert, ``u`` update, ``d`` delete).
 
-A row's hash is the md5 of its text over the snapshot's columns in name order, kept as two
-bigint halves: exactly the terms of the table checksum (:mod:`snapshot.checksum`), so a sum
-of recorded hashes *is* a checksum. A row version is identified by ``(key, xmin)``: a
+A row's hash is that of its text over the snapshot's columns in name order, kept as two
+bigint halves, with the row hash the snapshot's checksums were made with: exactly the terms
+of the table checksum (:mod:`snapshot.checksum`), so a sum of recorded hashes *is* a
+checksum. A row version is identified by ``(key, xmin)``: a
 version never changes, every write makes a new one with the writer's transaction id, and
 under the apply's lock no other transaction writes. That is what lets the record be made
 before the lock (reconciled under it by a cheap ``(key, xmin)`` join instead of hashing
@@ -26,31 +27,25 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from snapshot.checksum import TableStats, digest, row_hash
+from snapshot.checksum import CURRENT, TableStats, digest, halves, row_term
 from snapshot.names import TableName
 
 INSERT, UPDATE, DELETE = "i", "u", "d"
 
 
-def _halves(md5: sql.Composable) -> sql.Composable:
-    """``h1, h2``: the two signed 64-bit halves of an md5, as the checksums sum them.
-
-    ``md5`` must be a column computed once (an inner query with ``OFFSET 0``): written
-    twice in one select list, md5 would be computed twice per row.
-    """
-    return sql.SQL(
-        "(('x' || {m})::bit(128))::bit(64)::bigint AS h1, "
-        "((('x' || {m})::bit(128)) << 64)::bit(64)::bigint AS h2"
-    ).format(m=md5)
-
-
 def _hashed(
-    outer: sql.Composable, inner: sql.Composable, md5: sql.Composable, source: sql.Composable
+    outer: sql.Composable,
+    inner: sql.Composable,
+    term: sql.Composable,
+    source: sql.Composable,
+    kind: str,
 ) -> sql.Composed:
-    """``SELECT outer, h1, h2`` over ``SELECT inner, md5 AS m FROM source``, md5 once a row."""
+    """``SELECT outer, h1, h2`` over ``SELECT inner, term AS m FROM source``, hashed once a row."""
+    first, second = halves(sql.SQL("z.m"), kind)
     return sql.SQL(
-        "SELECT {outer}, {h} FROM (SELECT {inner}, {md5} AS m FROM {source} OFFSET 0) AS z"
-    ).format(outer=outer, h=_halves(sql.SQL("z.m")), inner=inner, md5=md5, source=source)
+        "SELECT {outer}, {h1} AS h1, {h2} AS h2 "
+        "FROM (SELECT {inner}, {term} AS m FROM {source} OFFSET 0) AS z"
+    ).format(outer=outer, h1=first, h2=second, inner=inner, term=term, source=source)
 
 
 @dataclass(frozen=True)
@@ -62,6 +57,7 @@ class RowSet:
     key: tuple[str, ...]
     columns: tuple[str, ...]  # the snapshot's columns: what is hashed and written
     stage: sql.Identifier  # pg_temp.snapshot_<table>: the snapshot's rows
+    kind: str = CURRENT  # the row hash of the snapshot's checksum (snapshot.checksum)
 
     def _temp(self, kind: str) -> sql.Identifier:
         return sql.Identifier("pg_temp", f"_snapshot_{kind}{self.number}")
@@ -95,8 +91,11 @@ class RowSet:
             for k in self.key
         )
 
-    def row_md5(self, alias: str) -> sql.Composable:
-        return row_hash(self.columns, alias)
+    def row_term(self, alias: str) -> sql.Composable:
+        return row_term(self.columns, alias, self.kind)
+
+    def digest(self, rows: int, sums: str) -> str:
+        return digest(rows, sums, self.kind)
 
 
 def hash_snapshot(conn: psycopg.Connection, rows: RowSet) -> None:
@@ -105,7 +104,13 @@ def hash_snapshot(conn: psycopg.Connection, rows: RowSet) -> None:
     conn.execute(
         sql.SQL("CREATE TEMP TABLE {} AS {}").format(
             rows.hashes,
-            _hashed(rows.keys, rows.keys, rows.row_md5("s"), sql.SQL("{} AS s").format(rows.stage)),
+            _hashed(
+                rows.keys,
+                rows.keys,
+                rows.row_term("s"),
+                sql.SQL("{} AS s").format(rows.stage),
+                rows.kind,
+            ),
         )
     )
     conn.execute(sql.SQL("ANALYZE {}").format(rows.hashes))
@@ -120,7 +125,7 @@ def snapshot_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
         ).format(rows.hashes)
     ).fetchone()
     assert row is not None
-    return TableStats(int(row[0]), digest(int(row[0]), str(row[1])))
+    return TableStats(int(row[0]), rows.digest(int(row[0]), str(row[1])))
 
 
 def create_record(conn: psycopg.Connection, rows: RowSet) -> None:
@@ -149,8 +154,9 @@ def fill_record(conn: psycopg.Connection, rows: RowSet) -> None:
             _hashed(
                 sql.SQL("{}, z.x").format(rows.keys),
                 sql.SQL("{}, t.xmin AS x").format(rows.keys),
-                rows.row_md5("t"),
+                rows.row_term("t"),
                 sql.SQL("{} AS t").format(rows.table.ident),
+                rows.kind,
             ),
         )
     )
@@ -213,10 +219,11 @@ def reconcile(conn: psycopg.Connection, rows: RowSet) -> int:
                 _hashed(
                     sql.SQL("{}, z.x").format(rows.keys),
                     sql.SQL("{}, t.xmin AS x").format(key_columns(rows, "t")),
-                    rows.row_md5("t"),
+                    rows.row_term("t"),
                     sql.SQL("{} AS t JOIN {} AS m ON {}").format(
                         rows.table.ident, rows.moved, rows.match("t", "m")
                     ),
+                    rows.kind,
                 ),
             )
         )
@@ -250,7 +257,7 @@ def record_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
         ).format(rows.record)
     ).fetchone()
     assert row is not None
-    return TableStats(int(row[0]), digest(int(row[0]), str(row[1])))
+    return TableStats(int(row[0]), rows.digest(int(row[0]), str(row[1])))
 
 
 def prove(conn: psycopg.Connection, rows: RowSet) -> TableStats:
@@ -258,25 +265,26 @@ def prove(conn: psycopg.Connection, rows: RowSet) -> TableStats:
 
     A live row whose ``(key, xmin)`` is recorded is that very version: its recorded hash
     stands. Every other row (written by this apply, its scripts or its triggers) is hashed
-    now. Only those rows pay for md5.
+    now. Only those rows pay for hashing.
     """
     row = conn.execute(
         sql.SQL(
             "SELECT count(*), coalesce(sum(coalesce(r.h1, f.h1)), 0)::text || ':' || "
             "coalesce(sum(coalesce(r.h2, f.h2)), 0)::text "
             "FROM {table} AS t LEFT JOIN {record} AS r ON {on} AND r.x = t.xmin "
-            "CROSS JOIN LATERAL (SELECT {h} FROM (SELECT CASE WHEN r.x IS NULL THEN {md5} END "
-            "AS m OFFSET 0) AS z) AS f"
+            "CROSS JOIN LATERAL (SELECT {h1} AS h1, {h2} AS h2 FROM (SELECT CASE WHEN r.x IS "
+            "NULL THEN {term} END AS m OFFSET 0) AS z) AS f"
         ).format(
             table=rows.table.ident,
             record=rows.record,
             on=rows.match("r", "t"),
-            h=_halves(sql.SQL("z.m")),
-            md5=rows.row_md5("t"),
+            h1=halves(sql.SQL("z.m"), rows.kind)[0],
+            h2=halves(sql.SQL("z.m"), rows.kind)[1],
+            term=rows.row_term("t"),
         )
     ).fetchone()
     assert row is not None
-    return TableStats(int(row[0]), digest(int(row[0]), str(row[1])))
+    return TableStats(int(row[0]), rows.digest(int(row[0]), str(row[1])))
 
 
 def key_columns(rows: RowSet, alias: str) -> sql.Composable:
