@@ -86,7 +86,8 @@ def test_kept_servers_answer_until_down_stops_them(tmpdir_base: Path) -> None:
     report = json.loads(out)
     assert report["ok"] and report["kept"]
     folders, servers = leftovers(tmpdir_base)
-    assert len(folders) == 1 and len(servers) == 2
+    # By directory: a moment after a server starts, pg_ctl's own `postgres -C` may still run.
+    assert len(folders) == 1 and len(set(servers.values())) == 2
     for name in ("dev", "prod"):
         assert report["urls"][name].startswith("postgresql://app_owner:***@127.0.0.1:")
         url = dotenv_values(report["env_files"][name])["SUPABASE_DB_URL"]
@@ -123,7 +124,8 @@ def test_servers_of_a_killed_rehearsal_are_stopped_by_the_next(tmpdir_base: Path
     process.kill()
     process.communicate()
     folders, servers = leftovers(tmpdir_base)
-    assert len(folders) == 1 and len(servers) == 2
+    # By directory: a moment after a server starts, pg_ctl's own `postgres -C` may still run.
+    assert len(folders) == 1 and len(set(servers.values())) == 2
 
     out, err = rehearse(tmpdir_base).communicate()
 
