@@ -12,8 +12,11 @@ rows, the size of the user's app), then times, with peak memory:
             guardrails, no backup, no parity: what integrity-off tools do);
           - constraints on: as the app owner, with the guardrail triggers dropped first
             (raw pg_restore cannot pass them: it inserts published questions before their
-            topic links), so it pays the same foreign-key checks as snapshot.
+            topic links), so it pays the same foreign-key checks as snapshot;
+          and again with ``--block-readers`` (foreign keys checked in bulk) on a copy;
 * verify: ``snapshot verify dev prod``
+* re-sync: each side changes about 1%; ``apply`` as a delta, ``--full``, and ``--full
+  --block-readers``, while an app writes and reads (longest waits reported)
 
 and prints the ratios. Results also go to bench/results/<time>.json.
 """
@@ -234,6 +237,7 @@ def main() -> None:
     pg_bin = Path(args.pg_bin)
     work = Path(tempfile.mkdtemp(prefix="snapshot-bench-"))
     dev, prod, raw, checked = "bench_dev", "bench_prod", "bench_raw", "bench_checked"
+    bulk = "bench_bulk"  # the first apply again, with --block-readers
     resync = "bench_prod_resync"
     try:
         print(f"building dev and prod at scale {args.scale}…", file=sys.stderr)
@@ -243,7 +247,7 @@ def main() -> None:
         with psycopg.connect(args.dsn, autocommit=True) as conn:
             # checked starts from dev, whose auth.users hold every user the rows point at:
             # raw pg_restore cannot create the missing ones in prod, as snapshot does.
-            for copy, template in ((raw, prod), (checked, dev)):
+            for copy, template in ((raw, prod), (checked, dev), (bulk, prod)):
                 conn.execute(f"DROP DATABASE IF EXISTS {copy} WITH (FORCE)")
                 conn.execute(f"CREATE DATABASE {copy} TEMPLATE {template}")
         print(f"  built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -286,6 +290,12 @@ def main() -> None:
             [],
         )
         our_apply = timed([*snapshot, "apply", "prod", "--yes"], work, env)
+        production = (work / ".env.production").read_text()
+        (work / ".env.production").write_text(
+            f"SUPABASE_DB_URL={url(args.dsn, bulk, 'app_owner')}\n"
+        )
+        bulk_apply = timed([*snapshot, "apply", "prod", "--yes", "--block-readers"], work, env)
+        (work / ".env.production").write_text(production)
         our_verify = timed([*snapshot, "verify", "dev", "prod"], work, env)
 
         # Re-sync: prod holds dev's data now; both sides change about 1%.
@@ -301,6 +311,10 @@ def main() -> None:
             conn.execute(f"DROP DATABASE {prod} WITH (FORCE)")
             conn.execute(f"CREATE DATABASE {prod} TEMPLATE {resync}")
         full = probed_apply(snapshot, work, env, prod_url, "--full")
+        with psycopg.connect(args.dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {prod} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {prod} TEMPLATE {resync}")
+        full_bulk = probed_apply(snapshot, work, env, prod_url, "--full", "--block-readers")
         reference = raw_take[0] + checked_apply[0]
         dump_size = (work / "raw.dump").stat().st_size
         ours = next((work / "snapshots" / "dev").iterdir()) / "data.dump"
@@ -324,6 +338,8 @@ def main() -> None:
                 "raw_constraints_on_s": checked_apply[0],
                 "snapshot_mib": our_apply[1],
                 "raw_mib": raw_apply[1],
+                "block_readers_s": bulk_apply[0],
+                "raw_reference_s": raw_take[0] + checked_apply[0],
             },
             "verify": {"snapshot_s": our_verify[0]},
             "resync": {
@@ -332,6 +348,7 @@ def main() -> None:
                 "raw_reference_s": reference,
                 "delta": delta,
                 "full": full,
+                "full_block_readers": full_bulk,
             },
         }
         out = ROOT / "bench" / "results"
@@ -351,9 +368,17 @@ def main() -> None:
             f"{apply['snapshot_s'] / apply['raw_constraints_on_s']:.2f}x; peak "
             f"{apply['snapshot_mib']} MiB vs {apply['raw_mib']} MiB"
         )
+        reference_first = apply["raw_reference_s"]
+        print(
+            f"        vs raw reference (pg_dump of prod + restore, constraints on) "
+            f"{reference_first:.1f} s -> {apply['snapshot_s'] / reference_first:.2f}x; with "
+            f"--block-readers {apply['block_readers_s']:.1f} s -> "
+            f"{apply['block_readers_s'] / reference_first:.2f}x"
+        )
         print(f"verify: {results['verify']['snapshot_s']:.1f} s (both sides, all 16 tables)")
         print(f"re-sync ({RESYNC_MIX}):")
-        for name, figures in (("delta", delta), ("--full", full)):
+        variants = (("delta", delta), ("--full", full), ("--full --block-readers", full_bulk))
+        for name, figures in variants:
             print(
                 f"  apply {name}: {figures['snapshot_s']:.1f} s vs raw reference "
                 f"{reference:.1f} s -> {float(figures['snapshot_s']) / reference:.2f}x; app "
@@ -363,7 +388,7 @@ def main() -> None:
             )
     finally:
         with psycopg.connect(args.dsn, autocommit=True) as conn:
-            for name in (dev, prod, raw, checked, resync):
+            for name in (dev, prod, raw, checked, resync, bulk):
                 conn.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
                 )

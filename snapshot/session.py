@@ -61,6 +61,7 @@ class Session:
     plan: Plan | None = None
     backup_into: Path | None = None  # a pending archive folder: the apply backs up into it
     backup: Backup | None = None  # started with the staging, joined before the commit
+    block_readers: bool = False  # apply --block-readers (snapshot.apply.constraints)
 
     @property
     def entries(self) -> dict[TableName, TableEntry]:

@@ -455,3 +455,22 @@ def test_parity_finds_the_rows_the_apply_wrote_by_their_transaction_id(
     assert changes["public.user_question_progress"]["delete"] > 0
     assert all(t["mode"] == "delta" for t in changes.values())
     assert "matching every row with the record" not in result.stderr
+
+
+def test_block_readers_gives_the_same_prod_with_its_foreign_keys_and_guardrails_intact(
+    project: Project, make_db
+) -> None:
+    dev, prod = setup_pair(project, make_db)
+    keys = "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint "
+    keys += "WHERE contype = 'f' ORDER BY 1, 2"
+    before = prod.execute(keys)
+
+    result = apply(project, "--block-readers")
+
+    assert result.exit_code == 0, result.output
+    assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
+    assert prod.execute(keys) == before
+    assert "foreign keys were checked in bulk; readers of 16 tables" in " ".join(
+        result.output.split()
+    )
+    assert_guardrails_hold(prod)

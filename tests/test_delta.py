@@ -130,6 +130,7 @@ def _apply(project: Project, prod: Database, *args: str):
 def test_a_delta_ends_where_a_full_replace_ends(project: Project, make_db, case: str) -> None:
     changes, replaced = CASES[case]
     dev, by_delta, by_full = _database(make_db), _database(make_db), _database(make_db)
+    by_bulk = _database(make_db)
     dev.execute(changes)
     project.point("dev", dev)
     project.config(CONFIG)
@@ -139,12 +140,19 @@ def test_a_delta_ends_where_a_full_replace_ends(project: Project, make_db, case:
 
     delta = _apply(project, by_delta, "--json")
     full = _apply(project, by_full, "--full")
+    bulk = _apply(project, by_bulk, "--block-readers")
 
     assert delta.exit_code == 0, delta.output
     assert full.exit_code == 0, full.output
+    assert bulk.exit_code == 0, bulk.output
+    assert "--block-readers: 3 foreign keys were checked in bulk" in " ".join(
+        bulk.output.split()
+    ), bulk.output
     expected = dev.fingerprint(SCOPE)
     assert by_delta.fingerprint(SCOPE) == expected
     assert by_full.fingerprint(SCOPE) == expected
+    assert by_bulk.fingerprint(SCOPE) == expected
+    assert _foreign_keys(by_bulk) == _foreign_keys(by_full)  # added back exactly
     changes = json.loads(delta.stdout)["changes"]
     modes = {t["table"]: t["mode"] for t in changes}
     assert replaced <= {t for t, mode in modes.items() if mode == "full"}, modes
@@ -172,3 +180,46 @@ def test_an_unchanged_snapshot_writes_nothing(project: Project, make_db) -> None
         (0, 0, 0)
     ] * 4
     assert prod.execute("SELECT xmin::text FROM public.node ORDER BY id") == xmins
+
+
+def _foreign_keys(db: Database) -> list[tuple[str, str, str]]:
+    return db.execute(
+        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE contype = 'f' ORDER BY 1, 2"
+    )
+
+
+# A pre-script's trigger slips a member of no team in while the foreign keys are dropped.
+ORPHAN = """
+CREATE FUNCTION public.orphan_member() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO public.member VALUES (NEW.id + 1000, '00000000-0000-0000-0000-000000000000', -NEW.id);
+  RETURN NEW;
+END $$;
+CREATE TRIGGER orphan_member AFTER INSERT ON public.node
+  FOR EACH ROW EXECUTE FUNCTION public.orphan_member();
+"""
+
+
+def test_a_row_breaking_a_foreign_key_fails_the_bulk_check_and_changes_nothing(
+    project: Project, make_db
+) -> None:
+    dev, prod = _database(make_db), _database(make_db)
+    dev.execute(CASES["self-referencing tree re-parented"][0])  # inserts a node
+    project.point("dev", dev)
+    project.config(CONFIG)
+    (project.path / "sql" / "pre").mkdir(parents=True)
+    (project.path / "sql" / "post").mkdir(parents=True)
+    (project.path / "sql" / "pre" / "010_orphan.sql").write_text(ORPHAN)
+    assert project.run("take", "dev").exit_code == 0
+    before, keys = prod.fingerprint(SCOPE), _foreign_keys(prod)
+
+    result = _apply(project, prod, "--block-readers")
+
+    assert result.exit_code == 1, result.output
+    line = " ".join(result.stderr.split())
+    assert "while checking foreign keys in bulk" in line
+    assert "member" in line and "rolled back, prod is unchanged" in line
+    assert prod.fingerprint(SCOPE) == before
+    assert _foreign_keys(prod) == keys
+    assert prod.execute("SELECT count(*) FROM pg_trigger WHERE tgname = 'orphan_member'") == [(0,)]

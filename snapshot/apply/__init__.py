@@ -39,7 +39,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import archive, preflight, progress, scripts
-from snapshot.apply import auth, backup, proof, sequences, write
+from snapshot.apply import auth, backup, constraints, proof, sequences, write
 from snapshot.apply import plan as planning
 from snapshot.apply import rows as rowsets
 from snapshot.apply.backup import settle_orphaned_backups
@@ -130,12 +130,14 @@ def run_apply(
     pg_bin: Path | None = None,
     allow_cascades: Collection[str] = (),
     progress: Progress | None = None,
+    block_readers: bool = False,
 ) -> ApplyReport:
     """Apply ``snapshot`` to ``target_env`` (see the module docstring for the recipe).
 
     The preflight runs first, with the apply lock held; any error stops everything before
     the first write (:class:`PreflightFailed` carries its report). ``full`` replaces every
-    table in full instead of writing only what differs.
+    table in full instead of writing only what differs; ``block_readers`` checks the scope's
+    own foreign keys in bulk (:mod:`.constraints`), making readers wait until the commit.
     """
     phases = _Phases(progress)
     with (
@@ -144,6 +146,7 @@ def run_apply(
         ) as session,
         contextlib.ExitStack() as cleanup,
     ):
+        session.block_readers = block_readers
         if not dry_run:
             session.backup_into = cleanup.enter_context(
                 archive.pending_snapshot(config.archive, session.target.env)
@@ -524,6 +527,10 @@ def _attempts(
                 with phase("pre-scripts"):
                     scripts.run(conn, scripts.scripts(run.config, "pre"), "pre")
                 write.guard_outside(run, plan, allowed)
+                bulk = constraints.scope_foreign_keys(run) if run.block_readers else []
+                if bulk:
+                    with phase("dropping foreign keys"):
+                        constraints.drop(conn, bulk)
                 progress.begin("writes", *write.expected_writes(plan))
                 with phase("deleting"):
                     done = write.delete_first(run, plan)
@@ -531,14 +538,19 @@ def _attempts(
                     write.insert_and_update(run, plan, done)
                 with phase("deleting what waited"):
                     write.delete_last(run, plan, done)
+                if bulk:
+                    with phase("checking foreign keys in bulk"):
+                        constraints.add_back(conn, bulk)
                 with phase("post-scripts"):
                     scripts.run(conn, scripts.scripts(run.config, "post"), "post")
                 with phase("verifying"):
-                    tables = proof.parity(run, plan.full_tables, before)
+                    tables = proof.parity(run, plan, before)
                 failed = [t for t in tables if not t.match and t.table not in plan.full_tables]
                 if failed and not last:
                     details = "; ".join(f"{t.table} {t.detail}" for t in failed)
                     raise _Retry([t.table for t in failed], f"it did not match ({details})")
+                if bulk:
+                    run.notes.append(_blocked_readers(bulk))
                 return plan, tables
         except _Retry as retry:
             _fall_back(run, forced, retry.tables, retry.why)
@@ -553,6 +565,14 @@ def _attempts(
                 raise
             _fall_back(run, forced, list(run.order), f"a script failed on it ({exc})")
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _blocked_readers(bulk: Collection[constraints.ForeignKeyDefinition]) -> str:
+    tables = sorted({str(t) for fk in bulk for t in (fk.child, fk.parent)})
+    return (
+        f"--block-readers: {len(bulk)} foreign keys were checked in bulk; readers of "
+        f"{len(tables)} tables ({', '.join(tables)}) waited from the writes until the commit"
+    )
 
 
 def _fall_back(

@@ -3,26 +3,33 @@
 For a table written as a delta the proof reuses the record (see :mod:`snapshot.apply.rows`):
 rows whose version the apply saw under its lock keep their recorded hash, and only the
 rows written since (by the apply, its scripts or its triggers) are hashed again. A table
-replaced in full, without a key, or with ``[parity] ignore_columns`` is hashed whole.
+replaced in full, mostly rewritten by its delta, without a key, or with ``[parity]
+ignore_columns`` is hashed whole.
 Either way the count and checksum cover every live row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 
 from snapshot import staging
 from snapshot.apply import rows as rowsets
+from snapshot.apply.plan import Plan
 from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.names import TableName
 from snapshot.parity import TableParity, name_columns
 from snapshot.session import Session
 
 
-def parity(
-    s: Session, full: Collection[TableName], before: Mapping[TableName, int]
-) -> list[TableParity]:
+def _mostly_written(plan: Plan, table: TableName) -> bool:
+    """Whether the delta writes most of the table: hashing it whole is then cheaper."""
+    written = plan.table(table)
+    return 2 * (written.inserts + written.updates) > written.target_rows + written.inserts
+
+
+def parity(s: Session, plan: Plan, before: Mapping[TableName, int]) -> list[TableParity]:
     """Each scoped table compared with the snapshot; differing columns named on mismatch."""
+    full = plan.full_tables
     results = []
     for table in s.config.scope.tables:
         entry = s.entries[table]
@@ -30,7 +37,12 @@ def parity(
         stage = staging.staging_table(entry)
         rows = s.row_sets.get(table)
         kind = kind_of(entry.checksum)
-        if rows is not None and table not in full and not ignored:
+        if (
+            rows is not None
+            and table not in full
+            and not ignored
+            and not _mostly_written(plan, table)
+        ):
             actual = rowsets.prove(s.conn, rows)
         else:
             actual = table_stats(s.conn, table, entry.column_names, ignored, kind)
