@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 TERMINATOR = b"\n\\.\n"
 COPY, REMOVE, ADD, REPLACE = "COPY", "REMOVE", "ADD", "REPLACE"
 CATCH_UP_VERBS = (REMOVE, ADD, REPLACE)
-_IDENT = re.compile(rb'"((?:[^"]|"")*)"|([^,\s]+)')
+_IDENT = re.compile(r'"((?:[^"]|"")*)"|([^,\s]+)')
 
 
 def staging_table(entry: TableEntry) -> sql.Identifier:
@@ -53,16 +53,26 @@ def parse_header(header: bytes, verbs: Sequence[str]) -> tuple[str, TableName, l
     """Verb, table and column names of a ``VERB schema.table (a, "b c") FROM stdin;`` line."""
     text = header.decode("utf-8", "replace").rstrip()
     verb = text.split(" ", 1)[0]
-    open_paren = text.find(" (")
+    open_paren = _outside_quotes(text, " (")
     if verb not in verbs or open_paren < 0 or not text.endswith(") FROM stdin;"):
         raise ArchiveError(f"unexpected COPY line in the archive: {text[:80]!r}")
     table = TableName.parse(text[len(verb) + 1 : open_paren])
-    inner = header[header.find(b" (") + 2 : header.rfind(b") FROM stdin;")]
+    inner = text[open_paren + 2 : -len(") FROM stdin;")]
     names = [
-        quoted.replace(b'""', b'"').decode() if quoted else plain.decode()
-        for quoted, plain in _IDENT.findall(inner)
+        quoted.replace('""', '"') if quoted else plain for quoted, plain in _IDENT.findall(inner)
     ]
     return verb, table, names
+
+
+def _outside_quotes(text: str, needle: str) -> int:
+    """Index of the first ``needle`` not inside a double-quoted identifier; -1 if none."""
+    quoted = False
+    for i, char in enumerate(text):
+        if char == '"':
+            quoted = not quoted  # a doubled quote inside a name toggles twice: still inside
+        elif not quoted and text.startswith(needle, i):
+            return i
+    return -1
 
 
 class ScriptReader:
