@@ -28,7 +28,7 @@ def _dead_pid() -> int:
 
 def _unpublish(backup: Path) -> None:
     """Put a published backup back in the state of a process killed right after its commit."""
-    stamp = backup.name.split("-", 1)[0].rstrip("Z")
+    stamp = backup.name[: len("20261124T101500")]  # also "…Z.2-pre-apply" (same second)
     backup.rename(backup.with_name(f".tmp-{stamp}-{_dead_pid()}"))
 
 

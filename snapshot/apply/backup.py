@@ -32,6 +32,7 @@ from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.config import Config
 from snapshot.db import connect
 from snapshot.environments import Connection
+from snapshot.errors import ApplyFailed
 from snapshot.names import TableName
 from snapshot.pgtools import Running
 from snapshot.session import Session
@@ -87,7 +88,17 @@ def start(s: Session, folder: Path) -> Backup:
 
 def import_snapshot(conn: psycopg.Connection, backup: Backup) -> None:
     """Make ``conn``'s transaction see what pg_dump sees (its first statement)."""
-    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(backup.snapshot_id)))
+    try:
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(backup.snapshot_id)))
+    except psycopg.Error as exc:
+        if isinstance(exc, psycopg.OperationalError):
+            raise
+        # The exporting session ended (terminated, or an idle-in-transaction timeout).
+        raise ApplyFailed(
+            f"the pre-apply backup's snapshot of {backup.plan.target.env} was lost while the "
+            f"snapshot was being staged ({exc.diag.message_primary or exc}): nothing was "
+            "changed; run the apply again"
+        ) from None
 
 
 def describe(s: Session, backup: Backup, known: Mapping[TableName, TableStats]) -> None:
