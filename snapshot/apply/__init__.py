@@ -418,7 +418,7 @@ def _transaction(
                 _reconcile(run, run.order)
                 known = {t: rowsets.record_stats(conn, r) for t, r in run.row_sets.items()}
                 if running is not None:
-                    backup.describe(run, running, known)
+                    backup.describe(run, running, {**known, **backup.follow_up(run, running)})
                     backup.catch_up(run, running)
                 before = {t: known[t].rows if t in known else _count(conn, t) for t in run.order}
             created = (0, 0)

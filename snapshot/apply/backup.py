@@ -6,11 +6,12 @@ that same snapshot. Under the lock, the record's reconciliation finds every row 
 since, by key and row version, and :func:`catch_up` copies those rows (and the keys they
 replace) into ``catchup.copy`` beside the dump. Dump plus catch-up is the target as the
 lock found it, whatever the app wrote while pg_dump ran, and only that change is read
-under the lock: the writers' wait no longer includes pg_dump. Tables the record cannot
-follow (no key; the auth tables) are copied whole under the lock. The manifest's counts
-and checksums are the locked state's. The apply joins pg_dump before committing: a backup
-that failed stops the commit, so an apply never commits without its way back. It is
-published only after the commit.
+under the lock: the writers' wait no longer includes pg_dump. The auth tables, which the
+plan does not compare, get a record of their own for the same purpose
+(:func:`record_others`); a table without any key is copied whole under the lock. The
+manifest's counts and checksums are the locked state's. The apply joins pg_dump before
+committing: a backup that failed stops the commit, so an apply never commits without its
+way back. It is published only after the commit.
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ import errno
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import psycopg
 from psycopg import sql
 
-from snapshot import archive
+from snapshot import archive, catalog
+from snapshot.apply.rows import RowSet
 from snapshot.archive import Snapshot, TableEntry
-from snapshot.checksum import TableStats, kind_of, table_stats
+from snapshot.checksum import TableStats, digest, halves, kind_of, row_term, table_stats
 from snapshot.config import Config
 from snapshot.db import connect
 from snapshot.environments import Connection
@@ -45,6 +47,51 @@ log = logging.getLogger(__name__)
 TRANSACTION_FILE = "transaction"  # in a backup folder: the id of the apply's transaction
 
 
+@dataclass(frozen=True)
+class Followed:
+    """A backed-up table the plan does not compare (an auth table), recorded for the backup."""
+
+    table: TableName
+    number: int
+    key: tuple[str, ...]
+    columns: tuple[str, ...]  # the target's: what pg_dump writes
+
+    @property
+    def record(self) -> sql.Identifier:
+        return sql.Identifier("pg_temp", f"_snapshot_b{self.number}")
+
+    @property
+    def moved(self) -> sql.Identifier:
+        return sql.Identifier("pg_temp", f"_snapshot_bm{self.number}")
+
+    @property
+    def keys(self) -> sql.Composable:
+        return sql.SQL(", ").join(map(sql.Identifier, self.key))
+
+    def match(self, left: str, right: str) -> sql.Composable:
+        return sql.SQL(" AND ").join(
+            sql.SQL("{}.{} = {}.{}").format(
+                sql.Identifier(left), sql.Identifier(k), sql.Identifier(right), sql.Identifier(k)
+            )
+            for k in self.key
+        )
+
+    def versions(self, source: sql.Composable) -> sql.Composed:
+        """``SELECT key, x, h1, h2`` of the rows of ``source`` (aliased ``t``)."""
+        first, second = halves(sql.SQL("z.m"))
+        return sql.SQL(
+            "SELECT {k}, z.x, {h1} AS h1, {h2} AS h2 FROM (SELECT {tk}, t.xmin AS x, {term} AS m "
+            "FROM {source} OFFSET 0) AS z"
+        ).format(
+            k=self.keys,
+            h1=first,
+            h2=second,
+            tk=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in self.key),
+            term=row_term(self.columns, "t"),
+            source=source,
+        )
+
+
 @dataclass
 class Backup:
     """A pre-apply backup being written."""
@@ -57,6 +104,7 @@ class Backup:
     started: float
     state: DumpState | None = None
     caught_up: int = 0  # rows copied under the lock
+    followed: dict[TableName, Followed] = field(default_factory=dict)
 
     def close(self) -> None:
         """End the exporting session (its transaction only held the snapshot)."""
@@ -101,6 +149,70 @@ def import_snapshot(conn: psycopg.Connection, backup: Backup) -> None:
         ) from None
 
 
+def record_others(s: Session, backup: Backup) -> None:
+    """Record key, row version and hash of the backed-up tables the plan does not compare.
+
+    Call in pg_dump's snapshot (the plan's transaction): under the lock
+    :func:`follow_up` then reads only the rows written since, instead of the whole table.
+    """
+    columns = {
+        t: backup.plan.shapes[t].column_names for t in backup.plan.tables if t not in s.row_sets
+    }
+    keys = catalog.row_keys(s.conn, columns)
+    for number, (table, key) in enumerate(sorted(keys.items())):
+        followed = Followed(table, number, key, tuple(columns[table]))
+        s.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(followed.record))
+        s.conn.execute(
+            sql.SQL("CREATE TEMP TABLE {} AS {}").format(
+                followed.record, followed.versions(sql.SQL("{} AS t").format(table.ident))
+            )
+        )
+        backup.followed[table] = followed
+
+
+def follow_up(s: Session, backup: Backup) -> dict[TableName, TableStats]:
+    """Bring the records of :func:`record_others` up to the locked table; their stats.
+
+    Call under the lock, before anything is written. Rows that moved since the record (by
+    key and row version) are recorded again, and stay listed for :func:`catch_up`.
+    """
+    stats = {}
+    for f in backup.followed.values():
+        s.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(f.moved))
+        moved = s.conn.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE {moved} AS SELECT {k} FROM (SELECT {k}, t.xmin AS x FROM "
+                "{table} AS t) AS live FULL JOIN {record} AS r USING ({k}) "
+                "WHERE live.x IS DISTINCT FROM r.x"
+            ).format(moved=f.moved, k=f.keys, table=f.table.ident, record=f.record)
+        ).rowcount
+        if moved:
+            s.conn.execute(
+                sql.SQL("DELETE FROM {} AS r USING {} AS m WHERE {}").format(
+                    f.record, f.moved, f.match("r", "m")
+                )
+            )
+            s.conn.execute(
+                sql.SQL("INSERT INTO {} {}").format(
+                    f.record,
+                    f.versions(
+                        sql.SQL("{} AS t JOIN {} AS m ON {}").format(
+                            f.table.ident, f.moved, f.match("t", "m")
+                        )
+                    ),
+                )
+            )
+        row = s.conn.execute(
+            sql.SQL(
+                "SELECT count(*), coalesce(sum(h1), 0)::text || ':' || "
+                "coalesce(sum(h2), 0)::text FROM {}"
+            ).format(f.record)
+        ).fetchone()
+        assert row is not None
+        stats[f.table] = TableStats(int(row[0]), digest(int(row[0]), str(row[1])))
+    return stats
+
+
 def describe(s: Session, backup: Backup, known: Mapping[TableName, TableStats]) -> None:
     """Record what the backup holds: the locked state (call before anything is written)."""
     backup.state = describe_state(s.conn, backup.plan, known)
@@ -133,9 +245,10 @@ def _write_catch_up(s: Session, backup: Backup, path: Path) -> int:
     copied = 0
     with path.open("wb") as out:
         for entry in backup.state.tables:
-            rows = s.row_sets.get(entry.table)
+            followed: RowSet | Followed | None = s.row_sets.get(entry.table)
+            followed = followed or backup.followed.get(entry.table)
             columns = sql.SQL(", ").join(map(sql.Identifier, entry.column_names))
-            if rows is None:
+            if followed is None:  # no key: the whole table
                 copied += _block(
                     s.conn,
                     out,
@@ -145,15 +258,15 @@ def _write_catch_up(s: Session, backup: Backup, path: Path) -> int:
                     sql.SQL("SELECT {} FROM {}").format(columns, entry.table.ident),
                 )
                 continue
-            if not _has_rows(s.conn, rows.moved):
+            if not _has_rows(s.conn, followed.moved):
                 continue
             copied += _block(
                 s.conn,
                 out,
                 REMOVE,
                 entry,
-                rows.key,
-                sql.SQL("SELECT {} FROM {}").format(rows.keys, rows.moved),
+                followed.key,
+                sql.SQL("SELECT {} FROM {}").format(followed.keys, followed.moved),
             )
             copied += _block(
                 s.conn,
@@ -168,8 +281,8 @@ def _write_catch_up(s: Session, backup: Backup, path: Path) -> int:
                         sql.SQL("t.{}").format(sql.Identifier(c)) for c in entry.column_names
                     ),
                     t=entry.table.ident,
-                    m=rows.moved,
-                    on=rows.match("t", "m"),
+                    m=followed.moved,
+                    on=followed.match("t", "m"),
                 ),
             )
     return copied

@@ -160,6 +160,8 @@ def prepare(s: Session, *, full: bool = False) -> Plan:
             backup.import_snapshot(conn, s.backup)  # the moment the pre-apply backup sees
         for rows in s.row_sets.values():
             rowsets.fill_record(conn, rows)
+        if s.backup is not None:
+            backup.record_others(s, s.backup)
     for rows in s.row_sets.values():
         rowsets.classify(conn, rows)
     log.info("  compared %d tables row by row  %.1f s", len(s.row_sets), time.monotonic() - started)
