@@ -385,3 +385,27 @@ def test_a_tampered_catch_up_is_refused(project: Project, make_db) -> None:
     assert rolled.exit_code != 0
     assert "public.answers holds" in " ".join(rolled.output.split())
     assert prod.fingerprint() == applied
+
+
+def test_block_readers_waits_for_a_reader_at_most_lock_timeout_and_changes_nothing(
+    project: Project, make_db
+) -> None:
+    # The default apply never waits for readers; --block-readers must, but only as long
+    # as [apply] lock_timeout allows, and then roll back naming the reader.
+    _dev, prod = setup_pair(project, make_db)
+    project.config('[apply]\nlock_timeout = "500ms"\n')
+    original = prod.fingerprint()
+    reader = _idle_reader(prod, "public.answers")
+    try:
+        result = apply(project, "--block-readers")
+    finally:
+        reader.close()
+
+    assert result.exit_code == 1, result.output
+    error = " ".join(result.stderr.split())
+    assert "waited longer than [apply] lock_timeout (500ms)" in error
+    assert "while dropping foreign keys" in error
+    assert "'idle reader'" in error
+    assert "rolled back, prod is unchanged" in error
+    assert prod.fingerprint() == original
+    assert project.snapshots("prod") == []

@@ -284,7 +284,8 @@ def _execute(run: Session, phases: _Phases, dry_run: bool, allowed: Collection[s
         raise ApplyFailed(
             f"{run.action} to {env} waited longer than [apply] lock_timeout "
             f"({run.config.apply.lock_timeout}) for a lock while {phases.current}: "
-            f"{write.lock_holders(run.conn, related)}; rolled back, {env} is unchanged"
+            f"{write.lock_holders(run.conn, related, readers=run.block_readers)}; rolled back, "
+            f"{env} is unchanged"
         ) from None
     except psycopg.errors.QueryCanceled as exc:
         raise ApplyFailed(

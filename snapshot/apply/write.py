@@ -159,8 +159,14 @@ def drop_helper_indexes(
     return left
 
 
-def lock_holders(conn: psycopg.Connection, tables: Collection[TableName]) -> str:
-    """The other sessions holding locks on ``tables`` that writers conflict with, in words."""
+def lock_holders(
+    conn: psycopg.Connection, tables: Collection[TableName], *, readers: bool = False
+) -> str:
+    """The other sessions holding locks on ``tables`` that writers conflict with, in words.
+
+    ``readers`` counts readers too (``ACCESS SHARE``): they hold up ``ALTER TABLE``.
+    """
+    modes = [*_CONFLICTING, "AccessShareLock"] if readers else list(_CONFLICTING)
     rows = conn.execute(
         "SELECT DISTINCT a.pid, coalesce(nullif(a.application_name, ''), 'no name'), "
         "coalesce(a.state, 'unknown'), "
@@ -168,7 +174,7 @@ def lock_holders(conn: psycopg.Connection, tables: Collection[TableName]) -> str
         "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
         "WHERE l.granted AND l.pid <> pg_backend_pid() AND l.mode = ANY(%s) "
         "AND l.relation = ANY(%s::regclass[]) ORDER BY 4 DESC, 1",
-        (list(_CONFLICTING), [t.ident.as_string(conn) for t in tables]),
+        (modes, [t.ident.as_string(conn) for t in tables]),
     ).fetchall()
     if not rows:
         return "no session holds it any more"
