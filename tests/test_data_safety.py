@@ -32,9 +32,11 @@ def _unpublish(backup: Path) -> None:
     backup.rename(backup.with_name(f".tmp-{stamp}-{_dead_pid()}"))
 
 
-def test_rollback_after_a_kill_before_publishing_undoes_only_the_last_apply(
-    project: Project, make_db
-) -> None:
+def _second_apply_unlisted(project: Project, make_db) -> tuple[Database, dict, list[Path]]:
+    """Two applies; the second committed, then died before listing its backup.
+
+    Returns prod, its fingerprint after the first apply, and the two backups.
+    """
     dev, prod = setup_pair(project, make_db)
     assert apply(project).exit_code == 0
     after_first = prod.fingerprint()
@@ -42,8 +44,15 @@ def test_rollback_after_a_kill_before_publishing_undoes_only_the_last_apply(
     assert project.run("take", "dev").exit_code == 0
     assert apply(project).exit_code == 0
     assert prod.fingerprint() != after_first
-    first_backup, second_backup = project.snapshots("prod")
-    _unpublish(second_backup)  # the second apply committed, then died before listing it
+    backups = project.snapshots("prod")
+    _unpublish(backups[1])
+    return prod, after_first, backups
+
+
+def test_rollback_after_a_kill_before_publishing_undoes_only_the_last_apply(
+    project: Project, make_db
+) -> None:
+    prod, after_first, (first_backup, second_backup) = _second_apply_unlisted(project, make_db)
 
     result = project.run("rollback", "prod", "--yes")
 
@@ -61,14 +70,7 @@ def test_rollback_waits_for_the_ending_apply_before_choosing_its_backup(
 ) -> None:
     # The session of the apply that just ended still holds the apply lock a moment, and its
     # backup is unsettled: choosing then would roll back to the backup before it.
-    dev, prod = setup_pair(project, make_db)
-    assert apply(project).exit_code == 0
-    after_first = prod.fingerprint()
-    dev.execute("UPDATE public.categories SET name = name || ' (second)'")
-    assert project.run("take", "dev").exit_code == 0
-    assert apply(project).exit_code == 0
-    _first, second_backup = project.snapshots("prod")
-    _unpublish(second_backup)
+    prod, after_first, _backups = _second_apply_unlisted(project, make_db)
     holder = psycopg.connect(prod.app_url, autocommit=True)
     holder.execute("SELECT pg_advisory_lock(%s)", (0x736E6170,))
     threading.Timer(1.0, holder.close).start()

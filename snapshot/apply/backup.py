@@ -28,9 +28,10 @@ import psycopg
 from psycopg import sql
 
 from snapshot import archive, catalog
+from snapshot.apply import rows as rowsets
 from snapshot.apply.rows import RowSet
 from snapshot.archive import Snapshot, TableEntry
-from snapshot.checksum import TableStats, digest, halves, kind_of, row_term, table_stats
+from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.config import Config
 from snapshot.db import connect
 from snapshot.environments import Connection
@@ -47,51 +48,6 @@ log = logging.getLogger(__name__)
 TRANSACTION_FILE = "transaction"  # in a backup folder: the id of the apply's transaction
 
 
-@dataclass(frozen=True)
-class Followed:
-    """A backed-up table the plan does not compare (an auth table), recorded for the backup."""
-
-    table: TableName
-    number: int
-    key: tuple[str, ...]
-    columns: tuple[str, ...]  # the target's: what pg_dump writes
-
-    @property
-    def record(self) -> sql.Identifier:
-        return sql.Identifier("pg_temp", f"_snapshot_b{self.number}")
-
-    @property
-    def moved(self) -> sql.Identifier:
-        return sql.Identifier("pg_temp", f"_snapshot_bm{self.number}")
-
-    @property
-    def keys(self) -> sql.Composable:
-        return sql.SQL(", ").join(map(sql.Identifier, self.key))
-
-    def match(self, left: str, right: str) -> sql.Composable:
-        return sql.SQL(" AND ").join(
-            sql.SQL("{}.{} = {}.{}").format(
-                sql.Identifier(left), sql.Identifier(k), sql.Identifier(right), sql.Identifier(k)
-            )
-            for k in self.key
-        )
-
-    def versions(self, source: sql.Composable) -> sql.Composed:
-        """``SELECT key, x, h1, h2`` of the rows of ``source`` (aliased ``t``)."""
-        first, second = halves(sql.SQL("z.m"))
-        return sql.SQL(
-            "SELECT {k}, z.x, {h1} AS h1, {h2} AS h2 FROM (SELECT {tk}, t.xmin AS x, {term} AS m "
-            "FROM {source} OFFSET 0) AS z"
-        ).format(
-            k=self.keys,
-            h1=first,
-            h2=second,
-            tk=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in self.key),
-            term=row_term(self.columns, "t"),
-            source=source,
-        )
-
-
 @dataclass
 class Backup:
     """A pre-apply backup being written."""
@@ -104,7 +60,7 @@ class Backup:
     started: float
     state: DumpState | None = None
     caught_up: int = 0  # rows copied under the lock
-    followed: dict[TableName, Followed] = field(default_factory=dict)
+    followed: dict[TableName, RowSet] = field(default_factory=dict)  # see record_others
 
     def close(self) -> None:
         """End the exporting session (its transaction only held the snapshot)."""
@@ -154,62 +110,30 @@ def record_others(s: Session, backup: Backup) -> None:
 
     Call in pg_dump's snapshot (the plan's transaction): under the lock
     :func:`follow_up` then reads only the rows written since, instead of the whole table.
+    Hashed over the target's columns (what pg_dump writes), with the current row hash.
     """
     columns = {
         t: backup.plan.shapes[t].column_names for t in backup.plan.tables if t not in s.row_sets
     }
-    keys = catalog.row_keys(s.conn, columns)
-    for number, (table, key) in enumerate(sorted(keys.items())):
-        followed = Followed(table, number, key, tuple(columns[table]))
-        s.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(followed.record))
-        s.conn.execute(
-            sql.SQL("CREATE TEMP TABLE {} AS {}").format(
-                followed.record, followed.versions(sql.SQL("{} AS t").format(table.ident))
-            )
-        )
-        backup.followed[table] = followed
+    first = len(s.config.scope.tables)  # numbers past the scope's: temporary names stay apart
+    for number, (table, key) in enumerate(sorted(catalog.row_keys(s.conn, columns).items())):
+        stage = sql.Identifier("pg_temp", table.staging)
+        rows = RowSet(table, first + number, key, tuple(columns[table]), stage)
+        rowsets.create_record(s.conn, rows, delta=False)
+        rowsets.fill_record(s.conn, rows)
+        backup.followed[table] = rows
 
 
 def follow_up(s: Session, backup: Backup) -> dict[TableName, TableStats]:
     """Bring the records of :func:`record_others` up to the locked table; their stats.
 
-    Call under the lock, before anything is written. Rows that moved since the record (by
-    key and row version) are recorded again, and stay listed for :func:`catch_up`.
+    Call under the lock, before anything is written; the rows that moved stay listed for
+    :func:`catch_up`.
     """
     stats = {}
-    for f in backup.followed.values():
-        s.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(f.moved))
-        moved = s.conn.execute(
-            sql.SQL(
-                "CREATE TEMP TABLE {moved} AS SELECT {k} FROM (SELECT {k}, t.xmin AS x FROM "
-                "{table} AS t) AS live FULL JOIN {record} AS r USING ({k}) "
-                "WHERE live.x IS DISTINCT FROM r.x"
-            ).format(moved=f.moved, k=f.keys, table=f.table.ident, record=f.record)
-        ).rowcount
-        if moved:
-            s.conn.execute(
-                sql.SQL("DELETE FROM {} AS r USING {} AS m WHERE {}").format(
-                    f.record, f.moved, f.match("r", "m")
-                )
-            )
-            s.conn.execute(
-                sql.SQL("INSERT INTO {} {}").format(
-                    f.record,
-                    f.versions(
-                        sql.SQL("{} AS t JOIN {} AS m ON {}").format(
-                            f.table.ident, f.moved, f.match("t", "m")
-                        )
-                    ),
-                )
-            )
-        row = s.conn.execute(
-            sql.SQL(
-                "SELECT count(*), coalesce(sum(h1), 0)::text || ':' || "
-                "coalesce(sum(h2), 0)::text FROM {}"
-            ).format(f.record)
-        ).fetchone()
-        assert row is not None
-        stats[f.table] = TableStats(int(row[0]), digest(int(row[0]), str(row[1])))
+    for table, rows in backup.followed.items():
+        rowsets.refresh_record(s.conn, rows)
+        stats[table] = rowsets.record_stats(s.conn, rows)
     return stats
 
 
@@ -245,8 +169,7 @@ def _write_catch_up(s: Session, backup: Backup, path: Path) -> int:
     copied = 0
     with path.open("wb") as out:
         for entry in backup.state.tables:
-            followed: RowSet | Followed | None = s.row_sets.get(entry.table)
-            followed = followed or backup.followed.get(entry.table)
+            followed = s.row_sets.get(entry.table) or backup.followed.get(entry.table)
             columns = sql.SQL(", ").join(map(sql.Identifier, entry.column_names))
             if followed is None:  # no key: the whole table
                 copied += _block(

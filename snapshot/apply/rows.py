@@ -131,8 +131,8 @@ def snapshot_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
     return TableStats(int(row[0]), rows.digest(int(row[0]), str(row[1])))
 
 
-def create_record(conn: psycopg.Connection, rows: RowSet) -> None:
-    """An empty record and delta for ``rows.table`` (outside any transaction: DDL)."""
+def create_record(conn: psycopg.Connection, rows: RowSet, *, delta: bool = True) -> None:
+    """An empty record (and delta, unless ``delta`` is false) for ``rows.table``."""
     for temp in (rows.record, rows.delta):
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(temp))
     conn.execute(
@@ -141,6 +141,8 @@ def create_record(conn: psycopg.Connection, rows: RowSet) -> None:
             "FROM {table} AS t WITH NO DATA"
         ).format(rows.record, k=rows.keys, table=rows.table.ident)
     )
+    if not delta:
+        return
     conn.execute(
         sql.SQL("CREATE TEMP TABLE {} AS SELECT ''::text AS op, {k} FROM {} WITH NO DATA").format(
             rows.delta, rows.hashes, k=rows.keys
@@ -200,34 +202,11 @@ def reconcile(conn: psycopg.Connection, rows: RowSet) -> int:
     One ``(key, xmin)`` join finds the row versions that appeared or vanished since the
     record was made; only those are hashed and classified again.
     """
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.moved))
-    moved = conn.execute(
-        sql.SQL(
-            "CREATE TEMP TABLE {moved} AS SELECT {k} FROM "
-            "(SELECT {k}, t.xmin AS x FROM {table} AS t) AS live FULL JOIN {record} AS r "
-            "USING ({k}) WHERE live.x IS DISTINCT FROM r.x"
-        ).format(moved=rows.moved, k=rows.keys, table=rows.table.ident, record=rows.record)
-    ).rowcount
+    moved = refresh_record(conn, rows)
     if moved:
-        using = sql.SQL("USING {} AS m WHERE {}")
-        for temp, alias in ((rows.record, "r"), (rows.delta, "d")):
-            conn.execute(
-                sql.SQL("DELETE FROM {} AS {} {}").format(
-                    temp, sql.Identifier(alias), using.format(rows.moved, rows.match(alias, "m"))
-                )
-            )
         conn.execute(
-            sql.SQL("INSERT INTO {} {}").format(
-                rows.record,
-                _hashed(
-                    sql.SQL("{}, z.x").format(rows.keys),
-                    sql.SQL("{}, t.xmin AS x").format(key_columns(rows, "t")),
-                    rows.row_term("t"),
-                    sql.SQL("{} AS t JOIN {} AS m ON {}").format(
-                        rows.table.ident, rows.moved, rows.match("t", "m")
-                    ),
-                    rows.kind,
-                ),
+            sql.SQL("DELETE FROM {} AS d USING {} AS m WHERE {}").format(
+                rows.delta, rows.moved, rows.match("d", "m")
             )
         )
         conn.execute(
@@ -248,7 +227,43 @@ def reconcile(conn: psycopg.Connection, rows: RowSet) -> int:
                 tm=rows.match("t", "m"),
             )
         )
-    return int(moved)  # rows.moved stays: the pre-apply backup copies those rows
+    return moved
+
+
+def refresh_record(conn: psycopg.Connection, rows: RowSet) -> int:
+    """Bring the record up to the live table by ``(key, xmin)``; the rows that moved.
+
+    Their keys stay in ``rows.moved``: the pre-apply backup copies those rows.
+    """
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.moved))
+    moved = conn.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE {moved} AS SELECT {k} FROM "
+            "(SELECT {k}, t.xmin AS x FROM {table} AS t) AS live FULL JOIN {record} AS r "
+            "USING ({k}) WHERE live.x IS DISTINCT FROM r.x"
+        ).format(moved=rows.moved, k=rows.keys, table=rows.table.ident, record=rows.record)
+    ).rowcount
+    if moved:
+        conn.execute(
+            sql.SQL("DELETE FROM {} AS r USING {} AS m WHERE {}").format(
+                rows.record, rows.moved, rows.match("r", "m")
+            )
+        )
+        conn.execute(
+            sql.SQL("INSERT INTO {} {}").format(
+                rows.record,
+                _hashed(
+                    sql.SQL("{}, z.x").format(rows.keys),
+                    sql.SQL("{}, t.xmin AS x").format(key_columns(rows, "t")),
+                    rows.row_term("t"),
+                    sql.SQL("{} AS t JOIN {} AS m ON {}").format(
+                        rows.table.ident, rows.moved, rows.match("t", "m")
+                    ),
+                    rows.kind,
+                ),
+            )
+        )
+    return int(moved)
 
 
 def record_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
