@@ -572,9 +572,12 @@ def run_checks(
             # pg_dump runs while the snapshot is staged; the plan records the target in
             # pg_dump's snapshot, and the apply copies what changed since under its lock.
             s.backup = backup.start(s, s.backup_into)
-        staging.stage(s.conn, s.pg_restore, s.snapshot, [*s.entries.values(), *s.auth_entries])
+        matched = planning.record(s)
+        staging.stage(
+            s.conn, s.pg_restore, s.snapshot, [*s.entries.values(), *s.auth_entries], matched
+        )
         s.staged = True
-        s.plan = planning.prepare(s, full=full)
+        s.plan = planning.prepare(s, matched, full=full)
         findings += _staged_rows(s)
         findings += _closure(s, allowed, s.plan)
         findings += _outside_references(s)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Sequence
-from typing import BinaryIO
+from collections.abc import Collection, Sequence
+from typing import BinaryIO, Protocol
 
 import psycopg
 from psycopg import sql
@@ -75,6 +75,18 @@ def _outside_quotes(text: str, needle: str) -> int:
     return -1
 
 
+class Sink(Protocol):
+    def write(self, buffer: bytes) -> None: ...
+
+
+class _Discard:
+    def write(self, buffer: bytes) -> None:
+        pass
+
+
+DISCARD = _Discard()  # where the data of a block that is read past goes
+
+
 class ScriptReader:
     """Reads a pg_restore script: lines up to each COPY header, then that block's data."""
 
@@ -97,7 +109,7 @@ class ScriptReader:
             if line.startswith(self._starts) and line.rstrip().endswith(b"FROM stdin;"):
                 return line
 
-    def pump(self, copy: psycopg.Copy) -> None:
+    def pump(self, copy: Sink) -> None:
         """Write the block's COPY data, up to its ``\\.`` line, into ``copy`` in large chunks.
 
         ``pending`` starts with a virtual newline (skipped by ``offset``) so that an empty
@@ -128,20 +140,25 @@ def stage(
     pg_restore: pgtools.PgTool,
     snapshot: Snapshot,
     entries: Sequence[TableEntry],
+    skip: Collection[TableName] = (),
 ) -> None:
     """Create and fill ``pg_temp.snapshot_<table>`` for each entry (autocommit session).
 
     One pg_restore streams the archive's data; each COPY block is identified by its
-    header and checked against the manifest (columns, then row count).
+    header and checked against the manifest (columns, then row count). The data of the
+    tables in ``skip`` (already staged from elsewhere) is read past, never loaded.
     """
-    wanted = {entry.table: entry for entry in entries}
-    progress.begin("staged", len(entries), sum(e.rows for e in entries))
+    wanted = {entry.table: entry for entry in entries if entry.table not in skip}
+    progress.begin("staged", len(wanted), sum(e.rows for e in wanted.values()))
     counts: dict[TableName, int] = {}
     with pgtools.restore_script(pg_restore, snapshot.dump_path) as stream:
         script = ScriptReader(stream)
         while header := script.next_header():
             table, columns = parse_copy_header(header)
             started = time.monotonic()
+            if table in skip:
+                script.pump(DISCARD)
+                continue
             entry = wanted.get(table)
             if entry is None or table in counts:
                 raise ArchiveError(f"{snapshot.id}: the dump holds unexpected data for {table}")
@@ -153,7 +170,7 @@ def stage(
     if missing:
         raise ArchiveError(f"{snapshot.id}: the dump lacks {', '.join(missing)}: it is damaged")
     if CATCH_UP_FILE in snapshot.manifest.files:
-        counts.update(_catch_up(conn, snapshot, wanted))
+        counts.update(_catch_up(conn, snapshot, wanted, skip))
     for table, rows in counts.items():
         if rows != wanted[table].rows:
             raise ArchiveError(
@@ -171,15 +188,25 @@ def _same_columns(snapshot: Snapshot, entry: TableEntry, columns: Sequence[str])
 
 
 def _catch_up(
-    conn: psycopg.Connection, snapshot: Snapshot, wanted: dict[TableName, TableEntry]
+    conn: psycopg.Connection,
+    snapshot: Snapshot,
+    wanted: dict[TableName, TableEntry],
+    skip: Collection[TableName],
 ) -> dict[TableName, int]:
-    """Apply a backup's catch-up to the staged rows; the patched tables' new counts."""
+    """Apply a backup's catch-up to the staged rows; the patched tables' new counts.
+
+    The tables in ``skip`` were staged as they end up (their manifest's state): their
+    blocks are read past.
+    """
     counts: dict[TableName, int] = {}
     keys = sql.Identifier("pg_temp", "_snapshot_catch_up_keys")
     with (snapshot.path / CATCH_UP_FILE).open("rb") as stream:
         script = ScriptReader(stream, CATCH_UP_VERBS)
         while header := script.next_header():
             verb, table, columns = parse_header(header, CATCH_UP_VERBS)
+            if table in skip:
+                script.pump(DISCARD)
+                continue
             entry = wanted.get(table)
             if entry is None:
                 raise ArchiveError(f"{snapshot.id}: its catch-up holds unexpected data for {table}")

@@ -11,6 +11,7 @@ import select
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
@@ -18,6 +19,9 @@ import psycopg
 from tests.conftest import Project
 from tests.fix_db import Database
 from tests.test_apply import apply, setup_pair
+from tests.test_delta import CONFIG as DELTA_CONFIG
+from tests.test_delta import SCOPE as DELTA_SCOPE
+from tests.test_delta import _database
 
 
 def _dead_pid() -> int:
@@ -291,11 +295,11 @@ UPDATE auth.users SET last_sign_in_at = now() WHERE id IN (
 
 
 def _apply_while_the_app_writes(
-    project: Project, prod: Database
+    project: Project, prod: Database, writes: str = APP_WRITES, scope: Sequence[str] | None = None
 ) -> tuple[subprocess.CompletedProcess, dict[str, tuple[int, str]]]:
-    """``apply prod`` at a terminal; the app writes while the person reads the plan.
+    """``apply prod`` at a terminal; the app runs ``writes`` while the person reads the plan.
 
-    Returns the outcome and prod's fingerprint as the apply's lock found it.
+    Returns the outcome and prod's fingerprint (of ``scope``) as the apply's lock found it.
     """
     main, terminal = pty.openpty()
     try:
@@ -310,8 +314,8 @@ def _apply_while_the_app_writes(
                 chunk = os.read(process.stderr.fileno(), 65536).decode()
                 assert chunk, f"the apply ended before asking: {seen}"
                 seen += chunk
-        prod.execute(APP_WRITES)
-        locked = prod.fingerprint()
+        prod.execute(writes)
+        locked = prod.fingerprint() if scope is None else prod.fingerprint(scope)
         os.write(main, b"prod\n")
         out, err = process.communicate(timeout=180)
     finally:
@@ -354,6 +358,36 @@ def test_what_the_app_writes_while_the_backup_runs_is_in_the_backup(
     # The app's writes included, nothing else (auth users are never taken back by a rollback).
     scope = [table for table in locked if not table.startswith("auth.")]
     assert prod.fingerprint(scope) == {table: locked[table] for table in scope}
+
+
+def test_a_rollback_stages_from_prod_the_tables_it_already_holds_catch_up_included(
+    project: Project, make_db
+) -> None:
+    # The app inserts, while the plan is read, the very row dev has and prod lacks: the
+    # apply then has nothing to write in that table, and the backup catches the row up.
+    # Rolling back finds prod already holding every backed-up table: the dump's data and
+    # the catch-up's blocks of those tables are read past, and prod stays as it is.
+    dev, prod = _database(make_db), _database(make_db)
+    new_row = "INSERT INTO public.stamped (id, body) VALUES (21, 'body 21');"
+    dev.execute(new_row)
+    project.point("dev", dev)
+    project.point("prod", prod)
+    project.config(DELTA_CONFIG)
+    for phase in ("pre", "post"):
+        (project.path / "sql" / phase).mkdir(parents=True, exist_ok=True)
+    assert project.run("take", "dev").exit_code == 0
+
+    result, locked = _apply_while_the_app_writes(project, prod, new_row, DELTA_SCOPE)
+
+    assert result.returncode == 0, result.stderr
+    assert locked == dev.fingerprint(DELTA_SCOPE) == prod.fingerprint(DELTA_SCOPE)
+    [backup] = project.snapshots("prod")
+    assert 'ADD "public"."stamped" ' in (backup / "catchup.copy").read_text()
+    rolled = project.run("-v", "rollback", "prod", "--yes")
+    assert rolled.exit_code == 0, rolled.output
+    assert "recorded 4 tables (4 already hold the snapshot's rows)" in rolled.stderr
+    assert "staged   public.stamped" not in rolled.stderr
+    assert prod.fingerprint(DELTA_SCOPE) == locked
 
 
 def test_a_tampered_catch_up_is_refused(project: Project, make_db) -> None:

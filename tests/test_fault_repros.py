@@ -22,15 +22,21 @@ from tests.test_apply import SCOPE_TABLES, setup_pair
 from tests.test_apply_failures import _wait_until_gone
 
 
-def _wait_for_query(db: Database, process: subprocess.Popen[str], prefix: str) -> int:
-    """The pid of the apply's backend once it runs a statement starting with ``prefix``."""
+def _wait_for_query(
+    db: Database, process: subprocess.Popen[str], prefix: str, event: str = "%"
+) -> int:
+    """The pid of the apply's backend once it runs a statement starting with ``prefix``.
+
+    With ``event``, once that statement waits on it (``PgSleep``: in a trigger that sleeps).
+    """
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
         rows = db.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name = 'snapshot' AND state = 'active' AND query LIKE %s",
-            [prefix + "%"],
+            "AND application_name = 'snapshot' AND state = 'active' AND query LIKE %s "
+            "AND coalesce(wait_event, '') LIKE %s",
+            [prefix + "%", event],
         )
         if rows:
             return int(rows[0][0])
@@ -124,7 +130,8 @@ def test_a_connection_lost_during_the_commit_keeps_the_way_back(
         original = prod.fingerprint(SCOPE_TABLES)
 
         process = project.spawn("apply", "prod", "--yes")
-        backend = _wait_for_query(prod, process, "COMMIT")
+        # The apply's last COMMIT (the plan's own transactions commit too, without sleeping).
+        backend = _wait_for_query(prod, process, "COMMIT", "PgSleep")
         # Meanwhile every commit starts waiting for a standby that never comes: this one is
         # written locally, and its answer never reaches the apply.
         prod.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")

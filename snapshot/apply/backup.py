@@ -99,8 +99,8 @@ def import_snapshot(conn: psycopg.Connection, backup: Backup) -> None:
             raise
         # The exporting session ended (terminated, or an idle-in-transaction timeout).
         raise ApplyFailed(
-            f"the pre-apply backup's snapshot of {backup.plan.target.env} was lost while the "
-            f"snapshot was being staged ({exc.diag.message_primary or exc}): nothing was "
+            f"the pre-apply backup's snapshot of {backup.plan.target.env} was lost before "
+            f"the plan could read it ({exc.diag.message_primary or exc}): nothing was "
             "changed; run the apply again"
         ) from None
 

@@ -23,7 +23,7 @@ from snapshot.apply import rows as rowsets
 from snapshot.apply.auth import AuthPlan, auth_plan
 from snapshot.apply.rows import RowSet
 from snapshot.catalog import ForeignKey
-from snapshot.checksum import kind_of
+from snapshot.checksum import TableStats, kind_of
 from snapshot.names import TableName
 from snapshot.session import Session
 
@@ -142,28 +142,57 @@ def row_sets(s: Session) -> dict[TableName, RowSet]:
     }
 
 
-def prepare(s: Session, *, full: bool = False) -> Plan:
-    """Hash both sides, classify every row, and decide each table's mode (no lock taken).
+def record(s: Session) -> frozenset[TableName]:
+    """Record the target's rows, and stage from it the tables that already match (no lock).
 
-    ``full`` replaces every table in full (``apply --full``); the hashes are still made,
-    since they are what the apply's backup and parity are computed from.
+    Every scoped table with a key gets its record (key, row version, hash of every row) in
+    one REPEATABLE READ moment: the pre-apply backup's snapshot when there is one. A table
+    whose recorded rows add up to the manifest's count and checksum already holds the
+    snapshot's rows: its staged copy and hashes are taken from the target in that same
+    moment (a copy inside the server), and its share of the dump is never parsed. Returns
+    those tables. Call before :func:`snapshot.staging.stage`, with ``skip`` set to them.
     """
     started = time.monotonic()
     conn = s.conn
     s.row_sets = row_sets(s)
     for rows in s.row_sets.values():
-        rowsets.hash_snapshot(conn, rows)
         rowsets.create_record(conn, rows)
+    matched = set()
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     with conn.transaction():  # one moment for every table
         if s.backup is not None:
             backup.import_snapshot(conn, s.backup)  # the moment the pre-apply backup sees
         for rows in s.row_sets.values():
             rowsets.fill_record(conn, rows)
+            entry = s.entries[rows.table]
+            if rowsets.record_stats(conn, rows) == TableStats(entry.rows, entry.checksum):
+                rowsets.stage_from_record(conn, rows)
+                matched.add(rows.table)
         if s.backup is not None:
             backup.record_others(s, s.backup)
+    log.info(
+        "  recorded %d tables (%d already hold the snapshot's rows)  %.1f s",
+        len(s.row_sets),
+        len(matched),
+        time.monotonic() - started,
+    )
+    return frozenset(matched)
+
+
+def prepare(s: Session, matched: Collection[TableName], *, full: bool = False) -> Plan:
+    """Hash the staged rows, classify every row, and decide each table's mode (no lock taken).
+
+    Call after :func:`record` and staging; ``matched`` is what :func:`record` returned (those
+    tables' hashes are the record's, and nothing in them differs). ``full`` replaces every
+    table in full (``apply --full``); the hashes are still made, since they are what the
+    apply's backup and parity are computed from.
+    """
+    started = time.monotonic()
+    conn = s.conn
     for rows in s.row_sets.values():
-        rowsets.classify(conn, rows)
+        if rows.table not in matched:
+            rowsets.hash_snapshot(conn, rows)
+            rowsets.classify(conn, rows)
     log.info("  compared %d tables row by row  %.1f s", len(s.row_sets), time.monotonic() - started)
     forced = {t: "apply --full" for t in s.order} if full else {}
     return replace(

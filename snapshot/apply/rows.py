@@ -145,7 +145,7 @@ def create_record(conn: psycopg.Connection, rows: RowSet, *, delta: bool = True)
         return
     conn.execute(
         sql.SQL("CREATE TEMP TABLE {} AS SELECT ''::text AS op, {k} FROM {} WITH NO DATA").format(
-            rows.delta, rows.hashes, k=rows.keys
+            rows.delta, rows.table.ident, k=rows.keys
         )
     )
 
@@ -166,6 +166,28 @@ def fill_record(conn: psycopg.Connection, rows: RowSet) -> None:
         )
     )
     conn.execute(sql.SQL("ANALYZE {}").format(rows.record))
+
+
+def stage_from_record(conn: psycopg.Connection, rows: RowSet) -> None:
+    """Stage the table from the target itself, its hashes from the record.
+
+    Only for a table whose record adds up to the manifest's count and checksum, in the
+    record's own transaction: its rows are then the snapshot's, value for value.
+    """
+    names = sql.SQL(", ").join(map(sql.Identifier, rows.columns))
+    for temp in (rows.stage, rows.hashes):
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(temp))
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {}").format(
+            rows.stage, names, rows.table.ident
+        )
+    )
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE {} AS SELECT {}, h1, h2 FROM {}").format(
+            rows.hashes, rows.keys, rows.record
+        )
+    )
+    conn.execute(sql.SQL("ANALYZE {}").format(rows.hashes))
 
 
 def classify(conn: psycopg.Connection, rows: RowSet) -> None:
