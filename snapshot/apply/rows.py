@@ -317,9 +317,7 @@ def prove(conn: psycopg.Connection, rows: RowSet) -> TableStats:
             record=rows.record,
             delta=rows.delta,
             k=rows.keys,
-            rk=key_columns(rows, "r"),
-            nk=key_columns(rows, "n"),
-            dk=key_columns(rows, "d"),
+            on=rows.match("r", "x"),
             h1=halves(sql.SQL("z.m"), rows.kind)[0],
             h2=halves(sql.SQL("z.m"), rows.kind)[1],
             term=rows.row_term("t"),
@@ -341,28 +339,26 @@ def prove(conn: psycopg.Connection, rows: RowSet) -> TableStats:
     return _prove_by_join(conn, rows)
 
 
-# Rows written by this transaction: xmin is its own id or a later one (its subtransactions'),
-# compared modulo 2**32 from its id; 0-2 are the permanent ids (bootstrap, frozen). A very
-# old row taken for a new one is only hashed again (the same hash): never a wrong sum.
-_WRITTEN = sql.SQL(
-    "t.xmin::text::bigint >= 3 AND (t.xmin::text::bigint - (SELECT txid_current() % 4294967296)"
-    " + 4294967296) % 4294967296 < 2147483648"
-)
+# Rows written by this transaction: their xmin is its id or a later one (its
+# subtransactions'), so ``age`` (the distance back from its id, the permanent ids 0-2
+# excluded) is 0 or negative. Integer arithmetic on the xid: no text conversion per row.
+# A very old row taken for a new one is only hashed again (the same hash): never a wrong sum.
+_WRITTEN = sql.SQL("age(t.xmin) <= 0")
 _PROVE = sql.SQL(
     "WITH written AS MATERIALIZED ("
     "  SELECT {k}, {h1} AS h1, {h2} AS h2 FROM ("
     "    SELECT {k}, {term} AS m FROM {table} AS t WHERE {written} OFFSET 0) AS z),"
     " gone AS MATERIALIZED ("
-    "  SELECT r.h1, r.h2 FROM {record} AS r WHERE ({rk}) IN (SELECT {nk} FROM written AS n)"
-    "  OR ({rk}) IN (SELECT {dk} FROM {delta} AS d WHERE d.op = 'd'))"
-    " SELECT (SELECT count(*) FROM {table}),"
-    " (SELECT count(*) FROM written),"
-    " (SELECT count(*) FROM gone),"
-    " (SELECT count(*) FROM {record}),"
-    " ((SELECT coalesce(sum(h1), 0) FROM {record}) - (SELECT coalesce(sum(h1), 0) FROM gone)"
-    "  + (SELECT coalesce(sum(h1), 0) FROM written))::text || ':' ||"
-    " ((SELECT coalesce(sum(h2), 0) FROM {record}) - (SELECT coalesce(sum(h2), 0) FROM gone)"
-    "  + (SELECT coalesce(sum(h2), 0) FROM written))::text"
+    "  SELECT r.h1, r.h2 FROM {record} AS r JOIN ("
+    "    SELECT {k} FROM written UNION SELECT {k} FROM {delta} WHERE op = 'd') AS x ON {on}),"
+    " w AS (SELECT count(*) AS n, coalesce(sum(h1), 0) AS s1, coalesce(sum(h2), 0) AS s2"
+    "  FROM written),"
+    " g AS (SELECT count(*) AS n, coalesce(sum(h1), 0) AS s1, coalesce(sum(h2), 0) AS s2"
+    "  FROM gone),"
+    " r AS (SELECT count(*) AS n, coalesce(sum(h1), 0) AS s1, coalesce(sum(h2), 0) AS s2"
+    "  FROM {record})"
+    " SELECT (SELECT count(*) FROM {table}), w.n, g.n, r.n,"
+    " (r.s1 - g.s1 + w.s1)::text || ':' || (r.s2 - g.s2 + w.s2)::text FROM w, g, r"
 )
 
 
