@@ -58,6 +58,7 @@ class Session:
     notes: list[str] = field(default_factory=list)
     staged: bool = False
     row_sets: dict[TableName, RowSet] = field(default_factory=dict)
+    horizon: int | None = None  # of the records' snapshot (snapshot.apply.rows.horizon)
     plan: Plan | None = None
     backup_into: Path | None = None  # a pending archive folder: the apply backs up into it
     backup: Backup | None = None  # started with the staging, joined before the commit

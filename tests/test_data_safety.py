@@ -18,7 +18,7 @@ import psycopg
 
 from tests.conftest import Project
 from tests.fix_db import Database
-from tests.test_apply import apply, setup_pair
+from tests.test_apply import SCOPE_TABLES, apply, setup_pair
 from tests.test_delta import CONFIG as DELTA_CONFIG
 from tests.test_delta import SCOPE as DELTA_SCOPE
 from tests.test_delta import _database
@@ -329,12 +329,13 @@ def test_what_the_app_writes_while_the_backup_runs_is_in_the_backup(
 ) -> None:
     # pg_dump starts before the lock (while the snapshot is staged and the person reads the
     # plan); the rows written until the lock are caught up under it.
-    _dev, prod = setup_pair(project, make_db)
+    dev, prod = setup_pair(project, make_db)
 
     result, locked = _apply_while_the_app_writes(project, prod)
 
     assert result.returncode == 0, result.stderr
     assert prod.fingerprint() != locked
+    assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
     [backup] = project.snapshots("prod")
     catch_up = (backup / "catchup.copy").read_text()
     headers = {
@@ -358,6 +359,32 @@ def test_what_the_app_writes_while_the_backup_runs_is_in_the_backup(
     # The app's writes included, nothing else (auth users are never taken back by a rollback).
     scope = [table for table in locked if not table.startswith("auth.")]
     assert prod.fingerprint(scope) == {table: locked[table] for table in scope}
+
+
+# Writes that delete nothing: under the lock only the row versions written since the plan's
+# snapshot are matched with its record (the deletes above make it match every row).
+APP_UPDATES = """
+INSERT INTO public.question_attempts (user_id, question_id, is_correct)
+  SELECT user_id, question_id, true FROM public.question_attempts ORDER BY id LIMIT 5;
+UPDATE public.answers SET body = body || ' (app)' WHERE id IN (
+  SELECT id FROM public.answers ORDER BY id LIMIT 3);
+UPDATE public.user_question_progress SET attempts = attempts + 1 WHERE (user_id, question_id)
+  IN (SELECT user_id, question_id FROM public.user_question_progress ORDER BY 1, 2 LIMIT 4);
+"""
+
+
+def test_rows_the_app_writes_before_the_lock_are_found_without_matching_every_row(
+    project: Project, make_db
+) -> None:
+    dev, prod = setup_pair(project, make_db)
+
+    result, locked = _apply_while_the_app_writes(project, prod, APP_UPDATES)
+
+    assert result.returncode == 0, result.stderr
+    assert "12 rows changed since the plan was made: compared again" in result.stderr
+    assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
+    assert project.run("rollback", "prod", "--yes").exit_code == 0
+    assert prod.fingerprint(SCOPE_TABLES) == {t: locked[t] for t in SCOPE_TABLES}
 
 
 def test_a_rollback_stages_from_prod_the_tables_it_already_holds_catch_up_included(

@@ -351,7 +351,11 @@ def _lock(run: Session) -> None:
 
 
 def _reconcile(run: Session, tables: Collection[TableName]) -> int:
-    moved = sum(rowsets.reconcile(run.conn, run.row_sets[t]) for t in tables if t in run.row_sets)
+    moved = sum(
+        rowsets.reconcile(run.conn, run.row_sets[t], run.horizon)
+        for t in tables
+        if t in run.row_sets
+    )
     if moved:
         log.info("  %d rows changed since the plan was made: compared again", moved)
     return moved

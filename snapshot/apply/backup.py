@@ -132,7 +132,7 @@ def follow_up(s: Session, backup: Backup) -> dict[TableName, TableStats]:
     """
     stats = {}
     for table, rows in backup.followed.items():
-        rowsets.refresh_record(s.conn, rows)
+        rowsets.refresh_record(s.conn, rows, s.horizon)
         stats[table] = rowsets.record_stats(s.conn, rows)
     return stats
 

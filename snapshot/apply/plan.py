@@ -162,6 +162,7 @@ def record(s: Session) -> frozenset[TableName]:
     with conn.transaction():  # one moment for every table
         if s.backup is not None:
             backup.import_snapshot(conn, s.backup)  # the moment the pre-apply backup sees
+        s.horizon = rowsets.horizon(conn)
         for rows in s.row_sets.values():
             rowsets.fill_record(conn, rows)
             entry = s.entries[rows.table]

@@ -218,13 +218,13 @@ def counts(conn: psycopg.Connection, rows: RowSet) -> tuple[int, int, int, int]:
     return (int(found.get(INSERT, 0)), int(found.get(UPDATE, 0)), int(found.get(DELETE, 0)), target)
 
 
-def reconcile(conn: psycopg.Connection, rows: RowSet) -> int:
+def reconcile(conn: psycopg.Connection, rows: RowSet, horizon: int | None = None) -> int:
     """Bring the record and the delta up to the live table (under the lock); rows moved.
 
-    One ``(key, xmin)`` join finds the row versions that appeared or vanished since the
-    record was made; only those are hashed and classified again.
+    A ``(key, xmin)`` match finds the row versions that appeared or vanished since the
+    record was made (:func:`refresh_record`); only those are hashed and classified again.
     """
-    moved = refresh_record(conn, rows)
+    moved = refresh_record(conn, rows, horizon)
     if moved:
         conn.execute(
             sql.SQL("DELETE FROM {} AS d USING {} AS m WHERE {}").format(
@@ -252,19 +252,25 @@ def reconcile(conn: psycopg.Connection, rows: RowSet) -> int:
     return moved
 
 
-def refresh_record(conn: psycopg.Connection, rows: RowSet) -> int:
+def refresh_record(conn: psycopg.Connection, rows: RowSet, horizon: int | None = None) -> int:
     """Bring the record up to the live table by ``(key, xmin)``; the rows that moved.
 
-    Their keys stay in ``rows.moved``: the pre-apply backup copies those rows.
+    Their keys stay in ``rows.moved``: the pre-apply backup copies those rows. With the
+    ``horizon`` of the record's snapshot (:func:`horizon`), only the row versions written
+    after it are matched with the record (see :func:`_moved_since`); without it, or when
+    versions were deleted, every live row is.
     """
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.moved))
-    moved = conn.execute(
-        sql.SQL(
-            "CREATE TEMP TABLE {moved} AS SELECT {k} FROM "
-            "(SELECT {k}, t.xmin AS x FROM {table} AS t) AS live FULL JOIN {record} AS r "
-            "USING ({k}) WHERE live.x IS DISTINCT FROM r.x"
-        ).format(moved=rows.moved, k=rows.keys, table=rows.table.ident, record=rows.record)
-    ).rowcount
+    moved = None if horizon is None else _moved_since(conn, rows, horizon)
+    if moved is None:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.moved))
+        moved = conn.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE {moved} AS SELECT {k} FROM "
+                "(SELECT {k}, t.xmin AS x FROM {table} AS t) AS live FULL JOIN {record} AS r "
+                "USING ({k}) WHERE live.x IS DISTINCT FROM r.x"
+            ).format(moved=rows.moved, k=rows.keys, table=rows.table.ident, record=rows.record)
+        ).rowcount
     if moved:
         conn.execute(
             sql.SQL("DELETE FROM {} AS r USING {} AS m WHERE {}").format(
@@ -286,6 +292,55 @@ def refresh_record(conn: psycopg.Connection, rows: RowSet) -> int:
             )
         )
     return int(moved)
+
+
+def horizon(conn: psycopg.Connection) -> int:
+    """The oldest transaction id the current snapshot may not see (as a 32-bit xid).
+
+    Call in the record's transaction: every row version written by an older transaction
+    that is still live later is in the record, with the same ``(key, xmin)``.
+    """
+    row = conn.execute("SELECT txid_snapshot_xmin(txid_current_snapshot()) % 4294967296").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _moved_since(conn: psycopg.Connection, rows: RowSet, horizon: int) -> int | None:
+    """:func:`refresh_record`'s moved rows, reading only the versions written since ``horizon``.
+
+    A live version older than the horizon is a recorded one (see :func:`horizon`). The
+    newer live versions not in the record *moved in*; the recorded versions that vanished
+    number ``recorded - live + moved in``. When each of those is the old version of a key
+    that moved in (updates, deleted-then-inserted keys), the moved keys are exactly the
+    moved-in ones. Otherwise (a key was deleted) None: the caller matches every row.
+    """
+    newer = sql.SQL("age(t.xmin) < (SELECT age({}::text::xid))").format(sql.Literal(str(horizon)))
+    moved_in = conn.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE {moved} AS SELECT {k} FROM "
+            "(SELECT {k}, t.xmin AS x FROM {table} AS t WHERE {newer}) AS live "
+            "LEFT JOIN {record} AS r USING ({k}) WHERE r.x IS DISTINCT FROM live.x"
+        ).format(
+            moved=rows.moved,
+            k=rows.keys,
+            table=rows.table.ident,
+            record=rows.record,
+            newer=newer,
+        )
+    ).rowcount
+    row = conn.execute(
+        sql.SQL(
+            "SELECT (SELECT count(*) FROM {record}), (SELECT count(*) FROM {table}), "
+            "(SELECT count(*) FROM {record} AS r JOIN {moved} AS m ON {on})"
+        ).format(
+            record=rows.record, table=rows.table.ident, moved=rows.moved, on=rows.match("r", "m")
+        )
+    ).fetchone()
+    assert row is not None
+    recorded, live, replaced = int(row[0]), int(row[1]), int(row[2])
+    if recorded - live + moved_in == replaced:
+        return int(moved_in)
+    return None
 
 
 def record_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
