@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from snapshot.apply.backup import Backup
     from snapshot.apply.plan import Plan
     from snapshot.apply.rows import RowSet
+    from snapshot.checksum import TableStats
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Session:
     staged: bool = False
     row_sets: dict[TableName, RowSet] = field(default_factory=dict)
     horizon: int | None = None  # of the records' snapshot (snapshot.apply.rows.horizon)
+    recorded: dict[TableName, TableStats] = field(default_factory=dict)  # while still true
     plan: Plan | None = None
     backup_into: Path | None = None  # a pending archive folder: the apply backs up into it
     backup: Backup | None = None  # started with the staging, joined before the commit

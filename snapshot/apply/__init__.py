@@ -351,11 +351,12 @@ def _lock(run: Session) -> None:
 
 
 def _reconcile(run: Session, tables: Collection[TableName]) -> int:
-    moved = sum(
-        rowsets.reconcile(run.conn, run.row_sets[t], run.horizon)
-        for t in tables
-        if t in run.row_sets
-    )
+    moved = 0
+    for table in tables:
+        if table in run.row_sets:
+            if moving := rowsets.reconcile(run.conn, run.row_sets[table], run.horizon):
+                run.recorded.pop(table, None)  # the record changed: its stats are stale
+            moved += moving
     if moved:
         log.info("  %d rows changed since the plan was made: compared again", moved)
     return moved
@@ -421,7 +422,10 @@ def _transaction(
                 helpers = write.create_helper_indexes(run, run.plan.helper_indexes)
             with phase("reconciling"):
                 _reconcile(run, run.order)
-                known = {t: rowsets.record_stats(conn, r) for t, r in run.row_sets.items()}
+                known = {
+                    t: run.recorded.get(t) or rowsets.record_stats(conn, r)
+                    for t, r in run.row_sets.items()
+                }
                 if running is not None:
                     backup.describe(run, running, {**known, **backup.follow_up(run, running)})
                     backup.catch_up(run, running)

@@ -166,7 +166,8 @@ def record(s: Session) -> frozenset[TableName]:
         for rows in s.row_sets.values():
             rowsets.fill_record(conn, rows)
             entry = s.entries[rows.table]
-            if rowsets.record_stats(conn, rows) == TableStats(entry.rows, entry.checksum):
+            s.recorded[rows.table] = rowsets.record_stats(conn, rows)
+            if s.recorded[rows.table] == TableStats(entry.rows, entry.checksum):
                 rowsets.stage_from_record(conn, rows)
                 matched.add(rows.table)
         if s.backup is not None:
