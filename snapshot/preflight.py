@@ -563,16 +563,17 @@ def run_checks(
             )
         )
     else:
+        from snapshot.apply import backup
         from snapshot.apply import plan as planning
 
         assert s.pg_restore is not None
         if s.backup_into is not None:
-            from snapshot.apply import backup
-
-            # pg_dump runs while the snapshot is staged; the plan records the target in
-            # pg_dump's snapshot, and the apply copies what changed since under its lock.
+            # The plan records the target in the snapshot pg_dump then backs up, while the
+            # snapshot is staged; the apply copies what changed since under its lock.
             s.backup = backup.start(s, s.backup_into)
         matched = planning.record(s)
+        if s.backup is not None:
+            backup.dump(s.backup)
         staging.stage(
             s.conn, s.pg_restore, s.snapshot, [*s.entries.values(), *s.auth_entries], matched
         )

@@ -54,10 +54,10 @@ class Backup:
 
     folder: Path
     plan: DumpPlan
-    dump: Running
     exporter: psycopg.Connection  # holds pg_dump's snapshot open until pg_dump is done
     snapshot_id: str
     started: float
+    dump: Running | None = None  # pg_dump, once :func:`dump` started it
     state: DumpState | None = None
     caught_up: int = 0  # rows copied under the lock
     followed: dict[TableName, RowSet] = field(default_factory=dict)  # see record_others
@@ -69,25 +69,38 @@ class Backup:
 
 
 def start(s: Session, folder: Path) -> Backup:
-    """Start pg_dump in a snapshot exported by a session of its own (before the lock).
+    """Export the snapshot the backup will be taken in, from a session of its own.
 
-    The apply records the target's rows in this same snapshot (:func:`import_snapshot`),
-    so that under the lock :func:`catch_up` knows exactly which rows changed since.
+    The apply records the target's rows in this snapshot (:func:`import_snapshot`), so
+    that under the lock :func:`catch_up` knows exactly which rows changed since; then
+    :func:`dump` starts pg_dump in it.
     """
     assert s.pg_dump is not None, "a backup needs pg_dump (the preflight found one)"
     plan = DumpPlan(s.target, s.info, s.pg_dump, s.config.scope, s.shapes)
-    log.info("backing up %s (pg_dump %s, in the background)", s.target.env, s.pg_dump.version)
     exporter = connect(s.target)
     try:
         exporter.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         exporter.read_only = True
         exporter.autocommit = False  # the transaction stays open: it keeps the snapshot valid
         snapshot_id = export_snapshot(exporter)
-        dump = start_pg_dump(plan, snapshot_id, folder)
     except BaseException:
         exporter.close()
         raise
-    return Backup(folder, plan, dump, exporter, snapshot_id, time.monotonic())
+    return Backup(folder, plan, exporter, snapshot_id, time.monotonic())
+
+
+def dump(backup: Backup) -> None:
+    """Start pg_dump in the exported snapshot, in the background (joined by :func:`finish`).
+
+    Started once the plan's record is made: the record reads every row, and on a small
+    server the two would otherwise share its cores for no gain.
+    """
+    log.info(
+        "backing up %s (pg_dump %s, in the background)",
+        backup.plan.target.env,
+        backup.plan.pg_dump.version,
+    )
+    backup.dump = start_pg_dump(backup.plan, backup.snapshot_id, backup.folder)
 
 
 def import_snapshot(conn: psycopg.Connection, backup: Backup) -> None:
@@ -238,7 +251,7 @@ def _block(
 
 def finish(s: Session, backup: Backup) -> Snapshot:
     """Wait for pg_dump; seal the backup (published by the caller after the commit)."""
-    assert backup.state is not None
+    assert backup.state is not None and backup.dump is not None
     try:
         backup.dump.wait()
     finally:
@@ -262,7 +275,8 @@ def finish(s: Session, backup: Backup) -> Snapshot:
 
 def abandon(backup: Backup) -> None:
     """Stop pg_dump (the apply failed or was refused); the pending folder's owner removes it."""
-    backup.dump.kill()
+    if backup.dump is not None:
+        backup.dump.kill()
     backup.close()
 
 

@@ -151,10 +151,18 @@ def create_record(conn: psycopg.Connection, rows: RowSet, *, delta: bool = True)
 
 
 def fill_record(conn: psycopg.Connection, rows: RowSet) -> None:
-    """Record every live row version of the target with its hash."""
-    conn.execute(sql.SQL("TRUNCATE {}").format(rows.record))
+    """Record every live row version of the target with its hash (in a transaction).
+
+    The rows' text, most of the cost, is made by a parallel scan where the server has
+    workers to spare (``CREATE TABLE AS`` may run in parallel, ``INSERT`` may not).
+    """
     conn.execute(
-        sql.SQL("INSERT INTO {} {}").format(
+        "SELECT set_config('parallel_setup_cost', '0', true), "
+        "set_config('parallel_tuple_cost', '0', true)"
+    )
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.record))
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE {} AS {}").format(
             rows.record,
             _hashed(
                 sql.SQL("{}, z.x").format(rows.keys),
