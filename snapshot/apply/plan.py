@@ -221,7 +221,10 @@ def decide(s: Session, forced: Mapping[TableName, str]) -> Plan:
         entry = s.entries[table]
         rows = s.row_sets.get(table)
         if rows is not None:
-            inserts, updates, deletes, target = rowsets.counts(s.conn, rows)
+            known = s.recorded.get(table)
+            inserts, updates, deletes, target = rowsets.counts(
+                s.conn, rows, known.rows if known else None
+            )
         else:
             inserts, updates, deletes = entry.rows, 0, 0
             target = _count(s.conn, table)

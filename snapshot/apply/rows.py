@@ -213,16 +213,23 @@ _CLASSIFY = sql.SQL(
 )
 
 
-def counts(conn: psycopg.Connection, rows: RowSet) -> tuple[int, int, int, int]:
-    """(inserts, updates, deletes, target rows) of the current delta and record."""
+def counts(
+    conn: psycopg.Connection, rows: RowSet, recorded: int | None = None
+) -> tuple[int, int, int, int]:
+    """(inserts, updates, deletes, target rows) of the current delta and record.
+
+    ``recorded``: the record's row count when it is known (else it is counted).
+    """
     found: dict[str, int] = {
         str(op): int(n)
         for op, n in conn.execute(
             sql.SQL("SELECT op, count(*) FROM {} GROUP BY op").format(rows.delta)
         )
     }
-    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(rows.record)).fetchone()
-    target = int(row[0]) if row else 0
+    if recorded is None:
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(rows.record)).fetchone()
+        recorded = int(row[0]) if row else 0
+    target = recorded
     return (int(found.get(INSERT, 0)), int(found.get(UPDATE, 0)), int(found.get(DELETE, 0)), target)
 
 
