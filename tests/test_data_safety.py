@@ -11,7 +11,7 @@ import select
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psycopg
@@ -295,7 +295,10 @@ UPDATE auth.users SET last_sign_in_at = now() WHERE id IN (
 
 
 def _apply_while_the_app_writes(
-    project: Project, prod: Database, writes: str = APP_WRITES, scope: Sequence[str] | None = None
+    project: Project,
+    prod: Database,
+    writes: str | Callable[[], object] = APP_WRITES,
+    scope: Sequence[str] | None = None,
 ) -> tuple[subprocess.CompletedProcess, dict[str, tuple[int, str]]]:
     """``apply prod`` at a terminal; the app runs ``writes`` while the person reads the plan.
 
@@ -314,7 +317,10 @@ def _apply_while_the_app_writes(
                 chunk = os.read(process.stderr.fileno(), 65536).decode()
                 assert chunk, f"the apply ended before asking: {seen}"
                 seen += chunk
-        prod.execute(writes)
+        if callable(writes):
+            writes()
+        else:
+            prod.execute(writes)
         locked = prod.fingerprint() if scope is None else prod.fingerprint(scope)
         os.write(main, b"prod\n")
         out, err = process.communicate(timeout=180)
@@ -385,6 +391,31 @@ def test_rows_the_app_writes_before_the_lock_are_found_without_matching_every_ro
     assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
     assert project.run("rollback", "prod", "--yes").exit_code == 0
     assert prod.fingerprint(SCOPE_TABLES) == {t: locked[t] for t in SCOPE_TABLES}
+
+
+def test_a_transaction_open_when_the_plan_was_made_and_committed_before_the_lock_is_seen(
+    project: Project, make_db
+) -> None:
+    # The app's transaction has written (it holds the oldest running xid: the record's
+    # horizon) before the plan's snapshot is taken, and commits while the plan is read: the
+    # plan found the row as dev has it, the lock finds the app's version.
+    dev, prod = _database(make_db), _database(make_db)
+    project.point("dev", dev)
+    project.point("prod", prod)
+    project.config(DELTA_CONFIG)
+    for phase in ("pre", "post"):
+        (project.path / "sql" / phase).mkdir(parents=True, exist_ok=True)
+    assert project.run("take", "dev").exit_code == 0
+    with prod.connect() as app:
+        app.execute("BEGIN")
+        app.execute("UPDATE public.node SET label = 'the app was here' WHERE id = 1")
+        result, locked = _apply_while_the_app_writes(
+            project, prod, lambda: app.execute("COMMIT"), DELTA_SCOPE
+        )
+
+    assert result.returncode == 0, result.stderr
+    assert locked != dev.fingerprint(DELTA_SCOPE)
+    assert prod.fingerprint(DELTA_SCOPE) == dev.fingerprint(DELTA_SCOPE)
 
 
 def test_a_rollback_stages_from_prod_the_tables_it_already_holds_catch_up_included(

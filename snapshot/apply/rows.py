@@ -310,10 +310,11 @@ def refresh_record(conn: psycopg.Connection, rows: RowSet, horizon: int | None =
 
 
 def horizon(conn: psycopg.Connection) -> int:
-    """The oldest transaction id the current snapshot may not see (as a 32-bit xid).
+    """The snapshot's ``xmin`` (as a 32-bit xid): the oldest transaction it may not see.
 
-    Call in the record's transaction: every row version written by an older transaction
-    that is still live later is in the record, with the same ``(key, xmin)``.
+    Every transaction older than it had ended when the snapshot was taken. Call in the
+    record's transaction: a row version such a transaction wrote that is still live later
+    is in the record, with the same ``(key, xmin)``.
     """
     row = conn.execute("SELECT txid_snapshot_xmin(txid_current_snapshot()) % 4294967296").fetchone()
     assert row is not None
@@ -329,7 +330,8 @@ def _moved_since(conn: psycopg.Connection, rows: RowSet, horizon: int) -> int | 
     that moved in (updates, deleted-then-inserted keys), the moved keys are exactly the
     moved-in ones. Otherwise (a key was deleted) None: the caller matches every row.
     """
-    newer = sql.SQL("age(t.xmin) < (SELECT age({}::text::xid))").format(sql.Literal(str(horizon)))
+    # The horizon's own transaction was still running: its rows are newer too (<=).
+    newer = sql.SQL("age(t.xmin) <= (SELECT age({}::text::xid))").format(sql.Literal(str(horizon)))
     moved_in = conn.execute(
         sql.SQL(
             "CREATE TEMP TABLE {moved} AS SELECT {k} FROM "
