@@ -19,9 +19,8 @@ import psycopg
 from tests.conftest import Project
 from tests.fix_db import Database
 from tests.test_apply import SCOPE_TABLES, apply, setup_pair
-from tests.test_delta import CONFIG as DELTA_CONFIG
 from tests.test_delta import SCOPE as DELTA_SCOPE
-from tests.test_delta import _database
+from tests.test_delta import database, take_dev
 
 
 def _dead_pid() -> int:
@@ -399,13 +398,9 @@ def test_a_transaction_open_when_the_plan_was_made_and_committed_before_the_lock
     # The app's transaction has written (it holds the oldest running xid: the record's
     # horizon) before the plan's snapshot is taken, and commits while the plan is read: the
     # plan found the row as dev has it, the lock finds the app's version.
-    dev, prod = _database(make_db), _database(make_db)
-    project.point("dev", dev)
+    dev, prod = database(make_db), database(make_db)
+    take_dev(project, dev)
     project.point("prod", prod)
-    project.config(DELTA_CONFIG)
-    for phase in ("pre", "post"):
-        (project.path / "sql" / phase).mkdir(parents=True, exist_ok=True)
-    assert project.run("take", "dev").exit_code == 0
     with prod.connect() as app:
         app.execute("BEGIN")
         app.execute("UPDATE public.node SET label = 'the app was here' WHERE id = 1")
@@ -425,15 +420,11 @@ def test_a_rollback_stages_from_prod_the_tables_it_already_holds_catch_up_includ
     # apply then has nothing to write in that table, and the backup catches the row up.
     # Rolling back finds prod already holding every backed-up table: the dump's data and
     # the catch-up's blocks of those tables are read past, and prod stays as it is.
-    dev, prod = _database(make_db), _database(make_db)
+    dev, prod = database(make_db), database(make_db)
     new_row = "INSERT INTO public.stamped (id, body) VALUES (21, 'body 21');"
     dev.execute(new_row)
-    project.point("dev", dev)
+    take_dev(project, dev)
     project.point("prod", prod)
-    project.config(DELTA_CONFIG)
-    for phase in ("pre", "post"):
-        (project.path / "sql" / phase).mkdir(parents=True, exist_ok=True)
-    assert project.run("take", "dev").exit_code == 0
 
     result, locked = _apply_while_the_app_writes(project, prod, new_row, DELTA_SCOPE)
 

@@ -114,11 +114,20 @@ CASES: dict[str, tuple[str, set[str]]] = {
 }
 
 
-def _database(make_db) -> Database:
+def database(make_db) -> Database:
     db = make_db("empty")
     db.execute(SCHEMA)
     db.execute(SEED)
     return db
+
+
+def take_dev(project: Project, dev: Database) -> None:
+    """Point ``dev`` at this app's scope (no scripts: it has no guardrails) and take it."""
+    project.point("dev", dev)
+    project.config(CONFIG)
+    for phase in ("pre", "post"):
+        (project.path / "sql" / phase).mkdir(parents=True, exist_ok=True)
+    assert project.run("take", "dev").exit_code == 0
 
 
 def _apply(project: Project, prod: Database, *args: str):
@@ -129,14 +138,10 @@ def _apply(project: Project, prod: Database, *args: str):
 @pytest.mark.parametrize("case", CASES)
 def test_a_delta_ends_where_a_full_replace_ends(project: Project, make_db, case: str) -> None:
     changes, replaced = CASES[case]
-    dev, by_delta, by_full = _database(make_db), _database(make_db), _database(make_db)
-    by_bulk = _database(make_db)
+    dev, by_delta, by_full = database(make_db), database(make_db), database(make_db)
+    by_bulk = database(make_db)
     dev.execute(changes)
-    project.point("dev", dev)
-    project.config(CONFIG)
-    for phase in ("pre", "post"):  # this app has no guardrails to step around
-        (project.path / "sql" / phase).mkdir(parents=True, exist_ok=True)
-    assert project.run("take", "dev").exit_code == 0
+    take_dev(project, dev)
 
     delta = _apply(project, by_delta, "--json")
     full = _apply(project, by_full, "--full")
@@ -163,12 +168,8 @@ def test_a_delta_ends_where_a_full_replace_ends(project: Project, make_db, case:
 
 
 def test_an_unchanged_snapshot_writes_nothing(project: Project, make_db) -> None:
-    dev, prod = _database(make_db), _database(make_db)
-    project.point("dev", dev)
-    project.config(CONFIG)
-    for phase in ("pre", "post"):
-        (project.path / "sql" / phase).mkdir(parents=True, exist_ok=True)
-    assert project.run("take", "dev").exit_code == 0
+    dev, prod = database(make_db), database(make_db)
+    take_dev(project, dev)
     xmins = prod.execute("SELECT xmin::text FROM public.node ORDER BY id")
 
     result = _apply(project, prod, "--json")
@@ -204,7 +205,7 @@ CREATE TRIGGER orphan_member AFTER INSERT ON public.node
 def test_a_row_breaking_a_foreign_key_fails_the_bulk_check_and_changes_nothing(
     project: Project, make_db
 ) -> None:
-    dev, prod = _database(make_db), _database(make_db)
+    dev, prod = database(make_db), database(make_db)
     dev.execute(CASES["self-referencing tree re-parented"][0])  # inserts a node
     project.point("dev", dev)
     project.config(CONFIG)
