@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from snapshot import localpg
+from snapshot.scripts import bundled_sql
 from tests.conftest import Project
 from tests.fix_db import ALL_TABLES, SCOPE, Database
 
@@ -474,3 +476,29 @@ def test_block_readers_gives_the_same_prod_with_its_foreign_keys_and_guardrails_
         result.output.split()
     )
     assert_guardrails_hold(prod)
+
+
+def test_scripts_read_which_tables_the_plan_leaves_unchanged(project: Project, make_db) -> None:
+    dev, prod = setup_pair(project, make_db)
+    assert apply(project).exit_code == 0  # prod now holds dev's rows
+    dev.execute("UPDATE public.answers SET body = body || ' (edited)' WHERE id = 1")
+    assert project.run("take", "dev").exit_code == 0
+    prod.execute("CREATE TABLE public.seen (unchanged text[], full_replace text[])")
+    prod.execute("GRANT INSERT ON public.seen TO app_owner")
+    pre = project.path / "sql" / "pre"
+    pre.mkdir(parents=True)
+    shutil.copy(bundled_sql() / "pre" / "010_questions_to_draft.sql", pre)
+    (pre / "020_seen.sql").write_text(
+        "INSERT INTO public.seen SELECT current_setting('snapshot.unchanged')::text[], "
+        "current_setting('snapshot.full_replace')::text[];"
+    )
+    questions = prod.execute("SELECT id, xmin::text FROM public.questions ORDER BY id")
+
+    result = apply(project)
+
+    assert result.exit_code == 0, result.output
+    [(unchanged, full)] = prod.execute("SELECT unchanged, full_replace FROM public.seen")
+    assert full == []
+    assert set(unchanged) == set(SCOPE_TABLES) - {"public.answers"}
+    # No link changed: the bundled pre-script drafted no question (none was written).
+    assert prod.execute("SELECT id, xmin::text FROM public.questions ORDER BY id") == questions

@@ -532,7 +532,7 @@ def _attempts(
         last = attempt == ATTEMPTS or len(plan.full_tables) == len(run.order)
         try:
             with conn.transaction():
-                write.full_replace_setting(conn, plan.full_tables)
+                write.plan_settings(conn, plan)
                 with phase("pre-scripts"):
                     scripts.run(conn, scripts.scripts(run.config, "pre"), "pre")
                 write.guard_outside(run, plan, allowed)

@@ -375,9 +375,16 @@ def expected_writes(plan: Plan) -> tuple[int, int]:
     return statements, plan.changes
 
 
-def full_replace_setting(conn: psycopg.Connection, tables: Collection[TableName]) -> None:
-    """``snapshot.full_replace``: the tables replaced in full, for the SQL scripts to read."""
+def plan_settings(conn: psycopg.Connection, plan: Plan) -> None:
+    """What the SQL scripts may read of the plan, as settings of the transaction.
+
+    ``snapshot.full_replace``: the tables replaced in full; ``snapshot.unchanged``: the
+    tables the apply writes no row of (a delta with nothing to insert, update or delete).
+    Both are text arrays (``current_setting('snapshot.unchanged', true)::text[]``).
+    """
+    unchanged = [t.table for t in plan.tables if not t.full and not t.changes]
     conn.execute(
-        "SELECT set_config('snapshot.full_replace', %s::text[]::text, true)",
-        ([str(t) for t in sorted(tables)],),
+        "SELECT set_config('snapshot.full_replace', %s::text[]::text, true), "
+        "set_config('snapshot.unchanged', %s::text[]::text, true)",
+        ([str(t) for t in sorted(plan.full_tables)], [str(t) for t in sorted(unchanged)]),
     )

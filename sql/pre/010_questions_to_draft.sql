@@ -4,11 +4,16 @@
 -- post-script gives each question its snapshot status back.
 --
 -- A delta apply touches few links: only the questions whose links the snapshot lacks (or
--- holds otherwise) are drafted. When public.question_topics is replaced in full
--- (snapshot.full_replace lists it), or the scope does not stage it, every question is.
+-- holds otherwise) are drafted, and none when the apply writes no link at all
+-- (snapshot.unchanged lists public.question_topics). When public.question_topics is
+-- replaced in full (snapshot.full_replace lists it), or the scope does not stage it, every
+-- question is.
 DO $$
 BEGIN
-  IF to_regclass('pg_temp.snapshot_question_topics') IS NULL
+  IF 'public.question_topics' = ANY (
+       coalesce(nullif(current_setting('snapshot.unchanged', true), ''), '{}')::text[]) THEN
+    RETURN;
+  ELSIF to_regclass('pg_temp.snapshot_question_topics') IS NULL
      OR 'public.question_topics' = ANY (
           coalesce(nullif(current_setting('snapshot.full_replace', true), ''), '{}')::text[]) THEN
     UPDATE public.questions SET status = 'draft' WHERE status <> 'draft';
