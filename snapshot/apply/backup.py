@@ -132,7 +132,6 @@ def record_others(s: Session, backup: Backup) -> None:
     for number, (table, key) in enumerate(sorted(catalog.row_keys(s.conn, columns).items())):
         stage = sql.Identifier("pg_temp", table.staging)
         rows = RowSet(table, first + number, key, tuple(columns[table]), stage)
-        rowsets.create_record(s.conn, rows, delta=False)
         rowsets.fill_record(s.conn, rows)
         backup.followed[table] = rows
 

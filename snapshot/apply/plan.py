@@ -156,7 +156,7 @@ def record(s: Session) -> frozenset[TableName]:
     conn = s.conn
     s.row_sets = row_sets(s)
     for rows in s.row_sets.values():
-        rowsets.create_record(conn, rows)
+        rowsets.create_delta(conn, rows)
     matched = set()
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     with conn.transaction():  # one moment for every table

@@ -131,18 +131,9 @@ def snapshot_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
     return TableStats(int(row[0]), rows.digest(int(row[0]), str(row[1])))
 
 
-def create_record(conn: psycopg.Connection, rows: RowSet, *, delta: bool = True) -> None:
-    """An empty record (and delta, unless ``delta`` is false) for ``rows.table``."""
-    for temp in (rows.record, rows.delta):
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(temp))
-    conn.execute(
-        sql.SQL(
-            "CREATE TEMP TABLE {} AS SELECT {k}, t.xmin AS x, 0::bigint AS h1, 0::bigint AS h2 "
-            "FROM {table} AS t WITH NO DATA"
-        ).format(rows.record, k=rows.keys, table=rows.table.ident)
-    )
-    if not delta:
-        return
+def create_delta(conn: psycopg.Connection, rows: RowSet) -> None:
+    """An empty delta for ``rows.table`` (its record is made by :func:`fill_record`)."""
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.delta))
     conn.execute(
         sql.SQL("CREATE TEMP TABLE {} AS SELECT ''::text AS op, {k} FROM {} WITH NO DATA").format(
             rows.delta, rows.table.ident, k=rows.keys
