@@ -57,6 +57,7 @@ CHUNK = 1 << 18
 # level, for a 12% larger archive. The pre-apply backup runs while prod's writers wait.
 COMPRESSION = "1"
 DUMP_APPLICATION = "snapshot pg_dump"
+DUMP_LOCK_WAIT = 30.0  # seconds pg_dump waits for a table's lock before it fails
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,10 @@ class Running:
             raise _failure(self.tool, exc) from None
         return str(self._process.stderr.decode("utf-8", "replace"))
 
+    def running(self) -> bool:
+        """Whether the process has not ended yet (never blocks)."""
+        return bool(self._process.is_alive())
+
     def kill(self) -> None:
         """Stop the process and reap it, ignoring how it ends."""
         with contextlib.suppress(ProcessLookupError, OSError):
@@ -210,17 +215,21 @@ def start_dump(
     snapshot_id: str,
     tables: Sequence[TableName],
     out: Path,
+    application: str = DUMP_APPLICATION,
 ) -> Running:
-    """Start a data-only, custom-format pg_dump of ``tables`` in an exported snapshot."""
+    """Start a data-only, custom-format pg_dump of ``tables`` in an exported snapshot.
+
+    ``application`` is its session's ``application_name`` (how the server lists it).
+    """
     args = [
-        f"--dbname={make_conninfo(target.conninfo(), application_name=DUMP_APPLICATION)}",
+        f"--dbname={make_conninfo(target.conninfo(), application_name=application)}",
         "--format=custom",
         f"--compress={COMPRESSION}",
         "--data-only",
         "--no-privileges",
         "--no-owner",
         f"--snapshot={snapshot_id}",
-        "--lock-wait-timeout=30000",
+        f"--lock-wait-timeout={DUMP_LOCK_WAIT * 1000:.0f}",
         f"--file={out}",
     ]
     args += [f"--table={table_pattern(t)}" for t in tables]

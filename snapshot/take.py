@@ -188,10 +188,12 @@ def build_manifest(
     )
 
 
-def start_dump(plan: DumpPlan, snapshot_id: str, folder: Path) -> pgtools.Running:
+def start_dump(
+    plan: DumpPlan, snapshot_id: str, folder: Path, application: str = pgtools.DUMP_APPLICATION
+) -> pgtools.Running:
     """pg_dump of ``plan``'s tables into ``folder``, in the exported snapshot ``snapshot_id``."""
     return pgtools.start_dump(
-        plan.pg_dump, plan.target, snapshot_id, plan.tables, folder / archive.DUMP_FILE
+        plan.pg_dump, plan.target, snapshot_id, plan.tables, folder / archive.DUMP_FILE, application
     )
 
 

@@ -7,12 +7,14 @@ unchanged; a connection lost during the COMMIT itself is the in-doubt outcome it
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from snapshot import localpg
 from tests.conftest import Project
@@ -155,3 +157,49 @@ def test_a_connection_lost_during_the_commit_keeps_the_way_back(
         assert prod.fingerprint(SCOPE_TABLES) == original
     finally:
         server.stop()
+
+
+def _slow_to_start(folder: Path, seconds: float) -> Path:
+    """A --pg-bin whose pg_dump starts ``seconds`` late (the real one, then), as on a busy host."""
+    from snapshot import pgtools
+
+    real = {name: pgtools.find_tool(name, 0, None, "the test").path for name in TOOLS}
+    folder.mkdir()
+    for name, path in real.items():
+        script = folder / name
+        delay = f"sleep {seconds}\n" if name == "pg_dump" else ""
+        script.write_text(
+            f'#!/bin/sh\ncase "$1" in --version) ;; *) {delay};; esac\nexec "{path}" "$@"\n'
+        )
+        script.chmod(0o755)
+    return folder
+
+
+TOOLS = ("pg_dump", "pg_restore")
+
+
+@pytest.mark.parametrize("how", ["--block-readers", "a pre-script that locks a table"])
+def test_an_apply_that_locks_before_its_backup_has_started_waits_for_it(
+    project: Project, make_db, how: str
+) -> None:
+    # pg_dump starts once the plan has recorded the target; on a small target the apply may
+    # reach its locks before pg_dump took its own. An ACCESS EXCLUSIVE lock taken then
+    # (--block-readers' ALTER TABLE, a script's DDL) used to stall pg_dump until its lock
+    # wait failed, 30 s later, and the apply with it (seen once in CI).
+    dev, prod = setup_pair(project, make_db)
+    original = prod.fingerprint(SCOPE_TABLES)
+    bin_dir = str(_slow_to_start(project.path / "slow-bin", 2))
+    args = ["--block-readers"] if how == "--block-readers" else []
+    if not args:
+        pre = project.path / "sql" / "pre"
+        pre.mkdir(parents=True)
+        shutil.copy(SQL / "pre" / "010_questions_to_draft.sql", pre)
+        (pre / "020_lock.sql").write_text("LOCK TABLE public.answers IN ACCESS EXCLUSIVE MODE;")
+
+    result = project.run("--pg-bin", bin_dir, "apply", "prod", "--yes", *args)
+
+    assert result.exit_code == 0, result.output
+    assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
+    rolled = project.run("--pg-bin", bin_dir, "rollback", "prod", "--yes")
+    assert rolled.exit_code == 0, rolled.output
+    assert prod.fingerprint(SCOPE_TABLES) == original  # the backup is whole

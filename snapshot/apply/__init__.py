@@ -7,14 +7,18 @@ every row of every scoped table matches the snapshot. The recipe:
 
 Before any lock (the target's writers go on):
   1. preflight (:mod:`snapshot.preflight`): integrity, identity, schema, privileges, scope
-     closure...; the snapshot's rows staged in temporary tables;
-  2. plan (:mod:`.plan`): both sides hashed row by row, every row classified (insert,
-     update, delete, unchanged), each table written as a delta or replaced in full;
-     shown before the confirmation.
+     closure...;
+  2. plan (:mod:`.plan`): the pre-apply backup's snapshot exported (:mod:`.backup`), the
+     target's rows recorded in it, then pg_dump started in it (the backup runs in the
+     background and is joined before the commit); the snapshot's rows staged in temporary
+     tables (tables the record shows prod already holds are copied from prod inside the
+     server); both sides compared row by row, every row classified (insert, update, delete,
+     unchanged), each table written as a delta or replaced in full; shown before the
+     confirmation.
 Under the lock (writers wait, readers go on):
-  3. lock the scope; start the pre-apply backup in the transaction's snapshot
-     (:mod:`.backup`): it runs while the writes run, and is joined before the commit;
-  4. reconcile the plan with rows written since it was made (:mod:`.rows`);
+  3. once pg_dump holds its own locks, lock the scope;
+  4. reconcile the plan with rows written since the record (:mod:`.rows`); copy them into
+     the backup beside pg_dump's file;
   5. create the snapshot's auth users the target lacks (:mod:`.auth`), insert only;
   6. in a savepoint: pre-scripts, the writes (:mod:`.write`), post-scripts, parity
      (:mod:`.proof`). A table whose delta cannot be applied cleanly is replaced in full
@@ -411,6 +415,8 @@ def _transaction(
     try:
         with conn.transaction() as tx:
             with phase("locking"):
+                if running is not None:
+                    backup.wait_for_dump(running, to_end=run.block_readers)
                 _lock(run)
                 locked = time.monotonic()
                 log.info(

@@ -37,7 +37,7 @@ from snapshot.db import connect
 from snapshot.environments import Connection
 from snapshot.errors import ApplyFailed
 from snapshot.names import TableName
-from snapshot.pgtools import Running
+from snapshot.pgtools import DUMP_APPLICATION, DUMP_LOCK_WAIT, Running
 from snapshot.session import Session
 from snapshot.staging import ADD, REMOVE, REPLACE, TERMINATOR
 from snapshot.take import DumpPlan, DumpState, build_manifest, describe_state, export_snapshot
@@ -100,7 +100,53 @@ def dump(backup: Backup) -> None:
         backup.plan.target.env,
         backup.plan.pg_dump.version,
     )
-    backup.dump = start_pg_dump(backup.plan, backup.snapshot_id, backup.folder)
+    backup.dump = start_pg_dump(
+        backup.plan, backup.snapshot_id, backup.folder, _application(backup)
+    )
+
+
+def _application(backup: Backup) -> str:
+    """pg_dump's ``application_name``: this backup's alone (another pg_dump may be running)."""
+    return f"{DUMP_APPLICATION} {backup.snapshot_id}"
+
+
+# The scope's tables on which the backup's pg_dump holds its ACCESS SHARE lock.
+_DUMP_LOCKS = """
+SELECT count(DISTINCT l.relation)
+FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE a.application_name = %s AND l.granted AND l.mode = 'AccessShareLock'
+  AND l.relation IN (SELECT to_regclass(name) FROM unnest(%s::text[]) AS name)
+"""
+DUMP_WAIT_POLL = 0.02  # seconds between two looks at pg_dump's locks
+
+
+def wait_for_dump(backup: Backup, *, to_end: bool) -> None:
+    """Wait until pg_dump holds its locks on the backed-up tables (or, ``to_end``, has ended).
+
+    Call before the apply locks. pg_dump locks every table it dumps (ACCESS SHARE) when it
+    starts and keeps the locks to its end; on a small target the apply may reach its own
+    locks first, and then any ACCESS EXCLUSIVE it takes (``--block-readers``' ALTER TABLE, a
+    script's DDL) would make pg_dump wait until its ``--lock-wait-timeout`` fails it, 30 s
+    later, and the apply with it. Once pg_dump holds its locks, such DDL waits for pg_dump
+    instead: ``to_end`` (``--block-readers``) waits for that before the writers do. When the
+    server does not show pg_dump's session (a pooler may rename it), the wait lasts until
+    pg_dump ends, or as long as pg_dump could wait for a lock.
+    """
+    running = backup.dump
+    assert running is not None, "the backup's pg_dump was started (dump)"
+    names = [t.ident.as_string(backup.exporter) for t in backup.plan.tables]
+    application = _application(backup)
+    started = time.monotonic()
+    if to_end and running.running():
+        log.info("  waiting for the backup's pg_dump first (its locks would hold up ALTER TABLE)")
+    while running.running() and (to_end or time.monotonic() < started + DUMP_LOCK_WAIT):
+        if not to_end:
+            backup.exporter.execute("SELECT pg_stat_clear_snapshot()")  # a fresh look
+            row = backup.exporter.execute(_DUMP_LOCKS, (application, names)).fetchone()
+            if row is not None and row[0] >= len(names):
+                break
+        time.sleep(DUMP_WAIT_POLL)
+    log.debug("  waited %.2f s for pg_dump's locks", time.monotonic() - started)
 
 
 def import_snapshot(conn: psycopg.Connection, backup: Backup) -> None:
