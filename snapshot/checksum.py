@@ -48,13 +48,22 @@ def row_term(
 ) -> sql.Composable:
     """The per-row value :func:`halves` reads: the row's text (its md5 for :data:`MD5`).
 
-    Compute it once per row (an inner query with ``OFFSET 0``): written twice in a select
-    list, it would be computed twice.
+    Compute it once per row, in an inner query with :data:`KEEP_APART` beside it: written
+    twice in a select list, it would be computed twice.
     """
     ordered = sorted(columns)
     names = [sql.Identifier(alias, c) if alias else sql.Identifier(c) for c in ordered]
     text = sql.SQL("ROW({})::text").format(sql.SQL(", ").join(names))
     return sql.SQL("md5({})").format(text) if kind == MD5 else text
+
+
+# A column to put beside :func:`row_term` in an inner query, so that the row text is made once
+# a row. The planner merges a plain inner query into the outer one, copying the row text into
+# each of the two halves (made twice); it never merges one whose columns call a volatile
+# function. ``OFFSET 0`` keeps it apart too, but a query with it cannot be split among
+# parallel workers, and this can: the whole-table checksums then run on every core the
+# server gives (clock_timestamp() is volatile and parallel safe; its value is never read).
+KEEP_APART = sql.SQL("clock_timestamp() AS _apart")
 
 
 def halves(term: sql.Composable, kind: str = CURRENT) -> tuple[sql.Composable, sql.Composable]:
@@ -93,9 +102,8 @@ def table_stats(
     """Count and checksum ``table`` over ``columns`` minus ``ignore``, with ``kind``'s hash."""
     relation = table.ident if isinstance(table, TableName) else table
     used = [c for c in columns if c not in ignore]
-    # OFFSET 0 keeps the inner query apart: flattened, the row text would be made per half.
-    query = sql.SQL("SELECT count(*), {} FROM (SELECT {} AS h FROM {} OFFSET 0) AS s").format(
-        _sum_halves(sql.SQL("h"), kind), row_term(used, kind=kind), relation
+    query = sql.SQL("SELECT count(*), {} FROM (SELECT {} AS h, {} FROM {}) AS s").format(
+        _sum_halves(sql.SQL("h"), kind), row_term(used, kind=kind), KEEP_APART, relation
     )
     row = conn.execute(query).fetchone()
     assert row is not None

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from snapshot.checksum import CURRENT, TableStats, digest, halves, row_term
+from snapshot.checksum import CURRENT, KEEP_APART, TableStats, digest, halves, row_term
 from snapshot.names import TableName
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,10 @@ def _hashed(
     first, second = halves(sql.SQL("z.m"), kind)
     return sql.SQL(
         "SELECT {outer}, {h1} AS h1, {h2} AS h2 "
-        "FROM (SELECT {inner}, {term} AS m FROM {source} OFFSET 0) AS z"
-    ).format(outer=outer, h1=first, h2=second, inner=inner, term=term, source=source)
+        "FROM (SELECT {inner}, {term} AS m, {apart} FROM {source}) AS z"
+    ).format(
+        outer=outer, h1=first, h2=second, inner=inner, term=term, apart=KEEP_APART, source=source
+    )
 
 
 @dataclass(frozen=True)
