@@ -141,8 +141,12 @@ def wait_for_dump(backup: Backup, *, to_end: bool) -> None:
         log.info("  waiting for the backup's pg_dump first (its locks would hold up ALTER TABLE)")
     while running.running() and (to_end or time.monotonic() < started + DUMP_LOCK_WAIT):
         if not to_end:
-            backup.exporter.execute("SELECT pg_stat_clear_snapshot()")  # a fresh look
-            row = backup.exporter.execute(_DUMP_LOCKS, (application, names)).fetchone()
+            try:
+                backup.exporter.execute("SELECT pg_stat_clear_snapshot()")  # a fresh look
+                row = backup.exporter.execute(_DUMP_LOCKS, (application, names)).fetchone()
+            except psycopg.Error as exc:  # the exporting session is gone: pg_dump will say so
+                log.debug("  could not look at pg_dump's locks: %s", exc)
+                break
             if row is not None and row[0] >= len(names):
                 break
         time.sleep(DUMP_WAIT_POLL)
