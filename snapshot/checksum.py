@@ -63,7 +63,7 @@ def row_term(
 # function. ``OFFSET 0`` keeps it apart too, but a query with it cannot be split among
 # parallel workers, and this can: the whole-table checksums then run on every core the
 # server gives (clock_timestamp() is volatile and parallel safe; its value is never read).
-KEEP_APART = sql.SQL("clock_timestamp() AS _apart")
+KEEP_APART = sql.SQL("clock_timestamp() AS apart$")
 
 
 def halves(term: sql.Composable, kind: str = CURRENT) -> tuple[sql.Composable, sql.Composable]:

@@ -185,3 +185,69 @@ def test_a_damaged_snapshot_is_listed_and_never_blocks_the_others(
     named = project.run("apply", "prod", "--yes", "--snapshot", f"dev/{broken.name}")
     assert named.exit_code == 1
     assert "the snapshot is damaged" in named.stderr and "Traceback" not in named.output
+
+
+# Columns named like the aliases the tool's own queries use (row text, hashes, row version,
+# operation, table aliases): every one must stay a column of the user's table.
+ALIAS_SCHEMA = """
+SET ROLE app_owner;
+CREATE TABLE public.parent (m int, x int, PRIMARY KEY (m, x), h text, _apart text, h1 bigint);
+CREATE TABLE public.child (op int PRIMARY KEY, h2 bigint, s text, t text, d text, r text,
+                           z text, n int, pm int, px int,
+                           FOREIGN KEY (pm, px) REFERENCES public.parent (m, x));
+CREATE TABLE public.tally ("x$" int PRIMARY KEY, v text);
+RESET ROLE;
+"""
+
+
+def _fill_aliases(db: Database, variant: str, rows: int) -> None:
+    db.execute(ALIAS_SCHEMA)
+    db.execute(
+        "INSERT INTO public.parent SELECT i %% 7, i, %s || i, 'a' || i, i * 3 "
+        "FROM generate_series(1, %s) i",
+        [variant, rows],
+    )
+    db.execute(
+        "INSERT INTO public.child SELECT i, i, %s, 't', 'd', 'r', 'z' || i, i, i %% 7, i "
+        "FROM generate_series(1, %s) i",
+        [variant, rows],
+    )
+    db.execute("INSERT INTO public.tally SELECT i, %s FROM generate_series(1, 3) i", [variant])
+
+
+def test_columns_named_like_the_tools_own_aliases_round_trip(project: Project, make_db) -> None:
+    dev, prod = make_db("empty"), make_db("empty")
+    _fill_aliases(dev, "dev", 40)
+    _fill_aliases(prod, "prod", 30)
+    project.point("dev", dev)
+    project.point("prod", prod)
+    project.config(
+        "[scope]\ntables = ['public.parent', 'public.child', 'public.tally']\n"
+        "auth_users = false\n\n"
+        "[apply]\ninsert_as = {}\n"
+    )
+    for phase in ("pre", "post"):
+        (project.path / "sql" / phase).mkdir(parents=True)
+    scope = ["public.parent", "public.child", "public.tally"]
+    before = prod.fingerprint(scope)
+    assert project.run("take", "dev").exit_code == 0
+
+    applied = project.run("apply", "prod", "--yes")
+    assert applied.exit_code == 0, applied.output
+    assert prod.fingerprint(scope) == dev.fingerprint(scope)
+    first = prod.fingerprint(scope)
+    # A re-sync: a few rows change on each side, written as a delta.
+    dev.execute("UPDATE public.parent SET h = h || '!' WHERE x % 5 = 0")
+    dev.execute("DELETE FROM public.child WHERE op % 9 = 0")
+    prod.execute("UPDATE public.child SET s = 'prod' WHERE op % 4 = 0")
+    assert project.run("take", "dev").exit_code == 0
+    resynced = project.run("apply", "prod", "--yes", "--json")
+    assert resynced.exit_code == 0, resynced.output
+    modes = {t["table"]: t["mode"] for t in json.loads(resynced.stdout)["changes"]}
+    # A key column named like the tool's own ("x$") makes its table one without a key.
+    assert modes == {"public.parent": "delta", "public.child": "delta", "public.tally": "full"}
+    assert prod.fingerprint(scope) == dev.fingerprint(scope)
+    assert project.run("verify", "dev", "prod").exit_code == 0
+    assert project.run("rollback", "prod", "--yes").exit_code == 0
+    assert prod.fingerprint(scope) == first
+    assert prod.fingerprint(scope) != before

@@ -179,7 +179,8 @@ def record_others(s: Session, backup: Backup) -> None:
         t: backup.plan.shapes[t].column_names for t in backup.plan.tables if t not in s.row_sets
     }
     first = len(s.config.scope.tables)  # numbers past the scope's: temporary names stay apart
-    for number, (table, key) in enumerate(sorted(catalog.row_keys(s.conn, columns).items())):
+    keys = {t: k for t, k in catalog.row_keys(s.conn, columns).items() if rowsets.keyable(k)}
+    for number, (table, key) in enumerate(sorted(keys.items())):
         stage = sql.Identifier("pg_temp", table.staging)
         rows = RowSet(table, first + number, key, tuple(columns[table]), stage)
         rowsets.fill_record(s.conn, rows)

@@ -138,7 +138,7 @@ def row_sets(s: Session) -> dict[TableName, RowSet]:
             kind_of(entries[table].checksum),
         )
         for table in s.order
-        if table in keys
+        if table in keys and rowsets.keyable(keys[table])
     }
 
 

@@ -35,6 +35,17 @@ log = logging.getLogger(__name__)
 
 INSERT, UPDATE, DELETE = "i", "u", "d"
 
+# The columns the tool's temporary tables and queries put beside a table's key columns. Each
+# ends in ``$``, which PostgreSQL allows in a name and the SQL standard does not, so that no
+# key column is called so (a key column named ``op`` or ``x`` is common enough); a table
+# whose key is, all the same, is treated as one without a key (:func:`keyable`).
+INTERNAL_COLUMNS = frozenset({"op$", "x$", "h1$", "h2$", "m$", "apart$"})
+
+
+def keyable(key: Sequence[str]) -> bool:
+    """Whether a key's column names stay apart from :data:`INTERNAL_COLUMNS`."""
+    return not INTERNAL_COLUMNS.intersection(key)
+
 
 def _hashed(
     outer: sql.Composable,
@@ -44,10 +55,10 @@ def _hashed(
     kind: str,
 ) -> sql.Composed:
     """``SELECT outer, h1, h2`` over ``SELECT inner, term AS m FROM source``, hashed once a row."""
-    first, second = halves(sql.SQL("z.m"), kind)
+    first, second = halves(sql.SQL("z.m$"), kind)
     return sql.SQL(
-        "SELECT {outer}, {h1} AS h1, {h2} AS h2 "
-        "FROM (SELECT {inner}, {term} AS m, {apart} FROM {source}) AS z"
+        "SELECT {outer}, {h1} AS h1$, {h2} AS h2$ "
+        "FROM (SELECT {inner}, {term} AS m$, {apart} FROM {source}) AS z"
     ).format(
         outer=outer, h1=first, h2=second, inner=inner, term=term, apart=KEEP_APART, source=source
     )
@@ -125,7 +136,7 @@ def snapshot_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
     """Count and checksum of the staged snapshot rows, from their hashes (as the manifest's)."""
     row = conn.execute(
         sql.SQL(
-            "SELECT count(*), coalesce(sum(h1), 0)::text || ':' || coalesce(sum(h2), 0)::text "
+            "SELECT count(*), coalesce(sum(h1$), 0)::text || ':' || coalesce(sum(h2$), 0)::text "
             "FROM {}"
         ).format(rows.hashes)
     ).fetchone()
@@ -137,7 +148,7 @@ def create_delta(conn: psycopg.Connection, rows: RowSet) -> None:
     """An empty delta for ``rows.table`` (its record is made by :func:`fill_record`)."""
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.delta))
     conn.execute(
-        sql.SQL("CREATE TEMP TABLE {} AS SELECT ''::text AS op, {k} FROM {} WITH NO DATA").format(
+        sql.SQL("CREATE TEMP TABLE {} AS SELECT ''::text AS op$, {k} FROM {} WITH NO DATA").format(
             rows.delta, rows.table.ident, k=rows.keys
         )
     )
@@ -158,8 +169,8 @@ def fill_record(conn: psycopg.Connection, rows: RowSet) -> None:
         sql.SQL("CREATE TEMP TABLE {} AS {}").format(
             rows.record,
             _hashed(
-                sql.SQL("{}, z.x").format(rows.keys),
-                sql.SQL("{}, t.xmin AS x").format(rows.keys),
+                sql.SQL("{}, z.x$").format(rows.keys),
+                sql.SQL("{}, t.xmin AS x$").format(rows.keys),
                 rows.row_term("t"),
                 sql.SQL("{} AS t").format(rows.table.ident),
                 rows.kind,
@@ -184,7 +195,7 @@ def stage_from_record(conn: psycopg.Connection, rows: RowSet) -> None:
         )
     )
     conn.execute(
-        sql.SQL("CREATE TEMP TABLE {} AS SELECT {}, h1, h2 FROM {}").format(
+        sql.SQL("CREATE TEMP TABLE {} AS SELECT {}, h1$, h2$ FROM {}").format(
             rows.hashes, rows.keys, rows.record
         )
     )
@@ -200,9 +211,9 @@ def classify(conn: psycopg.Connection, rows: RowSet) -> None:
 
 _CLASSIFY = sql.SQL(
     "INSERT INTO {delta} "
-    "SELECT CASE WHEN t.x IS NULL THEN 'i' WHEN s.h1 IS NULL THEN 'd' ELSE 'u' END, {k} "
+    "SELECT CASE WHEN t.x$ IS NULL THEN 'i' WHEN s.h1$ IS NULL THEN 'd' ELSE 'u' END, {k} "
     "FROM {s} AS s FULL JOIN {t} AS t USING ({k}) "
-    "WHERE (s.h1, s.h2) IS DISTINCT FROM (t.h1, t.h2)"
+    "WHERE (s.h1$, s.h2$) IS DISTINCT FROM (t.h1$, t.h2$)"
 )
 
 
@@ -216,7 +227,7 @@ def counts(
     found: dict[str, int] = {
         str(op): int(n)
         for op, n in conn.execute(
-            sql.SQL("SELECT op, count(*) FROM {} GROUP BY op").format(rows.delta)
+            sql.SQL("SELECT op$, count(*) FROM {} GROUP BY op$").format(rows.delta)
         )
     }
     if recorded is None:
@@ -242,11 +253,11 @@ def reconcile(conn: psycopg.Connection, rows: RowSet, horizon: int | None = None
         conn.execute(
             sql.SQL(
                 "INSERT INTO {delta} "
-                "SELECT CASE WHEN t.x IS NULL THEN 'i' WHEN s.h1 IS NULL THEN 'd' ELSE 'u' END, "
+                "SELECT CASE WHEN t.x$ IS NULL THEN 'i' WHEN s.h1$ IS NULL THEN 'd' ELSE 'u' END, "
                 "{k} FROM (SELECT * FROM {s} AS s WHERE EXISTS (SELECT 1 FROM {moved} AS m "
                 "WHERE {sm})) AS s FULL JOIN (SELECT * FROM {t} AS t WHERE EXISTS (SELECT 1 "
                 "FROM {moved} AS m WHERE {tm})) AS t USING ({k}) "
-                "WHERE (s.h1, s.h2) IS DISTINCT FROM (t.h1, t.h2)"
+                "WHERE (s.h1$, s.h2$) IS DISTINCT FROM (t.h1$, t.h2$)"
             ).format(
                 delta=rows.delta,
                 k=rows.keys,
@@ -275,8 +286,8 @@ def refresh_record(conn: psycopg.Connection, rows: RowSet, horizon: int | None =
         moved = conn.execute(
             sql.SQL(
                 "CREATE TEMP TABLE {moved} AS SELECT {k} FROM "
-                "(SELECT {k}, t.xmin AS x FROM {table} AS t) AS live FULL JOIN {record} AS r "
-                "USING ({k}) WHERE live.x IS DISTINCT FROM r.x"
+                "(SELECT {k}, t.xmin AS x$ FROM {table} AS t) AS live FULL JOIN {record} AS r "
+                "USING ({k}) WHERE live.x$ IS DISTINCT FROM r.x$"
             ).format(moved=rows.moved, k=rows.keys, table=rows.table.ident, record=rows.record)
         ).rowcount
     if moved:
@@ -289,8 +300,8 @@ def refresh_record(conn: psycopg.Connection, rows: RowSet, horizon: int | None =
             sql.SQL("INSERT INTO {} {}").format(
                 rows.record,
                 _hashed(
-                    sql.SQL("{}, z.x").format(rows.keys),
-                    sql.SQL("{}, t.xmin AS x").format(key_columns(rows, "t")),
+                    sql.SQL("{}, z.x$").format(rows.keys),
+                    sql.SQL("{}, t.xmin AS x$").format(key_columns(rows, "t")),
                     rows.row_term("t"),
                     sql.SQL("{} AS t JOIN {} AS m ON {}").format(
                         rows.table.ident, rows.moved, rows.match("t", "m")
@@ -328,8 +339,8 @@ def _moved_since(conn: psycopg.Connection, rows: RowSet, horizon: int) -> int | 
     moved_in = conn.execute(
         sql.SQL(
             "CREATE TEMP TABLE {moved} AS SELECT {k} FROM "
-            "(SELECT {k}, t.xmin AS x FROM {table} AS t WHERE {newer}) AS live "
-            "LEFT JOIN {record} AS r USING ({k}) WHERE r.x IS DISTINCT FROM live.x"
+            "(SELECT {k}, t.xmin AS x$ FROM {table} AS t WHERE {newer}) AS live "
+            "LEFT JOIN {record} AS r USING ({k}) WHERE r.x$ IS DISTINCT FROM live.x$"
         ).format(
             moved=rows.moved,
             k=rows.keys,
@@ -357,7 +368,7 @@ def record_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
     """Count and checksum of the recorded rows (the target as the record last saw it)."""
     row = conn.execute(
         sql.SQL(
-            "SELECT count(*), coalesce(sum(h1), 0)::text || ':' || coalesce(sum(h2), 0)::text "
+            "SELECT count(*), coalesce(sum(h1$), 0)::text || ':' || coalesce(sum(h2$), 0)::text "
             "FROM {}"
         ).format(rows.record)
     ).fetchone()
@@ -383,8 +394,8 @@ def prove(conn: psycopg.Connection, rows: RowSet) -> TableStats:
             delta=rows.delta,
             k=rows.keys,
             on=rows.match("r", "x"),
-            h1=halves(sql.SQL("z.m"), rows.kind)[0],
-            h2=halves(sql.SQL("z.m"), rows.kind)[1],
+            h1=halves(sql.SQL("z.m$"), rows.kind)[0],
+            h2=halves(sql.SQL("z.m$"), rows.kind)[1],
             term=rows.row_term("t"),
             written=_WRITTEN,
         )
@@ -411,16 +422,16 @@ def prove(conn: psycopg.Connection, rows: RowSet) -> TableStats:
 _WRITTEN = sql.SQL("age(t.xmin) <= 0")
 _PROVE = sql.SQL(
     "WITH written AS MATERIALIZED ("
-    "  SELECT {k}, {h1} AS h1, {h2} AS h2 FROM ("
-    "    SELECT {k}, {term} AS m FROM {table} AS t WHERE {written} OFFSET 0) AS z),"
+    "  SELECT {k}, {h1} AS h1$, {h2} AS h2$ FROM ("
+    "    SELECT {k}, {term} AS m$ FROM {table} AS t WHERE {written} OFFSET 0) AS z),"
     " gone AS MATERIALIZED ("
-    "  SELECT r.h1, r.h2 FROM {record} AS r JOIN ("
-    "    SELECT {k} FROM written UNION SELECT {k} FROM {delta} WHERE op = 'd') AS x ON {on}),"
-    " w AS (SELECT count(*) AS n, coalesce(sum(h1), 0) AS s1, coalesce(sum(h2), 0) AS s2"
+    "  SELECT r.h1$, r.h2$ FROM {record} AS r JOIN ("
+    "    SELECT {k} FROM written UNION SELECT {k} FROM {delta} WHERE op$ = 'd') AS x ON {on}),"
+    " w AS (SELECT count(*) AS n, coalesce(sum(h1$), 0) AS s1, coalesce(sum(h2$), 0) AS s2"
     "  FROM written),"
-    " g AS (SELECT count(*) AS n, coalesce(sum(h1), 0) AS s1, coalesce(sum(h2), 0) AS s2"
+    " g AS (SELECT count(*) AS n, coalesce(sum(h1$), 0) AS s1, coalesce(sum(h2$), 0) AS s2"
     "  FROM gone),"
-    " r AS (SELECT count(*) AS n, coalesce(sum(h1), 0) AS s1, coalesce(sum(h2), 0) AS s2"
+    " r AS (SELECT count(*) AS n, coalesce(sum(h1$), 0) AS s1, coalesce(sum(h2$), 0) AS s2"
     "  FROM {record})"
     " SELECT (SELECT count(*) FROM {table}), w.n, g.n, r.n,"
     " (r.s1 - g.s1 + w.s1)::text || ':' || (r.s2 - g.s2 + w.s2)::text FROM w, g, r"
@@ -431,17 +442,17 @@ def _prove_by_join(conn: psycopg.Connection, rows: RowSet) -> TableStats:
     """:func:`prove` by matching every live row with the record by ``(key, xmin)``."""
     row = conn.execute(
         sql.SQL(
-            "SELECT count(*), coalesce(sum(coalesce(r.h1, f.h1)), 0)::text || ':' || "
-            "coalesce(sum(coalesce(r.h2, f.h2)), 0)::text "
-            "FROM {table} AS t LEFT JOIN {record} AS r ON {on} AND r.x = t.xmin "
-            "CROSS JOIN LATERAL (SELECT {h1} AS h1, {h2} AS h2 FROM (SELECT CASE WHEN r.x IS "
-            "NULL THEN {term} END AS m OFFSET 0) AS z) AS f"
+            "SELECT count(*), coalesce(sum(coalesce(r.h1$, f.h1$)), 0)::text || ':' || "
+            "coalesce(sum(coalesce(r.h2$, f.h2$)), 0)::text "
+            "FROM {table} AS t LEFT JOIN {record} AS r ON {on} AND r.x$ = t.xmin "
+            "CROSS JOIN LATERAL (SELECT {h1} AS h1$, {h2} AS h2$ FROM (SELECT CASE WHEN r.x$ IS "
+            "NULL THEN {term} END AS m$ OFFSET 0) AS z) AS f"
         ).format(
             table=rows.table.ident,
             record=rows.record,
             on=rows.match("r", "t"),
-            h1=halves(sql.SQL("z.m"), rows.kind)[0],
-            h2=halves(sql.SQL("z.m"), rows.kind)[1],
+            h1=halves(sql.SQL("z.m$"), rows.kind)[0],
+            h2=halves(sql.SQL("z.m$"), rows.kind)[1],
             term=rows.row_term("t"),
         )
     ).fetchone()

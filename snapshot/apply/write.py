@@ -231,7 +231,7 @@ def referring_rows(s: Session, plan: Plan, fk: ForeignKey) -> int:
         )
         query = sql.SQL(
             "SELECT count(*) FROM {child} AS c JOIN {parent} AS p ON {refer} "
-            "JOIN {delta} AS d ON {match} AND d.op = {op}"
+            "JOIN {delta} AS d ON {match} AND d.op$ = {op}"
         ).format(
             child=fk.child.ident,
             parent=fk.parent.ident,
@@ -268,8 +268,8 @@ def _insert(s: Session, table: TableName, source: sql.Composable) -> sql.Compose
 
 
 def _delta_rows(rows: RowSet, op: str) -> sql.Composed:
-    """``stage AS s JOIN delta AS d ON ... AND d.op = op``: the snapshot rows to write."""
-    return sql.SQL("{} AS s JOIN {} AS d ON {} AND d.op = {}").format(
+    """``stage AS s JOIN delta AS d ON ... AND d.op$ = op``: the snapshot rows to write."""
+    return sql.SQL("{} AS s JOIN {} AS d ON {} AND d.op$ = {}").format(
         rows.stage, rows.delta, rows.match("s", "d"), sql.Literal(op)
     )
 
@@ -303,7 +303,7 @@ def _guarded_delete(s: Session, rows: RowSet, final: bool) -> sql.Composed:
                     fk.child.ident, refer
                 )
             )
-    return sql.SQL("DELETE FROM {} AS t USING {} AS d WHERE {} AND d.op = {} {}").format(
+    return sql.SQL("DELETE FROM {} AS t USING {} AS d WHERE {} AND d.op$ = {} {}").format(
         rows.table.ident,
         rows.delta,
         rows.match("t", "d"),
