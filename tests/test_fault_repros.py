@@ -159,17 +159,28 @@ def test_a_connection_lost_during_the_commit_keeps_the_way_back(
         server.stop()
 
 
-def _slow_to_start(folder: Path, seconds: float) -> Path:
-    """A --pg-bin whose pg_dump starts ``seconds`` late (the real one, then), as on a busy host."""
+def _slow_to_start(folder: Path, seconds: float, hide_name: bool = False) -> Path:
+    """A --pg-bin whose pg_dump starts ``seconds`` late (the real one, then), as on a busy host.
+
+    ``hide_name``: its session is named "Supavisor", as a pooler in session mode names every
+    session it opens.
+    """
     from snapshot import pgtools
 
     real = {name: pgtools.find_tool(name, 0, None, "the test").path for name in TOOLS}
     folder.mkdir()
+    rename = (
+        """for a in "$@"; do shift; case "$a" in --dbname=*) a=$(printf '%s' "$a" | """
+        """sed "s/application_name='[^']*'/application_name=Supavisor/");; esac; """
+        """set -- "$@" "$a"; done\n"""
+    )
     for name, path in real.items():
         script = folder / name
-        delay = f"sleep {seconds}\n" if name == "pg_dump" else ""
+        delay = f"sleep {seconds}" if name == "pg_dump" else ":"
         script.write_text(
-            f'#!/bin/sh\ncase "$1" in --version) ;; *) {delay};; esac\nexec "{path}" "$@"\n'
+            f'#!/bin/sh\ncase "$1" in --version) ;; *) {delay};; esac\n'
+            f"{rename if hide_name and name == 'pg_dump' else ''}"
+            f'exec "{path}" "$@"\n'
         )
         script.chmod(0o755)
     return folder
@@ -178,7 +189,9 @@ def _slow_to_start(folder: Path, seconds: float) -> Path:
 TOOLS = ("pg_dump", "pg_restore")
 
 
-@pytest.mark.parametrize("how", ["--block-readers", "a pre-script that locks a table"])
+@pytest.mark.parametrize(
+    "how", ["--block-readers", "a pre-script that locks a table", "the same behind a pooler"]
+)
 def test_an_apply_that_locks_before_its_backup_has_started_waits_for_it(
     project: Project, make_db, how: str
 ) -> None:
@@ -188,7 +201,8 @@ def test_an_apply_that_locks_before_its_backup_has_started_waits_for_it(
     # wait failed, 30 s later, and the apply with it (seen once in CI).
     dev, prod = setup_pair(project, make_db)
     original = prod.fingerprint(SCOPE_TABLES)
-    bin_dir = str(_slow_to_start(project.path / "slow-bin", 2))
+    pooled = how == "the same behind a pooler"
+    bin_dir = str(_slow_to_start(project.path / "slow-bin", 2, hide_name=pooled))
     args = ["--block-readers"] if how == "--block-readers" else []
     if not args:
         pre = project.path / "sql" / "pre"
@@ -196,9 +210,11 @@ def test_an_apply_that_locks_before_its_backup_has_started_waits_for_it(
         shutil.copy(SQL / "pre" / "010_questions_to_draft.sql", pre)
         (pre / "020_lock.sql").write_text("LOCK TABLE public.answers IN ACCESS EXCLUSIVE MODE;")
 
-    result = project.run("--pg-bin", bin_dir, "apply", "prod", "--yes", *args)
+    result = project.run("-v", "--pg-bin", bin_dir, "apply", "prod", "--yes", *args)
 
     assert result.exit_code == 0, result.output
+    if not args:  # found by its name, or by the snapshot it imported
+        assert "pg_dump holds its locks" in result.stderr
     assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
     rolled = project.run("--pg-bin", bin_dir, "rollback", "prod", "--yes")
     assert rolled.exit_code == 0, rolled.output

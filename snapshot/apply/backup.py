@@ -110,12 +110,19 @@ def _application(backup: Backup) -> str:
     return f"{DUMP_APPLICATION} {backup.snapshot_id}"
 
 
-# The scope's tables on which the backup's pg_dump holds its ACCESS SHARE lock.
+# The most backed-up tables on which one session that is the backup's pg_dump holds its ACCESS
+# SHARE lock. pg_dump's session is known by its application_name, or (behind a pooler that
+# names every session after itself) by the snapshot it imported: its backend_xmin is that of
+# the exporting session, which runs this query.
 _DUMP_LOCKS = """
-SELECT count(DISTINCT l.relation)
-FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
-WHERE a.application_name = %s AND l.granted AND l.mode = 'AccessShareLock'
-  AND l.relation IN (SELECT to_regclass(name) FROM unnest(%s::text[]) AS name)
+SELECT coalesce(max(n), 0) FROM (
+  SELECT count(DISTINCT l.relation) AS n
+  FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+  WHERE (a.application_name = %s OR a.backend_xmin = (
+      SELECT backend_xmin FROM pg_stat_activity WHERE pid = pg_backend_pid()))
+    AND a.pid <> pg_backend_pid() AND l.granted AND l.mode = 'AccessShareLock'
+    AND l.relation IN (SELECT to_regclass(name) FROM unnest(%s::text[]) AS name)
+  GROUP BY l.pid) AS sessions
 """
 DUMP_WAIT_POLL = 0.02  # seconds between two looks at pg_dump's locks
 
@@ -128,9 +135,9 @@ def wait_for_dump(backup: Backup, *, to_end: bool) -> None:
     locks first, and then any ACCESS EXCLUSIVE it takes (``--block-readers``' ALTER TABLE, a
     script's DDL) would make pg_dump wait until its ``--lock-wait-timeout`` fails it, 30 s
     later, and the apply with it. Once pg_dump holds its locks, such DDL waits for pg_dump
-    instead: ``to_end`` (``--block-readers``) waits for that before the writers do. When the
-    server does not show pg_dump's session (a pooler may rename it), the wait lasts until
-    pg_dump ends, or as long as pg_dump could wait for a lock.
+    instead: ``to_end`` (``--block-readers``) waits for that before the writers do. Should
+    pg_dump's session not be found, the wait lasts until pg_dump ends, or as long as
+    pg_dump could wait for a lock.
     """
     running = backup.dump
     assert running is not None, "the backup's pg_dump was started (dump)"
@@ -139,18 +146,23 @@ def wait_for_dump(backup: Backup, *, to_end: bool) -> None:
     started = time.monotonic()
     if to_end and running.running():
         log.info("  waiting for the backup's pg_dump first (its locks would hold up ALTER TABLE)")
-    while running.running() and (to_end or time.monotonic() < started + DUMP_LOCK_WAIT):
+    seen = "pg_dump ended"
+    while running.running():
         if not to_end:
+            if time.monotonic() > started + DUMP_LOCK_WAIT:
+                seen = "pg_dump's session not found"
+                break
             try:
                 backup.exporter.execute("SELECT pg_stat_clear_snapshot()")  # a fresh look
                 row = backup.exporter.execute(_DUMP_LOCKS, (application, names)).fetchone()
             except psycopg.Error as exc:  # the exporting session is gone: pg_dump will say so
-                log.debug("  could not look at pg_dump's locks: %s", exc)
+                seen = f"could not look at pg_dump's locks: {exc}"
                 break
             if row is not None and row[0] >= len(names):
+                seen = "pg_dump holds its locks"
                 break
         time.sleep(DUMP_WAIT_POLL)
-    log.debug("  waited %.2f s for pg_dump's locks", time.monotonic() - started)
+    log.debug("  %s (waited %.2f s)", seen, time.monotonic() - started)
 
 
 def import_snapshot(conn: psycopg.Connection, backup: Backup) -> None:
