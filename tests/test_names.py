@@ -4,6 +4,7 @@ one damaged snapshot harms no other."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 
@@ -39,14 +40,12 @@ SCOPE = (
     'public."Log (raw) FROM stdin;"',
     '"App Data"."Ünïcode"',
 )
+# No auth users to create, no column to insert with a fixed value: apps without guardrails.
+PLAIN_APP = "auth_users = false\n\n[apply]\ninsert_as = {}\n"
 CONFIG = f"""
 [scope]
 tables = [{", ".join("'" + t + "'" for t in SCOPE)}]
-auth_users = false
-
-[apply]
-insert_as = {{}}
-"""
+{PLAIN_APP}"""
 
 
 def _fill(db: Database, variant: str, users: int) -> None:
@@ -77,15 +76,23 @@ def _fill(db: Database, variant: str, users: int) -> None:
 FINGERPRINTED = (*SCOPE, "public.user")
 
 
-def test_mixed_case_spaces_and_non_latin_names_round_trip(project: Project, make_db) -> None:
+def _pair(
+    project: Project, make_db, fill: Callable[[Database, str, int], None], config: str
+) -> tuple[Database, Database]:
+    """A dev and a smaller, different prod filled by ``fill``; the project points at both."""
     dev, prod = make_db("empty"), make_db("empty")
-    _fill(dev, "dev", 30)
-    _fill(prod, "prod", 20)
+    fill(dev, "dev", 30)
+    fill(prod, "prod", 20)
     project.point("dev", dev)
     project.point("prod", prod)
-    project.config(CONFIG)
-    for phase in ("pre", "post"):  # this app has no guardrails to step around
+    project.config(config)
+    for phase in ("pre", "post"):  # these apps have no guardrails to step around
         (project.path / "sql" / phase).mkdir(parents=True)
+    return dev, prod
+
+
+def test_mixed_case_spaces_and_non_latin_names_round_trip(project: Project, make_db) -> None:
+    dev, prod = _pair(project, make_db, _fill, CONFIG)
     prod_before = prod.fingerprint(FINGERPRINTED)
     twin_before = prod.fingerprint(["public.user"])
 
@@ -216,19 +223,9 @@ def _fill_aliases(db: Database, variant: str, rows: int) -> None:
 
 
 def test_columns_named_like_the_tools_own_aliases_round_trip(project: Project, make_db) -> None:
-    dev, prod = make_db("empty"), make_db("empty")
-    _fill_aliases(dev, "dev", 40)
-    _fill_aliases(prod, "prod", 30)
-    project.point("dev", dev)
-    project.point("prod", prod)
-    project.config(
-        "[scope]\ntables = ['public.parent', 'public.child', 'public.tally']\n"
-        "auth_users = false\n\n"
-        "[apply]\ninsert_as = {}\n"
-    )
-    for phase in ("pre", "post"):
-        (project.path / "sql" / phase).mkdir(parents=True)
     scope = ["public.parent", "public.child", "public.tally"]
+    config = f"[scope]\ntables = {scope}\n{PLAIN_APP}"
+    dev, prod = _pair(project, make_db, _fill_aliases, config)
     before = prod.fingerprint(scope)
     assert project.run("take", "dev").exit_code == 0
 
