@@ -1,0 +1,138 @@
+"""An app built otherwise than the bundled one, end to end through the CLI: Prisma's way.
+
+PascalCase quoted names, text (cuid) and uuid keys, an enum and a domain, ``bytea``,
+``numeric``, ``timestamp(3)``, arrays, ``jsonb``, an ``interval``, a generated column, an
+``IDENTITY ALWAYS`` key, Prisma's implicit many-to-many table (no primary key, a unique
+index over two NOT NULL columns), a table whose only unique key allows NULLs (so it has no
+usable key), a composite key holding an enum, and ``ON UPDATE CASCADE`` foreign keys.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import Project
+from tests.fix_db import Database
+
+SCHEMA = """
+SET ROLE app_owner;
+CREATE TYPE public."Role" AS ENUM ('USER', 'ADMIN');
+CREATE DOMAIN public.email AS text CHECK (VALUE LIKE '%@%');
+CREATE TABLE public."User" (
+    id text PRIMARY KEY, email public.email NOT NULL UNIQUE,
+    role public."Role" NOT NULL DEFAULT 'USER', "order" int, "user" text, avatar bytea,
+    balance numeric(12, 2), "createdAt" timestamp(3) NOT NULL DEFAULT now(),
+    "updatedAt" timestamp(3) NOT NULL);
+CREATE TABLE public."Post" (
+    id uuid PRIMARY KEY,
+    "authorId" text NOT NULL REFERENCES public."User" (id) ON DELETE CASCADE ON UPDATE CASCADE,
+    title text NOT NULL, tags text[], meta jsonb, took interval,
+    words int GENERATED ALWAYS AS (length(title)) STORED);
+CREATE TABLE public."Tag" (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text NOT NULL);
+CREATE TABLE public."_PostToTag" (
+    "A" uuid NOT NULL REFERENCES public."Post" (id) ON DELETE CASCADE ON UPDATE CASCADE,
+    "B" int NOT NULL REFERENCES public."Tag" (id) ON DELETE CASCADE ON UPDATE CASCADE);
+CREATE UNIQUE INDEX "_PostToTag_AB_unique" ON public."_PostToTag" ("A", "B");
+CREATE INDEX "_PostToTag_B_index" ON public."_PostToTag" ("B");
+CREATE TABLE public."Setting" (key text UNIQUE, value text);
+CREATE TABLE public."Seen" (
+    "userId" text NOT NULL REFERENCES public."User" (id) ON UPDATE CASCADE,
+    role public."Role" NOT NULL, at timestamptz NOT NULL, PRIMARY KEY ("userId", role));
+RESET ROLE;
+"""
+SCOPE = [
+    'public."User"',
+    'public."Post"',
+    'public."Tag"',
+    'public."_PostToTag"',
+    'public."Setting"',
+    'public."Seen"',
+]
+CONFIG = "[scope]\ntables = [" + ", ".join(f"'{t}'" for t in SCOPE) + "]\n"
+CONFIG += "auth_users = false\n\n[apply]\ninsert_as = {}\n"
+
+
+def _fill(db: Database, variant: str, users: int) -> None:
+    db.execute(SCHEMA)
+    db.execute(
+        "INSERT INTO public.\"User\" SELECT 'c' || md5(%s || i), 'u' || i || '@x.io', "
+        "CASE WHEN i %% 5 = 0 THEN 'ADMIN' ELSE 'USER' END::public.\"Role\", i, %s, "
+        "decode(md5(%s || i), 'hex'), i * 1.5, '2026-01-01'::timestamp + i * interval '1.001 s', "
+        "'2026-02-01' FROM generate_series(1, %s) i",
+        [variant, variant, variant, users],
+    )
+    db.execute(
+        'INSERT INTO public."Post" (id, "authorId", title, tags, meta, took) '
+        "SELECT md5(%s || 'p' || i)::uuid, 'c' || md5(%s || (1 + i %% %s)), 'post ' || i, "
+        "ARRAY['a', 'b' || i], jsonb_build_object('i', i, 'n', NULL), i * interval '1 min' "
+        "FROM generate_series(1, %s) i",
+        [variant, variant, users, users * 3],
+    )
+    db.execute("INSERT INTO public.\"Tag\" (name) SELECT 'tag ' || i FROM generate_series(1, 5) i")
+    db.execute(
+        'INSERT INTO public."_PostToTag" SELECT p.id, t.id FROM public."Post" p, public."Tag" t '
+        "WHERE (hashtext(p.id::text) + t.id) % 3 = 0"
+    )
+    db.execute(
+        "INSERT INTO public.\"Setting\" VALUES ('a', %s), ('b', NULL), (NULL, 'x')", [variant]
+    )
+    db.execute(
+        'INSERT INTO public."Seen" SELECT id, role, \'2026-03-01\'::timestamptz FROM public."User"'
+    )
+
+
+def _modes(result) -> dict[str, str]:
+    return {t["table"]: t["mode"] for t in json.loads(result.stdout)["changes"]}
+
+
+def test_a_prisma_style_app_applies_re_syncs_verifies_and_rolls_back(
+    project: Project, make_db
+) -> None:
+    dev, prod = make_db("empty"), make_db("empty")
+    _fill(dev, "dev", 30)
+    _fill(prod, "prod", 20)
+    project.point("dev", dev)
+    project.point("prod", prod)
+    project.config(CONFIG)
+    for phase in ("pre", "post"):  # no guardrails to step around
+        (project.path / "sql" / phase).mkdir(parents=True)
+    assert project.run("take", "dev").exit_code == 0
+
+    first = project.run("apply", "prod", "--yes", "--json")
+
+    assert first.exit_code == 0, first.output
+    assert prod.fingerprint(SCOPE) == dev.fingerprint(SCOPE)
+    keyed = dict.fromkeys(SCOPE, "delta") | {'public."Setting"': "full"}  # NULL-able unique key
+    assert _modes(first) == keyed
+
+    # A re-sync: dev edits bytea, numeric, arrays and jsonb, renames a user's key (cascading
+    # to its posts and its Seen rows), unlinks a tag and adds one; prod edits some titles.
+    dev.execute(
+        'UPDATE public."User" SET avatar = NULL, balance = balance + 0.01 WHERE "order" % 4 = 0'
+    )
+    dev.execute('UPDATE public."User" SET id = id || \'x\' WHERE "order" = 3')
+    dev.execute('DELETE FROM public."_PostToTag" WHERE "B" = 2')
+    dev.execute(
+        "UPDATE public.\"Post\" SET tags = tags || ARRAY['new'], meta = meta || '{\"e\": 1}' "
+        "WHERE title LIKE '%1'"
+    )
+    dev.execute("INSERT INTO public.\"Tag\" (name) VALUES ('six')")
+    prod.execute("UPDATE public.\"Post\" SET title = title || ' (prod)' WHERE title LIKE '%2'")
+    assert project.run("take", "dev").exit_code == 0
+    before = prod.fingerprint(SCOPE)
+
+    resync = project.run("apply", "prod", "--yes", "--json")
+
+    assert resync.exit_code == 0, resync.output
+    assert prod.fingerprint(SCOPE) == dev.fingerprint(SCOPE)
+    # The renamed key's email moves from one row to another: that delta cannot apply
+    # cleanly, so "User" and what references it are replaced in full, and the report says so.
+    assert _modes(resync)['public."Tag"'] == "delta"
+    assert _modes(resync)['public."User"'] == "full"
+    assert "tried first" in " ".join(resync.output.split())
+    assert project.run("verify", "dev", "prod").exit_code == 0
+
+    rolled = project.run("rollback", "prod", "--yes")
+
+    assert rolled.exit_code == 0, rolled.output
+    assert prod.fingerprint(SCOPE) == before
