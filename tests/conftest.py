@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +107,25 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project
     for name in ("SNAPSHOT_CONFIG", "PG_BIN", "SUPABASE_ACCESS_TOKEN", "SUPABASE_API_URL"):
         monkeypatch.delenv(name, raising=False)
     yield Project(tmp_path)
+
+
+def plain_app_pair(
+    project: Project, new_db, fill: Callable[[Database, str, int], None], config: str
+) -> tuple[Database, Database]:
+    """A dev and a smaller, different prod of another app, filled by ``fill`` (variant, size).
+
+    The project points at both, with ``config`` and empty script folders: these apps have no
+    guardrails to step around.
+    """
+    dev, prod = new_db("empty"), new_db("empty")  # new_db: the make_db fixture
+    fill(dev, "dev", 30)
+    fill(prod, "prod", 20)
+    project.point("dev", dev)
+    project.point("prod", prod)
+    project.config(config)
+    for phase in ("pre", "post"):
+        (project.path / "sql" / phase).mkdir(parents=True)
+    return dev, prod
 
 
 def table_names(names: Sequence[str]) -> list[str]:

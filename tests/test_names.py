@@ -4,14 +4,13 @@ one damaged snapshot harms no other."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import pytest
 
 from snapshot.config import load_config
 from snapshot.errors import ConfigError
 from snapshot.names import TableName
-from tests.conftest import Project
+from tests.conftest import Project, plain_app_pair
 from tests.fix_db import Database
 
 # A Prisma-style PascalCase table with a lowercase twin outside the scope, a table whose name
@@ -76,23 +75,8 @@ def _fill(db: Database, variant: str, users: int) -> None:
 FINGERPRINTED = (*SCOPE, "public.user")
 
 
-def _pair(
-    project: Project, make_db, fill: Callable[[Database, str, int], None], config: str
-) -> tuple[Database, Database]:
-    """A dev and a smaller, different prod filled by ``fill``; the project points at both."""
-    dev, prod = make_db("empty"), make_db("empty")
-    fill(dev, "dev", 30)
-    fill(prod, "prod", 20)
-    project.point("dev", dev)
-    project.point("prod", prod)
-    project.config(config)
-    for phase in ("pre", "post"):  # these apps have no guardrails to step around
-        (project.path / "sql" / phase).mkdir(parents=True)
-    return dev, prod
-
-
 def test_mixed_case_spaces_and_non_latin_names_round_trip(project: Project, make_db) -> None:
-    dev, prod = _pair(project, make_db, _fill, CONFIG)
+    dev, prod = plain_app_pair(project, make_db, _fill, CONFIG)
     prod_before = prod.fingerprint(FINGERPRINTED)
     twin_before = prod.fingerprint(["public.user"])
 
@@ -225,7 +209,7 @@ def _fill_aliases(db: Database, variant: str, rows: int) -> None:
 def test_columns_named_like_the_tools_own_aliases_round_trip(project: Project, make_db) -> None:
     scope = ["public.parent", "public.child", "public.tally"]
     config = f"[scope]\ntables = {scope}\n{PLAIN_APP}"
-    dev, prod = _pair(project, make_db, _fill_aliases, config)
+    dev, prod = plain_app_pair(project, make_db, _fill_aliases, config)
     before = prod.fingerprint(scope)
     assert project.run("take", "dev").exit_code == 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import Project
+from tests.conftest import Project, plain_app_pair
 from tests.fix_db import Database
 
 SCHEMA = """
@@ -88,14 +88,7 @@ def _modes(result) -> dict[str, str]:
 def test_a_prisma_style_app_applies_re_syncs_verifies_and_rolls_back(
     project: Project, make_db
 ) -> None:
-    dev, prod = make_db("empty"), make_db("empty")
-    _fill(dev, "dev", 30)
-    _fill(prod, "prod", 20)
-    project.point("dev", dev)
-    project.point("prod", prod)
-    project.config(CONFIG)
-    for phase in ("pre", "post"):  # no guardrails to step around
-        (project.path / "sql" / phase).mkdir(parents=True)
+    dev, prod = plain_app_pair(project, make_db, _fill, CONFIG)
     assert project.run("take", "dev").exit_code == 0
 
     first = project.run("apply", "prod", "--yes", "--json")
