@@ -568,15 +568,15 @@ def run_checks(
 
         assert s.pg_restore is not None
         if s.backup_into is not None:
-            # The plan records the target in the snapshot pg_dump then backs up, while the
-            # snapshot is staged; the apply copies what changed since under its lock.
+            # The plan records the target in the snapshot pg_dump then backs up while the
+            # staged rows are compared; the apply copies what changed since under its lock.
             s.backup = backup.start(s, s.backup_into)
         matched = planning.record(s)
-        if s.backup is not None:
-            backup.dump(s.backup)
         staging.stage(
             s.conn, s.pg_restore, s.snapshot, [*s.entries.values(), *s.auth_entries], matched
         )
+        if s.backup is not None:
+            backup.dump(s.backup)
         s.staged = True
         s.plan = planning.prepare(s, matched, full=full)
         findings += _staged_rows(s)
