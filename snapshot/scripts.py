@@ -9,15 +9,15 @@ from pathlib import Path
 import psycopg
 
 from snapshot.config import Config, display_path
+from snapshot.db import use_app_search_path, use_tool_search_path
 from snapshot.errors import ConfigError, ScriptFailed
+from snapshot.names import TableName
 
 __all__ = ["ScriptFailed", "bundled_sql", "error_message", "run", "scripts", "scripts_root"]
 
 log = logging.getLogger(__name__)
 
 PHASES = ("pre", "post", "smoke")
-# Scripts see the usual search path; the session's pinned one (pg_catalog first) is restored.
-SCRIPT_SEARCH_PATH = '"$user", public'
 
 
 def bundled_sql() -> Path:
@@ -57,14 +57,22 @@ def scripts(config: Config, phase: str) -> list[Path]:
     return sorted(folder.glob("*.sql")) if folder.is_dir() else []
 
 
+# What the bundled pre- and post-scripts act on: the question bank's questions. For a scope
+# without it they return at once (each checks for itself, in SQL).
+BUNDLED_SUBJECT = TableName("public", "questions")
+
+
 def describe(config: Config) -> str:
     """Which scripts each phase runs, and from where (for ``check``)."""
     bundled = bundled_sql()
+    idle = BUNDLED_SUBJECT not in config.scope.tables
     parts = []
     for phase in PHASES:
         folder = phase_folder(config, phase)
         names = ", ".join(p.name for p in scripts(config, phase)) or "none"
         where = "bundled" if folder.is_relative_to(bundled) else display_path(folder)
+        if where == "bundled" and idle and phase != "smoke":
+            where += f", nothing to do: {BUNDLED_SUBJECT} is not in the scope"
         parts.append(f"{phase}: {names} ({where})")
     return "; ".join(parts)
 
@@ -73,14 +81,15 @@ def run(conn: psycopg.Connection, files: list[Path], phase: str) -> None:
     """Run each file in the current transaction; a failure names the file."""
     for path in files:
         started = time.monotonic()
-        conn.execute("SELECT set_config('search_path', %s, true)", (SCRIPT_SEARCH_PATH,))
+        # Scripts see the target's usual search path; the session's pinned one is restored.
+        use_app_search_path(conn)
         try:
             cur = conn.execute(path.read_text(encoding="utf-8").encode())
         except psycopg.Error as exc:
             raise ScriptFailed(
                 f"{phase}-script {display_path(path)} failed: {error_message(exc)}"
             ) from None
-        conn.execute("SELECT set_config('search_path', 'pg_catalog, pg_temp', true)")
+        use_tool_search_path(conn)
         affected = f", {cur.rowcount} rows" if cur.rowcount >= 0 else ""
         log.info("  %s-script %s%s  %.1f s", phase, path.name, affected, time.monotonic() - started)
 

@@ -8,9 +8,17 @@
 -- (snapshot.unchanged lists public.question_topics). When public.question_topics is
 -- replaced in full (snapshot.full_replace lists it), or the scope does not stage it, every
 -- question is.
+--
+-- Nothing to do for an app, or a scope, without public.questions and its status column:
+-- the script then returns at once (the post-script does the same).
 DO $$
 BEGIN
-  IF 'public.question_topics' = ANY (
+  IF to_regclass('pg_temp.snapshot_questions') IS NULL OR NOT EXISTS (
+       SELECT 1 FROM pg_attribute
+       WHERE attrelid = to_regclass('public.questions') AND attname = 'status'
+         AND NOT attisdropped) THEN
+    RETURN;
+  ELSIF 'public.question_topics' = ANY (
        coalesce(nullif(current_setting('snapshot.unchanged', true), ''), '{}')::text[]) THEN
     RETURN;
   ELSIF to_regclass('pg_temp.snapshot_question_topics') IS NULL
