@@ -124,6 +124,26 @@ def connect(target: Connection) -> psycopg.Connection:
     return conn
 
 
+def use_app_search_path(conn: psycopg.Connection) -> None:
+    """Give the current transaction the ``search_path`` the target's own sessions start with.
+
+    That is the role's or database's default (``reset_val``: Supabase's is ``"$user",
+    public, extensions``), which the app's trigger functions and the user's scripts are
+    written against: a trigger naming its tables unqualified finds them. Transaction-local;
+    a savepoint rolled back restores the pinned one. The tool's own queries run with
+    :data:`SESSION_SETTINGS`' (:func:`use_tool_search_path`).
+    """
+    conn.execute(
+        "SELECT set_config('search_path', reset_val, true) FROM pg_settings "
+        "WHERE name = 'search_path'"
+    )
+
+
+def use_tool_search_path(conn: psycopg.Connection) -> None:
+    """Back to the pinned ``search_path`` (see :data:`SESSION_SETTINGS`), for the transaction."""
+    conn.execute("SELECT set_config('search_path', %s, true)", (SESSION_SETTINGS["search_path"],))
+
+
 def cancelled_message(exc: psycopg.errors.QueryCanceled, env: str, doing: str) -> str:
     """The sentence for a statement the server cancelled (a time limit, or someone's cancel)."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "canceling statement"

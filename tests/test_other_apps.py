@@ -129,3 +129,132 @@ def test_a_prisma_style_app_applies_re_syncs_verifies_and_rolls_back(
 
     assert rolled.exit_code == 0, rolled.output
     assert prod.fingerprint(SCOPE) == before
+
+
+def test_an_app_without_its_own_sql_folder_applies_with_the_bundled_scripts_doing_nothing(
+    project: Project, make_db
+) -> None:
+    # A new project as a user starts it: snapshot.toml and the env files, no sql/ folder, so
+    # the bundled pre/post scripts (written for the question bank) are the ones that run.
+    dev, prod = plain_app_pair(project, make_db, _fill, CONFIG)
+    for phase in ("pre", "post"):
+        (project.path / "sql" / phase).rmdir()
+    (project.path / "sql").rmdir()
+    before = prod.fingerprint(SCOPE)
+    assert project.run("take", "dev").exit_code == 0
+
+    checked = project.run("check", "prod", "--json")
+    applied = project.run("apply", "prod", "--yes")
+
+    assert checked.exit_code == 0, checked.output
+    [scripts] = [
+        f["detail"] for f in json.loads(checked.stdout)["findings"] if f["check"] == "scripts"
+    ]
+    assert "010_questions_to_draft.sql (bundled" in scripts
+    assert "public.questions is not in the scope" in scripts
+    assert applied.exit_code == 0, applied.output
+    assert "tried first" not in applied.output  # no script failed and forced a full replace
+    assert prod.fingerprint(SCOPE) == dev.fingerprint(SCOPE)
+    rolled = project.run("rollback", "prod", "--yes")
+    assert rolled.exit_code == 0, rolled.output
+    assert prod.fingerprint(SCOPE) == before
+
+
+GUARDED = """
+SET ROLE app_owner;
+CREATE TYPE public."PostStatus" AS ENUM ('DRAFT', 'PUBLISHED');
+CREATE TABLE public."User" (id uuid PRIMARY KEY, "displayName" text NOT NULL);
+CREATE TABLE public."Post" (
+    id text PRIMARY KEY,
+    "authorId" uuid NOT NULL REFERENCES public."User" (id) ON DELETE CASCADE,
+    "Status" public."PostStatus" NOT NULL DEFAULT 'DRAFT', title text NOT NULL,
+    "parentId" text REFERENCES public."Post" (id));
+CREATE TABLE public."Tag" (id serial PRIMARY KEY, label text NOT NULL UNIQUE);
+CREATE TABLE public."PostTag" (
+    "postId" text NOT NULL REFERENCES public."Post" (id) ON DELETE CASCADE,
+    "tagId" int NOT NULL REFERENCES public."Tag" (id), PRIMARY KEY ("postId", "tagId"));
+-- The app's guardrails, written as apps often are: table names unqualified, no search_path
+-- of their own, so they find their tables only through the session's path.
+CREATE FUNCTION public.guard_publish() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW."Status" = 'PUBLISHED' AND NOT EXISTS (
+      SELECT 1 FROM "PostTag" WHERE "postId" = NEW.id) THEN
+    RAISE EXCEPTION 'post % cannot be PUBLISHED without tags', NEW.id;
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER "Post_guard" BEFORE INSERT OR UPDATE ON public."Post"
+  FOR EACH ROW EXECUTE FUNCTION public.guard_publish();
+CREATE FUNCTION public.guard_untag() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM "Post" WHERE id = OLD."postId" AND "Status" = 'PUBLISHED') THEN
+    RAISE EXCEPTION 'cannot untag published post %', OLD."postId";
+  END IF;
+  RETURN OLD;
+END $$;
+CREATE TRIGGER "PostTag_guard" BEFORE DELETE ON public."PostTag"
+  FOR EACH ROW EXECUTE FUNCTION public.guard_untag();
+RESET ROLE;
+"""
+GUARDED_SCOPE = ['public."User"', 'public."Post"', 'public."Tag"', 'public."PostTag"']
+
+
+def _fill_guarded(db: Database, variant: str, users: int) -> None:
+    db.execute(GUARDED)
+    db.execute(
+        "INSERT INTO public.\"User\" SELECT md5(%s || i)::uuid, 'user ' || i "
+        "FROM generate_series(1, %s) i",
+        [variant, users],
+    )
+    db.execute("INSERT INTO public.\"Tag\" (label) SELECT 'tag' || i FROM generate_series(1, 6) i")
+    db.execute(
+        "INSERT INTO public.\"Post\" SELECT 'p' || i, md5(%s || (1 + i %% %s))::uuid, 'DRAFT', "
+        "%s || ' title ' || i, CASE WHEN i > 10 THEN 'p' || (i %% 10 + 1) END "
+        "FROM generate_series(1, %s) i",
+        [variant, users, variant, users * 6],
+    )
+    db.execute(
+        "INSERT INTO public.\"PostTag\" SELECT 'p' || i, 1 + (i + length(%s)) %% 6 "
+        "FROM generate_series(1, %s) i WHERE i %% 7 <> 0",
+        [variant, users * 6],
+    )
+    db.execute(
+        'UPDATE public."Post" SET "Status" = \'PUBLISHED\' WHERE id IN '
+        '(SELECT "postId" FROM public."PostTag") AND hashtext(id || %s) %% 3 <> 0',
+        [variant],
+    )
+
+
+def test_an_app_with_its_own_guardrails_and_scripts_applies_and_rolls_back(
+    project: Project, make_db
+) -> None:
+    # Another app's guardrails (no PUBLISHED post without tags, no untagging a PUBLISHED
+    # post) as unqualified trigger functions, and the user's own scripts and insert_as for
+    # them: a quoted enum column, the staged rows read as pg_temp."snapshot_Post".
+    config = (
+        "[scope]\ntables = [" + ", ".join(f"'{t}'" for t in GUARDED_SCOPE) + "]\n"
+        "auth_users = false\n\n[apply]\n"
+        'insert_as = { \'public."Post"."Status"\' = "DRAFT" }\n'
+    )
+    dev, prod = plain_app_pair(project, make_db, _fill_guarded, config)
+    sql_folder = project.path / "sql"
+    (sql_folder / "pre" / "010_draft.sql").write_text(
+        'UPDATE "Post" SET "Status" = \'DRAFT\' WHERE "Status" <> \'DRAFT\';\n'
+    )
+    (sql_folder / "post" / "010_restore.sql").write_text(
+        'UPDATE "Post" AS p SET "Status" = s."Status" FROM pg_temp."snapshot_Post" AS s '
+        'WHERE p.id = s.id AND p."Status" IS DISTINCT FROM s."Status";\n'
+    )
+    published = 'SELECT count(*) FROM public."Post" WHERE "Status" = \'PUBLISHED\''
+    assert int(dev.scalar(published)) > 0
+    before = prod.fingerprint(GUARDED_SCOPE)
+    assert project.run("take", "dev").exit_code == 0
+
+    applied = project.run("apply", "prod", "--yes", "--json")
+
+    assert applied.exit_code == 0, applied.output
+    assert "tried first" not in applied.output
+    assert prod.fingerprint(GUARDED_SCOPE) == dev.fingerprint(GUARDED_SCOPE)
+    rolled = project.run("rollback", "prod", "--yes")
+    assert rolled.exit_code == 0, rolled.output
+    assert prod.fingerprint(GUARDED_SCOPE) == before

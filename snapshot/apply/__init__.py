@@ -9,12 +9,12 @@ Before any lock (the target's writers go on):
   1. preflight (:mod:`snapshot.preflight`): integrity, identity, schema, privileges, scope
      closure...;
   2. plan (:mod:`.plan`): the pre-apply backup's snapshot exported (:mod:`.backup`), the
-     target's rows recorded in it, then pg_dump started in it (the backup runs in the
-     background and is joined before the commit); the snapshot's rows staged in temporary
-     tables (tables the record shows prod already holds are copied from prod inside the
-     server); both sides compared row by row, every row classified (insert, update, delete,
-     unchanged), each table written as a delta or replaced in full; shown before the
-     confirmation.
+     target's rows recorded in it; the snapshot's rows staged in temporary tables (tables
+     the record shows prod already holds are copied from prod inside the server); then
+     pg_dump started in the exported snapshot (the backup runs in the background and is
+     joined before the commit) while both sides are compared row by row, every row
+     classified (insert, update, delete, unchanged), each table written as a delta or
+     replaced in full; shown before the confirmation.
 Under the lock (writers wait, readers go on):
   3. once pg_dump holds its own locks, lock the scope;
   4. reconcile the plan with rows written since the record (:mod:`.rows`); copy them into
@@ -51,7 +51,7 @@ from snapshot.apply.plan import Plan
 from snapshot.apply.report import ApplyPlan, ApplyReport, AuthOutcome, Confirm
 from snapshot.archive import Snapshot
 from snapshot.config import Config, duration_seconds
-from snapshot.db import cancelled_message, connect
+from snapshot.db import cancelled_message, connect, use_app_search_path, use_tool_search_path
 from snapshot.environments import resolve_connection
 from snapshot.errors import ApplyFailed, Interrupted, Refused, ScriptFailed, SnapshotError
 from snapshot.names import AUTH_USERS, TableName
@@ -440,7 +440,9 @@ def _transaction(
             if run.auth_entries:
                 with phase("creating auth users"):
                     counters = _write_counters(conn)
+                    use_app_search_path(conn)  # auth.users' triggers are the app's code
                     created = auth.create_users(run)
+                    use_tool_search_path(conn)
                     if created[0]:
                         _reconcile(run, _touched(run, counters))
             plan, tables = _attempts(run, phase, allowed, before)
@@ -467,6 +469,7 @@ def _transaction(
             if not keep:
                 raise psycopg.Rollback(tx)  # leaves the block, rolling back; nothing raised
             phase.current = "committing"
+            use_app_search_path(conn)  # deferred triggers fire at the commit
             # From the commit to the backup's publication, Ctrl-C waits: the outcome is then
             # certain (committed with its backup listed, or rolled back), never in between.
             phase.hold_interrupts()
@@ -547,12 +550,16 @@ def _attempts(
                     with phase("dropping foreign keys"):
                         constraints.drop(conn, bulk)
                 progress.begin("writes", *write.expected_writes(plan))
+                # The app's triggers fire on these writes: they get the path they are
+                # written against (a trigger may name its tables unqualified).
+                use_app_search_path(conn)
                 with phase("deleting"):
                     done = write.delete_first(run, plan)
                 with phase("inserting and updating"):
                     write.insert_and_update(run, plan, done)
                 with phase("deleting what waited"):
                     write.delete_last(run, plan, done)
+                use_tool_search_path(conn)
                 if bulk:
                     with phase("checking foreign keys in bulk"):
                         constraints.add_back(conn, bulk)
