@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot.errors import ConfigError, Refused
-from snapshot.names import TableName
+from snapshot.names import TableName, quote
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,8 @@ class ForeignKey:
 
     def __str__(self) -> str:
         return (
-            f"{self.child}({', '.join(self.columns)}) -> "
-            f"{self.parent}({', '.join(self.parent_columns)})"
+            f"{self.child}({', '.join(map(quote, self.columns))}) -> "
+            f"{self.parent}({', '.join(map(quote, self.parent_columns))})"
         )
 
 

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from snapshot import archive, catalog, staging
 from snapshot.errors import SnapshotError
-from snapshot.names import AUTH_IDENTITIES, AUTH_USERS
+from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, quote
 from snapshot.session import Session
 from snapshot.take import LIVE, identity
 
@@ -660,7 +660,7 @@ def _plan_findings(s: Session, plan: Plan) -> Iterator[Finding]:
             "many rows: the apply indexes them for its own use and drops the indexes after "
             "commit (DROP INDEX CONCURRENTLY: readers never wait); to index them for good: "
             + " ".join(
-                f"CREATE INDEX CONCURRENTLY ON {fk.child} ({', '.join(fk.columns)});"
+                f"CREATE INDEX CONCURRENTLY ON {fk.child} ({', '.join(map(quote, fk.columns))});"
                 for fk in plan.helper_indexes
             ),
         )

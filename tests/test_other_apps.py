@@ -250,8 +250,14 @@ def test_an_app_with_its_own_guardrails_and_scripts_applies_and_rolls_back(
     before = prod.fingerprint(GUARDED_SCOPE)
     assert project.run("take", "dev").exit_code == 0
 
+    checked = project.run("check", "prod", "--json")
     applied = project.run("apply", "prod", "--yes", "--json")
 
+    assert checked.exit_code == 0, checked.output
+    # prod's users all go: the unindexed "authorId" gets a helper index, and the hint to
+    # index it for good must run as printed (the camelCase column quoted).
+    hints = " ".join(f["detail"] for f in json.loads(checked.stdout)["findings"])
+    assert 'CREATE INDEX CONCURRENTLY ON public."Post" ("authorId");' in hints
     assert applied.exit_code == 0, applied.output
     assert "tried first" not in applied.output
     assert prod.fingerprint(GUARDED_SCOPE) == dev.fingerprint(GUARDED_SCOPE)
