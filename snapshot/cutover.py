@@ -216,11 +216,9 @@ def _apply_detail(report: CutoverReport) -> str:
 
 def _smoke_detail(report: CutoverReport) -> str:
     assert report.smoke is not None
-    results = report.smoke.results
     if report.smoke.broken:
         return f"guardrails that do not hold: {', '.join(report.smoke.broken)}"
-    held = sum(r.status == "holds" for r in results)
-    return f"{held}/{len(results)} guardrails hold"
+    return report.smoke.summary
 
 
 def _verify_detail(report: CutoverReport) -> str:

@@ -252,8 +252,7 @@ def smoke_report(report: Any) -> str:
         tablefmt="simple",
         maxcolwidths=[None, None, 45, 60],
     )
-    held = sum(r.status == "holds" for r in report.results)
-    return f"{text}\n\nsmoke {report.target}: {held}/{len(report.results)} guardrails hold"
+    return f"{text}\n\nsmoke {report.target}: {report.summary}"
 
 
 def cutover_report(report: Any) -> str:

@@ -62,10 +62,21 @@ class SmokeReport:
     def ok(self) -> bool:
         return not self.broken
 
+    @property
+    def summary(self) -> str:
+        """``2/2 guardrails hold, 1 skipped``: the skipped ones (absent here) apart."""
+        held = sum(r.status == HOLDS for r in self.results)
+        skipped = sum(r.status == SKIPPED for r in self.results)
+        tried = len(self.results) - skipped
+        if skipped and not tried:
+            return f"no guardrail tried: all {skipped} checks skipped (what they check is absent)"
+        return f"{held}/{tried} guardrails hold" + (f", {skipped} skipped" if skipped else "")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "target": self.target,
             "ok": self.ok,
+            "summary": self.summary,
             "results": [r.to_json() for r in self.results],
         }
 

@@ -450,3 +450,9 @@ def test_bundled_smoke_checks_skip_what_an_app_lacks(project: Project, make_db) 
     assert [r["status"] for r in results] == ["skipped"] * 3
     assert all("absent here" in r["detail"] for r in results)
     assert result.exit_code == 0, result.output
+    # The closing line does not read as a failure ("0/3 guardrails hold"): nothing was tried.
+    table = project.run("smoke", "prod")
+    assert table.exit_code == 0, table.output
+    assert table.stdout.strip().endswith(
+        "smoke prod: no guardrail tried: all 3 checks skipped (what they check is absent)"
+    )
