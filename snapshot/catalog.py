@@ -166,6 +166,32 @@ def table_shapes(
     }
 
 
+_LEAVES = """
+SELECT n.nspname, c.relname, ln.nspname, l.relname
+FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
+JOIN pg_namespace n ON n.nspname = w.nsp
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel AND c.relkind = 'p'
+CROSS JOIN LATERAL pg_partition_tree(c.oid) AS tree
+JOIN pg_class l ON l.oid = tree.relid AND tree.isleaf AND l.relkind = 'r'
+JOIN pg_namespace ln ON ln.oid = l.relnamespace
+ORDER BY 1, 2, 3, 4
+"""
+
+
+def leaf_partitions(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> dict[TableName, tuple[TableName, ...]]:
+    """The partitions holding the rows of each partitioned table among ``tables``.
+
+    pg_dump writes no data for a partitioned table itself: it is given these instead (with
+    ``--load-via-partition-root``, so that their rows load back through the parent).
+    """
+    leaves: dict[TableName, list[TableName]] = {}
+    for nsp, rel, leaf_nsp, leaf in conn.execute(_LEAVES, _table_arrays(tables)):
+        leaves.setdefault(TableName(nsp, rel), []).append(TableName(leaf_nsp, leaf))
+    return {table: tuple(parts) for table, parts in leaves.items()}
+
+
 def require_tables(
     conn: psycopg.Connection, tables: Sequence[TableName], where: str
 ) -> dict[TableName, TableShape]:

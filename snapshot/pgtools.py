@@ -216,10 +216,14 @@ def start_dump(
     tables: Sequence[TableName],
     out: Path,
     application: str = DUMP_APPLICATION,
+    *,
+    via_partition_root: bool = False,
 ) -> Running:
     """Start a data-only, custom-format pg_dump of ``tables`` in an exported snapshot.
 
     ``application`` is its session's ``application_name`` (how the server lists it).
+    ``via_partition_root``: some of ``tables`` are partitions, whose rows are written as
+    their partitioned table's (``--load-via-partition-root``).
     """
     args = [
         f"--dbname={make_conninfo(target.conninfo(), application_name=application)}",
@@ -232,6 +236,8 @@ def start_dump(
         f"--lock-wait-timeout={DUMP_LOCK_WAIT * 1000:.0f}",
         f"--file={out}",
     ]
+    if via_partition_root:
+        args.append("--load-via-partition-root")
     args += [f"--table={table_pattern(t)}" for t in tables]
     return _start(pg_dump, args, target.child_env())
 

@@ -146,7 +146,9 @@ def stage(
 
     One pg_restore streams the archive's data; each COPY block is identified by its
     header and checked against the manifest (columns, then row count). The data of the
-    tables in ``skip`` (already staged from elsewhere) is read past, never loaded.
+    tables in ``skip`` (already staged from elsewhere) is read past, never loaded. A
+    partitioned table comes as one block per partition, each naming the partitioned
+    table; one without any partition comes as none (and has no rows).
     """
     wanted = {entry.table: entry for entry in entries if entry.table not in skip}
     progress.begin("staged", len(wanted), sum(e.rows for e in wanted.values()))
@@ -160,12 +162,16 @@ def stage(
                 script.pump(DISCARD)
                 continue
             entry = wanted.get(table)
-            if entry is None or table in counts:
+            if entry is None:
                 raise ArchiveError(f"{snapshot.id}: the dump holds unexpected data for {table}")
             _same_columns(snapshot, entry, columns)
             with progress.still_running(f"staging {table}"):
-                counts[table] = _stage_table(conn, entry, columns, script)
-            progress.table_done("staged", table, counts[table], time.monotonic() - started)
+                rows = _stage_table(conn, entry, columns, script, append=table in counts)
+            counts[table] = counts.get(table, 0) + rows
+            progress.table_done("staged", table, rows, time.monotonic() - started)
+    for table, entry in wanted.items():
+        if table not in counts and entry.rows == 0:  # a partitioned table with no partition
+            counts[table] = _stage_table(conn, entry, entry.column_names, None)
     missing = [str(t) for t in wanted if t not in counts]
     if missing:
         raise ArchiveError(f"{snapshot.id}: the dump lacks {', '.join(missing)}: it is damaged")
@@ -250,14 +256,24 @@ def _copy_in(
 
 
 def _stage_table(
-    conn: psycopg.Connection, entry: TableEntry, columns: Sequence[str], script: ScriptReader
+    conn: psycopg.Connection,
+    entry: TableEntry,
+    columns: Sequence[str],
+    script: ScriptReader | None,
+    *,
+    append: bool = False,
 ) -> int:
+    """Load one COPY block into the table's staged copy (created unless ``append``).
+
+    Without ``script`` the staged copy is only created, empty.
+    """
     target = staging_table(entry)
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(target))
-    conn.execute(
-        sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
-            target, names, entry.table.ident
+    if not append:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(target))
+        conn.execute(
+            sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
+                target, names, entry.table.ident
+            )
         )
-    )
-    return _copy_in(conn, target, names, script)
+    return _copy_in(conn, target, names, script) if script is not None else 0

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -43,11 +43,18 @@ class DumpPlan:
     pg_dump: pgtools.PgTool
     scope: Scope
     shapes: Mapping[TableName, TableShape]
+    # Partitioned tables' partitions (catalog.leaf_partitions): what pg_dump is given instead.
+    leaves: Mapping[TableName, tuple[TableName, ...]] = field(default_factory=dict)
 
     @property
     def tables(self) -> tuple[TableName, ...]:
         auth = AUTH_TABLES if self.scope.auth_users else ()
         return (*self.scope.tables, *auth)
+
+    @property
+    def dump_tables(self) -> tuple[TableName, ...]:
+        """The tables pg_dump reads: a partitioned table's partitions in its place."""
+        return tuple(part for t in self.tables for part in self.leaves.get(t, (t,)))
 
 
 def plan_dump(
@@ -68,7 +75,8 @@ def plan_dump(
                 "database; set auth_users = false in [scope] of snapshot.toml"
             )
         shapes.update(catalog.table_shapes(conn, AUTH_TABLES))
-    return DumpPlan(target, info, pg_dump, scope, shapes)
+    leaves = catalog.leaf_partitions(conn, scope.tables)
+    return DumpPlan(target, info, pg_dump, scope, shapes, leaves)
 
 
 def identity(target: Connection, info: ServerInfo) -> DatabaseIdentity:
@@ -193,7 +201,13 @@ def start_dump(
 ) -> pgtools.Running:
     """pg_dump of ``plan``'s tables into ``folder``, in the exported snapshot ``snapshot_id``."""
     return pgtools.start_dump(
-        plan.pg_dump, plan.target, snapshot_id, plan.tables, folder / archive.DUMP_FILE, application
+        plan.pg_dump,
+        plan.target,
+        snapshot_id,
+        plan.dump_tables,
+        folder / archive.DUMP_FILE,
+        application,
+        via_partition_root=bool(plan.leaves),
     )
 
 

@@ -76,7 +76,8 @@ def start(s: Session, folder: Path) -> Backup:
     :func:`dump` starts pg_dump in it.
     """
     assert s.pg_dump is not None, "a backup needs pg_dump (the preflight found one)"
-    plan = DumpPlan(s.target, s.info, s.pg_dump, s.config.scope, s.shapes)
+    leaves = catalog.leaf_partitions(s.conn, s.config.scope.tables)
+    plan = DumpPlan(s.target, s.info, s.pg_dump, s.config.scope, s.shapes, leaves)
     exporter = connect(s.target)
     try:
         exporter.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -143,7 +144,7 @@ def wait_for_dump(backup: Backup, *, to_end: bool) -> None:
     """
     running = backup.dump
     assert running is not None, "the backup's pg_dump was started (dump)"
-    names = [t.ident.as_string(backup.exporter) for t in backup.plan.tables]
+    names = [t.ident.as_string(backup.exporter) for t in backup.plan.dump_tables]
     application = _application(backup)
     started = time.monotonic()
     if to_end and running.running():
