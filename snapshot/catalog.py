@@ -192,12 +192,40 @@ def leaf_partitions(
     return {table: tuple(parts) for table, parts in leaves.items()}
 
 
+_RELKINDS = """
+SELECT n.nspname, c.relname, c.relkind::text
+FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
+JOIN pg_namespace n ON n.nspname = w.nsp
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel
+"""
+_KINDS = {
+    "v": "view",
+    "m": "materialized view",
+    "f": "foreign table",
+    "S": "sequence",
+    "i": "index",
+    "I": "index",
+    "c": "composite type",
+}
+
+
 def require_tables(
     conn: psycopg.Connection, tables: Sequence[TableName], where: str
 ) -> dict[TableName, TableShape]:
     """Like :func:`table_shapes`, but a missing table is a configuration error."""
     shapes = table_shapes(conn, tables)
-    missing = [str(t) for t in tables if t not in shapes]
+    absent = [t for t in tables if t not in shapes]
+    kinds = {
+        TableName(nsp, rel): _KINDS.get(kind, "not a table")
+        for nsp, rel, kind in conn.execute(_RELKINDS, _table_arrays(absent))
+    }
+    if kinds:
+        named = ", ".join(f"{t} is a {kind}" for t, kind in kinds.items())
+        raise ConfigError(
+            f"{where}: {named}, not a table: only tables' rows can be copied; fix [scope] "
+            "tables in snapshot.toml (list the tables it reads)"
+        )
+    missing = [str(t) for t in absent]
     if missing:
         raise ConfigError(
             f"{where} has no table {', '.join(missing)}: fix [scope] tables in snapshot.toml "

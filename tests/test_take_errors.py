@@ -68,6 +68,13 @@ def _unknown_table(project: Project, db: Database) -> list[str]:
     return ["take", "dev"]
 
 
+def _view_in_scope(project: Project, db: Database) -> list[str]:
+    db.execute("CREATE VIEW public.active_users AS SELECT * FROM public.users")
+    project.point("dev", db)
+    project.config('[scope]\ntables = ["users", "active_users"]\n')
+    return ["take", "dev"]
+
+
 def _table_twice(project: Project, db: Database) -> list[str]:
     project.point("dev", db)
     project.config('[scope]\ntables = ["users", "public.users"]\n')
@@ -126,6 +133,7 @@ CASES: dict[str, tuple[Setup, int, str]] = {
     "plaintext to remote": (_plaintext_to_remote, 2, "sslmode=disable towards db.example.com"),
     "unreachable host": (_unreachable, 1, "cannot connect to app_owner@127.0.0.1:"),
     "unknown table": (_unknown_table, 2, "has no table public.notifications: fix [scope] tables"),
+    "view in scope": (_view_in_scope, 2, "public.active_users is a view, not a table"),
     "table named twice": (_table_twice, 2, "table public.users is named twice"),
     "auth table in scope": (_auth_in_scope, 2, "auth tables are copied by 'auth_users = true'"),
     "unknown setting": (_unknown_setting, 2, "unknown setting 'tabels' in [scope]"),
