@@ -48,8 +48,14 @@ SCOPE = [
     'public."Setting"',
     'public."Seen"',
 ]
-CONFIG = "[scope]\ntables = [" + ", ".join(f"'{t}'" for t in SCOPE) + "]\n"
-CONFIG += "auth_users = false\n\n[apply]\ninsert_as = {}\n"
+
+
+def _config(scope: list[str], insert_as: str = "{}") -> str:
+    tables = ", ".join(f"'{t}'" for t in scope)
+    return f"[scope]\ntables = [{tables}]\nauth_users = false\n\n[apply]\ninsert_as = {insert_as}\n"
+
+
+CONFIG = _config(SCOPE)
 
 
 def _fill(db: Database, variant: str, users: int) -> None:
@@ -79,6 +85,18 @@ def _fill(db: Database, variant: str, users: int) -> None:
     db.execute(
         'INSERT INTO public."Seen" SELECT id, role, \'2026-03-01\'::timestamptz FROM public."User"'
     )
+
+
+def _applied_cleanly_and_rolls_back(
+    project: Project, applied, dev: Database, prod: Database, scope: list[str], before: dict
+) -> None:
+    """The apply committed with no table falling back to a full replace; rollback undoes it."""
+    assert applied.exit_code == 0, applied.output
+    assert "tried first" not in applied.output
+    assert prod.fingerprint(scope) == dev.fingerprint(scope)
+    rolled = project.run("rollback", "prod", "--yes")
+    assert rolled.exit_code == 0, rolled.output
+    assert prod.fingerprint(scope) == before
 
 
 def _modes(result) -> dict[str, str]:
@@ -152,12 +170,8 @@ def test_an_app_without_its_own_sql_folder_applies_with_the_bundled_scripts_doin
     ]
     assert "010_questions_to_draft.sql (bundled" in scripts
     assert "public.questions is not in the scope" in scripts
-    assert applied.exit_code == 0, applied.output
-    assert "tried first" not in applied.output  # no script failed and forced a full replace
-    assert prod.fingerprint(SCOPE) == dev.fingerprint(SCOPE)
-    rolled = project.run("rollback", "prod", "--yes")
-    assert rolled.exit_code == 0, rolled.output
-    assert prod.fingerprint(SCOPE) == before
+    # No script failed and forced a full replace; rollback restores prod.
+    _applied_cleanly_and_rolls_back(project, applied, dev, prod, SCOPE, before)
 
 
 GUARDED = """
@@ -231,11 +245,7 @@ def test_an_app_with_its_own_guardrails_and_scripts_applies_and_rolls_back(
     # Another app's guardrails (no PUBLISHED post without tags, no untagging a PUBLISHED
     # post) as unqualified trigger functions, and the user's own scripts and insert_as for
     # them: a quoted enum column, the staged rows read as pg_temp."snapshot_Post".
-    config = (
-        "[scope]\ntables = [" + ", ".join(f"'{t}'" for t in GUARDED_SCOPE) + "]\n"
-        "auth_users = false\n\n[apply]\n"
-        'insert_as = { \'public."Post"."Status"\' = "DRAFT" }\n'
-    )
+    config = _config(GUARDED_SCOPE, insert_as='{ \'public."Post"."Status"\' = "DRAFT" }')
     dev, prod = plain_app_pair(project, make_db, _fill_guarded, config)
     sql_folder = project.path / "sql"
     (sql_folder / "pre" / "010_draft.sql").write_text(
@@ -258,12 +268,7 @@ def test_an_app_with_its_own_guardrails_and_scripts_applies_and_rolls_back(
     # index it for good must run as printed (the camelCase column quoted).
     hints = " ".join(f["detail"] for f in json.loads(checked.stdout)["findings"])
     assert 'CREATE INDEX CONCURRENTLY ON public."Post" ("authorId");' in hints
-    assert applied.exit_code == 0, applied.output
-    assert "tried first" not in applied.output
-    assert prod.fingerprint(GUARDED_SCOPE) == dev.fingerprint(GUARDED_SCOPE)
-    rolled = project.run("rollback", "prod", "--yes")
-    assert rolled.exit_code == 0, rolled.output
-    assert prod.fingerprint(GUARDED_SCOPE) == before
+    _applied_cleanly_and_rolls_back(project, applied, dev, prod, GUARDED_SCOPE, before)
 
 
 PARTITIONED = """
@@ -306,11 +311,7 @@ def _fill_partitioned(db: Database, variant: str, devices: int) -> None:
 def test_partitioned_tables_take_apply_re_sync_and_roll_back(project: Project, make_db) -> None:
     # pg_dump writes no data for a partitioned table itself; its partitions (two levels
     # here, and a default one) hold the rows, and a partitioned table may have none at all.
-    config = (
-        "[scope]\ntables = [" + ", ".join(f"'{t}'" for t in PARTITIONED_SCOPE) + "]\n"
-        "auth_users = false\n\n[apply]\ninsert_as = {}\n"
-    )
-    dev, prod = plain_app_pair(project, make_db, _fill_partitioned, config)
+    dev, prod = plain_app_pair(project, make_db, _fill_partitioned, _config(PARTITIONED_SCOPE))
     before = prod.fingerprint(PARTITIONED_SCOPE)
     taken = project.run("take", "dev")
     assert taken.exit_code == 0, taken.output
