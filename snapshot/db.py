@@ -24,6 +24,7 @@ SESSION_SETTINGS = {
     "extra_float_digits": "1",
     "bytea_output": "hex",
     "lc_monetary": "C",
+    "xmloption": "content",  # as pg_dump and pg_restore set it: an xml fragment loads back
     "row_security": "off",
     "search_path": "pg_catalog, pg_temp",
     "application_name": "snapshot",
@@ -124,24 +125,28 @@ def connect(target: Connection) -> psycopg.Connection:
     return conn
 
 
-def use_app_search_path(conn: psycopg.Connection) -> None:
+def use_app_search_path(conn: psycopg.Connection, *, local: bool = True) -> None:
     """Give the current transaction the ``search_path`` the target's own sessions start with.
 
     That is the role's or database's default (``reset_val``: Supabase's is ``"$user",
     public, extensions``), which the app's trigger functions and the user's scripts are
     written against: a trigger naming its tables unqualified finds them. Transaction-local;
     a savepoint rolled back restores the pinned one. The tool's own queries run with
-    :data:`SESSION_SETTINGS`' (:func:`use_tool_search_path`).
+    :data:`SESSION_SETTINGS`' (:func:`use_tool_search_path`). ``local=False``: for the
+    session (an autocommit one), until :func:`use_tool_search_path` with ``local=False``.
     """
     conn.execute(
-        "SELECT set_config('search_path', reset_val, true) FROM pg_settings "
-        "WHERE name = 'search_path'"
+        "SELECT set_config('search_path', reset_val, %s) FROM pg_settings "
+        "WHERE name = 'search_path'",
+        (local,),
     )
 
 
-def use_tool_search_path(conn: psycopg.Connection) -> None:
-    """Back to the pinned ``search_path`` (see :data:`SESSION_SETTINGS`), for the transaction."""
-    conn.execute("SELECT set_config('search_path', %s, true)", (SESSION_SETTINGS["search_path"],))
+def use_tool_search_path(conn: psycopg.Connection, *, local: bool = True) -> None:
+    """Back to the pinned ``search_path`` (see :data:`SESSION_SETTINGS`)."""
+    conn.execute(
+        "SELECT set_config('search_path', %s, %s)", (SESSION_SETTINGS["search_path"], local)
+    )
 
 
 def cancelled_message(exc: psycopg.errors.QueryCanceled, env: str, doing: str) -> str:

@@ -27,7 +27,8 @@ from psycopg import sql
 
 from snapshot import pgtools, progress
 from snapshot.archive import CATCH_UP_FILE, Snapshot, TableEntry
-from snapshot.errors import ArchiveError
+from snapshot.db import use_app_search_path, use_tool_search_path
+from snapshot.errors import ArchiveError, Refused
 from snapshot.names import TableName
 
 log = logging.getLogger(__name__)
@@ -152,23 +153,14 @@ def stage(
     """
     wanted = {entry.table: entry for entry in entries if entry.table not in skip}
     progress.begin("staged", len(wanted), sum(e.rows for e in wanted.values()))
-    counts: dict[TableName, int] = {}
-    with pgtools.restore_script(pg_restore, snapshot.dump_path) as stream:
-        script = ScriptReader(stream)
-        while header := script.next_header():
-            table, columns = parse_copy_header(header)
-            started = time.monotonic()
-            if table in skip:
-                script.pump(DISCARD)
-                continue
-            entry = wanted.get(table)
-            if entry is None:
-                raise ArchiveError(f"{snapshot.id}: the dump holds unexpected data for {table}")
-            _same_columns(snapshot, entry, columns)
-            with progress.still_running(f"staging {table}"):
-                rows = _stage_table(conn, entry, columns, script, append=table in counts)
-            counts[table] = counts.get(table, 0) + rows
-            progress.table_done("staged", table, rows, time.monotonic() - started)
+    # The staged copies have the target's column types: a domain's CHECK runs as the rows
+    # load, with the path the app's own sessions have (it may name tables unqualified).
+    use_app_search_path(conn, local=False)
+    try:
+        counts = _load(conn, pg_restore, snapshot, wanted, skip)
+    finally:
+        if not conn.closed:
+            use_tool_search_path(conn, local=False)
     for table, entry in wanted.items():
         if table not in counts and entry.rows == 0:  # a partitioned table with no partition
             counts[table] = _stage_table(conn, entry, entry.column_names, None)
@@ -183,6 +175,54 @@ def stage(
                 f"{snapshot.id}: {table} holds {rows} rows in the dump but "
                 f"{wanted[table].rows} in the manifest: the snapshot is damaged"
             )
+
+
+def _load(
+    conn: psycopg.Connection,
+    pg_restore: pgtools.PgTool,
+    snapshot: Snapshot,
+    wanted: dict[TableName, TableEntry],
+    skip: Collection[TableName],
+) -> dict[TableName, int]:
+    """Every COPY block of the archive into its staged copy; the rows staged per table."""
+    counts: dict[TableName, int] = {}
+    with pgtools.restore_script(pg_restore, snapshot.dump_path) as stream:
+        script = ScriptReader(stream)
+        while header := script.next_header():
+            table, columns = parse_copy_header(header)
+            started = time.monotonic()
+            if table in skip:
+                script.pump(DISCARD)
+                continue
+            entry = wanted.get(table)
+            if entry is None:
+                raise ArchiveError(f"{snapshot.id}: the dump holds unexpected data for {table}")
+            _same_columns(snapshot, entry, columns)
+            with progress.still_running(f"staging {table}"):
+                try:
+                    rows = _stage_table(conn, entry, columns, script, append=table in counts)
+                except psycopg.OperationalError:
+                    raise
+                except psycopg.Error as exc:
+                    raise _cannot_hold(snapshot, table, exc) from None
+            counts[table] = counts.get(table, 0) + rows
+            progress.table_done("staged", table, rows, time.monotonic() - started)
+    return counts
+
+
+def _cannot_hold(snapshot: Snapshot, table: TableName, exc: psycopg.Error) -> Refused:
+    """The target's types refuse a snapshot row: its schema is not the source's."""
+    message = (exc.diag.message_primary or str(exc)).splitlines()[0]
+    context = (exc.diag.context or "").splitlines()
+    found = re.search(r"line (\d+)(?:, column (.+?):)?", context[0]) if context else None
+    at = ""
+    if found:
+        at = f" (row {found.group(1)}" + (f", column {found.group(2)})" if found.group(2) else ")")
+    return Refused(
+        f"the target cannot hold {snapshot.id}'s rows of {table}: {message}{at}: its schema "
+        "differs from the snapshot's source (an enum label, a domain's CHECK, a type defined "
+        "otherwise); run the migrations so both sides match, then retry; nothing was changed"
+    )
 
 
 def _same_columns(snapshot: Snapshot, entry: TableEntry, columns: Sequence[str]) -> None:
