@@ -426,3 +426,46 @@ def test_a_target_whose_types_refuse_the_snapshots_rows_is_one_line_and_unchange
         if "--json" in args:
             assert "cannot hold" in json.loads(result.stdout)["error"]
         assert prod.fingerprint(TYPED_SCOPE) == before
+
+
+DEFERRABLE = """
+SET ROLE app_owner;
+CREATE TABLE public.account (id int PRIMARY KEY, owner_id int NOT NULL, name text);
+CREATE TABLE public.person (
+    id int PRIMARY KEY, account_id int NOT NULL REFERENCES public.account (id), name text);
+-- A cycle: what check asks for ("make one of them DEFERRABLE"), left INITIALLY IMMEDIATE.
+ALTER TABLE public.account ADD FOREIGN KEY (owner_id) REFERENCES public.person (id)
+  DEFERRABLE INITIALLY IMMEDIATE;
+CREATE TABLE public.note (
+    id int PRIMARY KEY,
+    person_id int REFERENCES public.person (id) DEFERRABLE INITIALLY IMMEDIATE, body text);
+RESET ROLE;
+"""
+DEFERRABLE_SCOPE = ["public.account", "public.person", "public.note"]
+
+
+def _fill_deferrable(db: Database, variant: str, rows: int) -> None:
+    db.execute(DEFERRABLE)
+    first = 1 if variant == "dev" else rows // 2  # prod shares some ids, lacks others
+    ids = f"generate_series({first}, {first + rows}) i"
+    db.execute(  # one simple query: the accounts' owners come in the same transaction
+        f"BEGIN; SET CONSTRAINTS ALL DEFERRED;"
+        f"INSERT INTO public.account SELECT i, i, '{variant}' || i FROM {ids};"
+        f"INSERT INTO public.person SELECT i, i, '{variant}' || i FROM {ids};"
+        f"INSERT INTO public.note SELECT i, i, '{variant}' FROM {ids}; COMMIT"
+    )
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["delta", "full"])
+def test_deferrable_initially_immediate_keys_are_checked_at_the_end(
+    project: Project, make_db, full: bool
+) -> None:
+    dev, prod = plain_app_pair(project, make_db, _fill_deferrable, _config(DEFERRABLE_SCOPE))
+    before = prod.fingerprint(DEFERRABLE_SCOPE)
+    assert project.run("take", "dev").exit_code == 0
+    checked = project.run("check", "prod")
+    assert checked.exit_code == 0, checked.output
+
+    applied = project.run("apply", "prod", "--yes", *(["--full"] if full else []))
+
+    _applied_cleanly_and_rolls_back(project, applied, dev, prod, DEFERRABLE_SCOPE, before)
