@@ -358,22 +358,52 @@ ORDER BY tn.nspname, tc.relname, a.attname
 """
 
 
+# Sequences a column default of a scoped table calls (``DEFAULT nextval('shared_seq')``)
+# without the column owning them: other tables may draw from them too.
+_DEFAULT_SEQUENCES = """
+SELECT DISTINCT sn.nspname, sc.relname, tn.nspname, tc.relname, a.attname, s.seqincrement,
+       s.seqstart
+FROM pg_attrdef ad
+JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+  AND d.refclassid = 'pg_class'::regclass AND d.deptype = 'n'
+JOIN pg_class sc ON sc.oid = d.refobjid AND sc.relkind = 'S'
+JOIN pg_namespace sn ON sn.oid = sc.relnamespace
+JOIN pg_sequence s ON s.seqrelid = sc.oid
+JOIN pg_class tc ON tc.oid = ad.adrelid
+JOIN pg_namespace tn ON tn.oid = tc.relnamespace
+JOIN pg_attribute a ON a.attrelid = tc.oid AND a.attnum = ad.adnum
+WHERE (tn.nspname, tc.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+  AND NOT EXISTS (
+    SELECT 1 FROM pg_depend o
+    WHERE o.classid = 'pg_class'::regclass AND o.objid = sc.oid
+      AND o.refclassid = 'pg_class'::regclass AND o.deptype IN ('a', 'i'))
+ORDER BY 3, 4, 5
+"""
+
+
 def owned_sequence_names(
-    conn: psycopg.Connection, tables: Sequence[TableName]
+    conn: psycopg.Connection, tables: Sequence[TableName], *, shared: bool = False
 ) -> list[tuple[TableName, TableName, str, int, int]]:
-    """(sequence, table, column, increment, start) of sequences owned by ``tables``' columns."""
+    """(sequence, table, column, increment, start) of sequences owned by ``tables``' columns.
+
+    ``shared``: instead, the sequences their column defaults call that no column owns.
+    """
     return [
         (TableName(seq_nsp, seq_name), TableName(nsp, rel), column, int(inc), int(start))
         for seq_nsp, seq_name, nsp, rel, column, inc, start in conn.execute(
-            _OWNED_SEQUENCES, _table_arrays(tables)
+            _DEFAULT_SEQUENCES if shared else _OWNED_SEQUENCES, _table_arrays(tables)
         ).fetchall()
     ]
 
 
-def owned_sequences(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[OwnedSequence]:
-    """Sequences owned by columns of ``tables``, with their current state."""
+def owned_sequences(
+    conn: psycopg.Connection, tables: Sequence[TableName], *, shared: bool = False
+) -> list[OwnedSequence]:
+    """Sequences owned by columns of ``tables`` (``shared``: see above), with their state."""
     result = []
-    for sequence, table, column, increment, start in owned_sequence_names(conn, tables):
+    for sequence, table, column, increment, start in owned_sequence_names(
+        conn, tables, shared=shared
+    ):
         row = conn.execute(
             sql.SQL("SELECT last_value, is_called FROM {}").format(sequence.ident)
         ).fetchone()

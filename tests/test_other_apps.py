@@ -469,3 +469,47 @@ def test_deferrable_initially_immediate_keys_are_checked_at_the_end(
     applied = project.run("apply", "prod", "--yes", *(["--full"] if full else []))
 
     _applied_cleanly_and_rolls_back(project, applied, dev, prod, DEFERRABLE_SCOPE, before)
+
+
+SHARED_SEQUENCE = """
+SET ROLE app_owner;
+CREATE SEQUENCE public.ticket_seq;
+CREATE TABLE public.ticket (id int PRIMARY KEY DEFAULT nextval('public.ticket_seq'), v text);
+-- outside the scope, drawing from the same sequence
+CREATE TABLE public.ticket_archive (
+    id int PRIMARY KEY DEFAULT nextval('public.ticket_seq'), v text);
+RESET ROLE;
+"""
+
+
+def _fill_shared_sequence(db: Database, variant: str, rows: int) -> None:
+    db.execute(SHARED_SEQUENCE)
+    db.execute(
+        "INSERT INTO public.ticket (v) SELECT %s FROM generate_series(1, %s)",
+        [variant, rows * 5 if variant == "dev" else rows],
+    )
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["behind the data", "ahead of it"])
+def test_a_sequence_a_default_shares_ends_above_the_data_and_never_moves_down(
+    project: Project, make_db, ahead: bool
+) -> None:
+    dev, prod = plain_app_pair(project, make_db, _fill_shared_sequence, _config(["public.ticket"]))
+    if ahead:  # the table outside the scope took ids far beyond the snapshot's
+        prod.execute("SELECT setval('public.ticket_seq', 1000)")
+    assert project.run("take", "dev").exit_code == 0
+
+    applied = project.run("apply", "prod", "--yes")
+
+    assert applied.exit_code == 0, applied.output
+    assert prod.fingerprint(["public.ticket"]) == dev.fingerprint(["public.ticket"])
+    highest = int(prod.scalar("SELECT max(id) FROM public.ticket"))
+    assert highest == 150
+    following = int(prod.scalar("SELECT nextval('public.ticket_seq')"))
+    assert following == (1001 if ahead else 151)
+    prod.execute("INSERT INTO public.ticket (v) VALUES ('app')")  # no collision
+    prod.execute("INSERT INTO public.ticket_archive (v) VALUES ('app')")
+    if not ahead:
+        assert "public.ticket_seq (shared, not in the snapshot) restarts at 151" in " ".join(
+            applied.output.split()
+        )

@@ -1,4 +1,5 @@
-"""Sequences owned by scoped tables restart where the snapshot's did, never below the data."""
+"""Sequences owned by scoped tables restart where the snapshot's did, never below the data;
+sequences their defaults share with others only ever move up, above the data."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 from psycopg import sql
 
 from snapshot import catalog
+from snapshot.catalog import OwnedSequence
+from snapshot.names import TableName
 from snapshot.session import Session
 
 log = logging.getLogger(__name__)
@@ -45,5 +48,53 @@ def restart(s: Session) -> int:
             )
         )
         restarted += 1
+    restarted += _above_the_data(s)
     log.info("  restarted %d sequences", restarted)
     return restarted
+
+
+def _above_the_data(s: Session) -> int:
+    """Move up a shared sequence (a column default's, owned by no column) the data outgrew.
+
+    The snapshot does not carry it and other tables may draw from it, so it never moves
+    down: only above the highest value the apply left in a column whose default calls it,
+    so that the app's next insert cannot collide. Returns how many moved.
+    """
+    highest: dict[TableName, tuple[OwnedSequence, int]] = {}
+    for current in catalog.owned_sequences(s.conn, s.order, shared=True):
+        if current.increment <= 0:
+            continue
+        row = s.conn.execute(
+            sql.SQL("SELECT max({})::bigint FROM {}").format(
+                sql.Identifier(current.column), current.table.ident
+            )
+        ).fetchone()
+        if row is None or row[0] is None:
+            continue
+        known = highest.get(current.sequence)
+        if known is None or int(row[0]) > known[1]:
+            highest[current.sequence] = (current, int(row[0]))
+    moved = 0
+    for sequence, (current, top) in highest.items():
+        if top < current.next_value:
+            continue
+        value = top + current.increment
+        owned = s.conn.execute(
+            "SELECT pg_has_role(relowner, 'USAGE') FROM pg_class WHERE oid = %s::regclass",
+            (sequence.ident.as_string(s.conn),),
+        ).fetchone()
+        if not (owned and owned[0]):
+            s.notes.append(
+                f"{sequence} (the default of {current.table}.{current.column}) would next give "
+                f"{current.next_value}, at or below the data's {top}, and {s.target.env}'s role "
+                f"may not move it: run ALTER SEQUENCE {sequence} RESTART WITH {value} as its owner"
+            )
+            continue
+        s.conn.execute(
+            sql.SQL("ALTER SEQUENCE {} RESTART WITH {}").format(sequence.ident, sql.Literal(value))
+        )
+        s.notes.append(
+            f"{sequence} (shared, not in the snapshot) restarts at {value}, above its data"
+        )
+        moved += 1
+    return moved
