@@ -614,16 +614,25 @@ def apply(
 @cli.command()
 @click.argument("target_env", metavar="TARGET")
 @click.option("--to", "snapshot_id", metavar="ID", help="Restore this snapshot of TARGET.")
+@allow_cascade_option
 @yes_option
 @json_option
 @global_options
 @pass_app
-def rollback(app: App, target_env: str, snapshot_id: str | None, yes: bool, as_json: bool) -> None:
+def rollback(
+    app: App,
+    target_env: str,
+    snapshot_id: str | None,
+    allow_cascades: tuple[str, ...],
+    yes: bool,
+    as_json: bool,
+) -> None:
     """Put TARGET back as it was before the last apply (its newest pre-apply backup).
 
     \b
     snapshot rollback prod
     snapshot rollback prod --to prod/20261124T101500Z-pre-apply
+    snapshot rollback prod --allow-cascade public.audit.audit_item_id_fkey
     """
     from snapshot.apply import run_apply, settle_backups
 
@@ -639,7 +648,13 @@ def rollback(app: App, target_env: str, snapshot_id: str | None, yes: bool, as_j
     confirm = _confirmer(app, target_env, yes, False)
     with _preflight_table(app):
         report = run_apply(
-            config, target_env, snapshot, action="rollback", confirm=confirm, pg_bin=app.pg_bin
+            config,
+            target_env,
+            snapshot,
+            action="rollback",
+            confirm=confirm,
+            pg_bin=app.pg_bin,
+            allow_cascades=allow_cascades,
         )
     _finish(app, report, _apply_failure(report))
     if report.committed:

@@ -10,7 +10,7 @@ import pytest
 from snapshot import localpg
 from snapshot.session import ADVISORY_KEY
 from tests.conftest import Project
-from tests.fix_db import Database
+from tests.fix_db import SCOPE, Database
 from tests.test_apply import apply, setup_pair
 
 
@@ -220,6 +220,33 @@ def test_acknowledged_cascades_go_through(project: Project, make_db) -> None:
     ]
     assert applied.exit_code == 0, applied.output
     assert prod.scalar("SELECT count(*) FROM public.notifications") == 0
+
+
+def test_a_rollback_accepts_the_cascades_it_is_told_to(project: Project, make_db) -> None:
+    dev, prod = setup_pair(project, make_db)
+    for db in (dev, prod):
+        db.execute(
+            "SET ROLE app_owner; CREATE TABLE public.notifications (id int PRIMARY KEY, "
+            "playlist_id uuid REFERENCES public.playlists (id) ON DELETE SET NULL)"
+        )
+    name = "public.notifications.notifications_playlist_id_fkey"
+    before = prod.fingerprint(SCOPE)  # auth users the apply creates stay: never deleted
+    assert project.run("take", "dev").exit_code == 0
+    assert project.run("apply", "prod", "--yes").exit_code == 0
+    # The app goes on: its notifications now refer to playlists the rollback removes.
+    prod.execute(
+        "INSERT INTO public.notifications SELECT row_number() OVER (), id FROM public.playlists "
+        "LIMIT 5"
+    )
+
+    refused = project.run("rollback", "prod", "--yes")
+    accepted = project.run("rollback", "prod", "--yes", "--allow-cascade", name)
+
+    assert refused.exit_code == 1, refused.output
+    assert f"--allow-cascade {name}" in refused.stderr
+    assert accepted.exit_code == 0, accepted.output
+    assert prod.fingerprint(SCOPE) == before
+    assert prod.scalar("SELECT count(*) FROM public.notifications WHERE playlist_id IS NULL") == 5
 
 
 def test_scope_rows_pointing_at_missing_outside_rows_are_refused(project: Project, make_db) -> None:
