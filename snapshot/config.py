@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshot.errors import ConfigError
-from snapshot.names import TableName, quote, split_dotted
+from snapshot.names import AUTH_TABLES, TableName, quote, split_dotted
 from snapshot.project import CONFIG_FILE, ProjectRoot, find_root
 
 __all__ = ["CONFIG_FILE", "Config", "load_config", "render_default_config"]
@@ -237,6 +237,15 @@ def _parse_scope(data: Mapping[str, Any], where: str) -> Scope:
             )
         tables.append(table)
     auth = _expect(data.get("auth_users", True), bool, f"{where}.auth_users", "true or false")
+    staged: dict[str, TableName] = {}
+    for table in [*tables, *(AUTH_TABLES if auth else ())]:
+        other = staged.setdefault(table.staging, table)
+        if other != table:
+            raise ConfigError(
+                f"{other} and {table} would share pg_temp.{quote(table.staging)}, the temporary "
+                f"table an apply stages each in and scripts read it by: {where}.tables cannot "
+                "hold both; take one of them with a second config (snapshot --config FILE)"
+            )
     return Scope(tuple(tables), auth)
 
 

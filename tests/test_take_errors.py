@@ -75,6 +75,12 @@ def _view_in_scope(project: Project, db: Database) -> list[str]:
     return ["take", "dev"]
 
 
+def _staging_name_shared(project: Project, db: Database) -> list[str]:
+    project.point("dev", db)
+    project.config('[scope]\ntables = ["users", "public.auth_users"]\n')
+    return ["take", "dev"]
+
+
 def _table_twice(project: Project, db: Database) -> list[str]:
     project.point("dev", db)
     project.config('[scope]\ntables = ["users", "public.users"]\n')
@@ -135,6 +141,11 @@ CASES: dict[str, tuple[Setup, int, str]] = {
     "unknown table": (_unknown_table, 2, "has no table public.notifications: fix [scope] tables"),
     "view in scope": (_view_in_scope, 2, "public.active_users is a view, not a table"),
     "table named twice": (_table_twice, 2, "table public.users is named twice"),
+    "staging name shared": (
+        _staging_name_shared,
+        2,
+        "public.auth_users and auth.users would share pg_temp.snapshot_auth_users",
+    ),
     "auth table in scope": (_auth_in_scope, 2, "auth tables are copied by 'auth_users = true'"),
     "unknown setting": (_unknown_setting, 2, "unknown setting 'tabels' in [scope]"),
     "bad toml": (_bad_toml, 2, "is not valid TOML"),
