@@ -369,23 +369,6 @@ def delete_last(s: Session, plan: Plan, done: Written) -> None:
         done.add(done.deleted, table, _timed(run, "deleted", table, query))
 
 
-def check_deferred(s: Session) -> None:
-    """Check now what deferred constraints would check at the commit (in the savepoint).
-
-    A violation then fails its table's attempt (and falls back) instead of the commit.
-    """
-    try:
-        s.conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
-    except (psycopg.errors.QueryCanceled, psycopg.OperationalError):
-        raise
-    except psycopg.Error as exc:
-        schema, name = exc.diag.schema_name, exc.diag.table_name
-        table = TableName(schema, name) if schema and name else None
-        if table is None or table not in s.order:
-            raise
-        raise TableFailed(table, exc) from exc
-
-
 def expected_writes(plan: Plan) -> tuple[int, int]:
     """Table statements and rows the writes will run through, for progress."""
     statements = sum(bool(t.inserts) + bool(t.updates) + bool(t.deletes) for t in plan.tables)
