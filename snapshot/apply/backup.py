@@ -59,7 +59,8 @@ class Backup:
     started: float
     dump: Running | None = None  # pg_dump, once :func:`dump` started it
     state: DumpState | None = None
-    caught_up: int = 0  # rows copied under the lock
+    caught_up: int = 0  # rows written between pg_dump's snapshot and the lock
+    copied_whole: int = 0  # tables without a key, copied whole under the lock
     followed: dict[TableName, RowSet] = field(default_factory=dict)  # see record_others
 
     def close(self) -> None:
@@ -225,12 +226,13 @@ def catch_up(s: Session, backup: Backup) -> int:
 
     Call under the lock, after the record is reconciled and before anything is written.
     For a table the record follows, the keys of the rows that moved (``REMOVE``) and their
-    live versions (``ADD``); any other table whole (``REPLACE``). Returns the rows copied.
+    live versions (``ADD``); any other table whole (``REPLACE``). Returns the rows that
+    changed in between (in the followed tables).
     """
     assert backup.state is not None
     path = backup.folder / archive.CATCH_UP_FILE
     try:
-        copied = _write_catch_up(s, backup, path)
+        copied, whole = _write_catch_up(s, backup, path)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -238,19 +240,20 @@ def catch_up(s: Session, backup: Backup) -> int:
         raise archive.no_space(backup.folder, None, "pre-apply backup") from None
     if not copied and path.stat().st_size == 0:
         path.unlink()
-    backup.caught_up = copied
+    backup.caught_up, backup.copied_whole = copied, whole
     return copied
 
 
-def _write_catch_up(s: Session, backup: Backup, path: Path) -> int:
+def _write_catch_up(s: Session, backup: Backup, path: Path) -> tuple[int, int]:
+    """(rows changed since pg_dump's snapshot, tables copied whole) written to ``path``."""
     assert backup.state is not None
-    copied = 0
+    copied = whole = 0
     with path.open("wb") as out:
         for entry in backup.state.tables:
             followed = s.row_sets.get(entry.table) or backup.followed.get(entry.table)
             columns = sql.SQL(", ").join(map(sql.Identifier, entry.column_names))
             if followed is None:  # no key: the whole table
-                copied += _block(
+                _block(
                     s.conn,
                     out,
                     REPLACE,
@@ -258,10 +261,11 @@ def _write_catch_up(s: Session, backup: Backup, path: Path) -> int:
                     entry.column_names,
                     sql.SQL("SELECT {} FROM {}").format(columns, entry.table.ident),
                 )
+                whole += 1
                 continue
             if not _has_rows(s.conn, followed.moved):
                 continue
-            copied += _block(
+            copied += _block(  # the keys that moved; their live versions follow
                 s.conn,
                 out,
                 REMOVE,
@@ -269,7 +273,7 @@ def _write_catch_up(s: Session, backup: Backup, path: Path) -> int:
                 followed.key,
                 sql.SQL("SELECT {} FROM {}").format(followed.keys, followed.moved),
             )
-            copied += _block(
+            _block(
                 s.conn,
                 out,
                 ADD,
@@ -286,7 +290,7 @@ def _write_catch_up(s: Session, backup: Backup, path: Path) -> int:
                     on=followed.match("t", "m"),
                 ),
             )
-    return copied
+    return copied, whole
 
 
 def _has_rows(conn: psycopg.Connection, table: sql.Identifier) -> bool:
@@ -321,10 +325,14 @@ def finish(s: Session, backup: Backup) -> Snapshot:
         backup.dump.wait()
     finally:
         backup.close()
+    whole = (
+        f"; {backup.copied_whole} tables without a key copied whole" if backup.copied_whole else ""
+    )
     log.info(
-        "  backup written in %.1f s (%d rows changed while pg_dump ran, copied under the lock)",
+        "  backup written in %.1f s (%d rows changed while pg_dump ran%s, copied under the lock)",
         time.monotonic() - backup.started,
         backup.caught_up,
+        whole,
     )
     # The apply's transaction id: if the process dies around the commit, the next run asks
     # the server whether this transaction committed, instead of guessing from the rows.
