@@ -181,6 +181,13 @@ def test_an_unchanged_snapshot_writes_nothing(project: Project, make_db) -> None
         (0, 0, 0)
     ] * 4
     assert prod.execute("SELECT xmin::text FROM public.node ORDER BY id") == xmins
+    # Nothing was written while pg_dump ran; the keyless table is copied whole, apart.
+    again = project.run("-v", "apply", "prod", "--yes")
+    assert again.exit_code == 0, again.output
+    assert (
+        "(0 rows changed while pg_dump ran; 1 tables without a key copied whole, copied under "
+        "the lock)" in again.stderr
+    ), again.stderr
 
 
 def _foreign_keys(db: Database) -> list[tuple[str, str, str]]:
