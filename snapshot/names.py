@@ -20,6 +20,21 @@ _PART = r'(?:"(?:[^"]|"")+"|[^."\s]+)'
 _DOTTED = re.compile(rf"^{_PART}(?:\.{_PART})*$")
 _PARTS = re.compile(_PART)
 _PLAIN = re.compile(r"^[a-z_][a-z0-9_$]*$")
+# Words PostgreSQL reserves (pg_get_keywords() catcode R and T, PostgreSQL 15): a table or
+# column named so must be quoted to parse, e.g. in a printed CREATE INDEX or GRANT.
+_RESERVED_WORDS = """
+    all analyse analyze and any array as asc asymmetric authorization binary both case
+    cast check collate collation column concurrently constraint create cross
+    current_catalog current_date current_role current_schema current_time
+    current_timestamp current_user default deferrable desc distinct do else end except
+    false fetch for foreign freeze from full grant group having ilike in initially inner
+    intersect into is isnull join lateral leading left like limit localtime localtimestamp
+    natural not notnull null offset on only or order outer overlaps placing primary
+    references returning right select session_user similar some symmetric table
+    tablesample then to trailing true union unique user using variadic verbose when where
+    window with
+"""
+_RESERVED = frozenset(_RESERVED_WORDS.split())
 # PostgreSQL truncates identifiers to NAMEDATALEN - 1 bytes.
 MAX_IDENTIFIER_BYTES = 63
 
@@ -36,7 +51,7 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 
 def quote(name: str) -> str:
     """``name`` as it must be written to parse back to itself (quoted only when needed)."""
-    if _PLAIN.match(name):
+    if _PLAIN.match(name) and name not in _RESERVED:
         return name
     return '"' + name.replace('"', '""') + '"'
 

@@ -232,3 +232,18 @@ def test_columns_named_like_the_tools_own_aliases_round_trip(project: Project, m
     assert project.run("rollback", "prod", "--yes").exit_code == 0
     assert prod.fingerprint(scope) == first
     assert prod.fingerprint(scope) != before
+
+
+@pytest.mark.parametrize(
+    ("table", "shown"),
+    [
+        (TableName("public", "order"), 'public."order"'),
+        (TableName("user", "select"), '"user"."select"'),
+        (TableName("public", "orders"), "public.orders"),
+        (TableName("public", "User"), 'public."User"'),
+    ],
+)
+def test_reserved_words_are_quoted_where_names_are_printed(table: TableName, shown: str) -> None:
+    # Printed names end up in commands people paste (CREATE INDEX, GRANT): they must parse.
+    assert str(table) == shown
+    assert TableName.parse(shown) == table
