@@ -216,7 +216,7 @@ def require_tables(
     shapes = table_shapes(conn, tables)
     absent = [t for t in tables if t not in shapes]
     kinds = {
-        TableName(nsp, rel): _KINDS.get(kind, "not a table")
+        TableName(nsp, rel): _KINDS.get(kind, "relation of another kind")
         for nsp, rel, kind in conn.execute(_RELKINDS, _table_arrays(absent))
     }
     if kinds:
