@@ -346,8 +346,10 @@ def _confirmer(app: App, target: str, yes: bool, dry_run: bool) -> Any:
 def _finish(app: App, report: Any, failure: str | None) -> None:
     """Print a report (table or JSON); exit 1 with ``failure`` as the error line when set."""
     app.output(report.to_json(), lambda: render.parity_report(report))
+    # A failed run's notes tell what was tried: none of it stayed.
+    label = "note (rolled back with the rest)" if failure else "note"
     for note in getattr(report, "notes", ()):
-        click.echo(f"note: {note}", err=True)
+        click.echo(f"{label}: {note}", err=True)
     if failure:
         raise user_error(failure, 1)
 

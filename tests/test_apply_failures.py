@@ -127,6 +127,8 @@ def test_a_failure_at_any_phase_leaves_the_target_unchanged(
     assert error.startswith("Error: ") and message in error, error
     assert "prod is unchanged" in error
     assert "Traceback" not in result.output
+    notes = [ln for ln in result.stderr.splitlines() if ln.startswith("note")]
+    assert all(ln.startswith("note (rolled back with the rest): ") for ln in notes), notes
     assert prod.fingerprint() == original
     assert project.snapshots("prod") == []
     assert list((project.path / "snapshots" / "prod").glob(".tmp-*")) == []
