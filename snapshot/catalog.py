@@ -382,28 +382,38 @@ ORDER BY 3, 4, 5
 
 
 def owned_sequence_names(
-    conn: psycopg.Connection, tables: Sequence[TableName], *, shared: bool = False
+    conn: psycopg.Connection, tables: Sequence[TableName]
 ) -> list[tuple[TableName, TableName, str, int, int]]:
-    """(sequence, table, column, increment, start) of sequences owned by ``tables``' columns.
+    """(sequence, table, column, increment, start) of sequences owned by ``tables``' columns."""
+    return _sequence_names(conn, _OWNED_SEQUENCES, tables)
 
-    ``shared``: instead, the sequences their column defaults call that no column owns.
-    """
+
+def _sequence_names(
+    conn: psycopg.Connection, query: str, tables: Sequence[TableName]
+) -> list[tuple[TableName, TableName, str, int, int]]:
     return [
         (TableName(seq_nsp, seq_name), TableName(nsp, rel), column, int(inc), int(start))
         for seq_nsp, seq_name, nsp, rel, column, inc, start in conn.execute(
-            _DEFAULT_SEQUENCES if shared else _OWNED_SEQUENCES, _table_arrays(tables)
+            query, _table_arrays(tables)
         ).fetchall()
     ]
 
 
-def owned_sequences(
-    conn: psycopg.Connection, tables: Sequence[TableName], *, shared: bool = False
+def owned_sequences(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[OwnedSequence]:
+    """Sequences owned by columns of ``tables`` (serial, identity), with their state."""
+    return _with_state(conn, owned_sequence_names(conn, tables))
+
+
+def shared_sequences(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[OwnedSequence]:
+    """Sequences ``tables``' column defaults call that no column owns, with their state."""
+    return _with_state(conn, _sequence_names(conn, _DEFAULT_SEQUENCES, tables))
+
+
+def _with_state(
+    conn: psycopg.Connection, names: Sequence[tuple[TableName, TableName, str, int, int]]
 ) -> list[OwnedSequence]:
-    """Sequences owned by columns of ``tables`` (``shared``: see above), with their state."""
     result = []
-    for sequence, table, column, increment, start in owned_sequence_names(
-        conn, tables, shared=shared
-    ):
+    for sequence, table, column, increment, start in names:
         row = conn.execute(
             sql.SQL("SELECT last_value, is_called FROM {}").format(sequence.ident)
         ).fetchone()

@@ -61,7 +61,7 @@ def _above_the_data(s: Session) -> int:
     so that the app's next insert cannot collide. Returns how many moved.
     """
     highest: dict[TableName, tuple[OwnedSequence, int]] = {}
-    for current in catalog.owned_sequences(s.conn, s.order, shared=True):
+    for current in catalog.shared_sequences(s.conn, s.order):
         if current.increment <= 0:
             continue
         row = s.conn.execute(
