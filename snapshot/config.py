@@ -97,6 +97,9 @@ class Scope:
         )
 
 
+FOREIGN_KEY_CHECKS = ("auto", "bulk", "per-row")
+
+
 @dataclass(frozen=True)
 class ApplySettings:
     """Knobs of the apply recipe."""
@@ -105,6 +108,9 @@ class ApplySettings:
     insert_as: Mapping[ColumnRef, str] = field(default_factory=dict)
     ignore_columns: tuple[ColumnRef, ...] = ()
     orphaned_users: str = "warn"  # target users left without app rows: "warn" or "error"
+    # "auto": large writes check foreign keys in bulk (snapshot.apply.replica); "bulk"
+    # whenever it can; "per-row": always row by row
+    foreign_key_checks: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -310,7 +316,17 @@ def duration_seconds(text: str) -> float:
 def _parse_apply(
     apply: Mapping[str, Any], parity: Mapping[str, Any], scope: Scope
 ) -> ApplySettings:
-    _check_keys(apply, {"lock_timeout", "insert_as", "orphaned_users"}, "[apply]")
+    _check_keys(
+        apply, {"lock_timeout", "insert_as", "orphaned_users", "foreign_key_checks"}, "[apply]"
+    )
+    checks = _expect(
+        apply.get("foreign_key_checks", "auto"), str, "[apply] foreign_key_checks", "text"
+    )
+    if checks not in FOREIGN_KEY_CHECKS:
+        raise ConfigError(
+            f"[apply] foreign_key_checks must be one of {', '.join(map(repr, FOREIGN_KEY_CHECKS))}"
+            f", not {checks!r}"
+        )
     orphaned = _expect(apply.get("orphaned_users", "warn"), str, "[apply] orphaned_users", "text")
     if orphaned not in ("warn", "error"):
         raise ConfigError('[apply] orphaned_users must be "warn" or "error"')
@@ -337,6 +353,7 @@ def _parse_apply(
         lock_timeout=lock_timeout,
         insert_as=insert_as,
         orphaned_users=orphaned,
+        foreign_key_checks=checks,
         ignore_columns=tuple(_parse_column(c, "[parity] ignore_columns") for c in ignore),
     )
 
@@ -503,6 +520,9 @@ insert_as = {{ "questions.status" = "draft" }}
 # Target users who exist only there keep their login (auth users are never deleted) but
 # lose their rows in the scope: "warn" (check and apply say so) or "error" (refuse).
 orphaned_users = "warn"
+# Large writes (a tenth of the scope or more) check foreign keys once per key, in bulk,
+# instead of once per row: "auto", "bulk" (any size) or "per-row" (never).
+foreign_key_checks = "auto"
 
 [parity]
 # Columns that target triggers rewrite on purpose (an updated_at trigger, say): the

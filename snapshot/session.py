@@ -65,6 +65,7 @@ class Session:
     backup_into: Path | None = None  # a pending archive folder: the apply backs up into it
     backup: Backup | None = None  # started with the staging, joined before the commit
     block_readers: bool = False  # apply --block-readers (snapshot.apply.constraints)
+    row_by_row: str = ""  # why bulk foreign-key checks are off for the rest of the apply
 
     @property
     def entries(self) -> dict[TableName, TableEntry]:

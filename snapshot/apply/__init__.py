@@ -43,7 +43,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import archive, preflight, progress, scripts
-from snapshot.apply import auth, backup, constraints, proof, sequences, write
+from snapshot.apply import auth, backup, constraints, proof, replica, sequences, write
 from snapshot.apply import plan as planning
 from snapshot.apply import rows as rowsets
 from snapshot.apply.backup import settle_orphaned_backups
@@ -366,19 +366,9 @@ def _reconcile(run: Session, tables: Collection[TableName]) -> int:
     return moved
 
 
-def _write_counters(conn: psycopg.Connection) -> dict[int, int]:
-    """Rows this transaction has written so far, per table (inserts + updates + deletes)."""
-    return {
-        int(oid): int(n)
-        for oid, n in conn.execute(
-            "SELECT relid, n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_xact_user_tables"
-        )
-    }
-
-
 def _touched(run: Session, before: dict[int, int]) -> list[TableName]:
     """Scoped tables written since ``before`` (partitioned ones always count)."""
-    after = _write_counters(run.conn)
+    after = replica.write_counters(run.conn)
     touched = []
     for table in run.order:
         oid, kind = run.conn.execute(
@@ -439,7 +429,7 @@ def _transaction(
             created = (0, 0)
             if run.auth_entries:
                 with phase("creating auth users"):
-                    counters = _write_counters(conn)
+                    counters = replica.write_counters(conn)
                     use_app_search_path(conn)  # auth.users' triggers are the app's code
                     created = auth.create_users(run)
                     use_tool_search_path(conn)
@@ -552,17 +542,7 @@ def _attempts(
                 if bulk:
                     with phase("dropping foreign keys"):
                         constraints.drop(conn, bulk)
-                progress.begin("writes", *write.expected_writes(plan))
-                # The app's triggers fire on these writes: they get the path they are
-                # written against (a trigger may name its tables unqualified).
-                use_app_search_path(conn)
-                with phase("deleting"):
-                    done = write.delete_first(run, plan)
-                with phase("inserting and updating"):
-                    write.insert_and_update(run, plan, done)
-                with phase("deleting what waited"):
-                    write.delete_last(run, plan, done)
-                use_tool_search_path(conn)
+                _writes(run, phase, plan, allowed)
                 if bulk:
                     with phase("checking foreign keys in bulk"):
                         constraints.add_back(conn, bulk)
@@ -590,6 +570,51 @@ def _attempts(
                 raise
             _fall_back(run, forced, list(run.order), f"a script failed on it ({exc})")
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _writes(run: Session, phase: _Phases, plan: Plan, allowed: Collection[str]) -> None:
+    """The writes: with foreign keys checked in bulk when the change is large
+    (:mod:`.replica`), row by row otherwise or when that could not prove itself."""
+    conn = run.conn
+    if not run.block_readers and not run.row_by_row and replica.wanted(run, plan):
+        if why := replica.obstacle(run, allowed):
+            run.row_by_row = why
+            log.info("  foreign keys checked row by row: %s", why)
+        else:
+            try:
+                with conn.transaction():  # a savepoint: a failure here costs only the writes
+                    before = replica.write_counters(conn)
+                    state = replica.enter(run)
+                    _passes(run, phase, plan)
+                    with phase("checking foreign keys"):
+                        replica.leave(run, state, before)
+                return
+            except replica.NotHere as exc:
+                run.row_by_row = str(exc)
+                if exc.expected:
+                    log.info("  foreign keys checked row by row: %s", exc)
+                    return _passes(run, phase, plan)
+            except write.TableFailed as exc:
+                if replica.same_row_by_row(exc.error):
+                    raise
+                error = scripts.error_message(exc.error)
+                run.row_by_row = f"a write failed on {exc.table} ({error})"
+            run.notes.append(f"foreign keys were checked row by row: in bulk, {run.row_by_row}")
+            log.warning("  writing again, row by row: in bulk, %s", run.row_by_row)
+    _passes(run, phase, plan)
+
+
+def _passes(run: Session, phase: _Phases, plan: Plan) -> None:
+    """The three passes of :mod:`.write`, with the app's search_path for its triggers."""
+    progress.begin("writes", *write.expected_writes(plan))
+    use_app_search_path(run.conn)  # a trigger may name its tables unqualified
+    with phase("deleting"):
+        done = write.delete_first(run, plan)
+    with phase("inserting and updating"):
+        write.insert_and_update(run, plan, done)
+    with phase("deleting what waited"):
+        write.delete_last(run, plan, done)
+    use_tool_search_path(run.conn)
 
 
 def _blocked_readers(bulk: Collection[constraints.ForeignKeyDefinition]) -> str:

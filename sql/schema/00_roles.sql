@@ -4,6 +4,8 @@
 --                        does not own them (so it may not DISABLE TRIGGER there).
 --   supabase_auth_admin  owns the auth schema.
 --   anon, authenticated  the API roles the RLS policies name.
+-- Like Supabase's `postgres` (supautils allows it), app_owner may SET
+-- session_replication_role: on PostgreSQL 15 and later that takes GRANT SET ON PARAMETER.
 DO $$
 BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app_owner') THEN
@@ -17,6 +19,13 @@ BEGIN
   END IF;
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticated') THEN
     CREATE ROLE authenticated NOLOGIN;
+  END IF;
+END
+$$;
+DO $$
+BEGIN
+  IF current_setting('server_version_num')::int >= 150000 THEN
+    EXECUTE 'GRANT SET ON PARAMETER session_replication_role TO app_owner';
   END IF;
 END
 $$;

@@ -1,0 +1,306 @@
+"""Large writes with foreign keys checked once per key, in bulk, readers never waiting.
+
+Row by row, every written child row looks up its parent and every deleted parent looks for
+children: on a first apply or any large change that is most of the write time (raw
+``pg_restore`` pays it too). When the change is large (``[apply] foreign_key_checks =
+"auto"``: at least a tenth of the scope's rows) and the role may, the writes run with
+``session_replication_role = replica`` inside their own savepoint:
+
+* PostgreSQL then skips the foreign keys' per-row checks and actions; every other trigger
+  on the scoped tables (guardrails, ``updated_at``, audits) is set ``ENABLE ALWAYS`` for the
+  transaction, so the app's triggers all fire as they would have (``ENABLE REPLICA`` ones
+  are disabled, as they would not have fired), and set back before the commit. Constraints
+  that are not triggers (primary and unique keys, checks, not null) hold as always;
+* after the writes every foreign key from or to a table they wrote is checked with one
+  anti-join, using the key's own equality operators and MATCH rule, with
+  ``row_security`` off (a policy hiding rows stops the check instead of fooling it).
+
+It is a proof, not a shortcut: the scope is locked EXCLUSIVE from before the
+transaction's snapshot to the commit, so no other session can insert a child of, or delete
+the parent of, a row this check has seen (its own foreign-key check or action must lock
+the scoped table's rows, and waits). Anything it cannot prove, or any surprise, rolls the
+savepoint back and the same writes run again row by row, with the report saying why: a row
+a key would refuse (an orphan, or a cascade the per-row writes would have done), a trigger
+that wrote to a table outside the scope, a role that may not set the parameter or alter
+the triggers (plain PostgreSQL needs ``GRANT SET ON PARAMETER session_replication_role``;
+Supabase's ``postgres`` may set it). Deferrable unique keys and app triggers (their events
+would still be pending when the triggers are set back, which ``ALTER TABLE`` refuses, and
+they are meant to fire at the commit), rules, partitioned tables and foreign keys not yet
+validated keep the row-by-row writes from the start.
+
+``ALTER TABLE ... ENABLE ALWAYS TRIGGER`` takes SHARE ROW EXCLUSIVE, weaker than the
+EXCLUSIVE lock the apply already holds: readers go on. It runs in replica mode, so the
+database's event triggers (PostgREST's schema reload on Supabase) do not fire.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from snapshot import scripts
+from snapshot.apply.plan import Plan
+from snapshot.names import TableName
+from snapshot.session import Session
+
+log = logging.getLogger(__name__)
+
+AUTO_SHARE = 0.1  # "auto": in bulk when the writes reach a tenth of the scope's rows
+
+
+class NotHere(Exception):
+    """The bulk path cannot be used, or could not prove its writes: write row by row.
+
+    ``expected``: a lasting property of the role or the schema, not worth a note each run.
+    """
+
+    def __init__(self, why: str, *, expected: bool = False) -> None:
+        super().__init__(why)
+        self.expected = expected
+
+
+def same_row_by_row(error: psycopg.Error) -> bool:
+    """Whether ``error`` would fail the row-by-row writes just the same.
+
+    Keys, NOT NULL and bad values are checked by the same code in both modes; anything
+    else (a trigger's exception, say) may have seen what only the per-row checks do.
+    """
+    state = error.sqlstate or ""
+    return state in ("23502", "23505", "23P01") or state.startswith("22")
+
+
+@dataclass(frozen=True)
+class _Trigger:
+    table: TableName
+    name: str
+    enabled: str  # "O" fires on origin (the default), "R" on replica only
+
+
+@dataclass(frozen=True)
+class BulkWrites:
+    """The state a bulk write changed, to put back before the commit."""
+
+    triggers: tuple[_Trigger, ...]
+
+
+def wanted(s: Session, plan: Plan) -> bool:
+    """Whether ``[apply] foreign_key_checks`` asks for the bulk path on this plan."""
+    mode = s.config.apply.foreign_key_checks
+    if mode != "auto":
+        return mode == "bulk"
+    rows = sum(t.target_rows + t.inserts for t in plan.tables)
+    return plan.changes > 0 and plan.changes >= AUTO_SHARE * rows
+
+
+_OBSTACLES = """
+SELECT format('%%s is partitioned or a partition', c.oid::regclass)
+FROM pg_class c WHERE c.oid = ANY(%(oids)s) AND (c.relkind = 'p' OR c.relispartition)
+UNION ALL
+SELECT format('%%s has the rule %%I', r.ev_class::regclass, r.rulename)
+FROM pg_rewrite r WHERE r.ev_class = ANY(%(oids)s) AND r.ev_type <> '1'
+UNION ALL
+SELECT format('%%s has the deferrable key %%I', k.conrelid::regclass, k.conname)
+FROM pg_constraint k
+WHERE k.conrelid = ANY(%(oids)s) AND k.contype IN ('p', 'u', 'x') AND k.condeferrable
+UNION ALL
+SELECT format('%%s has the deferred trigger %%I', t.tgrelid::regclass, t.tgname)
+FROM pg_trigger t WHERE t.tgrelid = ANY(%(oids)s) AND NOT t.tgisinternal AND t.tgdeferrable
+UNION ALL
+SELECT format('the foreign key %%I on %%s is not validated', k.conname, k.conrelid::regclass)
+FROM pg_constraint k
+WHERE k.contype = 'f' AND NOT k.convalidated
+  AND (k.conrelid = ANY(%(oids)s) OR k.confrelid = ANY(%(oids)s))
+LIMIT 1
+"""
+
+_TRIGGERS = """
+SELECT n.nspname, c.relname, t.tgname, t.tgenabled
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE t.tgrelid = ANY(%s) AND NOT t.tgisinternal AND t.tgenabled IN ('O', 'R')
+ORDER BY n.nspname, c.relname, t.tgname
+"""
+
+
+def _oids(s: Session, tables: Collection[TableName]) -> list[int]:
+    names = [t.ident.as_string(s.conn) for t in tables]
+    return [int(r[0]) for r in s.conn.execute("SELECT unnest(%s::regclass[])::oid", (names,))]
+
+
+def obstacle(s: Session, allowed_cascades: Collection[str]) -> str | None:
+    """Why the scope must be written row by row whatever the change, or None."""
+    scoped = set(s.order)
+    for fk in s.fks:
+        name = f"{fk.child}.{fk.name}"
+        if fk.parent in scoped and fk.child not in scoped and name in allowed_cascades:
+            return f"--allow-cascade {name} asks for the cascade the per-row writes do"
+    row = s.conn.execute(_OBSTACLES, {"oids": _oids(s, s.order)}).fetchone()
+    return str(row[0]) if row else None
+
+
+def enter(s: Session) -> BulkWrites:
+    """Switch the transaction to replica writes; the app's triggers made to fire all the same.
+
+    Raises :class:`NotHere` when the role may not (the caller's savepoint undoes the rest).
+    """
+    conn = s.conn
+    triggers = tuple(
+        _Trigger(TableName(str(schema), str(table)), str(name), str(enabled))
+        for schema, table, name, enabled in conn.execute(_TRIGGERS, (_oids(s, s.order),))
+    )
+    try:
+        conn.execute("SET LOCAL session_replication_role = replica")
+        _alter(conn, triggers, {"O": "ENABLE ALWAYS", "R": "DISABLE"})
+    except psycopg.errors.QueryCanceled:
+        raise
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise NotHere(
+            f"{s.target.env}'s role may not write in replica mode ({scripts.error_message(exc)}; "
+            "on plain PostgreSQL: GRANT SET ON PARAMETER session_replication_role TO it)",
+            expected=s.config.apply.foreign_key_checks == "auto",
+        ) from None
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:  # e.g. deferred events the pre-scripts left pending
+        raise NotHere(f"replica mode could not start ({scripts.error_message(exc)})") from None
+    log.info(
+        "  writing with session_replication_role = replica, %d app triggers set to fire "
+        "always; foreign keys checked in bulk after the writes",
+        len(triggers),
+    )
+    return BulkWrites(triggers)
+
+
+_WRITTEN = """
+SELECT s.relid, s.n_tup_ins + s.n_tup_upd + s.n_tup_del, format('%s', s.relid::regclass)
+FROM pg_stat_xact_user_tables s JOIN pg_class c ON c.oid = s.relid
+WHERE c.relpersistence <> 't'
+"""
+
+
+def write_counters(conn: psycopg.Connection) -> dict[int, int]:
+    """Rows this transaction has written so far, per table (inserts + updates + deletes)."""
+    return {int(oid): int(n) for oid, n, _ in conn.execute(_WRITTEN)}
+
+
+def leave(s: Session, state: BulkWrites, before: dict[int, int]) -> None:
+    """Prove every foreign key the writes could have broken, then put the triggers back.
+
+    ``before`` are the :func:`write_counters` from before the writes: every table written
+    since has each of its keys checked, and one outside the scope stops the bulk path (its
+    own triggers and keys did not run). Raises :class:`NotHere` on anything not proven.
+    """
+    conn = s.conn
+    scoped = set(_oids(s, s.order))
+    written: list[int] = []
+    outside: list[str] = []
+    for oid, rows, name in conn.execute(_WRITTEN).fetchall():
+        if int(rows) == before.get(int(oid), 0):
+            continue
+        if int(oid) in scoped:
+            written.append(int(oid))
+        else:
+            outside.append(str(name))
+    if outside:
+        raise NotHere(
+            f"a trigger wrote to {', '.join(outside)}, outside the scope, whose own checks "
+            "would not have run"
+        )
+    try:
+        row_security = conn.execute("SHOW row_security").fetchone()
+        conn.execute("SET LOCAL row_security = off")
+        keys = _keys(conn, written)
+        for key in keys:
+            if conn.execute(key.violation).fetchone():
+                raise NotHere(f"rows of {key.child} break {key.name} (or need its cascade)")
+        conn.execute(
+            "SELECT set_config('row_security', %s, true)",
+            (row_security[0] if row_security else "on",),
+        )
+        _alter(conn, state.triggers, {"O": "ENABLE", "R": "ENABLE REPLICA"})
+        conn.execute("SET LOCAL session_replication_role = origin")
+    except psycopg.errors.QueryCanceled:
+        raise
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        raise NotHere(f"the bulk check could not run ({scripts.error_message(exc)})") from None
+    log.info("  %d foreign keys checked in bulk", len(keys))
+
+
+def _alter(conn: psycopg.Connection, triggers: Sequence[_Trigger], how: dict[str, str]) -> None:
+    by_table: dict[TableName, list[_Trigger]] = {}
+    for trigger in triggers:
+        by_table.setdefault(trigger.table, []).append(trigger)
+    for table, found in by_table.items():
+        conn.execute(
+            sql.SQL("ALTER TABLE {} {}").format(
+                table.ident,
+                sql.SQL(", ").join(
+                    sql.SQL("{} TRIGGER {}").format(sql.SQL(how[t.enabled]), sql.Identifier(t.name))
+                    for t in found
+                ),
+            )
+        )
+
+
+@dataclass(frozen=True)
+class _Key:
+    name: str
+    child: str
+    violation: sql.Composed  # returns a row when some row breaks the key
+
+
+# One row per foreign key from or to the written tables, its columns paired with the
+# operator its own per-row check uses (conpfeqop: parent's type on the left).
+_KEYS = """
+SELECT k.conname, k.confmatchtype,
+       cn.nspname, c.relname, c.relkind = 'p',
+       pn.nspname, p.relname, p.relkind = 'p',
+       array_agg(ca.attname ORDER BY x.i), array_agg(pa.attname ORDER BY x.i),
+       array_agg(opn.nspname ORDER BY x.i), array_agg(op.oprname ORDER BY x.i)
+FROM pg_constraint k
+JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+JOIN pg_class p ON p.oid = k.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+CROSS JOIN LATERAL unnest(k.conkey, k.confkey, k.conpfeqop) WITH ORDINALITY AS x(ck, pk, eq, i)
+JOIN pg_attribute ca ON ca.attrelid = k.conrelid AND ca.attnum = x.ck
+JOIN pg_attribute pa ON pa.attrelid = k.confrelid AND pa.attnum = x.pk
+JOIN pg_operator op ON op.oid = x.eq JOIN pg_namespace opn ON opn.oid = op.oprnamespace
+WHERE k.contype = 'f' AND k.conparentid = 0
+  AND (k.conrelid = ANY(%s) OR k.confrelid = ANY(%s))
+GROUP BY k.oid, k.conname, k.confmatchtype, cn.nspname, c.relname, c.relkind,
+         pn.nspname, p.relname, p.relkind
+ORDER BY cn.nspname, c.relname, k.conname
+"""
+
+
+def _keys(conn: psycopg.Connection, oids: list[int]) -> list[_Key]:
+    keys = []
+    for row in conn.execute(_KEYS, (oids, oids)):
+        name, match, cs, ct, c_part, ps, pt, p_part, ccols, pcols, opschemas, ops = row
+        child = TableName(str(cs), str(ct))
+        parent = TableName(str(ps), str(pt))
+        refer = sql.SQL(" AND ").join(
+            sql.SQL("p.{} OPERATOR({}.{}) c.{}").format(
+                sql.Identifier(pc), sql.Identifier(o_s), sql.SQL(o), sql.Identifier(cc)
+            )
+            for cc, pc, o_s, o in zip(ccols, pcols, opschemas, ops, strict=True)
+        )
+        columns = sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(c)) for c in ccols)
+        orphan = sql.SQL(
+            "num_nulls({}) = 0 AND NOT EXISTS (SELECT FROM {} {} AS p WHERE {})"
+        ).format(columns, sql.SQL("" if p_part else "ONLY"), parent.ident, refer)
+        if match == "f":  # MATCH FULL: all null or none
+            orphan = sql.SQL("num_nulls({}) NOT IN (0, {}) OR {}").format(
+                columns, sql.Literal(len(ccols)), orphan
+            )
+        violation = sql.SQL("SELECT 1 FROM {} {} AS c WHERE {} LIMIT 1").format(
+            sql.SQL("" if c_part else "ONLY"), child.ident, orphan
+        )
+        keys.append(_Key(str(name), str(child), violation))
+    return keys
