@@ -657,8 +657,9 @@ def _plan_findings(s: Session, plan: Plan) -> Iterator[Finding]:
             "plan",
             OK,
             f"{len(plan.helper_indexes)} foreign keys have no index and their parents lose "
-            "many rows: the apply indexes them for its own use and drops the indexes after "
-            "commit (DROP INDEX CONCURRENTLY: readers never wait); to index them for good: "
+            "many rows: checking foreign keys row by row, the apply indexes them for its own "
+            "use and drops the indexes after commit (DROP INDEX CONCURRENTLY: readers never "
+            "wait); to index them for good: "
             + " ".join(
                 f"CREATE INDEX CONCURRENTLY ON {fk.child} ({', '.join(map(quote, fk.columns))});"
                 for fk in plan.helper_indexes

@@ -415,7 +415,6 @@ def _transaction(
                     run.target.env,
                     len(run.order),
                 )
-                helpers = write.create_helper_indexes(run, run.plan.helper_indexes)
             with phase("reconciling"):
                 _reconcile(run, run.order)
                 known = {
@@ -435,7 +434,7 @@ def _transaction(
                     use_tool_search_path(conn)
                     if created[0]:
                         _reconcile(run, _touched(run, counters))
-            plan, tables = _attempts(run, phase, allowed, before)
+            plan, tables = _attempts(run, phase, allowed, before, helpers)
             with phase("sequences"):
                 sequences.restart(run)
             report = ApplyReport(
@@ -520,17 +519,31 @@ def _count(conn: psycopg.Connection, table: TableName) -> int:
 
 
 def _attempts(
-    run: Session, phase: _Phases, allowed: Collection[str], before: dict[TableName, int]
+    run: Session,
+    phase: _Phases,
+    allowed: Collection[str],
+    before: dict[TableName, int],
+    helpers: list[sql.Identifier],
 ) -> tuple[Plan, list[TableParity]]:
-    """Pre-scripts, writes, post-scripts and parity, in a savepoint; fall back to full."""
+    """Pre-scripts, writes, post-scripts and parity, in a savepoint; fall back to full.
+
+    ``helpers`` gathers the helper indexes made for row-by-row deletes (dropped after the
+    commit; those of an attempt rolled back are gone already).
+    """
     assert run.plan is not None
     conn = run.conn
     forced = {t.table: t.reason for t in run.plan.tables if t.full}
-    for attempt in range(1, ATTEMPTS + 1):
+    attempt = 0
+    while attempt < ATTEMPTS:
+        attempt += 1
         plan = replace(planning.decide(run, forced), auth=run.plan.auth)
         last = attempt == ATTEMPTS or len(plan.full_tables) == len(run.order)
+        in_bulk = _in_bulk(run, plan, allowed)
         try:
             with conn.transaction():
+                if not in_bulk:
+                    # Before anything in the attempt writes (see create_helper_indexes).
+                    helpers += write.create_helper_indexes(run, run.plan.helper_indexes)
                 write.plan_settings(conn, plan)
                 # Deferrable keys are checked at the commit, once every row is in (the insert
                 # order counts on it: catalog.apply_order), INITIALLY IMMEDIATE ones too.
@@ -542,7 +555,10 @@ def _attempts(
                 if bulk:
                     with phase("dropping foreign keys"):
                         constraints.drop(conn, bulk)
-                _writes(run, phase, plan, allowed)
+                if in_bulk:
+                    _write_in_bulk(run, phase, plan)
+                else:
+                    _passes(run, phase, plan)
                 if bulk:
                     with phase("checking foreign keys in bulk"):
                         constraints.add_back(conn, bulk)
@@ -559,6 +575,11 @@ def _attempts(
                 return plan, tables
         except _Retry as retry:
             _fall_back(run, forced, retry.tables, retry.why)
+        except replica.NotHere as exc:
+            attempt -= 1  # the same attempt again, row by row
+            run.row_by_row = str(exc)
+            run.notes.append(f"foreign keys were checked row by row: in bulk, {exc}")
+            log.warning("  writing again, row by row: in bulk, %s", exc)
         except write.TableFailed as exc:
             if last:
                 raise exc.error from None
@@ -572,36 +593,34 @@ def _attempts(
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _writes(run: Session, phase: _Phases, plan: Plan, allowed: Collection[str]) -> None:
-    """The writes: with foreign keys checked in bulk when the change is large
-    (:mod:`.replica`), row by row otherwise or when that could not prove itself."""
-    conn = run.conn
-    if not run.block_readers and not run.row_by_row and replica.wanted(run, plan):
-        if why := replica.obstacle(run, allowed):
-            run.row_by_row = why
-            log.info("  foreign keys checked row by row: %s", why)
-        else:
-            try:
-                with conn.transaction():  # a savepoint: a failure here costs only the writes
-                    before = replica.write_counters(conn)
-                    state = replica.enter(run)
-                    _passes(run, phase, plan)
-                    with phase("checking foreign keys"):
-                        replica.leave(run, state, before)
-                return
-            except replica.NotHere as exc:
-                run.row_by_row = str(exc)
-                if exc.expected:
-                    log.info("  foreign keys checked row by row: %s", exc)
-                    return _passes(run, phase, plan)
-            except write.TableFailed as exc:
-                if replica.same_row_by_row(exc.error):
-                    raise
-                error = scripts.error_message(exc.error)
-                run.row_by_row = f"a write failed on {exc.table} ({error})"
-            run.notes.append(f"foreign keys were checked row by row: in bulk, {run.row_by_row}")
-            log.warning("  writing again, row by row: in bulk, %s", run.row_by_row)
-    _passes(run, phase, plan)
+def _in_bulk(run: Session, plan: Plan, allowed: Collection[str]) -> bool:
+    """Whether this attempt writes with foreign keys checked in bulk (:mod:`.replica`)."""
+    if run.block_readers or run.row_by_row or not replica.wanted(run, plan):
+        return False
+    if why := replica.obstacle(run, allowed):
+        run.row_by_row = why
+        log.info("  foreign keys checked row by row: %s", why)
+        return False
+    return True
+
+
+def _write_in_bulk(run: Session, phase: _Phases, plan: Plan) -> None:
+    """The writes in replica mode, then every key they touched proven in bulk.
+
+    Raises :class:`replica.NotHere` when that cannot be kept: the attempt is then rolled
+    back and made again row by row.
+    """
+    before = replica.write_counters(run.conn)
+    state = replica.enter(run)
+    try:
+        _passes(run, phase, plan)
+    except write.TableFailed as exc:
+        if replica.same_row_by_row(exc.error):
+            raise
+        error = scripts.error_message(exc.error)
+        raise replica.NotHere(f"a write failed on {exc.table} ({error})") from None
+    with phase("checking foreign keys"):
+        replica.leave(run, state, before)
 
 
 def _passes(run: Session, phase: _Phases, plan: Plan) -> None:

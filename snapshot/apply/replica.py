@@ -4,7 +4,7 @@ Row by row, every written child row looks up its parent and every deleted parent
 children: on a first apply or any large change that is most of the write time (raw
 ``pg_restore`` pays it too). When the change is large (``[apply] foreign_key_checks =
 "auto"``: at least a tenth of the scope's rows) and the role may, the writes run with
-``session_replication_role = replica`` inside their own savepoint:
+``session_replication_role = replica`` (and the deletes need no helper indexes):
 
 * PostgreSQL then skips the foreign keys' per-row checks and actions; every other trigger
   on the scoped tables (guardrails, ``updated_at``, audits) is set ``ENABLE ALWAYS`` for the
@@ -19,11 +19,11 @@ It is a proof, not a shortcut: the scope is locked EXCLUSIVE from before the
 transaction's snapshot to the commit, so no other session can insert a child of, or delete
 the parent of, a row this check has seen (its own foreign-key check or action must lock
 the scoped table's rows, and waits). Anything it cannot prove, or any surprise, rolls the
-savepoint back and the same writes run again row by row, with the report saying why: a row
-a key would refuse (an orphan, or a cascade the per-row writes would have done), a trigger
-that wrote to a table outside the scope, a role that may not set the parameter or alter
-the triggers (plain PostgreSQL needs ``GRANT SET ON PARAMETER session_replication_role``;
-Supabase's ``postgres`` may set it). Deferrable unique keys and app triggers (their events
+attempt back and it is made again row by row, the report saying why: a row a key would
+refuse (an orphan, or a cascade the per-row writes would have done), a trigger that wrote
+to a table outside the scope, a trigger's error. A role that may not set the parameter
+(plain PostgreSQL needs ``GRANT SET ON PARAMETER session_replication_role``; Supabase's
+``postgres`` may set it) or alter the triggers writes row by row from the start. Deferrable unique keys and app triggers (their events
 would still be pending when the triggers are set back, which ``ALTER TABLE`` refuses, and
 they are meant to fire at the commit), rules, partitioned tables and foreign keys not yet
 validated keep the row-by-row writes from the start.
@@ -53,14 +53,7 @@ AUTO_SHARE = 0.1  # "auto": in bulk when the writes reach a tenth of the scope's
 
 
 class NotHere(Exception):
-    """The bulk path cannot be used, or could not prove its writes: write row by row.
-
-    ``expected``: a lasting property of the role or the schema, not worth a note each run.
-    """
-
-    def __init__(self, why: str, *, expected: bool = False) -> None:
-        super().__init__(why)
-        self.expected = expected
+    """The bulk writes could not be kept (not proven, or refused): write row by row."""
 
 
 def same_row_by_row(error: psycopg.Error) -> bool:
@@ -107,13 +100,23 @@ SELECT format('%%s has the deferrable key %%I', k.conrelid::regclass, k.conname)
 FROM pg_constraint k
 WHERE k.conrelid = ANY(%(oids)s) AND k.contype IN ('p', 'u', 'x') AND k.condeferrable
 UNION ALL
-SELECT format('%%s has the deferred trigger %%I', t.tgrelid::regclass, t.tgname)
-FROM pg_trigger t WHERE t.tgrelid = ANY(%(oids)s) AND NOT t.tgisinternal AND t.tgdeferrable
+SELECT CASE WHEN t.tgdeferrable
+  THEN format('%%s has the deferred trigger %%I', t.tgrelid::regclass, t.tgname)
+  ELSE format('the role does not own %%s, so it may not set its trigger %%I to fire always',
+              t.tgrelid::regclass, t.tgname) END
+FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+WHERE t.tgrelid = ANY(%(oids)s) AND NOT t.tgisinternal
+  AND (t.tgdeferrable OR (t.tgenabled IN ('O', 'R') AND NOT pg_has_role(c.relowner, 'USAGE')))
 UNION ALL
-SELECT format('the foreign key %%I on %%s is not validated', k.conname, k.conrelid::regclass)
+SELECT CASE WHEN NOT k.convalidated
+  THEN format('the foreign key %%I on %%s is not validated', k.conname, k.conrelid::regclass)
+  ELSE format('the role may not read %%s, which the foreign key %%I joins',
+              o.oid::regclass, k.conname) END
 FROM pg_constraint k
-WHERE k.contype = 'f' AND NOT k.convalidated
+JOIN pg_class o ON o.oid IN (k.conrelid, k.confrelid)
+WHERE k.contype = 'f'
   AND (k.conrelid = ANY(%(oids)s) OR k.confrelid = ANY(%(oids)s))
+  AND (NOT k.convalidated OR NOT has_table_privilege(o.oid, 'SELECT'))
 LIMIT 1
 """
 
@@ -140,13 +143,24 @@ def obstacle(s: Session, allowed_cascades: Collection[str]) -> str | None:
         if fk.parent in scoped and fk.child not in scoped and name in allowed_cascades:
             return f"--allow-cascade {name} asks for the cascade the per-row writes do"
     row = s.conn.execute(_OBSTACLES, {"oids": _oids(s, s.order)}).fetchone()
-    return str(row[0]) if row else None
+    if row:
+        return str(row[0])
+    try:
+        with s.conn.transaction() as probe:
+            s.conn.execute("SET LOCAL session_replication_role = replica")
+            raise psycopg.Rollback(probe)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        return (
+            f"{s.target.env}'s role may not write in replica mode ({scripts.error_message(exc)};"
+            " on plain PostgreSQL: GRANT SET ON PARAMETER session_replication_role TO it)"
+        )
+    return None
 
 
 def enter(s: Session) -> BulkWrites:
     """Switch the transaction to replica writes; the app's triggers made to fire all the same.
 
-    Raises :class:`NotHere` when the role may not (the caller's savepoint undoes the rest).
+    Raises :class:`NotHere` when it cannot (the caller's savepoint undoes the rest).
     """
     conn = s.conn
     triggers = tuple(
@@ -158,12 +172,6 @@ def enter(s: Session) -> BulkWrites:
         _alter(conn, triggers, {"O": "ENABLE ALWAYS", "R": "DISABLE"})
     except psycopg.errors.QueryCanceled:
         raise
-    except psycopg.errors.InsufficientPrivilege as exc:
-        raise NotHere(
-            f"{s.target.env}'s role may not write in replica mode ({scripts.error_message(exc)}; "
-            "on plain PostgreSQL: GRANT SET ON PARAMETER session_replication_role TO it)",
-            expected=s.config.apply.foreign_key_checks == "auto",
-        ) from None
     except psycopg.OperationalError:
         raise
     except psycopg.Error as exc:  # e.g. deferred events the pre-scripts left pending
