@@ -613,7 +613,7 @@ def _write_in_bulk(run: Session, phase: _Phases, plan: Plan) -> None:
     before = replica.write_counters(run.conn)
     state = replica.enter(run)
     try:
-        _passes(run, phase, plan)
+        _passes(run, phase, plan, spare=False)
     except write.TableFailed as exc:
         if replica.same_row_by_row(exc.error):
             raise
@@ -623,12 +623,16 @@ def _write_in_bulk(run: Session, phase: _Phases, plan: Plan) -> None:
         replica.leave(run, state, before)
 
 
-def _passes(run: Session, phase: _Phases, plan: Plan) -> None:
-    """The three passes of :mod:`.write`, with the app's search_path for its triggers."""
+def _passes(run: Session, phase: _Phases, plan: Plan, *, spare: bool = True) -> None:
+    """The three passes of :mod:`.write`, with the app's search_path for its triggers.
+
+    ``spare=False`` deletes every row the snapshot lacks in the first pass: with no
+    foreign key acting per row, a parent need not wait for its children to move.
+    """
     progress.begin("writes", *write.expected_writes(plan))
     use_app_search_path(run.conn)  # a trigger may name its tables unqualified
     with phase("deleting"):
-        done = write.delete_first(run, plan)
+        done = write.delete_first(run, plan, spare=spare)
     with phase("inserting and updating"):
         write.insert_and_update(run, plan, done)
     with phase("deleting what waited"):

@@ -23,10 +23,14 @@ attempt back and it is made again row by row, the report saying why: a row a key
 refuse (an orphan, or a cascade the per-row writes would have done), a trigger that wrote
 to a table outside the scope, a trigger's error. A role that may not set the parameter
 (plain PostgreSQL needs ``GRANT SET ON PARAMETER session_replication_role``; Supabase's
-``postgres`` may set it) or alter the triggers writes row by row from the start. Deferrable unique keys and app triggers (their events
-would still be pending when the triggers are set back, which ``ALTER TABLE`` refuses, and
-they are meant to fire at the commit), rules, partitioned tables and foreign keys not yet
-validated keep the row-by-row writes from the start.
+``postgres`` may set it) or alter the triggers writes row by row from the start, as do
+deferrable unique keys and app triggers (their events would still be pending when the
+triggers are set back, which ``ALTER TABLE`` refuses, and they are meant to fire at the
+commit), rules, partitioned tables and foreign keys not yet validated.
+
+In bulk, the first pass deletes every row the snapshot lacks: with no foreign key acting
+per row, a parent need not wait for its children to move (sparing it takes anti-joins
+whose row estimates collapse, and the plans with them, without the helper indexes).
 
 ``ALTER TABLE ... ENABLE ALWAYS TRIGGER`` takes SHARE ROW EXCLUSIVE, weaker than the
 EXCLUSIVE lock the apply already holds: readers go on. It runs in replica mode, so the

@@ -324,15 +324,18 @@ def _timed(run: _Statement, verb: str, table: TableName, query: sql.Composed) ->
 _PRESENT = {"deleted": "deleting from", "inserted": "inserting into", "updated": "updating"}
 
 
-def delete_first(s: Session, plan: Plan) -> Written:
-    """Pass 1, children first: the rows the snapshot lacks, but parents still referred to."""
+def delete_first(s: Session, plan: Plan, *, spare: bool = True) -> Written:
+    """Pass 1, children first: the rows the snapshot lacks, but parents still referred to.
+
+    ``spare=False`` (foreign keys checked in bulk, none acting per row): every one of them.
+    """
     run, done = _Statement(s.conn), Written()
     for table in reversed(s.order):
         if table in plan.full_tables:
             # WHERE true: pg_safeupdate (Supabase) refuses a DELETE without WHERE
             query = sql.SQL("DELETE FROM {} WHERE true").format(table.ident)
         elif plan.table(table).deletes:
-            query = _guarded_delete(s, s.row_sets[table], final=False)
+            query = _guarded_delete(s, s.row_sets[table], final=not spare)
         else:
             continue
         done.add(done.deleted, table, _timed(run, "deleted", table, query))
