@@ -252,8 +252,9 @@ def block_readers_option(f: F) -> F:
     return click.option(
         "--block-readers",
         is_flag=True,
-        help="Check the scope's own foreign keys once, in bulk, instead of row by row: much "
-        "faster for large changes, but readers of those tables wait until the commit.",
+        help="Drop and re-add the scope's own foreign keys to check them in bulk, for a role "
+        "that may not set session_replication_role (large changes are otherwise checked in "
+        "bulk already): readers of those tables wait until the commit.",
     )(f)
 
 

@@ -167,10 +167,20 @@ def _wait_until_gone(prod: Database, pid: int) -> None:
         time.sleep(0.05)
 
 
+def _trigger_states(prod: Database) -> list[tuple]:
+    """Every app trigger and whether it fires (a bulk apply changes them inside its
+    transaction: snapshot.apply.replica)."""
+    return prod.execute(
+        "SELECT tgrelid::regclass::text, tgname, tgenabled FROM pg_trigger "
+        "WHERE NOT tgisinternal ORDER BY 1, 2"
+    )
+
+
 def test_killed_apply_leaves_target_unchanged(project: Project, make_db) -> None:
     _dev, prod = setup_pair(project, make_db)
     _slow_inserts(prod, 30)
     original = prod.fingerprint()
+    triggers = _trigger_states(prod)
 
     process = project.spawn("apply", "prod", "--yes")
     backend = _wait_for_insert(prod, process)
@@ -179,6 +189,7 @@ def test_killed_apply_leaves_target_unchanged(project: Project, make_db) -> None
     _wait_until_gone(prod, backend)  # the server noticed the client die and rolled back
 
     assert prod.fingerprint() == original
+    assert _trigger_states(prod) == triggers
     assert project.snapshots("prod") == []
     listed = project.run("list", "prod", "--json")
     assert listed.stdout.strip() == "[]"
@@ -194,6 +205,7 @@ def test_terminated_connection_leaves_target_unchanged(project: Project, make_db
     _dev, prod = setup_pair(project, make_db)
     _slow_inserts(prod, 30)
     original = prod.fingerprint()
+    triggers = _trigger_states(prod)
 
     process = project.spawn("apply", "prod", "--yes")
     backend = _wait_for_insert(prod, process)
@@ -205,6 +217,7 @@ def test_terminated_connection_leaves_target_unchanged(project: Project, make_db
     assert "prod is unchanged" in err and "Traceback" not in err
     _wait_until_gone(prod, backend)
     assert prod.fingerprint() == original
+    assert _trigger_states(prod) == triggers
     assert project.snapshots("prod") == []
     assert list((project.path / "snapshots" / "prod").glob(".tmp-*")) == []
 
