@@ -114,6 +114,12 @@ class RowSet:
         return digest(rows, sums, self.kind)
 
 
+def _analyze(conn: psycopg.Connection, table: sql.Identifier, columns: sql.Composable) -> None:
+    """Row count and statistics of the columns joins and filters use: not of the hashes,
+    which no plan needs and which cost most of a full ANALYZE (every value distinct)."""
+    conn.execute(sql.SQL("ANALYZE {} ({})").format(table, columns))
+
+
 def hash_snapshot(conn: psycopg.Connection, rows: RowSet) -> None:
     """``_snapshot_s<n>``: key and hash of every staged snapshot row (before any lock)."""
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.hashes))
@@ -129,7 +135,7 @@ def hash_snapshot(conn: psycopg.Connection, rows: RowSet) -> None:
             ),
         )
     )
-    conn.execute(sql.SQL("ANALYZE {}").format(rows.hashes))
+    _analyze(conn, rows.hashes, rows.keys)
 
 
 def snapshot_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
@@ -177,7 +183,7 @@ def fill_record(conn: psycopg.Connection, rows: RowSet) -> None:
             ),
         )
     )
-    conn.execute(sql.SQL("ANALYZE {}").format(rows.record))
+    _analyze(conn, rows.record, sql.SQL("{}, x$").format(rows.keys))
 
 
 def stage_from_record(conn: psycopg.Connection, rows: RowSet) -> None:
@@ -199,14 +205,14 @@ def stage_from_record(conn: psycopg.Connection, rows: RowSet) -> None:
             rows.hashes, rows.keys, rows.record
         )
     )
-    conn.execute(sql.SQL("ANALYZE {}").format(rows.hashes))
+    _analyze(conn, rows.hashes, rows.keys)
 
 
 def classify(conn: psycopg.Connection, rows: RowSet) -> None:
     """The delta: every key whose row differs between the snapshot and the record."""
     conn.execute(sql.SQL("TRUNCATE {}").format(rows.delta))
     conn.execute(_CLASSIFY.format(delta=rows.delta, k=rows.keys, s=rows.hashes, t=rows.record))
-    conn.execute(sql.SQL("ANALYZE {}").format(rows.delta))
+    _analyze(conn, rows.delta, sql.SQL("op$, {}").format(rows.keys))
 
 
 _CLASSIFY = sql.SQL(
