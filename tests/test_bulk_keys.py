@@ -227,3 +227,23 @@ def test_an_unknown_foreign_key_checks_value_is_one_line(project: Project, make_
     assert result.exit_code == 2
     assert "[apply] foreign_key_checks must be one of 'auto', 'bulk', 'per-row'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_row_match_full_refuses_is_refused_in_bulk_too(project: Project, make_db) -> None:
+    dev, prod = plain_app_pair(project, make_db, _fill, _config("auto"))
+    # dev lost the key (a drifted schema), and holds a half-null reference MATCH FULL forbids
+    dev.execute(
+        "ALTER TABLE public.badge DROP CONSTRAINT badge_team_id_member_name_fkey; "
+        "UPDATE public.badge SET member_name = NULL WHERE id = 1"
+    )
+    before = prod.fingerprint(SCOPE)
+    triggers = _triggers(prod)
+    assert project.run("take", "dev").exit_code == 0
+
+    refused = _apply(project, "bulk")
+
+    assert refused.exit_code == 1, refused.output
+    assert "in bulk, rows of public.badge break badge_team_id_member_name_fkey" in refused.output
+    assert 'violates foreign key constraint "badge_team_id_member_name_fkey"' in refused.stderr
+    assert prod.fingerprint(SCOPE) == before
+    assert _triggers(prod) == triggers
