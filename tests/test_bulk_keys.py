@@ -173,29 +173,63 @@ def test_a_trigger_writing_outside_the_scope_sends_the_writes_row_by_row(
     assert prod.execute("SELECT count(*) FROM public.audit")[0][0] == 30 - 20  # teams added
 
 
-def test_a_cascade_outside_the_scope_is_done_by_the_row_by_row_writes(
+def test_a_key_followed_on_update_outside_the_scope_keeps_the_writes_row_by_row(
     project: Project, make_db
 ) -> None:
     dev, prod = plain_app_pair(project, make_db, _fill, _config("auto"))
-    # prod holds dev's member m3 under an old name, which a table outside the scope
-    # refers to ON UPDATE CASCADE: the per-row update renames it there too
+    # prod holds dev's member 3 under the name dev gives member 33, and a table outside the
+    # scope refers to it ON UPDATE CASCADE: row by row, the rename carries the reference to
+    # "dev-m3", while the name it leaves goes to member 33 (so no reference is left
+    # dangling: a check in bulk would find nothing wrong and miss the cascade)
     prod.execute(
-        "INSERT INTO public.member VALUES (md5('dev3')::uuid, 4, 'old', NULL); "
+        "INSERT INTO public.member VALUES (md5('dev3')::uuid, 4, 'dev-m33', NULL); "
         "SET ROLE app_owner; CREATE TABLE public.alias (team_id int, member_name text, "
         "FOREIGN KEY (team_id, member_name) REFERENCES public.member (team_id, name) "
-        "ON UPDATE CASCADE); RESET ROLE; INSERT INTO public.alias VALUES (4, 'old')"
+        "ON UPDATE CASCADE); RESET ROLE; INSERT INTO public.alias VALUES (4, 'dev-m33')"
     )
-    assert dev.execute("SELECT team_id, name FROM public.member WHERE id = md5('dev3')::uuid") == [
-        (4, "dev-m3")
-    ]
+    assert dev.execute(
+        "SELECT id = md5('dev3')::uuid, team_id, name FROM public.member "
+        "WHERE name IN ('dev-m3', 'dev-m33') ORDER BY name"
+    ) == [(True, 4, "dev-m3"), (False, 4, "dev-m33")]
     assert project.run("take", "dev").exit_code == 0
 
     applied = _apply(project, "auto")
 
     assert applied.exit_code == 0, applied.output
-    assert "in bulk, rows of public.alias break alias_team_id_member_name_fkey" in applied.output
+    assert "public.alias refers to public.member ON UPDATE CASCADE, outside the scope" in (
+        applied.output
+    )
+    assert "foreign keys checked in bulk" not in applied.output
     assert prod.fingerprint(SCOPE) == dev.fingerprint(SCOPE)
     assert prod.execute("SELECT * FROM public.alias") == [(4, "dev-m3")]
+
+
+def test_a_trigger_error_in_bulk_of_any_sqlstate_is_tried_row_by_row(
+    project: Project, make_db
+) -> None:
+    dev, prod = plain_app_pair(project, make_db, _fill, _config("auto"))
+    # A team may not go while it has members, says a trigger with an invalid_parameter_value
+    # (class 22) error. prod's team 99 goes, but its one member stays, moved to team 8: row
+    # by row that member moves first; in bulk the team's delete comes first and fails.
+    prod.execute(
+        "INSERT INTO public.team VALUES (99, 'prod team 99', NULL); "
+        "INSERT INTO public.member VALUES (md5('dev7')::uuid, 99, 'dev-m7', NULL); "
+        "SET ROLE app_owner; "
+        "CREATE FUNCTION public.keep_teams() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF EXISTS (SELECT FROM public.member WHERE team_id = OLD.id) THEN "
+        "RAISE EXCEPTION 'team % has members', OLD.id USING ERRCODE = '22023'; END IF; "
+        "RETURN OLD; END $$; "
+        "CREATE TRIGGER keep_teams BEFORE DELETE ON public.team "
+        "FOR EACH ROW EXECUTE FUNCTION public.keep_teams(); RESET ROLE"
+    )
+    assert project.run("take", "dev").exit_code == 0
+
+    applied = _apply(project, "auto")
+
+    assert applied.exit_code == 0, applied.output
+    assert "in bulk, a write failed on public.team (team 99 has members)" in applied.output
+    assert "tried first" not in applied.output  # no table replaced in full for it
+    assert prod.fingerprint(SCOPE) == dev.fingerprint(SCOPE)
 
 
 def test_a_role_that_may_not_use_replica_mode_writes_row_by_row(

@@ -26,7 +26,9 @@ to a table outside the scope, a trigger's error. A role that may not set the par
 ``postgres`` may set it) or alter the triggers writes row by row from the start, as do
 deferrable unique keys and app triggers (their events would still be pending when the
 triggers are set back, which ``ALTER TABLE`` refuses, and they are meant to fire at the
-commit), rules, partitioned tables and foreign keys not yet validated.
+commit), rules, partitioned tables, foreign keys not yet validated, and keys from outside
+the scope that follow a changed key (``ON UPDATE CASCADE``, ``SET NULL``, ``SET DEFAULT``):
+an anti-join proves a reference finds a parent, not that it should have moved to another.
 
 In bulk, the first pass deletes every row the snapshot lacks: with no foreign key acting
 per row, a parent need not wait for its children to move (sparing it takes anti-joins
@@ -63,11 +65,13 @@ class NotHere(Exception):
 def same_row_by_row(error: psycopg.Error) -> bool:
     """Whether ``error`` would fail the row-by-row writes just the same.
 
-    Keys, NOT NULL and bad values are checked by the same code in both modes; anything
-    else (a trigger's exception, say) may have seen what only the per-row checks do.
+    Keys, NOT NULL and bad values met by the apply's own statement are checked by the same
+    code in both modes; an error raised inside a function (a trigger, whatever its
+    SQLSTATE) may have seen what only the per-row writes do.
     """
     state = error.sqlstate or ""
-    return state in ("23502", "23505", "23P01") or state.startswith("22")
+    same = state in ("23502", "23505", "23P01") or state.startswith("22")
+    return same and not error.diag.context
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,15 @@ SELECT CASE WHEN t.tgdeferrable
 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
 WHERE t.tgrelid = ANY(%(oids)s) AND NOT t.tgisinternal
   AND (t.tgdeferrable OR (t.tgenabled IN ('O', 'R') AND NOT pg_has_role(c.relowner, 'USAGE')))
+UNION ALL
+SELECT format('%%s refers to %%s ON UPDATE %%s, outside the scope: row by row it follows '
+              'a changed key, which a check in bulk cannot do', k.conrelid::regclass,
+              k.confrelid::regclass,
+              CASE k.confupdtype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL'
+                                 ELSE 'SET DEFAULT' END)
+FROM pg_constraint k
+WHERE k.contype = 'f' AND k.confrelid = ANY(%(oids)s) AND NOT k.conrelid = ANY(%(oids)s)
+  AND k.confupdtype IN ('c', 'n', 'd')
 UNION ALL
 SELECT CASE WHEN NOT k.convalidated
   THEN format('the foreign key %%I on %%s is not validated', k.conname, k.conrelid::regclass)
