@@ -1,9 +1,10 @@
 """``snapshot apply`` and ``rollback``: make the target's scope equal a snapshot, atomically,
 writing only the rows that differ.
 
-Every trigger and constraint stays on (no ``session_replication_role``, no ``DISABLE
-TRIGGER``) and everything happens in one REPEATABLE READ transaction that commits only when
-every row of every scoped table matches the snapshot. The recipe:
+Every app trigger fires and every constraint holds (no ``DISABLE TRIGGER``; a large change
+checks its foreign keys in bulk instead of row by row, :mod:`.replica`) and everything
+happens in one REPEATABLE READ transaction that commits only when every row of every
+scoped table matches the snapshot. The recipe:
 
 Before any lock (the target's writers go on):
   1. preflight (:mod:`snapshot.preflight`): integrity, identity, schema, privileges, scope
@@ -20,7 +21,8 @@ Under the lock (writers wait, readers go on):
   4. reconcile the plan with rows written since the record (:mod:`.rows`); copy them into
      the backup beside pg_dump's file;
   5. create the snapshot's auth users the target lacks (:mod:`.auth`), insert only;
-  6. in a savepoint: pre-scripts, the writes (:mod:`.write`), post-scripts, parity
+  6. in a savepoint: pre-scripts, the writes (:mod:`.write`; foreign keys checked in bulk
+     after them when the change is large, :mod:`.replica`), post-scripts, parity
      (:mod:`.proof`). A table whose delta cannot be applied cleanly is replaced in full
      instead, within the same transaction, and the report says so;
   7. sequences (:mod:`.sequences`); the backup joined; commit. Or roll back: nothing changed.

@@ -1,4 +1,4 @@
-"""Writing the plan into the target, with every trigger and constraint on.
+"""Writing the plan into the target, every app trigger firing and every constraint holding.
 
 Three passes over the scope, in the order computed from its foreign keys:
 
