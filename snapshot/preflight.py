@@ -584,6 +584,7 @@ def run_checks(
         findings += _outside_references(s)
         findings += _auth_conflicts(s)
         findings += _plan_findings(s, s.plan)
+        findings += _key_checks(s, s.plan, allowed)
     return PreflightReport(s.action, s.target.env, s.snapshot.id, tuple(findings), s.plan)
 
 
@@ -635,6 +636,27 @@ def _scripts(s: Session) -> Finding:
         return Finding("scripts", OK, scripts.describe(s.config))
     except SnapshotError as exc:
         return Finding("scripts", ERROR, str(exc))
+
+
+def _key_checks(s: Session, plan: Plan, allowed: Collection[str]) -> Iterator[Finding]:
+    """How a large change will check its foreign keys (small ones go row by row, unsaid)."""
+    from snapshot.apply import replica
+
+    if s.block_readers or not replica.wanted(s, plan):
+        return
+    why = replica.obstacle(s, allowed)
+    if why is None:
+        yield Finding(
+            "plan",
+            OK,
+            f"{plan.changes:,} rows to write: their foreign keys are checked in bulk after "
+            "the writes (session_replication_role = replica, the app's triggers set to fire "
+            "always meanwhile); readers never wait",
+        )
+    else:
+        yield Finding(
+            "plan", OK, f"{plan.changes:,} rows to write, foreign keys checked row by row: {why}"
+        )
 
 
 def _plan_findings(s: Session, plan: Plan) -> Iterator[Finding]:

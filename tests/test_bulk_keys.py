@@ -9,6 +9,8 @@ cannot prove its writes, a fallback the report names.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import Project, plain_app_pair
@@ -98,6 +100,10 @@ def _triggers(db: Database) -> list[tuple]:
     return db.execute(TRIGGER_STATES)
 
 
+def _details(checked) -> str:
+    return " ".join(f["detail"] for f in json.loads(checked.stdout)["findings"])
+
+
 def _apply(project: Project, checks: str, env: str = "prod"):
     project.config(_config(checks))
     return project.run("-v", "apply", env, "--from", "dev", "--yes")
@@ -110,9 +116,13 @@ def test_a_large_apply_in_bulk_ends_exactly_as_row_by_row(project: Project, make
     project.point("twin", twin)
     triggers = _triggers(prod)
     assert project.run("take", "dev").exit_code == 0
+    checked = project.run("check", "prod", "--json")  # the plan says how keys are checked
 
     bulk = _apply(project, "auto")
     row_by_row = _apply(project, "per-row", "twin")
+
+    assert checked.exit_code == 0, checked.output
+    assert "foreign keys are checked in bulk after the writes" in _details(checked)
 
     assert bulk.exit_code == 0, bulk.output
     assert row_by_row.exit_code == 0, row_by_row.output
@@ -242,11 +252,15 @@ def test_a_role_that_may_not_use_replica_mode_writes_row_by_row(
     with server.connect() as conn:
         conn.execute("REVOKE SET ON PARAMETER session_replication_role FROM app_owner")
     try:
+        checked = project.run("check", "prod", "--json")
         applied = _apply(project, "auto")
     finally:
         with server.connect() as conn:
             conn.execute("GRANT SET ON PARAMETER session_replication_role TO app_owner")
 
+    assert "foreign keys checked row by row: prod's role may not write in replica mode" in (
+        _details(checked)
+    )
     assert applied.exit_code == 0, applied.output
     assert "may not write in replica mode" in applied.output
     assert "note:" not in applied.output  # the role's lasting property: no note each run
