@@ -583,8 +583,9 @@ def run_checks(
         findings += _closure(s, allowed, s.plan)
         findings += _outside_references(s)
         findings += _auth_conflicts(s)
-        findings += _plan_findings(s, s.plan)
-        findings += _key_checks(s, s.plan, allowed)
+        in_bulk, how = _key_checks(s, s.plan, allowed)
+        findings += _plan_findings(s, s.plan, in_bulk=in_bulk)
+        findings += how
     return PreflightReport(s.action, s.target.env, s.snapshot.id, tuple(findings), s.plan)
 
 
@@ -638,29 +639,30 @@ def _scripts(s: Session) -> Finding:
         return Finding("scripts", ERROR, str(exc))
 
 
-def _key_checks(s: Session, plan: Plan, allowed: Collection[str]) -> Iterator[Finding]:
-    """How a large change will check its foreign keys (small ones go row by row, unsaid)."""
+def _key_checks(s: Session, plan: Plan, allowed: Collection[str]) -> tuple[bool, list[Finding]]:
+    """Whether a large change checks its foreign keys in bulk, and a finding saying how
+    (a small one goes row by row, unsaid)."""
     from snapshot.apply import replica
 
     if s.block_readers or not replica.wanted(s, plan):
-        return
+        return False, []
     why = replica.obstacle(s, allowed)
-    if why is None:
-        yield Finding(
-            "plan",
-            OK,
-            f"{plan.changes:,} rows to write: their foreign keys are checked in bulk after "
-            "the writes (session_replication_role = replica, the app's triggers set to fire "
-            "always meanwhile); readers never wait",
-        )
-    else:
-        yield Finding(
-            "plan", OK, f"{plan.changes:,} rows to write, foreign keys checked row by row: {why}"
-        )
+    if why is not None:
+        detail = f"{plan.changes:,} rows to write, foreign keys checked row by row: {why}"
+        return False, [Finding("plan", OK, detail)]
+    detail = (
+        f"{plan.changes:,} rows to write: their foreign keys are checked in bulk after the "
+        "writes (session_replication_role = replica, the app's triggers set to fire always "
+        "meanwhile); readers never wait"
+    )
+    return True, [Finding("plan", OK, detail)]
 
 
-def _plan_findings(s: Session, plan: Plan) -> Iterator[Finding]:
-    """What the apply will write, and whom it affects, as findings."""
+def _plan_findings(s: Session, plan: Plan, *, in_bulk: bool = False) -> Iterator[Finding]:
+    """What the apply will write, and whom it affects, as findings.
+
+    ``in_bulk``: the writes check foreign keys in bulk, so the deletes need no index.
+    """
     tables = plan.tables
     counts = (
         f"{sum(t.inserts for t in tables):,} rows to insert, {sum(t.updates for t in tables):,} "
@@ -675,13 +677,17 @@ def _plan_findings(s: Session, plan: Plan) -> Iterator[Finding]:
         )
     yield Finding("plan", OK, f"{counts}: {how}")
     if plan.helper_indexes:
+        use = (
+            "checking foreign keys in bulk, this apply needs no index for them"
+            if in_bulk
+            else "the apply indexes them for its own use and drops the indexes after commit "
+            "(DROP INDEX CONCURRENTLY: readers never wait)"
+        )
         yield Finding(
             "plan",
             OK,
             f"{len(plan.helper_indexes)} foreign keys have no index and their parents lose "
-            "many rows: checking foreign keys row by row, the apply indexes them for its own "
-            "use and drops the indexes after commit (DROP INDEX CONCURRENTLY: readers never "
-            "wait); to index them for good: "
+            f"many rows: {use}; to index them for good: "
             + " ".join(
                 f"CREATE INDEX CONCURRENTLY ON {fk.child} ({', '.join(map(quote, fk.columns))});"
                 for fk in plan.helper_indexes
