@@ -553,17 +553,17 @@ def _attempts(
                 with phase("pre-scripts"):
                     scripts.run(conn, scripts.scripts(run.config, "pre"), "pre")
                 write.guard_outside(run, plan, allowed)
-                bulk = constraints.scope_foreign_keys(run) if run.block_readers else []
-                if bulk:
+                dropped = constraints.scope_foreign_keys(run) if run.block_readers else []
+                if dropped:
                     with phase("dropping foreign keys"):
-                        constraints.drop(conn, bulk)
+                        constraints.drop(conn, dropped)
                 if in_bulk:
                     _write_in_bulk(run, phase, plan)
                 else:
                     _passes(run, phase, plan)
-                if bulk:
+                if dropped:
                     with phase("checking foreign keys in bulk"):
-                        constraints.add_back(conn, bulk)
+                        constraints.add_back(conn, dropped)
                 with phase("post-scripts"):
                     scripts.run(conn, scripts.scripts(run.config, "post"), "post")
                 with phase("verifying"):
@@ -572,8 +572,8 @@ def _attempts(
                 if failed and not last:
                     details = "; ".join(f"{t.table} {t.detail}" for t in failed)
                     raise _Retry([t.table for t in failed], f"it did not match ({details})")
-                if bulk:
-                    run.notes.append(_blocked_readers(bulk))
+                if dropped:
+                    run.notes.append(_blocked_readers(dropped))
                 return plan, tables
         except _Retry as retry:
             _fall_back(run, forced, retry.tables, retry.why)
@@ -642,10 +642,10 @@ def _passes(run: Session, phase: _Phases, plan: Plan, *, spare: bool = True) -> 
     use_tool_search_path(run.conn)
 
 
-def _blocked_readers(bulk: Collection[constraints.ForeignKeyDefinition]) -> str:
-    tables = sorted({str(t) for fk in bulk for t in (fk.child, fk.parent)})
+def _blocked_readers(dropped: Collection[constraints.ForeignKeyDefinition]) -> str:
+    tables = sorted({str(t) for fk in dropped for t in (fk.child, fk.parent)})
     return (
-        f"--block-readers: {len(bulk)} foreign keys were checked in bulk; readers of "
+        f"--block-readers: {len(dropped)} foreign keys were checked in bulk; readers of "
         f"{len(tables)} tables ({', '.join(tables)}) waited from the writes until the commit"
     )
 
