@@ -8,6 +8,7 @@ fingerprints from two databases compare as text.
 from __future__ import annotations
 
 import heapq
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -485,3 +486,70 @@ def estimated_rows(conn: psycopg.Connection, tables: Sequence[TableName]) -> dic
         ).fetchone()
         estimates[table] = int(row[0]) if row else 0
     return estimates
+
+
+@dataclass(frozen=True)
+class AppTrigger:
+    """A trigger the app made on a scoped table (not one PostgreSQL made for a constraint).
+
+    A trigger on a partition counts as one on its scoped root; a partition's clone of its
+    parent's trigger is not listed again.
+    """
+
+    table: TableName
+    name: str
+    function: str  # as regprocedure prints it: public.set_updated_at()
+    before_row: bool  # BEFORE ... FOR EACH ROW on INSERT or UPDATE: it sees NEW first
+    language: str  # of its function: plpgsql, c (moddatetime, tsvector_update_trigger)...
+    source: str  # the function's body and the trigger's arguments: the columns it names
+
+    @property
+    def may_rewrite(self) -> bool:
+        """Whether it may change the row being written: a BEFORE ROW trigger whose function
+        assigns to ``NEW``, or is written in a language whose code cannot be read here."""
+        if not self.before_row:
+            return False
+        if self.language != "plpgsql":
+            return True
+        return _ASSIGNS_NEW.search(self.source) is not None
+
+    def names_column(self, column: str) -> bool:
+        """Whether the trigger's code or arguments name ``column`` (as a word, any case)."""
+        return re.search(rf"(?<![\w$]){re.escape(column)}(?![\w$])", self.source, re.I) is not None
+
+
+# A PL/pgSQL statement assigning to NEW or one of its fields (``NEW.updated_at := now();``,
+# ``NEW = jsonb_populate_record(...)``, ``SELECT ... INTO NEW``), not a comparison
+# (``IF NEW.status = 'published'``): an assignment starts a statement.
+_ASSIGNS_NEW = re.compile(
+    r"""(?:^|;|\bbegin|\bthen|\belse|\bloop|\bdeclare)\s*new\s*"""
+    r"""(?:\.\s*(?:"(?:[^"]|"")+"|[\w$]+)\s*)?(?:\[[^\]]*\]\s*)?:?=(?!=)"""
+    r"""|\binto\s+(?:strict\s+)?new\b""",
+    re.I,
+)
+
+
+_APP_TRIGGERS = """
+SELECT n.nspname, c.relname, t.tgname, t.tgfoid::regprocedure::text,
+       (t.tgtype & 3) = 3 AND (t.tgtype & 64) = 0 AND (t.tgtype & 20) <> 0,
+       l.lanname, coalesce(p.prosrc, '') || ' ' || encode(t.tgargs, 'escape')
+FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
+JOIN pg_namespace n ON n.nspname = w.nsp
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel
+CROSS JOIN LATERAL (SELECT c.oid UNION SELECT relid FROM pg_partition_tree(c.oid)) AS part(relid)
+JOIN pg_trigger t ON t.tgrelid = part.relid
+JOIN pg_proc p ON p.oid = t.tgfoid
+JOIN pg_language l ON l.oid = p.prolang
+WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND t.tgenabled IN ('O', 'A')
+ORDER BY n.nspname, c.relname, t.tgname
+"""
+
+
+def app_triggers(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[AppTrigger]:
+    """The enabled app triggers on ``tables`` (and their partitions), by table and name."""
+    return [
+        AppTrigger(TableName(nsp, rel), str(name), str(function), bool(before), str(lang), str(src))
+        for nsp, rel, name, function, before, lang, src in conn.execute(
+            _APP_TRIGGERS, _table_arrays(tables)
+        )
+    ]

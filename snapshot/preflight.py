@@ -293,6 +293,41 @@ def _privileges(s: Session) -> Iterator[Finding]:
         yield Finding("privileges", OK, f"{role} may lock, delete, insert and update the scope")
 
 
+def _triggers(s: Session) -> Iterator[Finding]:
+    """The app's triggers that may write into the rows they fire on, and whether the apply
+    can keep what they write from staying (:mod:`snapshot.apply.keepers`)."""
+    rewriting = [t for t in catalog.app_triggers(s.conn, s.order) if t.may_rewrite]
+    if not rewriting:
+        return
+    tables = sorted({t.table for t in rewriting})
+    denied = {
+        tables[int(i) - 1]
+        for (i,) in s.conn.execute(
+            "SELECT i FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(t, i) "
+            "WHERE NOT has_table_privilege(t, 'TRIGGER')",
+            ([t.ident.as_string(s.conn) for t in tables],),
+        )
+    }
+    listed = "; ".join(
+        f"{table}: {', '.join(t.name for t in rewriting if t.table == table)}" for table in tables
+    )
+    yield Finding(
+        "app triggers",
+        OK,
+        f"{len(tables)} table{'s' if len(tables) != 1 else ''} have triggers that write into the "
+        f"rows they fire on ({listed}): they fire on every row the apply writes (one that raises "
+        "still stops it), and what they write does not stay: the snapshot's values are kept",
+    )
+    for table in sorted(denied):
+        yield Finding(
+            "app triggers",
+            WARNING,
+            f"{s.info.user} may not create triggers on {table} (it neither owns it nor has "
+            "TRIGGER), so what the app's triggers write there would stay and fail the parity "
+            f"check: GRANT TRIGGER ON {table} TO {s.info.user};",
+        )
+
+
 def _owned_sequences(s: Session) -> list[str]:
     return [
         seq.ident.as_string(s.conn) for seq, *_ in catalog.owned_sequence_names(s.conn, s.order)
@@ -541,6 +576,7 @@ def run_checks(
     findings += _schema(s)
     findings += _migrations(s)
     findings += _privileges(s)
+    findings += _triggers(s)
     findings += _order(s)
     findings.append(_scripts(s))
     if live:

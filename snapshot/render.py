@@ -191,6 +191,8 @@ def parity_report(report: Any) -> str:
                 f"auth.users: {a.snapshot_users:,} in the snapshot, {a.created_users:,} created "
                 f"({a.created_identities:,} identities), {a.missing_after:,} missing"
             )
+        for written in getattr(report, "trigger_writes", ()):
+            lines.append(f"triggers: {written.sentence()}")
         people = report.plan.auth if report.plan else None
         if people is not None and people.orphaned:
             done = report.committed and not report.dry_run

@@ -106,10 +106,11 @@ CASES: dict[str, tuple[str, set[str]]] = {
         {"public.event_log"},
     ),
     "trigger rewrites rows on update": (
-        # edited twice in dev (edits = 2); writing the row once in prod makes edits 1
+        # edited twice in dev (edits = 2); writing the row once in prod would make edits 1,
+        # but what the trigger writes does not stay: the delta ends with the snapshot's 2
         "UPDATE public.stamped SET body = body || ' (edited)' WHERE id <= 5;"
         "UPDATE public.stamped SET body = body || '!' WHERE id <= 5;",
-        {"public.stamped"},
+        set(),
     ),
 }
 
@@ -197,11 +198,13 @@ def _foreign_keys(db: Database) -> list[tuple[str, str, str]]:
     )
 
 
-# A pre-script's trigger slips a member of no team in while the foreign keys are dropped.
+# A pre-script's trigger moves a member to no team while the foreign keys are dropped (a
+# trigger's write to a key that an action moves stays: see snapshot.apply.keepers).
 ORPHAN = """
 CREATE FUNCTION public.orphan_member() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  INSERT INTO public.member VALUES (NEW.id + 1000, '00000000-0000-0000-0000-000000000000', -NEW.id);
+  UPDATE public.member SET "teamId" = '00000000-0000-0000-0000-000000000000'
+  WHERE id = (SELECT min(id) FROM public.member);
   RETURN NEW;
 END $$;
 CREATE TRIGGER orphan_member AFTER INSERT ON public.node

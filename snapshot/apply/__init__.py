@@ -45,7 +45,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import archive, preflight, progress, scripts
-from snapshot.apply import auth, backup, constraints, proof, replica, sequences, write
+from snapshot.apply import auth, backup, constraints, keepers, proof, replica, sequences, write
 from snapshot.apply import plan as planning
 from snapshot.apply import rows as rowsets
 from snapshot.apply.backup import settle_orphaned_backups
@@ -110,6 +110,16 @@ class _Phases:
             self._progress(name)
         yield
         self.done.append((name, time.monotonic() - started))
+
+
+class _Guard(Exception):
+    """Rows of these tables ended other than the snapshot's, or a write failed, where the app
+    has triggers and no keeper held the tables: the same attempt again, with keepers."""
+
+    def __init__(self, tables: Collection[TableName], why: str) -> None:
+        super().__init__(why)
+        self.tables = tuple(tables)
+        self.why = why
 
 
 class _Retry(Exception):
@@ -436,7 +446,7 @@ def _transaction(
                     use_tool_search_path(conn)
                     if created[0]:
                         _reconcile(run, _touched(run, counters))
-            plan, tables = _attempts(run, phase, allowed, before, helpers)
+            plan, tables, held, trigger_writes = _attempts(run, phase, allowed, before, helpers)
             with phase("sequences"):
                 sequences.restart(run)
             report = ApplyReport(
@@ -451,6 +461,7 @@ def _transaction(
                 phases=tuple(phase.done),
                 notes=tuple(run.notes),
                 plan=plan,
+                trigger_writes=trigger_writes,
             )
             keep = commit and report.matches
             if keep and running is not None:
@@ -459,6 +470,8 @@ def _transaction(
                     running = run.backup = None
             if not keep:
                 raise psycopg.Rollback(tx)  # leaves the block, rolling back; nothing raised
+            with phase("dropping the keeper triggers"):
+                keepers.release(conn, held, run.config.apply.lock_timeout, run.target.env)
             phase.current = "committing"
             use_app_search_path(conn)  # deferred triggers fire at the commit
             # From the commit to the backup's publication, Ctrl-C waits: the outcome is then
@@ -526,15 +539,21 @@ def _attempts(
     allowed: Collection[str],
     before: dict[TableName, int],
     helpers: list[sql.Identifier],
-) -> tuple[Plan, list[TableParity]]:
+) -> tuple[Plan, list[TableParity], keepers.Keepers, tuple[keepers.TriggerWrites, ...]]:
     """Pre-scripts, writes, post-scripts and parity, in a savepoint; fall back to full.
 
     ``helpers`` gathers the helper indexes made for row-by-row deletes (dropped after the
-    commit; those of an attempt rolled back are gone already).
+    commit; those of an attempt rolled back are gone already). Returns the plan written,
+    each table's parity, the keeper triggers (dropped right before the commit) and what
+    the app's triggers wrote that they undid.
     """
     assert run.plan is not None
     conn = run.conn
     forced = {t.table: t.reason for t in run.plan.tables if t.full}
+    kept_columns = {t: run.entries[t].column_names for t in run.order}
+    numbers = {t: i for i, t in enumerate(run.config.scope.tables)}
+    guarded: set[TableName] = set()  # tables the app's triggers were found to write
+    held = keepers.Keepers()
     attempt = 0
     while attempt < ATTEMPTS:
         attempt += 1
@@ -550,6 +569,10 @@ def _attempts(
                 # Deferrable keys are checked at the commit, once every row is in (the insert
                 # order counts on it: catalog.apply_order), INITIALLY IMMEDIATE ones too.
                 conn.execute("SET CONSTRAINTS ALL DEFERRED")
+                with phase("placing the keeper triggers"):
+                    held = keepers.hold(
+                        conn, run.order, run.shapes, kept_columns, numbers, also=guarded
+                    )
                 with phase("pre-scripts"):
                     scripts.run(conn, scripts.scripts(run.config, "pre"), "pre")
                 write.guard_outside(run, plan, allowed)
@@ -566,15 +589,27 @@ def _attempts(
                         constraints.add_back(conn, dropped)
                 with phase("post-scripts"):
                     scripts.run(conn, scripts.scripts(run.config, "post"), "post")
+                trigger_writes = keepers.writes(conn, held)
                 with phase("verifying"):
                     tables = proof.parity(run, plan, before)
                 failed = [t for t in tables if not t.match and t.table not in plan.full_tables]
+                if unguarded := keepers.guard(held, [t.table for t in failed]):
+                    details = "; ".join(f"{t.table} {t.detail}" for t in failed)
+                    raise _Guard(unguarded, f"it did not match ({details})")
                 if failed and not last:
                     details = "; ".join(f"{t.table} {t.detail}" for t in failed)
                     raise _Retry([t.table for t in failed], f"it did not match ({details})")
                 if dropped:
                     run.notes.append(_blocked_readers(dropped))
-                return plan, tables
+                return plan, tables, held, trigger_writes
+        except _Guard as found:
+            attempt -= 1  # the same attempt again, the app's triggers' writes undone
+            guarded.update(found.tables)
+            log.info(
+                "  %s: %s; the app's triggers write there: again, with keepers",
+                ", ".join(map(str, found.tables)),
+                found.why,
+            )
         except _Retry as retry:
             _fall_back(run, forced, retry.tables, retry.why)
         except replica.NotHere as exc:
@@ -583,6 +618,15 @@ def _attempts(
             run.notes.append(f"foreign keys were checked row by row: in bulk, {exc}")
             log.warning("  writing again, row by row: in bulk, %s", exc)
         except write.TableFailed as exc:
+            if unguarded := keepers.guard(held, [exc.table]):
+                guarded.update(unguarded)
+                attempt -= 1  # the same attempt again, with keepers on the table
+                log.info(
+                    "  %s: %s; the app has triggers on the scope: again, with keepers",
+                    exc.table,
+                    scripts.error_message(exc.error),
+                )
+                continue
             if last:
                 raise exc.error from None
             why = f"it failed: {scripts.error_message(exc.error)}"

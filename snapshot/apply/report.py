@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from snapshot.apply.keepers import TriggerWrites
 from snapshot.apply.plan import Plan
 from snapshot.archive import Snapshot
 from snapshot.environments import Connection
@@ -84,6 +85,7 @@ class ApplyReport:
     phases: tuple[tuple[str, float], ...]
     notes: tuple[str, ...] = ()
     plan: Plan | None = None
+    trigger_writes: tuple[TriggerWrites, ...] = ()  # what the app's triggers wrote, undone
 
     @property
     def matches(self) -> bool:
@@ -106,4 +108,5 @@ class ApplyReport:
             "auth_plan": self.plan.auth.to_json() if self.plan and self.plan.auth else None,
             "phases": [{"phase": p, "seconds": round(s, 3)} for p, s in self.phases],
             "notes": list(self.notes),
+            "trigger_rewrites": [t.to_json() for t in self.trigger_writes],
         }
