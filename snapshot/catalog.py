@@ -231,10 +231,31 @@ def require_tables(
             f"{where} has no table {', '.join(missing)}: fix [scope] tables in snapshot.toml "
             "or run the migrations that create it"
         )
+    beside = partitions_beside_parents(conn, tables)
+    if beside:
+        partition, parent = next(iter(beside.items()))
+        raise ConfigError(
+            f"{partition} is a partition of {parent}, which the scope holds with all its "
+            f"partitions: name only {parent} in [scope] tables of snapshot.toml (its rows "
+            "would count twice)"
+        )
     return shapes
 
 
+# A foreign key declared on a partition (pg_dump of servers before 11 wrote them so; pagila's
+# payment_p2022_01) is a key of the partitioned table above it: of the scoped one (the
+# "covered" relations are each scoped table and every partition below it), else of the
+# topmost one.
 _FOREIGN_KEYS = """
+WITH scoped AS (
+  SELECT c.oid FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
+  JOIN pg_namespace n ON n.nspname = w.nsp
+  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel),
+covered AS (
+  SELECT oid, oid AS scoped FROM scoped
+  UNION ALL
+  SELECT t.relid, s.oid FROM scoped s CROSS JOIN LATERAL pg_partition_tree(s.oid) t
+  WHERE t.level > 0 AND t.relid NOT IN (SELECT oid FROM scoped))
 SELECT con.conname, cn.nspname, cc.relname, pn.nspname, pc.relname,
        ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
              JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.i),
@@ -242,20 +263,29 @@ SELECT con.conname, cn.nspname, cc.relname, pn.nspname, pc.relname,
              JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.i),
        con.confdeltype, con.condeferrable
 FROM pg_constraint con
-JOIN pg_class cc ON cc.oid = con.conrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace
-JOIN pg_class pc ON pc.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+LEFT JOIN covered ch ON ch.oid = con.conrelid
+LEFT JOIN covered pa ON pa.oid = con.confrelid
+JOIN pg_class cc ON cc.oid = coalesce(ch.scoped, pg_partition_root(con.conrelid), con.conrelid)
+JOIN pg_namespace cn ON cn.oid = cc.relnamespace
+JOIN pg_class pc ON pc.oid = coalesce(pa.scoped, pg_partition_root(con.confrelid), con.confrelid)
+JOIN pg_namespace pn ON pn.oid = pc.relnamespace
 WHERE con.contype = 'f' AND con.conparentid = 0
-  AND ((cn.nspname, cc.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
-    OR (pn.nspname, pc.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[])))
+  AND (ch.oid IS NOT NULL OR pa.oid IS NOT NULL)
 ORDER BY cn.nspname, cc.relname, con.conname
 """
 
 
 def foreign_keys(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[ForeignKey]:
-    """Every foreign key with a scoped table on either side."""
+    """Every foreign key with a scoped table on either side.
+
+    A key declared on a partition is a key of the partitioned table above it (of the
+    scoped one, else of the topmost): the same key declared on several partitions is one,
+    named as on the first of them.
+    """
     schemas, names = _table_arrays(tables)
-    return [
-        ForeignKey(
+    found: dict[tuple[Any, ...], ForeignKey] = {}
+    for row in conn.execute(_FOREIGN_KEYS, (schemas, names)):
+        fk = ForeignKey(
             name=row[0],
             child=TableName(row[1], row[2]),
             parent=TableName(row[3], row[4]),
@@ -264,8 +294,39 @@ def foreign_keys(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[
             on_delete=row[7],
             deferrable=row[8],
         )
-        for row in conn.execute(_FOREIGN_KEYS, (schemas, names, schemas, names))
-    ]
+        same = (fk.child, fk.columns, fk.parent, fk.parent_columns, fk.on_delete, fk.deferrable)
+        found.setdefault(same, fk)
+    return list(found.values())
+
+
+_PARTITIONS_BESIDE_PARENTS = """
+WITH scoped AS (
+  SELECT c.oid FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
+  JOIN pg_namespace n ON n.nspname = w.nsp
+  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel)
+SELECT pn.nspname, p.relname, an.nspname, a.relname
+FROM scoped
+JOIN pg_class p ON p.oid = scoped.oid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+JOIN pg_partition_ancestors(p.oid) AS up ON up.relid <> p.oid AND up.relid IN (SELECT * FROM scoped)
+JOIN pg_class a ON a.oid = up.relid JOIN pg_namespace an ON an.oid = a.relnamespace
+ORDER BY 1, 2
+"""
+
+
+def partitions_beside_parents(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> dict[TableName, TableName]:
+    """Tables among ``tables`` that are partitions of another of them, with that table.
+
+    A partitioned table in the scope covers every partition below it: naming one of them
+    too would take, count and apply its rows twice.
+    """
+    result: dict[TableName, TableName] = {}
+    for nsp, rel, parent_nsp, parent in conn.execute(
+        _PARTITIONS_BESIDE_PARENTS, _table_arrays(tables)
+    ):
+        result.setdefault(TableName(nsp, rel), TableName(parent_nsp, parent))
+    return result
 
 
 _INDEXED = """

@@ -243,7 +243,9 @@ def _count(conn: psycopg.Connection, table: TableName) -> int:
 def _helper_indexes(s: Session, plans: Sequence[TablePlan]) -> list[ForeignKey]:
     """Foreign keys inside the scope whose parents lose enough rows to index the child."""
     deletes = {p.table: p.deletes for p in plans}
-    owned = {t for t in s.order if _owned(s.conn, t)}
+    # Not a partitioned table: an index on it cannot be dropped concurrently after commit.
+    partitioned = catalog.leaf_partitions(s.conn, s.order)
+    owned = {t for t in s.order if t not in partitioned and _owned(s.conn, t)}
     candidates = [
         fk
         for fk in s.fks
