@@ -7,6 +7,7 @@ Each finding is ok, warning or error, and every error says what to do about it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -95,11 +96,18 @@ class PreflightFailed(SnapshotError):
 
 
 def mask_email(email: str | None) -> str:
-    """``j***@example.com``: enough to recognise a user, not to harvest addresses."""
+    """``j***@example.com [3fa1]``: enough to tell users apart, not to harvest addresses.
+
+    The tag is a short hash of the whole address (lower-cased, as Supabase Auth compares
+    them): two samples with one domain and initial still differ, and the same person's
+    address gets the same tag on either side.
+    """
     if not email:
         return "-"
     local, _, domain = email.partition("@")
-    return f"{local[:1]}***@{domain}" if domain else f"{email[:1]}***"
+    tag = hashlib.sha256(email.strip().lower().encode()).hexdigest()[:4]
+    masked = f"{local[:1]}***@{domain}" if domain else f"{email[:1]}***"
+    return f"{masked} [{tag}]"
 
 
 def _identity(s: Session) -> Iterator[Finding]:
@@ -450,6 +458,17 @@ def _unique_keys(
     return [(list(cols), pred) for cols, pred in rows if set(cols) <= set(staged)]
 
 
+def _same_value(column: str) -> sql.Composable:
+    """``t.column = s.column``; emails compared case-insensitively, as Supabase Auth does.
+
+    Auth finds a user by ``lower(email)``: ``Conflict@Example.com`` and
+    ``conflict@example.com`` are one person to it, though the unique index takes both.
+    """
+    if column == "email":
+        return sql.SQL("lower(t.{c}) = lower(s.{c})").format(c=sql.Identifier(column))
+    return sql.SQL("t.{c} = s.{c}").format(c=sql.Identifier(column))
+
+
 def _auth_conflicts(s: Session) -> Iterator[Finding]:
     """Snapshot users to create whose email or phone already belongs to another target user."""
     users = next((e for e in s.auth_entries if e.table == AUTH_USERS), None)
@@ -459,9 +478,7 @@ def _auth_conflicts(s: Session) -> Iterator[Finding]:
     conflicts = []
     for columns, predicate in _unique_keys(s.conn, users.column_names):
         covered = sql.SQL(" WHERE {}").format(sql.SQL(predicate)) if predicate else sql.SQL("")
-        same = sql.SQL(" AND ").join(
-            sql.SQL("t.{c} = s.{c}").format(c=sql.Identifier(c)) for c in columns
-        )
+        same = sql.SQL(" AND ").join(_same_value(c) for c in columns)
         query = sql.SQL(
             "SELECT s.id, s.email, t.id FROM (SELECT * FROM {stage}{covered}) s "
             "JOIN (SELECT * FROM auth.users{covered}) t ON {same} AND t.id <> s.id "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -295,7 +296,9 @@ def test_auth_users_whose_email_or_phone_is_taken_are_refused(project: Project, 
     [(status, detail)] = statuses(result, "auth users")
     assert status == "error"
     intruder = prod.scalar("SELECT md5('intruder')::uuid")
-    assert f"({'u***@example.com'}) has the email of {intruder}" in detail
+    assert re.search(
+        rf"\(u\*\*\*@example\.com \[[0-9a-f]{{4}}\]\) has the email of {intruder}", detail
+    )
     assert "has the phone of" in detail
     assert email not in result.stdout  # masked
     assert applied.exit_code == 1 and prod.fingerprint() == original
