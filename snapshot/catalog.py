@@ -166,6 +166,48 @@ def table_shapes(
     }
 
 
+# Row-level security applies to a role that neither bypasses it nor owns the table (an
+# owner too when the table forces it). The tool's sessions set row_security = off, so a
+# read RLS would filter fails instead of coming back short.
+_HIDDEN_BY_RLS = """
+SELECT n.nspname, c.relname
+FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
+JOIN pg_namespace n ON n.nspname = w.nsp
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel
+JOIN pg_roles r ON r.rolname = current_user
+WHERE c.relrowsecurity AND NOT r.rolsuper AND NOT r.rolbypassrls
+  AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+ORDER BY 1, 2
+"""
+
+
+def hidden_by_row_security(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> list[TableName]:
+    """Tables among ``tables`` whose rows row-level security would hide from this role."""
+    return [TableName(nsp, rel) for nsp, rel in conn.execute(_HIDDEN_BY_RLS, _table_arrays(tables))]
+
+
+def row_security_refusal(role: str, tables: Sequence[TableName]) -> str:
+    """The sentence for :func:`hidden_by_row_security`'s tables: which, and the fix."""
+    named = ", ".join(map(str, tables[:3])) + (
+        f" and {len(tables) - 3} more" if len(tables) > 3 else ""
+    )
+    return (
+        f"row-level security would hide rows of {named} from {role}: run as the tables' owner "
+        f"or a role with BYPASSRLS (ALTER ROLE {quote(role)} BYPASSRLS)"
+    )
+
+
+def require_readable(conn: psycopg.Connection, tables: Sequence[TableName], doing: str) -> None:
+    """Refuse, naming them and the fix, to read tables row-level security would filter."""
+    hidden = hidden_by_row_security(conn, tables)
+    if hidden:
+        row = conn.execute("SELECT current_user").fetchone()
+        role = str(row[0]) if row else "this role"
+        raise Refused(f"{doing}: {row_security_refusal(role, hidden)}")
+
+
 _LEAVES = """
 SELECT n.nspname, c.relname, ln.nspname, l.relname
 FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)

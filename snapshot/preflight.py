@@ -18,7 +18,7 @@ from psycopg import sql
 
 from snapshot import archive, catalog, staging
 from snapshot.errors import SnapshotError
-from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, quote
+from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, TableName, quote
 from snapshot.session import Session
 from snapshot.take import LIVE, identity
 
@@ -249,13 +249,7 @@ def _migrations(s: Session) -> Iterator[Finding]:
 def _privileges(s: Session) -> Iterator[Finding]:
     conn = s.conn
     role = s.info.user
-    row = conn.execute(
-        "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
-    superuser, bypass = bool(row and row[0]), bool(row and row[1])
     grants: list[str] = []
-    owners: list[str] = []
-    unreadable: list[str] = []
     checks = [(t, "SELECT, INSERT, UPDATE, DELETE") for t in s.order]
     checks += [(e.table, "SELECT, INSERT") for e in s.auth_entries if e.table in s.shapes]
     for table, wanted in checks:
@@ -266,45 +260,52 @@ def _privileges(s: Session) -> Iterator[Finding]:
             if not _scalar(conn, "SELECT has_table_privilege(%s, %s)", (name, p.strip()))
         ]
         if missing:
-            grants.append(f"GRANT {', '.join(missing)} ON {name} TO {role};")
-        rls, owned = _scalar_row(
-            conn,
-            "SELECT c.relrowsecurity, pg_has_role(c.relowner, 'USAGE') FROM pg_class c "
-            "WHERE c.oid = %s::regclass",
-            (name,),
-        )
-        if rls and not owned and not bypass and not superuser:
-            unreadable.append(str(table))
-    for seq in _owned_sequences(s):
-        if not _scalar(
-            conn,
-            "SELECT pg_has_role(relowner, 'USAGE') FROM pg_class WHERE oid = %s::regclass",
-            (seq,),
-        ):
-            owners.append(f"ALTER SEQUENCE {seq} OWNER TO {role};")
+            grants.append(f"GRANT {', '.join(missing)} ON {name} TO {quote(role)};")
+    unreadable = catalog.hidden_by_row_security(conn, [t for t, _ in checks])
     if not _scalar(conn, "SELECT has_database_privilege(current_database(), 'TEMP')"):
-        grants.append(f"GRANT TEMP ON DATABASE {s.info.dbname} TO {role};")
-    if grants or owners:
+        grants.append(f"GRANT TEMP ON DATABASE {quote(s.info.dbname)} TO {quote(role)};")
+    if grants:
         yield Finding(
             "privileges",
             ERROR,
-            f"{role} lacks what apply needs; run as the owner: " + " ".join(grants + owners),
+            f"{role} lacks what apply needs; run as the owner: " + " ".join(grants),
+        )
+    owners = _sequence_owners(s)
+    for owner, tables in owners.items():
+        named = ", ".join(map(str, tables[:3])) + (
+            f" and {len(tables) - 3} more" if len(tables) > 3 else ""
+        )
+        yield Finding(
+            "privileges",
+            ERROR,
+            f"{role} may not restart the sequences of {named} (ALTER SEQUENCE takes the owner "
+            f"of their tables, {owner}, and a sequence linked to a table cannot change owner): "
+            f"run snapshot as {owner}, or make {role} a member of it (as a superuser: "
+            f"GRANT {quote(owner)} TO {quote(role)};)",
         )
     if unreadable:
-        yield Finding(
-            "privileges",
-            ERROR,
-            f"row-level security would hide rows of {', '.join(unreadable)} from {role}: run as "
-            f"the tables' owner or a role with BYPASSRLS (ALTER ROLE {role} BYPASSRLS)",
-        )
+        yield Finding("privileges", ERROR, catalog.row_security_refusal(role, unreadable))
     if not grants and not owners and not unreadable:
         yield Finding("privileges", OK, f"{role} may lock, delete, insert and update the scope")
 
 
-def _owned_sequences(s: Session) -> list[str]:
-    return [
-        seq.ident.as_string(s.conn) for seq, *_ in catalog.owned_sequence_names(s.conn, s.order)
-    ]
+def _sequence_owners(s: Session) -> dict[str, list[TableName]]:
+    """The tables whose sequences (serial, identity) the role may not restart, by owner.
+
+    The apply restarts them with ALTER SEQUENCE (transactional, unlike setval), which takes
+    the sequence's owner: the owner of its table, as PostgreSQL keeps them together.
+    """
+    owners: dict[str, list[TableName]] = {}
+    for seq, table, *_ in catalog.owned_sequence_names(s.conn, s.order):
+        owner = _scalar(
+            s.conn,
+            "SELECT CASE WHEN NOT pg_has_role(relowner, 'USAGE') "
+            "THEN pg_get_userbyid(relowner) END FROM pg_class WHERE oid = %s::regclass",
+            (seq.ident.as_string(s.conn),),
+        )
+        if owner is not None and table not in owners.setdefault(str(owner), []):
+            owners[str(owner)].append(table)
+    return {owner: tables for owner, tables in owners.items() if tables}
 
 
 def _scalar(
@@ -312,13 +313,6 @@ def _scalar(
 ) -> Any:
     row = conn.execute(query, params).fetchone()
     return row[0] if row else None
-
-
-def _scalar_row(
-    conn: psycopg.Connection, query: LiteralString, params: tuple[Any, ...] = ()
-) -> tuple[Any, ...]:
-    row = conn.execute(query, params).fetchone()
-    return tuple(row) if row else ()
 
 
 def _order(s: Session) -> Iterator[Finding]:

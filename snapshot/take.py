@@ -75,6 +75,7 @@ def plan_dump(
                 "database; set auth_users = false in [scope] of snapshot.toml"
             )
         shapes.update(catalog.table_shapes(conn, AUTH_TABLES))
+    catalog.require_readable(conn, list(shapes), f"cannot read {target.env}")
     leaves = catalog.leaf_partitions(conn, scope.tables)
     return DumpPlan(target, info, pg_dump, scope, shapes, leaves)
 

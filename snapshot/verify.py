@@ -66,6 +66,9 @@ def _open(config: Config, env: str) -> _Side:
     conn = connect(target)
     try:
         shapes = catalog.require_tables(conn, config.scope.tables, env)
+        auth = [AUTH_USERS] if config.scope.auth_users else []
+        readable = [*shapes, *catalog.table_shapes(conn, auth)]
+        catalog.require_readable(conn, readable, f"cannot compare {env}")
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
     except BaseException:
