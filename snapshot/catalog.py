@@ -118,6 +118,12 @@ def _table_arrays(tables: Iterable[TableName]) -> tuple[list[str], list[str]]:
     return [t.schema for t in tables], [t.name for t in tables]
 
 
+def _some(tables: Sequence[TableName]) -> str:
+    """The first three names, and how many more."""
+    more = f" and {len(tables) - 3} more" if len(tables) > 3 else ""
+    return ", ".join(map(str, tables[:3])) + more
+
+
 def server_info(conn: psycopg.Connection) -> ServerInfo:
     """Version, database, role and (where the role may read it) the system identifier."""
     version, num, dbname, user = conn.execute(
@@ -190,12 +196,9 @@ def hidden_by_row_security(
 
 def row_security_refusal(role: str, tables: Sequence[TableName]) -> str:
     """The sentence for :func:`hidden_by_row_security`'s tables: which, and the fix."""
-    named = ", ".join(map(str, tables[:3])) + (
-        f" and {len(tables) - 3} more" if len(tables) > 3 else ""
-    )
     return (
-        f"row-level security would hide rows of {named} from {role}: run as the tables' owner "
-        f"or a role with BYPASSRLS (ALTER ROLE {quote(role)} BYPASSRLS)"
+        f"row-level security would hide rows of {_some(tables)} from {role}: run as the "
+        f"tables' owner or a role with BYPASSRLS (ALTER ROLE {quote(role)} BYPASSRLS)"
     )
 
 
@@ -252,9 +255,15 @@ _KINDS = {
 
 
 def require_tables(
-    conn: psycopg.Connection, tables: Sequence[TableName], where: str
+    conn: psycopg.Connection,
+    tables: Sequence[TableName],
+    where: str,
+    fix: str = "fix [scope] tables in snapshot.toml",
 ) -> dict[TableName, TableShape]:
-    """Like :func:`table_shapes`, but a missing table is a configuration error."""
+    """Like :func:`table_shapes`, but a missing table is a configuration error.
+
+    ``fix`` says how to change the scope (:meth:`snapshot.config.Scope.fix`).
+    """
     shapes = table_shapes(conn, tables)
     absent = [t for t in tables if t not in shapes]
     kinds = {
@@ -263,15 +272,10 @@ def require_tables(
     }
     if kinds:
         named = ", ".join(f"{t} is a {kind}" for t, kind in kinds.items())
+        raise ConfigError(f"{where}: {named}, not a table: only tables' rows can be copied; {fix}")
+    if absent:
         raise ConfigError(
-            f"{where}: {named}, not a table: only tables' rows can be copied; fix [scope] "
-            "tables in snapshot.toml (list the tables it reads)"
-        )
-    missing = [str(t) for t in absent]
-    if missing:
-        raise ConfigError(
-            f"{where} has no table {', '.join(missing)}: fix [scope] tables in snapshot.toml "
-            "or run the migrations that create it"
+            f"{where} has no table {_some(absent)}: {fix}, or run the migrations that create it"
         )
     beside = partitions_beside_parents(conn, tables)
     if beside:
@@ -443,6 +447,23 @@ def _find_cycle(stuck: set[TableName], parents: dict[TableName, set[TableName]])
             return [*path[seen[node] :], node]
         seen[node] = len(path)
         path.append(node)
+
+
+# The app's own tables, as `snapshot init` proposes them: the public schema's tables and
+# partitioned tables (their partitions come with them), not those an extension created.
+_APP_TABLES = """
+SELECT n.nspname, c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY c.relname
+"""
+
+
+def app_tables(conn: psycopg.Connection) -> list[TableName]:
+    """The public schema's own tables, by name (partitions and extensions' tables left out)."""
+    return [TableName(nsp, rel) for nsp, rel in conn.execute(_APP_TABLES)]
 
 
 _OWNED_SEQUENCES = """
