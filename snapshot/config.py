@@ -503,8 +503,10 @@ TEMPLATE = Proposal(tuple(TableName("public", t) for t in DEFAULT_TABLES), True,
 
 
 def _toml_string(text: str) -> str:
-    """``text`` as a TOML basic string (JSON's escapes are TOML's)."""
-    return json.dumps(text, ensure_ascii=False)
+    """``text`` as a TOML string: literal ('public."User"') when it can be, else basic."""
+    if "'" not in text and text.isprintable():
+        return f"'{text}'" if '"' in text else f'"{text}"'
+    return json.dumps(text, ensure_ascii=False)  # JSON's escapes are TOML's
 
 
 def _scope_name(table: TableName) -> str:
@@ -520,15 +522,17 @@ def _scope_comment(proposal: Proposal) -> str:
     order = (
         "parents before children by their foreign keys"
         if proposal.key_order
-        else "by name (their foreign keys form a cycle: make one of them DEFERRABLE)"
+        else "by name (their foreign keys form a cycle: make one DEFERRABLE)"
     )
     return f"""\
-# dev's own tables, as `snapshot init` read them from {proposal.read_from}: every table of
-# its public schema ({order}; a partitioned table stands for its partitions, and tables an
-# extension created are left out). take copies them, apply makes each equal the snapshot,
-# verify compares them. Remove the tables whose rows prod must keep as they are (sign-ups,
-# orders, logs...); add other schemas' tables as "schema.table". The order does not matter:
-# apply computes its own from the target's foreign keys. "users" means "public.users"."""
+# dev's own tables, as `snapshot init` read them from {proposal.read_from}:
+# every table of its public schema,
+# {order}.
+# A partitioned table stands for its partitions; tables an extension created are left out.
+# take copies them, apply makes each equal the snapshot, verify compares them. Remove the
+# tables whose rows prod must keep as they are (sign-ups, orders, logs...); add other
+# schemas' tables as "schema.table". The order does not matter: apply computes its own
+# from the target's foreign keys. "users" means "public.users"."""
 
 
 def _auth_comment(proposal: Proposal) -> str:
