@@ -279,12 +279,7 @@ def require_tables(
         )
     beside = partitions_beside_parents(conn, tables)
     if beside:
-        partition, parent = next(iter(beside.items()))
-        raise ConfigError(
-            f"{partition} is a partition of {parent}, which the scope holds with all its "
-            f"partitions: name only {parent} in [scope] tables of snapshot.toml (its rows "
-            "would count twice)"
-        )
+        raise ConfigError(partition_refusal(beside))
     return shapes
 
 
@@ -357,6 +352,16 @@ JOIN pg_partition_ancestors(p.oid) AS up ON up.relid <> p.oid AND up.relid IN (S
 JOIN pg_class a ON a.oid = up.relid JOIN pg_namespace an ON an.oid = a.relnamespace
 ORDER BY 1, 2
 """
+
+
+def partition_refusal(beside: Mapping[TableName, TableName]) -> str:
+    """The sentence for :func:`partitions_beside_parents`' first finding."""
+    partition, parent = next(iter(beside.items()))
+    return (
+        f"{partition} is a partition of {parent}, which the scope holds with all its "
+        f"partitions: name only {parent} in [scope] tables of snapshot.toml (its rows would "
+        "count twice)"
+    )
 
 
 def partitions_beside_parents(

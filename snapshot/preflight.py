@@ -147,6 +147,10 @@ def _integrity(s: Session) -> Iterator[Finding]:
 
 
 def _scope(s: Session) -> Iterator[Finding]:
+    beside = catalog.partitions_beside_parents(s.conn, s.config.scope.tables)
+    if beside:
+        yield Finding("scope", ERROR, catalog.partition_refusal(beside))
+        return
     configured = set(s.config.scope.tables)
     archived = set(s.snapshot.manifest.scope.tables)
     if configured == archived:

@@ -677,22 +677,30 @@ def _backup_of(project: Project, index: int) -> str:
     return f"prod/{backups[index].name}"
 
 
-@pytest.mark.parametrize("command", ["take", "verify"])
+@pytest.mark.parametrize("command", ["take", "verify", "check"])
 def test_a_partition_named_beside_its_partitioned_table_is_refused(
     project: Project, make_db, command: str
 ) -> None:
     scope = [*PAGILA_SCOPE, "public.payment_p2022_02"]
-    dev, prod = plain_app_pair(project, make_db, _fill_pagila, _config(scope))
+    dev, prod = plain_app_pair(project, make_db, _fill_pagila, _config(PAGILA_SCOPE))
+    if command == "check":  # a snapshot of the scope as it was, then the partition added
+        assert project.run("take", "dev").exit_code == 0
+    taken = project.snapshots()
+    project.config(_config(scope))
     before = prod.fingerprint(PAGILA_SCOPE), dev.fingerprint(PAGILA_SCOPE)
 
-    result = project.run(*(["take", "dev"] if command == "take" else ["verify", "dev", "prod"]))
+    result = project.run(
+        *{"take": ["take", "dev"], "verify": ["verify", "dev", "prod"]}.get(
+            command, ["check", "prod"]
+        )
+    )
 
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == (1 if command == "check" else 2), result.output
     assert "Traceback" not in result.output
     line = result.stderr.strip().splitlines()[-1]
     assert "public.payment_p2022_02 is a partition of public.payment" in line, line
     assert "name only public.payment" in line, line
-    assert not project.snapshots()
+    assert project.snapshots() == taken
     assert (prod.fingerprint(PAGILA_SCOPE), dev.fingerprint(PAGILA_SCOPE)) == before
 
 
