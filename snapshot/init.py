@@ -10,7 +10,6 @@ and the file and the command say why.
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,8 +30,6 @@ from snapshot.environments import resolve_connection
 from snapshot.errors import ConfigError, Refused, SnapshotError
 from snapshot.names import AUTH_TABLES
 from snapshot.project import find_root
-
-log = logging.getLogger(__name__)
 
 SOURCE = "dev"  # the environment init reads the app's tables from
 
