@@ -119,6 +119,12 @@ def _table_arrays(tables: Iterable[TableName]) -> tuple[list[str], list[str]]:
     return [t.schema for t in tables], [t.name for t in tables]
 
 
+def _some(tables: Sequence[TableName]) -> str:
+    """The first three names, and how many more."""
+    more = f" and {len(tables) - 3} more" if len(tables) > 3 else ""
+    return ", ".join(map(str, tables[:3])) + more
+
+
 def server_info(conn: psycopg.Connection) -> ServerInfo:
     """Version, database, role and (where the role may read it) the system identifier."""
     version, num, dbname, user = conn.execute(
@@ -167,6 +173,45 @@ def table_shapes(
     }
 
 
+# Row-level security applies to a role that neither bypasses it nor owns the table (an
+# owner too when the table forces it). The tool's sessions set row_security = off, so a
+# read RLS would filter fails instead of coming back short.
+_HIDDEN_BY_RLS = """
+SELECT n.nspname, c.relname
+FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
+JOIN pg_namespace n ON n.nspname = w.nsp
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel
+JOIN pg_roles r ON r.rolname = current_user
+WHERE c.relrowsecurity AND NOT r.rolsuper AND NOT r.rolbypassrls
+  AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+ORDER BY 1, 2
+"""
+
+
+def hidden_by_row_security(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> list[TableName]:
+    """Tables among ``tables`` whose rows row-level security would hide from this role."""
+    return [TableName(nsp, rel) for nsp, rel in conn.execute(_HIDDEN_BY_RLS, _table_arrays(tables))]
+
+
+def row_security_refusal(role: str, tables: Sequence[TableName]) -> str:
+    """The sentence for :func:`hidden_by_row_security`'s tables: which, and the fix."""
+    return (
+        f"row-level security would hide rows of {_some(tables)} from {role}: run as the "
+        f"tables' owner or a role with BYPASSRLS (ALTER ROLE {quote(role)} BYPASSRLS)"
+    )
+
+
+def require_readable(conn: psycopg.Connection, tables: Sequence[TableName], doing: str) -> None:
+    """Refuse, naming them and the fix, to read tables row-level security would filter."""
+    hidden = hidden_by_row_security(conn, tables)
+    if hidden:
+        row = conn.execute("SELECT current_user").fetchone()
+        role = str(row[0]) if row else "this role"
+        raise Refused(f"{doing}: {row_security_refusal(role, hidden)}")
+
+
 _LEAVES = """
 SELECT n.nspname, c.relname, ln.nspname, l.relname
 FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
@@ -211,9 +256,15 @@ _KINDS = {
 
 
 def require_tables(
-    conn: psycopg.Connection, tables: Sequence[TableName], where: str
+    conn: psycopg.Connection,
+    tables: Sequence[TableName],
+    where: str,
+    fix: str = "fix [scope] tables in snapshot.toml",
 ) -> dict[TableName, TableShape]:
-    """Like :func:`table_shapes`, but a missing table is a configuration error."""
+    """Like :func:`table_shapes`, but a missing table is a configuration error.
+
+    ``fix`` says how to change the scope (:meth:`snapshot.config.Scope.fix`).
+    """
     shapes = table_shapes(conn, tables)
     absent = [t for t in tables if t not in shapes]
     kinds = {
@@ -222,20 +273,31 @@ def require_tables(
     }
     if kinds:
         named = ", ".join(f"{t} is a {kind}" for t, kind in kinds.items())
+        raise ConfigError(f"{where}: {named}, not a table: only tables' rows can be copied; {fix}")
+    if absent:
         raise ConfigError(
-            f"{where}: {named}, not a table: only tables' rows can be copied; fix [scope] "
-            "tables in snapshot.toml (list the tables it reads)"
+            f"{where} has no table {_some(absent)}: {fix}, or run the migrations that create it"
         )
-    missing = [str(t) for t in absent]
-    if missing:
-        raise ConfigError(
-            f"{where} has no table {', '.join(missing)}: fix [scope] tables in snapshot.toml "
-            "or run the migrations that create it"
-        )
+    beside = partitions_beside_parents(conn, tables)
+    if beside:
+        raise ConfigError(partition_refusal(beside))
     return shapes
 
 
+# A foreign key declared on a partition (pg_dump of servers before 11 wrote them so; pagila's
+# payment_p2022_01) is a key of the partitioned table above it: of the scoped one (the
+# "covered" relations are each scoped table and every partition below it), else of the
+# topmost one.
 _FOREIGN_KEYS = """
+WITH scoped AS (
+  SELECT c.oid FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
+  JOIN pg_namespace n ON n.nspname = w.nsp
+  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel),
+covered AS (
+  SELECT oid, oid AS scoped FROM scoped
+  UNION ALL
+  SELECT t.relid, s.oid FROM scoped s CROSS JOIN LATERAL pg_partition_tree(s.oid) t
+  WHERE t.level > 0 AND t.relid NOT IN (SELECT oid FROM scoped))
 SELECT con.conname, cn.nspname, cc.relname, pn.nspname, pc.relname,
        ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
              JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.i),
@@ -243,20 +305,29 @@ SELECT con.conname, cn.nspname, cc.relname, pn.nspname, pc.relname,
              JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.i),
        con.confdeltype, con.condeferrable
 FROM pg_constraint con
-JOIN pg_class cc ON cc.oid = con.conrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace
-JOIN pg_class pc ON pc.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+LEFT JOIN covered ch ON ch.oid = con.conrelid
+LEFT JOIN covered pa ON pa.oid = con.confrelid
+JOIN pg_class cc ON cc.oid = coalesce(ch.scoped, pg_partition_root(con.conrelid), con.conrelid)
+JOIN pg_namespace cn ON cn.oid = cc.relnamespace
+JOIN pg_class pc ON pc.oid = coalesce(pa.scoped, pg_partition_root(con.confrelid), con.confrelid)
+JOIN pg_namespace pn ON pn.oid = pc.relnamespace
 WHERE con.contype = 'f' AND con.conparentid = 0
-  AND ((cn.nspname, cc.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
-    OR (pn.nspname, pc.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[])))
+  AND (ch.oid IS NOT NULL OR pa.oid IS NOT NULL)
 ORDER BY cn.nspname, cc.relname, con.conname
 """
 
 
 def foreign_keys(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[ForeignKey]:
-    """Every foreign key with a scoped table on either side."""
+    """Every foreign key with a scoped table on either side.
+
+    A key declared on a partition is a key of the partitioned table above it (of the
+    scoped one, else of the topmost): the same key declared on several partitions is one,
+    named as on the first of them.
+    """
     schemas, names = _table_arrays(tables)
-    return [
-        ForeignKey(
+    found: dict[tuple[Any, ...], ForeignKey] = {}
+    for row in conn.execute(_FOREIGN_KEYS, (schemas, names)):
+        fk = ForeignKey(
             name=row[0],
             child=TableName(row[1], row[2]),
             parent=TableName(row[3], row[4]),
@@ -265,8 +336,49 @@ def foreign_keys(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[
             on_delete=row[7],
             deferrable=row[8],
         )
-        for row in conn.execute(_FOREIGN_KEYS, (schemas, names, schemas, names))
-    ]
+        same = (fk.child, fk.columns, fk.parent, fk.parent_columns, fk.on_delete, fk.deferrable)
+        found.setdefault(same, fk)
+    return list(found.values())
+
+
+_PARTITIONS_BESIDE_PARENTS = """
+WITH scoped AS (
+  SELECT c.oid FROM unnest(%s::text[], %s::text[]) AS w(nsp, rel)
+  JOIN pg_namespace n ON n.nspname = w.nsp
+  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel)
+SELECT pn.nspname, p.relname, an.nspname, a.relname
+FROM scoped
+JOIN pg_class p ON p.oid = scoped.oid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+JOIN pg_partition_ancestors(p.oid) AS up ON up.relid <> p.oid AND up.relid IN (SELECT * FROM scoped)
+JOIN pg_class a ON a.oid = up.relid JOIN pg_namespace an ON an.oid = a.relnamespace
+ORDER BY 1, 2
+"""
+
+
+def partition_refusal(beside: Mapping[TableName, TableName]) -> str:
+    """The sentence for :func:`partitions_beside_parents`' first finding."""
+    partition, parent = next(iter(beside.items()))
+    return (
+        f"{partition} is a partition of {parent}, which the scope holds with all its "
+        f"partitions: name only {parent} in [scope] tables of snapshot.toml (its rows would "
+        "count twice)"
+    )
+
+
+def partitions_beside_parents(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> dict[TableName, TableName]:
+    """Tables among ``tables`` that are partitions of another of them, with that table.
+
+    A partitioned table in the scope covers every partition below it: naming one of them
+    too would take, count and apply its rows twice.
+    """
+    result: dict[TableName, TableName] = {}
+    for nsp, rel, parent_nsp, parent in conn.execute(
+        _PARTITIONS_BESIDE_PARENTS, _table_arrays(tables)
+    ):
+        result.setdefault(TableName(nsp, rel), TableName(parent_nsp, parent))
+    return result
 
 
 _INDEXED = """
@@ -341,6 +453,23 @@ def _find_cycle(stuck: set[TableName], parents: dict[TableName, set[TableName]])
             return [*path[seen[node] :], node]
         seen[node] = len(path)
         path.append(node)
+
+
+# The app's own tables, as `snapshot init` proposes them: the public schema's tables and
+# partitioned tables (their partitions come with them), not those an extension created.
+_APP_TABLES = """
+SELECT n.nspname, c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY c.relname
+"""
+
+
+def app_tables(conn: psycopg.Connection) -> list[TableName]:
+    """The public schema's own tables, by name (partitions and extensions' tables left out)."""
+    return [TableName(nsp, rel) for nsp, rel in conn.execute(_APP_TABLES)]
 
 
 _OWNED_SEQUENCES = """

@@ -16,7 +16,7 @@ import click
 import psycopg
 
 from snapshot import __version__, archive, progress, render
-from snapshot.config import CONFIG_FILE, Config, display_path, load_config, render_default_config
+from snapshot.config import CONFIG_FILE, Config, display_path, load_config, render_config
 from snapshot.db import cancelled_message, libpq_reason
 from snapshot.errors import SnapshotError
 from snapshot.project import find_root
@@ -423,22 +423,33 @@ def cli(
 @global_options
 @pass_app
 def init(app: App, force: bool) -> None:
-    """Write a commented snapshot.toml with the default scope, in the project root.
+    """Write a commented snapshot.toml for this app, in the project root.
 
-    The project root is the nearest folder at or above this one holding snapshot.toml or
-    .env.local/.env.production (else this folder).
+    The scope is read from dev when its env file answers: the tables of its public schema
+    in foreign-key order, auth users if it has Supabase Auth's tables. Otherwise the
+    bundled example app's scope is written, and init says why. The project root is the
+    nearest folder at or above this one holding snapshot.toml or .env.local/.env.production
+    (else this folder).
 
     \b
     snapshot init
+    snapshot init --force
     """
+    from snapshot.init import init_config, propose, summary
+
     path = app.config_path
     if path is None:
         root = find_root(Path.cwd())
         path = root.config or root.folder / CONFIG_FILE
     if path.exists() and not force:
         raise user_error(f"{path} already exists: edit it, or pass --force to overwrite it", 2)
-    path.write_text(render_default_config(), encoding="utf-8")
+    proposal = propose(init_config(path))
+    path.write_text(render_config(proposal), encoding="utf-8")
     click.echo(f"wrote {path}")
+    if proposal.read_from:
+        log.info("%s", summary(proposal))
+    else:
+        log.warning("warning: %s", summary(proposal))
 
 
 @cli.command()

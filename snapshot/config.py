@@ -7,6 +7,7 @@ replaces and ``verify`` compares are one list by construction.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import tomllib
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from snapshot.errors import ConfigError
 from snapshot.names import AUTH_TABLES, TableName, quote, split_dotted
 from snapshot.project import CONFIG_FILE, ProjectRoot, find_root
 
-__all__ = ["CONFIG_FILE", "Config", "load_config", "render_default_config"]
+__all__ = ["CONFIG_FILE", "Config", "Proposal", "load_config", "render_config"]
 
 DEFAULT_TABLES = (
     "users",
@@ -78,6 +79,19 @@ class ColumnRef:
     def __str__(self) -> str:
         return f"{self.table}.{quote(self.column)}"
 
+    @classmethod
+    def parse(cls, text: str, where: str) -> ColumnRef:
+        """``table.column`` (in public) or ``schema.table.column``; ``where`` names the setting."""
+        return _parse_column(text, where)
+
+
+# Without snapshot.toml the scope is the bundled example app's (DEFAULT_TABLES): what to do
+# when it does not fit the database.
+NO_CONFIG_FIX = (
+    "there is no snapshot.toml, so the scope is the bundled example app's: run "
+    "'snapshot init' to write one from dev's own tables"
+)
+
 
 @dataclass(frozen=True)
 class Scope:
@@ -85,6 +99,12 @@ class Scope:
 
     tables: tuple[TableName, ...]
     auth_users: bool = True
+    # False when no snapshot.toml set it (the defaults): messages then suggest `init`
+    configured: bool = field(default=True, compare=False)
+
+    def fix(self, change: str) -> str:
+        """How to fix the scope: ``change`` (in snapshot.toml), or without one, ``init``."""
+        return change if self.configured else NO_CONFIG_FIX
 
     def to_json(self) -> dict[str, Any]:
         return {"tables": [str(t) for t in self.tables], "auth_users": self.auth_users}
@@ -393,6 +413,8 @@ def parse_config(
     _check_keys(pre, {"allow_cascades"}, "[preflight]")
     allow = _expect(pre.get("allow_cascades", []), list, "[preflight] allow_cascades", "a list")
     scope = _parse_scope(_expect(data.get("scope", {}), dict, "[scope]", "a table"), "[scope]")
+    if path is None and "scope" not in data:
+        scope = replace(scope, configured=False)
     session = _parse_session(_expect(data.get("session", {}), dict, "[session]", "a table"))
     envs = _parse_environments(
         _expect(data.get("environments", {}), dict, "[environments]", "a table"), base_dir, session
@@ -403,10 +425,15 @@ def parse_config(
         _expect(data.get("parity", {}), dict, "[parity]", "a table"),
         scope,
     )
-    for column in [*settings.insert_as, *settings.ignore_columns]:
+    settings_columns = [
+        *(("[apply] insert_as", c) for c in settings.insert_as),
+        *(("[parity] ignore_columns", c) for c in settings.ignore_columns),
+    ]
+    for setting, column in settings_columns:
         if column.table not in scope.tables:
             raise ConfigError(
-                f"column {column} is configured but {column.table} is not in [scope] tables"
+                f"{setting} names {column}, but {column.table} is not in [scope] tables: "
+                f"remove it from {setting}, or add {column.table} to [scope] tables"
             )
     archive = _expect(data.get("archive", "snapshots"), str, "archive", "a path")
     archive_dir = (base_dir / archive).resolve()
@@ -460,11 +487,95 @@ def load_config(path: Path | None = None, cwd: Path | None = None) -> Config:
     return parse_config(data, path, path.resolve().parent, origin)
 
 
-def render_default_config() -> str:
-    """The commented ``snapshot.toml`` that ``snapshot init`` writes."""
-    tables = "\n".join(f'    "{t}",' for t in DEFAULT_TABLES)
+@dataclass(frozen=True)
+class Proposal:
+    """What ``snapshot init`` writes: a scope read from dev, or the bundled app's template."""
+
+    tables: tuple[TableName, ...]
+    auth_users: bool
+    insert_as: Mapping[str, str]  # as written in the file: "questions.status" = "draft"
+    read_from: str = ""  # the database the scope was read from; "" for the template
+    why_template: str = ""  # why dev was not read (the template is written instead)
+    key_order: bool = True  # the tables are in foreign-key order (not: a cycle, by name)
+
+
+TEMPLATE = Proposal(tuple(TableName("public", t) for t in DEFAULT_TABLES), True, DEFAULT_INSERT_AS)
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML string: literal ('public."User"') when it can be, else basic."""
+    if "'" not in text and text.isprintable():
+        return f"'{text}'" if '"' in text else f'"{text}"'
+    return json.dumps(text, ensure_ascii=False)  # JSON's escapes are TOML's
+
+
+def _scope_name(table: TableName) -> str:
+    """How a table is written in [scope] tables: public's without their schema."""
+    return quote(table.name) if table.schema == "public" else str(table)
+
+
+def _scope_comment(proposal: Proposal) -> str:
+    if not proposal.read_from:
+        return """\
+# Tables copied by take, replaced by apply and compared by verify. Order does not matter:
+# apply computes it from the target's foreign keys. "users" means "public.users"."""
+    order = (
+        "parents before children by their foreign keys"
+        if proposal.key_order
+        else "by name (their foreign keys form a cycle: make one DEFERRABLE)"
+    )
     return f"""\
-# snapshot.toml: the one scope that `snapshot take`, `apply` and `verify` share.
+# dev's own tables, as `snapshot init` read them from {proposal.read_from}:
+# every table of its public schema,
+# {order}.
+# A partitioned table stands for its partitions; tables an extension created are left out.
+# take copies them, apply makes each equal the snapshot, verify compares them. Remove the
+# tables whose rows prod must keep as they are (sign-ups, orders, logs...); add other
+# schemas' tables as "schema.table". The order does not matter: apply computes its own
+# from the target's foreign keys. "users" means "public.users"."""
+
+
+def _auth_comment(proposal: Proposal) -> str:
+    if not proposal.read_from:
+        what = "Copy auth.users and auth.identities"
+    elif proposal.auth_users:
+        what = "dev has auth.users and auth.identities (Supabase Auth): copy them"
+    else:
+        return "# dev has no auth.users and auth.identities (not Supabase Auth): none are copied."
+    return f"# {what}: users the target lacks are created, never updated."
+
+
+def _insert_as(proposal: Proposal) -> str:
+    if proposal.insert_as == DEFAULT_INSERT_AS:
+        return """\
+# Columns given a fixed value on insert; the post-scripts restore the snapshot's value.
+# Questions go in as drafts so the publish guardrails hold while topic links are missing.
+insert_as = { "questions.status" = "draft" }"""
+    pairs = ", ".join(
+        f"{_toml_string(k)} = {_toml_string(v)}" for k, v in proposal.insert_as.items()
+    )
+    written = f"{{ {pairs} }}" if pairs else "{}"
+    return (
+        "# Columns given a fixed value on insert, for guardrails that refuse rows inserted as\n"
+        "# they are (post-scripts in sql/post restore the snapshot's value), as in\n"
+        '# { "posts.status" = "draft" }\n'
+        f"insert_as = {written}"
+    )
+
+
+def render_config(proposal: Proposal = TEMPLATE) -> str:
+    """The commented ``snapshot.toml`` that ``snapshot init`` writes for ``proposal``."""
+    tables = "\n".join(f"    {_toml_string(_scope_name(t))}," for t in proposal.tables)
+    header = ""
+    if proposal.why_template:
+        header = (
+            f"# `snapshot init` could not read dev ({proposal.why_template}): the scope below is\n"
+            "# the bundled example app's. Run `snapshot init --force` once dev answers, or list\n"
+            "# your own tables in [scope].\n"
+        )
+    auth = "true" if proposal.auth_users else "false"
+    return f"""\
+{header}# snapshot.toml: the one scope that `snapshot take`, `apply` and `verify` share.
 # Relative paths are relative to this file's folder, the project root: snapshot finds it
 # from any folder below it.
 
@@ -491,13 +602,12 @@ archive = "snapshots"
 # keep = 10
 
 [scope]
-# Tables copied by take, replaced by apply and compared by verify. Order does not matter:
-# apply computes it from the target's foreign keys. "users" means "public.users".
+{_scope_comment(proposal)}
 tables = [
 {tables}
 ]
-# Copy auth.users and auth.identities: users the target lacks are created, never updated.
-auth_users = true
+{_auth_comment(proposal)}
+auth_users = {auth}
 
 [environments.dev]
 env_file = ".env.local"
@@ -514,9 +624,7 @@ safe = false
 [apply]
 # How long apply waits for its table locks before giving up, changing nothing.
 lock_timeout = "10s"
-# Columns given a fixed value on insert; the post-scripts restore the snapshot's value.
-# Questions go in as drafts so the publish guardrails hold while topic links are missing.
-insert_as = {{ "questions.status" = "draft" }}
+{_insert_as(proposal)}
 # Target users who exist only there keep their login (auth users are never deleted) but
 # lose their rows in the scope: "warn" (check and apply say so) or "error" (refuse).
 orphaned_users = "warn"

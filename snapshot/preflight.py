@@ -7,6 +7,7 @@ Each finding is ok, warning or error, and every error says what to do about it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from psycopg import sql
 
 from snapshot import archive, catalog, staging
 from snapshot.errors import SnapshotError
-from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, quote
+from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, TableName, quote
 from snapshot.session import Session
 from snapshot.take import LIVE, identity
 
@@ -95,11 +96,18 @@ class PreflightFailed(SnapshotError):
 
 
 def mask_email(email: str | None) -> str:
-    """``j***@example.com``: enough to recognise a user, not to harvest addresses."""
+    """``j***@example.com [3fa1]``: enough to tell users apart, not to harvest addresses.
+
+    The tag is a short hash of the whole address (lower-cased, as Supabase Auth compares
+    them): two samples with one domain and initial still differ, and the same person's
+    address gets the same tag on either side.
+    """
     if not email:
         return "-"
     local, _, domain = email.partition("@")
-    return f"{local[:1]}***@{domain}" if domain else f"{email[:1]}***"
+    tag = hashlib.sha256(email.strip().lower().encode()).hexdigest()[:4]
+    masked = f"{local[:1]}***@{domain}" if domain else f"{email[:1]}***"
+    return f"{masked} [{tag}]"
 
 
 def _identity(s: Session) -> Iterator[Finding]:
@@ -139,6 +147,10 @@ def _integrity(s: Session) -> Iterator[Finding]:
 
 
 def _scope(s: Session) -> Iterator[Finding]:
+    beside = catalog.partitions_beside_parents(s.conn, s.config.scope.tables)
+    if beside:
+        yield Finding("scope", ERROR, catalog.partition_refusal(beside))
+        return
     configured = set(s.config.scope.tables)
     archived = set(s.snapshot.manifest.scope.tables)
     if configured == archived:
@@ -241,13 +253,7 @@ def _migrations(s: Session) -> Iterator[Finding]:
 def _privileges(s: Session) -> Iterator[Finding]:
     conn = s.conn
     role = s.info.user
-    row = conn.execute(
-        "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
-    superuser, bypass = bool(row and row[0]), bool(row and row[1])
     grants: list[str] = []
-    owners: list[str] = []
-    unreadable: list[str] = []
     checks = [(t, "SELECT, INSERT, UPDATE, DELETE") for t in s.order]
     checks += [(e.table, "SELECT, INSERT") for e in s.auth_entries if e.table in s.shapes]
     for table, wanted in checks:
@@ -258,37 +264,31 @@ def _privileges(s: Session) -> Iterator[Finding]:
             if not _scalar(conn, "SELECT has_table_privilege(%s, %s)", (name, p.strip()))
         ]
         if missing:
-            grants.append(f"GRANT {', '.join(missing)} ON {name} TO {role};")
-        rls, owned = _scalar_row(
-            conn,
-            "SELECT c.relrowsecurity, pg_has_role(c.relowner, 'USAGE') FROM pg_class c "
-            "WHERE c.oid = %s::regclass",
-            (name,),
-        )
-        if rls and not owned and not bypass and not superuser:
-            unreadable.append(str(table))
-    for seq in _owned_sequences(s):
-        if not _scalar(
-            conn,
-            "SELECT pg_has_role(relowner, 'USAGE') FROM pg_class WHERE oid = %s::regclass",
-            (seq,),
-        ):
-            owners.append(f"ALTER SEQUENCE {seq} OWNER TO {role};")
+            grants.append(f"GRANT {', '.join(missing)} ON {name} TO {quote(role)};")
+    unreadable = catalog.hidden_by_row_security(conn, [t for t, _ in checks])
     if not _scalar(conn, "SELECT has_database_privilege(current_database(), 'TEMP')"):
-        grants.append(f"GRANT TEMP ON DATABASE {s.info.dbname} TO {role};")
-    if grants or owners:
+        grants.append(f"GRANT TEMP ON DATABASE {quote(s.info.dbname)} TO {quote(role)};")
+    if grants:
         yield Finding(
             "privileges",
             ERROR,
-            f"{role} lacks what apply needs; run as the owner: " + " ".join(grants + owners),
+            f"{role} lacks what apply needs; run as the owner: " + " ".join(grants),
+        )
+    owners = _sequence_owners(s)
+    for owner, tables in owners.items():
+        named = ", ".join(map(str, tables[:3])) + (
+            f" and {len(tables) - 3} more" if len(tables) > 3 else ""
+        )
+        yield Finding(
+            "privileges",
+            ERROR,
+            f"{role} may not restart the sequences of {named} (ALTER SEQUENCE takes the owner "
+            f"of their tables, {owner}, and a sequence linked to a table cannot change owner): "
+            f"run snapshot as {owner}, or make {role} a member of it (as a superuser: "
+            f"GRANT {quote(owner)} TO {quote(role)};)",
         )
     if unreadable:
-        yield Finding(
-            "privileges",
-            ERROR,
-            f"row-level security would hide rows of {', '.join(unreadable)} from {role}: run as "
-            f"the tables' owner or a role with BYPASSRLS (ALTER ROLE {role} BYPASSRLS)",
-        )
+        yield Finding("privileges", ERROR, catalog.row_security_refusal(role, unreadable))
     if not grants and not owners and not unreadable:
         yield Finding("privileges", OK, f"{role} may lock, delete, insert and update the scope")
 
@@ -328,10 +328,23 @@ def _triggers(s: Session) -> Iterator[Finding]:
         )
 
 
-def _owned_sequences(s: Session) -> list[str]:
-    return [
-        seq.ident.as_string(s.conn) for seq, *_ in catalog.owned_sequence_names(s.conn, s.order)
-    ]
+def _sequence_owners(s: Session) -> dict[str, list[TableName]]:
+    """The tables whose sequences (serial, identity) the role may not restart, by owner.
+
+    The apply restarts them with ALTER SEQUENCE (transactional, unlike setval), which takes
+    the sequence's owner: the owner of its table, as PostgreSQL keeps them together.
+    """
+    owners: dict[str, list[TableName]] = {}
+    for seq, table, *_ in catalog.owned_sequence_names(s.conn, s.order):
+        owner = _scalar(
+            s.conn,
+            "SELECT CASE WHEN NOT pg_has_role(relowner, 'USAGE') "
+            "THEN pg_get_userbyid(relowner) END FROM pg_class WHERE oid = %s::regclass",
+            (seq.ident.as_string(s.conn),),
+        )
+        if owner is not None and table not in owners.setdefault(str(owner), []):
+            owners[str(owner)].append(table)
+    return {owner: tables for owner, tables in owners.items() if tables}
 
 
 def _scalar(
@@ -339,13 +352,6 @@ def _scalar(
 ) -> Any:
     row = conn.execute(query, params).fetchone()
     return row[0] if row else None
-
-
-def _scalar_row(
-    conn: psycopg.Connection, query: LiteralString, params: tuple[Any, ...] = ()
-) -> tuple[Any, ...]:
-    row = conn.execute(query, params).fetchone()
-    return tuple(row) if row else ()
 
 
 def _order(s: Session) -> Iterator[Finding]:
@@ -485,6 +491,17 @@ def _unique_keys(
     return [(list(cols), pred) for cols, pred in rows if set(cols) <= set(staged)]
 
 
+def _same_value(column: str) -> sql.Composable:
+    """``t.column = s.column``; emails compared case-insensitively, as Supabase Auth does.
+
+    Auth finds a user by ``lower(email)``: ``Conflict@Example.com`` and
+    ``conflict@example.com`` are one person to it, though the unique index takes both.
+    """
+    if column == "email":
+        return sql.SQL("lower(t.{c}) = lower(s.{c})").format(c=sql.Identifier(column))
+    return sql.SQL("t.{c} = s.{c}").format(c=sql.Identifier(column))
+
+
 def _auth_conflicts(s: Session) -> Iterator[Finding]:
     """Snapshot users to create whose email or phone already belongs to another target user."""
     users = next((e for e in s.auth_entries if e.table == AUTH_USERS), None)
@@ -494,9 +511,7 @@ def _auth_conflicts(s: Session) -> Iterator[Finding]:
     conflicts = []
     for columns, predicate in _unique_keys(s.conn, users.column_names):
         covered = sql.SQL(" WHERE {}").format(sql.SQL(predicate)) if predicate else sql.SQL("")
-        same = sql.SQL(" AND ").join(
-            sql.SQL("t.{c} = s.{c}").format(c=sql.Identifier(c)) for c in columns
-        )
+        same = sql.SQL(" AND ").join(_same_value(c) for c in columns)
         query = sql.SQL(
             "SELECT s.id, s.email, t.id FROM (SELECT * FROM {stage}{covered}) s "
             "JOIN (SELECT * FROM auth.users{covered}) t ON {same} AND t.id <> s.id "

@@ -66,15 +66,18 @@ def plan_dump(
         "pg_dump", info.major, pg_bin, f"{target.env} (PostgreSQL {info.version})"
     )
     where = f"{target.env} ({target.describe()})"
-    shapes = catalog.require_tables(conn, scope.tables, where)
+    shapes = catalog.require_tables(
+        conn, scope.tables, where, scope.fix("fix [scope] tables in snapshot.toml")
+    )
     if scope.auth_users:
         missing = [t for t in AUTH_TABLES if t not in catalog.table_shapes(conn, AUTH_TABLES)]
         if missing:
             raise ConfigError(
                 f"{where} has no {', '.join(map(str, missing))}: it is not a Supabase "
-                "database; set auth_users = false in [scope] of snapshot.toml"
+                f"database; {scope.fix('set auth_users = false in [scope] of snapshot.toml')}"
             )
         shapes.update(catalog.table_shapes(conn, AUTH_TABLES))
+    catalog.require_readable(conn, list(shapes), f"cannot read {target.env}")
     leaves = catalog.leaf_partitions(conn, scope.tables)
     return DumpPlan(target, info, pg_dump, scope, shapes, leaves)
 

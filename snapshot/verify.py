@@ -65,7 +65,11 @@ def _open(config: Config, env: str) -> _Side:
     target = resolve_connection(config.environment(env))
     conn = connect(target)
     try:
-        shapes = catalog.require_tables(conn, config.scope.tables, env)
+        fix = config.scope.fix("fix [scope] tables in snapshot.toml")
+        shapes = catalog.require_tables(conn, config.scope.tables, env, fix)
+        auth = [AUTH_USERS] if config.scope.auth_users else []
+        readable = [*shapes, *catalog.table_shapes(conn, auth)]
+        catalog.require_readable(conn, readable, f"cannot compare {env}")
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
     except BaseException:

@@ -82,6 +82,9 @@ def test_check_and_apply_count_orphaned_users_and_new_logins(project: Project, m
     assert ": 3 signed in within the last 7 days (" in orphaned["detail"]
     assert '[apply] orphaned_users = "error"' in orphaned["detail"]
     assert not any(email in checked.stdout for email in emails)  # masked
+    sample = orphaned["detail"].split(" days (", 1)[1].removesuffix("…)").split("…)")[0]
+    masked = sample.split(", ")
+    assert len(masked) > 1 and len(set(masked)) == len(masked), masked  # told apart
     logins = _finding(checked, "new logins")
     assert logins["status"] == "ok"
     assert "snapshot users will become logins in prod, 2 of them unconfirmed" in logins["detail"]
@@ -171,3 +174,33 @@ def test_a_password_user_with_a_taken_email_is_a_conflict(project: Project, make
     assert found["status"] == "error"
     assert f"{user} (" in found["detail"] and "has the email of" in found["detail"]
     assert prod.fingerprint([*SCOPE_TABLES, "auth.users"]) == original
+
+
+def test_an_email_taken_in_another_case_is_a_conflict(project: Project, make_db) -> None:
+    # Supabase Auth finds users by lower(email): dev's Conflict@Example.com would be a second
+    # account for prod's conflict@example.com, though the unique index takes both.
+    dev, prod = make_db("dev"), make_db("prod")
+    dev_only = _ids(dev, "SELECT id FROM auth.users") - _ids(prod, "SELECT id FROM auth.users")
+    user = sorted(dev_only)[0]
+    dev.execute("UPDATE auth.users SET email = 'Conflict@Example.com' WHERE id = %s", [user])
+    prod.execute(
+        "INSERT INTO auth.users (id, email) VALUES (md5('conflict')::uuid, 'conflict@example.com')"
+    )
+    project.point("dev", dev)
+    project.point("prod", prod)
+    assert project.run("take", "dev").exit_code == 0
+    original = prod.fingerprint()
+
+    checked = project.run("check", "prod", "--json")
+    applied = apply(project)
+
+    assert checked.exit_code == 1, checked.output
+    found = _finding(checked, "auth users")
+    assert found["status"] == "error"
+    owner = prod.scalar("SELECT md5('conflict')::uuid")
+    assert f"{user} (C***@Example.com [" in found["detail"]
+    assert f"has the email of {owner}" in found["detail"]
+    assert "onflict@" not in checked.stdout  # masked
+    assert applied.exit_code == 1, applied.output
+    assert "auth users" in applied.stderr.strip().splitlines()[-1]
+    assert prod.fingerprint() == original

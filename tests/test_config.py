@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+
+import pytest
 
 from snapshot.config import DEFAULT_TABLES, load_config, parse_config
 from tests.conftest import Project
+from tests.fix_db import PREFIX, Database, Server
 
 
-def test_init_writes_a_config_equal_to_the_defaults(project: Project) -> None:
+def test_init_without_dev_writes_the_bundled_template_and_says_why(project: Project) -> None:
     result = project.run("init")
 
     assert result.exit_code == 0, result.output
+    why = "could not read dev (environment 'dev' needs .env.local, which does not exist"
+    assert why in " ".join(result.stderr.split())
+    assert "`snapshot init` could not read dev (environment 'dev' needs .env.local" in (
+        (project.path / "snapshot.toml").read_text()
+    )
     written = load_config(project.path / "snapshot.toml")
     defaults = parse_config({}, None, project.path)  # no snapshot.toml at all
     assert [str(t) for t in written.scope.tables] == [f"public.{t}" for t in DEFAULT_TABLES]
@@ -47,3 +56,168 @@ def test_other_environments_use_their_own_env_file(project: Project, make_db) ->
 
     assert json.loads(staging.stdout)["env_file"].endswith(".env.staging")
     assert json.loads(qa.stdout)["answers"] is True
+
+
+@pytest.fixture
+def bare_db(server: Server) -> Iterator[Callable[[str], Database]]:
+    """``bare_db(schema)``: a database holding only ``schema`` (no auth, no bundled app)."""
+    created: list[str] = []
+
+    def make(schema: str) -> Database:
+        name = f"{PREFIX}bare_{len(created)}"
+        server.drop_database(name)
+        server.create_database(name, "template0")
+        created.append(name)
+        db = Database(server, name)
+        db.execute("GRANT CREATE ON SCHEMA public TO app_owner")
+        db.execute(schema)
+        return db
+
+    yield make
+    for name in created:
+        server.drop_database(name)
+
+
+# A blog: its own tables (a quoted one, a partitioned one), no questions, no auth schema.
+BLOG = """
+SET ROLE app_owner;
+CREATE TABLE public.post (
+    id int PRIMARY KEY, author_id int NOT NULL, title text NOT NULL, status text NOT NULL);
+CREATE TABLE public.comment (
+    id int PRIMARY KEY, post_id int NOT NULL REFERENCES public.post (id) ON DELETE CASCADE,
+    body text NOT NULL);
+CREATE TABLE public.author (id int PRIMARY KEY, name text NOT NULL);
+ALTER TABLE public.post ADD FOREIGN KEY (author_id) REFERENCES public.author (id);
+CREATE TABLE public."Tag" (id int PRIMARY KEY, label text NOT NULL);
+CREATE TABLE public.post_tag (
+    post_id int REFERENCES public.post (id) ON DELETE CASCADE,
+    tag_id int REFERENCES public."Tag" (id), PRIMARY KEY (post_id, tag_id));
+CREATE TABLE public.visit (post_id int NOT NULL REFERENCES public.post (id), at date NOT NULL)
+  PARTITION BY RANGE (at);
+CREATE TABLE public.visit_2026 PARTITION OF public.visit
+  FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+RESET ROLE;
+"""
+
+
+def _blog(bare_db: Callable[[str], Database], variant: str, posts: int) -> Database:
+    db = bare_db(BLOG)
+    db.execute(
+        "INSERT INTO public.author SELECT i, %s || i FROM generate_series(1, 5) i", [variant]
+    )
+    db.execute(
+        "INSERT INTO public.post SELECT i, 1 + i %% 5, %s || ' post ' || i, 'draft' "
+        "FROM generate_series(1, %s) i",
+        [variant, posts],
+    )
+    db.execute(
+        "INSERT INTO public.comment SELECT i, 1 + i %% %s, 'nice' FROM generate_series(1, 40) i",
+        [posts],
+    )
+    db.execute("INSERT INTO public.\"Tag\" SELECT i, 'tag' || i FROM generate_series(1, 4) i")
+    db.execute(
+        "INSERT INTO public.post_tag SELECT i, 1 + i %% 4 FROM generate_series(1, %s) i", [posts]
+    )
+    db.execute(
+        "INSERT INTO public.visit SELECT 1 + i %% %s, date '2026-03-01' + i "
+        "FROM generate_series(1, 30) i",
+        [posts],
+    )
+    return db
+
+
+BLOG_TABLES = [
+    "public.author",
+    "public.post",
+    "public.comment",
+    'public."Tag"',
+    "public.post_tag",
+    "public.visit",
+]
+
+
+def test_init_reads_an_app_unlike_the_bundled_one_and_its_config_works_unedited(
+    project: Project, bare_db
+) -> None:
+    dev, prod = _blog(bare_db, "dev", 12), _blog(bare_db, "prod", 8)
+    project.point("dev", dev)
+    project.point("prod", prod)
+    # Before init the scope is the bundled example app's: take says so, and what to do.
+    before_init = project.run("take", "dev")
+    assert before_init.exit_code == 2, before_init.output
+    line = before_init.stderr.strip().splitlines()[-1]
+    assert "has no table public.users, public.user_preferences, public.categories and 13 more" in (
+        line
+    )
+    assert "there is no snapshot.toml" in line and "run 'snapshot init'" in line, line
+
+    written = project.run("init")
+
+    assert written.exit_code == 0, written.output
+    assert written.stdout.strip() == f"wrote {project.path / 'snapshot.toml'}"
+    assert "read dev (app_owner@" in written.stderr and "6 tables" in written.stderr
+    config = load_config(project.path / "snapshot.toml")
+    scope = [str(t) for t in config.scope.tables]
+    assert sorted(scope) == sorted(BLOG_TABLES)  # the partition is its table's
+    for parent, child in [("author", "post"), ("post", "comment"), ('"Tag"', "post_tag")]:
+        assert scope.index(f"public.{parent}") < scope.index(f"public.{child}"), scope
+    assert config.scope.auth_users is False
+    assert dict(config.apply.insert_as) == {}  # no questions.status here
+    text = (project.path / "snapshot.toml").read_text()
+    assert "parents before children by their foreign keys" in text
+    assert "dev has no auth.users and auth.identities" in text
+
+    taken = project.run("take", "dev")
+    checked = project.run("check", "prod")
+    applied = project.run("apply", "prod", "--yes")
+
+    assert taken.exit_code == 0, taken.output
+    assert checked.exit_code == 0, checked.output
+    assert applied.exit_code == 0, applied.output
+    assert prod.fingerprint(BLOG_TABLES) == dev.fingerprint(BLOG_TABLES)
+
+
+def test_init_gives_the_bundled_app_its_guardrail_settings(project: Project, make_db) -> None:
+    project.point("dev", make_db("dev"))
+
+    written = project.run("init")
+
+    assert written.exit_code == 0, written.output
+    config = load_config(project.path / "snapshot.toml")
+    defaults = parse_config({}, None, project.path)
+    assert set(config.scope.tables) == set(defaults.scope.tables)
+    assert config.scope.auth_users is True
+    assert config.apply == defaults.apply  # questions go in as drafts
+    assert {str(c): v for c, v in config.apply.insert_as.items()} == {
+        "public.questions.status": "draft"
+    }
+    text = (project.path / "snapshot.toml").read_text()
+    assert "parents before children by their foreign keys" in text  # read from dev
+
+
+@pytest.mark.parametrize(
+    ("setting", "name", "column"),
+    [
+        ('[apply]\ninsert_as = { "questions.status" = "draft" }', "[apply] insert_as", "status"),
+        (
+            '[parity]\nignore_columns = ["questions.updated_at"]',
+            "[parity] ignore_columns",
+            "updated_at",
+        ),
+    ],
+)
+def test_a_setting_naming_a_table_outside_the_scope_says_how_to_fix_it(
+    project: Project, make_db, setting: str, name: str, column: str
+) -> None:
+    project.point("dev", make_db("dev"))
+    project.config(f'[scope]\ntables = ["users"]\n\n{setting}\n')
+
+    result = project.run("take", "dev")
+
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line == (
+        f"Error: {name} names public.questions.{column}, but public.questions is not in "
+        f"[scope] tables: remove it from {name}, or add public.questions to [scope] tables"
+    ), line
+    assert project.snapshots() == []

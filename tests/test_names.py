@@ -221,6 +221,7 @@ def test_columns_named_like_the_tools_own_aliases_round_trip(project: Project, m
     dev.execute("UPDATE public.parent SET h = h || '!' WHERE x % 5 = 0")
     dev.execute("DELETE FROM public.child WHERE op % 9 = 0")
     prod.execute("UPDATE public.child SET s = 'prod' WHERE op % 4 = 0")
+    dev.execute("UPDATE public.tally SET v = v || '!' WHERE \"x$\" = 2")
     assert project.run("take", "dev").exit_code == 0
     resynced = project.run("apply", "prod", "--yes", "--json")
     assert resynced.exit_code == 0, resynced.output

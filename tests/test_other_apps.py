@@ -545,3 +545,178 @@ def test_a_sequence_a_default_shares_ends_above_the_data_and_never_moves_down(
         assert "public.ticket_seq (shared, not in the snapshot) restarts at 151" in " ".join(
             applied.output.split()
         )
+
+
+# pagila's way: a partitioned payment table whose foreign keys and indexes were declared on
+# each partition (as pg_dump of older servers writes them), not on the table itself.
+PAGILA = """
+SET ROLE app_owner;
+CREATE TABLE public.staff (staff_id int PRIMARY KEY, name text NOT NULL);
+CREATE TABLE public.customer (customer_id int PRIMARY KEY, name text NOT NULL);
+CREATE TABLE public.rental (
+    rental_id int PRIMARY KEY,
+    customer_id int NOT NULL REFERENCES public.customer (customer_id),
+    rented timestamptz NOT NULL);
+CREATE TABLE public.payment (
+    payment_id int NOT NULL, customer_id int NOT NULL, staff_id int NOT NULL, rental_id int,
+    amount numeric(5, 2) NOT NULL, payment_date timestamptz NOT NULL,
+    PRIMARY KEY (payment_date, payment_id))
+  PARTITION BY RANGE (payment_date);
+DO $$
+DECLARE m int;
+BEGIN
+  FOR m IN 1..4 LOOP
+    EXECUTE format(
+      'CREATE TABLE public.payment_p2022_%1$s PARTITION OF public.payment
+         FOR VALUES FROM (%2$L) TO (%3$L);
+       ALTER TABLE public.payment_p2022_%1$s
+         ADD CONSTRAINT payment_p2022_%1$s_customer_id_fkey FOREIGN KEY (customer_id)
+           REFERENCES public.customer (customer_id),
+         ADD CONSTRAINT payment_p2022_%1$s_rental_id_fkey FOREIGN KEY (rental_id)
+           REFERENCES public.rental (rental_id),
+         ADD CONSTRAINT payment_p2022_%1$s_staff_id_fkey FOREIGN KEY (staff_id)
+           REFERENCES public.staff (staff_id);
+       CREATE INDEX idx_fk_payment_p2022_%1$s_customer_id
+         ON public.payment_p2022_%1$s (customer_id);
+       CREATE INDEX idx_fk_payment_p2022_%1$s_rental_id ON public.payment_p2022_%1$s (rental_id);',
+      lpad(m::text, 2, '0'), make_date(2022, m, 1), make_date(2022, m + 1, 1));
+  END LOOP;
+END $$;
+RESET ROLE;
+"""
+# staff stays outside: the partitions' keys to it leave the scope, those to customer and
+# rental stay inside it
+PAGILA_SCOPE = ["public.customer", "public.rental", "public.payment"]
+
+
+def _fill_pagila(db: Database, variant: str, customers: int) -> None:
+    db.execute(PAGILA)
+    db.execute("INSERT INTO public.staff VALUES (1, 'Mike'), (2, 'Jon')")
+    db.execute(
+        "INSERT INTO public.customer SELECT i, %s || ' customer ' || i "
+        "FROM generate_series(1, %s) i",
+        [variant, customers],
+    )
+    db.execute(
+        "INSERT INTO public.rental SELECT i, 1 + i %% %s, "
+        "'2022-01-01'::timestamptz + i * interval '17 hours' FROM generate_series(1, %s) i",
+        [customers, customers * 3],
+    )
+    db.execute(
+        "INSERT INTO public.payment SELECT r.rental_id, r.customer_id, 1 + r.rental_id %% 2, "
+        "r.rental_id, (r.rental_id %% 9 + length(%s)) * 0.99, r.rented + interval '1 day' "
+        "FROM public.rental r",
+        [variant],
+    )
+
+
+def test_keys_declared_on_partitions_are_keys_of_the_partitioned_table(
+    project: Project, make_db
+) -> None:
+    dev, prod = plain_app_pair(project, make_db, _fill_pagila, _config(PAGILA_SCOPE))
+    before = prod.fingerprint(PAGILA_SCOPE)
+    taken = project.run("take", "dev", "--json")
+    assert taken.exit_code == 0, taken.output
+    rows = {t: v["rows"] for t, v in json.loads(taken.stdout)["tables"].items()}
+    assert rows["public.payment"] == int(dev.scalar("SELECT count(*) FROM public.payment")) == 90
+    assert json.loads(taken.stdout)["rows"] == 30 + 90 + 90  # each row counted once
+
+    checked = project.run("check", "prod", "--json")
+
+    assert checked.exit_code == 0, checked.output
+    findings = json.loads(checked.stdout)["findings"]
+    closure = " ".join(f["detail"] for f in findings if f["check"] == "scope closure")
+    assert "payment_p2022" not in closure
+    orders = " ".join(f["detail"] for f in findings if f["check"] == "foreign keys")
+    assert "public.customer … public.payment" in orders
+
+    applied = project.run("apply", "prod", "--yes", "--json")
+
+    assert applied.exit_code == 0, applied.output
+    assert _modes(applied) == dict.fromkeys(PAGILA_SCOPE, "delta")
+    first = prod.fingerprint(PAGILA_SCOPE)
+    assert first == dev.fingerprint(PAGILA_SCOPE)
+
+    # A re-sync: dev deletes rentals (their payments first), moves payments to another
+    # partition and changes amounts; prod's own edits are overwritten.
+    # (18 rentals go: enough for a helper index, were the partitions' own ones not there)
+    dev.execute("DELETE FROM public.payment WHERE rental_id % 5 = 0")
+    dev.execute("DELETE FROM public.rental WHERE rental_id % 5 = 0")
+    dev.execute(
+        "UPDATE public.payment SET payment_date = payment_date + interval '31 days', "
+        "amount = amount + 1 WHERE payment_id % 7 = 0"
+    )
+    prod.execute("UPDATE public.payment SET amount = 0 WHERE payment_id % 5 = 0")
+    assert project.run("take", "dev").exit_code == 0
+    edited = prod.fingerprint(PAGILA_SCOPE)
+    planned = project.run("check", "prod", "--json")
+    assert json.loads(planned.stdout)["plan"]["helper_indexes"] == []
+
+    resynced = project.run("apply", "prod", "--yes", "--json")
+
+    assert resynced.exit_code == 0, resynced.output
+    assert _modes(resynced) == dict.fromkeys(PAGILA_SCOPE, "delta")
+    assert prod.fingerprint(PAGILA_SCOPE) == dev.fingerprint(PAGILA_SCOPE)
+    verified = project.run("verify", "dev", "prod", "--json")
+    assert verified.exit_code == 0, verified.output
+    assert {t["table"]: t["source_rows"] for t in json.loads(verified.stdout)["tables"]}[
+        "public.payment"
+    ] == int(dev.scalar("SELECT count(*) FROM public.payment"))
+
+    rolled = project.run("rollback", "prod", "--yes")
+
+    assert rolled.exit_code == 0, rolled.output
+    assert prod.fingerprint(PAGILA_SCOPE) == edited
+    assert project.run("rollback", "prod", "--to", _backup_of(project, 0), "--yes").exit_code == 0
+    assert prod.fingerprint(PAGILA_SCOPE) == before
+
+
+def _backup_of(project: Project, index: int) -> str:
+    """The id of the index-th pre-apply backup of prod, oldest first."""
+    backups = [p for p in project.snapshots("prod") if p.name.endswith("-pre-apply")]
+    return f"prod/{backups[index].name}"
+
+
+@pytest.mark.parametrize("command", ["take", "verify", "check"])
+def test_a_partition_named_beside_its_partitioned_table_is_refused(
+    project: Project, make_db, command: str
+) -> None:
+    scope = [*PAGILA_SCOPE, "public.payment_p2022_02"]
+    dev, prod = plain_app_pair(project, make_db, _fill_pagila, _config(PAGILA_SCOPE))
+    if command == "check":  # a snapshot of the scope as it was, then the partition added
+        assert project.run("take", "dev").exit_code == 0
+    taken = project.snapshots()
+    project.config(_config(scope))
+    before = prod.fingerprint(PAGILA_SCOPE), dev.fingerprint(PAGILA_SCOPE)
+
+    result = project.run(
+        *{"take": ["take", "dev"], "verify": ["verify", "dev", "prod"]}.get(
+            command, ["check", "prod"]
+        )
+    )
+
+    assert result.exit_code == (1 if command == "check" else 2), result.output
+    assert "Traceback" not in result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert "public.payment_p2022_02 is a partition of public.payment" in line, line
+    assert "name only public.payment" in line, line
+    assert project.snapshots() == taken
+    assert (prod.fingerprint(PAGILA_SCOPE), dev.fingerprint(PAGILA_SCOPE)) == before
+
+
+def test_a_partitioned_table_outside_the_scope_is_named_by_its_own_name(
+    project: Project, make_db
+) -> None:
+    scope = ["public.customer", "public.rental"]
+    _, prod = plain_app_pair(project, make_db, _fill_pagila, _config(scope))
+    prod.execute("DELETE FROM public.payment")  # nothing outside refers to prod's rentals
+    assert project.run("take", "dev").exit_code == 0
+
+    checked = project.run("check", "prod", "--json")
+
+    assert checked.exit_code == 0, checked.output
+    findings = json.loads(checked.stdout)["findings"]
+    closure = [f["detail"] for f in findings if f["check"] == "scope closure"]
+    # one finding per key of public.payment, not one per partition declaring it
+    assert len(closure) == 2 and all("rows of public.payment " in d for d in closure), closure
+    assert "payment_p2022" not in " ".join(d.split(":")[0] for d in closure), closure

@@ -248,7 +248,8 @@ def _names(
 _ACTION_COLUMNS = """
 SELECT w.i, array_agg(DISTINCT a.attname::text)
 FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(t, i)
-JOIN pg_constraint k ON k.conrelid = w.t
+CROSS JOIN LATERAL (SELECT w.t::oid UNION SELECT relid FROM pg_partition_tree(w.t)) AS p(relid)
+JOIN pg_constraint k ON k.conrelid = p.relid
 JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = ANY(k.conkey)
 WHERE k.contype = 'f'
   AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
@@ -259,8 +260,9 @@ GROUP BY w.i
 def _action_columns(
     conn: psycopg.Connection, tables: Sequence[TableName]
 ) -> dict[TableName, frozenset[str]]:
-    """Per table, the columns of its foreign keys whose action moves them (cascade, set null
-    or default): a nested UPDATE of those is the key's action, which stays."""
+    """Per table, the columns of its foreign keys (its partitions' too) whose action moves
+    them (cascade, set null or default): a nested UPDATE of those is the key's action,
+    which stays."""
     return {
         tables[int(i) - 1]: frozenset(map(str, columns))
         for i, columns in conn.execute(

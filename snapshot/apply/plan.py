@@ -23,7 +23,7 @@ from snapshot.apply import rows as rowsets
 from snapshot.apply.auth import AuthPlan, auth_plan
 from snapshot.apply.rows import RowSet
 from snapshot.catalog import ForeignKey
-from snapshot.checksum import TableStats, kind_of
+from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.names import TableName
 from snapshot.session import Session
 
@@ -208,8 +208,9 @@ def decide(s: Session, forced: Mapping[TableName, str]) -> Plan:
     """Each table's mode and counts from the current deltas; ``forced`` tables go in full."""
     scope = set(s.order)
     reasons = dict(forced)
-    for table in s.order:
-        if table not in s.row_sets and table not in reasons:
+    keyless = [t for t in s.order if t not in s.row_sets and t not in reasons]
+    for table in keyless:
+        if not _holds_snapshot(s, table):
             reasons[table] = "no primary key or unique key over NOT NULL columns"
     for table in sorted(descendants(reasons, s.fks, scope) - set(reasons)):
         parents = sorted(
@@ -225,14 +226,28 @@ def decide(s: Session, forced: Mapping[TableName, str]) -> Plan:
             inserts, updates, deletes, target = rowsets.counts(
                 s.conn, rows, known.rows if known else None
             )
-        else:
+        elif table in reasons:
             inserts, updates, deletes = entry.rows, 0, 0
             target = _count(s.conn, table)
+        else:  # a table without a key that holds the snapshot's rows already
+            inserts, updates, deletes, target = 0, 0, 0, entry.rows
         if table in reasons:
             plans.append(TablePlan(table, True, reasons[table], entry.rows, 0, target, target))
         else:
             plans.append(TablePlan(table, False, "", inserts, updates, deletes, target))
     return Plan(tuple(plans), helper_indexes=tuple(_helper_indexes(s, plans)))
+
+
+def _holds_snapshot(s: Session, table: TableName) -> bool:
+    """Whether ``table`` holds the snapshot's rows already: its count and checksum match.
+
+    A table without a key can only be replaced whole; one that already matches is left
+    alone, so the same snapshot applied twice writes nothing. Read when deciding, so under
+    the apply's lock the answer holds until the writes.
+    """
+    entry = s.entries[table]
+    stats = table_stats(s.conn, table, entry.column_names, kind=kind_of(entry.checksum))
+    return stats == TableStats(entry.rows, entry.checksum)
 
 
 def _count(conn: psycopg.Connection, table: TableName) -> int:
@@ -243,7 +258,9 @@ def _count(conn: psycopg.Connection, table: TableName) -> int:
 def _helper_indexes(s: Session, plans: Sequence[TablePlan]) -> list[ForeignKey]:
     """Foreign keys inside the scope whose parents lose enough rows to index the child."""
     deletes = {p.table: p.deletes for p in plans}
-    owned = {t for t in s.order if _owned(s.conn, t)}
+    # Not a partitioned table: an index on it cannot be dropped concurrently after commit.
+    partitioned = catalog.leaf_partitions(s.conn, s.order)
+    owned = {t for t in s.order if t not in partitioned and _owned(s.conn, t)}
     candidates = [
         fk
         for fk in s.fks

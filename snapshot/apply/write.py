@@ -352,7 +352,10 @@ def insert_and_update(s: Session, plan: Plan, done: Written) -> None:
                 done.inserted, table, _timed(run, "inserted", table, _insert(s, table, source))
             )
             continue
-        rows, counts = s.row_sets[table], plan.table(table)
+        counts = plan.table(table)
+        if not counts.inserts and not counts.updates:
+            continue  # (a table without a key is here only when it holds the snapshot's rows)
+        rows = s.row_sets[table]
         self_ref = any(fk.child == table == fk.parent for fk in s.fks)
         for step in ("insert", "update") if self_ref else ("update", "insert"):
             if step == "insert" and counts.inserts:
