@@ -19,11 +19,19 @@ rows, the size of the user's app), then times, with peak memory:
   --block-readers``, while an app writes and reads (longest waits reported)
 
 and prints the ratios. Results also go to bench/results/<time>.json.
+
+    .venv/bin/python bench/run.py --scale 3 --rtt-ms 30 --mbit 100
+
+puts a slow link (bench/link.py: half the round trip each way, a rate per direction) between
+every tool and the server, snapshot and the raw tools alike (the app probe stays local: its
+waits are the apply's locks), and adds bytes each way and the statements and round trips
+each phase of take, the first apply and the re-sync sent through it.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -42,6 +50,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from snapshot.config import DEFAULT_TABLES
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from link import Link
 
 ROOT = Path(__file__).resolve().parent.parent
 SCOPE = list(DEFAULT_TABLES)  # the one scope the tool defaults to
@@ -192,30 +203,122 @@ class AppProbe:
 
 
 def probed_apply(
-    snapshot: list[str], work: Path, env: dict[str, str], target: str, *args: str
-) -> dict[str, float | str]:
+    snapshot: list[str],
+    work: Path,
+    env: dict[str, str],
+    target: str,
+    *args: str,
+    link: Link | None = None,
+) -> dict[str, object]:
     """Time an apply while the app writes and reads; the apply's own wait figure too."""
     with AppProbe(target) as app:
-        started = time.perf_counter()
-        result = subprocess.run(
-            [*snapshot[:1], "apply", "prod", "--yes", *args],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        sys.exit(f"apply {' '.join(args)} failed:\n{result.stderr[-2000:]}")
+        if link is not None:
+            wire = observed([snapshot[0], "-v", "apply", "prod", "--yes", *args], work, env, link)
+            seconds, stderr = float(wire["seconds"]), ""  # type: ignore[arg-type]
+        else:
+            started = time.perf_counter()
+            result = subprocess.run(
+                [*snapshot[:1], "apply", "prod", "--yes", *args],
+                cwd=work,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            seconds, stderr, wire = time.perf_counter() - started, result.stderr, {}
+            if result.returncode != 0:
+                sys.exit(f"apply {' '.join(args)} failed:\n{result.stderr[-2000:]}")
     if app.errors:
         sys.exit(f"the app failed during the apply: {'; '.join(app.errors)}")
-    waited = re.search(r"they waited ([\d.]+) s", result.stderr)
+    waited = re.search(r"they waited ([\d.]+) s", stderr)
+    lock = wire.get("under_lock")
     return {
         "snapshot_s": seconds,
         "writer_max_wait_s": app.longest("writer"),
         "reader_max_wait_s": app.longest("reader"),
-        "locked_s": float(waited.group(1)) if waited else float("nan"),
+        "locked_s": float(waited.group(1))
+        if waited
+        else float(lock["seconds"])  # type: ignore[index]
+        if isinstance(lock, dict)
+        else float("nan"),
+        "wire": wire,
     }
+
+
+def routed(target: str, link: Link | None) -> str:
+    """``target`` reached through ``link`` (without TLS: the link reads the protocol)."""
+    if link is None:
+        return target
+    params = conninfo_to_dict(target)
+    params.update(host="127.0.0.1", port=str(link.port), sslmode="disable")
+    return make_conninfo("", **params)
+
+
+def observed(
+    cmd: list[str], cwd: Path, env: dict[str, str], link: Link | None
+) -> dict[str, object]:
+    """Run a ``snapshot -v`` command; its seconds, and through a link what each phase sent.
+
+    Phases are the tool's own ``name…`` log lines, timed as they arrive on stderr; every
+    statement the link saw between two of them is counted in the first. "under the lock"
+    runs from ``locking…`` to the commit.
+    """
+    if link is not None:
+        link.reset()
+    lines: list[tuple[float, str]] = []
+    started = time.monotonic()
+    process = subprocess.Popen(cmd, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    for line in process.stderr:
+        lines.append((time.monotonic(), line.rstrip("\n")))
+    code = process.wait()
+    ended = time.monotonic()
+    if code != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n" + "\n".join(text for _, text in lines[-30:]))
+    result: dict[str, object] = {"seconds": ended - started}
+    if link is None:
+        return result
+    stats = link.stats()
+    marks = [(at, text.strip()[:-1]) for at, text in lines if text.endswith("…")]
+    locked = next((at for at, name in marks if name == "locking"), None)
+    committed = next((at for at, text in lines if "committed:" in text), ended)
+    bounds = [(started, "startup"), *marks, (ended, "")]
+    phases = []
+    for (begin, name), (end, _) in itertools.pairwise(bounds):
+        count = sum(begin <= t < end for t in stats.statements)
+        turns = sum(begin <= t < end for t in stats.turns)
+        if count or turns:
+            phases.append({"phase": name, "statements": count, "turns": turns})
+    result.update(
+        up_bytes=stats.up,
+        down_bytes=stats.down,
+        statements=len(stats.statements),
+        turns=len(stats.turns),
+        phases=phases,
+    )
+    if locked is not None:
+        result["under_lock"] = {
+            "statements": sum(locked <= t < committed for t in stats.statements),
+            "turns": sum(locked <= t < committed for t in stats.turns),
+            "seconds": committed - locked,
+        }
+    return result
+
+
+def describe_wire(name: str, figures: dict[str, object]) -> str:
+    """One paragraph: bytes, statements, round trips, per phase."""
+    if "statements" not in figures:
+        return ""
+    text = (
+        f"  {name}: {int(figures['up_bytes']) / 1e6:.2f} MB up, "  # type: ignore[call-overload]
+        f"{int(figures['down_bytes']) / 1e6:.2f} MB down, "  # type: ignore[call-overload]
+        f"{figures['statements']} statements, {figures['turns']} round trips"
+    )
+    lock = figures.get("under_lock")
+    if isinstance(lock, dict):
+        text += f"; under the lock {lock['statements']} statements, {lock['turns']} round trips"
+    phases = figures.get("phases") or []
+    parts = [f"{p['phase']} {p['statements']}/{p['turns']}" for p in phases]  # type: ignore[attr-defined]
+    return text + "\n    per phase (statements/round trips): " + ", ".join(parts)
 
 
 def run_sql(target: str, text: str) -> None:
@@ -233,8 +336,13 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=45)
     parser.add_argument("--dsn", default="host=127.0.0.1 port=5432 user=postgres dbname=postgres")
     parser.add_argument("--pg-bin", default="/usr/lib/postgresql/15/bin")
+    parser.add_argument(
+        "--rtt-ms", type=float, default=0, help="Round trip of a simulated link (0: none)."
+    )
+    parser.add_argument("--mbit", type=float, default=100, help="The link's rate each way.")
     args = parser.parse_args()
     pg_bin = Path(args.pg_bin)
+    link = Link(args.rtt_ms, args.mbit).start() if args.rtt_ms > 0 else None
     work = Path(tempfile.mkdtemp(prefix="snapshot-bench-"))
     dev, prod, raw, checked = "bench_dev", "bench_prod", "bench_raw", "bench_checked"
     bulk = "bench_bulk"  # the first apply again, with --block-readers
@@ -252,9 +360,11 @@ def main() -> None:
                 conn.execute(f"CREATE DATABASE {copy} TEMPLATE {template}")
         print(f"  built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         scope_rows = rows(args.dsn, dev)
-        (work / ".env.local").write_text(f"SUPABASE_DB_URL={url(args.dsn, dev, 'app_owner')}\n")
+        (work / ".env.local").write_text(
+            f"SUPABASE_DB_URL={routed(url(args.dsn, dev, 'app_owner'), link)}\n"
+        )
         (work / ".env.production").write_text(
-            f"SUPABASE_DB_URL={url(args.dsn, prod, 'app_owner')}\n"
+            f"SUPABASE_DB_URL={routed(url(args.dsn, prod, 'app_owner'), link)}\n"
         )
         env = {**os.environ, "PG_BIN": str(pg_bin)}
         snapshot = [str(Path(sys.executable).parent / "snapshot"), "-q"]
@@ -270,18 +380,22 @@ def main() -> None:
                 "--data-only",
                 *tables,
                 f"--file={work / 'raw.dump'}",
-                f"--dbname={url(args.dsn, dev, 'app_owner')}",
+                f"--dbname={routed(url(args.dsn, dev, 'app_owner'), link)}",
             ],
             work,
         )
+        take_wire = observed([snapshot[0], "-v", "take", "dev"], work, env, link)
+        shutil.rmtree(work / "snapshots" / "dev")
         our_take = timed([*snapshot, "take", "dev"], work, env)
+        if link is not None:
+            our_take = (float(take_wire["seconds"]), our_take[1])  # type: ignore[arg-type]
 
         raw_apply = raw_restore(
-            pg_bin, url(args.dsn, raw), work / "raw.dump", [], ["--disable-triggers"]
+            pg_bin, routed(url(args.dsn, raw), link), work / "raw.dump", [], ["--disable-triggers"]
         )
         checked_apply = raw_restore(
             pg_bin,
-            url(args.dsn, checked, "app_owner"),
+            routed(url(args.dsn, checked, "app_owner"), link),
             work / "raw.dump",
             [
                 "DROP TRIGGER questions_publish_guardrail ON public.questions",
@@ -289,10 +403,14 @@ def main() -> None:
             ],
             [],
         )
-        our_apply = timed([*snapshot, "apply", "prod", "--yes"], work, env)
+        if link is not None:
+            apply_wire = observed([snapshot[0], "-v", "apply", "prod", "--yes"], work, env, link)
+            our_apply = (float(apply_wire["seconds"]), 0)  # type: ignore[arg-type]
+        else:
+            apply_wire, our_apply = {}, timed([*snapshot, "apply", "prod", "--yes"], work, env)
         production = (work / ".env.production").read_text()
         (work / ".env.production").write_text(
-            f"SUPABASE_DB_URL={url(args.dsn, bulk, 'app_owner')}\n"
+            f"SUPABASE_DB_URL={routed(url(args.dsn, bulk, 'app_owner'), link)}\n"
         )
         bulk_apply = timed([*snapshot, "apply", "prod", "--yes", "--block-readers"], work, env)
         (work / ".env.production").write_text(production)
@@ -306,7 +424,7 @@ def main() -> None:
             conn.execute(f"CREATE DATABASE {resync} TEMPLATE {prod}")
         resync_take = timed([*snapshot, "take", "dev"], work, env)
         prod_url = url(args.dsn, prod, "app_owner")
-        delta = probed_apply(snapshot, work, env, prod_url)
+        delta = probed_apply(snapshot, work, env, prod_url, link=link)
         with psycopg.connect(args.dsn, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE {prod} WITH (FORCE)")
             conn.execute(f"CREATE DATABASE {prod} TEMPLATE {resync}")
@@ -324,6 +442,8 @@ def main() -> None:
             "scale": args.scale,
             "scope_rows": scope_rows,
             "server": psycopg.connect(args.dsn).info.server_version,
+            "link": {"rtt_ms": args.rtt_ms, "mbit": args.mbit} if link else None,
+            "wire": {"take": take_wire, "apply": apply_wire, "resync": delta["wire"]},
             "take": {
                 "snapshot_s": our_take[0],
                 "pg_dump_s": raw_take[0],
@@ -355,7 +475,8 @@ def main() -> None:
         out.mkdir(exist_ok=True)
         (out / f"{results['when'].replace(':', '')}.json").write_text(json.dumps(results, indent=2))
         take, apply = results["take"], results["apply"]
-        print(f"scope rows: {scope_rows:,} (scale {args.scale})")
+        where = f"{args.rtt_ms:g} ms, {args.mbit:g} Mbit/s link" if link else "localhost"
+        print(f"scope rows: {scope_rows:,} (scale {args.scale}), {where}")
         print(
             f"take:   snapshot {take['snapshot_s']:.1f} s, pg_dump {take['pg_dump_s']:.1f} s "
             f"-> {take['snapshot_s'] / take['pg_dump_s']:.2f}x; peak "
@@ -386,7 +507,14 @@ def main() -> None:
                 f"{figures['locked_s']:.1f} s), reader at most "
                 f"{figures['reader_max_wait_s']:.3f} s"
             )
+        if link is not None:
+            print("through the link:")
+            for name, figures in (("take", take_wire), ("first apply", apply_wire)):
+                print(describe_wire(name, figures))
+            print(describe_wire("re-sync", delta["wire"]))  # type: ignore[arg-type]
     finally:
+        if link is not None:
+            link.stop()
         with psycopg.connect(args.dsn, autocommit=True) as conn:
             for name in (dev, prod, raw, checked, resync, bulk):
                 conn.execute(
