@@ -266,7 +266,9 @@ def observed(
         link.reset()
     lines: list[tuple[float, str]] = []
     started = time.monotonic()
-    process = subprocess.Popen(cmd, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     assert process.stderr is not None
     for line in process.stderr:
         lines.append((time.monotonic(), line.rstrip("\n")))

@@ -457,19 +457,34 @@ def _find_cycle(stuck: set[TableName], parents: dict[TableName, set[TableName]])
 
 # The app's own tables, as `snapshot init` proposes them: the public schema's tables and
 # partitioned tables (their partitions come with them), not those an extension created.
+# Schemas PostgreSQL, Supabase and its extensions manage: never the app's own data.
+PLATFORM_SCHEMAS = (
+    "pg_catalog", "information_schema", "pg_toast", "auth", "storage", "realtime", "_realtime",
+    "extensions", "graphql", "graphql_public", "pgsodium", "pgsodium_masks", "vault",
+    "supabase_functions", "supabase_migrations", "net", "cron", "pgbouncer", "_analytics",
+    "pgmq", "pgtle", "repack", "topology", "tiger", "tiger_data",
+)  # fmt: skip
+
 _APP_TABLES = """
 SELECT n.nspname, c.relname
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND n.nspname <> ALL(%s) AND n.nspname NOT LIKE 'pg\\_%%'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
                   AND d.objid = c.oid AND d.deptype = 'e')
-ORDER BY c.relname
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_namespace'::regclass
+                  AND d.objid = n.oid AND d.deptype = 'e')
+ORDER BY n.nspname <> 'public', n.nspname, c.relname
 """
 
 
 def app_tables(conn: psycopg.Connection) -> list[TableName]:
-    """The public schema's own tables, by name (partitions and extensions' tables left out)."""
-    return [TableName(nsp, rel) for nsp, rel in conn.execute(_APP_TABLES)]
+    """The app's own tables, by name: the public schema's, then those of the app's other
+    schemas (basejump keeps its own); partitions, extensions' tables, and the schemas
+    PostgreSQL and Supabase manage (:data:`PLATFORM_SCHEMAS`) left out."""
+    return [
+        TableName(nsp, rel) for nsp, rel in conn.execute(_APP_TABLES, (list(PLATFORM_SCHEMAS),))
+    ]
 
 
 _OWNED_SEQUENCES = """

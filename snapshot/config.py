@@ -526,12 +526,12 @@ def _scope_comment(proposal: Proposal) -> str:
     )
     return f"""\
 # dev's own tables, as `snapshot init` read them from {proposal.read_from}:
-# every table of its public schema,
-# {order}.
+# every table of its public schema and of its other schemas (those of PostgreSQL,
+# Supabase and extensions left out), {order}.
 # A partitioned table stands for its partitions; tables an extension created are left out.
 # take copies them, apply makes each equal the snapshot, verify compares them. Remove the
-# tables whose rows prod must keep as they are (sign-ups, orders, logs...); add other
-# schemas' tables as "schema.table". The order does not matter: apply computes its own
+# tables whose rows prod must keep as they are (sign-ups, orders, logs...). Other schemas'
+# tables are written "schema.table". The order does not matter: apply computes its own
 # from the target's foreign keys. "users" means "public.users"."""
 
 
@@ -633,8 +633,8 @@ orphaned_users = "warn"
 foreign_key_checks = "auto"
 
 [parity]
-# Columns that target triggers rewrite on purpose (an updated_at trigger, say): the
-# parity check before commit ignores them, and the report says so.
+# Columns the parity check before commit leaves out (the report says so). Columns the app's
+# triggers maintain (updated_at...) need no entry: what triggers write does not stay.
 ignore_columns = []
 
 [session]

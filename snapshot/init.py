@@ -1,6 +1,6 @@
 """``snapshot init``: a ``snapshot.toml`` that works as it stands for the app it is run in.
 
-When dev's env file answers, the scope is read from dev: every table of its public schema
+When dev's env file answers, the scope is read from dev: every table of its app schemas
 in foreign-key order (partitions and extensions' tables left out), auth users where
 Supabase Auth's tables exist, and the bundled app's guardrail setting (``insert_as``) only
 where its column exists. Otherwise the bundled example app's commented template is written,
@@ -63,7 +63,7 @@ def _one_line(text: str) -> str:
 def _read(conn: psycopg.Connection, where: str) -> Proposal:
     tables = catalog.app_tables(conn)
     if not tables:
-        return replace(TEMPLATE, why_template=f"{where} has no table in its public schema")
+        return replace(TEMPLATE, why_template=f"{where} holds no table of its own")
     key_order = True
     try:
         ordered = catalog.apply_order(tables, catalog.foreign_keys(conn, tables))
@@ -95,6 +95,6 @@ def summary(proposal: Proposal) -> str:
         )
     auth = "auth users copied" if proposal.auth_users else "no auth users (no auth.users)"
     return (
-        f"read {SOURCE} ({proposal.read_from}): {len(proposal.tables)} tables of its public "
-        f"schema, {auth}; remove from [scope] tables those whose rows prod keeps"
+        f"read {SOURCE} ({proposal.read_from}): {len(proposal.tables)} of its tables, {auth}; "
+        "remove from [scope] tables those whose rows prod keeps"
     )

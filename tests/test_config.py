@@ -155,7 +155,7 @@ def test_init_reads_an_app_unlike_the_bundled_one_and_its_config_works_unedited(
 
     assert written.exit_code == 0, written.output
     assert written.stdout.strip() == f"wrote {project.path / 'snapshot.toml'}"
-    assert "read dev (app_owner@" in written.stderr and "6 tables" in written.stderr
+    assert "read dev (app_owner@" in written.stderr and "6 of its tables" in written.stderr
     config = load_config(project.path / "snapshot.toml")
     scope = [str(t) for t in config.scope.tables]
     assert sorted(scope) == sorted(BLOG_TABLES)  # the partition is its table's
@@ -175,6 +175,29 @@ def test_init_reads_an_app_unlike_the_bundled_one_and_its_config_works_unedited(
     assert checked.exit_code == 0, checked.output
     assert applied.exit_code == 0, applied.output
     assert prod.fingerprint(BLOG_TABLES) == dev.fingerprint(BLOG_TABLES)
+
+
+def test_init_proposes_the_tables_of_an_apps_own_schema_not_the_platforms(
+    project: Project, bare_db
+) -> None:
+    # basejump keeps its tables in a schema of its own; Supabase's own schemas (storage...)
+    # and what an extension made are not the app's data.
+    dev = bare_db(
+        "CREATE SCHEMA basejump AUTHORIZATION app_owner; CREATE SCHEMA storage; "
+        "CREATE TABLE storage.objects (id int PRIMARY KEY); "
+        "SET ROLE app_owner; "
+        "CREATE TABLE basejump.accounts (id int PRIMARY KEY, name text); "
+        "CREATE TABLE basejump.invitations (id int PRIMARY KEY, "
+        "account_id int REFERENCES basejump.accounts (id)); "
+        "CREATE TABLE public.notes (id int PRIMARY KEY, body text); RESET ROLE;"
+    )
+    project.point("dev", dev)
+
+    written = project.run("init")
+
+    assert written.exit_code == 0, written.output
+    scope = [str(t) for t in load_config(project.path / "snapshot.toml").scope.tables]
+    assert scope == ["public.notes", "basejump.accounts", "basejump.invitations"]
 
 
 def test_init_gives_the_bundled_app_its_guardrail_settings(project: Project, make_db) -> None:

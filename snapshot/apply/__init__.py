@@ -470,8 +470,9 @@ def _transaction(
                     running = run.backup = None
             if not keep:
                 raise psycopg.Rollback(tx)  # leaves the block, rolling back; nothing raised
-            with phase("dropping the keeper triggers"):
-                keepers.release(conn, held, run.config.apply.lock_timeout, run.target.env)
+            if held.tables:
+                with phase("dropping the keeper triggers"):
+                    keepers.release(conn, held, run.config.apply.lock_timeout, run.target.env)
             phase.current = "committing"
             use_app_search_path(conn)  # deferred triggers fire at the commit
             # From the commit to the backup's publication, Ctrl-C waits: the outcome is then
