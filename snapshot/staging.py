@@ -186,14 +186,19 @@ def _load(
 ) -> dict[TableName, int]:
     """Every COPY block of the archive into its staged copy; the rows staged per table."""
     counts: dict[TableName, int] = {}
+    started: dict[TableName, float] = {}
+    shown: TableName | None = None  # the table whose blocks are being read (one per partition)
     with pgtools.restore_script(pg_restore, snapshot.dump_path) as stream:
         script = ScriptReader(stream)
         while header := script.next_header():
             table, columns = parse_copy_header(header)
-            started = time.monotonic()
+            if shown is not None and shown != table:
+                _staged(shown, counts, started)
+            started.setdefault(table, time.monotonic())
             if table in skip:
                 script.pump(DISCARD)
                 continue
+            shown = table
             entry = wanted.get(table)
             if entry is None:
                 raise ArchiveError(f"{snapshot.id}: the dump holds unexpected data for {table}")
@@ -206,8 +211,16 @@ def _load(
                 except psycopg.Error as exc:
                     raise _cannot_hold(snapshot, table, exc) from None
             counts[table] = counts.get(table, 0) + rows
-            progress.table_done("staged", table, rows, time.monotonic() - started)
+    if shown is not None:
+        _staged(shown, counts, started)
     return counts
+
+
+def _staged(
+    table: TableName, counts: dict[TableName, int], started: dict[TableName, float]
+) -> None:
+    """Progress for one table, once all its blocks are in (a partitioned table has several)."""
+    progress.table_done("staged", table, counts[table], time.monotonic() - started[table])
 
 
 def _cannot_hold(snapshot: Snapshot, table: TableName, exc: psycopg.Error) -> Refused:

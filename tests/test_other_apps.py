@@ -10,6 +10,7 @@ usable key), a composite key holding an enum, and ``ON UPDATE CASCADE`` foreign 
 from __future__ import annotations
 
 import json
+import re
 
 import psycopg
 import pytest
@@ -542,9 +543,10 @@ def test_a_sequence_a_default_shares_ends_above_the_data_and_never_moves_down(
     prod.execute("INSERT INTO public.ticket (v) VALUES ('app')")  # no collision
     prod.execute("INSERT INTO public.ticket_archive (v) VALUES ('app')")
     if not ahead:
-        assert "public.ticket_seq (shared, not in the snapshot) restarts at 151" in " ".join(
-            applied.output.split()
-        )
+        assert (
+            "public.ticket_seq (the default of public.ticket.id, owned by no column, so not in "
+            "the snapshot) restarts at 151, above the data"
+        ) in " ".join(applied.output.split())
 
 
 # pagila's way: a partitioned payment table whose foreign keys and indexes were declared on
@@ -634,6 +636,8 @@ def test_keys_declared_on_partitions_are_keys_of_the_partitioned_table(
 
     assert applied.exit_code == 0, applied.output
     assert _modes(applied) == dict.fromkeys(PAGILA_SCOPE, "delta")
+    # one progress line for the table, not one per partition's block of the dump
+    assert len(re.findall(r"staged +public\.payment ", applied.stderr)) == 1, applied.stderr
     first = prod.fingerprint(PAGILA_SCOPE)
     assert first == dev.fingerprint(PAGILA_SCOPE)
 

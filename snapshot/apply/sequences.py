@@ -94,7 +94,8 @@ def _above_the_data(s: Session) -> int:
             sql.SQL("ALTER SEQUENCE {} RESTART WITH {}").format(sequence.ident, sql.Literal(value))
         )
         s.notes.append(
-            f"{sequence} (shared, not in the snapshot) restarts at {value}, above its data"
+            f"{sequence} (the default of {current.table}.{current.column}, owned by no column, "
+            f"so not in the snapshot) restarts at {value}, above the data"
         )
         moved += 1
     return moved
