@@ -44,6 +44,7 @@ class Counters:
     down: int = 0  # server to client
     statements: list[float] = field(default_factory=list)  # monotonic time of each
     turns: list[float] = field(default_factory=list)
+    texts: list[tuple[float, str]] = field(default_factory=list)  # with capture=True
 
 
 class _Pipe:
@@ -83,8 +84,9 @@ class _Pipe:
 class _Frontend:
     """Parses the client's messages as they stream by, counting statements and turns."""
 
-    def __init__(self, counters: Counters, answered: list[bool]) -> None:
+    def __init__(self, counters: Counters, answered: list[bool], capture: bool) -> None:
         self.counters = counters
+        self.capture = capture
         self.answered = answered  # set when the server sent something since the client spoke
         self.buffer = b""
         self.started = False  # past the startup message (which has no type byte)
@@ -115,6 +117,12 @@ class _Frontend:
                 return
             if kind in (b"Q", b"E"):
                 self.counters.statements.append(now)
+            if self.capture and kind in (b"Q", b"P"):
+                body = self.buffer[5 : 1 + length]
+                if kind == b"P":  # statement name, then the query
+                    body = body[body.index(b"\0") + 1 :]
+                text = body.split(b"\0", 1)[0].decode("utf-8", "replace")
+                self.counters.texts.append((now, text))
             self.buffer = self.buffer[1 + length :]
 
 
@@ -122,8 +130,15 @@ class Link:
     """A TCP proxy with a round-trip time and a rate per direction (see the module doc)."""
 
     def __init__(
-        self, rtt_ms: float, mbit: float, target: str = "127.0.0.1:5432", port: int = 0
+        self,
+        rtt_ms: float,
+        mbit: float,
+        target: str = "127.0.0.1:5432",
+        port: int = 0,
+        *,
+        capture: bool = False,
     ) -> None:
+        self.capture = capture  # keep each statement's text (Counters.texts)
         self.one_way = rtt_ms / 2000
         self.bits_per_second = mbit * 1_000_000
         host, _, target_port = target.rpartition(":")
@@ -161,7 +176,7 @@ class Link:
     def stats(self) -> Counters:
         with self._lock:
             c = self.counters
-            return Counters(c.up, c.down, list(c.statements), list(c.turns))
+            return Counters(c.up, c.down, list(c.statements), list(c.turns), list(c.texts))
 
     def _run(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -188,7 +203,7 @@ class Link:
             client_w.close()
             return
         answered = [False]
-        frontend = _Frontend(self.counters, answered)
+        frontend = _Frontend(self.counters, answered, self.capture)
         up = _Pipe(self, "up", server_w, lambda n: self._add("up", n))
         down = _Pipe(self, "down", client_w, lambda n: self._add("down", n))
 
