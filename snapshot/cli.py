@@ -280,6 +280,16 @@ def allow_cascade_option(f: F) -> F:
     )(f)
 
 
+def keep_referenced_option(f: F) -> F:
+    """``--keep-referenced``: keep the target's rows that rows outside the scope refer to."""
+    return click.option(
+        "--keep-referenced",
+        is_flag=True,
+        help="Keep the target's rows the snapshot lacks that rows outside the scope refer to "
+        "(instead of refusing); the reports count them as kept ([apply] keep_referenced).",
+    )(f)
+
+
 def _choose_snapshot(
     app: App, target_env: str, source_env: str | None, snapshot_id: str | None
 ) -> archive.Snapshot:
@@ -564,6 +574,7 @@ def _apply_failure(report: Any) -> str | None:
 @full_option
 @block_readers_option
 @allow_cascade_option
+@keep_referenced_option
 @yes_option
 @json_option
 @global_options
@@ -577,6 +588,7 @@ def apply(
     full: bool,
     block_readers: bool,
     allow_cascades: tuple[str, ...],
+    keep_referenced: bool,
     yes: bool,
     as_json: bool,
 ) -> None:
@@ -608,6 +620,7 @@ def apply(
             pg_bin=app.pg_bin,
             allow_cascades=allow_cascades,
             block_readers=block_readers,
+            keep_referenced=keep_referenced,
         )
     _finish(app, report, _apply_failure(report))
     if report.committed:
@@ -618,6 +631,7 @@ def apply(
 @click.argument("target_env", metavar="TARGET")
 @click.option("--to", "snapshot_id", metavar="ID", help="Restore this snapshot of TARGET.")
 @allow_cascade_option
+@keep_referenced_option
 @yes_option
 @json_option
 @global_options
@@ -627,6 +641,7 @@ def rollback(
     target_env: str,
     snapshot_id: str | None,
     allow_cascades: tuple[str, ...],
+    keep_referenced: bool,
     yes: bool,
     as_json: bool,
 ) -> None:
@@ -658,6 +673,7 @@ def rollback(
             confirm=confirm,
             pg_bin=app.pg_bin,
             allow_cascades=allow_cascades,
+            keep_referenced=keep_referenced,
         )
     _finish(app, report, _apply_failure(report))
     if report.committed:
@@ -670,6 +686,7 @@ def rollback(
 @click.option("--snapshot", "snapshot_id", metavar="ID", help="Check this snapshot (see list).")
 @full_option
 @allow_cascade_option
+@keep_referenced_option
 @json_option
 @global_options
 @pass_app
@@ -680,6 +697,7 @@ def check(
     snapshot_id: str | None,
     full: bool,
     allow_cascades: tuple[str, ...],
+    keep_referenced: bool,
     as_json: bool,
 ) -> None:
     """Run the preflight of an apply to TARGET alone: find what would fail, change nothing.
@@ -703,6 +721,7 @@ def check(
         pg_bin=app.pg_bin,
         allow_cascades=allow_cascades,
         full=full,
+        keep_referenced=keep_referenced,
     )
     app.output(report.to_json(), lambda: render.preflight_report(report))
     if not report.ok:

@@ -137,13 +137,16 @@ def run_apply(
     allow_cascades: Collection[str] = (),
     progress: Progress | None = None,
     block_readers: bool = False,
+    keep_referenced: bool = False,
 ) -> ApplyReport:
     """Apply ``snapshot`` to ``target_env`` (see the module docstring for the recipe).
 
     The preflight runs first, with the apply lock held; any error stops everything before
     the first write (:class:`PreflightFailed` carries its report). ``full`` replaces every
     table in full instead of writing only what differs; ``block_readers`` checks the scope's
-    own foreign keys in bulk (:mod:`.constraints`), making readers wait until the commit.
+    own foreign keys in bulk (:mod:`.constraints`), making readers wait until the commit;
+    ``keep_referenced`` (or ``[apply] keep_referenced``) keeps the rows the snapshot lacks
+    that rows outside the scope refer to (:mod:`.outside`).
     """
     phases = _Phases(progress)
     with (
@@ -153,6 +156,7 @@ def run_apply(
         contextlib.ExitStack() as cleanup,
     ):
         session.block_readers = block_readers
+        session.keep_referenced = keep_referenced or config.apply.keep_referenced
         if not dry_run:
             session.backup_into = cleanup.enter_context(
                 archive.pending_snapshot(config.archive, session.target.env)
@@ -187,11 +191,13 @@ def check(
     pg_bin: Path | None = None,
     allow_cascades: Collection[str] = (),
     full: bool = False,
+    keep_referenced: bool = False,
 ) -> preflight.PreflightReport:
     """The preflight and the plan alone (``snapshot check``): changes nothing."""
     with open_session(
         config, target_env, snapshot, action="apply", pg_bin=pg_bin, backup=True
     ) as session:
+        session.keep_referenced = keep_referenced or config.apply.keep_referenced
         holder = apply_lock_holder(session.conn)
         try:
             return preflight.run_checks(
@@ -552,7 +558,7 @@ def _attempts(
                 conn.execute("SET CONSTRAINTS ALL DEFERRED")
                 with phase("pre-scripts"):
                     scripts.run(conn, scripts.scripts(run.config, "pre"), "pre")
-                write.guard_outside(run, plan, allowed)
+                plan = write.guard_outside(run, plan, allowed)
                 dropped = constraints.scope_foreign_keys(run) if run.block_readers else []
                 if dropped:
                     with phase("dropping foreign keys"):
