@@ -656,6 +656,15 @@ def _plan_findings(s: Session, plan: Plan, *, in_bulk: bool = False) -> Iterator
             OK,
             f"{people.create_sentence(s.target.env)} (auth users are never updated)",
         )
+    for trigger in people.triggers:
+        outside = trigger.opaque or any(t not in s.order for t in trigger.writes)
+        yield Finding(
+            "auth triggers",
+            WARNING if outside else OK,
+            f"{trigger.sentence(s.order)}: it fires as the {people.create:,} snapshot users "
+            f"are created; the report counts the rows it writes"
+            + (" (rows written outside the scope stay)" if outside else ""),
+        )
     if people.orphaned:
         setting = s.config.apply.orphaned_users
         status = ERROR if setting == "error" else WARNING

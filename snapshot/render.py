@@ -144,6 +144,8 @@ def plan_table(plan: Any, target: str) -> str:
     lines += [f"kept: {k.sentence(target)}" for k in plan.kept]
     if plan.auth is not None:
         lines.append(f"auth users: {plan.auth.create_sentence(target)}")
+        scope = tuple(t.table for t in plan.tables)
+        lines += [f"auth trigger: {t.sentence(scope)}" for t in plan.auth.triggers]
         if plan.auth.orphaned:
             lines.append(f"warning: {plan.auth.orphaned_sentence(target)}")
     return "\n".join(lines)
@@ -196,6 +198,7 @@ def parity_report(report: Any) -> str:
                 f"auth.users: {a.snapshot_users:,} in the snapshot, {a.created_users:,} created "
                 f"({a.created_identities:,} identities), {a.missing_after:,} missing"
             )
+            lines += [f"auth triggers wrote {w.sentence()}" for w in a.trigger_writes]
         for kept in report.plan.kept if report.plan else ():
             lines.append(f"kept: {kept.sentence(report.target)}")
         people = report.plan.auth if report.plan else None

@@ -433,14 +433,14 @@ def _transaction(
                     backup.describe(run, running, {**known, **backup.follow_up(run, running)})
                     backup.catch_up(run, running)
                 before = {t: known[t].rows if t in known else _count(conn, t) for t in run.order}
-            created = (0, 0)
+            created = auth.Created(0, 0)
             if run.auth_entries:
                 with phase("creating auth users"):
                     counters = replica.write_counters(conn)
                     use_app_search_path(conn)  # auth.users' triggers are the app's code
                     created = auth.create_users(run)
                     use_tool_search_path(conn)
-                    if created[0]:
+                    if created.users:
                         _reconcile(run, _touched(run, counters))
             plan, tables = _attempts(run, phase, allowed, before, helpers)
             with phase("sequences"):
@@ -452,7 +452,7 @@ def _transaction(
                 dry_run=not commit,
                 committed=False,
                 tables=tuple(tables),
-                auth=_auth_outcome(run, *created),
+                auth=_auth_outcome(run, created),
                 backup=None,
                 phases=tuple(phase.done),
                 notes=tuple(run.notes),
@@ -670,13 +670,14 @@ def _fall_back(
     log.warning("%s: the delta did not apply cleanly (%s): replacing in full", names, why)
 
 
-def _auth_outcome(run: Session, created_users: int, created_identities: int) -> AuthOutcome | None:
+def _auth_outcome(run: Session, created: auth.Created) -> AuthOutcome | None:
     users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
     if users is None:
         return None
     return AuthOutcome(
         snapshot_users=users.rows,
-        created_users=created_users,
-        created_identities=created_identities,
+        created_users=created.users,
+        created_identities=created.identities,
         missing_after=auth.missing_users(run),
+        trigger_writes=created.writes,
     )

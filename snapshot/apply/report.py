@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from snapshot.apply.auth import TriggerWrites
 from snapshot.apply.plan import Plan
 from snapshot.archive import Snapshot
 from snapshot.environments import Connection
@@ -21,6 +22,7 @@ class AuthOutcome:
     created_users: int
     created_identities: int
     missing_after: int
+    trigger_writes: tuple[TriggerWrites, ...] = ()  # what the app's auth triggers wrote
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -28,6 +30,7 @@ class AuthOutcome:
             "created_users": self.created_users,
             "created_identities": self.created_identities,
             "missing_after": self.missing_after,
+            "trigger_writes": [w.to_json() for w in self.trigger_writes],
         }
 
 
