@@ -347,7 +347,7 @@ def _confirmer(app: App, target: str, yes: bool, dry_run: bool) -> Any:
     def confirm(proposal: Any) -> bool:
         click.echo(render.plan_report(proposal), err=True)
         typed = click.prompt(
-            f"\nType {target} to {proposal.action}", default="", show_default=False, err=True
+            f"\n{render.confirm_question(proposal)}", default="", show_default=False, err=True
         )
         return bool(typed == target)
 
@@ -630,6 +630,7 @@ def apply(
 @cli.command()
 @click.argument("target_env", metavar="TARGET")
 @click.option("--to", "snapshot_id", metavar="ID", help="Restore this snapshot of TARGET.")
+@click.option("--dry-run", is_flag=True, help="Do everything, then roll back: changes nothing.")
 @allow_cascade_option
 @keep_referenced_option
 @yes_option
@@ -640,6 +641,7 @@ def rollback(
     app: App,
     target_env: str,
     snapshot_id: str | None,
+    dry_run: bool,
     allow_cascades: tuple[str, ...],
     keep_referenced: bool,
     yes: bool,
@@ -647,8 +649,12 @@ def rollback(
 ) -> None:
     """Put TARGET back as it was before the last apply (its newest pre-apply backup).
 
+    Rows written since that apply are thrown away with it: the plan, the prompt, --dry-run
+    and --json count them per table.
+
     \b
     snapshot rollback prod
+    snapshot rollback prod --dry-run
     snapshot rollback prod --to prod/20261124T101500Z-pre-apply
     snapshot rollback prod --allow-cascade public.audit.audit_item_id_fkey
     """
@@ -663,13 +669,14 @@ def rollback(
         for note in settle_backups(config, target_env):
             click.echo(note, err=True)
         snapshot = archive.newest_snapshot(config.archive, target_env, kind=archive.PRE_APPLY)
-    confirm = _confirmer(app, target_env, yes, False)
+    confirm = _confirmer(app, target_env, yes, dry_run)
     with _preflight_table(app):
         report = run_apply(
             config,
             target_env,
             snapshot,
             action="rollback",
+            dry_run=dry_run,
             confirm=confirm,
             pg_bin=app.pg_bin,
             allow_cascades=allow_cascades,

@@ -647,6 +647,22 @@ def _plan_findings(s: Session, plan: Plan, *, in_bulk: bool = False) -> Iterator
                 for fk in plan.helper_indexes
             ),
         )
+    if plan.written_since is not None:
+        lost = [w for w in plan.written_since if w.rows]
+        if lost:
+            total = sum(w.rows for w in lost)
+            yield Finding(
+                "written since",
+                WARNING,
+                f"{total:,} row{'' if total == 1 else 's'} written since the apply this "
+                f"{s.action} undoes (by the app, or a later apply) will be thrown away: "
+                + "; ".join(w.sentence() for w in lost)
+                + f"; only its pre-{s.action} backup keeps them",
+            )
+        else:
+            yield Finding(
+                "written since", OK, f"no row written since the apply this {s.action} undoes"
+            )
     people = plan.auth
     if people is None:
         return

@@ -115,6 +115,19 @@ def plan_report(proposal: Any) -> str:
     return "\n".join([head, "", plan_table(proposal.plan, proposal.target.env)])
 
 
+def confirm_question(proposal: Any) -> str:
+    """What the person at the terminal types to go on; a rollback that throws away rows
+    written since its apply names them."""
+    target = proposal.target.env
+    lost = sum(w.rows for w in proposal.plan.written_since or ())
+    if lost:
+        rows = f"{lost:,} row{'' if lost == 1 else 's'}"
+        return (
+            f"Type {target} to {proposal.action}, throwing away the {rows} written since the apply"
+        )
+    return f"Type {target} to {proposal.action}"
+
+
 def plan_table(plan: Any, target: str) -> str:
     """Per table: mode, rows to insert, update, delete and leave alone; then auth users."""
     kept = any(t.kept for t in plan.tables)
@@ -142,6 +155,11 @@ def plan_table(plan: Any, target: str) -> str:
     )
     lines = [text]
     lines += [f"kept: {k.sentence(target)}" for k in plan.kept]
+    lines += [
+        f"written since the apply, thrown away: {w.sentence()}"
+        for w in plan.written_since or ()
+        if w.rows
+    ]
     if plan.auth is not None:
         lines.append(f"auth users: {plan.auth.create_sentence(target)}")
         scope = tuple(t.table for t in plan.tables)
@@ -201,6 +219,9 @@ def parity_report(report: Any) -> str:
             lines += [f"auth triggers wrote {w.sentence()}" for w in a.trigger_writes]
         for kept in report.plan.kept if report.plan else ():
             lines.append(f"kept: {kept.sentence(report.target)}")
+        for lost in (report.plan.written_since if report.plan else None) or ():
+            if lost.rows:
+                lines.append(f"written since the apply, thrown away: {lost.sentence()}")
         people = report.plan.auth if report.plan else None
         if people is not None and people.orphaned:
             done = report.committed and not report.dry_run

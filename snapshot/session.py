@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from snapshot.apply.outside import Kept, Reference
     from snapshot.apply.plan import Plan
     from snapshot.apply.rows import RowSet
+    from snapshot.apply.since import Applied
     from snapshot.checksum import TableStats
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Session:
     keep_referenced: bool = False  # keep parents outside rows refer to (snapshot.apply.outside)
     outside: tuple[Reference, ...] = ()  # the keys from outside the scope, last counted
     kept: dict[TableName, Kept] = field(default_factory=dict)  # rows kept for them
+    applied: Applied | None = None  # a rollback: what the apply it undoes wrote (since.py)
 
     @property
     def entries(self) -> dict[TableName, TableEntry]:

@@ -480,7 +480,7 @@ def _transaction(
             run.target.env,
             time.monotonic() - locked,
         )
-    report = replace(report, committed=keep, phases=tuple(phase.done))
+    report = replace(report, committed=keep, phases=tuple(phase.done), notes=tuple(run.notes))
     return report, sealed if keep else None, helpers
 
 

@@ -24,6 +24,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import staging
+from snapshot.apply.since import xact_writes
 from snapshot.archive import TableEntry
 from snapshot.errors import SnapshotError
 from snapshot.names import AUTH_IDENTITIES, AUTH_TABLES, AUTH_USERS, TableName, split_dotted
@@ -245,7 +246,7 @@ def create_users(s: Session) -> Created:
         return Created(0, 0)
     identities = _entry(s, AUTH_IDENTITIES)
     conn = s.conn
-    before = _xact_writes(conn)
+    before = xact_writes(conn)
     conn.execute("DROP TABLE IF EXISTS pg_temp.snapshot_created_users")
     conn.execute("CREATE TEMP TABLE snapshot_created_users (id uuid PRIMARY KEY) ON COMMIT DROP")
     columns = sql.SQL(", ").join(map(sql.Identifier, users.column_names))
@@ -268,7 +269,7 @@ def create_users(s: Session) -> Created:
     log.info("  created %d auth users, %d identities", created, made_identities)
     own = {AUTH_USERS: created, AUTH_IDENTITIES: made_identities}
     writes = []
-    for table, (inserted, updated, deleted) in sorted(_xact_writes(conn).items()):
+    for table, (inserted, updated, deleted) in sorted(xact_writes(conn).items()):
         was = before.get(table, (0, 0, 0))
         done = (inserted - was[0] - own.get(table, 0), updated - was[1], deleted - was[2])
         if any(done):
@@ -378,19 +379,3 @@ def _resolve(s: Session, written: str, schemas: list[str]) -> TableName | None:
         if row:
             return TableName(schema, name)
     return None
-
-
-_XACT_WRITES = """
-SELECT n.nspname, c.relname, s.n_tup_ins, s.n_tup_upd, s.n_tup_del
-FROM pg_stat_xact_user_tables s JOIN pg_class c ON c.oid = s.relid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relpersistence <> 't'
-"""
-
-
-def _xact_writes(conn: psycopg.Connection) -> dict[TableName, tuple[int, int, int]]:
-    """Rows this transaction inserted, updated and deleted so far, per table."""
-    return {
-        TableName(str(schema), str(name)): (int(ins), int(upd), int(dele))
-        for schema, name, ins, upd, dele in conn.execute(_XACT_WRITES)
-    }

@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import catalog, staging
-from snapshot.apply import backup, outside
+from snapshot.apply import backup, outside, since
 from snapshot.apply import rows as rowsets
 from snapshot.apply.auth import AuthPlan, auth_plan
 from snapshot.apply.rows import RowSet
@@ -84,6 +84,8 @@ class Plan:
     helper_indexes: tuple[ForeignKey, ...] = ()
     auth: AuthPlan | None = None
     kept: tuple[outside.Kept, ...] = ()  # rows kept for rows outside the scope
+    # a rollback: rows written since the apply it undoes, per table (None: not recorded)
+    written_since: tuple[since.WrittenSince, ...] | None = None
     seconds: float = 0.0
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -104,6 +106,9 @@ class Plan:
             "helper_indexes": [str(fk) for fk in self.helper_indexes],
             "auth": self.auth.to_json() if self.auth else None,
             "kept": [k.to_json() for k in self.kept],
+            "written_since": (
+                None if self.written_since is None else [w.to_json() for w in self.written_since]
+            ),
             "changes": self.changes,
         }
 
@@ -210,6 +215,8 @@ def prepare(
             rowsets.classify(conn, rows)
     log.info("  compared %d tables row by row  %.1f s", len(s.row_sets), time.monotonic() - started)
     s.outside = outside.settle(s, allowed)
+    if s.action == "rollback":
+        s.applied = since.load(s)
     forced = {t: "apply --full" for t in s.order} if full else {}
     return replace(
         decide(s, forced),
@@ -250,7 +257,10 @@ def decide(s: Session, forced: Mapping[TableName, str]) -> Plan:
         else:
             plans.append(TablePlan(table, False, "", inserts, updates, deletes, target, kept))
     return Plan(
-        tuple(plans), helper_indexes=tuple(_helper_indexes(s, plans)), kept=tuple(s.kept.values())
+        tuple(plans),
+        helper_indexes=tuple(_helper_indexes(s, plans)),
+        kept=tuple(s.kept.values()),
+        written_since=since.count(s, s.applied) if s.applied is not None else None,
     )
 
 

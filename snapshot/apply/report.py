@@ -107,6 +107,8 @@ class ApplyReport:
             "changes": [t.to_json() for t in self.plan.tables] if self.plan else [],
             "auth": self.auth.to_json() if self.auth else None,
             "auth_plan": self.plan.auth.to_json() if self.plan and self.plan.auth else None,
+            "kept": [k.to_json() for k in self.plan.kept] if self.plan else [],
+            "written_since": self.plan.to_json()["written_since"] if self.plan else None,
             "phases": [{"phase": p, "seconds": round(s, 3)} for p, s in self.phases],
             "notes": list(self.notes),
         }
