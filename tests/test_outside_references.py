@@ -243,11 +243,12 @@ def test_keep_referenced_keeps_what_outside_rows_need_and_says_so(
     assert prod.fingerprint(OUTSIDE) == outside
 
 
-def test_a_second_apply_keeps_the_same_rows_writing_nothing_and_is_refused_without_the_option(
+def test_a_second_apply_keeps_the_same_rows_writing_nothing_and_a_rollback_undoes_the_first(
     project: Project, make_db
 ) -> None:
     _dev, prod = _pair(project, make_db)
     _rent(prod, "SELECT generate_series(55, 64)")
+    before = prod.fingerprint([*SCOPE, *OUTSIDE])
     assert project.run("apply", "prod", "--yes", "--keep-referenced").exit_code == 0
     after = prod.fingerprint([*SCOPE, *OUTSIDE])
     project.config(_config() + "keep_referenced = true\n")
@@ -265,6 +266,11 @@ def test_a_second_apply_keeps_the_same_rows_writing_nothing_and_is_refused_witho
     ]
     assert refused.exit_code == 1 and "--keep-referenced" in refused.stderr
     assert prod.fingerprint([*SCOPE, *OUTSIDE]) == after
+
+    # The second apply wrote nothing and kept no backup: rollback undoes the first.
+    rolled = project.run("rollback", "prod", "--yes")
+    assert rolled.exit_code == 0, rolled.output
+    assert prod.fingerprint([*SCOPE, *OUTSIDE]) == before
 
 
 @pytest.mark.parametrize("checks", ["per-row", "bulk"])

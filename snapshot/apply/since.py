@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,7 @@ def record(s: Session, folder: Path) -> None:
 
     Call after the writes, before the commit (in the apply's transaction).
     """
+    started = time.monotonic()
     written = xact_writes(s.conn)
     partitioned = _partitioned(s)
     xids: set[str] = set()
@@ -151,6 +153,11 @@ def record(s: Session, folder: Path) -> None:
         for name in (XIDS_FILE, DELETES_FILE):
             (folder / name).unlink(missing_ok=True)
         raise archive.no_space(folder, None, f"pre-{s.action} backup") from None
+    log.info(
+        "  recorded what the %s wrote, for a rollback to count what is written since  %.1f s",
+        s.action,
+        time.monotonic() - started,
+    )
 
 
 def _partitioned(s: Session) -> set[TableName]:
