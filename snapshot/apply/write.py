@@ -3,7 +3,9 @@
 Three passes over the scope, in the order computed from its foreign keys:
 
 1. children first: delete the rows the snapshot lacks, except parents a surviving child
-   still points at (those wait for pass 3); a table replaced in full loses every row;
+   still points at (those wait for pass 3); a table replaced in full loses every row
+   (row by row, but those a row outside the scope, or a row kept for one, still points
+   at: they are updated in place, :mod:`.outside`; rows kept for them never go);
 2. parents first: insert the rows the target lacks and update the rows that differ
    (a self-referencing table inserts first, so a row can move under a new parent);
 3. children first: delete the parents that waited, now that their children point elsewhere.
