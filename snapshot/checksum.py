@@ -98,12 +98,18 @@ def table_stats(
     columns: Sequence[str],
     ignore: Sequence[str] = (),
     kind: str = CURRENT,
+    where: sql.Composable | None = None,
 ) -> TableStats:
-    """Count and checksum ``table`` over ``columns`` minus ``ignore``, with ``kind``'s hash."""
+    """Count and checksum ``table`` over ``columns`` minus ``ignore``, with ``kind``'s hash
+    (of the rows ``where`` selects, when given)."""
     relation = table.ident if isinstance(table, TableName) else table
     used = [c for c in columns if c not in ignore]
-    query = sql.SQL("SELECT count(*), {} FROM (SELECT {} AS h, {} FROM {}) AS s").format(
-        _sum_halves(sql.SQL("h"), kind), row_term(used, kind=kind), KEEP_APART, relation
+    query = sql.SQL("SELECT count(*), {} FROM (SELECT {} AS h, {} FROM {} WHERE {}) AS s").format(
+        _sum_halves(sql.SQL("h"), kind),
+        row_term(used, kind=kind),
+        KEEP_APART,
+        relation,
+        where if where is not None else sql.SQL("true"),
     )
     row = conn.execute(query).fetchone()
     assert row is not None

@@ -280,6 +280,16 @@ def allow_cascade_option(f: F) -> F:
     )(f)
 
 
+def keep_referenced_option(f: F) -> F:
+    """``--keep-referenced``: keep the target's rows that rows outside the scope refer to."""
+    return click.option(
+        "--keep-referenced",
+        is_flag=True,
+        help="Keep the target's rows the snapshot lacks that rows outside the scope refer to "
+        "(instead of refusing); the reports count them as kept ([apply] keep_referenced).",
+    )(f)
+
+
 def _choose_snapshot(
     app: App, target_env: str, source_env: str | None, snapshot_id: str | None
 ) -> archive.Snapshot:
@@ -337,7 +347,7 @@ def _confirmer(app: App, target: str, yes: bool, dry_run: bool) -> Any:
     def confirm(proposal: Any) -> bool:
         click.echo(render.plan_report(proposal), err=True)
         typed = click.prompt(
-            f"\nType {target} to {proposal.action}", default="", show_default=False, err=True
+            f"\n{render.confirm_question(proposal)}", default="", show_default=False, err=True
         )
         return bool(typed == target)
 
@@ -575,6 +585,7 @@ def _apply_failure(report: Any) -> str | None:
 @full_option
 @block_readers_option
 @allow_cascade_option
+@keep_referenced_option
 @yes_option
 @json_option
 @global_options
@@ -588,6 +599,7 @@ def apply(
     full: bool,
     block_readers: bool,
     allow_cascades: tuple[str, ...],
+    keep_referenced: bool,
     yes: bool,
     as_json: bool,
 ) -> None:
@@ -619,6 +631,7 @@ def apply(
             pg_bin=app.pg_bin,
             allow_cascades=allow_cascades,
             block_readers=block_readers,
+            keep_referenced=keep_referenced,
         )
     _finish(app, report, _apply_failure(report))
     if report.committed:
@@ -628,7 +641,9 @@ def apply(
 @cli.command()
 @click.argument("target_env", metavar="TARGET")
 @click.option("--to", "snapshot_id", metavar="ID", help="Restore this snapshot of TARGET.")
+@click.option("--dry-run", is_flag=True, help="Do everything, then roll back: changes nothing.")
 @allow_cascade_option
+@keep_referenced_option
 @yes_option
 @json_option
 @global_options
@@ -637,14 +652,20 @@ def rollback(
     app: App,
     target_env: str,
     snapshot_id: str | None,
+    dry_run: bool,
     allow_cascades: tuple[str, ...],
+    keep_referenced: bool,
     yes: bool,
     as_json: bool,
 ) -> None:
     """Put TARGET back as it was before the last apply (its newest pre-apply backup).
 
+    Rows written since that apply are thrown away with it: the plan, the prompt, --dry-run
+    and --json count them per table.
+
     \b
     snapshot rollback prod
+    snapshot rollback prod --dry-run
     snapshot rollback prod --to prod/20261124T101500Z-pre-apply
     snapshot rollback prod --allow-cascade public.audit.audit_item_id_fkey
     """
@@ -659,16 +680,18 @@ def rollback(
         for note in settle_backups(config, target_env):
             click.echo(note, err=True)
         snapshot = archive.newest_snapshot(config.archive, target_env, kind=archive.PRE_APPLY)
-    confirm = _confirmer(app, target_env, yes, False)
+    confirm = _confirmer(app, target_env, yes, dry_run)
     with _preflight_table(app):
         report = run_apply(
             config,
             target_env,
             snapshot,
             action="rollback",
+            dry_run=dry_run,
             confirm=confirm,
             pg_bin=app.pg_bin,
             allow_cascades=allow_cascades,
+            keep_referenced=keep_referenced,
         )
     _finish(app, report, _apply_failure(report))
     if report.committed:
@@ -681,6 +704,7 @@ def rollback(
 @click.option("--snapshot", "snapshot_id", metavar="ID", help="Check this snapshot (see list).")
 @full_option
 @allow_cascade_option
+@keep_referenced_option
 @json_option
 @global_options
 @pass_app
@@ -691,6 +715,7 @@ def check(
     snapshot_id: str | None,
     full: bool,
     allow_cascades: tuple[str, ...],
+    keep_referenced: bool,
     as_json: bool,
 ) -> None:
     """Run the preflight of an apply to TARGET alone: find what would fail, change nothing.
@@ -714,6 +739,7 @@ def check(
         pg_bin=app.pg_bin,
         allow_cascades=allow_cascades,
         full=full,
+        keep_referenced=keep_referenced,
     )
     app.output(report.to_json(), lambda: render.preflight_report(report))
     if not report.ok:

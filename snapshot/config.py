@@ -131,6 +131,9 @@ class ApplySettings:
     # "auto": large writes check foreign keys in bulk (snapshot.apply.replica); "bulk"
     # whenever it can; "per-row": always row by row
     foreign_key_checks: str = "auto"
+    # keep the target's rows that rows outside the scope refer to and the snapshot lacks
+    # (snapshot.apply.outside), instead of refusing the apply
+    keep_referenced: bool = False
 
 
 @dataclass(frozen=True)
@@ -337,7 +340,12 @@ def _parse_apply(
     apply: Mapping[str, Any], parity: Mapping[str, Any], scope: Scope
 ) -> ApplySettings:
     _check_keys(
-        apply, {"lock_timeout", "insert_as", "orphaned_users", "foreign_key_checks"}, "[apply]"
+        apply,
+        {"lock_timeout", "insert_as", "orphaned_users", "foreign_key_checks", "keep_referenced"},
+        "[apply]",
+    )
+    keep = _expect(
+        apply.get("keep_referenced", False), bool, "[apply] keep_referenced", "true/false"
     )
     checks = _expect(
         apply.get("foreign_key_checks", "auto"), str, "[apply] foreign_key_checks", "text"
@@ -374,6 +382,7 @@ def _parse_apply(
         insert_as=insert_as,
         orphaned_users=orphaned,
         foreign_key_checks=checks,
+        keep_referenced=keep,
         ignore_columns=tuple(_parse_column(c, "[parity] ignore_columns") for c in ignore),
     )
 
@@ -631,6 +640,9 @@ orphaned_users = "warn"
 # Large writes (a tenth of the scope or more) check foreign keys once per key, in bulk,
 # instead of once per row: "auto", "bulk" (any size) or "per-row" (never).
 foreign_key_checks = "auto"
+# Rows outside the scope (prod's own history) that refer to rows the snapshot lacks stop
+# the apply; true keeps those rows in prod instead (the reports say so), as --keep-referenced.
+keep_referenced = false
 
 [parity]
 # Columns the parity check before commit leaves out (the report says so). Columns the app's

@@ -240,8 +240,10 @@ def _where_things_stand(report: CutoverReport) -> tuple[str, str | None]:
         taken = f"; {report.snapshot} is archived" if report.snapshot else ""
         return f"nothing was changed: {target} is exactly as it was{taken}", None
     backup = report.apply.backup if report.apply else None
-    undo = f"snapshot rollback {target}" + (f" --to {backup}" if backup else "")
+    undo: str | None = f"snapshot rollback {target}" + (f" --to {backup}" if backup else "")
     held = f"{target} now holds {report.snapshot} (committed, backup {backup})"
+    if backup is None:  # it held those rows already: the apply wrote nothing, kept no backup
+        held, undo = f"{target} already held {report.snapshot} (nothing written)", None
     if report.ok:
         return f"{held} and matches live {report.source}", undo
     failed = next(s.name for s in report.steps if s.status == FAILED)

@@ -24,11 +24,24 @@ class TableParity:
     target_rows_before: int | None = None
     columns: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
+    kept: int = 0  # target rows the source lacks, kept for rows outside the scope
+    kept_for: tuple[str, ...] = ()  # ... the tables (outside, or kept scoped rows) needing them
+
+    @property
+    def status(self) -> str:
+        """``match``, ``kept N`` (the source's rows and N more kept), or ``DIFFERS``."""
+        if not self.match:
+            return "DIFFERS"
+        return f"kept {self.kept:,}" if self.kept else "match"
 
     @property
     def detail(self) -> str:
-        """Why a table does not match, in words."""
+        """Why a table does not match, or what it holds beside the source's rows, in words."""
         parts = []
+        if self.match and self.kept:
+            parts.append(
+                f"the source's rows and {self.kept:,} more kept for {', '.join(self.kept_for)}"
+            )
         if not self.match:
             if self.source_rows != self.target_rows:
                 parts.append(f"{self.target_rows - self.source_rows:+d} rows")
@@ -49,6 +62,8 @@ class TableParity:
             "match": self.match,
             "differing_columns": list(self.columns),
             "ignored_columns": list(self.ignored),
+            "kept_rows": self.kept,
+            "kept_for": list(self.kept_for),
         }
 
 

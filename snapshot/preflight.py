@@ -28,13 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OK, WARNING, ERROR = "ok", "warning", "error"
-DELETE_RULES = {
-    "a": "no action",
-    "r": "restrict",
-    "c": "cascade",
-    "n": "set null",
-    "d": "set default",
-}
 
 
 @dataclass(frozen=True)
@@ -372,64 +365,25 @@ def _not_null(columns: tuple[str, ...]) -> sql.Composable:
     )
 
 
-def _closure(s: Session, allowed: Collection[str], plan: Plan | None = None) -> Iterator[Finding]:
-    """Foreign keys from outside the scope into it: what the deletes would do to them.
+def _closure(s: Session, allowed: Collection[str]) -> Iterator[Finding]:
+    """Foreign keys from outside the scope into it: the rows the apply would take from under
+    them, judged as the apply judges them (:mod:`snapshot.apply.outside`).
 
-    With the plan, only rows that refer to rows this apply deletes count; without it (the
-    cutover's first look, before anything is taken), every row that refers to the scope.
+    Before anything is staged (the cutover's first look at a live source) the references
+    are only counted: the apply decides once the snapshot is staged, before any write.
     """
-    from snapshot.apply.write import referring_rows
+    from snapshot.apply import outside
 
-    scoped = set(s.order)
-    outside = [f for f in s.fks if f.parent in scoped and f.child not in scoped]
-    outside = [f for f in outside if f.child not in {e.table for e in s.auth_entries}]
-    if not outside:
+    refs = s.outside if s.staged else outside.survey(s, staged=False)
+    if not refs:
         yield Finding("scope closure", OK, "no foreign key from outside the scope refers to it")
-    for fk in outside:
-        name = f"{fk.child}.{fk.name}"
-        rule = DELETE_RULES.get(fk.on_delete, fk.on_delete)
-        try:
-            total = _scalar(
-                s.conn,
-                sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
-                    fk.child.ident, _not_null(fk.columns)
-                ),
-            )
-            count = total if plan is None or not total else referring_rows(s, plan, fk)
-        except psycopg.errors.InsufficientPrivilege:
-            yield Finding(
-                "scope closure",
-                ERROR,
-                f"{fk} ({rule}): {s.info.user} may not read {fk.child} to count its rows; grant "
-                f"SELECT on it, or add {fk.child} to the scope",
-            )
-            continue
-        refer = "refer to the scope" if plan is None else "refer to rows this apply deletes"
-        what = f"{fk} (on delete {rule}): {count:,} rows of {fk.child}"
-        if not count:
-            spared = f", {total:,} to rows it keeps" if total else ""
-            yield Finding("scope closure", OK, f"{what} {refer}{spared}")
-        elif fk.on_delete in ("a", "r"):
-            yield Finding(
-                "scope closure",
-                ERROR,
-                f"{what} {refer} and would block the deletes: add {fk.child} to the scope, or "
-                "remove those references first",
-            )
-        elif name in allowed:
-            verb = "be deleted" if fk.on_delete == "c" else "lose their reference"
-            yield Finding(
-                "scope closure", WARNING, f"{what} {refer}: they will {verb} (acknowledged)"
-            )
-        else:
-            verb = "silently delete" if fk.on_delete == "c" else "null out"
-            yield Finding(
-                "scope closure",
-                ERROR,
-                f"{what} {refer}: the deletes would {verb} data outside the scope; add "
-                f"{fk.child} to the scope, or acknowledge with --allow-cascade {name} (or "
-                "[preflight] allow_cascades in snapshot.toml)",
-            )
+    for ref in refs:
+        status, detail = outside.verdict(s, ref, allowed)
+        yield Finding("scope closure", status, detail)
+    direct = {ref.fk.parent for ref in refs if ref.rows}
+    for kept in s.kept.values():
+        if kept.table not in direct:
+            yield Finding("scope closure", WARNING, kept.sentence(s.target.env))
 
 
 def _outside_references(s: Session) -> Iterator[Finding]:
@@ -629,9 +583,9 @@ def run_checks(
         if s.backup is not None:
             backup.dump(s.backup)
         s.staged = True
-        s.plan = planning.prepare(s, matched, full=full)
+        s.plan = planning.prepare(s, matched, full=full, allowed=allowed)
         findings += _staged_rows(s)
-        findings += _closure(s, allowed, s.plan)
+        findings += _closure(s, allowed)
         findings += _outside_references(s)
         findings += _auth_conflicts(s)
         in_bulk, how = _key_checks(s, s.plan, allowed)
@@ -744,6 +698,22 @@ def _plan_findings(s: Session, plan: Plan, *, in_bulk: bool = False) -> Iterator
                 for fk in plan.helper_indexes
             ),
         )
+    if plan.written_since is not None:
+        lost = [w for w in plan.written_since if w.rows]
+        if lost:
+            total = sum(w.rows for w in lost)
+            yield Finding(
+                "written since",
+                WARNING,
+                f"{total:,} row{'' if total == 1 else 's'} written since the apply this "
+                f"{s.action} undoes (by the app, or a later apply) will be thrown away: "
+                + "; ".join(w.sentence() for w in lost)
+                + f"; only its pre-{s.action} backup keeps them",
+            )
+        else:
+            yield Finding(
+                "written since", OK, f"no row written since the apply this {s.action} undoes"
+            )
     people = plan.auth
     if people is None:
         return
@@ -752,6 +722,15 @@ def _plan_findings(s: Session, plan: Plan, *, in_bulk: bool = False) -> Iterator
             "new logins",
             OK,
             f"{people.create_sentence(s.target.env)} (auth users are never updated)",
+        )
+    for trigger in people.triggers:
+        outside = trigger.opaque or any(t not in s.order for t in trigger.writes)
+        yield Finding(
+            "auth triggers",
+            WARNING if outside else OK,
+            f"{trigger.sentence(s.order)}: it fires as the {people.create:,} snapshot users "
+            f"are created; the report counts the rows it writes"
+            + (" (rows written outside the scope stay)" if outside else ""),
         )
     if people.orphaned:
         setting = s.config.apply.orphaned_users

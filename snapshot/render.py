@@ -115,8 +115,22 @@ def plan_report(proposal: Any) -> str:
     return "\n".join([head, "", plan_table(proposal.plan, proposal.target.env)])
 
 
+def confirm_question(proposal: Any) -> str:
+    """What the person at the terminal types to go on; a rollback that throws away rows
+    written since its apply names them."""
+    target = proposal.target.env
+    lost = sum(w.rows for w in proposal.plan.written_since or ())
+    if lost:
+        rows = f"{lost:,} row{'' if lost == 1 else 's'}"
+        return (
+            f"Type {target} to {proposal.action}, throwing away the {rows} written since the apply"
+        )
+    return f"Type {target} to {proposal.action}"
+
+
 def plan_table(plan: Any, target: str) -> str:
     """Per table: mode, rows to insert, update, delete and leave alone; then auth users."""
+    kept = any(t.kept for t in plan.tables)
     rows = [
         (
             str(t.table),
@@ -125,20 +139,31 @@ def plan_table(plan: Any, target: str) -> str:
             f"{t.updates:,}",
             f"{t.deletes:,}",
             f"{t.unchanged:,}",
+            *([f"{t.kept:,}"] if kept else []),
             t.reason,
         )
         for t in plan.tables
     ]
+    headers = ["table", "mode", "insert", "update", "delete", "unchanged"]
+    headers += [*(["kept"] if kept else []), "why in full"]
     text = tabulate(
         rows,
-        headers=["table", "mode", "insert", "update", "delete", "unchanged", "why in full"],
+        headers=headers,
         tablefmt="simple",
         disable_numparse=True,
-        maxcolwidths=[None, None, None, None, None, None, 60],
+        maxcolwidths=[*([None] * (len(headers) - 1)), 60],
     )
     lines = [text]
+    lines += [f"kept: {k.sentence(target)}" for k in plan.kept]
+    lines += [
+        f"written since the apply, thrown away: {w.sentence()}"
+        for w in plan.written_since or ()
+        if w.rows
+    ]
     if plan.auth is not None:
         lines.append(f"auth users: {plan.auth.create_sentence(target)}")
+        scope = tuple(t.table for t in plan.tables)
+        lines += [f"auth trigger: {t.sentence(scope)}" for t in plan.auth.triggers]
         if plan.auth.orphaned:
             lines.append(f"warning: {plan.auth.orphaned_sentence(target)}")
     return "\n".join(lines)
@@ -150,7 +175,7 @@ def parity_report(report: Any) -> str:
     changes = {t.table: t for t in report.plan.tables} if applying and report.plan else {}
     rows = []
     for t in report.tables:
-        status = "match" if t.match else "DIFFERS"
+        status = t.status
         line = [str(t.table)]
         if applying:
             c = changes.get(t.table)
@@ -191,8 +216,14 @@ def parity_report(report: Any) -> str:
                 f"auth.users: {a.snapshot_users:,} in the snapshot, {a.created_users:,} created "
                 f"({a.created_identities:,} identities), {a.missing_after:,} missing"
             )
-        for written in getattr(report, "trigger_writes", ()):
-            lines.append(f"triggers: {written.sentence()}")
+            lines += [f"auth triggers wrote {w.sentence()}" for w in a.trigger_writes]
+        for kept in report.plan.kept if report.plan else ():
+            lines.append(f"kept: {kept.sentence(report.target)}")
+        for lost in (report.plan.written_since if report.plan else None) or ():
+            if lost.rows:
+                lines.append(f"written since the apply, thrown away: {lost.sentence()}")
+        for undone in getattr(report, "trigger_writes", ()):
+            lines.append(f"triggers: {undone.sentence()}")
         people = report.plan.auth if report.plan else None
         if people is not None and people.orphaned:
             done = report.committed and not report.dry_run
@@ -202,7 +233,6 @@ def parity_report(report: Any) -> str:
             if report.action != "apply":
                 undo += f" --to {report.backup}"
             lines.append(f"backup: {report.backup} (undo with: {undo})")
-        matched = sum(t.match for t in report.tables)
         if report.dry_run:
             outcome = "dry run, rolled back: nothing changed"
         elif report.committed:
@@ -210,8 +240,8 @@ def parity_report(report: Any) -> str:
         else:
             outcome = "rolled back: nothing changed"
         lines.append(
-            f"{report.action} {report.snapshot} to {report.target}: {matched}/{len(report.tables)}"
-            f" tables match; {outcome}"
+            f"{report.action} {report.snapshot} to {report.target}: {_matched(report.tables)}; "
+            f"{outcome}"
         )
     else:
         if report.auth_users_missing is not None:
@@ -219,11 +249,22 @@ def parity_report(report: Any) -> str:
                 f"auth.users: {report.auth_users_missing:,} {report.source} users missing "
                 f"in {report.target}"
             )
-        matched = sum(t.match for t in report.tables)
-        lines.append(
-            f"verify {report.source} {report.target}: {matched}/{len(report.tables)} tables match"
-        )
+        lines.append(f"verify {report.source} {report.target}: {_matched(report.tables)}")
     return "\n".join(lines)
+
+
+def _matched(tables: Sequence[Any]) -> str:
+    """``15/16 tables match``, and how many more match but for rows kept for outside ones."""
+    matched = sum(t.match and not t.kept for t in tables)
+    text = f"{matched}/{len(tables)} tables match"
+    kept = [t for t in tables if t.match and t.kept]
+    if kept:
+        rows = sum(t.kept for t in kept)
+        text += (
+            f", {len(kept)} more match{'es' if len(kept) == 1 else ''} but for {rows:,} "
+            f"row{'' if rows == 1 else 's'} kept for rows outside the scope"
+        )
+    return text
 
 
 def preflight_report(report: Any) -> str:

@@ -29,8 +29,10 @@ from snapshot.names import TableName
 
 if TYPE_CHECKING:
     from snapshot.apply.backup import Backup
+    from snapshot.apply.outside import Kept, Reference
     from snapshot.apply.plan import Plan
     from snapshot.apply.rows import RowSet
+    from snapshot.apply.since import Applied
     from snapshot.checksum import TableStats
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,10 @@ class Session:
     backup: Backup | None = None  # started with the staging, joined before the commit
     block_readers: bool = False  # apply --block-readers (snapshot.apply.constraints)
     row_by_row: str = ""  # why bulk foreign-key checks are off for the rest of the apply
+    keep_referenced: bool = False  # keep parents outside rows refer to (snapshot.apply.outside)
+    outside: tuple[Reference, ...] = ()  # the keys from outside the scope, last counted
+    kept: dict[TableName, Kept] = field(default_factory=dict)  # rows kept for them
+    applied: Applied | None = None  # a rollback: what the apply it undoes wrote (since.py)
 
     @property
     def entries(self) -> dict[TableName, TableEntry]:

@@ -194,6 +194,7 @@ def _load(
             table, columns = parse_copy_header(header)
             if shown is not None and shown != table:
                 _staged(shown, counts, started)
+                shown = None
             started.setdefault(table, time.monotonic())
             if table in skip:
                 script.pump(DISCARD)

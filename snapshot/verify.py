@@ -10,7 +10,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -23,7 +23,7 @@ from snapshot.config import Config
 from snapshot.db import connect
 from snapshot.environments import Connection, resolve_connection
 from snapshot.errors import ConfigError
-from snapshot.names import AUTH_USERS, TableName
+from snapshot.names import AUTH_TABLES, AUTH_USERS, TableName
 from snapshot.parity import TableParity
 from snapshot.take import identity
 
@@ -140,6 +140,7 @@ def _compare(config: Config, source: _Side, target: _Side) -> VerifyReport:
             results.append(
                 TableParity(table, a.rows, b.rows, match, None, differing, ignored[table])
             )
+        results = _with_kept(config, source, target, columns, ignored, source_stats, results)
         missing = None
         if config.scope.auth_users and AUTH_USERS in catalog.table_shapes(
             target.conn, [AUTH_USERS]
@@ -154,6 +155,101 @@ def _compare(config: Config, source: _Side, target: _Side) -> VerifyReport:
             ).fetchone()
             missing = int(row[0]) if row else 0
     return VerifyReport(source.env, target.env, tuple(results), missing)
+
+
+def _with_kept(
+    config: Config,
+    source: _Side,
+    target: _Side,
+    columns: dict[TableName, Sequence[str]],
+    ignored: dict[TableName, tuple[str, ...]],
+    source_stats: dict[TableName, TableStats],
+    results: list[TableParity],
+) -> list[TableParity]:
+    """Tables that hold the source's rows and rows kept for rows outside the scope.
+
+    An apply with ``--keep-referenced`` keeps target rows the source lacks that rows outside
+    the scope refer to, and the scoped rows those need in turn. A table whose only
+    difference is such rows is stated as kept (never as a match, nor as a difference).
+    Children first: a table's kept rows may be what its parents' rows are kept for.
+    """
+    scope = list(config.scope.tables)
+    fks = catalog.foreign_keys(target.conn, scope)
+    outward = [fk for fk in fks if fk.child not in scope and fk.child not in AUTH_TABLES]
+    keys = catalog.row_keys(target.conn, columns)
+    by_table = {r.table: r for r in results}
+    kept: dict[TableName, list[str]] = {}
+    for table in reversed(catalog.apply_order(scope, fks)):
+        found = by_table[table]
+        key = keys.get(table)
+        drift = set(source.shapes[table].column_names) != set(target.shapes[table].column_names)
+        if found.match or found.target_rows <= found.source_rows or key is None or drift:
+            continue
+        refers = []
+        needing: list[str] = []
+        for fk in fks:
+            if fk.parent != table or (fk not in outward and fk.child not in kept):
+                continue
+            on = sql.SQL(" AND ").join(
+                sql.SQL("c.{} = p.{}").format(sql.Identifier(c), sql.Identifier(pc))
+                for c, pc in zip(fk.columns, fk.parent_columns, strict=True)
+            )
+            only: sql.Composable = sql.SQL("")
+            if fk.child in kept:  # a scoped table: only its kept rows count
+                only = sql.SQL(" AND {} = ANY({}::text[])").format(
+                    _key_text(keys[fk.child], "c"), sql.Literal(kept[fk.child])
+                )
+            refers.append(
+                sql.SQL("EXISTS (SELECT 1 FROM {} AS c WHERE {}{})").format(
+                    fk.child.ident, on, only
+                )
+            )
+            needing.append(str(fk.child) if fk in outward else f"kept rows of {fk.child}")
+        if not refers:
+            continue
+        referred = [
+            str(r[0])
+            for r in target.conn.execute(
+                sql.SQL("SELECT {} FROM {} AS p WHERE {}").format(
+                    _key_text(key, "p"), table.ident, sql.SQL(" OR ").join(refers)
+                )
+            )
+        ]
+        lacking = [
+            str(r[0])
+            for r in source.conn.execute(
+                sql.SQL(
+                    "SELECT k FROM unnest(%s::text[]) AS k WHERE NOT EXISTS "
+                    "(SELECT 1 FROM {} AS p WHERE {} = k)"
+                ).format(table.ident, _key_text(key, "p")),
+                (referred,),
+            )
+        ]
+        if not lacking:
+            continue
+        rest = table_stats(
+            target.conn,
+            table,
+            columns[table],
+            ignored[table],
+            where=sql.SQL("NOT {} = ANY({}::text[])").format(
+                _key_text(key, None), sql.Literal(lacking)
+            ),
+        )
+        if rest != source_stats[table]:
+            continue
+        kept[table] = lacking
+        by_table[table] = replace(
+            found, match=True, kept=len(lacking), kept_for=tuple(dict.fromkeys(needing))
+        )
+    return [by_table[r.table] for r in results]
+
+
+def _key_text(key: Sequence[str], alias: str | None) -> sql.Composable:
+    """A row's key as text (the same text on both sides: snapshot.db pins the settings)."""
+    return sql.SQL("ROW({})::text").format(
+        sql.SQL(", ").join(sql.Identifier(alias, c) if alias else sql.Identifier(c) for c in key)
+    )
 
 
 def verify_snapshot(config: Config, env: str, snapshot: archive.Snapshot) -> VerifyReport:

@@ -88,13 +88,13 @@ FAILURES: dict[str, tuple[Setup, str]] = {
     ),
     "foreign key violation": (
         _foreign_key_violation,
-        "1 rows of public.notifications (outside the scope) refer to rows this apply deletes "
-        "from public.playlists",
+        "public.notifications(playlist_id) -> public.playlists(id) (on delete no action): 1 row "
+        "of public.notifications refers to 1 public.playlists row (id ",
     ),
     "cascade to rows written after the preflight": (
         _cascade_after_preflight,
-        "3 rows of public.notifications (outside the scope) refer to rows this apply deletes "
-        "from public.playlists",
+        "public.notifications(playlist_id) -> public.playlists(id) (on delete cascade): 3 rows "
+        "of public.notifications refer to 3 public.playlists rows (id ",
     ),
     "failing post-script": (
         _failing_post_script,

@@ -204,3 +204,71 @@ def test_an_email_taken_in_another_case_is_a_conflict(project: Project, make_db)
     assert applied.exit_code == 1, applied.output
     assert "auth users" in applied.stderr.strip().splitlines()[-1]
     assert prod.fingerprint() == original
+
+
+# An app's second sign-up trigger, writing a table outside the scope; unqualified names, found
+# through the function's own search_path.
+SIGNUP_LOG = """
+CREATE TABLE public.signup_log (user_id uuid PRIMARY KEY, source text NOT NULL);
+CREATE FUNCTION public.log_signup() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = public AS $$
+BEGIN
+  -- a comment that names no table: UPDATE nothing
+  INSERT INTO signup_log (user_id, source) VALUES (NEW.id, 'trigger');
+  RETURN NEW;
+END
+$$;
+CREATE TRIGGER log_signup AFTER INSERT ON auth.users
+    FOR EACH ROW EXECUTE FUNCTION public.log_signup();
+"""
+
+
+def test_the_app_triggers_creating_users_fires_are_named_before_and_counted_after(
+    project: Project, make_db
+) -> None:
+    dev, prod = make_db("dev"), make_db("prod")
+    prod.execute(SIGNUP_LOG)
+    project.point("dev", dev)
+    project.point("prod", prod)
+    assert project.run("take", "dev").exit_code == 0
+    created = _ids(dev, "SELECT id FROM auth.users") - _ids(prod, "SELECT id FROM auth.users")
+    assert created
+
+    checked = project.run("check", "prod", "--json")
+    shown = project.run("check", "prod")
+    applied = apply(project)
+
+    triggers = [
+        (f["status"], f["detail"])
+        for f in json.loads(checked.stdout)["findings"]
+        if f["check"] == "auth triggers"
+    ]
+    count = f"{len(created):,}"
+    assert triggers == [
+        (
+            "warning",
+            "log_signup on auth.users runs public.log_signup(), which writes public.signup_log "
+            f"(outside the scope): it fires as the {count} snapshot users are created; the "
+            "report counts the rows it writes (rows written outside the scope stay)",
+        ),
+        (
+            "ok",
+            "on_auth_user_created on auth.users runs public.handle_new_user(), which writes "
+            f"public.users (in the scope): it fires as the {count} snapshot users are created; "
+            "the report counts the rows it writes",
+        ),
+    ]
+    assert "auth trigger: log_signup on auth.users runs public.log_signup(), which writes " in (
+        shown.stdout
+    )
+    assert applied.exit_code == 0, applied.output
+    assert (
+        f"auth triggers wrote public.signup_log: {count} rows inserted (outside the scope: "
+        "they stay)" in applied.stdout
+    )
+    assert (
+        f"auth triggers wrote public.users: {count} rows inserted (in the scope: then made "
+        "equal to the snapshot)" in applied.stdout
+    )
+    assert _ids(prod, "SELECT user_id FROM public.signup_log") == created
+    assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)

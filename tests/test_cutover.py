@@ -54,12 +54,12 @@ def test_cutover_stops_at_a_failing_preflight_and_changes_nothing(
     project: Project, make_db
 ) -> None:
     _dev, prod = pair(project, make_db)
+    # A column prod's migrations added that dev lacks: the snapshot's rows could not go in.
     prod.execute(
-        "SET ROLE app_owner; CREATE TABLE public.notifications (id int PRIMARY KEY, question_id "
-        "bigint REFERENCES public.questions (id) ON DELETE RESTRICT); "
-        "INSERT INTO public.notifications SELECT i, i FROM generate_series(1, 3) i"
+        "SET ROLE app_owner; ALTER TABLE public.topics ADD COLUMN legacy text NOT NULL "
+        "DEFAULT 'x'; ALTER TABLE public.topics ALTER COLUMN legacy DROP DEFAULT"
     )
-    tables = [*SCOPE_TABLES, "auth.users", "auth.identities", "public.notifications"]
+    tables = [*SCOPE_TABLES, "auth.users", "auth.identities"]
     original = prod.fingerprint(tables)
 
     result = project.run("cutover", "dev", "prod", "--yes")
@@ -73,15 +73,15 @@ def test_cutover_stops_at_a_failing_preflight_and_changes_nothing(
         "verify": "skipped",
     }
     flat = " ".join(result.stdout.split())
-    assert re.search(r"preflight failed [\d.]+ 1 error \(scope closure\): see the table", flat)
-    assert "3 rows of public.notifications refer to the scope and would block the deletes" in flat
+    assert re.search(r"preflight failed [\d.]+ 1 error \(schema\): see the table", flat)
+    assert "public.topics has an extra NOT NULL column legacy without a default" in flat
     assert "state: nothing was changed: prod is exactly as it was" in result.stdout
     assert "to roll back" not in result.stdout
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith(
-        "Error: preflight failed: 1 error (scope closure): see the table below; the first: "
+        "Error: preflight failed: 1 error (schema): see the table below; the first: "
     )
-    assert "3 rows of public.notifications refer to the scope and would block" in error
+    assert "public.topics has an extra NOT NULL column legacy without a default" in error
     assert project.snapshots() == []
     assert prod.fingerprint(tables) == original
 

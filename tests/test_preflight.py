@@ -172,10 +172,10 @@ def test_migration_history_differences_are_named(project: Project, make_db) -> N
 @pytest.mark.parametrize(
     ("rule", "message"),
     [
-        ("RESTRICT", "would block the deletes: add public.notifications to the scope"),
-        ("NO ACTION", "would block the deletes"),
-        ("CASCADE", "the deletes would silently delete data outside the scope"),
-        ("SET NULL", "the deletes would null out data outside the scope"),
+        ("RESTRICT", "deleting them would fail; keep them in prod with --keep-referenced"),
+        ("NO ACTION", "deleting them would fail"),
+        ("CASCADE", "deleting them would delete those rows of public.notifications too"),
+        ("SET NULL", "deleting them would null out those rows' playlist_id"),
     ],
 )
 def test_outside_tables_referencing_the_scope_are_refused(
@@ -195,7 +195,8 @@ def test_outside_tables_referencing_the_scope_are_refused(
 
     [(status, detail)] = statuses(result, "scope closure")
     assert status == "error" and message in detail
-    assert "7 rows of public.notifications" in detail
+    assert "7 rows of public.notifications refer to 7 public.playlists rows (id " in detail
+    assert "add public.notifications to the scope" not in detail  # that would delete prod's
     assert result.exit_code == 1 and applied.exit_code == 1
     assert "scope closure" in applied.stdout and "nothing was changed" in applied.stderr
     assert prod.fingerprint([*original]) == original
@@ -210,6 +211,8 @@ def test_acknowledged_cascades_go_through(project: Project, make_db) -> None:
         "INSERT INTO public.notifications SELECT row_number() OVER (), id FROM public.playlists LIMIT 7"
     )
     name = "public.notifications.notifications_playlist_id_fkey"
+    ids = [str(r[0]) for r in prod.execute("SELECT playlist_id FROM public.notifications")]
+    sample = ", ".join(sorted(ids)[:5])
 
     flagged = project.run("check", "prod", "--json", "--allow-cascade", name)
     project.config(f'[preflight]\nallow_cascades = ["{name}"]\n')
@@ -220,8 +223,9 @@ def test_acknowledged_cascades_go_through(project: Project, make_db) -> None:
         (
             "warning",
             "public.notifications(playlist_id) -> public.playlists(id) (on delete cascade): "
-            "7 rows of public.notifications refer to rows this apply deletes: they will be deleted "
-            "(acknowledged)",
+            "7 rows of public.notifications refer to 7 public.playlists rows (id "
+            + sample
+            + ", …) the snapshot lacks: those rows will be deleted (acknowledged)",
         )
     ]
     assert applied.exit_code == 0, applied.output

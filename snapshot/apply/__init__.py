@@ -147,13 +147,16 @@ def run_apply(
     allow_cascades: Collection[str] = (),
     progress: Progress | None = None,
     block_readers: bool = False,
+    keep_referenced: bool = False,
 ) -> ApplyReport:
     """Apply ``snapshot`` to ``target_env`` (see the module docstring for the recipe).
 
     The preflight runs first, with the apply lock held; any error stops everything before
     the first write (:class:`PreflightFailed` carries its report). ``full`` replaces every
     table in full instead of writing only what differs; ``block_readers`` checks the scope's
-    own foreign keys in bulk (:mod:`.constraints`), making readers wait until the commit.
+    own foreign keys in bulk (:mod:`.constraints`), making readers wait until the commit;
+    ``keep_referenced`` (or ``[apply] keep_referenced``) keeps the rows the snapshot lacks
+    that rows outside the scope refer to (:mod:`.outside`).
     """
     phases = _Phases(progress)
     with (
@@ -163,6 +166,7 @@ def run_apply(
         contextlib.ExitStack() as cleanup,
     ):
         session.block_readers = block_readers
+        session.keep_referenced = keep_referenced or config.apply.keep_referenced
         if not dry_run:
             session.backup_into = cleanup.enter_context(
                 archive.pending_snapshot(config.archive, session.target.env)
@@ -197,11 +201,13 @@ def check(
     pg_bin: Path | None = None,
     allow_cascades: Collection[str] = (),
     full: bool = False,
+    keep_referenced: bool = False,
 ) -> preflight.PreflightReport:
     """The preflight and the plan alone (``snapshot check``): changes nothing."""
     with open_session(
         config, target_env, snapshot, action="apply", pg_bin=pg_bin, backup=True
     ) as session:
+        session.keep_referenced = keep_referenced or config.apply.keep_referenced
         holder = apply_lock_holder(session.conn)
         try:
             return preflight.run_checks(
@@ -437,14 +443,14 @@ def _transaction(
                     backup.describe(run, running, {**known, **backup.follow_up(run, running)})
                     backup.catch_up(run, running)
                 before = {t: known[t].rows if t in known else _count(conn, t) for t in run.order}
-            created = (0, 0)
+            created = auth.Created(0, 0)
             if run.auth_entries:
                 with phase("creating auth users"):
                     counters = replica.write_counters(conn)
                     use_app_search_path(conn)  # auth.users' triggers are the app's code
                     created = auth.create_users(run)
                     use_tool_search_path(conn)
-                    if created[0]:
+                    if created.users:
                         _reconcile(run, _touched(run, counters))
             plan, tables, held, trigger_writes = _attempts(run, phase, allowed, before, helpers)
             with phase("sequences"):
@@ -456,7 +462,7 @@ def _transaction(
                 dry_run=not commit,
                 committed=False,
                 tables=tuple(tables),
-                auth=_auth_outcome(run, *created),
+                auth=_auth_outcome(run, created),
                 backup=None,
                 phases=tuple(phase.done),
                 notes=tuple(run.notes),
@@ -488,7 +494,7 @@ def _transaction(
             run.target.env,
             time.monotonic() - locked,
         )
-    report = replace(report, committed=keep, phases=tuple(phase.done))
+    report = replace(report, committed=keep, phases=tuple(phase.done), notes=tuple(run.notes))
     return report, sealed if keep else None, helpers
 
 
@@ -540,7 +546,7 @@ def _attempts(
     allowed: Collection[str],
     before: dict[TableName, int],
     helpers: list[sql.Identifier],
-) -> tuple[Plan, list[TableParity], keepers.Keepers, tuple[keepers.TriggerWrites, ...]]:
+) -> tuple[Plan, list[TableParity], keepers.Keepers, tuple[keepers.UndoneWrites, ...]]:
     """Pre-scripts, writes, post-scripts and parity, in a savepoint; fall back to full.
 
     ``helpers`` gathers the helper indexes made for row-by-row deletes (dropped after the
@@ -576,7 +582,7 @@ def _attempts(
                     )
                 with phase("pre-scripts"):
                     scripts.run(conn, scripts.scripts(run.config, "pre"), "pre")
-                write.guard_outside(run, plan, allowed)
+                plan = write.guard_outside(run, plan, allowed)
                 dropped = constraints.scope_foreign_keys(run) if run.block_readers else []
                 if dropped:
                     with phase("dropping foreign keys"):
@@ -709,13 +715,14 @@ def _fall_back(
     log.warning("%s: the delta did not apply cleanly (%s): replacing in full", names, why)
 
 
-def _auth_outcome(run: Session, created_users: int, created_identities: int) -> AuthOutcome | None:
+def _auth_outcome(run: Session, created: auth.Created) -> AuthOutcome | None:
     users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
     if users is None:
         return None
     return AuthOutcome(
         snapshot_users=users.rows,
-        created_users=created_users,
-        created_identities=created_identities,
+        created_users=created.users,
+        created_identities=created.identities,
         missing_after=auth.missing_users(run),
+        trigger_writes=created.writes,
     )

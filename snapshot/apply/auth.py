@@ -4,11 +4,19 @@ counted, so that nobody learns of it from a support ticket.
 
 Auth users are never deleted, so a user who signed up in the target alone keeps the login
 but loses every scoped row that refers to it (``public.users`` and what hangs off it).
+
+Creating a user fires the app's own triggers on ``auth.users`` and ``auth.identities``
+(Supabase's sign-up pattern: ``handle_new_user()`` writing ``public.users`` or profiles),
+and those may write tables outside the scope, where the apply's parity never looks. The
+plan names each such trigger, its function and the tables its source can be seen to write
+(:func:`auth_triggers`); the apply counts what the triggers really wrote, per table, from
+the transaction's own statistics (:class:`Created`), and the reports say so.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +24,10 @@ import psycopg
 from psycopg import sql
 
 from snapshot import staging
+from snapshot.apply.since import xact_writes
 from snapshot.archive import TableEntry
-from snapshot.names import AUTH_IDENTITIES, AUTH_USERS
+from snapshot.errors import SnapshotError
+from snapshot.names import AUTH_IDENTITIES, AUTH_TABLES, AUTH_USERS, TableName, split_dotted
 from snapshot.preflight import mask_email
 from snapshot.session import Session
 
@@ -37,6 +47,7 @@ class AuthPlan:
     orphaned_recent: int = 0  # ... of them signed in within the last 7 days
     orphaned_sample: tuple[str, ...] = ()  # masked emails
     profile_tables: tuple[str, ...] = ()
+    triggers: tuple[AuthTrigger, ...] = ()  # the app's triggers creating users fires
 
     def orphaned_sentence(self, target: str, *, done: bool = False) -> str:
         """``270 prod users will keep their login but lose ...``, or "" when there are none.
@@ -66,7 +77,90 @@ class AuthPlan:
             "orphaned_recent": self.orphaned_recent,
             "orphaned_sample": list(self.orphaned_sample),
             "profile_tables": list(self.profile_tables),
+            "triggers": [t.to_json() for t in self.triggers],
         }
+
+
+@dataclass(frozen=True)
+class AuthTrigger:
+    """One of the app's triggers that creating auth users fires."""
+
+    table: TableName  # auth.users or auth.identities
+    name: str
+    function: str  # public.handle_new_user()
+    writes: tuple[TableName, ...]  # the tables its function's source writes
+    opaque: bool = False  # not SQL or PL/pgSQL: what it writes cannot be seen
+
+    def sentence(self, scope: tuple[TableName, ...]) -> str:
+        """``on_auth_user_created on auth.users runs public.handle_new_user(), which writes
+        public.users (in the scope)``."""
+        if self.opaque:
+            what = "whose source cannot be read for the tables it writes"
+        elif not self.writes:
+            what = "which writes no table its source names (calls to other functions aside)"
+        else:
+            where = [
+                f"{t} ({'in the scope' if t in scope else 'outside the scope'})"
+                for t in self.writes
+            ]
+            what = f"which writes {', '.join(where)}"
+        return f"{self.name} on {self.table} runs {self.function}, {what}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "table": str(self.table),
+            "trigger": self.name,
+            "function": self.function,
+            "writes": [str(t) for t in self.writes],
+            "opaque": self.opaque,
+        }
+
+
+@dataclass(frozen=True)
+class TriggerWrites:
+    """Rows the app's triggers wrote into one table while the apply created auth users."""
+
+    table: TableName
+    inserted: int
+    updated: int
+    deleted: int
+    in_scope: bool
+
+    def sentence(self) -> str:
+        """``150 rows inserted into public.profiles (outside the scope: they stay)``."""
+        parts = [
+            f"{n:,} row{'' if n == 1 else 's'} {verb}"
+            for n, verb in (
+                (self.inserted, "inserted"),
+                (self.updated, "updated"),
+                (self.deleted, "deleted"),
+            )
+            if n
+        ]
+        where = (
+            "in the scope: then made equal to the snapshot"
+            if self.in_scope
+            else "outside the scope: they stay"
+        )
+        return f"{self.table}: {', '.join(parts)} ({where})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "table": str(self.table),
+            "inserted": self.inserted,
+            "updated": self.updated,
+            "deleted": self.deleted,
+            "in_scope": self.in_scope,
+        }
+
+
+@dataclass(frozen=True)
+class Created:
+    """What creating the snapshot's auth users did."""
+
+    users: int
+    identities: int
+    writes: tuple[TriggerWrites, ...] = ()  # what the app's triggers wrote meanwhile
 
 
 def _entry(s: Session, table: Any) -> TableEntry | None:
@@ -98,7 +192,8 @@ def auth_plan(s: Session) -> AuthPlan | None:
             s.conn,
             sql.SQL("SELECT count(*) FROM {} AS s WHERE {} AND {}").format(stage, missing, none),
         )
-    return _orphans(s, AuthPlan(create, unconfirmed), stage)
+    triggers = auth_triggers(s) if create else ()
+    return _orphans(s, AuthPlan(create, unconfirmed, triggers=triggers), stage)
 
 
 def _orphans(s: Session, plan: AuthPlan, users_stage: sql.Identifier) -> AuthPlan:
@@ -138,16 +233,20 @@ def _orphans(s: Session, plan: AuthPlan, users_stage: sql.Identifier) -> AuthPla
         return plan
     tables = tuple(dict.fromkeys(str(fk.child) for fk in keys))
     sample = tuple(mask_email(e) for e in (rows[2] or ()))
-    return AuthPlan(plan.create, plan.unconfirmed, int(rows[0]), int(rows[1]), sample, tables)
+    return AuthPlan(
+        plan.create, plan.unconfirmed, int(rows[0]), int(rows[1]), sample, tables, plan.triggers
+    )
 
 
-def create_users(s: Session) -> tuple[int, int]:
-    """Insert the snapshot's auth users the target lacks, and their identities."""
+def create_users(s: Session) -> Created:
+    """Insert the snapshot's auth users the target lacks, and their identities; count what
+    the app's triggers wrote meanwhile."""
     users = _entry(s, AUTH_USERS)
     if users is None:
-        return 0, 0
+        return Created(0, 0)
     identities = _entry(s, AUTH_IDENTITIES)
     conn = s.conn
+    before = xact_writes(conn)
     conn.execute("DROP TABLE IF EXISTS pg_temp.snapshot_created_users")
     conn.execute("CREATE TEMP TABLE snapshot_created_users (id uuid PRIMARY KEY) ON COMMIT DROP")
     columns = sql.SQL(", ").join(map(sql.Identifier, users.column_names))
@@ -168,7 +267,16 @@ def create_users(s: Session) -> tuple[int, int]:
             ).format(cols=id_columns, stage=staging.staging_table(identities))
         ).rowcount
     log.info("  created %d auth users, %d identities", created, made_identities)
-    return created, made_identities
+    own = {AUTH_USERS: created, AUTH_IDENTITIES: made_identities}
+    writes = []
+    for table, (inserted, updated, deleted) in sorted(xact_writes(conn).items()):
+        was = before.get(table, (0, 0, 0))
+        done = (inserted - was[0] - own.get(table, 0), updated - was[1], deleted - was[2])
+        if any(done):
+            writes.append(TriggerWrites(table, *done, in_scope=table in s.order))
+    for w in writes:
+        log.info("  the app's triggers on the auth tables wrote %s", w.sentence())
+    return Created(created, made_identities, tuple(writes))
 
 
 def missing_users(s: Session) -> int:
@@ -183,3 +291,91 @@ def missing_users(s: Session) -> int:
             "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id)"
         ).format(staging.staging_table(users)),
     )
+
+
+# The app's triggers that fire when the apply inserts into an auth table: enabled for an
+# ordinary session (origin or always), on INSERT (tgtype bit 2), statement or row level.
+_TRIGGERS = """
+SELECT n.nspname, c.relname, t.tgname, t.tgfoid::regprocedure::text, l.lanname, p.prosrc,
+       coalesce((SELECT substr(o, length('search_path=') + 1) FROM unnest(p.proconfig) AS o
+                 WHERE o LIKE 'search\\_path=%%'), '')
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_language l ON l.oid = p.prolang
+WHERE t.tgrelid = ANY(%s::regclass[]) AND NOT t.tgisinternal AND t.tgenabled IN ('O', 'A')
+  AND t.tgtype & 4 <> 0
+ORDER BY n.nspname, c.relname, t.tgname
+"""
+# A statement writing a table in a function's source, and the table's name as written.
+_NAME = r'(?:"(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)'
+_WRITES = re.compile(
+    r"\b(?:insert\s+into|update|delete\s+from|merge\s+into|truncate(?:\s+table)?)\s+"
+    rf"(?:only\s+)?({_NAME}(?:\s*\.\s*{_NAME})?)",
+    re.IGNORECASE,
+)
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+
+
+def auth_triggers(s: Session) -> tuple[AuthTrigger, ...]:
+    """The app's triggers on the auth tables the apply inserts into, and what they write.
+
+    What a function writes is read from its source (SQL and PL/pgSQL): the tables named
+    after INSERT INTO, UPDATE, DELETE FROM, MERGE INTO and TRUNCATE that exist, unqualified
+    names looked up in the function's own search_path, else the app's. Functions it calls
+    are not followed: the counts after the apply are the truth.
+    """
+    tables = [e.table.ident.as_string(s.conn) for e in s.auth_entries if e.table in AUTH_TABLES]
+    if not tables:
+        return ()
+    row = s.conn.execute("SELECT reset_val FROM pg_settings WHERE name = 'search_path'").fetchone()
+    app_path = str(row[0]) if row else "public"
+    found = []
+    for schema, table, name, function, language, source, path in s.conn.execute(
+        _TRIGGERS, (tables,)
+    ).fetchall():
+        if language not in ("plpgsql", "sql"):
+            found.append(AuthTrigger(TableName(schema, table), name, function, (), opaque=True))
+            continue
+        schemas = _schemas(s, path or app_path)
+        written = dict.fromkeys(
+            t
+            for m in _WRITES.finditer(_COMMENTS.sub(" ", source))
+            if (t := _resolve(s, m.group(1), schemas)) is not None
+        )
+        found.append(AuthTrigger(TableName(schema, table), name, function, tuple(written)))
+    return tuple(found)
+
+
+def _schemas(s: Session, path: str) -> list[str]:
+    """The schemas of a ``search_path`` value, ``$user`` as the session's role."""
+    schemas = []
+    for part in path.split(","):
+        part = part.strip()
+        if part in ("", "''", '""'):
+            continue
+        if part.strip('"') == "$user":
+            schemas.append(s.info.user)
+            continue
+        try:
+            schemas += split_dotted(part, "a schema")
+        except SnapshotError:
+            continue
+    return schemas
+
+
+def _resolve(s: Session, written: str, schemas: list[str]) -> TableName | None:
+    """The table a name in a function's source means, if it exists."""
+    try:
+        parts = split_dotted(written, "a table name")
+    except SnapshotError:
+        return None
+    candidates = [tuple(parts)] if len(parts) == 2 else [(schema, parts[0]) for schema in schemas]
+    for schema, name in candidates:
+        row = s.conn.execute(
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p', 'f', 'v')",
+            (schema, name),
+        ).fetchone()
+        if row:
+            return TableName(schema, name)
+    return None

@@ -29,6 +29,7 @@ from psycopg import sql
 
 from snapshot import archive, catalog
 from snapshot.apply import rows as rowsets
+from snapshot.apply import since
 from snapshot.apply.rows import RowSet
 from snapshot.archive import Snapshot, TableEntry
 from snapshot.checksum import TableStats, kind_of, table_stats
@@ -318,9 +319,23 @@ def _block(
     return count
 
 
-def finish(s: Session, backup: Backup) -> Snapshot:
-    """Wait for pg_dump; seal the backup (published by the caller after the commit)."""
+def finish(s: Session, backup: Backup) -> Snapshot | None:
+    """Wait for pg_dump; seal the backup (published by the caller after the commit), with
+    the record of what the apply wrote (:mod:`.since`).
+
+    An apply that wrote nothing keeps no backup (None; a note says so): rolling back to
+    it would restore what the target holds, leaving the apply the user meant in place.
+    """
     assert backup.state is not None and backup.dump is not None
+    if not since.wrote_anything(s, backup.state.sequences):
+        abandon(backup)
+        s.notes.append(
+            f"this {s.action} wrote nothing ({s.target.env} already held its rows): no "
+            f"pre-{s.action} backup was kept, 'snapshot rollback {s.target.env}' still undoes "
+            "the apply before it"
+        )
+        return None
+    since.record(s, backup.folder)
     try:
         backup.dump.wait()
     finally:

@@ -92,7 +92,7 @@ class Keepers:
 
 
 @dataclass(frozen=True)
-class TriggerWrites:
+class UndoneWrites:
     """What the app's triggers wrote into one table during the apply, all of it undone."""
 
     table: TableName
@@ -424,7 +424,7 @@ def _quietly(conn: psycopg.Connection, ddl: sql.Composed) -> None:
         conn.execute(ddl)
 
 
-def writes(conn: psycopg.Connection, keepers: Keepers) -> tuple[TriggerWrites, ...]:
+def writes(conn: psycopg.Connection, keepers: Keepers) -> tuple[UndoneWrites, ...]:
     """What the app's triggers wrote and the keepers undid, per table (read before parity)."""
     if not keepers.tables:
         return ()
@@ -451,7 +451,7 @@ def writes(conn: psycopg.Connection, keepers: Keepers) -> tuple[TriggerWrites, .
         rewriting = [t for t in keeper.rewriting if t.may_rewrite] or list(keeper.rewriting)
         named = [t.name for t in rewriting if any(t.names_column(c) for c in columns)]
         found.append(
-            TriggerWrites(
+            UndoneWrites(
                 keeper.table,
                 tuple(named or (t.name for t in rewriting)) if rows else (),
                 columns,

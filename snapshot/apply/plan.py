@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import catalog, staging
-from snapshot.apply import backup
+from snapshot.apply import backup, outside, since
 from snapshot.apply import rows as rowsets
 from snapshot.apply.auth import AuthPlan, auth_plan
 from snapshot.apply.rows import RowSet
@@ -46,9 +46,11 @@ class TablePlan:
     updates: int
     deletes: int
     target_rows: int
+    kept: int = 0  # rows the snapshot lacks, kept for rows outside the scope (outside.py)
 
     @property
     def unchanged(self) -> int:
+        """Target rows left as they are (the kept ones among them)."""
         return self.target_rows - self.updates - self.deletes
 
     @property
@@ -69,6 +71,7 @@ class TablePlan:
             "update": self.updates,
             "delete": self.deletes,
             "unchanged": self.unchanged,
+            "kept": self.kept,
             "target_rows": self.target_rows,
         }
 
@@ -80,6 +83,9 @@ class Plan:
     tables: tuple[TablePlan, ...]
     helper_indexes: tuple[ForeignKey, ...] = ()
     auth: AuthPlan | None = None
+    kept: tuple[outside.Kept, ...] = ()  # rows kept for rows outside the scope
+    # a rollback: rows written since the apply it undoes, per table (None: not recorded)
+    written_since: tuple[since.WrittenSince, ...] | None = None
     seconds: float = 0.0
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -99,6 +105,10 @@ class Plan:
             "tables": [t.to_json() for t in self.tables],
             "helper_indexes": [str(fk) for fk in self.helper_indexes],
             "auth": self.auth.to_json() if self.auth else None,
+            "kept": [k.to_json() for k in self.kept],
+            "written_since": (
+                None if self.written_since is None else [w.to_json() for w in self.written_since]
+            ),
             "changes": self.changes,
         }
 
@@ -181,13 +191,21 @@ def record(s: Session) -> frozenset[TableName]:
     return frozenset(matched)
 
 
-def prepare(s: Session, matched: Collection[TableName], *, full: bool = False) -> Plan:
+def prepare(
+    s: Session,
+    matched: Collection[TableName],
+    *,
+    full: bool = False,
+    allowed: Collection[str] = (),
+) -> Plan:
     """Hash the staged rows, classify every row, and decide each table's mode (no lock taken).
 
     Call after :func:`record` and staging; ``matched`` is what :func:`record` returned (those
     tables' hashes are the record's, and nothing in them differs). ``full`` replaces every
     table in full (``apply --full``); the hashes are still made, since they are what the
-    apply's backup and parity are computed from.
+    apply's backup and parity are computed from. The references from outside the scope are
+    counted (and their parents kept, when asked: :func:`snapshot.apply.outside.settle`;
+    ``allowed`` are the acknowledged cascades, whose parents go).
     """
     started = time.monotonic()
     conn = s.conn
@@ -196,6 +214,9 @@ def prepare(s: Session, matched: Collection[TableName], *, full: bool = False) -
             rowsets.hash_snapshot(conn, rows)
             rowsets.classify(conn, rows)
     log.info("  compared %d tables row by row  %.1f s", len(s.row_sets), time.monotonic() - started)
+    s.outside = outside.settle(s, allowed)
+    if s.action == "rollback":
+        s.applied = since.load(s)
     forced = {t: "apply --full" for t in s.order} if full else {}
     return replace(
         decide(s, forced),
@@ -231,11 +252,19 @@ def decide(s: Session, forced: Mapping[TableName, str]) -> Plan:
             target = _count(s.conn, table)
         else:  # a table without a key that holds the snapshot's rows already
             inserts, updates, deletes, target = 0, 0, 0, entry.rows
+        kept = s.kept[table].rows if table in s.kept else 0
         if table in reasons:
-            plans.append(TablePlan(table, True, reasons[table], entry.rows, 0, target, target))
+            plans.append(
+                TablePlan(table, True, reasons[table], entry.rows, 0, target - kept, target, kept)
+            )
         else:
-            plans.append(TablePlan(table, False, "", inserts, updates, deletes, target))
-    return Plan(tuple(plans), helper_indexes=tuple(_helper_indexes(s, plans)))
+            plans.append(TablePlan(table, False, "", inserts, updates, deletes, target, kept))
+    return Plan(
+        tuple(plans),
+        helper_indexes=tuple(_helper_indexes(s, plans)),
+        kept=tuple(s.kept.values()),
+        written_since=since.count(s, s.applied) if s.applied is not None else None,
+    )
 
 
 def _holds_snapshot(s: Session, table: TableName) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from snapshot import staging
+from snapshot.apply import outside
 from snapshot.apply import rows as rowsets
 from snapshot.apply.plan import Plan
 from snapshot.checksum import TableStats, kind_of, table_stats
@@ -51,6 +52,9 @@ def parity(s: Session, plan: Plan, before: Mapping[TableName, int]) -> list[Tabl
             if ignored
             else TableStats(entry.rows, entry.checksum)
         )
+        kept = s.kept.get(table)
+        if kept is not None:  # the snapshot's rows, but those kept as the target had them
+            expected = outside.expected(s, table, ignored, kind)
         match = actual == expected
         columns: tuple[str, ...] = ()
         if not match:
@@ -65,6 +69,8 @@ def parity(s: Session, plan: Plan, before: Mapping[TableName, int]) -> list[Tabl
                 target_rows_before=before.get(table),
                 columns=columns,
                 ignored=ignored,
+                kept=kept.rows if kept else 0,
+                kept_for=kept.referenced_by if kept else (),
             )
         )
     return results

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from snapshot.apply.keepers import TriggerWrites
+from snapshot.apply.auth import TriggerWrites
+from snapshot.apply.keepers import UndoneWrites
 from snapshot.apply.plan import Plan
 from snapshot.archive import Snapshot
 from snapshot.environments import Connection
@@ -22,6 +23,7 @@ class AuthOutcome:
     created_users: int
     created_identities: int
     missing_after: int
+    trigger_writes: tuple[TriggerWrites, ...] = ()  # what the app's auth triggers wrote
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -29,6 +31,7 @@ class AuthOutcome:
             "created_users": self.created_users,
             "created_identities": self.created_identities,
             "missing_after": self.missing_after,
+            "trigger_writes": [w.to_json() for w in self.trigger_writes],
         }
 
 
@@ -85,7 +88,7 @@ class ApplyReport:
     phases: tuple[tuple[str, float], ...]
     notes: tuple[str, ...] = ()
     plan: Plan | None = None
-    trigger_writes: tuple[TriggerWrites, ...] = ()  # what the app's triggers wrote, undone
+    trigger_writes: tuple[UndoneWrites, ...] = ()  # what the app's triggers wrote, undone
 
     @property
     def matches(self) -> bool:
@@ -106,6 +109,8 @@ class ApplyReport:
             "changes": [t.to_json() for t in self.plan.tables] if self.plan else [],
             "auth": self.auth.to_json() if self.auth else None,
             "auth_plan": self.plan.auth.to_json() if self.plan and self.plan.auth else None,
+            "kept": [k.to_json() for k in self.plan.kept] if self.plan else [],
+            "written_since": self.plan.to_json()["written_since"] if self.plan else None,
             "phases": [{"phase": p, "seconds": round(s, 3)} for p, s in self.phases],
             "notes": list(self.notes),
             "trigger_rewrites": [t.to_json() for t in self.trigger_writes],

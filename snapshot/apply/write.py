@@ -3,7 +3,9 @@
 Three passes over the scope, in the order computed from its foreign keys:
 
 1. children first: delete the rows the snapshot lacks, except parents a surviving child
-   still points at (those wait for pass 3); a table replaced in full loses every row;
+   still points at (those wait for pass 3); a table replaced in full loses every row
+   (row by row, but those a row outside the scope, or a row kept for one, still points
+   at: they are updated in place, :mod:`.outside`; rows kept for them never go);
 2. parents first: insert the rows the target lacks and update the rows that differ
    (a self-referencing table inserts first, so a row can move under a new parent);
 3. children first: delete the parents that waited, now that their children point elsewhere.
@@ -20,28 +22,21 @@ import logging
 import secrets
 import time
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psycopg
 from psycopg import sql
 
 from snapshot import progress, staging
-from snapshot.apply.plan import Plan
+from snapshot.apply import outside
+from snapshot.apply.plan import Plan, decide
 from snapshot.apply.rows import DELETE, INSERT, UPDATE, RowSet
 from snapshot.catalog import ForeignKey
 from snapshot.errors import Refused
-from snapshot.names import AUTH_TABLES, TableName
+from snapshot.names import TableName
 from snapshot.session import Session
 
 log = logging.getLogger(__name__)
-
-DELETE_RULES = {
-    "a": "no action",
-    "r": "restrict",
-    "c": "cascade",
-    "n": "set null",
-    "d": "set default",
-}
 
 
 @dataclass
@@ -51,6 +46,7 @@ class Written:
     inserted: dict[TableName, int] = field(default_factory=dict)
     updated: dict[TableName, int] = field(default_factory=dict)
     deleted: dict[TableName, int] = field(default_factory=dict)
+    held: set[TableName] = field(default_factory=set)  # replaced in full, rows kept in place
 
     def add(self, counter: dict[TableName, int], table: TableName, rows: int) -> None:
         counter[table] = counter.get(table, 0) + max(rows, 0)
@@ -185,63 +181,21 @@ def lock_holders(
     return "held by " + ", ".join(sessions) + more
 
 
-def guard_outside(s: Session, plan: Plan, allowed: Collection[str]) -> None:
-    """Refuse deletes that would reach rows outside the scope the user did not accept.
+def guard_outside(s: Session, plan: Plan, allowed: Collection[str]) -> Plan:
+    """Refuse writes that would break references from outside the scope the user did not
+    accept; with ``--keep-referenced``, keep their parents. Returns the plan as it now is.
 
-    Checked under the lock, just before the deletes, against what they will delete.
+    Checked under the lock, just before the writes, by the rule ``check`` applied
+    (:mod:`.outside`): rows the app or a pre-script wrote since are counted too.
     """
-    scoped = set(s.order)
-    auth = set(AUTH_TABLES)
-    for fk in s.fks:
-        if fk.parent not in scoped or fk.child in scoped or fk.child in auth:
-            continue
-        name = f"{fk.child}.{fk.name}"
-        rule = DELETE_RULES.get(fk.on_delete, fk.on_delete)
-        if fk.on_delete in ("c", "n", "d") and name in allowed:
-            continue
-        count = referring_rows(s, plan, fk)
-        if not count:
-            continue
-        if fk.on_delete in ("a", "r"):
-            what = "would block the deletes"
-            fix = f"add {fk.child} to the scope, or remove those references first"
-        else:
-            what = (
-                f"would be {'deleted' if fk.on_delete == 'c' else 'nulled out'} (on delete {rule})"
-            )
-            fix = f"add {fk.child} to the scope, or accept it with --allow-cascade {name}"
-        raise Refused(
-            f"{count:,} rows of {fk.child} (outside the scope) refer to rows this apply deletes "
-            f"from {fk.parent} ({fk}) and {what}: {fix}; rolled back, {s.target.env} is unchanged"
-        )
-
-
-def referring_rows(s: Session, plan: Plan, fk: ForeignKey) -> int:
-    """Rows of ``fk.child`` that refer to rows the apply deletes from ``fk.parent``."""
-    not_null = sql.SQL(" AND ").join(
-        sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(c)) for c in fk.columns
-    )
-    rows = s.row_sets.get(fk.parent)
-    if fk.parent in plan.full_tables or rows is None:
-        query = sql.SQL("SELECT count(*) FROM {} AS c WHERE {}").format(fk.child.ident, not_null)
-    else:
-        refer = sql.SQL(" AND ").join(
-            sql.SQL("c.{} = p.{}").format(sql.Identifier(c), sql.Identifier(p))
-            for c, p in zip(fk.columns, fk.parent_columns, strict=True)
-        )
-        query = sql.SQL(
-            "SELECT count(*) FROM {child} AS c JOIN {parent} AS p ON {refer} "
-            "JOIN {delta} AS d ON {match} AND d.op$ = {op}"
-        ).format(
-            child=fk.child.ident,
-            parent=fk.parent.ident,
-            refer=refer,
-            delta=rows.delta,
-            match=rows.match("p", "d"),
-            op=sql.Literal(DELETE),
-        )
-    row = s.conn.execute(query).fetchone()
-    return int(row[0]) if row else 0
+    s.outside = outside.settle(s, allowed)
+    refused = outside.refusal(s, s.outside, allowed)
+    if refused:
+        raise Refused(f"{refused}; rolled back, {s.target.env} is unchanged")
+    if not s.kept:
+        return plan
+    forced = {t.table: t.reason for t in plan.tables if t.full}
+    return replace(decide(s, forced), auth=plan.auth, seconds=plan.seconds)
 
 
 def _values(s: Session, table: TableName, columns: tuple[str, ...]) -> list[sql.Composable]:
@@ -274,7 +228,8 @@ def _delta_rows(rows: RowSet, op: str) -> sql.Composed:
     )
 
 
-def _update(s: Session, rows: RowSet) -> sql.Composed | None:
+def _update(s: Session, rows: RowSet, source: sql.Composable | None = None) -> sql.Composed | None:
+    """Update the rows of ``source`` (the delta's updates by default), matched by key."""
     changing = tuple(c for c in s.entries[rows.table].column_names if c not in rows.key)
     if not changing:
         return None
@@ -283,7 +238,7 @@ def _update(s: Session, rows: RowSet) -> sql.Composed | None:
         for c, value in zip(changing, _values(s, rows.table, changing), strict=True)
     )
     return sql.SQL("UPDATE {} AS t SET {} FROM {} WHERE {}").format(
-        rows.table.ident, assignments, _delta_rows(rows, UPDATE), rows.match("t", "s")
+        rows.table.ident, assignments, source or _delta_rows(rows, UPDATE), rows.match("t", "s")
     )
 
 
@@ -330,10 +285,12 @@ def delete_first(s: Session, plan: Plan, *, spare: bool = True) -> Written:
     ``spare=False`` (foreign keys checked in bulk, none acting per row): every one of them.
     """
     run, done = _Statement(s.conn), Written()
+    holding = outside.holding(s) if spare else frozenset()
     for table in reversed(s.order):
         if table in plan.full_tables:
-            # WHERE true: pg_safeupdate (Supabase) refuses a DELETE without WHERE
-            query = sql.SQL("DELETE FROM {} WHERE true").format(table.ident)
+            query = _full_delete(s, table, held=table in holding and table in s.row_sets)
+            if table in holding and table in s.row_sets:
+                done.held.add(table)
         elif plan.table(table).deletes:
             query = _guarded_delete(s, s.row_sets[table], final=not spare)
         else:
@@ -346,17 +303,14 @@ def insert_and_update(s: Session, plan: Plan, done: Written) -> None:
     """Pass 2, parents first: insert what the target lacks, update what differs."""
     run = _Statement(s.conn)
     for table in s.order:
+        self_ref = any(fk.child == table == fk.parent for fk in s.fks)
         if table in plan.full_tables:
-            source = sql.SQL("{} AS s").format(staging.staging_table(s.entries[table]))
-            done.add(
-                done.inserted, table, _timed(run, "inserted", table, _insert(s, table, source))
-            )
+            _full_insert(s, table, done, run, self_ref)
             continue
         counts = plan.table(table)
         if not counts.inserts and not counts.updates:
             continue  # (a table without a key is here only when it holds the snapshot's rows)
         rows = s.row_sets[table]
-        self_ref = any(fk.child == table == fk.parent for fk in s.fks)
         for step in ("insert", "update") if self_ref else ("update", "insert"):
             if step == "insert" and counts.inserts:
                 insert = _insert(s, table, _delta_rows(rows, INSERT))
@@ -369,10 +323,81 @@ def delete_last(s: Session, plan: Plan, done: Written) -> None:
     """Pass 3, children first: the parents that waited for their children to move."""
     run = _Statement(s.conn)
     for table in reversed(s.order):
-        if table in plan.full_tables or plan.table(table).deletes <= done.deleted.get(table, 0):
+        if table in done.held:
+            rows = s.row_sets[table]
+            query = sql.SQL(
+                "DELETE FROM {} AS t WHERE NOT EXISTS (SELECT 1 FROM {} AS s WHERE {})"
+            ).format(table.ident, rows.stage, rows.match("s", "t"))
+            query = _sparing_kept(s, rows, query, "t")
+        elif table in plan.full_tables or plan.table(table).deletes <= done.deleted.get(table, 0):
             continue
-        query = _guarded_delete(s, s.row_sets[table], final=True)
+        else:
+            query = _guarded_delete(s, s.row_sets[table], final=True)
         done.add(done.deleted, table, _timed(run, "deleted", table, query))
+
+
+def _sparing_kept(s: Session, rows: RowSet, query: sql.Composed, alias: str) -> sql.Composed:
+    """``query`` (ending in a WHERE clause over ``alias``) sparing the rows kept in place."""
+    if rows.table not in s.kept:
+        return query
+    return sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} AS k WHERE {})").format(
+        query, outside.kept_keys(rows), rows.match(alias, "k")
+    )
+
+
+def _full_delete(s: Session, table: TableName, *, held: bool) -> sql.Composed:
+    """Pass 1 of a full replace: every row, but those kept (:mod:`.outside`).
+
+    ``held`` (row by row, rows outside the scope may refer to the table): also every row
+    something still refers to. Those stay in place and are updated to the snapshot's
+    values, so a parent the snapshot also holds never leaves its outside rows (NO ACTION
+    and RESTRICT would refuse, CASCADE delete them); pass 3 deletes those it lacks.
+    """
+    # WHERE true: pg_safeupdate (Supabase) refuses a DELETE without WHERE
+    query = sql.SQL("DELETE FROM {} AS t WHERE true").format(table.ident)
+    if held:
+        outer = set(outside.outside_keys(s))
+        for fk in s.fks:
+            if fk.parent != table or (fk.child not in s.order and fk not in outer):
+                continue
+            refer = sql.SQL(" AND ").join(
+                sql.SQL("c.{} = t.{}").format(sql.Identifier(c), sql.Identifier(p))
+                for c, p in zip(fk.columns, fk.parent_columns, strict=True)
+            )
+            query = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} AS c WHERE {})").format(
+                query, fk.child.ident, refer
+            )
+    rows = s.row_sets.get(table)
+    return _sparing_kept(s, rows, query, "t") if rows is not None else query
+
+
+def _full_insert(
+    s: Session, table: TableName, done: Written, run: _Statement, self_ref: bool
+) -> None:
+    """Pass 2 of a full replace: the snapshot's rows, but those of rows kept in place.
+
+    Rows held in place (see :func:`_full_delete`) are updated to the snapshot's values and
+    the others inserted (a self-referencing table inserts first, as a delta does).
+    """
+    stage = staging.staging_table(s.entries[table])
+    rows = s.row_sets.get(table)
+    source: sql.Composable = sql.SQL("{} AS s").format(stage)
+    if rows is not None and table in s.kept:
+        source = sql.SQL(
+            "(SELECT * FROM {} AS z WHERE NOT EXISTS (SELECT 1 FROM {} AS k WHERE {})) AS s"
+        ).format(stage, outside.kept_keys(rows), rows.match("z", "k"))
+    if rows is None or table not in done.held:
+        done.add(done.inserted, table, _timed(run, "inserted", table, _insert(s, table, source)))
+        return
+    missing = sql.SQL("{} WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {})").format(
+        source, table.ident, rows.match("t", "s")
+    )
+    for step in ("insert", "update") if self_ref else ("update", "insert"):
+        if step == "insert":
+            insert = _insert(s, table, missing)
+            done.add(done.inserted, table, _timed(run, "inserted", table, insert))
+        elif (update := _update(s, rows, source)) is not None:
+            done.add(done.updated, table, _timed(run, "updated", table, update))
 
 
 def expected_writes(plan: Plan) -> tuple[int, int]:

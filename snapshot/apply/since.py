@@ -1,0 +1,281 @@
+"""What an apply wrote, recorded with its backup, and what a rollback would throw away.
+
+A rollback makes the target equal the pre-apply backup again, so it undoes the apply and,
+with it, whatever was written after the apply: a row the app inserted since is deleted,
+one it updated is put back, one it deleted comes back. Only the pre-rollback backup keeps
+them. The rollback's plan, prompt and report count those rows per table, from what the
+apply recorded beside its backup before committing (:func:`record`):
+
+* ``applied-xids``: the ids of the apply's transaction (and subtransactions) that the rows
+  it wrote carry as ``xmin``. A row version never changes; any later write makes a new one
+  with the writer's id. So a live row whose ``xmin`` is one of them is exactly as the apply
+  wrote it; any other row the rollback would change was written since (or, never touched
+  by the apply, changed since by someone else);
+* ``applied-deletes.copy``: the keys of the rows it deleted (``DELETED table (key) FROM
+  stdin;`` blocks, COPY text; a table without one lost no row): a row the backup holds and
+  the target lacks was deleted by the apply, or since.
+
+An apply that wrote nothing (the same snapshot again) keeps no backup at all
+(:func:`wrote_anything`): rollback then undoes the apply before it, as the user means.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from snapshot import archive, catalog
+from snapshot.apply.rows import DELETE, INSERT, UPDATE, RowSet
+from snapshot.errors import ArchiveError
+from snapshot.names import TableName
+from snapshot.session import Session
+from snapshot.staging import DISCARD, TERMINATOR, ScriptReader, parse_header
+
+log = logging.getLogger(__name__)
+
+XIDS_FILE = "applied-xids"
+DELETES_FILE = "applied-deletes.copy"
+DELETED = "DELETED"
+
+
+@dataclass(frozen=True)
+class WrittenSince:
+    """Rows of one table written since the apply a rollback undoes, which it throws away."""
+
+    table: TableName
+    inserted: int  # rows inserted since: the rollback deletes them
+    updated: int  # rows written since (updated, or the apply's rows rewritten): put back
+    deleted: int  # rows deleted since: the rollback inserts them again
+
+    @property
+    def rows(self) -> int:
+        return self.inserted + self.updated + self.deleted
+
+    def sentence(self) -> str:
+        """``public.question_attempts: 1 row inserted since (deleted)``."""
+        parts = [
+            f"{n:,} {what}"
+            for n, what in (
+                (self.inserted, "inserted since (deleted)"),
+                (self.updated, "written since (put back)"),
+                (self.deleted, "deleted since (inserted again)"),
+            )
+            if n
+        ]
+        return f"{self.table}: {', '.join(parts)}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "table": str(self.table),
+            "inserted_since": self.inserted,
+            "updated_since": self.updated,
+            "deleted_since": self.deleted,
+        }
+
+
+@dataclass(frozen=True)
+class Applied:
+    """An apply's record, loaded by the rollback that undoes it."""
+
+    xids: tuple[str, ...]
+    deleted: frozenset[TableName]  # tables whose deleted keys are loaded (pg_temp)
+    unknown: frozenset[TableName]  # tables whose key changed since: not counted
+
+
+# --- the apply: recorded beside its backup --------------------------------------------------
+
+_XACT_WRITES = """
+SELECT n.nspname, c.relname, s.n_tup_ins, s.n_tup_upd, s.n_tup_del
+FROM pg_stat_xact_user_tables s JOIN pg_class c ON c.oid = s.relid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relpersistence <> 't'
+"""
+
+
+def xact_writes(conn: psycopg.Connection) -> dict[TableName, tuple[int, int, int]]:
+    """Rows this transaction inserted, updated and deleted so far, per table (partitions apart)."""
+    return {
+        TableName(str(schema), str(name)): (int(ins), int(upd), int(dele))
+        for schema, name, ins, upd, dele in conn.execute(_XACT_WRITES)
+    }
+
+
+def wrote_anything(s: Session, sequences_before: Any) -> bool:
+    """Whether this transaction wrote a row anywhere, or moved a scoped table's sequence.
+
+    ``sequences_before``: the owned sequences as the lock found them (the backup's state).
+    """
+    if any(any(counts) for counts in xact_writes(s.conn).values()):
+        return True
+    now = tuple(catalog.owned_sequences(s.conn, s.config.scope.tables))
+    return now != tuple(sequences_before)
+
+
+def record(s: Session, folder: Path) -> None:
+    """Write ``applied-xids`` and ``applied-deletes.copy`` into the backup's folder.
+
+    Call after the writes, before the commit (in the apply's transaction).
+    """
+    started = time.monotonic()
+    written = xact_writes(s.conn)
+    partitioned = _partitioned(s)
+    xids: set[str] = set()
+    for table in s.order:
+        if table not in partitioned and not any(written.get(table, (0, 0, 0))[:2]):
+            continue  # no row inserted or updated here: no row version carries its id
+        # Every row version this transaction wrote has its id or a later one (its
+        # subtransactions'): age() of it is 0 or less.
+        xids.update(
+            str(r[0])
+            for r in s.conn.execute(
+                sql.SQL("SELECT DISTINCT xmin::text FROM {} WHERE age(xmin) <= 0").format(
+                    table.ident
+                )
+            )
+        )
+    try:
+        (folder / XIDS_FILE).write_text("".join(f"{x}\n" for x in sorted(xids)), encoding="ascii")
+        with (folder / DELETES_FILE).open("wb") as out:
+            for rows in s.row_sets.values():
+                if rows.table in partitioned or written.get(rows.table, (0, 0, 0))[2] > 0:
+                    _deleted_block(s.conn, out, rows)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        for name in (XIDS_FILE, DELETES_FILE):
+            (folder / name).unlink(missing_ok=True)
+        raise archive.no_space(folder, None, f"pre-{s.action} backup") from None
+    log.info(
+        "  recorded what the %s wrote, for a rollback to count what is written since  %.1f s",
+        s.action,
+        time.monotonic() - started,
+    )
+
+
+def _partitioned(s: Session) -> set[TableName]:
+    """Scoped tables whose rows live in partitions (counted apart in the statistics)."""
+    names = [t.ident.as_string(s.conn) for t in s.order]
+    return {
+        TableName(str(schema), str(name))
+        for schema, name in s.conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE c.oid = ANY(%s::regclass[]) AND c.relkind = 'p'",
+            (names,),
+        )
+    }
+
+
+def _deleted_block(conn: psycopg.Connection, out: Any, rows: RowSet) -> None:
+    """The keys the lock found that are gone now, as one ``DELETED`` block (a table without
+    one lost no row)."""
+    names = ", ".join(sql.Identifier(c).as_string(conn) for c in rows.key)
+    out.write(f"{DELETED} {rows.table.ident.as_string(conn)} ({names}) FROM stdin;\n".encode())
+    query = sql.SQL(
+        "SELECT {k} FROM {record} AS r WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {on})"
+    ).format(
+        k=sql.SQL(", ").join(sql.Identifier("r", c) for c in rows.key),
+        record=rows.record,
+        table=rows.table.ident,
+        on=rows.match("t", "r"),
+    )
+    with conn.cursor() as cur, cur.copy(sql.SQL("COPY ({}) TO STDOUT").format(query)) as copy:
+        for data in copy:
+            out.write(data)
+    out.write(TERMINATOR[1:])
+
+
+# --- the rollback: what it throws away ------------------------------------------------------
+
+
+def _deleted_keys(rows: RowSet) -> sql.Identifier:
+    return sql.Identifier("pg_temp", f"_snapshot_a{rows.number}")
+
+
+def load(s: Session) -> Applied | None:
+    """Load the record of the apply the rollback undoes (None: the backup has none).
+
+    Call once the rollback's row sets exist (after the record of the target is made).
+    """
+    files = s.snapshot.manifest.files
+    if XIDS_FILE not in files or DELETES_FILE not in files:
+        return None
+    folder = s.snapshot.path
+    xids = tuple(x for x in (folder / XIDS_FILE).read_text(encoding="ascii").split() if x)
+    if not all(x.isdigit() for x in xids):
+        raise ArchiveError(f"{s.snapshot.id}: {XIDS_FILE} holds something else than ids")
+    loaded, unknown = set(), set()
+    for rows in s.row_sets.values():
+        s.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_deleted_keys(rows)))
+    with (folder / DELETES_FILE).open("rb") as stream:
+        script = ScriptReader(stream, (DELETED,))
+        while header := script.next_header():
+            _, table, columns = parse_header(header, (DELETED,))
+            found = s.row_sets.get(table)
+            if found is None or tuple(columns) != found.key:  # the key changed since: unknown
+                unknown.add(table)
+                script.pump(DISCARD)
+                continue
+            keys = _deleted_keys(found)
+            s.conn.execute(
+                sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
+                    keys, found.keys, table.ident
+                )
+            )
+            load_keys = sql.SQL("COPY {} ({}) FROM STDIN").format(keys, found.keys)
+            with s.conn.cursor() as cur, cur.copy(load_keys) as copy:
+                script.pump(copy)
+            loaded.add(table)
+    return Applied(xids, frozenset(loaded), frozenset(unknown))
+
+
+def count(s: Session, applied: Applied) -> tuple[WrittenSince, ...]:
+    """Per table, the rows the rollback's current delta would throw away that were written
+    since the apply (tables with a key whose deletions the apply recorded)."""
+    return tuple(_count(s, applied, rows) for rows in _tables(s, applied))
+
+
+def _tables(s: Session, applied: Applied) -> Iterator[RowSet]:
+    for table in s.order:
+        if table not in applied.unknown and table in s.row_sets:
+            yield s.row_sets[table]
+
+
+def _count(s: Session, applied: Applied, rows: RowSet) -> WrittenSince:
+    # A row the target has (the rollback deletes or updates it) is the apply's own while it
+    # carries one of the apply's ids; a row it lacks (the rollback inserts it) was deleted
+    # by the apply if the apply recorded its key.
+    since = sql.SQL("NOT coalesce(r.x$ = ANY({}::xid[]), false)").format(
+        sql.Literal(list(applied.xids))
+    )
+    kept: sql.Composable = sql.SQL("true")  # a table without deleted keys lost no row to it
+    if rows.table in applied.deleted:
+        kept = sql.SQL("NOT EXISTS (SELECT 1 FROM {} AS a WHERE {})").format(
+            _deleted_keys(rows), rows.match("a", "d")
+        )
+    row = s.conn.execute(
+        sql.SQL(
+            "SELECT count(*) FILTER (WHERE d.op$ = {d} AND {since}), "
+            "count(*) FILTER (WHERE d.op$ = {u} AND {since}), "
+            "count(*) FILTER (WHERE d.op$ = {i} AND {kept}) "
+            "FROM {delta} AS d LEFT JOIN {record} AS r ON {rd}"
+        ).format(
+            d=sql.Literal(DELETE),
+            u=sql.Literal(UPDATE),
+            i=sql.Literal(INSERT),
+            since=since,
+            kept=kept,
+            delta=rows.delta,
+            record=rows.record,
+            rd=rows.match("r", "d"),
+        )
+    ).fetchone()
+    assert row is not None
+    return WrittenSince(rows.table, int(row[0]), int(row[1]), int(row[2]))
