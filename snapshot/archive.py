@@ -120,6 +120,8 @@ class Manifest:
     files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     format: int = FORMAT_VERSION
     tool_version: str = __version__
+    # Whether the source environment was marked safe when taken; None in older manifests.
+    source_safe: bool | None = None
 
     @property
     def scope_tables(self) -> tuple[TableEntry, ...]:
@@ -143,6 +145,7 @@ class Manifest:
             "kind": self.kind,
             "created": self.created,
             "environment": self.environment,
+            "source_safe": self.source_safe,
             "label": self.label,
             "project_ref": self.project_ref,
             "server_version": self.server_version,
@@ -166,12 +169,16 @@ class Manifest:
                 "use the snapshot version that wrote it"
             )
         db = data["database"]
+        source_safe = data.get("source_safe")
+        if source_safe is not None and not isinstance(source_safe, bool):
+            raise ValueError(f"source_safe is {source_safe!r}, not true, false or null")
         return cls(
             format=fmt,
             tool_version=data["tool_version"],
             kind=data["kind"],
             created=data["created"],
             environment=data["environment"],
+            source_safe=source_safe,
             label=data.get("label"),
             project_ref=data.get("project_ref"),
             server_version=data["server_version"],

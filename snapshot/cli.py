@@ -15,14 +15,13 @@ from typing import Any, TypeVar
 import click
 import psycopg
 
-from snapshot import __version__, archive, progress, render
+from snapshot import __version__, archive, direction, progress, render
 from snapshot.config import CONFIG_FILE, Config, display_path, load_config, render_config
 from snapshot.db import cancelled_message, libpq_reason
 from snapshot.errors import SnapshotError
 from snapshot.project import find_root
 
 F = TypeVar("F", bound=Callable[..., Any])
-OTHER_ENV = {"prod": "dev", "dev": "prod"}
 log = logging.getLogger("snapshot")
 
 
@@ -247,6 +246,28 @@ def yes_option(f: F) -> F:
     )(f)
 
 
+def unmasked_option(f: F) -> F:
+    """``--unmasked``: take, or apply to a safe environment, real people's data as it is."""
+    return click.option(
+        direction.UNMASKED,
+        "unmasked",
+        is_flag=True,
+        help="Take an environment not marked safe, or apply its snapshot to one that is, as "
+        "it is: real people's logins, password hashes and personal columns included.",
+    )(f)
+
+
+def create_auth_users_option(f: F) -> F:
+    """``--create-auth-users``: with --unmasked, create the snapshot's auth users too."""
+    return click.option(
+        direction.CREATE_AUTH_USERS,
+        "create_auth_users",
+        is_flag=True,
+        help="With --unmasked: also create the auth users of a snapshot of an environment not "
+        "marked safe (real people's logins) in the safe target.",
+    )(f)
+
+
 def block_readers_option(f: F) -> F:
     """``--block-readers``: check the scope's foreign keys in bulk; readers wait."""
     return click.option(
@@ -283,12 +304,15 @@ def allow_cascade_option(f: F) -> F:
 def _choose_snapshot(
     app: App, target_env: str, source_env: str | None, snapshot_id: str | None
 ) -> archive.Snapshot:
-    """--snapshot ID, else the newest snapshot of --from ENV, else of the other environment."""
+    """--snapshot ID, else the newest snapshot of --from ENV, else of the target's usual source.
+
+    Only prod has one (dev): a snapshot never flows the other way unless named.
+    """
     if source_env and snapshot_id:
         raise user_error("give --from or --snapshot, not both", 2)
     if snapshot_id:
         return archive.find_snapshot(app.config.archive, snapshot_id)
-    source = source_env or OTHER_ENV.get(target_env)
+    source = source_env or app.config.default_source(target_env)
     if source is None:
         raise user_error(f"which snapshot should go to {target_env}? pass --from ENV", 2)
     app.config.require_known(source)
@@ -320,26 +344,35 @@ def _preflight_table(app: App) -> Any:
         raise _preflight_failure(report, str(exc)) from None
 
 
-def _confirmer(app: App, target: str, yes: bool, dry_run: bool) -> Any:
-    """Ask the user to type the environment's name, unless it is safe or --yes was given."""
-    if yes or dry_run or app.config.environment(target).safe:
+def _confirmer(
+    app: App, target: str, yes: bool, dry_run: bool, way: direction.Direction | None = None
+) -> Any:
+    """Ask the user to type the environment's name, unless --yes was given or it is safe
+    and the snapshot comes the usual way (dev -> prod)."""
+    unusual = way is not None and not way.usual
+    if yes or dry_run or (app.config.environment(target).safe and not unusual):
         return None
     if not sys.stdin.isatty():
         # Never advise marking it safe: that would turn off the question for good.
         npm_script = os.environ.get("npm_lifecycle_event")  # noqa: SIM112 (npm's own name)
         how = f"npm run {npm_script} -- --yes" if npm_script else "pass --yes"
+        why = f": {way.unusual_sentence()}, and" if way is not None and unusual else ":"
         raise user_error(
-            f"refusing to change {target} without confirmation: no terminal to ask in; "
-            f"{how} to confirm from a script",
+            f"refusing to change {target} without confirmation{why} there is no terminal to "
+            f"ask in; {how} to confirm from a script",
             2,
         )
 
     def confirm(proposal: Any) -> bool:
         click.echo(render.plan_report(proposal), err=True)
-        typed = click.prompt(
-            f"\nType {target} to {proposal.action}", default="", show_default=False, err=True
-        )
-        return bool(typed == target)
+        if way is not None and unusual:
+            click.echo(f"\nwarning: {way.unusual_sentence()}", err=True)
+        click.echo(f"\n{render.confirm_question(proposal)}: ", nl=False, err=True)
+        try:
+            typed = input()  # Ctrl-C here is KeyboardInterrupt: nothing was changed, exit 130
+        except EOFError:
+            typed = ""
+        return typed.strip() == target
 
     return confirm
 
@@ -474,11 +507,15 @@ def env(app: App, env_name: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("env_name", metavar="ENV")
 @click.option("--label", help="Suffix for the snapshot's name, e.g. before-cutover.")
+@unmasked_option
 @json_option
 @global_options
 @pass_app
-def take(app: App, env_name: str, label: str | None, as_json: bool) -> None:
+def take(app: App, env_name: str, label: str | None, unmasked: bool, as_json: bool) -> None:
     """Archive a consistent, data-only snapshot of ENV's scope.
+
+    An environment not marked safe (prod) holds real people's data: it is taken only with
+    --unmasked.
 
     \b
     snapshot take dev
@@ -486,7 +523,9 @@ def take(app: App, env_name: str, label: str | None, as_json: bool) -> None:
     """
     from snapshot.take import take as take_snapshot
 
-    snapshot = take_snapshot(app.config, env_name, label=label, pg_bin=app.pg_bin)
+    snapshot = take_snapshot(
+        app.config, env_name, label=label, pg_bin=app.pg_bin, unmasked=unmasked
+    )
     app.output(render.snapshot_summary(snapshot), lambda: render.take_report(snapshot))
     _retain(app, env_name)
 
@@ -575,6 +614,8 @@ def _apply_failure(report: Any) -> str | None:
 @full_option
 @block_readers_option
 @allow_cascade_option
+@unmasked_option
+@create_auth_users_option
 @yes_option
 @json_option
 @global_options
@@ -588,6 +629,8 @@ def apply(
     full: bool,
     block_readers: bool,
     allow_cascades: tuple[str, ...],
+    unmasked: bool,
+    create_auth_users: bool,
     yes: bool,
     as_json: bool,
 ) -> None:
@@ -598,6 +641,9 @@ def apply(
     (see check) runs first and stops it on any error; the plan is shown before asking. A
     pre-apply backup of TARGET is archived; the transaction commits only when every row of
     every table matches the snapshot. Readers of TARGET never wait, unless --block-readers.
+    A snapshot of an environment not marked safe goes to one that is only with --unmasked
+    (its auth users only with --create-auth-users); any other direction than dev -> prod
+    asks first, even onto a safe environment.
 
     \b
     snapshot apply prod
@@ -607,7 +653,15 @@ def apply(
     from snapshot.apply import run_apply
 
     snapshot = _choose_snapshot(app, target_env, source_env, snapshot_id)
-    confirm = _confirmer(app, target_env, yes, dry_run)
+    way = direction.of_snapshot(
+        app.config,
+        snapshot.manifest,
+        snapshot.id,
+        target_env,
+        unmasked=unmasked,
+        create_auth_users=create_auth_users,
+    )
+    confirm = _confirmer(app, target_env, yes, dry_run, way)
     with _preflight_table(app):
         report = run_apply(
             app.config,
@@ -619,6 +673,7 @@ def apply(
             pg_bin=app.pg_bin,
             allow_cascades=allow_cascades,
             block_readers=block_readers,
+            auth_withheld=way.auth_withheld,
         )
     _finish(app, report, _apply_failure(report))
     if report.committed:
@@ -681,6 +736,8 @@ def rollback(
 @click.option("--snapshot", "snapshot_id", metavar="ID", help="Check this snapshot (see list).")
 @full_option
 @allow_cascade_option
+@unmasked_option
+@create_auth_users_option
 @json_option
 @global_options
 @pass_app
@@ -691,6 +748,8 @@ def check(
     snapshot_id: str | None,
     full: bool,
     allow_cascades: tuple[str, ...],
+    unmasked: bool,
+    create_auth_users: bool,
     as_json: bool,
 ) -> None:
     """Run the preflight of an apply to TARGET alone: find what would fail, change nothing.
@@ -707,6 +766,14 @@ def check(
     from snapshot.apply import check as run_check
 
     snapshot = _choose_snapshot(app, target_env, source_env, snapshot_id)
+    way = direction.of_snapshot(
+        app.config,
+        snapshot.manifest,
+        snapshot.id,
+        target_env,
+        unmasked=unmasked,
+        create_auth_users=create_auth_users,
+    )
     report = run_check(
         app.config,
         target_env,
@@ -714,6 +781,7 @@ def check(
         pg_bin=app.pg_bin,
         allow_cascades=allow_cascades,
         full=full,
+        auth_withheld=way.auth_withheld,
     )
     app.output(report.to_json(), lambda: render.preflight_report(report))
     if not report.ok:
@@ -750,6 +818,8 @@ def smoke(app: App, target_env: str, as_json: bool) -> None:
 @click.argument("source_env", metavar="SOURCE")
 @click.argument("target_env", metavar="TARGET")
 @allow_cascade_option
+@unmasked_option
+@create_auth_users_option
 @yes_option
 @json_option
 @global_options
@@ -759,6 +829,8 @@ def cutover(
     source_env: str,
     target_env: str,
     allow_cascades: tuple[str, ...],
+    unmasked: bool,
+    create_auth_users: bool,
     yes: bool,
     as_json: bool,
 ) -> None:
@@ -775,8 +847,14 @@ def cutover(
 
     if source_env == target_env:
         raise user_error(f"cutover needs two environments, got {source_env} twice", 2)
-    app.config.environment(source_env)
-    confirm = _confirmer(app, target_env, yes, False)
+    way = direction.of_cutover(
+        app.config,
+        source_env,
+        target_env,
+        unmasked=unmasked,
+        create_auth_users=create_auth_users,
+    )
+    confirm = _confirmer(app, target_env, yes, False, way)
     report = run_cutover(
         app.config,
         source_env,
@@ -784,6 +862,8 @@ def cutover(
         confirm=confirm,
         pg_bin=app.pg_bin,
         allow_cascades=allow_cascades,
+        unmasked=unmasked,
+        auth_withheld=way.auth_withheld,
     )
     app.output(report.to_json(), lambda: render.cutover_report(report))
     if report.failure:

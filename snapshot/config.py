@@ -42,6 +42,9 @@ DEFAULT_TABLES = (
 
 DEFAULT_ENV_FILES = {"dev": ".env.local", "prod": ".env.production"}
 DEFAULT_SAFE = {"dev": True, "prod": False}
+# The usual direction: the environment whose snapshots a target gets by default (apply prod
+# applies dev's newest). Any other direction is confirmed by a person (snapshot.direction).
+DEFAULT_SOURCES = {"prod": "dev"}
 DEFAULT_INSERT_AS = {"questions.status": "draft"}
 CONNECTION_MODES = ("auto", "direct", "pooler")
 # Time limits of snapshot's own sessions, whatever the server or role sets (Supabase gives
@@ -196,6 +199,10 @@ class Config:
             f"unknown environment {name!r}: {hint}known: {', '.join(known) or 'none'}; "
             f"{name} needs [environments.{name}] in snapshot.toml or {where} ({self.origin})"
         )
+
+    def default_source(self, target: str) -> str | None:
+        """The environment whose snapshots ``target`` gets by default (dev for prod), if any."""
+        return DEFAULT_SOURCES.get(target)
 
     def ignored_columns(self, table: TableName) -> tuple[str, ...]:
         """Columns of ``table`` that parity ignores."""

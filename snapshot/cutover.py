@@ -131,11 +131,17 @@ def cutover(
     confirm: Confirm | None = None,
     pg_bin: Path | None = None,
     allow_cascades: Collection[str] = (),
+    unmasked: bool = False,
+    auth_withheld: str = "",
 ) -> CutoverReport:
-    """Run every step in order; the report says how far it got and where things stand."""
+    """Run every step in order; the report says how far it got and where things stand.
+
+    ``unmasked`` lets it take a source not marked safe; ``auth_withheld`` says why the
+    apply creates no auth users (:mod:`snapshot.direction`).
+    """
     report = CutoverReport(source_env, target_env)
     try:
-        _run(report, config, confirm, pg_bin, allow_cascades)
+        _run(report, config, confirm, pg_bin, allow_cascades, unmasked, auth_withheld)
     except _Stop:
         done = {s.name for s in report.steps}
         report.steps += [Step(name, SKIPPED, 0.0, "") for name in STEPS if name not in done]
@@ -149,17 +155,26 @@ def _run(
     confirm: Confirm | None,
     pg_bin: Path | None,
     allow_cascades: Collection[str],
+    unmasked: bool,
+    auth_withheld: str,
 ) -> None:
     source, target = report.source, report.target
 
     with _step(report, "preflight", lambda: _preflight_detail(report)):
         live = describe(config, source, pg_bin=pg_bin)
-        report.preflight = check(config, target, live, pg_bin=pg_bin, allow_cascades=allow_cascades)
+        report.preflight = check(
+            config,
+            target,
+            live,
+            pg_bin=pg_bin,
+            allow_cascades=allow_cascades,
+            auth_withheld=auth_withheld,
+        )
         if not report.preflight.ok:
             raise _StepFailed(_preflight_errors(report.preflight), report.preflight.exit_code)
 
     with _step(report, "take", lambda: f"{report.snapshot}"):
-        snapshot = take(config, source, label="cutover", pg_bin=pg_bin)
+        snapshot = take(config, source, label="cutover", pg_bin=pg_bin, unmasked=unmasked)
         report.snapshot = snapshot.id
 
     with _step(report, "apply", lambda: _apply_detail(report)):
@@ -171,6 +186,7 @@ def _run(
                 confirm=confirm,
                 pg_bin=pg_bin,
                 allow_cascades=allow_cascades,
+                auth_withheld=auth_withheld,
             )
         except PreflightFailed as exc:
             report.preflight = exc.report

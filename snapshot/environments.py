@@ -58,6 +58,7 @@ class Connection:
     note: str = ""
     session: Mapping[str, str] = field(default_factory=dict)
     password_from: str = "SUPABASE_DB_PASSWORD"  # where to fix a refused password
+    safe: bool = False  # the environment is marked safe (snapshot.direction)
 
     def conninfo(self) -> str:
         """A libpq connection string without the password (safe to show and to pass as argv)."""
@@ -246,6 +247,7 @@ def _from_url(env: EnvironmentConfig, values: Mapping[str, str], source: str) ->
         route="url",
         session=env.session,
         password_from=password_from,
+        safe=env.safe,
     )
 
 
@@ -397,6 +399,7 @@ def resolve_connection(env: EnvironmentConfig) -> Connection:
                 "direct",
                 "direct host answered" if env.connection == "auto" else "connection = direct",
                 env.session,
+                safe=env.safe,
             )
         note = _direct_host_note(reason, ref, source)
         log.info("%s: %s: trying the session pooler", env.name, note)
@@ -418,4 +421,5 @@ def resolve_connection(env: EnvironmentConfig) -> Connection:
         "pooler",
         f"{note}; session pooler" if note else "connection = pooler",
         env.session,
+        safe=env.safe,
     )

@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import archive, catalog, staging
+from snapshot.direction import CREATE_AUTH_USERS
 from snapshot.errors import SnapshotError
 from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, TableName, quote
 from snapshot.session import Session
@@ -457,11 +458,12 @@ def _outside_references(s: Session) -> Iterator[Finding]:
         count = _scalar(s.conn, query)
         if count:
             found = True
-            fix = (
-                "copy auth users (auth_users = true)"
-                if fk.parent == AUTH_USERS
-                else f"add {fk.parent} to the scope, or create those rows in the target first"
-            )
+            if fk.parent != AUTH_USERS:
+                fix = f"add {fk.parent} to the scope, or create those rows in the target first"
+            elif s.auth_withheld:
+                fix = f"pass {CREATE_AUTH_USERS} to create them from the snapshot"
+            else:
+                fix = "copy auth users (auth_users = true)"
             yield Finding(
                 "outside references",
                 ERROR,
@@ -624,7 +626,11 @@ def run_checks(
             s.backup = backup.start(s, s.backup_into)
         matched = planning.record(s)
         staging.stage(
-            s.conn, s.pg_restore, s.snapshot, [*s.entries.values(), *s.auth_entries], matched
+            s.conn,
+            s.pg_restore,
+            s.snapshot,
+            [*s.entries.values(), *s.auth_entries],
+            matched | s.withheld_tables,  # withheld auth users are never even loaded
         )
         if s.backup is not None:
             backup.dump(s.backup)
@@ -637,6 +643,8 @@ def run_checks(
         in_bulk, how = _key_checks(s, s.plan, allowed)
         findings += _plan_findings(s, s.plan, in_bulk=in_bulk)
         findings += how
+    if s.auth_withheld:
+        findings.append(Finding("auth users", WARNING, s.auth_withheld))
     return PreflightReport(s.action, s.target.env, s.snapshot.id, tuple(findings), s.plan)
 
 

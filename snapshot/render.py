@@ -112,7 +112,19 @@ def plan_report(proposal: Any) -> str:
         f"{proposal.action} {snap['id']} (taken from {snap['source']} {age(snap['age_seconds'])} "
         f"ago{label}) to {proposal.target.env} ({proposal.target.describe()}):"
     )
-    return "\n".join([head, "", plan_table(proposal.plan, proposal.target.env)])
+    lines = [head, "", plan_table(proposal.plan, proposal.target.env)]
+    if proposal.auth_withheld:
+        lines.append(f"auth users: {proposal.auth_withheld}")
+    return "\n".join(lines)
+
+
+def confirm_question(proposal: Any) -> str:
+    """``Type prod to apply dev's snapshot to prod``: what typing the name agrees to."""
+    target = proposal.target.env
+    if proposal.action == "rollback":
+        return f"Type {target} to roll {target} back"
+    source = proposal.snapshot.manifest.environment
+    return f"Type {target} to {proposal.action} {source}'s snapshot to {target}"
 
 
 def plan_table(plan: Any, target: str) -> str:

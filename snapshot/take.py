@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, catalog, pgtools
+from snapshot import archive, catalog, direction, pgtools
 from snapshot.archive import DatabaseIdentity, Manifest, Snapshot, TableEntry
 from snapshot.catalog import OwnedSequence, ServerInfo, TableShape
 from snapshot.checksum import TableStats, table_stats
@@ -184,6 +184,7 @@ def build_manifest(
     """The manifest of a dump of ``plan`` whose content ``state`` describes."""
     return Manifest(
         environment=plan.target.env,
+        source_safe=plan.target.safe,
         kind=kind,
         created=archive.utc_now().isoformat(),
         label=label,
@@ -251,6 +252,7 @@ def describe(config: Config, env_name: str, *, pg_bin: Path | None) -> Snapshot:
         plan = plan_dump(conn, target, config.scope, pg_bin)
         manifest = Manifest(
             environment=env_name,
+            source_safe=target.safe,
             kind=LIVE,
             created=archive.utc_now().isoformat(),
             label=None,
@@ -283,10 +285,22 @@ def export_snapshot(conn: psycopg.Connection) -> str:
     return str(row[0])
 
 
-def take(config: Config, env_name: str, *, label: str | None, pg_bin: Path | None) -> Snapshot:
-    """Archive a snapshot of ``env_name``'s scope and return it."""
+def take(
+    config: Config,
+    env_name: str,
+    *,
+    label: str | None,
+    pg_bin: Path | None,
+    unmasked: bool = False,
+) -> Snapshot:
+    """Archive a snapshot of ``env_name``'s scope and return it.
+
+    An environment not marked safe holds real people's data: it is taken only ``unmasked``
+    (:func:`snapshot.direction.require_unmasked_take`).
+    """
     label = archive.check_label(label)
     env = config.environment(env_name)
+    direction.require_unmasked_take(env, unmasked)
     target = resolve_connection(env)
     archive.env_dir(config.archive, env_name)  # refuse an unwritable archive before any work
     with contextlib.closing(connect(target)) as conn:

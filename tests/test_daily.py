@@ -179,7 +179,7 @@ def test_prune_keeps_the_newest_per_environment_and_kind(project: Project, make_
     for _ in range(2):
         applied = project.run("apply", "prod", "--yes")
         assert applied.exit_code == 0, applied.stderr
-    take(project, "prod")
+    take(project, "prod", "--unmasked")
     everything = project.snapshots()
     newest_backup = max(p for p in project.snapshots("prod") if p.name.endswith("pre-apply"))
 
@@ -615,7 +615,7 @@ def test_a_full_disk_during_the_pre_apply_backup_leaves_prod_unchanged(
     project.point("dev", dev)
     project.point("prod", prod)
     take(project)
-    take(project, "prod")  # measure a backup-sized dump of prod
+    take(project, "prod", "--unmasked")  # measure a backup-sized dump of prod
     [measure] = project.snapshots("prod")
     dump = (measure / "data.dump").stat().st_size
     shutil.rmtree(measure)
@@ -665,7 +665,7 @@ def test_an_archived_environment_without_its_env_file_names_the_file(project: Pr
     (project.path / "snapshots" / "staging").mkdir(parents=True)
 
     listed = project.run("list", "staging")
-    taken = project.run("take", "staging")
+    taken = project.run("take", "staging", "--unmasked")
 
     assert listed.exit_code == 0
     assert taken.exit_code == 2

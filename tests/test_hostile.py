@@ -157,7 +157,7 @@ def test_a_manifest_swapped_with_another_snapshots_is_refused(project: Project, 
 
 def test_a_manifest_from_another_environment_is_refused(project: Project, make_db) -> None:
     _dev, prod = setup_pair(project, make_db)
-    assert project.run("take", "prod").exit_code == 0
+    assert project.run("take", "prod", "--unmasked").exit_code == 0
     [dev_snapshot] = project.snapshots("dev")
     [prod_snapshot] = project.snapshots("prod")
     shutil.copyfile(prod_snapshot / "manifest.json", dev_snapshot / "manifest.json")

@@ -147,6 +147,7 @@ def run_apply(
     allow_cascades: Collection[str] = (),
     progress: Progress | None = None,
     block_readers: bool = False,
+    auth_withheld: str = "",
 ) -> ApplyReport:
     """Apply ``snapshot`` to ``target_env`` (see the module docstring for the recipe).
 
@@ -154,11 +155,19 @@ def run_apply(
     the first write (:class:`PreflightFailed` carries its report). ``full`` replaces every
     table in full instead of writing only what differs; ``block_readers`` checks the scope's
     own foreign keys in bulk (:mod:`.constraints`), making readers wait until the commit.
+    ``auth_withheld`` says why the snapshot's auth users are not created
+    (:mod:`snapshot.direction`).
     """
     phases = _Phases(progress)
     with (
         open_session(
-            config, target_env, snapshot, action=action, pg_bin=pg_bin, backup=not dry_run
+            config,
+            target_env,
+            snapshot,
+            action=action,
+            pg_bin=pg_bin,
+            backup=not dry_run,
+            auth_withheld=auth_withheld,
         ) as session,
         contextlib.ExitStack() as cleanup,
     ):
@@ -182,7 +191,9 @@ def run_apply(
         if not checks.ok:
             raise preflight.PreflightFailed(checks)
         assert session.plan is not None, "the preflight plans the apply once it has staged"
-        proposal = ApplyPlan(action, session.target, snapshot, session.plan, dry_run)
+        if auth_withheld:
+            session.notes.append(f"auth users: {auth_withheld}")
+        proposal = ApplyPlan(action, session.target, snapshot, session.plan, dry_run, auth_withheld)
         if confirm is not None and not confirm(proposal):
             raise Refused(f"{action} to {target_env} cancelled: nothing was changed")
         allowed = set(allow_cascades) | set(config.preflight_allow_cascades)
@@ -197,10 +208,17 @@ def check(
     pg_bin: Path | None = None,
     allow_cascades: Collection[str] = (),
     full: bool = False,
+    auth_withheld: str = "",
 ) -> preflight.PreflightReport:
     """The preflight and the plan alone (``snapshot check``): changes nothing."""
     with open_session(
-        config, target_env, snapshot, action="apply", pg_bin=pg_bin, backup=True
+        config,
+        target_env,
+        snapshot,
+        action="apply",
+        pg_bin=pg_bin,
+        backup=True,
+        auth_withheld=auth_withheld,
     ) as session:
         holder = apply_lock_holder(session.conn)
         try:
