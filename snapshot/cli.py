@@ -542,15 +542,30 @@ def list_(app: App, env_name: str | None, as_json: bool) -> None:
     snapshot list
     snapshot list prod
     """
+    from snapshot.history import shared_databases
+
     if env_name is not None:
         app.config.require_known(env_name)
     snapshots, damaged = archive.scan_archive(app.config.archive, env_name)
-    listed = [render.snapshot_summary(s) for s in snapshots]
+    shared = shared_databases(archive.list_snapshots(app.config.archive))
+    listed = [
+        {
+            **render.snapshot_summary(s),
+            "same_database_as": [
+                name
+                for names, _ in shared
+                if s.manifest.environment in names
+                for name in names
+                if name != s.manifest.environment
+            ],
+        }
+        for s in snapshots
+    ]
     listed += [{"id": d.id, "path": str(d.path), "damaged": d.reason} for d in damaged]
     if as_json:
         app.document = listed
     elif snapshots or damaged:
-        click.echo(render.list_report(snapshots, damaged))
+        click.echo(render.list_report(snapshots, damaged, shared))
     else:
         where = f" of {env_name}" if env_name else ""
         click.echo(f"no snapshots{where} in {display_path(app.config.archive)}", err=True)
@@ -698,22 +713,27 @@ def rollback(
 ) -> None:
     """Put TARGET back as it was before the last apply (its newest pre-apply backup).
 
+    The newest backup of TARGET's database is restored, whatever environment name the
+    apply ran under (snapshot list shows which names are one database).
+
     \b
     snapshot rollback prod
     snapshot rollback prod --to prod/20261124T101500Z-pre-apply
     snapshot rollback prod --allow-cascade public.audit.audit_item_id_fkey
     """
-    from snapshot.apply import run_apply, settle_backups
+    from snapshot.apply import run_apply
+    from snapshot.history import rollback_backup
 
     config = app.config
     if snapshot_id:
         snapshot = archive.find_snapshot(config.archive, snapshot_id)
     else:
         config.environment(target_env)  # an unknown name is a typo, not a missing backup
-        # Settle first: the newest backup may be one a killed apply sealed but never listed.
-        for note in settle_backups(config, target_env):
+        # The newest backup of TARGET's database, whatever name its apply ran under.
+        choice = rollback_backup(config, target_env)
+        for note in choice.notes:
             click.echo(note, err=True)
-        snapshot = archive.newest_snapshot(config.archive, target_env, kind=archive.PRE_APPLY)
+        snapshot = choice.backup
     confirm = _confirmer(app, target_env, yes, False)
     with _preflight_table(app):
         report = run_apply(

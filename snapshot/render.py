@@ -59,8 +59,13 @@ def take_report(snapshot: Snapshot) -> str:
     )
 
 
-def list_report(snapshots: Sequence[Snapshot], damaged: Sequence[Damaged] = ()) -> str:
-    """``snapshot list``: one row per snapshot, then the damaged ones with their reason."""
+def list_report(
+    snapshots: Sequence[Snapshot],
+    damaged: Sequence[Damaged] = (),
+    shared: Sequence[tuple[Sequence[str], str]] = (),
+) -> str:
+    """``snapshot list``: one row per snapshot, the damaged ones with their reason, then the
+    environment names that are one database."""
     rows = [
         (
             s.id,
@@ -77,7 +82,12 @@ def list_report(snapshots: Sequence[Snapshot], damaged: Sequence[Damaged] = ()) 
     if damaged:
         broken = table(("damaged (never applied)", "reason"), [(d.id, d.reason) for d in damaged])
         text = f"{text}\n\n{broken}" if rows else broken
-    return text
+    lines = [
+        f"{', '.join(names[:-1])} and {names[-1]} are one database ({database}): rollback "
+        "restores its newest backup, under whichever name"
+        for names, database in shared
+    ]
+    return "\n\n".join([text, "\n".join(lines)]) if lines else text
 
 
 def env_report(report: Any) -> str:

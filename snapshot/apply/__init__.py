@@ -233,13 +233,15 @@ def check(
 SETTLE_WAIT = 10.0  # seconds settle_backups waits for the apply lock to be free
 
 
-def settle_backups(config: Config, target_env: str) -> list[str]:
+def settle_backups(config: Config, target_env: str, others: Collection[str] = ()) -> list[str]:
     """Publish or discard the pre-apply backups a killed apply left sealed but unlisted.
 
     Rollback runs this before it chooses the newest backup: an apply that committed and
     died before publishing its backup must be the one rolled back, not the one before.
+    ``others``: archive folders of other names of the same database, settled too.
     """
-    if not archive.orphaned_backups(config.archive, target_env):
+    folders = [target_env, *others]
+    if not any(archive.orphaned_backups(config.archive, f) for f in folders):
         return []
     target = resolve_connection(config.environment(target_env))
     with contextlib.closing(connect(target)) as conn:
@@ -255,7 +257,11 @@ def settle_backups(config: Config, target_env: str) -> list[str]:
                 )
             time.sleep(0.2)
         try:
-            return settle_orphaned_backups(config, target, conn)
+            return [
+                note
+                for folder in folders
+                for note in settle_orphaned_backups(config, replace(target, env=folder), conn)
+            ]
         finally:
             release_apply_lock(conn)
 
