@@ -596,10 +596,14 @@ def _read_entry(path: Path) -> Snapshot:
     return read_snapshot(path)
 
 
-def scan_archive(archive: Path, env: str | None = None) -> tuple[list[Snapshot], list[Damaged]]:
+def scan_archive(
+    archive: Path, env: str | None = None, *, verify: bool = False
+) -> tuple[list[Snapshot], list[Damaged]]:
     """Complete snapshots (newest first) and damaged ones; temporary folders are skipped.
 
-    One unreadable manifest never stops the others from being listed or applied.
+    One unreadable manifest never stops the others from being listed or applied. With
+    ``verify`` (``snapshot list``), a snapshot whose files do not match the sha256 in its
+    manifest is damaged too.
     """
     if not archive.is_dir():
         return [], []
@@ -613,7 +617,10 @@ def scan_archive(archive: Path, env: str | None = None) -> tuple[list[Snapshot],
             if path.name.startswith(".") or not (path.is_dir() or path.is_symlink()):
                 continue
             try:
-                found.append(_read_entry(path))
+                snapshot = _read_entry(path)
+                if verify:
+                    verify_files(snapshot)
+                found.append(snapshot)
             except ArchiveError as exc:
                 damaged.append(Damaged(path, str(exc)))
     found.sort(key=lambda s: (s.manifest.created, s.path.name), reverse=True)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import click
 import psycopg
 
-from snapshot import __version__, archive, direction, progress, render
+from snapshot import __version__, archive, direction, interrupts, progress, render
 from snapshot.config import CONFIG_FILE, Config, display_path, load_config, render_config
 from snapshot.db import cancelled_message, libpq_reason
 from snapshot.errors import SnapshotError
@@ -38,15 +38,17 @@ class UsageFailure(click.ClickException):
 
 
 class InterruptedFailure(click.ClickException):
-    """Ctrl-C (exit code 130, as shells report SIGINT)."""
+    """Ctrl-C or a terminating signal (130 for SIGINT, 143 for SIGTERM, as shells report them)."""
 
-    exit_code = 130
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares it per class
 
 
 def user_error(message: str, exit_code: int) -> click.ClickException:
     """A one-line error with the exit code its cause calls for."""
-    if exit_code == 130:
-        return InterruptedFailure(message)
+    if exit_code > 128:
+        return InterruptedFailure(message, exit_code)
     return UsageFailure(message) if exit_code == 2 else RuntimeFailure(message)
 
 
@@ -87,17 +89,20 @@ class Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            result = super().invoke(ctx)
+            with interrupts.termination_as_interrupt():  # SIGTERM ends a command as Ctrl-C does
+                result = super().invoke(ctx)
         except Exception as exc:
             failure = _as_user_error(ctx, exc)
             if failure is None:
                 raise
             _print_document(ctx, failure)
             raise failure from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             # Commands that change a database turn Ctrl-C into Interrupted with the state;
             # anything else wrote nothing that stays (take's folder is removed unpublished).
-            failure = user_error("interrupted (Ctrl-C): nothing was changed", 130)
+            failure = user_error(
+                f"{interrupts.words(exc)}: nothing was changed", interrupts.exit_code(exc)
+            )
             _print_document(ctx, failure)
             raise failure from None
         _print_document(ctx, None)
@@ -536,7 +541,7 @@ def take(app: App, env_name: str, label: str | None, unmasked: bool, as_json: bo
 @global_options
 @pass_app
 def list_(app: App, env_name: str | None, as_json: bool) -> None:
-    """List archived snapshots, newest first.
+    """List archived snapshots, newest first, each file checked against its sha256.
 
     \b
     snapshot list
@@ -546,7 +551,7 @@ def list_(app: App, env_name: str | None, as_json: bool) -> None:
 
     if env_name is not None:
         app.config.require_known(env_name)
-    snapshots, damaged = archive.scan_archive(app.config.archive, env_name)
+    snapshots, damaged = archive.scan_archive(app.config.archive, env_name, verify=True)
     shared = shared_databases(archive.list_snapshots(app.config.archive))
     listed = [
         {
@@ -821,7 +826,8 @@ def check(
 def smoke(app: App, target_env: str, as_json: bool) -> None:
     """Prove TARGET's guardrails hold: try what they must refuse, then roll back.
 
-    The checks are the SQL files in sql/smoke/. Exits 1 when one does not hold.
+    The checks are the SQL files in sql/smoke/. Exits 1 when one does not hold, or when
+    every check was skipped (nothing tested is no pass).
 
     \b
     snapshot smoke prod
@@ -830,8 +836,10 @@ def smoke(app: App, target_env: str, as_json: bool) -> None:
 
     report = run_smoke(app.config, target_env)
     app.output(report.to_json(), lambda: render.smoke_report(report))
-    if not report.ok:
+    if report.broken:
         raise user_error(f"guardrails of {target_env} do not hold: {', '.join(report.broken)}", 1)
+    if not report.ok:
+        raise user_error(f"smoke {target_env} is no pass: {report.summary}", 1)
 
 
 @cli.command()

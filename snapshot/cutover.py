@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from snapshot import preflight, scripts
+from snapshot import interrupts, preflight, scripts
 from snapshot.apply import ApplyReport, Confirm, check, run_apply
 from snapshot.config import Config
 from snapshot.errors import SnapshotError
@@ -110,11 +110,11 @@ def _step(report: CutoverReport, name: str, detail: Callable[[], str]) -> Iterat
         report.failure = f"{name} failed: {message}"
         report.exit_code = exc.exit_code if isinstance(exc, SnapshotError | _StepFailed) else 1
         raise _Stop from None
-    except KeyboardInterrupt:
-        message = "interrupted (Ctrl-C)"
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (snapshot.interrupts)
+        message = interrupts.words(exc)
         report.steps.append(Step(name, FAILED, time.monotonic() - started, message))
         report.failure = f"{name} {message}"
-        report.exit_code = 130
+        report.exit_code = interrupts.exit_code(exc)
         raise _Stop from None
     report.steps.append(Step(name, OK, time.monotonic() - started, detail()))
 
@@ -263,6 +263,8 @@ def _where_things_stand(report: CutoverReport) -> tuple[str, str | None]:
     failed = next(s.name for s in report.steps if s.status == FAILED)
     if failed == "verify":
         why = f"but live {report.source} has changed since the take, or {target} since the apply"
+    elif report.smoke is not None and not report.smoke.broken and not report.smoke.tried:
+        why = "but no guardrail was tested (every smoke check was skipped)"
     else:
         why = "but its guardrails do not hold"
     return f"{held}, {why}: check, then keep it or roll back", undo

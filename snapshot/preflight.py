@@ -70,8 +70,9 @@ class PreflightReport:
 
     @property
     def exit_code(self) -> int:
-        """2 when an error is an installation problem (pg_dump/pg_restore), as in take; else 1."""
-        return 2 if any(f.check == "tooling" for f in self.errors) else 1
+        """2 when an error is one of configuration (the scope) or installation (pg_dump,
+        pg_restore), as in take and verify; else 1."""
+        return 2 if any(f.check in ("scope", "tooling") for f in self.errors) else 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -115,7 +116,14 @@ def _identity(s: Session) -> Iterator[Finding]:
     m = s.snapshot.manifest
     here = identity(s.target, s.info)
     same = archive.same_database(m.database, m.project_ref, here, s.target.project_ref)
-    if s.action == "apply" and same:
+    if s.action == "apply" and same and m.kind == LIVE:  # the cutover's source, live
+        yield Finding(
+            "identity",
+            ERROR,
+            f"{m.environment} and {s.target.env} are one database ({'; '.join(same)}): a "
+            f"cutover would copy it onto itself; check the env files of both",
+        )
+    elif s.action == "apply" and same:
         yield Finding(
             "identity",
             ERROR,
@@ -154,6 +162,18 @@ def _scope(s: Session) -> Iterator[Finding]:
         return
     configured = set(s.config.scope.tables)
     archived = set(s.snapshot.manifest.scope.tables)
+    unknown = configured - archived  # the session read the catalog for the snapshot's tables
+    here = {*s.shapes, *catalog.table_shapes(s.conn, sorted(unknown, key=str))}
+    absent = [t for t in s.config.scope.tables if t not in here]
+    if absent:
+        yield Finding(
+            "scope",
+            ERROR,
+            f"{s.target.env} has no table "
+            f"{catalog.missing_tables(s.conn, absent, s.config.scope.tables)}: "
+            f"{s.config.scope.fix('fix [scope] tables in snapshot.toml')}, or run the "
+            "migrations that create it",
+        )
     if configured == archived:
         yield Finding("scope", OK, f"the snapshot covers the {len(configured)} configured tables")
         return
@@ -179,6 +199,9 @@ def _schema(s: Session) -> Iterator[Finding]:
     problems = 0
     for entry in s.snapshot.manifest.tables:
         shape = s.shapes.get(entry.table)
+        if shape is None and entry.table in s.config.scope.tables:
+            problems += 1  # the scope check names it: a missing scope table is configuration
+            continue
         if shape is None:
             problems += 1
             yield Finding(

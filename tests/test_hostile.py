@@ -195,3 +195,24 @@ def test_toml_with_wrong_types_is_one_line(
 
     assert prod.fingerprint() == before
     assert _archive(project) == archive
+
+
+def test_list_shows_a_snapshot_whose_dump_was_altered_as_damaged(project: Project, make_db) -> None:
+    project.point("dev", make_db("dev"))
+    assert project.run("take", "dev", "--label", "good").exit_code == 0
+    assert project.run("take", "dev", "--label", "altered").exit_code == 0
+    altered = next(project.path.glob("snapshots/dev/*-altered"))
+    dump = altered / "data.dump"
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte, the size unchanged
+    dump.write_bytes(bytes(data))
+
+    listed = project.run("list")
+    document = json.loads(project.run("list", "--json").stdout)
+
+    assert listed.exit_code == 0, listed.output
+    damaged = [e for e in document if "damaged" in e]
+    assert [e["id"] for e in damaged] == [f"dev/{altered.name}"]
+    assert "data.dump does not match its sha256 in the manifest" in damaged[0]["damaged"]
+    assert "damaged (never applied)" in listed.stdout
+    assert [e["id"].endswith("-good") for e in document if "damaged" not in e] == [True]

@@ -44,7 +44,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, preflight, progress, scripts
+from snapshot import archive, interrupts, preflight, progress, scripts
 from snapshot.apply import auth, backup, constraints, keepers, proof, replica, sequences, write
 from snapshot.apply import plan as planning
 from snapshot.apply import rows as rowsets
@@ -85,21 +85,25 @@ class _Phases:
         self.committed = False
         self._progress = progress
         self._held: list[int] = []
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def hold_interrupts(self) -> None:
-        """Record SIGINT instead of acting on it, until :meth:`release_interrupts`."""
+        """Record SIGINT (and SIGTERM, SIGHUP) instead of acting on it, until
+        :meth:`release_interrupts`."""
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, lambda n, _f: self._held.append(n))
+            for signum in (signal.SIGINT, *interrupts.TERMINATING):
+                self._previous[signum] = signal.signal(signum, lambda n, _f: self._held.append(n))
 
     def release_interrupts(self, *, raise_held: bool = True) -> None:
-        """Act on a SIGINT held back (raise KeyboardInterrupt), once it is safe to."""
-        if self._previous is None:
+        """Act on a signal held back (as Ctrl-C or :class:`Terminated`), once it is safe to."""
+        if not self._previous:
             return
-        signal.signal(signal.SIGINT, self._previous)
-        self._previous = None
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
         if self._held and raise_held:
-            raise KeyboardInterrupt
+            held = self._held[0]
+            raise KeyboardInterrupt if held == signal.SIGINT else interrupts.Terminated(held)
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -306,14 +310,16 @@ def _execute(run: Session, phases: _Phases, dry_run: bool, allowed: Collection[s
         published = archive.publish(sealed, sealed.manifest.label)
         phases.release_interrupts()
         return _after_commit(run, replace(report, backup=published.id), helpers)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (snapshot.interrupts)
+        stopped, code = interrupts.words(exc), interrupts.exit_code(exc)
         if phases.committed:
             raise Interrupted(
-                f"interrupted (Ctrl-C) after the commit: {env} holds {run.snapshot.id}; undo "
-                f"with: snapshot rollback {env}"
+                f"{stopped} after the commit: {env} holds {run.snapshot.id}; undo "
+                f"with: snapshot rollback {env}",
+                code,
             ) from None
         raise Interrupted(
-            f"interrupted (Ctrl-C) while {phases.current}: rolled back, {env} is unchanged"
+            f"{stopped} while {phases.current}: rolled back, {env} is unchanged", code
         ) from None
     except ScriptFailed as exc:
         raise ScriptFailed(f"{exc}; rolled back, {env} is unchanged") from None
