@@ -303,6 +303,20 @@ def env_dir(archive: Path, env: str) -> Path:
     return folder
 
 
+def check_writable(archive: Path, env: str) -> None:
+    """Refuse an unwritable archive before any work (:func:`env_dir`), leaving no empty
+    folder behind for a command that then fails or is cancelled."""
+    made = not (archive / env).exists()
+    env_dir(archive, env)
+    if made:
+        _remove_if_empty(archive / env)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only ever an empty one
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -445,6 +459,7 @@ def pending_snapshot(archive: Path, env: str) -> Iterator[Path]:
             _KEPT.discard(tmp)  # left for the next run to settle (see keep_pending)
         elif tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+            _remove_if_empty(folder)  # a cancelled or failed first apply leaves no trace
 
 
 _KEPT: set[Path] = set()

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import click
 import psycopg
 
-from snapshot import __version__, archive, direction, interrupts, progress, render
-from snapshot.config import CONFIG_FILE, Config, display_path, load_config, render_config
+from snapshot import __version__, archive, direction, interrupts, progress, render, text
+from snapshot.config import CONFIG_FILE, Config, load_config, render_config
 from snapshot.db import cancelled_message, libpq_reason
 from snapshot.errors import SnapshotError
 from snapshot.project import find_root
@@ -573,7 +573,8 @@ def list_(app: App, env_name: str | None, as_json: bool) -> None:
         click.echo(render.list_report(snapshots, damaged, shared))
     else:
         where = f" of {env_name}" if env_name else ""
-        click.echo(f"no snapshots{where} in {display_path(app.config.archive)}", err=True)
+        folder = app.config.archive.resolve()
+        click.echo(f"no snapshots{where} in the archive folder {folder}", err=True)
 
 
 @cli.command()
@@ -620,7 +621,8 @@ def _apply_failure(report: Any) -> str | None:
         f"{t.table}" + (f" ({t.detail})" if t.detail else "") for t in report.tables if not t.match
     ]
     if report.auth and report.auth.missing_after:
-        bad.append(f"auth.users ({report.auth.missing_after} snapshot users missing)")
+        missing = text.count(report.auth.missing_after, "snapshot user")
+        bad.append(f"auth.users ({missing} missing)")
     return f"parity check failed for {', '.join(bad)}: rolled back, {report.target} is unchanged"
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from snapshot import interrupts, preflight, scripts
+from snapshot import interrupts, preflight, scripts, text
 from snapshot.apply import ApplyReport, Confirm, check, run_apply
 from snapshot.config import Config
 from snapshot.errors import SnapshotError
@@ -209,7 +209,8 @@ def _run(
 def _preflight_detail(report: CutoverReport) -> str:
     assert report.preflight is not None
     warnings = sum(f.status == preflight.WARNING for f in report.preflight.findings)
-    return f"{len(report.preflight.findings)} checks, no errors, {warnings} warnings"
+    checks = text.count(len(report.preflight.findings), "check")
+    return f"{checks}, no errors, {text.count(warnings, 'warning')}"
 
 
 def _preflight_errors(checks: PreflightReport) -> str:

@@ -204,6 +204,13 @@ def _refuse_transaction_pooler(host: str | None, port: int | None, source: str) 
 
 def _from_url(env: EnvironmentConfig, values: Mapping[str, str], source: str) -> Connection:
     url = values["SUPABASE_DB_URL"]
+    _scheme, separator, rest = url.partition("://")
+    authority = re.split(r"[/?]", rest, maxsplit=1)[0] if separator else ""
+    if authority.count("@") > 1:  # libpq would read a piece of the password as the host
+        raise ConfigError(
+            f"SUPABASE_DB_URL in {source} has more than one '@' before its host: an '@' in the "
+            "password must be percent-encoded, as %40"
+        )
     try:
         params = {k: str(v) for k, v in conninfo_to_dict(url).items() if v is not None}
     except Exception as exc:  # psycopg raises ProgrammingError with the libpq reason

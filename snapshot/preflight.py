@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, LiteralString
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, catalog, staging
+from snapshot import archive, catalog, staging, text
 from snapshot.direction import CREATE_AUTH_USERS
 from snapshot.errors import SnapshotError
 from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, TableName, quote
@@ -152,7 +152,8 @@ def _integrity(s: Session) -> Iterator[Finding]:
         yield Finding("snapshot integrity", ERROR, str(exc))
         return
     files = s.snapshot.manifest.files
-    yield Finding("snapshot integrity", OK, f"{len(files)} file(s) match their sha256")
+    match = "matches its" if len(files) == 1 else "match their"
+    yield Finding("snapshot integrity", OK, f"{text.count(len(files), 'file')} {match} sha256")
 
 
 def _scope(s: Session) -> Iterator[Finding]:
@@ -429,7 +430,7 @@ def _closure(s: Session, allowed: Collection[str], plan: Plan | None = None) -> 
             )
             continue
         refer = "refer to the scope" if plan is None else "refer to rows this apply deletes"
-        what = f"{fk} (on delete {rule}): {count:,} rows of {fk.child}"
+        what = f"{fk} (on delete {rule}): {text.count(count, 'row')} of {fk.child}"
         if not count:
             spared = f", {total:,} to rows it keeps" if total else ""
             yield Finding("scope closure", OK, f"{what} {refer}{spared}")
@@ -490,8 +491,9 @@ def _outside_references(s: Session) -> Iterator[Finding]:
             yield Finding(
                 "outside references",
                 ERROR,
-                f"{count:,} snapshot rows of {fk.child} point at {fk.parent} rows the target "
-                f"lacks ({fk}): {fix}",
+                f"{text.count(count, 'snapshot row')} of {fk.child} "
+                f"{'points' if count == 1 else 'point'} at {fk.parent} rows the target lacks "
+                f"({fk}): {fix}",
             )
     if not found:
         yield Finding("outside references", OK, "every key leaving the scope finds its row")
@@ -565,7 +567,7 @@ def _auth_conflicts(s: Session) -> Iterator[Finding]:
         yield Finding(
             "auth users",
             ERROR,
-            f"{len(conflicts)} snapshot users cannot be created in {s.target.env}: "
+            f"{text.count(len(conflicts), 'snapshot user')} cannot be created in {s.target.env}: "
             + "; ".join(conflicts)
             + ". Resolve them in either project (Authentication > Users), then apply again",
         )
@@ -578,7 +580,10 @@ def _auth_conflicts(s: Session) -> Iterator[Finding]:
             ).format(stage),
         )
         yield Finding(
-            "auth users", OK, f"{created:,} snapshot users will be created, none conflict"
+            "auth users",
+            OK,
+            f"{text.count(created, 'snapshot user')} will be created, "
+            f"{'it does not conflict' if created == 1 else 'none conflict'}",
         )
 
 

@@ -196,18 +196,21 @@ def rehearse(
     report = RehearsalReport(folder, version[0] if version else "?", bin_dir, scale)
     servers: dict[str, localpg.LocalServer] = {}
     clean_up = True
+    finished = False
     try:
         with interrupts.termination_as_interrupt():
             report.bin_dir = localpg.server_binaries(bin_dir, folder)
             _run(report, sql_root, servers)
         clean_up = not keep
+        finished = True
     finally:
         report.seconds = time.monotonic() - started
         if clean_up:
             for server in servers.values():
                 server.stop()
             _remove(folder)
-            log.info("stopped the rehearsal servers and removed %s", folder)
+            if not finished:  # the report, which says it otherwise, is not printed
+                log.info("stopped the rehearsal servers and removed %s", folder)
         else:
             (folder / localpg.KEPT_FILE).touch()
             report.kept = True

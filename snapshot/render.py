@@ -9,6 +9,7 @@ from typing import Any
 from tabulate import tabulate
 
 from snapshot.archive import Damaged, Snapshot, human_size
+from snapshot.text import count
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -211,7 +212,8 @@ def parity_report(report: Any) -> str:
             a = report.auth
             lines.append(
                 f"auth.users: {a.snapshot_users:,} in the snapshot, {a.created_users:,} created "
-                f"({a.created_identities:,} identities), {a.missing_after:,} missing"
+                f"({count(a.created_identities, 'identity', 'identities')}), "
+                f"{a.missing_after:,} missing"
             )
         for written in getattr(report, "trigger_writes", ()):
             lines.append(f"triggers: {written.sentence()}")
@@ -263,7 +265,7 @@ def preflight_report(report: Any) -> str:
     plan = f"\n\n{plan_table(report.plan, report.target)}" if getattr(report, "plan", None) else ""
     return (
         f"{text}{plan}\n\n{report.action} {report.snapshot} to {report.target}: {verdict} "
-        f"({errors} errors, {warnings} warnings)"
+        f"({count(errors, 'error')}, {count(warnings, 'warning')})"
     )
 
 

@@ -75,10 +75,8 @@ class SmokeReport:
         skipped = sum(r.status == SKIPPED for r in self.results)
         tried = len(self.results) - skipped
         if skipped and not tried:
-            return (
-                f"nothing tested: all {skipped} checks skipped (what they check is absent "
-                f"in {self.target})"
-            )
+            which = "its one check" if skipped == 1 else f"all {skipped} checks"
+            return f"nothing tested: {which} skipped (what they check is absent in {self.target})"
         return f"{held}/{tried} guardrails hold" + (f", {skipped} skipped" if skipped else "")
 
     def to_json(self) -> dict[str, Any]:

@@ -91,7 +91,7 @@ FAILURES: dict[str, tuple[Setup, str]] = {
     ),
     "foreign key violation": (
         _foreign_key_violation,
-        "1 rows of public.notifications (outside the scope) refer to rows this apply deletes "
+        "1 row of public.notifications (outside the scope) refers to rows this apply deletes "
         "from public.playlists",
     ),
     "cascade to rows written after the preflight": (

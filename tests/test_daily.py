@@ -354,7 +354,8 @@ def test_list_of_a_known_environment_without_snapshots_says_so(project: Project)
     result = project.run("list", "prod")
 
     assert result.exit_code == 0
-    assert "no snapshots of prod in snapshots" in result.stderr
+    archive = project.path.resolve() / "snapshots"
+    assert result.stderr.strip() == f"no snapshots of prod in the archive folder {archive}"
 
 
 def test_a_too_old_pg_restore_exits_2_in_check_and_apply_as_in_take(

@@ -105,7 +105,7 @@ def test_an_unmasked_apply_creates_auth_users_only_when_asked(project: Project, 
     }
     refs = findings["outside references"]
     assert refs["status"] == "error"
-    assert refs["detail"].startswith("1 snapshot rows of public.users point at auth.users rows")
+    assert refs["detail"].startswith("1 snapshot row of public.users points at auth.users rows")
     assert refs["detail"].endswith("pass --create-auth-users to create them from the snapshot")
     assert dev.fingerprint() == before
 

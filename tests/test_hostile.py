@@ -175,7 +175,21 @@ def test_a_manifest_from_another_environment_is_refused(project: Project, make_d
         ('[scope]\ntables = "public.users"\n', ["tables"]),
         ("[apply]\nlock_timeout = 5\n", ["lock_timeout"]),
         ("[session]\nstatement_timeout = true\n", ["statement_timeout"]),
-        ("[apply]\nlock_timout = '5s'\n", ["lock_timout"]),
+        ("[apply]\nlock_timout = '5s'\n", ["lock_timout", "did you mean lock_timeout?"]),
+        (
+            '[scope]\ntabels = ["users"]\n',
+            ["unknown setting 'tabels' in [scope]: did you mean tables?"],
+        ),
+        (
+            '[environments.dev]\nsafe = "false"\n',
+            ["[environments.dev] safe must be true or false, not 'false': write it without quotes"],
+        ),
+        (
+            "[environments.prod]\nenv_file = 5\n",
+            ["[environments.prod] env_file must be a path, not 5"],
+        ),
+        ("[environments.prod]\nssl_root_cert = 5\n", ["[environments.prod] ssl_root_cert"]),
+        ("[environments.prod]\npooler_host = 5\n", ["[environments.prod] pooler_host"]),
         ("[environments]\ndev = 3\n", ["dev"]),
         ("archive = 12\n", ["archive"]),
         ("[scope\n", ["snapshot.toml"]),

@@ -44,7 +44,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, interrupts, preflight, progress, scripts
+from snapshot import archive, interrupts, preflight, progress, scripts, text
 from snapshot.apply import auth, backup, constraints, keepers, proof, replica, sequences, write
 from snapshot.apply import plan as planning
 from snapshot.apply import rows as rowsets
@@ -404,7 +404,7 @@ def _reconcile(run: Session, tables: Collection[TableName]) -> int:
                 run.recorded.pop(table, None)  # the record changed: its stats are stale
             moved += moving
     if moved:
-        log.info("  %d rows changed since the plan was made: compared again", moved)
+        log.info("  %s changed since the plan was made: compared again", text.count(moved, "row"))
     return moved
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from snapshot import progress, staging
+from snapshot import progress, staging, text
 from snapshot.apply.plan import Plan
 from snapshot.apply.rows import DELETE, INSERT, UPDATE, RowSet
 from snapshot.catalog import ForeignKey
@@ -211,7 +211,8 @@ def guard_outside(s: Session, plan: Plan, allowed: Collection[str]) -> None:
             )
             fix = f"add {fk.child} to the scope, or accept it with --allow-cascade {name}"
         raise Refused(
-            f"{count:,} rows of {fk.child} (outside the scope) refer to rows this apply deletes "
+            f"{text.count(count, 'row')} of {fk.child} (outside the scope) "
+            f"{'refers' if count == 1 else 'refer'} to rows this apply deletes "
             f"from {fk.parent} ({fk}) and {what}: {fix}; rolled back, {s.target.env} is unchanged"
         )
 
