@@ -867,7 +867,8 @@ def cutover(
     """Run the whole cutover: preflight, take SOURCE, apply to TARGET, smoke, verify.
 
     Stops at the first failing step and says what state both sides are in and how to roll
-    back. Exits 0 only when every step passed.
+    back. Exits 0 only when every step passed. A SOURCE not marked safe is taken only with
+    --unmasked; any direction but dev -> prod asks first.
 
     \b
     snapshot cutover dev prod
