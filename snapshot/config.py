@@ -636,9 +636,13 @@ tables = [
 {_auth_comment(proposal)}
 auth_users = {auth}
 
+# safe = true: no real people's data here. A snapshot of an environment that is not safe
+# (prod: logins, password hashes, personal columns) is taken, or applied to a safe one,
+# only with --unmasked. Applies ask you to type the target's name unless it is safe and
+# the snapshot comes the usual way (dev -> prod).
 [environments.dev]
 env_file = ".env.local"
-safe = true            # apply without typing the environment's name
+safe = true
 
 [environments.prod]
 env_file = ".env.production"
