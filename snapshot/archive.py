@@ -120,6 +120,8 @@ class Manifest:
     files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     format: int = FORMAT_VERSION
     tool_version: str = __version__
+    # Whether the source environment was marked safe when taken; None in older manifests.
+    source_safe: bool | None = None
 
     @property
     def scope_tables(self) -> tuple[TableEntry, ...]:
@@ -143,6 +145,7 @@ class Manifest:
             "kind": self.kind,
             "created": self.created,
             "environment": self.environment,
+            "source_safe": self.source_safe,
             "label": self.label,
             "project_ref": self.project_ref,
             "server_version": self.server_version,
@@ -166,12 +169,16 @@ class Manifest:
                 "use the snapshot version that wrote it"
             )
         db = data["database"]
+        source_safe = data.get("source_safe")
+        if source_safe is not None and not isinstance(source_safe, bool):
+            raise ValueError(f"source_safe is {source_safe!r}, not true, false or null")
         return cls(
             format=fmt,
             tool_version=data["tool_version"],
             kind=data["kind"],
             created=data["created"],
             environment=data["environment"],
+            source_safe=source_safe,
             label=data.get("label"),
             project_ref=data.get("project_ref"),
             server_version=data["server_version"],
@@ -294,6 +301,20 @@ def env_dir(archive: Path, env: str) -> Path:
             "fix its permissions or set archive in snapshot.toml"
         ) from None
     return folder
+
+
+def check_writable(archive: Path, env: str) -> None:
+    """Refuse an unwritable archive before any work (:func:`env_dir`), leaving no empty
+    folder behind for a command that then fails or is cancelled."""
+    made = not (archive / env).exists()
+    env_dir(archive, env)
+    if made:
+        _remove_if_empty(archive / env)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only ever an empty one
 
 
 def _pid_alive(pid: int) -> bool:
@@ -438,6 +459,7 @@ def pending_snapshot(archive: Path, env: str) -> Iterator[Path]:
             _KEPT.discard(tmp)  # left for the next run to settle (see keep_pending)
         elif tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+            _remove_if_empty(folder)  # a cancelled or failed first apply leaves no trace
 
 
 _KEPT: set[Path] = set()
@@ -589,10 +611,14 @@ def _read_entry(path: Path) -> Snapshot:
     return read_snapshot(path)
 
 
-def scan_archive(archive: Path, env: str | None = None) -> tuple[list[Snapshot], list[Damaged]]:
+def scan_archive(
+    archive: Path, env: str | None = None, *, verify: bool = False
+) -> tuple[list[Snapshot], list[Damaged]]:
     """Complete snapshots (newest first) and damaged ones; temporary folders are skipped.
 
-    One unreadable manifest never stops the others from being listed or applied.
+    One unreadable manifest never stops the others from being listed or applied. With
+    ``verify`` (``snapshot list``), a snapshot whose files do not match the sha256 in its
+    manifest is damaged too.
     """
     if not archive.is_dir():
         return [], []
@@ -606,7 +632,10 @@ def scan_archive(archive: Path, env: str | None = None) -> tuple[list[Snapshot],
             if path.name.startswith(".") or not (path.is_dir() or path.is_symlink()):
                 continue
             try:
-                found.append(_read_entry(path))
+                snapshot = _read_entry(path)
+                if verify:
+                    verify_files(snapshot)
+                found.append(snapshot)
             except ArchiveError as exc:
                 damaged.append(Damaged(path, str(exc)))
     found.sort(key=lambda s: (s.manifest.created, s.path.name), reverse=True)

@@ -7,6 +7,7 @@ fingerprints from two databases compare as text.
 
 from __future__ import annotations
 
+import difflib
 import heapq
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -276,12 +277,41 @@ def require_tables(
         raise ConfigError(f"{where}: {named}, not a table: only tables' rows can be copied; {fix}")
     if absent:
         raise ConfigError(
-            f"{where} has no table {_some(absent)}: {fix}, or run the migrations that create it"
+            f"{where} has no table {missing_tables(conn, absent, tables)}: {fix}, or run the "
+            "migrations that create it"
         )
     beside = partitions_beside_parents(conn, tables)
     if beside:
         raise ConfigError(partition_refusal(beside))
     return shapes
+
+
+_TABLES_OF_SCHEMAS = """
+SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p')
+"""
+
+
+def missing_tables(
+    conn: psycopg.Connection, tables: Sequence[TableName], scope: Iterable[TableName]
+) -> str:
+    """``public.qestions (did you mean public.questions?), public.x``: the first three absent
+    tables (and how many more), each with the table of its schema it most resembles that
+    the scope does not name already (a table the migrations never made resembles nothing)."""
+    schemas = sorted({t.schema for t in tables})
+    named_already = set(scope)
+    present = [
+        TableName(n, r)
+        for n, r in conn.execute(_TABLES_OF_SCHEMAS, (schemas,))
+        if TableName(n, r) not in named_already
+    ]
+    named = []
+    for table in tables[:3]:
+        same = {t.name: t for t in present if t.schema == table.schema}
+        close = difflib.get_close_matches(table.name, list(same), n=1, cutoff=0.6)
+        named.append(f"{table} (did you mean {same[close[0]]}?)" if close else str(table))
+    more = f" and {len(tables) - 3} more" if len(tables) > 3 else ""
+    return ", ".join(named) + more
 
 
 # A foreign key declared on a partition (pg_dump of servers before 11 wrote them so; pagila's

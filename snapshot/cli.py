@@ -15,14 +15,13 @@ from typing import Any, TypeVar
 import click
 import psycopg
 
-from snapshot import __version__, archive, progress, render
-from snapshot.config import CONFIG_FILE, Config, display_path, load_config, render_config
+from snapshot import __version__, archive, direction, interrupts, progress, render, text
+from snapshot.config import CONFIG_FILE, Config, load_config, render_config
 from snapshot.db import cancelled_message, libpq_reason
 from snapshot.errors import SnapshotError
 from snapshot.project import find_root
 
 F = TypeVar("F", bound=Callable[..., Any])
-OTHER_ENV = {"prod": "dev", "dev": "prod"}
 log = logging.getLogger("snapshot")
 
 
@@ -39,15 +38,17 @@ class UsageFailure(click.ClickException):
 
 
 class InterruptedFailure(click.ClickException):
-    """Ctrl-C (exit code 130, as shells report SIGINT)."""
+    """Ctrl-C or a terminating signal (130 for SIGINT, 143 for SIGTERM, as shells report them)."""
 
-    exit_code = 130
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares it per class
 
 
 def user_error(message: str, exit_code: int) -> click.ClickException:
     """A one-line error with the exit code its cause calls for."""
-    if exit_code == 130:
-        return InterruptedFailure(message)
+    if exit_code > 128:
+        return InterruptedFailure(message, exit_code)
     return UsageFailure(message) if exit_code == 2 else RuntimeFailure(message)
 
 
@@ -88,17 +89,20 @@ class Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            result = super().invoke(ctx)
+            with interrupts.termination_as_interrupt():  # SIGTERM ends a command as Ctrl-C does
+                result = super().invoke(ctx)
         except Exception as exc:
             failure = _as_user_error(ctx, exc)
             if failure is None:
                 raise
             _print_document(ctx, failure)
             raise failure from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             # Commands that change a database turn Ctrl-C into Interrupted with the state;
             # anything else wrote nothing that stays (take's folder is removed unpublished).
-            failure = user_error("interrupted (Ctrl-C): nothing was changed", 130)
+            failure = user_error(
+                f"{interrupts.words(exc)}: nothing was changed", interrupts.exit_code(exc)
+            )
             _print_document(ctx, failure)
             raise failure from None
         _print_document(ctx, None)
@@ -247,6 +251,28 @@ def yes_option(f: F) -> F:
     )(f)
 
 
+def unmasked_option(f: F) -> F:
+    """``--unmasked``: take, or apply to a safe environment, real people's data as it is."""
+    return click.option(
+        direction.UNMASKED,
+        "unmasked",
+        is_flag=True,
+        help="Take an environment not marked safe, or apply its snapshot to one that is, as "
+        "it is: real people's logins, password hashes and personal columns included.",
+    )(f)
+
+
+def create_auth_users_option(f: F) -> F:
+    """``--create-auth-users``: with --unmasked, create the snapshot's auth users too."""
+    return click.option(
+        direction.CREATE_AUTH_USERS,
+        "create_auth_users",
+        is_flag=True,
+        help="With --unmasked: also create the auth users of a snapshot of an environment not "
+        "marked safe (real people's logins) in the safe target.",
+    )(f)
+
+
 def block_readers_option(f: F) -> F:
     """``--block-readers``: check the scope's foreign keys in bulk; readers wait."""
     return click.option(
@@ -293,12 +319,15 @@ def keep_referenced_option(f: F) -> F:
 def _choose_snapshot(
     app: App, target_env: str, source_env: str | None, snapshot_id: str | None
 ) -> archive.Snapshot:
-    """--snapshot ID, else the newest snapshot of --from ENV, else of the other environment."""
+    """--snapshot ID, else the newest snapshot of --from ENV, else of the target's usual source.
+
+    Only prod has one (dev): a snapshot never flows the other way unless named.
+    """
     if source_env and snapshot_id:
         raise user_error("give --from or --snapshot, not both", 2)
     if snapshot_id:
         return archive.find_snapshot(app.config.archive, snapshot_id)
-    source = source_env or OTHER_ENV.get(target_env)
+    source = source_env or app.config.default_source(target_env)
     if source is None:
         raise user_error(f"which snapshot should go to {target_env}? pass --from ENV", 2)
     app.config.require_known(source)
@@ -330,26 +359,35 @@ def _preflight_table(app: App) -> Any:
         raise _preflight_failure(report, str(exc)) from None
 
 
-def _confirmer(app: App, target: str, yes: bool, dry_run: bool) -> Any:
-    """Ask the user to type the environment's name, unless it is safe or --yes was given."""
-    if yes or dry_run or app.config.environment(target).safe:
+def _confirmer(
+    app: App, target: str, yes: bool, dry_run: bool, way: direction.Direction | None = None
+) -> Any:
+    """Ask the user to type the environment's name, unless --yes was given or it is safe
+    and the snapshot comes the usual way (dev -> prod)."""
+    unusual = way is not None and not way.usual
+    if yes or dry_run or (app.config.environment(target).safe and not unusual):
         return None
     if not sys.stdin.isatty():
         # Never advise marking it safe: that would turn off the question for good.
         npm_script = os.environ.get("npm_lifecycle_event")  # noqa: SIM112 (npm's own name)
         how = f"npm run {npm_script} -- --yes" if npm_script else "pass --yes"
+        why = f": {way.unusual_sentence()}, and" if way is not None and unusual else ":"
         raise user_error(
-            f"refusing to change {target} without confirmation: no terminal to ask in; "
-            f"{how} to confirm from a script",
+            f"refusing to change {target} without confirmation{why} there is no terminal to "
+            f"ask in; {how} to confirm from a script",
             2,
         )
 
     def confirm(proposal: Any) -> bool:
         click.echo(render.plan_report(proposal), err=True)
-        typed = click.prompt(
-            f"\n{render.confirm_question(proposal)}", default="", show_default=False, err=True
-        )
-        return bool(typed == target)
+        if way is not None and unusual:
+            click.echo(f"\nwarning: {way.unusual_sentence()}", err=True)
+        click.echo(f"\n{render.confirm_question(proposal)}: ", nl=False, err=True)
+        try:
+            typed = input()  # Ctrl-C here is KeyboardInterrupt: nothing was changed, exit 130
+        except EOFError:
+            typed = ""
+        return typed.strip() == target
 
     return confirm
 
@@ -484,11 +522,15 @@ def env(app: App, env_name: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("env_name", metavar="ENV")
 @click.option("--label", help="Suffix for the snapshot's name, e.g. before-cutover.")
+@unmasked_option
 @json_option
 @global_options
 @pass_app
-def take(app: App, env_name: str, label: str | None, as_json: bool) -> None:
+def take(app: App, env_name: str, label: str | None, unmasked: bool, as_json: bool) -> None:
     """Archive a consistent, data-only snapshot of ENV's scope.
+
+    An environment not marked safe (prod) holds real people's data: it is taken only with
+    --unmasked.
 
     \b
     snapshot take dev
@@ -496,7 +538,9 @@ def take(app: App, env_name: str, label: str | None, as_json: bool) -> None:
     """
     from snapshot.take import take as take_snapshot
 
-    snapshot = take_snapshot(app.config, env_name, label=label, pg_bin=app.pg_bin)
+    snapshot = take_snapshot(
+        app.config, env_name, label=label, pg_bin=app.pg_bin, unmasked=unmasked
+    )
     app.output(render.snapshot_summary(snapshot), lambda: render.take_report(snapshot))
     _retain(app, env_name)
 
@@ -507,24 +551,40 @@ def take(app: App, env_name: str, label: str | None, as_json: bool) -> None:
 @global_options
 @pass_app
 def list_(app: App, env_name: str | None, as_json: bool) -> None:
-    """List archived snapshots, newest first.
+    """List archived snapshots, newest first, each file checked against its sha256.
 
     \b
     snapshot list
     snapshot list prod
     """
+    from snapshot.history import shared_databases
+
     if env_name is not None:
         app.config.require_known(env_name)
-    snapshots, damaged = archive.scan_archive(app.config.archive, env_name)
-    listed = [render.snapshot_summary(s) for s in snapshots]
+    snapshots, damaged = archive.scan_archive(app.config.archive, env_name, verify=True)
+    shared = shared_databases(archive.list_snapshots(app.config.archive))
+    listed = [
+        {
+            **render.snapshot_summary(s),
+            "same_database_as": [
+                name
+                for names, _ in shared
+                if s.manifest.environment in names
+                for name in names
+                if name != s.manifest.environment
+            ],
+        }
+        for s in snapshots
+    ]
     listed += [{"id": d.id, "path": str(d.path), "damaged": d.reason} for d in damaged]
     if as_json:
         app.document = listed
     elif snapshots or damaged:
-        click.echo(render.list_report(snapshots, damaged))
+        click.echo(render.list_report(snapshots, damaged, shared))
     else:
         where = f" of {env_name}" if env_name else ""
-        click.echo(f"no snapshots{where} in {display_path(app.config.archive)}", err=True)
+        folder = app.config.archive.resolve()
+        click.echo(f"no snapshots{where} in the archive folder {folder}", err=True)
 
 
 @cli.command()
@@ -571,7 +631,8 @@ def _apply_failure(report: Any) -> str | None:
         f"{t.table}" + (f" ({t.detail})" if t.detail else "") for t in report.tables if not t.match
     ]
     if report.auth and report.auth.missing_after:
-        bad.append(f"auth.users ({report.auth.missing_after} snapshot users missing)")
+        missing = text.count(report.auth.missing_after, "snapshot user")
+        bad.append(f"auth.users ({missing} missing)")
     return f"parity check failed for {', '.join(bad)}: rolled back, {report.target} is unchanged"
 
 
@@ -586,6 +647,8 @@ def _apply_failure(report: Any) -> str | None:
 @block_readers_option
 @allow_cascade_option
 @keep_referenced_option
+@unmasked_option
+@create_auth_users_option
 @yes_option
 @json_option
 @global_options
@@ -600,6 +663,8 @@ def apply(
     block_readers: bool,
     allow_cascades: tuple[str, ...],
     keep_referenced: bool,
+    unmasked: bool,
+    create_auth_users: bool,
     yes: bool,
     as_json: bool,
 ) -> None:
@@ -610,6 +675,9 @@ def apply(
     (see check) runs first and stops it on any error; the plan is shown before asking. A
     pre-apply backup of TARGET is archived; the transaction commits only when every row of
     every table matches the snapshot. Readers of TARGET never wait, unless --block-readers.
+    A snapshot of an environment not marked safe goes to one that is only with --unmasked
+    (its auth users only with --create-auth-users); any other direction than dev -> prod
+    asks first, even onto a safe environment.
 
     \b
     snapshot apply prod
@@ -619,7 +687,15 @@ def apply(
     from snapshot.apply import run_apply
 
     snapshot = _choose_snapshot(app, target_env, source_env, snapshot_id)
-    confirm = _confirmer(app, target_env, yes, dry_run)
+    way = direction.of_snapshot(
+        app.config,
+        snapshot.manifest,
+        snapshot.id,
+        target_env,
+        unmasked=unmasked,
+        create_auth_users=create_auth_users,
+    )
+    confirm = _confirmer(app, target_env, yes, dry_run, way)
     with _preflight_table(app):
         report = run_apply(
             app.config,
@@ -632,6 +708,7 @@ def apply(
             allow_cascades=allow_cascades,
             block_readers=block_readers,
             keep_referenced=keep_referenced,
+            auth_withheld=way.auth_withheld,
         )
     _finish(app, report, _apply_failure(report))
     if report.committed:
@@ -660,8 +737,10 @@ def rollback(
 ) -> None:
     """Put TARGET back as it was before the last apply (its newest pre-apply backup).
 
-    Rows written since that apply are thrown away with it: the plan, the prompt, --dry-run
-    and --json count them per table.
+    The newest backup of TARGET's database is restored, whatever environment name the
+    apply ran under (snapshot list shows which names are one database). Rows written since
+    that apply are thrown away with it: the plan, the prompt, --dry-run and --json count
+    them per table.
 
     \b
     snapshot rollback prod
@@ -669,17 +748,19 @@ def rollback(
     snapshot rollback prod --to prod/20261124T101500Z-pre-apply
     snapshot rollback prod --allow-cascade public.audit.audit_item_id_fkey
     """
-    from snapshot.apply import run_apply, settle_backups
+    from snapshot.apply import run_apply
+    from snapshot.history import rollback_backup
 
     config = app.config
     if snapshot_id:
         snapshot = archive.find_snapshot(config.archive, snapshot_id)
     else:
         config.environment(target_env)  # an unknown name is a typo, not a missing backup
-        # Settle first: the newest backup may be one a killed apply sealed but never listed.
-        for note in settle_backups(config, target_env):
+        # The newest backup of TARGET's database, whatever name its apply ran under.
+        choice = rollback_backup(config, target_env)
+        for note in choice.notes:
             click.echo(note, err=True)
-        snapshot = archive.newest_snapshot(config.archive, target_env, kind=archive.PRE_APPLY)
+        snapshot = choice.backup
     confirm = _confirmer(app, target_env, yes, dry_run)
     with _preflight_table(app):
         report = run_apply(
@@ -705,6 +786,8 @@ def rollback(
 @full_option
 @allow_cascade_option
 @keep_referenced_option
+@unmasked_option
+@create_auth_users_option
 @json_option
 @global_options
 @pass_app
@@ -716,6 +799,8 @@ def check(
     full: bool,
     allow_cascades: tuple[str, ...],
     keep_referenced: bool,
+    unmasked: bool,
+    create_auth_users: bool,
     as_json: bool,
 ) -> None:
     """Run the preflight of an apply to TARGET alone: find what would fail, change nothing.
@@ -732,6 +817,14 @@ def check(
     from snapshot.apply import check as run_check
 
     snapshot = _choose_snapshot(app, target_env, source_env, snapshot_id)
+    way = direction.of_snapshot(
+        app.config,
+        snapshot.manifest,
+        snapshot.id,
+        target_env,
+        unmasked=unmasked,
+        create_auth_users=create_auth_users,
+    )
     report = run_check(
         app.config,
         target_env,
@@ -740,6 +833,7 @@ def check(
         allow_cascades=allow_cascades,
         full=full,
         keep_referenced=keep_referenced,
+        auth_withheld=way.auth_withheld,
     )
     app.output(report.to_json(), lambda: render.preflight_report(report))
     if not report.ok:
@@ -759,7 +853,8 @@ def check(
 def smoke(app: App, target_env: str, as_json: bool) -> None:
     """Prove TARGET's guardrails hold: try what they must refuse, then roll back.
 
-    The checks are the SQL files in sql/smoke/. Exits 1 when one does not hold.
+    The checks are the SQL files in sql/smoke/. Exits 1 when one does not hold, or when
+    every check was skipped (nothing tested is no pass).
 
     \b
     snapshot smoke prod
@@ -768,14 +863,18 @@ def smoke(app: App, target_env: str, as_json: bool) -> None:
 
     report = run_smoke(app.config, target_env)
     app.output(report.to_json(), lambda: render.smoke_report(report))
-    if not report.ok:
+    if report.broken:
         raise user_error(f"guardrails of {target_env} do not hold: {', '.join(report.broken)}", 1)
+    if not report.ok:
+        raise user_error(f"smoke {target_env} is no pass: {report.summary}", 1)
 
 
 @cli.command()
 @click.argument("source_env", metavar="SOURCE")
 @click.argument("target_env", metavar="TARGET")
 @allow_cascade_option
+@unmasked_option
+@create_auth_users_option
 @yes_option
 @json_option
 @global_options
@@ -785,13 +884,16 @@ def cutover(
     source_env: str,
     target_env: str,
     allow_cascades: tuple[str, ...],
+    unmasked: bool,
+    create_auth_users: bool,
     yes: bool,
     as_json: bool,
 ) -> None:
     """Run the whole cutover: preflight, take SOURCE, apply to TARGET, smoke, verify.
 
     Stops at the first failing step and says what state both sides are in and how to roll
-    back. Exits 0 only when every step passed.
+    back. Exits 0 only when every step passed. A SOURCE not marked safe is taken only with
+    --unmasked; any direction but dev -> prod asks first.
 
     \b
     snapshot cutover dev prod
@@ -801,8 +903,14 @@ def cutover(
 
     if source_env == target_env:
         raise user_error(f"cutover needs two environments, got {source_env} twice", 2)
-    app.config.environment(source_env)
-    confirm = _confirmer(app, target_env, yes, False)
+    way = direction.of_cutover(
+        app.config,
+        source_env,
+        target_env,
+        unmasked=unmasked,
+        create_auth_users=create_auth_users,
+    )
+    confirm = _confirmer(app, target_env, yes, False, way)
     report = run_cutover(
         app.config,
         source_env,
@@ -810,6 +918,8 @@ def cutover(
         confirm=confirm,
         pg_bin=app.pg_bin,
         allow_cascades=allow_cascades,
+        unmasked=unmasked,
+        auth_withheld=way.auth_withheld,
     )
     app.output(report.to_json(), lambda: render.cutover_report(report))
     if report.failure:

@@ -42,6 +42,9 @@ DEFAULT_TABLES = (
 
 DEFAULT_ENV_FILES = {"dev": ".env.local", "prod": ".env.production"}
 DEFAULT_SAFE = {"dev": True, "prod": False}
+# The usual direction: the environment whose snapshots a target gets by default (apply prod
+# applies dev's newest). Any other direction is confirmed by a person (snapshot.direction).
+DEFAULT_SOURCES = {"prod": "dev"}
 DEFAULT_INSERT_AS = {"questions.status": "draft"}
 CONNECTION_MODES = ("auto", "direct", "pooler")
 # Time limits of snapshot's own sessions, whatever the server or role sets (Supabase gives
@@ -200,6 +203,10 @@ class Config:
             f"{name} needs [environments.{name}] in snapshot.toml or {where} ({self.origin})"
         )
 
+    def default_source(self, target: str) -> str | None:
+        """The environment whose snapshots ``target`` gets by default (dev for prod), if any."""
+        return DEFAULT_SOURCES.get(target)
+
     def ignored_columns(self, table: TableName) -> tuple[str, ...]:
         """Columns of ``table`` that parity ignores."""
         return tuple(c.column for c in self.apply.ignore_columns if c.table == table)
@@ -236,16 +243,30 @@ def _parse_column(text: str, where: str) -> ColumnRef:
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
+    """``value`` when it is of ``kind``; else one line naming the setting, what it must be
+    and what it is (``[environments.dev] safe must be true or false, not 'false'``)."""
     if not isinstance(value, kind):
-        raise ConfigError(f"{where} must be {what}")
+        shown = (
+            repr(value)
+            if isinstance(value, str | int | float | bool)
+            else _TOML_KINDS.get(type(value), type(value).__name__)
+        )
+        quoted = isinstance(value, str) and value.lower() in ("true", "false") and kind is bool
+        hint = ": write it without quotes" if quoted else ""
+        raise ConfigError(f"{where} must be {what}, not {shown}{hint}")
     return value
+
+
+_TOML_KINDS: dict[type, str] = {dict: "a table", list: "a list"}
 
 
 def _check_keys(section: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(section) - allowed)
     if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
         raise ConfigError(
-            f"unknown setting {unknown[0]!r} in {where}; known: {', '.join(sorted(allowed))}"
+            f"unknown setting {unknown[0]!r} in {where}: {hint}known: {', '.join(sorted(allowed))}"
         )
 
 
@@ -310,13 +331,19 @@ def _parse_environments(
         mode = _expect(section.get("connection", "auto"), str, f"{where} connection", "a string")
         if mode not in CONNECTION_MODES:
             raise ConfigError(f"{where} connection must be one of {', '.join(CONNECTION_MODES)}")
-        cert = section.get("ssl_root_cert")
+        cert = _expect(section.get("ssl_root_cert", ""), str, f"{where} ssl_root_cert", "a path")
+        env_file = _expect(
+            section.get("env_file", default_file), str, f"{where} env_file", "a path"
+        )
+        safe = section.get("safe", DEFAULT_SAFE.get(name, False))
         envs[name] = EnvironmentConfig(
             name=name,
-            env_file=base_dir / _expect(section.get("env_file", default_file), str, where, "text"),
-            safe=_expect(section.get("safe", DEFAULT_SAFE.get(name, False)), bool, where, "bool"),
+            env_file=base_dir / env_file,
+            safe=_expect(safe, bool, f"{where} safe", "true or false"),
             connection=mode,
-            pooler_host=section.get("pooler_host"),
+            pooler_host=_expect(
+                section.get("pooler_host"), (str, type(None)), f"{where} pooler_host", "a host"
+            ),
             ssl_root_cert=base_dir / cert if cert else None,
             session=session,
         )
@@ -618,9 +645,13 @@ tables = [
 {_auth_comment(proposal)}
 auth_users = {auth}
 
+# safe = true: no real people's data here. A snapshot of an environment that is not safe
+# (prod: logins, password hashes, personal columns) is taken, or applied to a safe one,
+# only with --unmasked. Applies ask you to type the target's name unless it is safe and
+# the snapshot comes the usual way (dev -> prod).
 [environments.dev]
 env_file = ".env.local"
-safe = true            # apply without typing the environment's name
+safe = true
 
 [environments.prod]
 env_file = ".env.production"

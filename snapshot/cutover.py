@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from snapshot import preflight, scripts
+from snapshot import interrupts, preflight, scripts, text
 from snapshot.apply import ApplyReport, Confirm, check, run_apply
 from snapshot.config import Config
 from snapshot.errors import SnapshotError
@@ -110,11 +110,11 @@ def _step(report: CutoverReport, name: str, detail: Callable[[], str]) -> Iterat
         report.failure = f"{name} failed: {message}"
         report.exit_code = exc.exit_code if isinstance(exc, SnapshotError | _StepFailed) else 1
         raise _Stop from None
-    except KeyboardInterrupt:
-        message = "interrupted (Ctrl-C)"
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (snapshot.interrupts)
+        message = interrupts.words(exc)
         report.steps.append(Step(name, FAILED, time.monotonic() - started, message))
         report.failure = f"{name} {message}"
-        report.exit_code = 130
+        report.exit_code = interrupts.exit_code(exc)
         raise _Stop from None
     report.steps.append(Step(name, OK, time.monotonic() - started, detail()))
 
@@ -131,11 +131,17 @@ def cutover(
     confirm: Confirm | None = None,
     pg_bin: Path | None = None,
     allow_cascades: Collection[str] = (),
+    unmasked: bool = False,
+    auth_withheld: str = "",
 ) -> CutoverReport:
-    """Run every step in order; the report says how far it got and where things stand."""
+    """Run every step in order; the report says how far it got and where things stand.
+
+    ``unmasked`` lets it take a source not marked safe; ``auth_withheld`` says why the
+    apply creates no auth users (:mod:`snapshot.direction`).
+    """
     report = CutoverReport(source_env, target_env)
     try:
-        _run(report, config, confirm, pg_bin, allow_cascades)
+        _run(report, config, confirm, pg_bin, allow_cascades, unmasked, auth_withheld)
     except _Stop:
         done = {s.name for s in report.steps}
         report.steps += [Step(name, SKIPPED, 0.0, "") for name in STEPS if name not in done]
@@ -149,17 +155,26 @@ def _run(
     confirm: Confirm | None,
     pg_bin: Path | None,
     allow_cascades: Collection[str],
+    unmasked: bool,
+    auth_withheld: str,
 ) -> None:
     source, target = report.source, report.target
 
     with _step(report, "preflight", lambda: _preflight_detail(report)):
         live = describe(config, source, pg_bin=pg_bin)
-        report.preflight = check(config, target, live, pg_bin=pg_bin, allow_cascades=allow_cascades)
+        report.preflight = check(
+            config,
+            target,
+            live,
+            pg_bin=pg_bin,
+            allow_cascades=allow_cascades,
+            auth_withheld=auth_withheld,
+        )
         if not report.preflight.ok:
             raise _StepFailed(_preflight_errors(report.preflight), report.preflight.exit_code)
 
     with _step(report, "take", lambda: f"{report.snapshot}"):
-        snapshot = take(config, source, label="cutover", pg_bin=pg_bin)
+        snapshot = take(config, source, label="cutover", pg_bin=pg_bin, unmasked=unmasked)
         report.snapshot = snapshot.id
 
     with _step(report, "apply", lambda: _apply_detail(report)):
@@ -171,6 +186,7 @@ def _run(
                 confirm=confirm,
                 pg_bin=pg_bin,
                 allow_cascades=allow_cascades,
+                auth_withheld=auth_withheld,
             )
         except PreflightFailed as exc:
             report.preflight = exc.report
@@ -193,7 +209,8 @@ def _run(
 def _preflight_detail(report: CutoverReport) -> str:
     assert report.preflight is not None
     warnings = sum(f.status == preflight.WARNING for f in report.preflight.findings)
-    return f"{len(report.preflight.findings)} checks, no errors, {warnings} warnings"
+    checks = text.count(len(report.preflight.findings), "check")
+    return f"{checks}, no errors, {text.count(warnings, 'warning')}"
 
 
 def _preflight_errors(checks: PreflightReport) -> str:
@@ -249,6 +266,8 @@ def _where_things_stand(report: CutoverReport) -> tuple[str, str | None]:
     failed = next(s.name for s in report.steps if s.status == FAILED)
     if failed == "verify":
         why = f"but live {report.source} has changed since the take, or {target} since the apply"
+    elif report.smoke is not None and not report.smoke.broken and not report.smoke.tried:
+        why = "but no guardrail was tested (every smoke check was skipped)"
     else:
         why = "but its guardrails do not hold"
     return f"{held}, {why}: check, then keep it or roll back", undo

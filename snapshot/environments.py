@@ -58,6 +58,7 @@ class Connection:
     note: str = ""
     session: Mapping[str, str] = field(default_factory=dict)
     password_from: str = "SUPABASE_DB_PASSWORD"  # where to fix a refused password
+    safe: bool = False  # the environment is marked safe (snapshot.direction)
 
     def conninfo(self) -> str:
         """A libpq connection string without the password (safe to show and to pass as argv)."""
@@ -203,6 +204,13 @@ def _refuse_transaction_pooler(host: str | None, port: int | None, source: str) 
 
 def _from_url(env: EnvironmentConfig, values: Mapping[str, str], source: str) -> Connection:
     url = values["SUPABASE_DB_URL"]
+    _scheme, separator, rest = url.partition("://")
+    authority = re.split(r"[/?]", rest, maxsplit=1)[0] if separator else ""
+    if authority.count("@") > 1:  # libpq would read a piece of the password as the host
+        raise ConfigError(
+            f"SUPABASE_DB_URL in {source} has more than one '@' before its host: an '@' in the "
+            "password must be percent-encoded, as %40"
+        )
     try:
         params = {k: str(v) for k, v in conninfo_to_dict(url).items() if v is not None}
     except Exception as exc:  # psycopg raises ProgrammingError with the libpq reason
@@ -246,6 +254,7 @@ def _from_url(env: EnvironmentConfig, values: Mapping[str, str], source: str) ->
         route="url",
         session=env.session,
         password_from=password_from,
+        safe=env.safe,
     )
 
 
@@ -397,6 +406,7 @@ def resolve_connection(env: EnvironmentConfig) -> Connection:
                 "direct",
                 "direct host answered" if env.connection == "auto" else "connection = direct",
                 env.session,
+                safe=env.safe,
             )
         note = _direct_host_note(reason, ref, source)
         log.info("%s: %s: trying the session pooler", env.name, note)
@@ -418,4 +428,5 @@ def resolve_connection(env: EnvironmentConfig) -> Connection:
         "pooler",
         f"{note}; session pooler" if note else "connection = pooler",
         env.session,
+        safe=env.safe,
     )

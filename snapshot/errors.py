@@ -44,6 +44,13 @@ class Refused(SnapshotError):
 
 
 class Interrupted(SnapshotError):
-    """The user pressed Ctrl-C (or the process got SIGINT); the message says where things stand."""
+    """Ctrl-C, SIGTERM or SIGHUP stopped the command; the message says where things stand.
+
+    The exit code is the shell's for the signal: 130 for Ctrl-C, 143 for SIGTERM.
+    """
 
     exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, LiteralString
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, catalog, staging
+from snapshot import archive, catalog, staging, text
+from snapshot.direction import CREATE_AUTH_USERS
 from snapshot.errors import SnapshotError
 from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, TableName, quote
 from snapshot.session import Session
@@ -62,8 +63,9 @@ class PreflightReport:
 
     @property
     def exit_code(self) -> int:
-        """2 when an error is an installation problem (pg_dump/pg_restore), as in take; else 1."""
-        return 2 if any(f.check == "tooling" for f in self.errors) else 1
+        """2 when an error is one of configuration (the scope) or installation (pg_dump,
+        pg_restore), as in take and verify; else 1."""
+        return 2 if any(f.check in ("scope", "tooling") for f in self.errors) else 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,7 +109,14 @@ def _identity(s: Session) -> Iterator[Finding]:
     m = s.snapshot.manifest
     here = identity(s.target, s.info)
     same = archive.same_database(m.database, m.project_ref, here, s.target.project_ref)
-    if s.action == "apply" and same:
+    if s.action == "apply" and same and m.kind == LIVE:  # the cutover's source, live
+        yield Finding(
+            "identity",
+            ERROR,
+            f"{m.environment} and {s.target.env} are one database ({'; '.join(same)}): a "
+            f"cutover would copy it onto itself; check the env files of both",
+        )
+    elif s.action == "apply" and same:
         yield Finding(
             "identity",
             ERROR,
@@ -136,7 +145,8 @@ def _integrity(s: Session) -> Iterator[Finding]:
         yield Finding("snapshot integrity", ERROR, str(exc))
         return
     files = s.snapshot.manifest.files
-    yield Finding("snapshot integrity", OK, f"{len(files)} file(s) match their sha256")
+    match = "matches its" if len(files) == 1 else "match their"
+    yield Finding("snapshot integrity", OK, f"{text.count(len(files), 'file')} {match} sha256")
 
 
 def _scope(s: Session) -> Iterator[Finding]:
@@ -146,6 +156,18 @@ def _scope(s: Session) -> Iterator[Finding]:
         return
     configured = set(s.config.scope.tables)
     archived = set(s.snapshot.manifest.scope.tables)
+    unknown = configured - archived  # the session read the catalog for the snapshot's tables
+    here = {*s.shapes, *catalog.table_shapes(s.conn, sorted(unknown, key=str))}
+    absent = [t for t in s.config.scope.tables if t not in here]
+    if absent:
+        yield Finding(
+            "scope",
+            ERROR,
+            f"{s.target.env} has no table "
+            f"{catalog.missing_tables(s.conn, absent, s.config.scope.tables)}: "
+            f"{s.config.scope.fix('fix [scope] tables in snapshot.toml')}, or run the "
+            "migrations that create it",
+        )
     if configured == archived:
         yield Finding("scope", OK, f"the snapshot covers the {len(configured)} configured tables")
         return
@@ -171,6 +193,9 @@ def _schema(s: Session) -> Iterator[Finding]:
     problems = 0
     for entry in s.snapshot.manifest.tables:
         shape = s.shapes.get(entry.table)
+        if shape is None and entry.table in s.config.scope.tables:
+            problems += 1  # the scope check names it: a missing scope table is configuration
+            continue
         if shape is None:
             problems += 1
             yield Finding(
@@ -411,16 +436,18 @@ def _outside_references(s: Session) -> Iterator[Finding]:
         count = _scalar(s.conn, query)
         if count:
             found = True
-            fix = (
-                "copy auth users (auth_users = true)"
-                if fk.parent == AUTH_USERS
-                else f"add {fk.parent} to the scope, or create those rows in the target first"
-            )
+            if fk.parent != AUTH_USERS:
+                fix = f"add {fk.parent} to the scope, or create those rows in the target first"
+            elif s.auth_withheld:
+                fix = f"pass {CREATE_AUTH_USERS} to create them from the snapshot"
+            else:
+                fix = "copy auth users (auth_users = true)"
             yield Finding(
                 "outside references",
                 ERROR,
-                f"{count:,} snapshot rows of {fk.child} point at {fk.parent} rows the target "
-                f"lacks ({fk}): {fix}",
+                f"{text.count(count, 'snapshot row')} of {fk.child} "
+                f"{'points' if count == 1 else 'point'} at {fk.parent} rows the target lacks "
+                f"({fk}): {fix}",
             )
     if not found:
         yield Finding("outside references", OK, "every key leaving the scope finds its row")
@@ -494,7 +521,7 @@ def _auth_conflicts(s: Session) -> Iterator[Finding]:
         yield Finding(
             "auth users",
             ERROR,
-            f"{len(conflicts)} snapshot users cannot be created in {s.target.env}: "
+            f"{text.count(len(conflicts), 'snapshot user')} cannot be created in {s.target.env}: "
             + "; ".join(conflicts)
             + ". Resolve them in either project (Authentication > Users), then apply again",
         )
@@ -507,7 +534,10 @@ def _auth_conflicts(s: Session) -> Iterator[Finding]:
             ).format(stage),
         )
         yield Finding(
-            "auth users", OK, f"{created:,} snapshot users will be created, none conflict"
+            "auth users",
+            OK,
+            f"{text.count(created, 'snapshot user')} will be created, "
+            f"{'it does not conflict' if created == 1 else 'none conflict'}",
         )
 
 
@@ -578,7 +608,11 @@ def run_checks(
             s.backup = backup.start(s, s.backup_into)
         matched = planning.record(s)
         staging.stage(
-            s.conn, s.pg_restore, s.snapshot, [*s.entries.values(), *s.auth_entries], matched
+            s.conn,
+            s.pg_restore,
+            s.snapshot,
+            [*s.entries.values(), *s.auth_entries],
+            matched | s.withheld_tables,  # withheld auth users are never even loaded
         )
         if s.backup is not None:
             backup.dump(s.backup)
@@ -591,6 +625,8 @@ def run_checks(
         in_bulk, how = _key_checks(s, s.plan, allowed)
         findings += _plan_findings(s, s.plan, in_bulk=in_bulk)
         findings += how
+    if s.auth_withheld:
+        findings.append(Finding("auth users", WARNING, s.auth_withheld))
     return PreflightReport(s.action, s.target.env, s.snapshot.id, tuple(findings), s.plan)
 
 

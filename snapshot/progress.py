@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+from snapshot import text
+
 log = logging.getLogger(__name__)
 
 HEARTBEAT = 5.0  # seconds of silence before saying a step is still running
@@ -56,7 +58,7 @@ class Meter:
         """One table finished ``rows`` rows in ``seconds``: log it, and on a terminal, count."""
         self.tables_done += 1
         self.rows_done += rows
-        line = f"  {verb:<8} {table!s:<30} {rows:>10,} rows  {seconds:6.1f} s"
+        line = f"  {verb:<8} {table!s:<30} {rows:>10,} rows  {text.duration(seconds):>8}"
         if not _terminal:
             log.info(line)
             return
@@ -83,7 +85,7 @@ def begin(what: str, tables: int, rows: int) -> Meter:
 def table_done(verb: str, table: object, rows: int, seconds: float) -> None:
     """Report a finished table to the current meter (a plain log line without one)."""
     if _meter is None:
-        log.info("  %-8s %-30s %10d rows  %6.1f s", verb, table, rows, seconds)
+        log.info("  %-8s %-30s %10s rows  %8s", verb, table, f"{rows:,}", text.duration(seconds))
     else:
         _meter.done(verb, table, rows, seconds)
 

@@ -12,15 +12,12 @@ rehearsal stops them (and ``--down`` stops kept ones).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import shutil
-import signal
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, localpg, progress, scripts
+from snapshot import archive, interrupts, localpg, progress, scripts
 from snapshot.apply import ApplyReport, run_apply
 from snapshot.config import Config, load_config
 from snapshot.cutover import CutoverReport, cutover
@@ -132,28 +129,6 @@ def server_bin(pg_bin: Path | None) -> Path:
     return pg_bin
 
 
-@contextlib.contextmanager
-def _termination_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the rehearsal like Ctrl-C does: through the cleanup."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    if os.name != "posix":
-        yield
-        return
-    try:
-        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def _load(server: localpg.LocalServer, files: list[Path], scale: int, password: str) -> None:
     """Load the schema and a dataset as the superuser, then give the app role its password."""
     started = time.monotonic()
@@ -221,18 +196,21 @@ def rehearse(
     report = RehearsalReport(folder, version[0] if version else "?", bin_dir, scale)
     servers: dict[str, localpg.LocalServer] = {}
     clean_up = True
+    finished = False
     try:
-        with _termination_as_interrupt():
+        with interrupts.termination_as_interrupt():
             report.bin_dir = localpg.server_binaries(bin_dir, folder)
             _run(report, sql_root, servers)
         clean_up = not keep
+        finished = True
     finally:
         report.seconds = time.monotonic() - started
         if clean_up:
             for server in servers.values():
                 server.stop()
             _remove(folder)
-            log.info("stopped the rehearsal servers and removed %s", folder)
+            if not finished:  # the report, which says it otherwise, is not printed
+                log.info("stopped the rehearsal servers and removed %s", folder)
         else:
             (folder / localpg.KEPT_FILE).touch()
             report.kept = True
@@ -279,7 +257,8 @@ def _run(report: RehearsalReport, sql_root: Path, servers: dict[str, localpg.Loc
             load.result()
     config = _write_project(report, sql_root, servers, passwords)
 
-    before = take(config, "prod", label="before-rehearsal", pg_bin=report.bin_dir)
+    # Its prod holds generated people only: taken as it is, like any prod it is not marked safe.
+    before = take(config, "prod", label="before-rehearsal", pg_bin=report.bin_dir, unmasked=True)
     report.cutover = cutover(config, "dev", "prod", pg_bin=report.bin_dir)
     applied = report.cutover.apply
     if applied is None or not applied.committed or applied.backup is None:

@@ -9,6 +9,7 @@ from typing import Any
 from tabulate import tabulate
 
 from snapshot.archive import Damaged, Snapshot, human_size
+from snapshot.text import count
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -59,8 +60,13 @@ def take_report(snapshot: Snapshot) -> str:
     )
 
 
-def list_report(snapshots: Sequence[Snapshot], damaged: Sequence[Damaged] = ()) -> str:
-    """``snapshot list``: one row per snapshot, then the damaged ones with their reason."""
+def list_report(
+    snapshots: Sequence[Snapshot],
+    damaged: Sequence[Damaged] = (),
+    shared: Sequence[tuple[Sequence[str], str]] = (),
+) -> str:
+    """``snapshot list``: one row per snapshot, the damaged ones with their reason, then the
+    environment names that are one database."""
     rows = [
         (
             s.id,
@@ -77,7 +83,12 @@ def list_report(snapshots: Sequence[Snapshot], damaged: Sequence[Damaged] = ()) 
     if damaged:
         broken = table(("damaged (never applied)", "reason"), [(d.id, d.reason) for d in damaged])
         text = f"{text}\n\n{broken}" if rows else broken
-    return text
+    lines = [
+        f"{', '.join(names[:-1])} and {names[-1]} are one database ({database}): rollback "
+        "restores its newest backup, under whichever name"
+        for names, database in shared
+    ]
+    return "\n\n".join([text, "\n".join(lines)]) if lines else text
 
 
 def env_report(report: Any) -> str:
@@ -112,20 +123,24 @@ def plan_report(proposal: Any) -> str:
         f"{proposal.action} {snap['id']} (taken from {snap['source']} {age(snap['age_seconds'])} "
         f"ago{label}) to {proposal.target.env} ({proposal.target.describe()}):"
     )
-    return "\n".join([head, "", plan_table(proposal.plan, proposal.target.env)])
+    lines = [head, "", plan_table(proposal.plan, proposal.target.env)]
+    if proposal.auth_withheld:
+        lines.append(f"auth users: {proposal.auth_withheld}")
+    return "\n".join(lines)
 
 
 def confirm_question(proposal: Any) -> str:
-    """What the person at the terminal types to go on; a rollback that throws away rows
-    written since its apply names them."""
+    """``Type prod to apply dev's snapshot to prod``: what typing the name agrees to; a
+    rollback that throws away rows written since its apply names them."""
     target = proposal.target.env
     lost = sum(w.rows for w in proposal.plan.written_since or ())
+    throwing = ""
     if lost:
-        rows = f"{lost:,} row{'' if lost == 1 else 's'}"
-        return (
-            f"Type {target} to {proposal.action}, throwing away the {rows} written since the apply"
-        )
-    return f"Type {target} to {proposal.action}"
+        throwing = f", throwing away the {count(lost, 'row')} written since the apply"
+    if proposal.action == "rollback":
+        return f"Type {target} to roll {target} back{throwing}"
+    source = proposal.snapshot.manifest.environment
+    return f"Type {target} to {proposal.action} {source}'s snapshot to {target}{throwing}"
 
 
 def plan_table(plan: Any, target: str) -> str:
@@ -214,7 +229,8 @@ def parity_report(report: Any) -> str:
             a = report.auth
             lines.append(
                 f"auth.users: {a.snapshot_users:,} in the snapshot, {a.created_users:,} created "
-                f"({a.created_identities:,} identities), {a.missing_after:,} missing"
+                f"({count(a.created_identities, 'identity', 'identities')}), "
+                f"{a.missing_after:,} missing"
             )
             lines += [f"auth triggers wrote {w.sentence()}" for w in a.trigger_writes]
         for kept in report.plan.kept if report.plan else ():
@@ -282,7 +298,7 @@ def preflight_report(report: Any) -> str:
     plan = f"\n\n{plan_table(report.plan, report.target)}" if getattr(report, "plan", None) else ""
     return (
         f"{text}{plan}\n\n{report.action} {report.snapshot} to {report.target}: {verdict} "
-        f"({errors} errors, {warnings} warnings)"
+        f"({count(errors, 'error')}, {count(warnings, 'warning')})"
     )
 
 

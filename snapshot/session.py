@@ -72,11 +72,19 @@ class Session:
     outside: tuple[Reference, ...] = ()  # the keys from outside the scope, last counted
     kept: dict[TableName, Kept] = field(default_factory=dict)  # rows kept for them
     applied: Applied | None = None  # a rollback: what the apply it undoes wrote (since.py)
+    auth_withheld: str = ""  # why the snapshot's auth users are not created (snapshot.direction)
 
     @property
     def entries(self) -> dict[TableName, TableEntry]:
         """The snapshot's scoped tables (auth tables excluded)."""
         return {t.table: t for t in self.snapshot.manifest.scope_tables}
+
+    @property
+    def withheld_tables(self) -> frozenset[TableName]:
+        """The snapshot's auth tables that are not staged (:attr:`auth_withheld`)."""
+        copied = {e.table for e in self.auth_entries}
+        auth = (t.table for t in self.snapshot.manifest.tables if t.auth)
+        return frozenset(t for t in auth if t not in copied)
 
 
 def _tool(
@@ -98,8 +106,13 @@ def open_session(
     action: str,
     pg_bin: Path | None,
     backup: bool,
+    auth_withheld: str = "",
 ) -> Iterator[Session]:
-    """Connect to ``target_env`` and read the catalog for ``snapshot``'s scope."""
+    """Connect to ``target_env`` and read the catalog for ``snapshot``'s scope.
+
+    ``auth_withheld``: why the snapshot's auth users must not be created (they are then
+    neither staged nor created: the target's users are what the scope's rows may refer to).
+    """
     target = resolve_connection(config.environment(target_env))
     conn = connect(target)
     with contextlib.closing(conn), _releasing_locks(conn):
@@ -123,10 +136,11 @@ def open_session(
                 f"the pre-{action} backup of {target_env} (PostgreSQL {info.version})",
                 problems,
             )
-        auth_entries = (
+        archived_auth = (
             tuple(t for t in manifest.tables if t.auth) if config.scope.auth_users else ()
         )
-        tables = [*manifest.scope.tables, *(t.table for t in auth_entries)]
+        auth_entries = () if auth_withheld else archived_auth
+        tables = [*manifest.scope.tables, *(t.table for t in archived_auth)]
         shapes = catalog.table_shapes(conn, tables)
         fks = catalog.foreign_keys(conn, [t for t in manifest.scope.tables if t in shapes])
         order: tuple[TableName, ...] = ()
@@ -148,6 +162,7 @@ def open_session(
             pg_restore,
             pg_dump,
             problems,
+            auth_withheld=auth_withheld,
         )
 
 

@@ -59,8 +59,14 @@ class SmokeReport:
         return tuple(r.check for r in self.results if r.status not in (HOLDS, SKIPPED))
 
     @property
+    def tried(self) -> int:
+        """How many checks were tried (not skipped)."""
+        return sum(r.status != SKIPPED for r in self.results)
+
+    @property
     def ok(self) -> bool:
-        return not self.broken
+        """Every check tried holds, and at least one was tried: nothing tested is no pass."""
+        return not self.broken and self.tried > 0
 
     @property
     def summary(self) -> str:
@@ -69,7 +75,8 @@ class SmokeReport:
         skipped = sum(r.status == SKIPPED for r in self.results)
         tried = len(self.results) - skipped
         if skipped and not tried:
-            return f"no guardrail tried: all {skipped} checks skipped (what they check is absent)"
+            which = "its one check" if skipped == 1 else f"all {skipped} checks"
+            return f"nothing tested: {which} skipped (what they check is absent in {self.target})"
         return f"{held}/{tried} guardrails hold" + (f", {skipped} skipped" if skipped else "")
 
     def to_json(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, catalog, pgtools
+from snapshot import archive, catalog, direction, pgtools, text
 from snapshot.archive import DatabaseIdentity, Manifest, Snapshot, TableEntry
 from snapshot.catalog import OwnedSequence, ServerInfo, TableShape
 from snapshot.checksum import TableStats, table_stats
@@ -144,7 +144,10 @@ def _checksums(
             started = time.monotonic()
             done[table] = table_stats(session, table, plan.shapes[table].column_names)
             log.info(
-                "  %-34s %10d rows  %6.1f s", table, done[table].rows, time.monotonic() - started
+                "  %-34s %10s rows  %8s",
+                table,
+                f"{done[table].rows:,}",
+                text.duration(time.monotonic() - started),
             )
         return done
 
@@ -184,6 +187,7 @@ def build_manifest(
     """The manifest of a dump of ``plan`` whose content ``state`` describes."""
     return Manifest(
         environment=plan.target.env,
+        source_safe=plan.target.safe,
         kind=kind,
         created=archive.utc_now().isoformat(),
         label=label,
@@ -236,7 +240,7 @@ def dump_in_snapshot(
         dump.kill()
         raise
     dump.wait()
-    log.info("  pg_dump done                       %17.1f s", time.monotonic() - started)
+    log.info("  %-34s %24s", "pg_dump done", text.duration(time.monotonic() - started))
     return build_manifest(plan, state, kind=kind, label=label)
 
 
@@ -251,6 +255,7 @@ def describe(config: Config, env_name: str, *, pg_bin: Path | None) -> Snapshot:
         plan = plan_dump(conn, target, config.scope, pg_bin)
         manifest = Manifest(
             environment=env_name,
+            source_safe=target.safe,
             kind=LIVE,
             created=archive.utc_now().isoformat(),
             label=None,
@@ -283,18 +288,31 @@ def export_snapshot(conn: psycopg.Connection) -> str:
     return str(row[0])
 
 
-def take(config: Config, env_name: str, *, label: str | None, pg_bin: Path | None) -> Snapshot:
-    """Archive a snapshot of ``env_name``'s scope and return it."""
+def take(
+    config: Config,
+    env_name: str,
+    *,
+    label: str | None,
+    pg_bin: Path | None,
+    unmasked: bool = False,
+) -> Snapshot:
+    """Archive a snapshot of ``env_name``'s scope and return it.
+
+    An environment not marked safe holds real people's data: it is taken only ``unmasked``
+    (:func:`snapshot.direction.require_unmasked_take`).
+    """
     label = archive.check_label(label)
     env = config.environment(env_name)
+    direction.require_unmasked_take(env, unmasked)
     target = resolve_connection(env)
-    archive.env_dir(config.archive, env_name)  # refuse an unwritable archive before any work
+    archive.check_writable(config.archive, env_name)  # refuse an unwritable one before any work
     with contextlib.closing(connect(target)) as conn:
         plan = plan_dump(conn, target, config.scope, pg_bin)
         log.info(
-            "taking %s: %d tables from %s (PostgreSQL %s, pg_dump %s)",
+            "taking %s: %s%s from %s (PostgreSQL %s, pg_dump %s)",
             env_name,
-            len(plan.tables),
+            text.count(len(plan.scope.tables), "table"),
+            " and auth users/identities" if plan.scope.auth_users else "",
             target.describe(),
             plan.info.version,
             plan.pg_dump.version,
@@ -308,5 +326,5 @@ def take(config: Config, env_name: str, *, label: str | None, pg_bin: Path | Non
             snapshot_id = export_snapshot(conn)
             manifest = dump_in_snapshot(conn, plan, snapshot_id, folder, kind="take", label=label)
             snapshot = archive.publish(archive.seal(folder, manifest), label)
-    log.info("archived %s (%d rows)", snapshot.path, snapshot.manifest.total_rows)
+    log.info("archived %s (%s)", snapshot.path, text.count(snapshot.manifest.total_rows, "row"))
     return snapshot

@@ -81,11 +81,10 @@ def _open(config: Config, env: str) -> _Side:
 def _stats(
     side: _Side, columns: dict[TableName, Sequence[str]], ignored: dict[TableName, tuple[str, ...]]
 ) -> dict[TableName, TableStats]:
-    result = {}
-    for table, names in columns.items():
-        result[table] = table_stats(side.conn, table, names, ignored[table])
-        log.info("  %-5s %-32s %10d rows", side.env, table, result[table].rows)
-    return result
+    return {
+        table: table_stats(side.conn, table, names, ignored[table])
+        for table, names in columns.items()
+    }
 
 
 def _auth_ids(conn: psycopg.Connection) -> list[Any]:
@@ -127,6 +126,15 @@ def _compare(config: Config, source: _Side, target: _Side) -> VerifyReport:
             pending = pool.submit(_stats, source, columns, ignored)
             target_stats = _stats(target, columns, ignored)
             source_stats = pending.result()
+        for table in config.scope.tables:  # one line per table, both sides read at once
+            log.info(
+                "  %-32s %s %10s rows  %s %10s rows",
+                table,
+                source.env,
+                f"{source_stats[table].rows:,}",
+                target.env,
+                f"{target_stats[table].rows:,}",
+            )
         results = []
         for table in config.scope.tables:
             a, b = source_stats[table], target_stats[table]
@@ -265,7 +273,7 @@ def verify_snapshot(config: Config, env: str, snapshot: archive.Snapshot) -> Ver
             stats = table_stats(
                 side.conn, entry.table, entry.column_names, kind=kind_of(entry.checksum)
             )
-            log.info("  %-5s %-32s %10d rows", env, entry.table, stats.rows)
+            log.info("  %-5s %-32s %10s rows", env, entry.table, f"{stats.rows:,}")
             match = (stats.rows, stats.checksum) == (entry.rows, entry.checksum)
             results.append(TableParity(entry.table, entry.rows, stats.rows, match))
     return VerifyReport(snapshot.id, env, tuple(results), None)

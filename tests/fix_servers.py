@@ -102,13 +102,24 @@ def pg16(server_base: Path) -> Iterator[localpg.LocalServer]:
         bin_dir = localpg.embedded_bin(16)
     except Exception as exc:
         pytest.skip(f"no embedded PostgreSQL 16: {exc}")
-    folder = server_base / "v16"
+    server = start_with_dev_data(bin_dir, server_base / "v16")
+    yield server
+    server.stop()
+
+
+def start_with_dev_data(bin_dir: Path, folder: Path) -> localpg.LocalServer:
+    """A server from ``bin_dir`` in ``folder`` (made here) with the app and dev data in ``app``.
+
+    As root the server runs as another user, who cannot reach a venv inside a private folder
+    (a clone in ``mktemp -d``): the installation is then copied where it can, as the
+    rehearsal does.
+    """
     folder.mkdir(mode=0o700)
-    server = localpg.start(bin_dir, folder, "pg")
+    localpg.give_to_server_user(folder)
+    server = localpg.start(localpg.server_binaries(bin_dir, folder), folder, "pg")
     with psycopg.connect(server.url(), autocommit=True) as conn:
         conn.execute("CREATE DATABASE app")
     with psycopg.connect(server.url("app"), autocommit=True) as conn:
         for path in [*SCHEMA_FILES, SQL / "seed" / "10_generator.sql", SQL / "seed" / "20_dev.sql"]:
             conn.execute(path.read_text())  # type: ignore[arg-type]
-    yield server
-    server.stop()
+    return server

@@ -308,12 +308,17 @@ def test_safe_environments_need_no_confirmation(project: Project, make_db) -> No
     dev, prod = make_db("dev"), make_db("prod")
     project.point("dev", dev)
     project.point("prod", prod)
-    assert project.run("take", "prod").exit_code == 0
+    project.config("[environments.staging]\nsafe = true\n[environments.prod]\nsafe = true\n")
+    project.env("staging", SUPABASE_DB_URL=prod.app_url)
+    assert project.run("take", "dev").exit_code == 0
 
-    result = project.run("apply", "dev")  # dev is marked safe; it takes prod's newest
+    result = project.run("apply", "prod")  # dev -> prod, the usual way, onto a safe prod
+    other = project.run("apply", "staging", "--from", "dev")  # a safe target, another way
 
     assert result.exit_code == 0, result.output
     assert dev.fingerprint(SCOPE_TABLES) == prod.fingerprint(SCOPE_TABLES)
+    assert other.exit_code == 2
+    assert "dev -> staging is not the usual direction (dev -> prod)" in other.stderr
 
 
 def test_an_updated_at_trigger_a_script_fires_leaves_no_trace(project: Project, make_db) -> None:

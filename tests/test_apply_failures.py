@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import select
 import shutil
 import signal
 import time
@@ -269,3 +272,66 @@ def test_ctrl_c_says_prod_is_unchanged_and_exits_130(
     else:  # the cutover's step report, as on any other stop
         assert "apply      failed" in out
         assert "state: nothing was changed: prod is exactly as it was" in out
+
+
+@pytest.mark.parametrize(
+    "command", [["apply", "prod", "--yes"], ["cutover", "dev", "prod", "--yes"]]
+)
+def test_sigterm_says_prod_is_unchanged_and_exits_143(
+    project: Project, make_db, command: list[str]
+) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    _slow_inserts(prod, 30)
+    original = prod.fingerprint()
+
+    process = project.spawn(*command)
+    backend = _wait_for_insert(prod, process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+
+    assert process.returncode == 143, err
+    assert "Traceback" not in err
+    error = err.strip().splitlines()[-1]
+    assert error.startswith("Error: ") and "terminated (SIGTERM)" in error
+    _wait_until_gone(prod, backend)
+    assert prod.fingerprint() == original
+    assert project.snapshots("prod") == []
+    assert list((project.path / "snapshots" / "prod").glob(".tmp-*")) == []
+    if command[0] == "apply":
+        assert error == (
+            "Error: terminated (SIGTERM) while inserting and updating: rolled back, prod is "
+            "unchanged"
+        )
+    else:
+        assert "apply      failed" in out
+        assert "state: nothing was changed: prod is exactly as it was" in out
+
+
+def test_ctrl_c_at_the_prompt_changes_nothing_and_exits_130(project: Project, make_db) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    original = prod.fingerprint()
+    main, terminal = pty.openpty()
+    try:
+        process = project.spawn("apply", "prod", stdin=terminal)
+        assert process.stderr is not None
+        seen = ""
+        deadline = time.monotonic() + 120
+        while "Type prod to apply" not in seen:
+            assert time.monotonic() < deadline, seen
+            ready, _, _ = select.select([process.stderr], [], [], 1)
+            if ready:
+                chunk = os.read(process.stderr.fileno(), 65536).decode()
+                assert chunk, f"the apply ended before asking: {seen}"
+                seen += chunk
+        process.send_signal(signal.SIGINT)
+        _out, err = process.communicate(timeout=60)
+    finally:
+        os.close(main)
+        os.close(terminal)
+
+    assert process.returncode == 130, seen + err
+    assert "Aborted!" not in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "Error: interrupted (Ctrl-C): nothing was changed"
+    assert prod.fingerprint() == original
+    assert project.snapshots("prod") == []
+    assert list((project.path / "snapshots" / "prod").glob(".tmp-*")) == []

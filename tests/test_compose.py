@@ -105,7 +105,7 @@ def test_compose_init_gives_a_pair_that_cutover_takes_through(
     tables = [f"public.{t}" for t in SCOPE]
     assert prod.fingerprint(tables) != dev.fingerprint(tables)
 
-    result = project.run("cutover", "rehearsal-dev", "rehearsal-prod", "--yes")
+    result = project.run("cutover", "rehearsal-dev", "rehearsal-prod", "--yes", "--unmasked")
 
     assert result.exit_code == 0, result.output
     assert prod.fingerprint(tables) == dev.fingerprint(tables)

@@ -125,7 +125,8 @@ def test_cutover_refuses_one_database_under_two_names(project: Project, make_db)
     result = project.run("cutover", "dev", "prod", "--yes")
 
     assert result.exit_code == 1
-    assert re.search(r"identity\s+error\s+dev/live was taken from prod itself", result.stdout)
+    assert re.search(r"identity\s+error\s+dev and prod are one database", result.stdout)
+    assert "--to" not in result.output  # there is no dev/live to roll back to
     assert step_statuses(result.stdout)["take"] == "skipped"
     assert dev.fingerprint() == original and project.snapshots() == []
 

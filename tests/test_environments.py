@@ -186,7 +186,7 @@ def test_wrong_password_is_one_line_naming_the_variable(
         )
 
     env = project.run("env", "prod")
-    take = project.run("take", "prod")
+    take = project.run("take", "prod", "--unmasked")
 
     assert env.exit_code == 1 and "refused the password" in env.stdout
     assert take.exit_code == 1
@@ -213,7 +213,7 @@ def test_password_reaches_pg_dump_through_the_environment_only(
     )
     project.config('[scope]\ntables = ["items"]\nauth_users = false\n')
 
-    result = project.run("-v", "take", "prod")
+    result = project.run("-v", "take", "prod", "--unmasked")
 
     assert result.exit_code == 0, result.output
     assert "running " in result.stderr and "pg_dump --dbname=" in result.stderr

@@ -157,7 +157,7 @@ def test_a_manifest_swapped_with_another_snapshots_is_refused(project: Project, 
 
 def test_a_manifest_from_another_environment_is_refused(project: Project, make_db) -> None:
     _dev, prod = setup_pair(project, make_db)
-    assert project.run("take", "prod").exit_code == 0
+    assert project.run("take", "prod", "--unmasked").exit_code == 0
     [dev_snapshot] = project.snapshots("dev")
     [prod_snapshot] = project.snapshots("prod")
     shutil.copyfile(prod_snapshot / "manifest.json", dev_snapshot / "manifest.json")
@@ -175,7 +175,21 @@ def test_a_manifest_from_another_environment_is_refused(project: Project, make_d
         ('[scope]\ntables = "public.users"\n', ["tables"]),
         ("[apply]\nlock_timeout = 5\n", ["lock_timeout"]),
         ("[session]\nstatement_timeout = true\n", ["statement_timeout"]),
-        ("[apply]\nlock_timout = '5s'\n", ["lock_timout"]),
+        ("[apply]\nlock_timout = '5s'\n", ["lock_timout", "did you mean lock_timeout?"]),
+        (
+            '[scope]\ntabels = ["users"]\n',
+            ["unknown setting 'tabels' in [scope]: did you mean tables?"],
+        ),
+        (
+            '[environments.dev]\nsafe = "false"\n',
+            ["[environments.dev] safe must be true or false, not 'false': write it without quotes"],
+        ),
+        (
+            "[environments.prod]\nenv_file = 5\n",
+            ["[environments.prod] env_file must be a path, not 5"],
+        ),
+        ("[environments.prod]\nssl_root_cert = 5\n", ["[environments.prod] ssl_root_cert"]),
+        ("[environments.prod]\npooler_host = 5\n", ["[environments.prod] pooler_host"]),
         ("[environments]\ndev = 3\n", ["dev"]),
         ("archive = 12\n", ["archive"]),
         ("[scope\n", ["snapshot.toml"]),
@@ -195,3 +209,24 @@ def test_toml_with_wrong_types_is_one_line(
 
     assert prod.fingerprint() == before
     assert _archive(project) == archive
+
+
+def test_list_shows_a_snapshot_whose_dump_was_altered_as_damaged(project: Project, make_db) -> None:
+    project.point("dev", make_db("dev"))
+    assert project.run("take", "dev", "--label", "good").exit_code == 0
+    assert project.run("take", "dev", "--label", "altered").exit_code == 0
+    altered = next(project.path.glob("snapshots/dev/*-altered"))
+    dump = altered / "data.dump"
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte, the size unchanged
+    dump.write_bytes(bytes(data))
+
+    listed = project.run("list")
+    document = json.loads(project.run("list", "--json").stdout)
+
+    assert listed.exit_code == 0, listed.output
+    damaged = [e for e in document if "damaged" in e]
+    assert [e["id"] for e in damaged] == [f"dev/{altered.name}"]
+    assert "data.dump does not match its sha256 in the manifest" in damaged[0]["damaged"]
+    assert "damaged (never applied)" in listed.stdout
+    assert [e["id"].endswith("-good") for e in document if "damaged" not in e] == [True]

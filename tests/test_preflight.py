@@ -532,10 +532,15 @@ def test_bundled_smoke_checks_skip_what_an_app_lacks(project: Project, make_db) 
     results = json.loads(result.stdout)["results"]
     assert [r["status"] for r in results] == ["skipped"] * 3
     assert all("absent here" in r["detail"] for r in results)
-    assert result.exit_code == 0, result.output
-    # The closing line does not read as a failure ("0/3 guardrails hold"): nothing was tried.
+    assert json.loads(result.stdout)["ok"] is False
+    # Nothing tested is no pass, and says so rather than "0/3 guardrails hold".
+    assert result.exit_code == 1, result.output
     table = project.run("smoke", "prod")
-    assert table.exit_code == 0, table.output
+    assert table.exit_code == 1, table.output
     assert table.stdout.strip().endswith(
-        "smoke prod: no guardrail tried: all 3 checks skipped (what they check is absent)"
+        "smoke prod: nothing tested: all 3 checks skipped (what they check is absent in prod)"
+    )
+    assert table.stderr.strip().splitlines()[-1] == (
+        "Error: smoke prod is no pass: nothing tested: all 3 checks skipped (what they check "
+        "is absent in prod)"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -81,6 +82,10 @@ def test_rehearse_runs_the_cutover_then_the_rollback_and_leaves_nothing(
     assert "prod after the rollback, against prod/" in out
     assert "-before-rehearsal prod: 16/16 tables match" in out
     assert "servers stopped" in out
+    assert sum("removed" in line for line in (out + err).splitlines()) == 1  # said once
+    # verify reads dev and prod at once: one line per table, never the two interleaved
+    assert re.search(r"^  public\.questions +dev +[\d,]+ rows +prod +[\d,]+ rows$", err, re.M)
+    assert not re.search(r"^  dev +public\.", err, re.M)
     assert leftovers(tmpdir_base) == ([], {})
 
 

@@ -92,7 +92,7 @@ def test_rollback_counts_the_rows_written_since_the_apply_before_it_throws_them_
         checked.stdout
     )
     assert asked.returncode == 1, asked.stderr
-    assert "Type prod to rollback, throwing away the 3 rows written since the apply" in (
+    assert "Type prod to roll prod back, throwing away the 3 rows written since the apply" in (
         asked.stderr
     )
     assert "written since the apply, thrown away: public.categories: 1 written since" in (

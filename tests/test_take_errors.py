@@ -55,6 +55,13 @@ def _plaintext_to_remote(project: Project, db: Database) -> list[str]:
     return ["take", "dev"]
 
 
+def _unencoded_at(project: Project, db: Database) -> list[str]:
+    project.env(
+        "dev", SUPABASE_DB_URL="postgresql://postgres:secret@w0rd@db.example.com:5432/postgres"
+    )
+    return ["take", "dev"]
+
+
 def _unreachable(project: Project, db: Database) -> list[str]:
     project.env(
         "dev", SUPABASE_DB_URL=f"postgresql://app_owner@127.0.0.1:{localpg.free_port()}/{db.name}"
@@ -137,6 +144,12 @@ CASES: dict[str, tuple[Setup, int, str]] = {
         "transaction pooler (port 6543), which breaks pg_dump",
     ),
     "plaintext to remote": (_plaintext_to_remote, 2, "sslmode=disable towards db.example.com"),
+    "unencoded @ in the password": (
+        _unencoded_at,
+        2,
+        "has more than one '@' before its host: an '@' in the password must be percent-encoded, "
+        "as %40",
+    ),
     "unreachable host": (_unreachable, 1, "cannot connect to app_owner@127.0.0.1:"),
     "unknown table": (_unknown_table, 2, "has no table public.notifications: fix [scope] tables"),
     "view in scope": (_view_in_scope, 2, "public.active_users is a view, not a table"),

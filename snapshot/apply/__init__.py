@@ -44,7 +44,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, preflight, progress, scripts
+from snapshot import archive, interrupts, preflight, progress, scripts, text
 from snapshot.apply import auth, backup, constraints, keepers, proof, replica, sequences, write
 from snapshot.apply import plan as planning
 from snapshot.apply import rows as rowsets
@@ -85,21 +85,25 @@ class _Phases:
         self.committed = False
         self._progress = progress
         self._held: list[int] = []
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def hold_interrupts(self) -> None:
-        """Record SIGINT instead of acting on it, until :meth:`release_interrupts`."""
+        """Record SIGINT (and SIGTERM, SIGHUP) instead of acting on it, until
+        :meth:`release_interrupts`."""
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, lambda n, _f: self._held.append(n))
+            for signum in (signal.SIGINT, *interrupts.TERMINATING):
+                self._previous[signum] = signal.signal(signum, lambda n, _f: self._held.append(n))
 
     def release_interrupts(self, *, raise_held: bool = True) -> None:
-        """Act on a SIGINT held back (raise KeyboardInterrupt), once it is safe to."""
-        if self._previous is None:
+        """Act on a signal held back (as Ctrl-C or :class:`Terminated`), once it is safe to."""
+        if not self._previous:
             return
-        signal.signal(signal.SIGINT, self._previous)
-        self._previous = None
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
         if self._held and raise_held:
-            raise KeyboardInterrupt
+            held = self._held[0]
+            raise KeyboardInterrupt if held == signal.SIGINT else interrupts.Terminated(held)
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -148,6 +152,7 @@ def run_apply(
     progress: Progress | None = None,
     block_readers: bool = False,
     keep_referenced: bool = False,
+    auth_withheld: str = "",
 ) -> ApplyReport:
     """Apply ``snapshot`` to ``target_env`` (see the module docstring for the recipe).
 
@@ -156,12 +161,19 @@ def run_apply(
     table in full instead of writing only what differs; ``block_readers`` checks the scope's
     own foreign keys in bulk (:mod:`.constraints`), making readers wait until the commit;
     ``keep_referenced`` (or ``[apply] keep_referenced``) keeps the rows the snapshot lacks
-    that rows outside the scope refer to (:mod:`.outside`).
+    that rows outside the scope refer to (:mod:`.outside`); ``auth_withheld`` says why the
+    snapshot's auth users are not created (:mod:`snapshot.direction`).
     """
     phases = _Phases(progress)
     with (
         open_session(
-            config, target_env, snapshot, action=action, pg_bin=pg_bin, backup=not dry_run
+            config,
+            target_env,
+            snapshot,
+            action=action,
+            pg_bin=pg_bin,
+            backup=not dry_run,
+            auth_withheld=auth_withheld,
         ) as session,
         contextlib.ExitStack() as cleanup,
     ):
@@ -186,7 +198,9 @@ def run_apply(
         if not checks.ok:
             raise preflight.PreflightFailed(checks)
         assert session.plan is not None, "the preflight plans the apply once it has staged"
-        proposal = ApplyPlan(action, session.target, snapshot, session.plan, dry_run)
+        if auth_withheld:
+            session.notes.append(f"auth users: {auth_withheld}")
+        proposal = ApplyPlan(action, session.target, snapshot, session.plan, dry_run, auth_withheld)
         if confirm is not None and not confirm(proposal):
             raise Refused(f"{action} to {target_env} cancelled: nothing was changed")
         allowed = set(allow_cascades) | set(config.preflight_allow_cascades)
@@ -202,10 +216,17 @@ def check(
     allow_cascades: Collection[str] = (),
     full: bool = False,
     keep_referenced: bool = False,
+    auth_withheld: str = "",
 ) -> preflight.PreflightReport:
     """The preflight and the plan alone (``snapshot check``): changes nothing."""
     with open_session(
-        config, target_env, snapshot, action="apply", pg_bin=pg_bin, backup=True
+        config,
+        target_env,
+        snapshot,
+        action="apply",
+        pg_bin=pg_bin,
+        backup=True,
+        auth_withheld=auth_withheld,
     ) as session:
         session.keep_referenced = keep_referenced or config.apply.keep_referenced
         holder = apply_lock_holder(session.conn)
@@ -221,13 +242,15 @@ def check(
 SETTLE_WAIT = 10.0  # seconds settle_backups waits for the apply lock to be free
 
 
-def settle_backups(config: Config, target_env: str) -> list[str]:
+def settle_backups(config: Config, target_env: str, others: Collection[str] = ()) -> list[str]:
     """Publish or discard the pre-apply backups a killed apply left sealed but unlisted.
 
     Rollback runs this before it chooses the newest backup: an apply that committed and
     died before publishing its backup must be the one rolled back, not the one before.
+    ``others``: archive folders of other names of the same database, settled too.
     """
-    if not archive.orphaned_backups(config.archive, target_env):
+    folders = [target_env, *others]
+    if not any(archive.orphaned_backups(config.archive, f) for f in folders):
         return []
     target = resolve_connection(config.environment(target_env))
     with contextlib.closing(connect(target)) as conn:
@@ -243,7 +266,11 @@ def settle_backups(config: Config, target_env: str) -> list[str]:
                 )
             time.sleep(0.2)
         try:
-            return settle_orphaned_backups(config, target, conn)
+            return [
+                note
+                for folder in folders
+                for note in settle_orphaned_backups(config, replace(target, env=folder), conn)
+            ]
         finally:
             release_apply_lock(conn)
 
@@ -288,14 +315,16 @@ def _execute(run: Session, phases: _Phases, dry_run: bool, allowed: Collection[s
         published = archive.publish(sealed, sealed.manifest.label)
         phases.release_interrupts()
         return _after_commit(run, replace(report, backup=published.id), helpers)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (snapshot.interrupts)
+        stopped, code = interrupts.words(exc), interrupts.exit_code(exc)
         if phases.committed:
             raise Interrupted(
-                f"interrupted (Ctrl-C) after the commit: {env} holds {run.snapshot.id}; undo "
-                f"with: snapshot rollback {env}"
+                f"{stopped} after the commit: {env} holds {run.snapshot.id}; undo "
+                f"with: snapshot rollback {env}",
+                code,
             ) from None
         raise Interrupted(
-            f"interrupted (Ctrl-C) while {phases.current}: rolled back, {env} is unchanged"
+            f"{stopped} while {phases.current}: rolled back, {env} is unchanged", code
         ) from None
     except ScriptFailed as exc:
         raise ScriptFailed(f"{exc}; rolled back, {env} is unchanged") from None
@@ -380,7 +409,7 @@ def _reconcile(run: Session, tables: Collection[TableName]) -> int:
                 run.recorded.pop(table, None)  # the record changed: its stats are stale
             moved += moving
     if moved:
-        log.info("  %d rows changed since the plan was made: compared again", moved)
+        log.info("  %s changed since the plan was made: compared again", text.count(moved, "row"))
     return moved
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from snapshot import staging
+from snapshot import staging, text
 from snapshot.apply.since import xact_writes
 from snapshot.archive import TableEntry
 from snapshot.errors import SnapshotError
@@ -59,7 +59,7 @@ class AuthPlan:
         sample = f" ({', '.join(self.orphaned_sample)}…)" if self.orphaned_sample else ""
         verbs = "kept their login but lost" if done else "will keep their login but lose"
         return (
-            f"{self.orphaned:,} {target} users {verbs} their profile and "
+            f"{text.count(self.orphaned, f'{target} user')} {verbs} their profile and "
             f"activity (their rows in {', '.join(self.profile_tables)} and what refers to "
             f"them): {self.orphaned_recent:,} signed in within the last {RECENT}{sample}"
         )
@@ -67,7 +67,8 @@ class AuthPlan:
     def create_sentence(self, target: str) -> str:
         """``50 snapshot users will become logins in prod, 3 of them unconfirmed``."""
         unconfirmed = f", {self.unconfirmed:,} of them unconfirmed" if self.unconfirmed else ""
-        return f"{self.create:,} snapshot users will become logins in {target}{unconfirmed}"
+        logins = f"will become {'a login' if self.create == 1 else 'logins'}"
+        return f"{text.count(self.create, 'snapshot user')} {logins} in {target}{unconfirmed}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -266,7 +267,11 @@ def create_users(s: Session) -> Created:
                 "WHERE s.user_id IN (SELECT id FROM pg_temp.snapshot_created_users)"
             ).format(cols=id_columns, stage=staging.staging_table(identities))
         ).rowcount
-    log.info("  created %d auth users, %d identities", created, made_identities)
+    log.info(
+        "  created %s, %s",
+        text.count(created, "auth user"),
+        text.count(made_identities, "identity", "identities"),
+    )
     own = {AUTH_USERS: created, AUTH_IDENTITIES: made_identities}
     writes = []
     for table, (inserted, updated, deleted) in sorted(xact_writes(conn).items()):

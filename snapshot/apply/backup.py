@@ -27,7 +27,7 @@ from typing import BinaryIO
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, catalog
+from snapshot import archive, catalog, text
 from snapshot.apply import rows as rowsets
 from snapshot.apply import since
 from snapshot.apply.rows import RowSet
@@ -344,9 +344,9 @@ def finish(s: Session, backup: Backup) -> Snapshot | None:
         f"; {backup.copied_whole} tables without a key copied whole" if backup.copied_whole else ""
     )
     log.info(
-        "  backup written in %.1f s (%d rows changed while pg_dump ran%s, copied under the lock)",
+        "  backup written in %.1f s (%s changed while pg_dump ran%s, copied under the lock)",
         time.monotonic() - backup.started,
-        backup.caught_up,
+        text.count(backup.caught_up, "row"),
         whole,
     )
     # The apply's transaction id: if the process dies around the commit, the next run asks

@@ -59,6 +59,7 @@ class ApplyPlan:
     snapshot: Snapshot
     plan: Plan
     dry_run: bool
+    auth_withheld: str = ""  # why the snapshot's auth users are not created (snapshot.direction)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +67,7 @@ class ApplyPlan:
             "target": self.target.env,
             "snapshot": describe_snapshot(self.snapshot),
             "dry_run": self.dry_run,
+            "auth_withheld": self.auth_withheld or None,
             **self.plan.to_json(),
         }
 

@@ -1,0 +1,213 @@
+"""Safe in every direction: prod's people never reach dev unasked, and any direction but
+dev -> prod is confirmed by a person."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Project
+from tests.fix_db import SCOPE, Database
+
+SCOPE_TABLES = tuple(f"public.{t}" for t in SCOPE)
+NEW_USER = "5e1f0000-0000-4000-8000-000000000001"
+
+
+def one_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("Error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[-1]
+
+
+def _prod_snapshot(project: Project, dev: Database, prod: Database) -> Path:
+    project.point("dev", dev)
+    project.point("prod", prod)
+    taken = project.run("take", "prod", "--unmasked")
+    assert taken.exit_code == 0, taken.output
+    [snapshot] = project.snapshots("prod")
+    return snapshot
+
+
+def test_prod_is_taken_only_unmasked(project: Project, make_db) -> None:
+    project.point("prod", make_db("prod"))
+
+    refused = project.run("take", "prod")
+
+    assert refused.exit_code == 2
+    assert one_error_line(refused) == (
+        "Error: refusing to take prod: it is not marked safe, so its snapshot would carry real "
+        "people's data (logins, password hashes, personal columns); pass --unmasked to take it "
+        "as it is"
+    )
+    assert not (project.path / "snapshots").exists()
+
+    taken = project.run("take", "prod", "--unmasked", "--json")
+
+    assert taken.exit_code == 0, taken.output
+    manifest = json.loads((Path(json.loads(taken.stdout)["path"]) / "manifest.json").read_text())
+    assert manifest["source_safe"] is False
+
+
+def test_reversed_arguments_copy_nothing_of_prod_into_dev(project: Project, make_db) -> None:
+    dev, prod = make_db("dev"), make_db("prod")
+    _prod_snapshot(project, dev, prod)
+    before = dev.fingerprint()  # the scope, auth.users and auth.identities
+
+    implicit = project.run("apply", "dev")  # dev has no usual source: it is never guessed
+    named = project.run("apply", "dev", "--from", "prod", "--yes")
+    cutover = project.run("cutover", "prod", "dev", "--yes")
+    checked = project.run("check", "dev", "--from", "prod")
+
+    assert implicit.exit_code == 2
+    assert one_error_line(implicit) == "Error: which snapshot should go to dev? pass --from ENV"
+    for refused in (named, checked):
+        assert refused.exit_code == 2
+        line = one_error_line(refused)
+        assert line.startswith("Error: refusing to apply prod/")
+        assert (
+            "to dev: prod is not marked safe and dev is, so it would copy real people's data "
+            "(logins, password hashes, personal columns) into dev; pass --unmasked" in line
+        )
+    assert cutover.exit_code == 2
+    assert one_error_line(cutover).startswith("Error: refusing to take prod: it is not marked safe")
+    assert dev.fingerprint() == before
+    assert project.snapshots("dev") == [] and len(project.snapshots("prod")) == 1
+
+
+def test_an_unmasked_apply_creates_auth_users_only_when_asked(project: Project, make_db) -> None:
+    # prod: dev's data, one question edited, and one person who signed up in prod alone.
+    dev, prod = make_db("dev"), make_db("dev")
+    prod.execute("UPDATE public.questions SET title = title || ' (prod)' WHERE id = 1")
+    prod.execute(
+        "INSERT INTO auth.users (id, email, encrypted_password) "
+        "VALUES (%s, 'person@prod.example', '$2a$10$hash')",
+        [NEW_USER],
+    )
+    _prod_snapshot(project, dev, prod)
+    before = dev.fingerprint()
+
+    unasked = project.run("apply", "dev", "--from", "prod", "--unmasked", "--yes", "--json")
+
+    assert unasked.exit_code == 1, unasked.output
+    findings = {f["check"]: f for f in json.loads(unasked.stdout)["findings"]}
+    assert findings["auth users"] == {
+        "check": "auth users",
+        "status": "warning",
+        "detail": "none created: the snapshot comes from prod, which is not marked safe; pass "
+        "--create-auth-users to create its users in dev",
+    }
+    refs = findings["outside references"]
+    assert refs["status"] == "error"
+    assert refs["detail"].startswith("1 snapshot row of public.users points at auth.users rows")
+    assert refs["detail"].endswith("pass --create-auth-users to create them from the snapshot")
+    assert dev.fingerprint() == before
+
+    asked = project.run(
+        "apply", "dev", "--from", "prod", "--unmasked", "--create-auth-users", "--yes"
+    )
+
+    assert asked.exit_code == 0, asked.output
+    assert dev.fingerprint(SCOPE_TABLES) == prod.fingerprint(SCOPE_TABLES)
+    assert dev.scalar("SELECT count(*) FROM auth.users WHERE id = %s", [NEW_USER]) == 1
+
+
+def test_an_unmasked_apply_says_it_created_no_auth_users(project: Project, make_db) -> None:
+    dev, prod = make_db("dev"), make_db("dev")
+    prod.execute("UPDATE public.questions SET title = title || ' (prod)' WHERE id = 1")
+    _prod_snapshot(project, dev, prod)
+    auth_before = dev.fingerprint(("auth.users", "auth.identities"))
+
+    result = project.run("apply", "dev", "--from", "prod", "--unmasked", "--yes", "--json")
+
+    assert result.exit_code == 0, result.output
+    note = (
+        "auth users: none created: the snapshot comes from prod, which is not marked safe; "
+        "pass --create-auth-users to create its users in dev"
+    )
+    assert note in json.loads(result.stdout)["notes"]
+    assert f"note: {note}" in result.stderr
+    assert dev.fingerprint(SCOPE_TABLES) == prod.fingerprint(SCOPE_TABLES)
+    assert dev.fingerprint(("auth.users", "auth.identities")) == auth_before
+    # Rolling dev back to its own backup is never refused.
+    undo = project.run("rollback", "dev", "--yes")
+    assert undo.exit_code == 0, undo.output
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda m: m.pop("source_safe"), id="an older manifest of prod"),
+        pytest.param(
+            lambda m: (m.pop("source_safe"), m.update(environment="gone")), id="unknown source"
+        ),
+    ],
+)
+def test_a_manifest_without_the_record_falls_back_to_not_safe(
+    project: Project, make_db, edit
+) -> None:
+    dev, prod = make_db("dev"), make_db("prod")
+    snapshot = _prod_snapshot(project, dev, prod)
+    path = snapshot / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    before = dev.fingerprint()
+
+    result = project.run("apply", "dev", "--snapshot", f"prod/{snapshot.name}", "--yes")
+
+    assert result.exit_code == 2
+    assert "is not marked safe and dev is" in one_error_line(result)
+    assert dev.fingerprint() == before
+
+
+def _at_a_terminal(project: Project, args: list[str], answer: str) -> tuple[int, str]:
+    """Run the CLI with a terminal on stdin; answer once it asks. Returns (exit code, stderr)."""
+    main, terminal = pty.openpty()
+    try:
+        process = project.spawn(*args, stdin=terminal)
+        assert process.stderr is not None
+        seen = ""
+        deadline = time.monotonic() + 120
+        while "Type " not in seen:
+            assert time.monotonic() < deadline, seen
+            ready, _, _ = select.select([process.stderr], [], [], 1)
+            if ready:
+                chunk = os.read(process.stderr.fileno(), 65536).decode()
+                assert chunk, f"it ended before asking: {seen}"
+                seen += chunk
+        os.write(main, answer.encode())
+        _out, err = process.communicate(timeout=120)
+    finally:
+        os.close(main)
+        os.close(terminal)
+    return process.returncode, seen + err
+
+
+def test_an_unusual_direction_asks_even_onto_a_safe_target(project: Project, make_db) -> None:
+    dev, prod = make_db("dev"), make_db("dev")
+    prod.execute("UPDATE public.questions SET title = title || ' (prod)' WHERE id = 1")
+    _prod_snapshot(project, dev, prod)
+    before = dev.fingerprint()
+    args = ["apply", "dev", "--from", "prod", "--unmasked"]
+
+    scripted = project.run(*args)
+    code, err = _at_a_terminal(project, args, "no\n")
+
+    assert scripted.exit_code == 2
+    assert one_error_line(scripted) == (
+        "Error: refusing to change dev without confirmation: prod -> dev is not the usual "
+        "direction (dev -> prod), and there is no terminal to ask in; pass --yes to confirm "
+        "from a script"
+    )
+    assert code == 1, err
+    assert "warning: prod -> dev is not the usual direction (dev -> prod)" in err
+    assert "Type dev to apply prod's snapshot to dev: " in err
+    assert "apply to dev cancelled: nothing was changed" in err
+    assert dev.fingerprint() == before

@@ -1,0 +1,90 @@
+"""One cause, one exit code and one sentence, in every command that meets it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from snapshot.config import DEFAULT_TABLES
+from snapshot.scripts import bundled_sql
+from tests.conftest import Project
+from tests.test_apply import setup_pair
+
+COMMANDS = {
+    "take": ["take", "dev"],
+    "check": ["check", "prod"],
+    "apply": ["apply", "prod", "--yes"],
+    "cutover": ["cutover", "dev", "prod", "--yes"],
+    "verify": ["verify", "dev", "prod"],
+}
+
+
+def _scope_with(project: Project, old: str, new: str) -> None:
+    tables = [new if t == old else t for t in DEFAULT_TABLES]
+    project.config("[scope]\ntables = [" + ", ".join(f'"{t}"' for t in tables) + "]\n")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_misspelled_scope_table_exits_2_naming_it(
+    project: Project, make_db, command: str
+) -> None:
+    _dev, prod = setup_pair(project, make_db)  # dev's snapshot, taken with the right scope
+    _scope_with(project, "questions", "qestions")
+    original = prod.fingerprint()
+
+    result = project.run(*COMMANDS[command])
+
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: ") and "Traceback" not in result.output
+    assert "has no table public.qestions (did you mean public.questions?)" in line, line
+    assert prod.fingerprint() == original
+
+
+@pytest.mark.parametrize("command", ["check", "apply", "cutover", "verify"])
+def test_a_scope_table_missing_in_prod_exits_2_naming_it(
+    project: Project, make_db, command: str
+) -> None:
+    _dev, prod = setup_pair(project, make_db)
+    prod.execute("DROP TABLE public.topic_edges")
+    original = prod.fingerprint([f"public.{t}" for t in DEFAULT_TABLES if t != "topic_edges"])
+
+    result = project.run(*COMMANDS[command])
+
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert "prod" in line and "has no table public.topic_edges: " in line, line
+    assert "did you mean" not in line  # a table the migrations never made resembles nothing
+    assert original == prod.fingerprint(
+        [f"public.{t}" for t in DEFAULT_TABLES if t != "topic_edges"]
+    )
+
+
+def test_a_cutover_whose_smoke_tested_nothing_is_no_pass(project: Project, make_db) -> None:
+    dev, prod = make_db("dev"), make_db("prod")
+    project.point("dev", dev)
+    project.point("prod", prod)
+    for phase in ("pre", "post"):
+        shutil.copytree(bundled_sql() / phase, project.path / "sql" / phase)
+    smoke = project.path / "sql" / "smoke"
+    smoke.mkdir()
+    for name in ("010_one.sql", "020_two.sql"):
+        (smoke / name).write_text(
+            "-- Nothing to try here.\n-- expect-error: refused\n"
+            "DO $$ BEGIN RAISE EXCEPTION 'skip: nothing to try on'; END $$;\n"
+        )
+
+    result = project.run("cutover", "dev", "prod", "--yes", "--json")
+
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    steps = {s["step"]: (s["status"], s["detail"]) for s in report["steps"]}
+    assert steps["apply"][0] == "ok"
+    assert steps["smoke"] == (
+        "failed",
+        "nothing tested: all 2 checks skipped (what they check is absent in prod)",
+    )
+    assert "no guardrail was tested" in report["state"]
+    assert report["undo"] == f"snapshot rollback prod --to {report['apply']['backup']}"

@@ -1,0 +1,80 @@
+"""The suite's own footing: what an earlier run, or another tool, left on a shared server
+never decides whether the tests pass."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from snapshot import localpg
+from snapshot.errors import ConfigError
+from tests.conftest import Project
+from tests.fix_db import APP_ROLE, Server, Templates
+from tests.fix_servers import start_with_dev_data, system_bin
+
+
+def test_roles_another_tool_left_with_other_attributes_are_corrected(
+    project: Project, server_base: Path
+) -> None:
+    folder = server_base / "stale-roles"
+    folder.mkdir(mode=0o700)
+    local = localpg.start(system_bin(), folder, "pg")
+    try:
+        with psycopg.connect(local.url(), autocommit=True) as conn:
+            # What another tool's run left: the roles exist, with attributes of its own.
+            conn.execute("CREATE ROLE supabase_auth_admin NOLOGIN")
+            conn.execute("CREATE ROLE app_owner LOGIN NOBYPASSRLS CREATEROLE")
+            conn.execute("ALTER ROLE app_owner SET search_path = nowhere")
+            conn.execute("GRANT supabase_auth_admin TO app_owner")
+            conn.execute("CREATE ROLE anon NOLOGIN BYPASSRLS")
+        dev = Templates(Server(local.url())).get("dev")  # what the make_db fixture builds
+        project.env("dev", SUPABASE_DB_URL=local.url(dev, APP_ROLE))
+
+        taken = project.run("take", "dev")
+
+        assert taken.exit_code == 0, taken.output
+        with psycopg.connect(local.url(), autocommit=True) as conn:
+            roles = conn.execute(
+                "SELECT rolname, rolbypassrls, rolcreaterole FROM pg_roles "
+                "WHERE rolname IN ('app_owner', 'anon') ORDER BY 1"
+            ).fetchall()
+            settings = conn.execute("SELECT count(*) FROM pg_db_role_setting").fetchone()
+            member = conn.execute(
+                "SELECT pg_has_role('app_owner', 'supabase_auth_admin', 'MEMBER')"
+            ).fetchone()
+        assert roles == [("anon", False, False), ("app_owner", True, False)]
+        assert settings == (0,) and member == (False,)
+    finally:
+        local.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="servers run as another user only as root")
+def test_the_pg16_fixture_starts_from_a_clone_in_a_private_folder(
+    project: Project, server_base: Path, tmp_path: Path
+) -> None:
+    try:
+        install = localpg.embedded_bin(16).parent  # <site>/<package>/pginstall
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    site = tmp_path / "clone" / ".venv" / "site-packages"  # as scripts/test makes it
+    site.parent.parent.mkdir(mode=0o700)
+    package = install.parent
+    shutil.copytree(install, site / package.name / install.name, symlinks=True)
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, site / libs.name, symlinks=True)
+
+    server = start_with_dev_data(site / package.name / install.name / "bin", server_base / "p16")
+    try:
+        project.env("dev", SUPABASE_DB_URL=server.url("app", user=APP_ROLE))
+        taken = project.run("take", "dev", "--json")
+
+        assert taken.exit_code == 0, taken.output
+        assert json.loads(taken.stdout)["server_version"].startswith("16.")
+    finally:
+        server.stop()
