@@ -7,24 +7,27 @@ Each finding is ok, warning or error, and every error says what to do about it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, LiteralString
+from typing import Any, LiteralString, Protocol
 
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, catalog, staging, text
-from snapshot.direction import CREATE_AUTH_USERS
+from snapshot import archive, catalog, text
 from snapshot.errors import SnapshotError
-from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, TableName, quote
+from snapshot.names import TableName, quote
 from snapshot.session import Session
 from snapshot.take import LIVE, identity
 
-if TYPE_CHECKING:
-    from snapshot.apply.plan import Plan
+
+class Plan(Protocol):
+    """The apply's plan (:class:`snapshot.apply.plan.Plan`), as a report carries it: the
+    preflight itself knows nothing of the apply."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -90,82 +93,67 @@ class PreflightFailed(SnapshotError):
         self.report = report
 
 
-def mask_email(email: str | None) -> str:
-    """``j***@example.com [3fa1]``: enough to tell users apart, not to harvest addresses.
-
-    The tag is a short hash of the whole address (lower-cased, as Supabase Auth compares
-    them): two samples with one domain and initial still differ, and the same person's
-    address gets the same tag on either side.
-    """
-    if not email:
-        return "-"
-    local, _, domain = email.partition("@")
-    tag = hashlib.sha256(email.strip().lower().encode()).hexdigest()[:4]
-    masked = f"{local[:1]}***@{domain}" if domain else f"{email[:1]}***"
-    return f"{masked} [{tag}]"
-
-
-def _identity(s: Session) -> Iterator[Finding]:
-    m = s.snapshot.manifest
-    here = identity(s.target, s.info)
-    same = archive.same_database(m.database, m.project_ref, here, s.target.project_ref)
-    if s.action == "apply" and same and m.kind == LIVE:  # the cutover's source, live
+def _identity(session: Session) -> Iterator[Finding]:
+    m = session.snapshot.manifest
+    here = identity(session.target, session.info)
+    same = archive.same_database(m.database, m.project_ref, here, session.target.project_ref)
+    if session.action == "apply" and same and m.kind == LIVE:  # the cutover's source, live
         yield Finding(
             "identity",
             ERROR,
-            f"{m.environment} and {s.target.env} are one database ({'; '.join(same)}): a "
+            f"{m.environment} and {session.target.env} are one database ({'; '.join(same)}): a "
             f"cutover would copy it onto itself; check the env files of both",
         )
-    elif s.action == "apply" and same:
+    elif session.action == "apply" and same:
         yield Finding(
             "identity",
             ERROR,
-            f"{s.snapshot.id} was taken from {s.target.env} itself ({'; '.join(same)}): check "
-            f"the env files; to restore its own snapshot use 'snapshot rollback "
-            f"{s.target.env} --to {s.snapshot.id}'",
+            f"{session.snapshot.id} was taken from {session.target.env} itself "
+            f"({'; '.join(same)}): check the env files; to restore its own snapshot use "
+            f"'snapshot rollback {session.target.env} --to {session.snapshot.id}'",
         )
-    elif s.action != "apply" and not same:
+    elif session.action != "apply" and not same:
         yield Finding(
             "identity",
             ERROR,
-            f"{s.snapshot.id} was taken from {m.environment} ({m.database.host}:"
-            f"{m.database.port}/{m.database.dbname}), not from {s.target.env}: use 'snapshot "
-            f"apply {s.target.env} --snapshot {s.snapshot.id}'",
+            f"{session.snapshot.id} was taken from {m.environment} ({m.database.host}:"
+            f"{m.database.port}/{m.database.dbname}), not from {session.target.env}: use 'snapshot "
+            f"apply {session.target.env} --snapshot {session.snapshot.id}'",
         )
     else:
         where = f"{m.database.host}:{m.database.port}/{m.database.dbname}"
-        relation = "another database" if s.action == "apply" else "this database"
-        yield Finding("identity", OK, f"{s.snapshot.id} comes from {relation} ({where})")
+        relation = "another database" if session.action == "apply" else "this database"
+        yield Finding("identity", OK, f"{session.snapshot.id} comes from {relation} ({where})")
 
 
-def _integrity(s: Session) -> Iterator[Finding]:
+def _integrity(session: Session) -> Iterator[Finding]:
     try:
-        archive.verify_files(s.snapshot)
+        archive.verify_files(session.snapshot)
     except SnapshotError as exc:
         yield Finding("snapshot integrity", ERROR, str(exc))
         return
-    files = s.snapshot.manifest.files
+    files = session.snapshot.manifest.files
     match = "matches its" if len(files) == 1 else "match their"
     yield Finding("snapshot integrity", OK, f"{text.count(len(files), 'file')} {match} sha256")
 
 
-def _scope(s: Session) -> Iterator[Finding]:
-    beside = catalog.partitions_beside_parents(s.conn, s.config.scope.tables)
+def _scope(session: Session) -> Iterator[Finding]:
+    beside = catalog.partitions_beside_parents(session.conn, session.config.scope.tables)
     if beside:
         yield Finding("scope", ERROR, catalog.partition_refusal(beside))
         return
-    configured = set(s.config.scope.tables)
-    archived = set(s.snapshot.manifest.scope.tables)
+    configured = set(session.config.scope.tables)
+    archived = set(session.snapshot.manifest.scope.tables)
     unknown = configured - archived  # the session read the catalog for the snapshot's tables
-    here = {*s.shapes, *catalog.table_shapes(s.conn, sorted(unknown, key=str))}
-    absent = [t for t in s.config.scope.tables if t not in here]
+    here = {*session.shapes, *catalog.table_shapes(session.conn, sorted(unknown, key=str))}
+    absent = [t for t in session.config.scope.tables if t not in here]
     if absent:
         yield Finding(
             "scope",
             ERROR,
-            f"{s.target.env} has no table "
-            f"{catalog.missing_tables(s.conn, absent, s.config.scope.tables)}: "
-            f"{s.config.scope.fix('fix [scope] tables in snapshot.toml')}, or run the "
+            f"{session.target.env} has no table "
+            f"{catalog.missing_tables(session.conn, absent, session.config.scope.tables)}: "
+            f"{session.config.scope.fix('fix [scope] tables in snapshot.toml')}, or run the "
             "migrations that create it",
         )
     if configured == archived:
@@ -181,19 +169,19 @@ def _scope(s: Session) -> Iterator[Finding]:
     )
 
 
-def _tooling(s: Session) -> Iterator[Finding]:
-    for name, tool in (("pg_restore", s.pg_restore), ("pg_dump", s.pg_dump)):
-        if name in s.problems:
-            yield Finding("tooling", ERROR, s.problems[name])
+def _tooling(session: Session) -> Iterator[Finding]:
+    for name, tool in (("pg_restore", session.pg_restore), ("pg_dump", session.pg_dump)):
+        if name in session.problems:
+            yield Finding("tooling", ERROR, session.problems[name])
         elif tool is not None:
             yield Finding("tooling", OK, f"{name} {tool.version} ({tool.path})")
 
 
-def _schema(s: Session) -> Iterator[Finding]:
+def _schema(session: Session) -> Iterator[Finding]:
     problems = 0
-    for entry in s.snapshot.manifest.tables:
-        shape = s.shapes.get(entry.table)
-        if shape is None and entry.table in s.config.scope.tables:
+    for entry in session.snapshot.manifest.tables:
+        shape = session.shapes.get(entry.table)
+        if shape is None and entry.table in session.config.scope.tables:
             problems += 1  # the scope check names it: a missing scope table is configuration
             continue
         if shape is None:
@@ -201,7 +189,8 @@ def _schema(s: Session) -> Iterator[Finding]:
             yield Finding(
                 "schema",
                 ERROR,
-                f"{entry.table} is missing in {s.target.env}: run the migrations that create it",
+                f"{entry.table} is missing in {session.target.env}: run the migrations that "
+                "create it",
             )
             continue
         target = {c.name: c for c in shape.columns}
@@ -232,17 +221,17 @@ def _schema(s: Session) -> Iterator[Finding]:
         if warnings:
             yield Finding("schema", WARNING, f"{entry.table} {'; '.join(warnings)}")
     if not problems:
-        count = len(s.snapshot.manifest.tables)
+        count = len(session.snapshot.manifest.tables)
         yield Finding("schema", OK, f"{count} tables have the snapshot's columns and types")
 
 
-def _migrations(s: Session) -> Iterator[Finding]:
-    source = s.snapshot.manifest.migrations
-    here = catalog.migration_versions(s.conn)
+def _migrations(session: Session) -> Iterator[Finding]:
+    source = session.snapshot.manifest.migrations
+    here = catalog.migration_versions(session.conn)
     if source is None and here is None:
         yield Finding("migrations", OK, "neither side has supabase_migrations.schema_migrations")
         return
-    env, other = s.snapshot.manifest.environment, s.target.env
+    env, other = session.snapshot.manifest.environment, session.target.env
     if source is None or here is None:
         lacking = env if source is None else other
         yield Finding(
@@ -268,12 +257,14 @@ def _migrations(s: Session) -> Iterator[Finding]:
     )
 
 
-def _privileges(s: Session) -> Iterator[Finding]:
-    conn = s.conn
-    role = s.info.user
+def _privileges(session: Session) -> Iterator[Finding]:
+    conn = session.conn
+    role = session.info.user
     grants: list[str] = []
-    checks = [(t, "SELECT, INSERT, UPDATE, DELETE") for t in s.order]
-    checks += [(e.table, "SELECT, INSERT") for e in s.auth_entries if e.table in s.shapes]
+    checks = [(t, "SELECT, INSERT, UPDATE, DELETE") for t in session.order]
+    checks += [
+        (e.table, "SELECT, INSERT") for e in session.auth_entries if e.table in session.shapes
+    ]
     for table, wanted in checks:
         name = table.ident.as_string(conn)
         missing = [
@@ -285,14 +276,14 @@ def _privileges(s: Session) -> Iterator[Finding]:
             grants.append(f"GRANT {', '.join(missing)} ON {name} TO {quote(role)};")
     unreadable = catalog.hidden_by_row_security(conn, [t for t, _ in checks])
     if not _scalar(conn, "SELECT has_database_privilege(current_database(), 'TEMP')"):
-        grants.append(f"GRANT TEMP ON DATABASE {quote(s.info.dbname)} TO {quote(role)};")
+        grants.append(f"GRANT TEMP ON DATABASE {quote(session.info.dbname)} TO {quote(role)};")
     if grants:
         yield Finding(
             "privileges",
             ERROR,
             f"{role} lacks what apply needs; run as the owner: " + " ".join(grants),
         )
-    owners = _sequence_owners(s)
+    owners = _sequence_owners(session)
     for owner, tables in owners.items():
         named = ", ".join(map(str, tables[:3])) + (
             f" and {len(tables) - 3} more" if len(tables) > 3 else ""
@@ -311,19 +302,19 @@ def _privileges(s: Session) -> Iterator[Finding]:
         yield Finding("privileges", OK, f"{role} may lock, delete, insert and update the scope")
 
 
-def _triggers(s: Session) -> Iterator[Finding]:
+def _triggers(session: Session) -> Iterator[Finding]:
     """The app's triggers that may write into the rows they fire on, and whether the apply
     can keep what they write from staying (:mod:`snapshot.apply.keepers`)."""
-    rewriting = [t for t in catalog.app_triggers(s.conn, s.order) if t.may_rewrite]
+    rewriting = [t for t in catalog.app_triggers(session.conn, session.order) if t.may_rewrite]
     if not rewriting:
         return
     tables = sorted({t.table for t in rewriting})
     denied = {
         tables[int(i) - 1]
-        for (i,) in s.conn.execute(
+        for (i,) in session.conn.execute(
             "SELECT i FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(t, i) "
             "WHERE NOT has_table_privilege(t, 'TRIGGER')",
-            ([t.ident.as_string(s.conn) for t in tables],),
+            ([t.ident.as_string(session.conn) for t in tables],),
         )
     }
     listed = "; ".join(
@@ -340,25 +331,25 @@ def _triggers(s: Session) -> Iterator[Finding]:
         yield Finding(
             "app triggers",
             WARNING,
-            f"{s.info.user} may not create triggers on {table} (it neither owns it nor has "
+            f"{session.info.user} may not create triggers on {table} (it neither owns it nor has "
             "TRIGGER), so what the app's triggers write there would stay and fail the parity "
-            f"check: GRANT TRIGGER ON {table} TO {s.info.user};",
+            f"check: GRANT TRIGGER ON {table} TO {session.info.user};",
         )
 
 
-def _sequence_owners(s: Session) -> dict[str, list[TableName]]:
+def _sequence_owners(session: Session) -> dict[str, list[TableName]]:
     """The tables whose sequences (serial, identity) the role may not restart, by owner.
 
     The apply restarts them with ALTER SEQUENCE (transactional, unlike setval), which takes
     the sequence's owner: the owner of its table, as PostgreSQL keeps them together.
     """
     owners: dict[str, list[TableName]] = {}
-    for seq, table, *_ in catalog.owned_sequence_names(s.conn, s.order):
+    for seq, table, *_ in catalog.owned_sequence_names(session.conn, session.order):
         owner = _scalar(
-            s.conn,
+            session.conn,
             "SELECT CASE WHEN NOT pg_has_role(relowner, 'USAGE') "
             "THEN pg_get_userbyid(relowner) END FROM pg_class WHERE oid = %s::regclass",
-            (seq.ident.as_string(s.conn),),
+            (seq.ident.as_string(session.conn),),
         )
         if owner is not None and table not in owners.setdefault(str(owner), []):
             owners[str(owner)].append(table)
@@ -372,409 +363,78 @@ def _scalar(
     return row[0] if row else None
 
 
-def _order(s: Session) -> Iterator[Finding]:
-    if "order" in s.problems:
-        yield Finding("foreign keys", ERROR, s.problems["order"])
-    elif s.order:
-        inner = [f for f in s.fks if f.child in s.order and f.parent in s.order]
+def _order(session: Session) -> Iterator[Finding]:
+    if "order" in session.problems:
+        yield Finding("foreign keys", ERROR, session.problems["order"])
+    elif session.order:
+        inner = [f for f in session.fks if f.child in session.order and f.parent in session.order]
         yield Finding(
             "foreign keys",
             OK,
-            f"{len(inner)} keys inside the scope; insert order {s.order[0]} … {s.order[-1]}",
+            f"{len(inner)} keys inside the scope; insert order {session.order[0]} … "
+            f"{session.order[-1]}",
         )
 
 
-def _not_null(columns: tuple[str, ...]) -> sql.Composable:
-    return sql.SQL(" AND ").join(
-        sql.SQL("{} IS NOT NULL").format(sql.Identifier(c)) for c in columns
-    )
+def run_checks(session: Session, *, lock_holder: str | None) -> list[Finding]:
+    """The checks that need nothing staged, in the order they are reported.
 
-
-def _closure(s: Session, allowed: Collection[str]) -> Iterator[Finding]:
-    """Foreign keys from outside the scope into it: the rows the apply would take from under
-    them, judged as the apply judges them (:mod:`snapshot.apply.outside`).
-
-    Before anything is staged (the cutover's first look at a live source) the references
-    are only counted: the apply decides once the snapshot is staged, before any write.
+    The checks that need the snapshot's rows (its integrity against the manifest, the
+    scope's closure, outside references, auth user conflicts, the plan) are the apply's, made
+    once it has staged them (:mod:`snapshot.apply.staged_checks`).
     """
-    from snapshot.apply import outside
-
-    refs = s.outside if s.staged else outside.survey(s, staged=False)
-    if not refs:
-        yield Finding("scope closure", OK, "no foreign key from outside the scope refers to it")
-    for ref in refs:
-        status, detail = outside.verdict(s, ref, allowed)
-        yield Finding("scope closure", status, detail)
-    direct = {ref.fk.parent for ref in refs if ref.rows}
-    for kept in s.kept.values():
-        if kept.table not in direct:
-            yield Finding("scope closure", WARNING, kept.sentence(s.target.env))
-
-
-def _outside_references(s: Session) -> Iterator[Finding]:
-    """Snapshot rows that point at rows outside the scope the target lacks."""
-    scoped = set(s.order)
-    auth_copied = any(e.table == AUTH_USERS for e in s.auth_entries)
-    found = False
-    for fk in s.fks:
-        if fk.child not in scoped or fk.parent in scoped:
-            continue
-        entry = s.entries[fk.child]
-        stage = staging.staging_table(entry)
-        match = sql.SQL(" AND ").join(
-            sql.SQL("p.{} = s.{}").format(sql.Identifier(pc), sql.Identifier(cc))
-            for pc, cc in zip(fk.parent_columns, fk.columns, strict=True)
-        )
-        query: sql.Composed = sql.SQL(
-            "SELECT count(*) FROM {} s WHERE {} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})"
-        ).format(stage, _not_null(fk.columns), fk.parent.ident, match)
-        if fk.parent == AUTH_USERS and auth_copied:
-            users = next(e for e in s.auth_entries if e.table == AUTH_USERS)
-            query = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})").format(
-                query, staging.staging_table(users), match
-            )
-        count = _scalar(s.conn, query)
-        if count:
-            found = True
-            if fk.parent != AUTH_USERS:
-                fix = f"add {fk.parent} to the scope, or create those rows in the target first"
-            elif s.auth_withheld:
-                fix = f"pass {CREATE_AUTH_USERS} to create them from the snapshot"
-            else:
-                fix = "copy auth users (auth_users = true)"
-            yield Finding(
-                "outside references",
-                ERROR,
-                f"{text.count(count, 'snapshot row')} of {fk.child} "
-                f"{'points' if count == 1 else 'point'} at {fk.parent} rows the target lacks "
-                f"({fk}): {fix}",
-            )
-    if not found:
-        yield Finding("outside references", OK, "every key leaving the scope finds its row")
-
-
-def _unique_keys(
-    conn: psycopg.Connection, staged: Collection[str]
-) -> list[tuple[list[str], str | None]]:
-    """The target's unique keys on auth.users (not the id) over staged plain columns.
-
-    Each with its predicate: Supabase's email index covers only ``is_sso_user = false``,
-    so an SSO user may share a password user's email; conflicts follow the real index.
-    """
-    rows = conn.execute(
-        "SELECT array_agg(a.attname::text ORDER BY k.n), pg_get_expr(i.indpred, i.indrelid) "
-        "FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(num, n) "
-        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.num "
-        "WHERE i.indrelid = 'auth.users'::regclass AND i.indisunique AND NOT i.indisprimary "
-        "AND i.indisvalid AND 0 <> ALL (i.indkey::int2[]) GROUP BY i.indexrelid, i.indpred, "
-        "i.indrelid ORDER BY i.indexrelid"
-    ).fetchall()
-    return [(list(cols), pred) for cols, pred in rows if set(cols) <= set(staged)]
-
-
-def _same_value(column: str) -> sql.Composable:
-    """``t.column = s.column``; emails compared case-insensitively, as Supabase Auth does.
-
-    Auth finds a user by ``lower(email)``: ``Conflict@Example.com`` and
-    ``conflict@example.com`` are one person to it, though the unique index takes both.
-    """
-    if column == "email":
-        return sql.SQL("lower(t.{c}) = lower(s.{c})").format(c=sql.Identifier(column))
-    return sql.SQL("t.{c} = s.{c}").format(c=sql.Identifier(column))
-
-
-def _auth_conflicts(s: Session) -> Iterator[Finding]:
-    """Snapshot users to create whose email or phone already belongs to another target user."""
-    users = next((e for e in s.auth_entries if e.table == AUTH_USERS), None)
-    if users is None:
-        return
-    stage = staging.staging_table(users)
-    conflicts = []
-    for columns, predicate in _unique_keys(s.conn, users.column_names):
-        covered = sql.SQL(" WHERE {}").format(sql.SQL(predicate)) if predicate else sql.SQL("")
-        same = sql.SQL(" AND ").join(_same_value(c) for c in columns)
-        query = sql.SQL(
-            "SELECT s.id, s.email, t.id FROM (SELECT * FROM {stage}{covered}) s "
-            "JOIN (SELECT * FROM auth.users{covered}) t ON {same} AND t.id <> s.id "
-            "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) ORDER BY s.id LIMIT 20"
-        ).format(stage=stage, covered=covered, same=same)
-        try:
-            with s.conn.transaction():  # a predicate over a column the snapshot lacks fails
-                rows = s.conn.execute(query).fetchall()
-        except psycopg.Error:
-            continue
-        what = " and ".join(columns)
-        for source_id, email, target_id in rows:
-            conflicts.append(f"{source_id} ({mask_email(email)}) has the {what} of {target_id}")
-    identities = next((e for e in s.auth_entries if e.table == AUTH_IDENTITIES), None)
-    if identities is not None:
-        rows = s.conn.execute(
-            sql.SQL(
-                "SELECT i.user_id, i.provider FROM {ids} i JOIN auth.identities t "
-                "ON t.provider_id = i.provider_id AND t.provider = i.provider "
-                "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = i.user_id) LIMIT 20"
-            ).format(ids=staging.staging_table(identities))
-        ).fetchall()
-        for user_id, provider in rows:
-            conflicts.append(f"{user_id}'s {provider} identity belongs to another target user")
-    if conflicts:
-        yield Finding(
-            "auth users",
-            ERROR,
-            f"{text.count(len(conflicts), 'snapshot user')} cannot be created in {s.target.env}: "
-            + "; ".join(conflicts)
-            + ". Resolve them in either project (Authentication > Users), then apply again",
-        )
-    else:
-        created = _scalar(
-            s.conn,
-            sql.SQL(
-                "SELECT count(*) FROM {} s WHERE NOT EXISTS (SELECT 1 FROM auth.users u "
-                "WHERE u.id = s.id)"
-            ).format(stage),
-        )
-        yield Finding(
-            "auth users",
-            OK,
-            f"{text.count(created, 'snapshot user')} will be created, "
-            f"{'it does not conflict' if created == 1 else 'none conflict'}",
-        )
-
-
-def run_checks(
-    s: Session,
-    *,
-    lock_holder: str | None,
-    allow_cascades: Collection[str] = (),
-    full: bool = False,
-) -> PreflightReport:
-    """Every check, in the order they are reported; stages and plans the apply when it can.
-
-    A live description of the source (:func:`snapshot.take.describe`, the cutover's first
-    step) has no files yet: the checks that need the snapshot's rows are left to the apply.
-    """
-    allowed = set(allow_cascades) | set(s.config.preflight_allow_cascades)
-    live = s.snapshot.manifest.kind == LIVE
+    live = session.snapshot.manifest.kind == LIVE
     findings: list[Finding] = []
     if not live:
-        findings += _integrity(s)
-    findings += _identity(s)
-    findings += _scope(s)
-    findings += _tooling(s)
+        findings += _integrity(session)
+    findings += _identity(session)
+    findings += _scope(session)
+    findings += _tooling(session)
     if lock_holder:
         findings.append(
             Finding(
                 "one apply at a time",
                 ERROR,
-                f"another snapshot apply or rollback is running against {s.target.env} "
+                f"another snapshot apply or rollback is running against {session.target.env} "
                 f"({lock_holder}): wait for it to finish",
             )
         )
     else:
         findings.append(Finding("one apply at a time", OK, "no other apply or rollback runs"))
-    findings += _schema(s)
-    findings += _migrations(s)
-    findings += _privileges(s)
-    findings += _triggers(s)
-    findings += _order(s)
-    findings.append(_scripts(s))
+    findings += _schema(session)
+    findings += _migrations(session)
+    findings += _privileges(session)
+    findings += _triggers(session)
+    findings += _order(session)
+    findings.append(_scripts(session))
+    return findings
+
+
+def rows_left_for_later(*, live: bool) -> Finding:
+    """What the staged checks would have said, when they cannot run yet.
+
+    ``live``: the cutover's first look at a source not taken yet; else errors above stop it.
+    """
     if live:
-        findings += _closure(s, allowed)
-        findings.append(
-            Finding(
-                "snapshot rows",
-                OK,
-                "outside references and auth user conflicts are checked by the apply, once the "
-                "snapshot is taken and before any write",
-            )
-        )
-    elif any(f.status == ERROR for f in findings):
-        findings.append(
-            Finding(
-                "snapshot rows",
-                WARNING,
-                "scope closure, outside references, auth user conflicts and the plan are "
-                "checked once the errors above are fixed (they need the snapshot staged)",
-            )
-        )
-    else:
-        from snapshot.apply import backup
-        from snapshot.apply import plan as planning
-
-        assert s.pg_restore is not None
-        if s.backup_into is not None:
-            # The plan records the target in the snapshot pg_dump then backs up while the
-            # staged rows are compared; the apply copies what changed since under its lock.
-            s.backup = backup.start(s, s.backup_into)
-        matched = planning.record(s)
-        staging.stage(
-            s.conn,
-            s.pg_restore,
-            s.snapshot,
-            [*s.entries.values(), *s.auth_entries],
-            matched | s.withheld_tables,  # withheld auth users are never even loaded
-        )
-        if s.backup is not None:
-            backup.dump(s.backup)
-        s.staged = True
-        s.plan = planning.prepare(s, matched, full=full, allowed=allowed)
-        findings += _staged_rows(s)
-        findings += _closure(s, allowed)
-        findings += _outside_references(s)
-        findings += _auth_conflicts(s)
-        in_bulk, how = _key_checks(s, s.plan, allowed)
-        findings += _plan_findings(s, s.plan, in_bulk=in_bulk)
-        findings += how
-    if s.auth_withheld:
-        findings.append(Finding("auth users", WARNING, s.auth_withheld))
-    return PreflightReport(s.action, s.target.env, s.snapshot.id, tuple(findings), s.plan)
-
-
-def _staged_rows(s: Session) -> Iterator[Finding]:
-    """The staged rows against the manifest: a swapped dump or an edited manifest stops here."""
-    from snapshot.apply import rows as rowsets
-    from snapshot.checksum import TableStats, kind_of, table_stats
-
-    wrong = []
-    entries = [*s.entries.values(), *s.auth_entries]
-    for entry in entries:
-        rows = s.row_sets.get(entry.table)
-        if rows is not None:
-            staged = rowsets.snapshot_stats(s.conn, rows)
-        else:
-            staged = table_stats(
-                s.conn,
-                staging.staging_table(entry),
-                entry.column_names,
-                kind=kind_of(entry.checksum),
-            )
-        if staged == TableStats(entry.rows, entry.checksum):
-            continue
-        if staged.rows != entry.rows:
-            wrong.append(f"{entry.table} ({staged.rows:,} rows, the manifest says {entry.rows:,})")
-        else:
-            wrong.append(f"{entry.table} (its checksum differs)")
-    if wrong:
-        yield Finding(
-            "snapshot integrity",
-            ERROR,
-            f"the rows in {s.snapshot.id}'s data.dump contradict its manifest: "
-            f"{', '.join(wrong)}; the dump was replaced or the manifest edited: take a new "
-            "snapshot",
-        )
-    else:
-        yield Finding(
-            "snapshot integrity",
+        return Finding(
+            "snapshot rows",
             OK,
-            f"the staged rows of {len(entries)} tables match the manifest's counts and checksums",
+            "outside references and auth user conflicts are checked by the apply, once the "
+            "snapshot is taken and before any write",
         )
+    return Finding(
+        "snapshot rows",
+        WARNING,
+        "scope closure, outside references, auth user conflicts and the plan are "
+        "checked once the errors above are fixed (they need the snapshot staged)",
+    )
 
 
-def _scripts(s: Session) -> Finding:
+def _scripts(session: Session) -> Finding:
     """Which pre, post and smoke scripts will run, from the user's folder or bundled."""
     from snapshot import scripts
 
     try:
-        return Finding("scripts", OK, scripts.describe(s.config))
+        return Finding("scripts", OK, scripts.describe(session.config))
     except SnapshotError as exc:
         return Finding("scripts", ERROR, str(exc))
-
-
-def _key_checks(s: Session, plan: Plan, allowed: Collection[str]) -> tuple[bool, list[Finding]]:
-    """Whether a large change checks its foreign keys in bulk, and a finding saying how
-    (a small one goes row by row, unsaid)."""
-    from snapshot.apply import replica
-
-    if s.block_readers or not replica.wanted(s, plan):
-        return False, []
-    why = replica.obstacle(s, allowed)
-    if why is not None:
-        detail = f"{plan.changes:,} rows to write, foreign keys checked row by row: {why}"
-        return False, [Finding("plan", OK, detail)]
-    detail = (
-        f"{plan.changes:,} rows to write: their foreign keys are checked in bulk after the "
-        "writes (session_replication_role = replica, the app's triggers set to fire always "
-        "meanwhile); readers never wait"
-    )
-    return True, [Finding("plan", OK, detail)]
-
-
-def _plan_findings(s: Session, plan: Plan, *, in_bulk: bool = False) -> Iterator[Finding]:
-    """What the apply will write, and whom it affects, as findings.
-
-    ``in_bulk``: the writes check foreign keys in bulk, so the deletes need no index.
-    """
-    tables = plan.tables
-    counts = (
-        f"{sum(t.inserts for t in tables):,} rows to insert, {sum(t.updates for t in tables):,} "
-        f"to update, {sum(t.deletes for t in tables):,} to delete, "
-        f"{sum(t.unchanged for t in tables):,} unchanged"
-    )
-    full = [t for t in tables if t.full]
-    how = f"{len(tables) - len(full)} tables as a delta"
-    if full:
-        how += (
-            f", {len(full)} replaced in full ({'; '.join(f'{t.table}: {t.reason}' for t in full)})"
-        )
-    yield Finding("plan", OK, f"{counts}: {how}")
-    if plan.helper_indexes:
-        use = (
-            "checking foreign keys in bulk, this apply needs no index for them"
-            if in_bulk
-            else "the apply indexes them for its own use and drops the indexes after commit "
-            "(DROP INDEX CONCURRENTLY: readers never wait)"
-        )
-        yield Finding(
-            "plan",
-            OK,
-            f"{len(plan.helper_indexes)} foreign keys have no index and their parents lose "
-            f"many rows: {use}; to index them for good: "
-            + " ".join(
-                f"CREATE INDEX CONCURRENTLY ON {fk.child} ({', '.join(map(quote, fk.columns))});"
-                for fk in plan.helper_indexes
-            ),
-        )
-    if plan.written_since is not None:
-        lost = [w for w in plan.written_since if w.rows]
-        if lost:
-            total = sum(w.rows for w in lost)
-            yield Finding(
-                "written since",
-                WARNING,
-                f"{total:,} row{'' if total == 1 else 's'} written since the apply this "
-                f"{s.action} undoes (by the app, or a later apply) will be thrown away: "
-                + "; ".join(w.sentence() for w in lost)
-                + f"; only its pre-{s.action} backup keeps them",
-            )
-        else:
-            yield Finding(
-                "written since", OK, f"no row written since the apply this {s.action} undoes"
-            )
-    people = plan.auth
-    if people is None:
-        return
-    if people.create:
-        yield Finding(
-            "new logins",
-            OK,
-            f"{people.create_sentence(s.target.env)} (auth users are never updated)",
-        )
-    for trigger in people.triggers:
-        outside = trigger.opaque or any(t not in s.order for t in trigger.writes)
-        yield Finding(
-            "auth triggers",
-            WARNING if outside else OK,
-            f"{trigger.sentence(s.order)}: it fires as the {people.create:,} snapshot users "
-            f"are created; the report counts the rows it writes"
-            + (" (rows written outside the scope stay)" if outside else ""),
-        )
-    if people.orphaned:
-        setting = s.config.apply.orphaned_users
-        status = ERROR if setting == "error" else WARNING
-        fix = (
-            '; [apply] orphaned_users = "error" in snapshot.toml refuses such applies'
-            if status == WARNING
-            else ": copy those users' rows to the source first, or set [apply] orphaned_users "
-            '= "warn" in snapshot.toml to accept it'
-        )
-        yield Finding("orphaned users", status, people.orphaned_sentence(s.target.env) + fix)

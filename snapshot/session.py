@@ -9,11 +9,11 @@ the preflight to report, all at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -27,23 +27,19 @@ from snapshot.environments import Connection, resolve_connection
 from snapshot.errors import Refused, SnapshotError
 from snapshot.names import TableName
 
-if TYPE_CHECKING:
-    from snapshot.apply.backup import Backup
-    from snapshot.apply.outside import Kept, Reference
-    from snapshot.apply.plan import Plan
-    from snapshot.apply.rows import RowSet
-    from snapshot.apply.since import Applied
-    from snapshot.checksum import TableStats
-
 log = logging.getLogger(__name__)
 
 # One apply or rollback per database at a time (advisory locks are per database).
 ADVISORY_KEY = 0x736E6170  # "snap"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Session:
-    """A snapshot about to meet a target, and everything read about both."""
+    """A snapshot about to meet a target, and everything read about both: facts, not state.
+
+    What one apply accumulates (its rows, plan, backup, notes) is that apply's own object,
+    :class:`snapshot.apply.state.ApplyRun`, which holds its session.
+    """
 
     config: Config
     action: str
@@ -57,24 +53,10 @@ class Session:
     auth_entries: tuple[TableEntry, ...]
     pg_restore: pgtools.PgTool | None
     pg_dump: pgtools.PgTool | None
-    problems: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    staged: bool = False
-    row_sets: dict[TableName, RowSet] = field(default_factory=dict)
-    horizon: int | None = None  # of the records' snapshot (snapshot.apply.rows.horizon)
-    recorded: dict[TableName, TableStats] = field(default_factory=dict)  # while still true
-    plan: Plan | None = None
-    backup_into: Path | None = None  # a pending archive folder: the apply backs up into it
-    backup: Backup | None = None  # started with the staging, joined before the commit
-    block_readers: bool = False  # apply --block-readers (snapshot.apply.constraints)
-    row_by_row: str = ""  # why bulk foreign-key checks are off for the rest of the apply
-    keep_referenced: bool = False  # keep parents outside rows refer to (snapshot.apply.outside)
-    outside: tuple[Reference, ...] = ()  # the keys from outside the scope, last counted
-    kept: dict[TableName, Kept] = field(default_factory=dict)  # rows kept for them
-    applied: Applied | None = None  # a rollback: what the apply it undoes wrote (since.py)
+    problems: Mapping[str, str] = field(default_factory=dict)  # what stops it, for preflight
     auth_withheld: str = ""  # why the snapshot's auth users are not created (snapshot.direction)
 
-    @property
+    @functools.cached_property
     def entries(self) -> dict[TableName, TableEntry]:
         """The snapshot's scoped tables (auth tables excluded)."""
         return {t.table: t for t in self.snapshot.manifest.scope_tables}

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import Project
 from tests.fix_db import Database
-from tests.test_apply import apply, setup_pair
+from tests.test_apply import SCOPE_TABLES, apply, setup_pair
 
 DEFAULT_SQL = Path(__file__).resolve().parent.parent / "sql"
 
@@ -335,3 +335,48 @@ def test_ctrl_c_at_the_prompt_changes_nothing_and_exits_130(project: Project, ma
     assert prod.fingerprint() == original
     assert project.snapshots("prod") == []
     assert list((project.path / "snapshots" / "prod").glob(".tmp-*")) == []
+
+
+def test_nothing_is_held_on_prod_while_the_prompt_waits(project: Project, make_db) -> None:
+    # The plan is shown and the question asked with no lock, no open transaction and no
+    # exported snapshot on prod; what the app writes meanwhile is in the apply and its backup.
+    dev, prod = setup_pair(project, make_db)
+    main, terminal = pty.openpty()
+    try:
+        process = project.spawn("apply", "prod", stdin=terminal)
+        assert process.stderr is not None
+        seen = ""
+        deadline = time.monotonic() + 120
+        while "Type prod to apply" not in seen:
+            assert time.monotonic() < deadline, seen
+            ready, _, _ = select.select([process.stderr], [], [], 1)
+            if ready:
+                chunk = os.read(process.stderr.fileno(), 65536).decode()
+                assert chunk, f"the apply ended before asking: {seen}"
+                seen += chunk
+        held = prod.execute(
+            "SELECT a.state, a.backend_xmin IS NOT NULL, EXISTS (SELECT 1 FROM pg_locks l "
+            "WHERE l.pid = a.pid AND l.locktype = 'advisory') FROM pg_stat_activity a "
+            "WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() "
+            "AND a.application_name LIKE 'snapshot%%'"
+        )
+        prod.execute(
+            "INSERT INTO public.question_attempts (user_id, question_id, is_correct) "
+            "SELECT user_id, question_id, true FROM public.question_attempts LIMIT 1"
+        )
+        meanwhile = prod.fingerprint(SCOPE_TABLES)
+        os.write(main, b"prod\n")
+        _out, err = process.communicate(timeout=120)
+    finally:
+        os.close(main)
+        os.close(terminal)
+
+    assert held and all(state == "idle" and not xmin and not lock for state, xmin, lock in held), (
+        held
+    )
+    assert process.returncode == 0, seen + err
+    assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
+    rolled = project.run("rollback", "prod", "--yes")
+    assert rolled.exit_code == 0, rolled.output
+    # the backup holds what the app wrote meanwhile (auth users the apply created stay)
+    assert prod.fingerprint(SCOPE_TABLES) == meanwhile

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import pty
-import select
 import subprocess
 import threading
 import time
@@ -300,41 +297,42 @@ def _apply_while_the_app_writes(
     writes: str | Callable[[], object] = APP_WRITES,
     scope: Sequence[str] | None = None,
 ) -> tuple[subprocess.CompletedProcess, dict[str, tuple[int, str]]]:
-    """``apply prod`` at a terminal; the app runs ``writes`` while the person reads the plan.
+    """``apply prod --yes`` while the app writes: the app's transaction, open before the apply
+    starts, commits once the apply waits for its lock (after the plan was made and the
+    backup's pg_dump started); ``writes`` is its SQL, or a call that ends it.
 
     Returns the outcome and prod's fingerprint (of ``scope``) as the apply's lock found it.
     """
-    main, terminal = pty.openpty()
-    try:
-        process = project.spawn("apply", "prod", stdin=terminal)
+    with prod.connect() as app:
+        if not callable(writes):
+            app.execute("BEGIN")
+            app.execute(writes)  # not committed: it holds its row locks, the apply plans on
+        process = project.spawn("apply", "prod", "--yes")
         assert process.stderr is not None
-        seen = ""
+        waiting = (
+            "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE NOT l.granted AND a.application_name = 'snapshot' "
+            "AND a.datname = current_database())"
+        )
         deadline = time.monotonic() + 120
-        while "Type prod to apply" not in seen:
-            assert time.monotonic() < deadline, seen
-            ready, _, _ = select.select([process.stderr], [], [], 1)
-            if ready:
-                chunk = os.read(process.stderr.fileno(), 65536).decode()
-                assert chunk, f"the apply ended before asking: {seen}"
-                seen += chunk
+        while not prod.scalar(waiting):
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "the apply never waited for its lock"
+            time.sleep(0.01)
         if callable(writes):
             writes()
         else:
-            prod.execute(writes)
+            app.execute("COMMIT")
         locked = prod.fingerprint() if scope is None else prod.fingerprint(scope)
-        os.write(main, b"prod\n")
         out, err = process.communicate(timeout=180)
-    finally:
-        os.close(main)
-        os.close(terminal)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, seen + err), locked
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err), locked
 
 
 def test_what_the_app_writes_while_the_backup_runs_is_in_the_backup(
     project: Project, make_db
 ) -> None:
-    # pg_dump starts before the lock (while the snapshot is staged and the person reads the
-    # plan); the rows written until the lock are caught up under it.
+    # pg_dump starts before the lock (while the snapshot is staged and compared); the rows
+    # written until the lock are caught up under it.
     dev, prod = setup_pair(project, make_db)
 
     result, locked = _apply_while_the_app_writes(project, prod)

@@ -15,6 +15,7 @@ the transaction's own statistics (:class:`Created`), and the reports say so.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -25,13 +26,28 @@ from psycopg import sql
 
 from snapshot import staging, text
 from snapshot.apply.since import xact_writes
+from snapshot.apply.state import ApplyRun
 from snapshot.archive import TableEntry
 from snapshot.errors import SnapshotError
 from snapshot.names import AUTH_IDENTITIES, AUTH_TABLES, AUTH_USERS, TableName, split_dotted
-from snapshot.preflight import mask_email
-from snapshot.session import Session
 
 log = logging.getLogger(__name__)
+
+
+def mask_email(email: str | None) -> str:
+    """``j***@example.com [3fa1]``: enough to tell users apart, not to harvest addresses.
+
+    The tag is a short hash of the whole address (lower-cased, as Supabase Auth compares
+    them): two samples with one domain and initial still differ, and the same person's
+    address gets the same tag on either side.
+    """
+    if not email:
+        return "-"
+    local, _, domain = email.partition("@")
+    tag = hashlib.sha256(email.strip().lower().encode()).hexdigest()[:4]
+    masked = f"{local[:1]}***@{domain}" if domain else f"{email[:1]}***"
+    return f"{masked} [{tag}]"
+
 
 RECENT = "7 days"
 SAMPLE = 5
@@ -164,8 +180,8 @@ class Created:
     writes: tuple[TriggerWrites, ...] = ()  # what the app's triggers wrote meanwhile
 
 
-def _entry(s: Session, table: Any) -> TableEntry | None:
-    return next((e for e in s.auth_entries if e.table == table), None)
+def _entry(run: ApplyRun, table: Any) -> TableEntry | None:
+    return next((e for e in run.auth_entries if e.table == table), None)
 
 
 def _scalar(conn: psycopg.Connection, query: sql.Composed) -> int:
@@ -173,15 +189,15 @@ def _scalar(conn: psycopg.Connection, query: sql.Composed) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def auth_plan(s: Session) -> AuthPlan | None:
+def auth_plan(run: ApplyRun) -> AuthPlan | None:
     """Who the apply creates, and whom it leaves without app rows (None: auth not copied)."""
-    users = _entry(s, AUTH_USERS)
+    users = _entry(run, AUTH_USERS)
     if users is None:
         return None
     stage = staging.staging_table(users)
     missing = sql.SQL("NOT EXISTS (SELECT 1 FROM auth.users AS u WHERE u.id = s.id)")
     create = _scalar(
-        s.conn, sql.SQL("SELECT count(*) FROM {} AS s WHERE {}").format(stage, missing)
+        run.conn, sql.SQL("SELECT count(*) FROM {} AS s WHERE {}").format(stage, missing)
     )
     confirmed = [c for c in ("email_confirmed_at", "phone_confirmed_at") if c in users.column_names]
     unconfirmed = 0
@@ -190,20 +206,20 @@ def auth_plan(s: Session) -> AuthPlan | None:
             sql.SQL("s.{} IS NULL").format(sql.Identifier(c)) for c in confirmed
         )
         unconfirmed = _scalar(
-            s.conn,
+            run.conn,
             sql.SQL("SELECT count(*) FROM {} AS s WHERE {} AND {}").format(stage, missing, none),
         )
-    triggers = auth_triggers(s) if create else ()
-    return _orphans(s, AuthPlan(create, unconfirmed, triggers=triggers), stage)
+    triggers = auth_triggers(run) if create else ()
+    return _orphans(run, AuthPlan(create, unconfirmed, triggers=triggers), stage)
 
 
-def _orphans(s: Session, plan: AuthPlan, users_stage: sql.Identifier) -> AuthPlan:
+def _orphans(run: ApplyRun, plan: AuthPlan, users_stage: sql.Identifier) -> AuthPlan:
     """Target users, absent from the snapshot, left with no row in a scoped table after it.
 
     A user counts when some scoped table refers to them today (``public.users.id``, say)
     and the snapshot's copy of every such table refers to them nowhere.
     """
-    keys = [fk for fk in s.fks if fk.parent == AUTH_USERS and fk.child in s.order]
+    keys = [fk for fk in run.fks if fk.parent == AUTH_USERS and fk.child in run.order]
     keys = [fk for fk in keys if len(fk.columns) == 1]
     if not keys:
         return plan
@@ -215,14 +231,14 @@ def _orphans(s: Session, plan: AuthPlan, users_stage: sql.Identifier) -> AuthPla
     )
     keep = sql.SQL(" UNION ").join(
         sql.SQL("SELECT {c} AS id FROM {t} WHERE {c} IS NOT NULL").format(
-            c=sql.Identifier(fk.columns[0]), t=staging.staging_table(s.entries[fk.child])
+            c=sql.Identifier(fk.columns[0]), t=staging.staging_table(run.entries[fk.child])
         )
         for fk in keys
     )
     recent: sql.Composable = sql.SQL("false")
-    if "last_sign_in_at" in s.shapes[AUTH_USERS].column_names:
+    if "last_sign_in_at" in run.shapes[AUTH_USERS].column_names:
         recent = sql.SQL("u.last_sign_in_at > now() - interval {}").format(sql.Literal(RECENT))
-    rows = s.conn.execute(
+    rows = run.conn.execute(
         sql.SQL(
             "SELECT count(*), count(*) FILTER (WHERE {recent}), "
             "(array_agg(u.email ORDER BY u.last_sign_in_at DESC NULLS LAST, u.id))[1:{n}] "
@@ -239,14 +255,14 @@ def _orphans(s: Session, plan: AuthPlan, users_stage: sql.Identifier) -> AuthPla
     )
 
 
-def create_users(s: Session) -> Created:
+def create_users(run: ApplyRun) -> Created:
     """Insert the snapshot's auth users the target lacks, and their identities; count what
     the app's triggers wrote meanwhile."""
-    users = _entry(s, AUTH_USERS)
+    users = _entry(run, AUTH_USERS)
     if users is None:
         return Created(0, 0)
-    identities = _entry(s, AUTH_IDENTITIES)
-    conn = s.conn
+    identities = _entry(run, AUTH_IDENTITIES)
+    conn = run.conn
     before = xact_writes(conn)
     conn.execute("DROP TABLE IF EXISTS pg_temp.snapshot_created_users")
     conn.execute("CREATE TEMP TABLE snapshot_created_users (id uuid PRIMARY KEY) ON COMMIT DROP")
@@ -278,19 +294,19 @@ def create_users(s: Session) -> Created:
         was = before.get(table, (0, 0, 0))
         done = (inserted - was[0] - own.get(table, 0), updated - was[1], deleted - was[2])
         if any(done):
-            writes.append(TriggerWrites(table, *done, in_scope=table in s.order))
+            writes.append(TriggerWrites(table, *done, in_scope=table in run.order))
     for w in writes:
         log.info("  the app's triggers on the auth tables wrote %s", w.sentence())
     return Created(created, made_identities, tuple(writes))
 
 
-def missing_users(s: Session) -> int:
+def missing_users(run: ApplyRun) -> int:
     """Snapshot users still absent from the target (0 after a successful apply)."""
-    users = _entry(s, AUTH_USERS)
+    users = _entry(run, AUTH_USERS)
     if users is None:
         return 0
     return _scalar(
-        s.conn,
+        run.conn,
         sql.SQL(
             "SELECT count(*) FROM {} s "
             "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id)"
@@ -321,7 +337,7 @@ _WRITES = re.compile(
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
 
 
-def auth_triggers(s: Session) -> tuple[AuthTrigger, ...]:
+def auth_triggers(run: ApplyRun) -> tuple[AuthTrigger, ...]:
     """The app's triggers on the auth tables the apply inserts into, and what they write.
 
     What a function writes is read from its source (SQL and PL/pgSQL): the tables named
@@ -329,29 +345,31 @@ def auth_triggers(s: Session) -> tuple[AuthTrigger, ...]:
     names looked up in the function's own search_path, else the app's. Functions it calls
     are not followed: the counts after the apply are the truth.
     """
-    tables = [e.table.ident.as_string(s.conn) for e in s.auth_entries if e.table in AUTH_TABLES]
+    tables = [e.table.ident.as_string(run.conn) for e in run.auth_entries if e.table in AUTH_TABLES]
     if not tables:
         return ()
-    row = s.conn.execute("SELECT reset_val FROM pg_settings WHERE name = 'search_path'").fetchone()
+    row = run.conn.execute(
+        "SELECT reset_val FROM pg_settings WHERE name = 'search_path'"
+    ).fetchone()
     app_path = str(row[0]) if row else "public"
     found = []
-    for schema, table, name, function, language, source, path in s.conn.execute(
+    for schema, table, name, function, language, source, path in run.conn.execute(
         _TRIGGERS, (tables,)
     ).fetchall():
         if language not in ("plpgsql", "sql"):
             found.append(AuthTrigger(TableName(schema, table), name, function, (), opaque=True))
             continue
-        schemas = _schemas(s, path or app_path)
+        schemas = _schemas(run, path or app_path)
         written = dict.fromkeys(
             t
             for m in _WRITES.finditer(_COMMENTS.sub(" ", source))
-            if (t := _resolve(s, m.group(1), schemas)) is not None
+            if (t := _resolve(run, m.group(1), schemas)) is not None
         )
         found.append(AuthTrigger(TableName(schema, table), name, function, tuple(written)))
     return tuple(found)
 
 
-def _schemas(s: Session, path: str) -> list[str]:
+def _schemas(run: ApplyRun, path: str) -> list[str]:
     """The schemas of a ``search_path`` value, ``$user`` as the session's role."""
     schemas = []
     for part in path.split(","):
@@ -359,7 +377,7 @@ def _schemas(s: Session, path: str) -> list[str]:
         if part in ("", "''", '""'):
             continue
         if part.strip('"') == "$user":
-            schemas.append(s.info.user)
+            schemas.append(run.info.user)
             continue
         try:
             schemas += split_dotted(part, "a schema")
@@ -368,7 +386,7 @@ def _schemas(s: Session, path: str) -> list[str]:
     return schemas
 
 
-def _resolve(s: Session, written: str, schemas: list[str]) -> TableName | None:
+def _resolve(run: ApplyRun, written: str, schemas: list[str]) -> TableName | None:
     """The table a name in a function's source means, if it exists."""
     try:
         parts = split_dotted(written, "a table name")
@@ -376,7 +394,7 @@ def _resolve(s: Session, written: str, schemas: list[str]) -> TableName | None:
         return None
     candidates = [tuple(parts)] if len(parts) == 2 else [(schema, parts[0]) for schema in schemas]
     for schema, name in candidates:
-        row = s.conn.execute(
+        row = run.conn.execute(
             "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p', 'f', 'v')",
             (schema, name),

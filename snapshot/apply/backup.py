@@ -31,6 +31,7 @@ from snapshot import archive, catalog, text
 from snapshot.apply import rows as rowsets
 from snapshot.apply import since
 from snapshot.apply.rows import RowSet
+from snapshot.apply.state import ApplyRun
 from snapshot.archive import Snapshot, TableEntry
 from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.config import Config
@@ -39,7 +40,6 @@ from snapshot.environments import Connection
 from snapshot.errors import ApplyFailed
 from snapshot.names import TableName
 from snapshot.pgtools import DUMP_APPLICATION, DUMP_LOCK_WAIT, Running
-from snapshot.session import Session
 from snapshot.staging import ADD, REMOVE, REPLACE, TERMINATOR
 from snapshot.take import DumpPlan, DumpState, build_manifest, describe_state, export_snapshot
 from snapshot.take import start_dump as start_pg_dump
@@ -70,17 +70,17 @@ class Backup:
             self.exporter.close()
 
 
-def start(s: Session, folder: Path) -> Backup:
+def start(run: ApplyRun, folder: Path) -> Backup:
     """Export the snapshot the backup will be taken in, from a session of its own.
 
     The apply records the target's rows in this snapshot (:func:`import_snapshot`), so
     that under the lock :func:`catch_up` knows exactly which rows changed since; then
     :func:`dump` starts pg_dump in it.
     """
-    assert s.pg_dump is not None, "a backup needs pg_dump (the preflight found one)"
-    leaves = catalog.leaf_partitions(s.conn, s.config.scope.tables)
-    plan = DumpPlan(s.target, s.info, s.pg_dump, s.config.scope, s.shapes, leaves)
-    exporter = connect(s.target)
+    assert run.pg_dump is not None, "a backup needs pg_dump (the preflight found one)"
+    leaves = catalog.leaf_partitions(run.conn, run.config.scope.tables)
+    plan = DumpPlan(run.target, run.info, run.pg_dump, run.config.scope, run.shapes, leaves)
+    exporter = connect(run.target)
     try:
         exporter.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         exporter.read_only = True
@@ -185,7 +185,7 @@ def import_snapshot(conn: psycopg.Connection, backup: Backup) -> None:
         ) from None
 
 
-def record_others(s: Session, backup: Backup) -> None:
+def record_others(run: ApplyRun, backup: Backup) -> None:
     """Record key, row version and hash of the backed-up tables the plan does not compare.
 
     Call in pg_dump's snapshot (the plan's transaction): under the lock
@@ -193,18 +193,18 @@ def record_others(s: Session, backup: Backup) -> None:
     Hashed over the target's columns (what pg_dump writes), with the current row hash.
     """
     columns = {
-        t: backup.plan.shapes[t].column_names for t in backup.plan.tables if t not in s.row_sets
+        t: backup.plan.shapes[t].column_names for t in backup.plan.tables if t not in run.row_sets
     }
-    first = len(s.config.scope.tables)  # numbers past the scope's: temporary names stay apart
-    keys = {t: k for t, k in catalog.row_keys(s.conn, columns).items() if rowsets.keyable(k)}
+    first = len(run.config.scope.tables)  # numbers past the scope's: temporary names stay apart
+    keys = {t: k for t, k in catalog.row_keys(run.conn, columns).items() if rowsets.keyable(k)}
     for number, (table, key) in enumerate(sorted(keys.items())):
         stage = sql.Identifier("pg_temp", table.staging)
         rows = RowSet(table, first + number, key, tuple(columns[table]), stage)
-        rowsets.fill_record(s.conn, rows)
+        rowsets.fill_record(run.conn, rows)
         backup.followed[table] = rows
 
 
-def follow_up(s: Session, backup: Backup) -> dict[TableName, TableStats]:
+def follow_up(run: ApplyRun, backup: Backup) -> dict[TableName, TableStats]:
     """Bring the records of :func:`record_others` up to the locked table; their stats.
 
     Call under the lock, before anything is written; the rows that moved stay listed for
@@ -212,17 +212,17 @@ def follow_up(s: Session, backup: Backup) -> dict[TableName, TableStats]:
     """
     stats = {}
     for table, rows in backup.followed.items():
-        rowsets.refresh_record(s.conn, rows, s.horizon)
-        stats[table] = rowsets.record_stats(s.conn, rows)
+        rowsets.refresh_record(run.conn, rows, run.horizon)
+        stats[table] = rowsets.record_stats(run.conn, rows)
     return stats
 
 
-def describe(s: Session, backup: Backup, known: Mapping[TableName, TableStats]) -> None:
+def describe(run: ApplyRun, backup: Backup, known: Mapping[TableName, TableStats]) -> None:
     """Record what the backup holds: the locked state (call before anything is written)."""
-    backup.state = describe_state(s.conn, backup.plan, known)
+    backup.state = describe_state(run.conn, backup.plan, known)
 
 
-def catch_up(s: Session, backup: Backup) -> int:
+def catch_up(run: ApplyRun, backup: Backup) -> int:
     """Copy what changed between pg_dump's snapshot and the lock into ``catchup.copy``.
 
     Call under the lock, after the record is reconciled and before anything is written.
@@ -233,7 +233,7 @@ def catch_up(s: Session, backup: Backup) -> int:
     assert backup.state is not None
     path = backup.folder / archive.CATCH_UP_FILE
     try:
-        copied, whole = _write_catch_up(s, backup, path)
+        copied, whole = _write_catch_up(run, backup, path)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -245,17 +245,17 @@ def catch_up(s: Session, backup: Backup) -> int:
     return copied
 
 
-def _write_catch_up(s: Session, backup: Backup, path: Path) -> tuple[int, int]:
+def _write_catch_up(run: ApplyRun, backup: Backup, path: Path) -> tuple[int, int]:
     """(rows changed since pg_dump's snapshot, tables copied whole) written to ``path``."""
     assert backup.state is not None
     copied = whole = 0
     with path.open("wb") as out:
         for entry in backup.state.tables:
-            followed = s.row_sets.get(entry.table) or backup.followed.get(entry.table)
+            followed = run.row_sets.get(entry.table) or backup.followed.get(entry.table)
             columns = sql.SQL(", ").join(map(sql.Identifier, entry.column_names))
             if followed is None:  # no key: the whole table
                 _block(
-                    s.conn,
+                    run.conn,
                     out,
                     REPLACE,
                     entry,
@@ -264,10 +264,10 @@ def _write_catch_up(s: Session, backup: Backup, path: Path) -> tuple[int, int]:
                 )
                 whole += 1
                 continue
-            if not _has_rows(s.conn, followed.moved):
+            if not _has_rows(run.conn, followed.moved):
                 continue
             copied += _block(  # the keys that moved; their live versions follow
-                s.conn,
+                run.conn,
                 out,
                 REMOVE,
                 entry,
@@ -275,7 +275,7 @@ def _write_catch_up(s: Session, backup: Backup, path: Path) -> tuple[int, int]:
                 sql.SQL("SELECT {} FROM {}").format(followed.keys, followed.moved),
             )
             _block(
-                s.conn,
+                run.conn,
                 out,
                 ADD,
                 entry,
@@ -319,7 +319,7 @@ def _block(
     return count
 
 
-def finish(s: Session, backup: Backup) -> Snapshot | None:
+def finish(run: ApplyRun, backup: Backup) -> Snapshot | None:
     """Wait for pg_dump; seal the backup (published by the caller after the commit), with
     the record of what the apply wrote (:mod:`.since`).
 
@@ -327,15 +327,15 @@ def finish(s: Session, backup: Backup) -> Snapshot | None:
     it would restore what the target holds, leaving the apply the user meant in place.
     """
     assert backup.state is not None and backup.dump is not None
-    if not since.wrote_anything(s, backup.state.sequences):
+    if not since.wrote_anything(run, backup.state.sequences):
         abandon(backup)
-        s.notes.append(
-            f"this {s.action} wrote nothing ({s.target.env} already held its rows): no "
-            f"pre-{s.action} backup was kept, 'snapshot rollback {s.target.env}' still undoes "
+        run.notes.append(
+            f"this {run.action} wrote nothing ({run.target.env} already held its rows): no "
+            f"pre-{run.action} backup was kept, 'snapshot rollback {run.target.env}' still undoes "
             "the apply before it"
         )
         return None
-    since.record(s, backup.folder)
+    since.record(run, backup.folder)
     try:
         backup.dump.wait()
     finally:
@@ -351,12 +351,12 @@ def finish(s: Session, backup: Backup) -> Snapshot | None:
     )
     # The apply's transaction id: if the process dies around the commit, the next run asks
     # the server whether this transaction committed, instead of guessing from the rows.
-    row = s.conn.execute("SELECT txid_current()::text").fetchone()
+    row = run.conn.execute("SELECT txid_current()::text").fetchone()
     assert row is not None
     archive.write_file(backup.folder, TRANSACTION_FILE, f"{row[0]}\n", "transaction id")
-    kind = f"pre-{s.action}"
+    kind = f"pre-{run.action}"
     manifest = build_manifest(
-        backup.plan, backup.state, kind=kind, label=kind, applies=s.snapshot.id
+        backup.plan, backup.state, kind=kind, label=kind, applies=run.snapshot.id
     )
     return archive.seal(backup.folder, manifest)
 

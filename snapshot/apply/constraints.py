@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from snapshot.apply.state import ApplyRun
 from snapshot.names import TableName
-from snapshot.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,11 @@ ORDER BY cn.nspname, cc.relname, c.conname
 """
 
 
-def scope_foreign_keys(s: Session) -> list[ForeignKeyDefinition]:
+def scope_foreign_keys(run: ApplyRun) -> list[ForeignKeyDefinition]:
     """The foreign keys with both tables in the scope, on child tables the role owns."""
-    scope = set(s.order)
+    scope = set(run.order)
     found = []
-    for name, child_schema, child, parent_schema, parent, definition in s.conn.execute(
+    for name, child_schema, child, parent_schema, parent, definition in run.conn.execute(
         _SCOPE_FOREIGN_KEYS
     ):
         fk = ForeignKeyDefinition(

@@ -35,10 +35,10 @@ from psycopg import sql
 from snapshot import staging
 from snapshot.apply import rows as rowsets
 from snapshot.apply.rows import RowSet
+from snapshot.apply.state import ApplyRun
 from snapshot.catalog import ForeignKey
 from snapshot.checksum import TableStats, table_stats
 from snapshot.names import AUTH_TABLES, TableName, quote
-from snapshot.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -128,39 +128,39 @@ def _keys(key: Sequence[str], sample: Sequence[str], count: int) -> str:
     return f"({columns} {', '.join(sample)}{more})"
 
 
-def outside_keys(s: Session) -> list[ForeignKey]:
+def outside_keys(run: ApplyRun) -> list[ForeignKey]:
     """Foreign keys from tables outside the scope (the auth tables apart) into it."""
-    scoped = set(s.order)
+    scoped = set(run.order)
     return [
         fk
-        for fk in s.fks
+        for fk in run.fks
         if fk.parent in scoped and fk.child not in scoped and fk.child not in AUTH_TABLES
     ]
 
 
-def holding(s: Session) -> frozenset[TableName]:
+def holding(run: ApplyRun) -> frozenset[TableName]:
     """Scoped tables whose rows outside rows may need in place: referred to from outside,
     directly or through the scoped tables that refer to them."""
-    found = {fk.parent for fk in outside_keys(s)}
+    found = {fk.parent for fk in outside_keys(run)}
     frontier = list(found)
     while frontier:
         child = frontier.pop()
-        for fk in s.fks:
-            if fk.child == child and fk.parent in s.order and fk.parent not in found:
+        for fk in run.fks:
+            if fk.child == child and fk.parent in run.order and fk.parent not in found:
                 found.add(fk.parent)
                 frontier.append(fk.parent)
     return frozenset(found)
 
 
-def _whole(s: Session, table: TableName) -> TableName | None:
+def _whole(run: ApplyRun, table: TableName) -> TableName | None:
     """A table without a key that ``table`` is replaced with (itself or a scoped ancestor)."""
     seen, frontier = {table}, [table]
     while frontier:
         current = frontier.pop()
-        if current not in s.row_sets:
+        if current not in run.row_sets:
             return current
-        for fk in s.fks:
-            if fk.child == current and fk.parent in s.order and fk.parent not in seen:
+        for fk in run.fks:
+            if fk.child == current and fk.parent in run.order and fk.parent not in seen:
                 seen.add(fk.parent)
                 frontier.append(fk.parent)
     return None
@@ -175,7 +175,9 @@ def _refer(fk: ForeignKey, child: str, parent: str) -> sql.Composable:
     )
 
 
-def _lacks(s: Session, rows: RowSet, parent_columns: Sequence[str], alias: str) -> sql.Composable:
+def _lacks(
+    run: ApplyRun, rows: RowSet, parent_columns: Sequence[str], alias: str
+) -> sql.Composable:
     """``alias`` (a target row) is one the snapshot lacks, or holds with other values in
     ``parent_columns`` (the columns a foreign key refers to)."""
     columns = list(dict.fromkeys([*rows.key, *parent_columns]))
@@ -194,41 +196,41 @@ def _text(columns: Sequence[str], alias: str) -> sql.Composable:
     return sql.SQL("ROW({})::text").format(sql.SQL(", ").join(names))
 
 
-def survey(s: Session, *, staged: bool = True) -> tuple[Reference, ...]:
+def survey(run: ApplyRun, *, staged: bool = True) -> tuple[Reference, ...]:
     """Every foreign key from outside the scope, with the references the apply would break.
 
     ``staged=False`` (a live source, nothing staged yet): only the rows referring to the
     scope are counted.
     """
-    return tuple(_survey_key(s, fk, staged) for fk in outside_keys(s))
+    return tuple(_survey_key(run, fk, staged) for fk in outside_keys(run))
 
 
-def _survey_key(s: Session, fk: ForeignKey, staged: bool) -> Reference:
+def _survey_key(run: ApplyRun, fk: ForeignKey, staged: bool) -> Reference:
     present = sql.SQL(" AND ").join(
         sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(c)) for c in fk.columns
     )
     try:
-        with s.conn.transaction():  # a refused read must not end an open transaction
+        with run.conn.transaction():  # a refused read must not end an open transaction
             total = _scalar(
-                s.conn,
+                run.conn,
                 sql.SQL("SELECT count(*) FROM {} AS c WHERE {}").format(fk.child.ident, present),
             )
             if not staged or not total:
                 return Reference(fk, total)
-            whole = _whole(s, fk.parent)
-            rows = s.row_sets.get(fk.parent)
+            whole = _whole(run, fk.parent)
+            rows = run.row_sets.get(fk.parent)
             values: tuple[str, ...] = ()
             if whole is not None or rows is None:
                 key: tuple[str, ...] = fk.parent_columns
                 lost: sql.Composable = sql.SQL("true")
             else:
-                values = _values(s, fk, rows)
-                key, lost = rows.key, _lacks(s, rows, values, "p")
+                values = _values(run, fk, rows)
+                key, lost = rows.key, _lacks(run, rows, values, "p")
             keys = sql.SQL(", ").join(sql.Identifier("p", c) for c in key)
             broken = sql.SQL("FROM {c} AS c JOIN {p} AS p ON {refer} WHERE {lost}").format(
                 c=fk.child.ident, p=fk.parent.ident, refer=_refer(fk, "c", "p"), lost=lost
             )
-            row = s.conn.execute(
+            row = run.conn.execute(
                 sql.SQL(
                     "SELECT count(*), coalesce(sum(n), 0) FROM "
                     "(SELECT count(*) AS n {} GROUP BY {}) AS x"
@@ -239,7 +241,7 @@ def _survey_key(s: Session, fk: ForeignKey, staged: bool) -> Reference:
             if parents:
                 sample = tuple(
                     str(r[0])
-                    for r in s.conn.execute(
+                    for r in run.conn.execute(
                         sql.SQL("SELECT {} {} GROUP BY {} ORDER BY {} LIMIT {}").format(
                             _text(key, "p"), broken, keys, keys, sql.Literal(SAMPLE)
                         )
@@ -250,7 +252,7 @@ def _survey_key(s: Session, fk: ForeignKey, staged: bool) -> Reference:
     return Reference(fk, total, referring, parents, key, sample, whole, values=values)
 
 
-def _values(s: Session, fk: ForeignKey, rows: RowSet) -> tuple[str, ...]:
+def _values(run: ApplyRun, fk: ForeignKey, rows: RowSet) -> tuple[str, ...]:
     """The referenced columns besides ``rows``' key whose change would break ``fk``.
 
     A key that follows its parent's change (ON UPDATE CASCADE, SET NULL, SET DEFAULT) lets
@@ -260,9 +262,9 @@ def _values(s: Session, fk: ForeignKey, rows: RowSet) -> tuple[str, ...]:
     extra = tuple(c for c in fk.parent_columns if c not in rows.key)
     if not extra:
         return ()
-    row = s.conn.execute(
+    row = run.conn.execute(
         "SELECT confupdtype FROM pg_constraint WHERE conrelid = %s::regclass AND conname = %s",
-        (fk.child.ident.as_string(s.conn), fk.name),
+        (fk.child.ident.as_string(run.conn), fk.name),
     ).fetchone()
     return () if row and row[0] in ("c", "n", "d") else extra
 
@@ -272,19 +274,21 @@ def _scalar(conn: psycopg.Connection, query: sql.Composed) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def verdict(s: Session, ref: Reference, allowed: Collection[str]) -> tuple[str, str]:
+def verdict(
+    run: ApplyRun, ref: Reference, allowed: Collection[str], *, staged: bool = True
+) -> tuple[str, str]:
     """(status, sentence) for one foreign key from outside: check's finding, the apply's refusal.
 
     Run before anything is staged (a live source), only the count of references is known:
     the apply decides, before any write, once the snapshot is staged.
     """
-    fk, target = ref.fk, s.target.env
+    fk, target = ref.fk, run.target.env
     head = f"{fk} (on delete {ref.rule})"
     if ref.unreadable:
         return ERROR, (
-            f"{head}: {s.info.user} may not read {fk.child} to count its rows; grant SELECT on it"
+            f"{head}: {run.info.user} may not read {fk.child} to count its rows; grant SELECT on it"
         )
-    if not s.staged:
+    if not staged:
         return OK, (
             f"{head}: {_of(ref.total, fk.child)} to the scope; the apply counts, "
             "before any write, those whose parent the snapshot lacks"
@@ -311,7 +315,7 @@ def verdict(s: Session, ref: Reference, allowed: Collection[str]) -> tuple[str, 
     if ref.acknowledged(allowed):
         verb = "be deleted" if fk.on_delete == "c" else "lose their reference"
         return WARNING, f"{head}: {lacks}: those rows will {verb} (acknowledged)"
-    if s.keep_referenced and ref.whole is None:
+    if run.keep_referenced and ref.whole is None:
         return WARNING, f"{head}: {lacks}: kept as {target} has {them} (--keep-referenced)"
     columns = ", ".join(map(quote, fk.columns))
     harm = {
@@ -326,19 +330,19 @@ def verdict(s: Session, ref: Reference, allowed: Collection[str]) -> tuple[str, 
         )
     else:
         choices.append(f"give {ref.whole} a primary key")
-    if s.action == "apply":
+    if run.action == "apply":
         choices.append(
-            f"put {them} back in {s.snapshot.manifest.environment} and take a new snapshot"
+            f"put {them} back in {run.snapshot.manifest.environment} and take a new snapshot"
         )
     if fk.on_delete in ("c", "n", "d"):
         choices.append(f"accept it with --allow-cascade {ref.name}")
     return ERROR, f"{head}: {lacks}: {harm}; " + ", or ".join(choices)
 
 
-def refusal(s: Session, refs: Sequence[Reference], allowed: Collection[str]) -> str | None:
+def refusal(run: ApplyRun, refs: Sequence[Reference], allowed: Collection[str]) -> str | None:
     """The first error :func:`verdict` finds, or None."""
     for ref in refs:
-        status, sentence = verdict(s, ref, allowed)
+        status, sentence = verdict(run, ref, allowed)
         if status == ERROR:
             return sentence
     return None
@@ -349,34 +353,34 @@ def kept_keys(rows: RowSet) -> sql.Identifier:
     return sql.Identifier("pg_temp", f"_snapshot_k{rows.number}")
 
 
-def settle(s: Session, allowed: Collection[str]) -> tuple[Reference, ...]:
+def settle(run: ApplyRun, allowed: Collection[str]) -> tuple[Reference, ...]:
     """Survey the references from outside; with ``s.keep_referenced``, keep their parents.
 
     Call once the snapshot is staged and classified, and again under the lock before the
     writes (the target may have changed): the kept rows are made anew each time, in
     ``s.kept``, and taken out of the delta.
     """
-    refs = survey(s)
-    for rows in s.row_sets.values():
-        s.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(kept_keys(rows)))
-    s.kept = {}
+    refs = survey(run)
+    for rows in run.row_sets.values():
+        run.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(kept_keys(rows)))
+    run.kept = {}
     seeds = [
         r
         for r in refs
         if r.rows and r.whole is None and not r.acknowledged(allowed) and not r.unreadable
     ]
-    if s.keep_referenced and seeds:
-        s.kept = dict(_keep(s, seeds))
+    if run.keep_referenced and seeds:
+        run.kept = dict(_keep(run, seeds))
     return refs
 
 
-def _keep(s: Session, seeds: Sequence[Reference]) -> Iterator[tuple[TableName, Kept]]:
+def _keep(run: ApplyRun, seeds: Sequence[Reference]) -> Iterator[tuple[TableName, Kept]]:
     """Keep the parents of ``seeds``, then the scoped parents kept rows need, children first."""
-    conn = s.conn
+    conn = run.conn
     needed_by: dict[TableName, list[str]] = {}
-    for table in s.order:
-        if table in s.row_sets:
-            rows = s.row_sets[table]
+    for table in run.order:
+        if table in run.row_sets:
+            rows = run.row_sets[table]
             conn.execute(
                 sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
                     kept_keys(rows), rows.keys, table.ident
@@ -386,26 +390,26 @@ def _keep(s: Session, seeds: Sequence[Reference]) -> Iterator[tuple[TableName, K
                 sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(kept_keys(rows), rows.keys)
             )
     for ref in seeds:
-        rows = s.row_sets[ref.fk.parent]
+        rows = run.row_sets[ref.fk.parent]
         _insert_kept(
-            s,
+            run,
             rows,
             sql.SQL("SELECT {} FROM {} AS c JOIN {} AS p ON {} WHERE {}").format(
                 rowsets.key_columns(rows, "p"),
                 ref.fk.child.ident,
                 ref.fk.parent.ident,
                 _refer(ref.fk, "c", "p"),
-                _lacks(s, rows, ref.values, "p"),
+                _lacks(run, rows, ref.values, "p"),
             ),
         )
         needed_by.setdefault(ref.fk.parent, []).append(str(ref.fk.child))
-    for table in reversed(s.order):  # children first: a table's kept rows are final here
-        if table not in s.row_sets:
+    for table in reversed(run.order):  # children first: a table's kept rows are final here
+        if table not in run.row_sets:
             continue
-        child = s.row_sets[table]
-        inward = [fk for fk in s.fks if fk.child == table and fk.parent in s.row_sets]
+        child = run.row_sets[table]
+        inward = [fk for fk in run.fks if fk.child == table and fk.parent in run.row_sets]
         for fk in sorted(inward, key=lambda k: k.parent != table):  # its own tree first
-            parent = s.row_sets[fk.parent]
+            parent = run.row_sets[fk.parent]
             query = sql.SQL(
                 "SELECT {} FROM {} AS c JOIN {} AS k ON {} JOIN {} AS p ON {} WHERE {}"
             ).format(
@@ -415,17 +419,17 @@ def _keep(s: Session, seeds: Sequence[Reference]) -> Iterator[tuple[TableName, K
                 child.match("c", "k"),
                 fk.parent.ident,
                 _refer(fk, "c", "p"),
-                _lacks(s, parent, fk.parent_columns, "p"),
+                _lacks(run, parent, fk.parent_columns, "p"),
             )
-            added = new = _insert_kept(s, parent, query)
+            added = new = _insert_kept(run, parent, query)
             while new and fk.parent == table:  # a tree: the parents' parents, until none is new
-                new = _insert_kept(s, parent, query)
+                new = _insert_kept(run, parent, query)
             if added and fk.parent != table:
                 needed_by.setdefault(fk.parent, []).append(f"kept rows of {table}")
-    for table in s.order:
-        if table not in s.row_sets or not (count := _count(conn, kept_keys(s.row_sets[table]))):
+    for table in run.order:
+        if table not in run.row_sets or not (count := _count(conn, kept_keys(run.row_sets[table]))):
             continue
-        rows = s.row_sets[table]
+        rows = run.row_sets[table]
         conn.execute(
             sql.SQL("DELETE FROM {} AS d USING {} AS k WHERE {}").format(
                 rows.delta, kept_keys(rows), rows.match("d", "k")
@@ -444,10 +448,10 @@ def _keep(s: Session, seeds: Sequence[Reference]) -> Iterator[tuple[TableName, K
         yield table, Kept(table, count, rows.key, sample, users)
 
 
-def _insert_kept(s: Session, rows: RowSet, query: sql.Composable) -> int:
+def _insert_kept(run: ApplyRun, rows: RowSet, query: sql.Composable) -> int:
     """Add the keys ``query`` selects to ``rows``' kept keys; how many were new."""
     return int(
-        s.conn.execute(
+        run.conn.execute(
             sql.SQL(
                 "INSERT INTO {} SELECT DISTINCT * FROM ({}) AS x ON CONFLICT DO NOTHING"
             ).format(kept_keys(rows), query)
@@ -459,16 +463,16 @@ def _count(conn: psycopg.Connection, table: sql.Identifier) -> int:
     return _scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(table))
 
 
-def expected(s: Session, table: TableName, ignored: Sequence[str], kind: str) -> TableStats:
+def expected(run: ApplyRun, table: TableName, ignored: Sequence[str], kind: str) -> TableStats:
     """What parity expects of a table with kept rows: the snapshot's rows but those kept,
     and the kept rows as the record saw them under the lock (the apply never writes them).
 
     With ``ignored`` columns, the kept rows are hashed as they are now instead.
     """
-    rows = s.row_sets[table]
+    rows = run.row_sets[table]
     kept = kept_keys(rows)
     if not ignored:
-        row = s.conn.execute(
+        row = run.conn.execute(
             sql.SQL(
                 "SELECT count(*), "
                 "coalesce(sum(h1$), 0)::text || ':' || coalesce(sum(h2$), 0)::text "
@@ -485,11 +489,11 @@ def expected(s: Session, table: TableName, ignored: Sequence[str], kind: str) ->
         ).fetchone()
         assert row is not None
         return TableStats(int(row[0]), rows.digest(int(row[0]), str(row[1])))
-    entry = s.entries[table]
+    entry = run.entries[table]
     names = sql.SQL(", ").join(map(sql.Identifier, entry.column_names))
     both = sql.Identifier("pg_temp", f"_snapshot_e{rows.number}")
-    s.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(both))
-    s.conn.execute(
+    run.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(both))
+    run.conn.execute(
         sql.SQL(
             "CREATE TEMP TABLE {both} AS SELECT {names} FROM {stage} AS z WHERE NOT EXISTS "
             "(SELECT 1 FROM {kept} AS k WHERE {zk}) UNION ALL SELECT {names} FROM {table} AS t "
@@ -504,4 +508,4 @@ def expected(s: Session, table: TableName, ignored: Sequence[str], kind: str) ->
             tk=rows.match("t", "k"),
         )
     )
-    return table_stats(s.conn, both, entry.column_names, ignored, kind)
+    return table_stats(run.conn, both, entry.column_names, ignored, kind)

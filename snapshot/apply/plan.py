@@ -22,10 +22,10 @@ from snapshot.apply import backup, outside, since
 from snapshot.apply import rows as rowsets
 from snapshot.apply.auth import AuthPlan, auth_plan
 from snapshot.apply.rows import RowSet
+from snapshot.apply.state import ApplyRun
 from snapshot.catalog import ForeignKey
 from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.names import TableName
-from snapshot.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +132,12 @@ def descendants(
     return found
 
 
-def row_sets(s: Session) -> dict[TableName, RowSet]:
+def row_sets(run: ApplyRun) -> dict[TableName, RowSet]:
     """A :class:`RowSet` for every scoped table the catalog gives a key."""
-    entries = s.entries
-    columns = {t: entries[t].column_names for t in s.order}
-    keys = catalog.row_keys(s.conn, columns)
-    numbers = {t: i for i, t in enumerate(s.config.scope.tables)}
+    entries = run.entries
+    columns = {t: entries[t].column_names for t in run.order}
+    keys = catalog.row_keys(run.conn, columns)
+    numbers = {t: i for i, t in enumerate(run.config.scope.tables)}
     return {
         table: RowSet(
             table,
@@ -147,12 +147,12 @@ def row_sets(s: Session) -> dict[TableName, RowSet]:
             staging.staging_table(entries[table]),
             kind_of(entries[table].checksum),
         )
-        for table in s.order
+        for table in run.order
         if table in keys and rowsets.keyable(keys[table])
     }
 
 
-def record(s: Session) -> frozenset[TableName]:
+def record(run: ApplyRun) -> frozenset[TableName]:
     """Record the target's rows, and stage from it the tables that already match (no lock).
 
     Every scoped table with a key gets its record (key, row version, hash of every row) in
@@ -163,28 +163,28 @@ def record(s: Session) -> frozenset[TableName]:
     those tables. Call before :func:`snapshot.staging.stage`, with ``skip`` set to them.
     """
     started = time.monotonic()
-    conn = s.conn
-    s.row_sets = row_sets(s)
-    for rows in s.row_sets.values():
+    conn = run.conn
+    run.row_sets = row_sets(run)
+    for rows in run.row_sets.values():
         rowsets.create_delta(conn, rows)
     matched = set()
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     with conn.transaction():  # one moment for every table
-        if s.backup is not None:
-            backup.import_snapshot(conn, s.backup)  # the moment the pre-apply backup sees
-        s.horizon = rowsets.horizon(conn)
-        for rows in s.row_sets.values():
+        if run.backup is not None:
+            backup.import_snapshot(conn, run.backup)  # the moment the pre-apply backup sees
+        run.horizon = rowsets.horizon(conn)
+        for rows in run.row_sets.values():
             rowsets.fill_record(conn, rows)
-            entry = s.entries[rows.table]
-            s.recorded[rows.table] = rowsets.record_stats(conn, rows)
-            if s.recorded[rows.table] == TableStats(entry.rows, entry.checksum):
+            entry = run.entries[rows.table]
+            run.recorded[rows.table] = rowsets.record_stats(conn, rows)
+            if run.recorded[rows.table] == TableStats(entry.rows, entry.checksum):
                 rowsets.stage_from_record(conn, rows)
                 matched.add(rows.table)
-        if s.backup is not None:
-            backup.record_others(s, s.backup)
+        if run.backup is not None:
+            backup.record_others(run, run.backup)
     log.info(
         "  recorded %d tables (%d already hold the snapshot's rows)  %.1f s",
-        len(s.row_sets),
+        len(run.row_sets),
         len(matched),
         time.monotonic() - started,
     )
@@ -192,7 +192,7 @@ def record(s: Session) -> frozenset[TableName]:
 
 
 def prepare(
-    s: Session,
+    run: ApplyRun,
     matched: Collection[TableName],
     *,
     full: bool = False,
@@ -208,51 +208,53 @@ def prepare(
     ``allowed`` are the acknowledged cascades, whose parents go).
     """
     started = time.monotonic()
-    conn = s.conn
-    for rows in s.row_sets.values():
+    conn = run.conn
+    for rows in run.row_sets.values():
         if rows.table not in matched:
             rowsets.hash_snapshot(conn, rows)
             rowsets.classify(conn, rows)
-    log.info("  compared %d tables row by row  %.1f s", len(s.row_sets), time.monotonic() - started)
-    s.outside = outside.settle(s, allowed)
-    if s.action == "rollback":
-        s.applied = since.load(s)
-    forced = {t: "apply --full" for t in s.order} if full else {}
+    log.info(
+        "  compared %d tables row by row  %.1f s", len(run.row_sets), time.monotonic() - started
+    )
+    run.outside = outside.settle(run, allowed)
+    if run.action == "rollback":
+        run.applied = since.load(run)
+    forced = {t: "apply --full" for t in run.order} if full else {}
     return replace(
-        decide(s, forced),
-        auth=auth_plan(s),
+        decide(run, forced),
+        auth=auth_plan(run),
         seconds=time.monotonic() - started,
     )
 
 
-def decide(s: Session, forced: Mapping[TableName, str]) -> Plan:
+def decide(run: ApplyRun, forced: Mapping[TableName, str]) -> Plan:
     """Each table's mode and counts from the current deltas; ``forced`` tables go in full."""
-    scope = set(s.order)
+    scope = set(run.order)
     reasons = dict(forced)
-    keyless = [t for t in s.order if t not in s.row_sets and t not in reasons]
+    keyless = [t for t in run.order if t not in run.row_sets and t not in reasons]
     for table in keyless:
-        if not _holds_snapshot(s, table):
+        if not _holds_snapshot(run, table):
             reasons[table] = "no primary key or unique key over NOT NULL columns"
-    for table in sorted(descendants(reasons, s.fks, scope) - set(reasons)):
+    for table in sorted(descendants(reasons, run.fks, scope) - set(reasons)):
         parents = sorted(
-            str(fk.parent) for fk in s.fks if fk.child == table and fk.parent in reasons
+            str(fk.parent) for fk in run.fks if fk.child == table and fk.parent in reasons
         )
         reasons[table] = f"references {', '.join(parents)}, replaced in full"
     plans = []
-    for table in s.order:
-        entry = s.entries[table]
-        rows = s.row_sets.get(table)
+    for table in run.order:
+        entry = run.entries[table]
+        rows = run.row_sets.get(table)
         if rows is not None:
-            known = s.recorded.get(table)
+            known = run.recorded.get(table)
             inserts, updates, deletes, target = rowsets.counts(
-                s.conn, rows, known.rows if known else None
+                run.conn, rows, known.rows if known else None
             )
         elif table in reasons:
             inserts, updates, deletes = entry.rows, 0, 0
-            target = _count(s.conn, table)
+            target = _count(run.conn, table)
         else:  # a table without a key that holds the snapshot's rows already
             inserts, updates, deletes, target = 0, 0, 0, entry.rows
-        kept = s.kept[table].rows if table in s.kept else 0
+        kept = run.kept[table].rows if table in run.kept else 0
         if table in reasons:
             plans.append(
                 TablePlan(table, True, reasons[table], entry.rows, 0, target - kept, target, kept)
@@ -261,21 +263,21 @@ def decide(s: Session, forced: Mapping[TableName, str]) -> Plan:
             plans.append(TablePlan(table, False, "", inserts, updates, deletes, target, kept))
     return Plan(
         tuple(plans),
-        helper_indexes=tuple(_helper_indexes(s, plans)),
-        kept=tuple(s.kept.values()),
-        written_since=since.count(s, s.applied) if s.applied is not None else None,
+        helper_indexes=tuple(_helper_indexes(run, plans)),
+        kept=tuple(run.kept.values()),
+        written_since=since.count(run, run.applied) if run.applied is not None else None,
     )
 
 
-def _holds_snapshot(s: Session, table: TableName) -> bool:
+def _holds_snapshot(run: ApplyRun, table: TableName) -> bool:
     """Whether ``table`` holds the snapshot's rows already: its count and checksum match.
 
     A table without a key can only be replaced whole; one that already matches is left
     alone, so the same snapshot applied twice writes nothing. Read when deciding, so under
     the apply's lock the answer holds until the writes.
     """
-    entry = s.entries[table]
-    stats = table_stats(s.conn, table, entry.column_names, kind=kind_of(entry.checksum))
+    entry = run.entries[table]
+    stats = table_stats(run.conn, table, entry.column_names, kind=kind_of(entry.checksum))
     return stats == TableStats(entry.rows, entry.checksum)
 
 
@@ -284,18 +286,18 @@ def _count(conn: psycopg.Connection, table: TableName) -> int:
     return int(row[0]) if row else 0
 
 
-def _helper_indexes(s: Session, plans: Sequence[TablePlan]) -> list[ForeignKey]:
+def _helper_indexes(run: ApplyRun, plans: Sequence[TablePlan]) -> list[ForeignKey]:
     """Foreign keys inside the scope whose parents lose enough rows to index the child."""
     deletes = {p.table: p.deletes for p in plans}
     # Not a partitioned table: an index on it cannot be dropped concurrently after commit.
-    partitioned = catalog.leaf_partitions(s.conn, s.order)
-    owned = {t for t in s.order if t not in partitioned and _owned(s.conn, t)}
+    partitioned = catalog.leaf_partitions(run.conn, run.order)
+    owned = {t for t in run.order if t not in partitioned and _owned(run.conn, t)}
     candidates = [
         fk
-        for fk in s.fks
+        for fk in run.fks
         if fk.child in owned and fk.parent in deletes and deletes[fk.parent] >= HELPER_INDEX_FROM
     ]
-    return catalog.unindexed_foreign_keys(s.conn, candidates)
+    return catalog.unindexed_foreign_keys(run.conn, candidates)
 
 
 def _owned(conn: psycopg.Connection, table: TableName) -> bool:

@@ -16,10 +16,10 @@ from snapshot import staging
 from snapshot.apply import outside
 from snapshot.apply import rows as rowsets
 from snapshot.apply.plan import Plan
+from snapshot.apply.state import ApplyRun
 from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.names import TableName
 from snapshot.parity import TableParity, name_columns
-from snapshot.session import Session
 
 
 def _mostly_written(plan: Plan, table: TableName) -> bool:
@@ -28,15 +28,15 @@ def _mostly_written(plan: Plan, table: TableName) -> bool:
     return 2 * (written.inserts + written.updates) > written.target_rows + written.inserts
 
 
-def parity(s: Session, plan: Plan, before: Mapping[TableName, int]) -> list[TableParity]:
+def parity(run: ApplyRun, plan: Plan, before: Mapping[TableName, int]) -> list[TableParity]:
     """Each scoped table compared with the snapshot; differing columns named on mismatch."""
     full = plan.full_tables
     results = []
-    for table in s.config.scope.tables:
-        entry = s.entries[table]
-        ignored = tuple(c for c in s.config.ignored_columns(table) if c in entry.column_names)
+    for table in run.config.scope.tables:
+        entry = run.entries[table]
+        ignored = tuple(c for c in run.config.ignored_columns(table) if c in entry.column_names)
         stage = staging.staging_table(entry)
-        rows = s.row_sets.get(table)
+        rows = run.row_sets.get(table)
         kind = kind_of(entry.checksum)
         if (
             rows is not None
@@ -44,22 +44,22 @@ def parity(s: Session, plan: Plan, before: Mapping[TableName, int]) -> list[Tabl
             and not ignored
             and not _mostly_written(plan, table)
         ):
-            actual = rowsets.prove(s.conn, rows)
+            actual = rowsets.prove(run.conn, rows)
         else:
-            actual = table_stats(s.conn, table, entry.column_names, ignored, kind)
+            actual = table_stats(run.conn, table, entry.column_names, ignored, kind)
         expected = (
-            table_stats(s.conn, stage, entry.column_names, ignored, kind)
+            table_stats(run.conn, stage, entry.column_names, ignored, kind)
             if ignored
             else TableStats(entry.rows, entry.checksum)
         )
-        kept = s.kept.get(table)
+        kept = run.kept.get(table)
         if kept is not None:  # the snapshot's rows, but those kept as the target had them
-            expected = outside.expected(s, table, ignored, kind)
+            expected = outside.expected(run, table, ignored, kind)
         match = actual == expected
         columns: tuple[str, ...] = ()
         if not match:
             used = [c for c in entry.column_names if c not in ignored]
-            columns = name_columns(s.conn, table, s.conn, stage, used)
+            columns = name_columns(run.conn, table, run.conn, stage, used)
         results.append(
             TableParity(
                 table=table,

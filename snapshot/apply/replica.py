@@ -50,8 +50,8 @@ from psycopg import sql
 
 from snapshot import scripts
 from snapshot.apply.plan import Plan
+from snapshot.apply.state import ApplyRun
 from snapshot.names import TableName
-from snapshot.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,9 @@ class BulkWrites:
     triggers: tuple[_Trigger, ...]
 
 
-def wanted(s: Session, plan: Plan) -> bool:
+def wanted(run: ApplyRun, plan: Plan) -> bool:
     """Whether ``[apply] foreign_key_checks`` asks for the bulk path on this plan."""
-    mode = s.config.apply.foreign_key_checks
+    mode = run.config.apply.foreign_key_checks
     if mode != "auto":
         return mode == "bulk"
     rows = sum(t.target_rows + t.inserts for t in plan.tables)
@@ -147,42 +147,58 @@ ORDER BY n.nspname, c.relname, t.tgname
 """
 
 
-def _oids(s: Session, tables: Collection[TableName]) -> list[int]:
-    names = [t.ident.as_string(s.conn) for t in tables]
-    return [int(r[0]) for r in s.conn.execute("SELECT unnest(%s::regclass[])::oid", (names,))]
+def _oids(run: ApplyRun, tables: Collection[TableName]) -> list[int]:
+    names = [t.ident.as_string(run.conn) for t in tables]
+    return [int(r[0]) for r in run.conn.execute("SELECT unnest(%s::regclass[])::oid", (names,))]
 
 
-def obstacle(s: Session, allowed_cascades: Collection[str]) -> str | None:
+def choose(run: ApplyRun, plan: Plan) -> tuple[bool, str | None]:
+    """Whether ``plan``'s writes check their foreign keys in bulk; when not, why (None when
+    there is nothing to say: a change too small for it, or ``--block-readers``).
+
+    The one rule ``check`` reports and the apply follows, attempt after attempt.
+    """
+    if run.block_readers:
+        return False, None
+    if run.row_by_row:
+        return False, run.row_by_row
+    if not wanted(run, plan):
+        return False, None
+    why = obstacle(run, run.options.allowed)
+    return why is None, why
+
+
+def obstacle(run: ApplyRun, allowed_cascades: Collection[str]) -> str | None:
     """Why the scope must be written row by row whatever the change, or None."""
-    scoped = set(s.order)
-    for fk in s.fks:
+    scoped = set(run.order)
+    for fk in run.fks:
         name = f"{fk.child}.{fk.name}"
         if fk.parent in scoped and fk.child not in scoped and name in allowed_cascades:
             return f"--allow-cascade {name} asks for the cascade the per-row writes do"
-    row = s.conn.execute(_OBSTACLES, {"oids": _oids(s, s.order)}).fetchone()
+    row = run.conn.execute(_OBSTACLES, {"oids": _oids(run, run.order)}).fetchone()
     if row:
         return str(row[0])
     try:
-        with s.conn.transaction() as probe:
-            s.conn.execute("SET LOCAL session_replication_role = replica")
+        with run.conn.transaction() as probe:
+            run.conn.execute("SET LOCAL session_replication_role = replica")
             raise psycopg.Rollback(probe)
     except psycopg.errors.InsufficientPrivilege as exc:
         return (
-            f"{s.target.env}'s role may not write in replica mode ({scripts.error_message(exc)};"
+            f"{run.target.env}'s role may not write in replica mode ({scripts.error_message(exc)};"
             " on plain PostgreSQL: GRANT SET ON PARAMETER session_replication_role TO it)"
         )
     return None
 
 
-def enter(s: Session) -> BulkWrites:
+def enter(run: ApplyRun) -> BulkWrites:
     """Switch the transaction to replica writes; the app's triggers made to fire all the same.
 
     Raises :class:`NotHere` when it cannot (the caller's savepoint undoes the rest).
     """
-    conn = s.conn
+    conn = run.conn
     triggers = tuple(
         _Trigger(TableName(str(schema), str(table)), str(name), str(enabled))
-        for schema, table, name, enabled in conn.execute(_TRIGGERS, (_oids(s, s.order),))
+        for schema, table, name, enabled in conn.execute(_TRIGGERS, (_oids(run, run.order),))
     )
     try:
         conn.execute("SET LOCAL session_replication_role = replica")
@@ -214,15 +230,15 @@ def write_counters(conn: psycopg.Connection) -> dict[int, int]:
     return {int(oid): int(n) for oid, n, _ in conn.execute(_WRITTEN)}
 
 
-def leave(s: Session, state: BulkWrites, before: dict[int, int]) -> None:
+def leave(run: ApplyRun, state: BulkWrites, before: dict[int, int]) -> None:
     """Prove every foreign key the writes could have broken, then put the triggers back.
 
     ``before`` are the :func:`write_counters` from before the writes: every table written
     since has each of its keys checked, and one outside the scope stops the bulk path (its
     own triggers and keys did not run). Raises :class:`NotHere` on anything not proven.
     """
-    conn = s.conn
-    scoped = set(_oids(s, s.order))
+    conn = run.conn
+    scoped = set(_oids(run, run.order))
     written: list[int] = []
     outside: list[str] = []
     for oid, rows, name in conn.execute(_WRITTEN).fetchall():

@@ -8,30 +8,30 @@ import logging
 from psycopg import sql
 
 from snapshot import catalog
+from snapshot.apply.state import ApplyRun
 from snapshot.catalog import OwnedSequence
 from snapshot.names import TableName
-from snapshot.session import Session
 
 log = logging.getLogger(__name__)
 
 
-def restart(s: Session) -> int:
+def restart(run: ApplyRun) -> int:
     """Restart each owned sequence at the snapshot's next value; returns how many moved.
 
     A sequence already there is left alone. Where the data holds higher values than the
     snapshot's sequence (rows a trigger added, say), it restarts above them, so the next
     insert cannot collide.
     """
-    archived = {(q.table, q.column): q for q in s.snapshot.manifest.sequences}
+    archived = {(q.table, q.column): q for q in run.snapshot.manifest.sequences}
     restarted = 0
-    for current in catalog.owned_sequences(s.conn, s.order):
+    for current in catalog.owned_sequences(run.conn, run.order):
         snap = archived.get((current.table, current.column))
         if snap is None:
-            s.notes.append(f"{current.sequence} is not in the snapshot: left as it was")
+            run.notes.append(f"{current.sequence} is not in the snapshot: left as it was")
             continue
         value = snap.next_value
         if current.increment > 0:
-            row = s.conn.execute(
+            row = run.conn.execute(
                 sql.SQL("SELECT max({})::bigint FROM {}").format(
                     sql.Identifier(current.column), current.table.ident
                 )
@@ -39,21 +39,21 @@ def restart(s: Session) -> int:
             highest = row[0] if row else None
             if highest is not None and highest >= value:
                 value = highest + current.increment
-                s.notes.append(f"{current.sequence} restarts at {value}, above its data")
+                run.notes.append(f"{current.sequence} restarts at {value}, above its data")
         if current.next_value == value:
             continue
-        s.conn.execute(
+        run.conn.execute(
             sql.SQL("ALTER SEQUENCE {} RESTART WITH {}").format(
                 current.sequence.ident, sql.Literal(value)
             )
         )
         restarted += 1
-    restarted += _above_the_data(s)
+    restarted += _above_the_data(run)
     log.info("  restarted %d sequences", restarted)
     return restarted
 
 
-def _above_the_data(s: Session) -> int:
+def _above_the_data(run: ApplyRun) -> int:
     """Move up a shared sequence (a column default's, owned by no column) the data outgrew.
 
     The snapshot does not carry it and other tables may draw from it, so it never moves
@@ -61,10 +61,10 @@ def _above_the_data(s: Session) -> int:
     so that the app's next insert cannot collide. Returns how many moved.
     """
     highest: dict[TableName, tuple[OwnedSequence, int]] = {}
-    for current in catalog.shared_sequences(s.conn, s.order):
+    for current in catalog.shared_sequences(run.conn, run.order):
         if current.increment <= 0:
             continue
-        row = s.conn.execute(
+        row = run.conn.execute(
             sql.SQL("SELECT max({})::bigint FROM {}").format(
                 sql.Identifier(current.column), current.table.ident
             )
@@ -79,21 +79,21 @@ def _above_the_data(s: Session) -> int:
         if top < current.next_value:
             continue
         value = top + current.increment
-        owned = s.conn.execute(
+        owned = run.conn.execute(
             "SELECT pg_has_role(relowner, 'USAGE') FROM pg_class WHERE oid = %s::regclass",
-            (sequence.ident.as_string(s.conn),),
+            (sequence.ident.as_string(run.conn),),
         ).fetchone()
         if not (owned and owned[0]):
-            s.notes.append(
+            run.notes.append(
                 f"{sequence} (the default of {current.table}.{current.column}) would next give "
-                f"{current.next_value}, at or below the data's {top}, and {s.target.env}'s role "
+                f"{current.next_value}, at or below the data's {top}, and {run.target.env}'s role "
                 f"may not move it: run ALTER SEQUENCE {sequence} RESTART WITH {value} as its owner"
             )
             continue
-        s.conn.execute(
+        run.conn.execute(
             sql.SQL("ALTER SEQUENCE {} RESTART WITH {}").format(sequence.ident, sql.Literal(value))
         )
-        s.notes.append(
+        run.notes.append(
             f"{sequence} (the default of {current.table}.{current.column}, owned by no column, "
             f"so not in the snapshot) restarts at {value}, above the data"
         )

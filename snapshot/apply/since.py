@@ -34,9 +34,9 @@ from psycopg import sql
 
 from snapshot import archive, catalog
 from snapshot.apply.rows import DELETE, INSERT, UPDATE, RowSet
+from snapshot.apply.state import ApplyRun
 from snapshot.errors import ArchiveError
 from snapshot.names import TableName
-from snapshot.session import Session
 from snapshot.staging import DISCARD, TERMINATOR, ScriptReader, parse_header
 
 log = logging.getLogger(__name__)
@@ -108,34 +108,34 @@ def xact_writes(conn: psycopg.Connection) -> dict[TableName, tuple[int, int, int
     }
 
 
-def wrote_anything(s: Session, sequences_before: Any) -> bool:
+def wrote_anything(run: ApplyRun, sequences_before: Any) -> bool:
     """Whether this transaction wrote a row anywhere, or moved a scoped table's sequence.
 
     ``sequences_before``: the owned sequences as the lock found them (the backup's state).
     """
-    if any(any(counts) for counts in xact_writes(s.conn).values()):
+    if any(any(counts) for counts in xact_writes(run.conn).values()):
         return True
-    now = tuple(catalog.owned_sequences(s.conn, s.config.scope.tables))
+    now = tuple(catalog.owned_sequences(run.conn, run.config.scope.tables))
     return now != tuple(sequences_before)
 
 
-def record(s: Session, folder: Path) -> None:
+def record(run: ApplyRun, folder: Path) -> None:
     """Write ``applied-xids`` and ``applied-deletes.copy`` into the backup's folder.
 
     Call after the writes, before the commit (in the apply's transaction).
     """
     started = time.monotonic()
-    written = xact_writes(s.conn)
-    partitioned = _partitioned(s)
+    written = xact_writes(run.conn)
+    partitioned = _partitioned(run)
     xids: set[str] = set()
-    for table in s.order:
+    for table in run.order:
         if table not in partitioned and not any(written.get(table, (0, 0, 0))[:2]):
             continue  # no row inserted or updated here: no row version carries its id
         # Every row version this transaction wrote has its id or a later one (its
         # subtransactions'): age() of it is 0 or less.
         xids.update(
             str(r[0])
-            for r in s.conn.execute(
+            for r in run.conn.execute(
                 sql.SQL("SELECT DISTINCT xmin::text FROM {} WHERE age(xmin) <= 0").format(
                     table.ident
                 )
@@ -144,28 +144,28 @@ def record(s: Session, folder: Path) -> None:
     try:
         (folder / XIDS_FILE).write_text("".join(f"{x}\n" for x in sorted(xids)), encoding="ascii")
         with (folder / DELETES_FILE).open("wb") as out:
-            for rows in s.row_sets.values():
+            for rows in run.row_sets.values():
                 if rows.table in partitioned or written.get(rows.table, (0, 0, 0))[2] > 0:
-                    _deleted_block(s.conn, out, rows)
+                    _deleted_block(run.conn, out, rows)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         for name in (XIDS_FILE, DELETES_FILE):
             (folder / name).unlink(missing_ok=True)
-        raise archive.no_space(folder, None, f"pre-{s.action} backup") from None
+        raise archive.no_space(folder, None, f"pre-{run.action} backup") from None
     log.info(
         "  recorded what the %s wrote, for a rollback to count what is written since  %.1f s",
-        s.action,
+        run.action,
         time.monotonic() - started,
     )
 
 
-def _partitioned(s: Session) -> set[TableName]:
+def _partitioned(run: ApplyRun) -> set[TableName]:
     """Scoped tables whose rows live in partitions (counted apart in the statistics)."""
-    names = [t.ident.as_string(s.conn) for t in s.order]
+    names = [t.ident.as_string(run.conn) for t in run.order]
     return {
         TableName(str(schema), str(name))
-        for schema, name in s.conn.execute(
+        for schema, name in run.conn.execute(
             "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
             "ON n.oid = c.relnamespace WHERE c.oid = ANY(%s::regclass[]) AND c.relkind = 'p'",
             (names,),
@@ -199,56 +199,56 @@ def _deleted_keys(rows: RowSet) -> sql.Identifier:
     return sql.Identifier("pg_temp", f"_snapshot_a{rows.number}")
 
 
-def load(s: Session) -> Applied | None:
+def load(run: ApplyRun) -> Applied | None:
     """Load the record of the apply the rollback undoes (None: the backup has none).
 
     Call once the rollback's row sets exist (after the record of the target is made).
     """
-    files = s.snapshot.manifest.files
+    files = run.snapshot.manifest.files
     if XIDS_FILE not in files or DELETES_FILE not in files:
         return None
-    folder = s.snapshot.path
+    folder = run.snapshot.path
     xids = tuple(x for x in (folder / XIDS_FILE).read_text(encoding="ascii").split() if x)
     if not all(x.isdigit() for x in xids):
-        raise ArchiveError(f"{s.snapshot.id}: {XIDS_FILE} holds something else than ids")
+        raise ArchiveError(f"{run.snapshot.id}: {XIDS_FILE} holds something else than ids")
     loaded, unknown = set(), set()
-    for rows in s.row_sets.values():
-        s.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_deleted_keys(rows)))
+    for rows in run.row_sets.values():
+        run.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_deleted_keys(rows)))
     with (folder / DELETES_FILE).open("rb") as stream:
         script = ScriptReader(stream, (DELETED,))
         while header := script.next_header():
             _, table, columns = parse_header(header, (DELETED,))
-            found = s.row_sets.get(table)
+            found = run.row_sets.get(table)
             if found is None or tuple(columns) != found.key:  # the key changed since: unknown
                 unknown.add(table)
                 script.pump(DISCARD)
                 continue
             keys = _deleted_keys(found)
-            s.conn.execute(
+            run.conn.execute(
                 sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
                     keys, found.keys, table.ident
                 )
             )
             load_keys = sql.SQL("COPY {} ({}) FROM STDIN").format(keys, found.keys)
-            with s.conn.cursor() as cur, cur.copy(load_keys) as copy:
+            with run.conn.cursor() as cur, cur.copy(load_keys) as copy:
                 script.pump(copy)
             loaded.add(table)
     return Applied(xids, frozenset(loaded), frozenset(unknown))
 
 
-def count(s: Session, applied: Applied) -> tuple[WrittenSince, ...]:
+def count(run: ApplyRun, applied: Applied) -> tuple[WrittenSince, ...]:
     """Per table, the rows the rollback's current delta would throw away that were written
     since the apply (tables with a key whose deletions the apply recorded)."""
-    return tuple(_count(s, applied, rows) for rows in _tables(s, applied))
+    return tuple(_count(run, applied, rows) for rows in _tables(run, applied))
 
 
-def _tables(s: Session, applied: Applied) -> Iterator[RowSet]:
-    for table in s.order:
-        if table not in applied.unknown and table in s.row_sets:
-            yield s.row_sets[table]
+def _tables(run: ApplyRun, applied: Applied) -> Iterator[RowSet]:
+    for table in run.order:
+        if table not in applied.unknown and table in run.row_sets:
+            yield run.row_sets[table]
 
 
-def _count(s: Session, applied: Applied, rows: RowSet) -> WrittenSince:
+def _count(run: ApplyRun, applied: Applied, rows: RowSet) -> WrittenSince:
     # A row the target has (the rollback deletes or updates it) is the apply's own while it
     # carries one of the apply's ids; a row it lacks (the rollback inserts it) was deleted
     # by the apply if the apply recorded its key.
@@ -260,7 +260,7 @@ def _count(s: Session, applied: Applied, rows: RowSet) -> WrittenSince:
         kept = sql.SQL("NOT EXISTS (SELECT 1 FROM {} AS a WHERE {})").format(
             _deleted_keys(rows), rows.match("a", "d")
         )
-    row = s.conn.execute(
+    row = run.conn.execute(
         sql.SQL(
             "SELECT count(*) FILTER (WHERE d.op$ = {d} AND {since}), "
             "count(*) FILTER (WHERE d.op$ = {u} AND {since}), "

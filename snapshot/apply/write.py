@@ -31,10 +31,10 @@ from snapshot import progress, staging
 from snapshot.apply import outside
 from snapshot.apply.plan import Plan, decide
 from snapshot.apply.rows import DELETE, INSERT, UPDATE, RowSet
+from snapshot.apply.state import ApplyRun
 from snapshot.catalog import ForeignKey
 from snapshot.errors import Refused
 from snapshot.names import TableName
-from snapshot.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ _CONFLICTING = (
 )
 
 
-def create_helper_indexes(s: Session, fks: Collection[ForeignKey]) -> list[sql.Identifier]:
+def create_helper_indexes(run: ApplyRun, fks: Collection[ForeignKey]) -> list[sql.Identifier]:
     """Index the children of parents that lose many rows; dropped concurrently after commit.
 
     Built before anything in the transaction writes: an index built after this
@@ -102,7 +102,7 @@ def create_helper_indexes(s: Session, fks: Collection[ForeignKey]) -> list[sql.I
     created: list[sql.Identifier] = []
     for fk in fks:
         name = f"{HELPER_PREFIX}{secrets.token_hex(4)}"
-        s.conn.execute(
+        run.conn.execute(
             sql.SQL("CREATE INDEX {} ON {} ({})").format(
                 sql.Identifier(name),
                 fk.child.ident,
@@ -181,27 +181,27 @@ def lock_holders(
     return "held by " + ", ".join(sessions) + more
 
 
-def guard_outside(s: Session, plan: Plan, allowed: Collection[str]) -> Plan:
+def guard_outside(run: ApplyRun, plan: Plan, allowed: Collection[str]) -> Plan:
     """Refuse writes that would break references from outside the scope the user did not
     accept; with ``--keep-referenced``, keep their parents. Returns the plan as it now is.
 
     Checked under the lock, just before the writes, by the rule ``check`` applied
     (:mod:`.outside`): rows the app or a pre-script wrote since are counted too.
     """
-    s.outside = outside.settle(s, allowed)
-    refused = outside.refusal(s, s.outside, allowed)
+    run.outside = outside.settle(run, allowed)
+    refused = outside.refusal(run, run.outside, allowed)
     if refused:
-        raise Refused(f"{refused}; rolled back, {s.target.env} is unchanged")
-    if not s.kept:
+        raise Refused(f"{refused}; rolled back, {run.target.env} is unchanged")
+    if not run.kept:
         return plan
     forced = {t.table: t.reason for t in plan.tables if t.full}
-    return replace(decide(s, forced), auth=plan.auth, seconds=plan.seconds)
+    return replace(decide(run, forced), auth=plan.auth, seconds=plan.seconds)
 
 
-def _values(s: Session, table: TableName, columns: tuple[str, ...]) -> list[sql.Composable]:
+def _values(run: ApplyRun, table: TableName, columns: tuple[str, ...]) -> list[sql.Composable]:
     """``s.column``, or the column's ``insert_as`` value cast to its type."""
-    overrides = {c.column: v for c, v in s.config.apply.insert_as.items() if c.table == table}
-    types = {c.name: c.type for c in s.shapes[table].columns}
+    overrides = {c.column: v for c, v in run.config.apply.insert_as.items() if c.table == table}
+    types = {c.name: c.type for c in run.shapes[table].columns}
     return [
         sql.SQL("CAST({} AS {})").format(sql.Literal(overrides[c]), sql.SQL(types[c]))
         if c in overrides
@@ -210,13 +210,13 @@ def _values(s: Session, table: TableName, columns: tuple[str, ...]) -> list[sql.
     ]
 
 
-def _insert(s: Session, table: TableName, source: sql.Composable) -> sql.Composed:
-    entry = s.entries[table]
+def _insert(run: ApplyRun, table: TableName, source: sql.Composable) -> sql.Composed:
+    entry = run.entries[table]
     return sql.SQL("INSERT INTO {} ({}) {}SELECT {} FROM {}").format(
         table.ident,
         sql.SQL(", ").join(map(sql.Identifier, entry.column_names)),
-        sql.SQL("OVERRIDING SYSTEM VALUE ") if s.shapes[table].identity_always else sql.SQL(""),
-        sql.SQL(", ").join(_values(s, table, entry.column_names)),
+        sql.SQL("OVERRIDING SYSTEM VALUE ") if run.shapes[table].identity_always else sql.SQL(""),
+        sql.SQL(", ").join(_values(run, table, entry.column_names)),
         source,
     )
 
@@ -228,26 +228,28 @@ def _delta_rows(rows: RowSet, op: str) -> sql.Composed:
     )
 
 
-def _update(s: Session, rows: RowSet, source: sql.Composable | None = None) -> sql.Composed | None:
+def _update(
+    run: ApplyRun, rows: RowSet, source: sql.Composable | None = None
+) -> sql.Composed | None:
     """Update the rows of ``source`` (the delta's updates by default), matched by key."""
-    changing = tuple(c for c in s.entries[rows.table].column_names if c not in rows.key)
+    changing = tuple(c for c in run.entries[rows.table].column_names if c not in rows.key)
     if not changing:
         return None
     assignments = sql.SQL(", ").join(
         sql.SQL("{} = {}").format(sql.Identifier(c), value)
-        for c, value in zip(changing, _values(s, rows.table, changing), strict=True)
+        for c, value in zip(changing, _values(run, rows.table, changing), strict=True)
     )
     return sql.SQL("UPDATE {} AS t SET {} FROM {} WHERE {}").format(
         rows.table.ident, assignments, source or _delta_rows(rows, UPDATE), rows.match("t", "s")
     )
 
 
-def _guarded_delete(s: Session, rows: RowSet, final: bool) -> sql.Composed:
+def _guarded_delete(run: ApplyRun, rows: RowSet, final: bool) -> sql.Composed:
     """Delete the rows the snapshot lacks; before the inserts, spare those still referred to."""
     spare: list[sql.Composable] = []
     if not final:
-        for fk in s.fks:
-            if fk.parent != rows.table or fk.child not in s.order:
+        for fk in run.fks:
+            if fk.parent != rows.table or fk.child not in run.order:
                 continue
             refer = sql.SQL(" AND ").join(
                 sql.SQL("c.{} = t.{}").format(sql.Identifier(c), sql.Identifier(p))
@@ -267,11 +269,11 @@ def _guarded_delete(s: Session, rows: RowSet, final: bool) -> sql.Composed:
     )
 
 
-def _timed(run: _Statement, verb: str, table: TableName, query: sql.Composed) -> int:
+def _timed(statement: _Statement, verb: str, table: TableName, query: sql.Composed) -> int:
     """Run one table's statement, saying so while it runs long and when it is done."""
     started = time.monotonic()
     with progress.still_running(f"{_PRESENT[verb]} {table}"):
-        rows = run(table, query)
+        rows = statement(table, query)
     progress.table_done(verb, table, rows, time.monotonic() - started)
     return rows
 
@@ -279,73 +281,73 @@ def _timed(run: _Statement, verb: str, table: TableName, query: sql.Composed) ->
 _PRESENT = {"deleted": "deleting from", "inserted": "inserting into", "updated": "updating"}
 
 
-def delete_first(s: Session, plan: Plan, *, spare: bool = True) -> Written:
+def delete_first(run: ApplyRun, plan: Plan, *, spare: bool = True) -> Written:
     """Pass 1, children first: the rows the snapshot lacks, but parents still referred to.
 
     ``spare=False`` (foreign keys checked in bulk, none acting per row): every one of them.
     """
-    run, done = _Statement(s.conn), Written()
-    holding = outside.holding(s) if spare else frozenset()
-    for table in reversed(s.order):
+    statement, done = _Statement(run.conn), Written()
+    holding = outside.holding(run) if spare else frozenset()
+    for table in reversed(run.order):
         if table in plan.full_tables:
-            query = _full_delete(s, table, held=table in holding and table in s.row_sets)
-            if table in holding and table in s.row_sets:
+            query = _full_delete(run, table, held=table in holding and table in run.row_sets)
+            if table in holding and table in run.row_sets:
                 done.held.add(table)
         elif plan.table(table).deletes:
-            query = _guarded_delete(s, s.row_sets[table], final=not spare)
+            query = _guarded_delete(run, run.row_sets[table], final=not spare)
         else:
             continue
-        done.add(done.deleted, table, _timed(run, "deleted", table, query))
+        done.add(done.deleted, table, _timed(statement, "deleted", table, query))
     return done
 
 
-def insert_and_update(s: Session, plan: Plan, done: Written) -> None:
+def insert_and_update(run: ApplyRun, plan: Plan, done: Written) -> None:
     """Pass 2, parents first: insert what the target lacks, update what differs."""
-    run = _Statement(s.conn)
-    for table in s.order:
-        self_ref = any(fk.child == table == fk.parent for fk in s.fks)
+    statement = _Statement(run.conn)
+    for table in run.order:
+        self_ref = any(fk.child == table == fk.parent for fk in run.fks)
         if table in plan.full_tables:
-            _full_insert(s, table, done, run, self_ref)
+            _full_insert(run, table, done, statement, self_ref)
             continue
         counts = plan.table(table)
         if not counts.inserts and not counts.updates:
             continue  # (a table without a key is here only when it holds the snapshot's rows)
-        rows = s.row_sets[table]
+        rows = run.row_sets[table]
         for step in ("insert", "update") if self_ref else ("update", "insert"):
             if step == "insert" and counts.inserts:
-                insert = _insert(s, table, _delta_rows(rows, INSERT))
-                done.add(done.inserted, table, _timed(run, "inserted", table, insert))
-            elif step == "update" and counts.updates and (update := _update(s, rows)) is not None:
-                done.add(done.updated, table, _timed(run, "updated", table, update))
+                insert = _insert(run, table, _delta_rows(rows, INSERT))
+                done.add(done.inserted, table, _timed(statement, "inserted", table, insert))
+            elif step == "update" and counts.updates and (update := _update(run, rows)) is not None:
+                done.add(done.updated, table, _timed(statement, "updated", table, update))
 
 
-def delete_last(s: Session, plan: Plan, done: Written) -> None:
+def delete_last(run: ApplyRun, plan: Plan, done: Written) -> None:
     """Pass 3, children first: the parents that waited for their children to move."""
-    run = _Statement(s.conn)
-    for table in reversed(s.order):
+    statement = _Statement(run.conn)
+    for table in reversed(run.order):
         if table in done.held:
-            rows = s.row_sets[table]
+            rows = run.row_sets[table]
             query = sql.SQL(
                 "DELETE FROM {} AS t WHERE NOT EXISTS (SELECT 1 FROM {} AS s WHERE {})"
             ).format(table.ident, rows.stage, rows.match("s", "t"))
-            query = _sparing_kept(s, rows, query, "t")
+            query = _sparing_kept(run, rows, query, "t")
         elif table in plan.full_tables or plan.table(table).deletes <= done.deleted.get(table, 0):
             continue
         else:
-            query = _guarded_delete(s, s.row_sets[table], final=True)
-        done.add(done.deleted, table, _timed(run, "deleted", table, query))
+            query = _guarded_delete(run, run.row_sets[table], final=True)
+        done.add(done.deleted, table, _timed(statement, "deleted", table, query))
 
 
-def _sparing_kept(s: Session, rows: RowSet, query: sql.Composed, alias: str) -> sql.Composed:
+def _sparing_kept(run: ApplyRun, rows: RowSet, query: sql.Composed, alias: str) -> sql.Composed:
     """``query`` (ending in a WHERE clause over ``alias``) sparing the rows kept in place."""
-    if rows.table not in s.kept:
+    if rows.table not in run.kept:
         return query
     return sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} AS k WHERE {})").format(
         query, outside.kept_keys(rows), rows.match(alias, "k")
     )
 
 
-def _full_delete(s: Session, table: TableName, *, held: bool) -> sql.Composed:
+def _full_delete(run: ApplyRun, table: TableName, *, held: bool) -> sql.Composed:
     """Pass 1 of a full replace: every row, but those kept (:mod:`.outside`).
 
     ``held`` (row by row, rows outside the scope may refer to the table): also every row
@@ -356,9 +358,9 @@ def _full_delete(s: Session, table: TableName, *, held: bool) -> sql.Composed:
     # WHERE true: pg_safeupdate (Supabase) refuses a DELETE without WHERE
     query = sql.SQL("DELETE FROM {} AS t WHERE true").format(table.ident)
     if held:
-        outer = set(outside.outside_keys(s))
-        for fk in s.fks:
-            if fk.parent != table or (fk.child not in s.order and fk not in outer):
+        outer = set(outside.outside_keys(run))
+        for fk in run.fks:
+            if fk.parent != table or (fk.child not in run.order and fk not in outer):
                 continue
             refer = sql.SQL(" AND ").join(
                 sql.SQL("c.{} = t.{}").format(sql.Identifier(c), sql.Identifier(p))
@@ -367,37 +369,39 @@ def _full_delete(s: Session, table: TableName, *, held: bool) -> sql.Composed:
             query = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} AS c WHERE {})").format(
                 query, fk.child.ident, refer
             )
-    rows = s.row_sets.get(table)
-    return _sparing_kept(s, rows, query, "t") if rows is not None else query
+    rows = run.row_sets.get(table)
+    return _sparing_kept(run, rows, query, "t") if rows is not None else query
 
 
 def _full_insert(
-    s: Session, table: TableName, done: Written, run: _Statement, self_ref: bool
+    run: ApplyRun, table: TableName, done: Written, statement: _Statement, self_ref: bool
 ) -> None:
     """Pass 2 of a full replace: the snapshot's rows, but those of rows kept in place.
 
     Rows held in place (see :func:`_full_delete`) are updated to the snapshot's values and
     the others inserted (a self-referencing table inserts first, as a delta does).
     """
-    stage = staging.staging_table(s.entries[table])
-    rows = s.row_sets.get(table)
+    stage = staging.staging_table(run.entries[table])
+    rows = run.row_sets.get(table)
     source: sql.Composable = sql.SQL("{} AS s").format(stage)
-    if rows is not None and table in s.kept:
+    if rows is not None and table in run.kept:
         source = sql.SQL(
             "(SELECT * FROM {} AS z WHERE NOT EXISTS (SELECT 1 FROM {} AS k WHERE {})) AS s"
         ).format(stage, outside.kept_keys(rows), rows.match("z", "k"))
     if rows is None or table not in done.held:
-        done.add(done.inserted, table, _timed(run, "inserted", table, _insert(s, table, source)))
+        done.add(
+            done.inserted, table, _timed(statement, "inserted", table, _insert(run, table, source))
+        )
         return
     missing = sql.SQL("{} WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {})").format(
         source, table.ident, rows.match("t", "s")
     )
     for step in ("insert", "update") if self_ref else ("update", "insert"):
         if step == "insert":
-            insert = _insert(s, table, missing)
-            done.add(done.inserted, table, _timed(run, "inserted", table, insert))
-        elif (update := _update(s, rows, source)) is not None:
-            done.add(done.updated, table, _timed(run, "updated", table, update))
+            insert = _insert(run, table, missing)
+            done.add(done.inserted, table, _timed(statement, "inserted", table, insert))
+        elif (update := _update(run, rows, source)) is not None:
+            done.add(done.updated, table, _timed(statement, "updated", table, update))
 
 
 def expected_writes(plan: Plan) -> tuple[int, int]:

@@ -1,0 +1,341 @@
+"""The checks that need the snapshot staged: run once the apply has prepared (:mod:`.prepare`).
+
+``snapshot check`` and ``apply`` make the same preparation and then these checks, so a check
+that says ready is followed by an apply that finds nothing new before its lock: the staged
+rows against the manifest, the references from outside the scope judged against the plan
+(:mod:`.outside`), the snapshot's references leaving the scope, auth user conflicts, how
+large writes check their foreign keys, and the plan itself, as findings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg import sql
+
+from snapshot import staging, text
+from snapshot.apply import outside, replica
+from snapshot.apply import rows as rowsets
+from snapshot.apply.auth import mask_email
+from snapshot.apply.plan import Plan
+from snapshot.apply.state import ApplyRun
+from snapshot.checksum import TableStats, kind_of, table_stats
+from snapshot.direction import CREATE_AUTH_USERS
+from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, quote
+from snapshot.preflight import ERROR, OK, WARNING, Finding
+
+
+def staged_checks(run: ApplyRun) -> list[Finding]:
+    """Every check that needs the snapshot staged and the apply planned, in report order."""
+    assert run.plan is not None, "the apply prepares before these checks"
+    findings = [*_staged_rows(run), *_closure(run), *_outside_references(run)]
+    findings += _auth_conflicts(run)
+    in_bulk, how = _key_checks(run, run.plan)
+    findings += _plan_findings(run, run.plan, in_bulk=in_bulk)
+    return findings + how
+
+
+def first_look(run: ApplyRun) -> list[Finding]:
+    """Before the source is even taken (the cutover's first look): the references from
+    outside the scope, counted only; the apply judges them once the snapshot is staged."""
+    return list(_closure(run, staged=False))
+
+
+def _scalar(
+    conn: psycopg.Connection, query: LiteralString | sql.Composed, params: tuple[Any, ...] = ()
+) -> Any:
+    row = conn.execute(query, params).fetchone()
+    return row[0] if row else None
+
+
+def _not_null(columns: tuple[str, ...]) -> sql.Composable:
+    return sql.SQL(" AND ").join(
+        sql.SQL("{} IS NOT NULL").format(sql.Identifier(c)) for c in columns
+    )
+
+
+def _closure(run: ApplyRun, *, staged: bool = True) -> Iterator[Finding]:
+    """Foreign keys from outside the scope into it: the rows the apply would take from under
+    them, judged as the apply judges them (:mod:`snapshot.apply.outside`).
+
+    Before anything is staged (the cutover's first look at a live source) the references
+    are only counted: the apply decides once the snapshot is staged, before any write.
+    """
+    refs = run.outside if staged else outside.survey(run, staged=False)
+    if not refs:
+        yield Finding("scope closure", OK, "no foreign key from outside the scope refers to it")
+    for ref in refs:
+        status, detail = outside.verdict(run, ref, run.options.allowed, staged=staged)
+        yield Finding("scope closure", status, detail)
+    direct = {ref.fk.parent for ref in refs if ref.rows}
+    for kept in run.kept.values():
+        if kept.table not in direct:
+            yield Finding("scope closure", WARNING, kept.sentence(run.target.env))
+
+
+def _outside_references(run: ApplyRun) -> Iterator[Finding]:
+    """Snapshot rows that point at rows outside the scope the target lacks."""
+    scoped = set(run.order)
+    auth_copied = any(e.table == AUTH_USERS for e in run.auth_entries)
+    found = False
+    for fk in run.fks:
+        if fk.child not in scoped or fk.parent in scoped:
+            continue
+        entry = run.entries[fk.child]
+        stage = staging.staging_table(entry)
+        match = sql.SQL(" AND ").join(
+            sql.SQL("p.{} = s.{}").format(sql.Identifier(pc), sql.Identifier(cc))
+            for pc, cc in zip(fk.parent_columns, fk.columns, strict=True)
+        )
+        query: sql.Composed = sql.SQL(
+            "SELECT count(*) FROM {} s WHERE {} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})"
+        ).format(stage, _not_null(fk.columns), fk.parent.ident, match)
+        if fk.parent == AUTH_USERS and auth_copied:
+            users = next(e for e in run.auth_entries if e.table == AUTH_USERS)
+            query = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})").format(
+                query, staging.staging_table(users), match
+            )
+        count = _scalar(run.conn, query)
+        if count:
+            found = True
+            if fk.parent != AUTH_USERS:
+                fix = f"add {fk.parent} to the scope, or create those rows in the target first"
+            elif run.auth_withheld:
+                fix = f"pass {CREATE_AUTH_USERS} to create them from the snapshot"
+            else:
+                fix = "copy auth users (auth_users = true)"
+            yield Finding(
+                "outside references",
+                ERROR,
+                f"{text.count(count, 'snapshot row')} of {fk.child} "
+                f"{'points' if count == 1 else 'point'} at {fk.parent} rows the target lacks "
+                f"({fk}): {fix}",
+            )
+    if not found:
+        yield Finding("outside references", OK, "every key leaving the scope finds its row")
+
+
+def _unique_keys(
+    conn: psycopg.Connection, staged: Collection[str]
+) -> list[tuple[list[str], str | None]]:
+    """The target's unique keys on auth.users (not the id) over staged plain columns.
+
+    Each with its predicate: Supabase's email index covers only ``is_sso_user = false``,
+    so an SSO user may share a password user's email; conflicts follow the real index.
+    """
+    rows = conn.execute(
+        "SELECT array_agg(a.attname::text ORDER BY k.n), pg_get_expr(i.indpred, i.indrelid) "
+        "FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(num, n) "
+        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.num "
+        "WHERE i.indrelid = 'auth.users'::regclass AND i.indisunique AND NOT i.indisprimary "
+        "AND i.indisvalid AND 0 <> ALL (i.indkey::int2[]) GROUP BY i.indexrelid, i.indpred, "
+        "i.indrelid ORDER BY i.indexrelid"
+    ).fetchall()
+    return [(list(cols), pred) for cols, pred in rows if set(cols) <= set(staged)]
+
+
+def _same_value(column: str) -> sql.Composable:
+    """``t.column = s.column``; emails compared case-insensitively, as Supabase Auth does.
+
+    Auth finds a user by ``lower(email)``: ``Conflict@Example.com`` and
+    ``conflict@example.com`` are one person to it, though the unique index takes both.
+    """
+    if column == "email":
+        return sql.SQL("lower(t.{c}) = lower(s.{c})").format(c=sql.Identifier(column))
+    return sql.SQL("t.{c} = s.{c}").format(c=sql.Identifier(column))
+
+
+def _auth_conflicts(run: ApplyRun) -> Iterator[Finding]:
+    """Snapshot users to create whose email or phone already belongs to another target user."""
+    users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
+    if users is None:
+        return
+    stage = staging.staging_table(users)
+    conflicts = []
+    for columns, predicate in _unique_keys(run.conn, users.column_names):
+        covered = sql.SQL(" WHERE {}").format(sql.SQL(predicate)) if predicate else sql.SQL("")
+        same = sql.SQL(" AND ").join(_same_value(c) for c in columns)
+        query = sql.SQL(
+            "SELECT s.id, s.email, t.id FROM (SELECT * FROM {stage}{covered}) s "
+            "JOIN (SELECT * FROM auth.users{covered}) t ON {same} AND t.id <> s.id "
+            "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) ORDER BY s.id LIMIT 20"
+        ).format(stage=stage, covered=covered, same=same)
+        try:
+            with run.conn.transaction():  # a predicate over a column the snapshot lacks fails
+                rows = run.conn.execute(query).fetchall()
+        except psycopg.Error:
+            continue
+        what = " and ".join(columns)
+        for source_id, email, target_id in rows:
+            conflicts.append(f"{source_id} ({mask_email(email)}) has the {what} of {target_id}")
+    identities = next((e for e in run.auth_entries if e.table == AUTH_IDENTITIES), None)
+    if identities is not None:
+        rows = run.conn.execute(
+            sql.SQL(
+                "SELECT i.user_id, i.provider FROM {ids} i JOIN auth.identities t "
+                "ON t.provider_id = i.provider_id AND t.provider = i.provider "
+                "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = i.user_id) LIMIT 20"
+            ).format(ids=staging.staging_table(identities))
+        ).fetchall()
+        for user_id, provider in rows:
+            conflicts.append(f"{user_id}'s {provider} identity belongs to another target user")
+    if conflicts:
+        yield Finding(
+            "auth users",
+            ERROR,
+            f"{text.count(len(conflicts), 'snapshot user')} cannot be created in {run.target.env}: "
+            + "; ".join(conflicts)
+            + ". Resolve them in either project (Authentication > Users), then apply again",
+        )
+    else:
+        created = _scalar(
+            run.conn,
+            sql.SQL(
+                "SELECT count(*) FROM {} s WHERE NOT EXISTS (SELECT 1 FROM auth.users u "
+                "WHERE u.id = s.id)"
+            ).format(stage),
+        )
+        yield Finding(
+            "auth users",
+            OK,
+            f"{text.count(created, 'snapshot user')} will be created, "
+            f"{'it does not conflict' if created == 1 else 'none conflict'}",
+        )
+
+
+def _staged_rows(run: ApplyRun) -> Iterator[Finding]:
+    """The staged rows against the manifest: a swapped dump or an edited manifest stops here."""
+
+    wrong = []
+    entries = [*run.entries.values(), *run.auth_entries]
+    for entry in entries:
+        rows = run.row_sets.get(entry.table)
+        if rows is not None:
+            staged = rowsets.snapshot_stats(run.conn, rows)
+        else:
+            staged = table_stats(
+                run.conn,
+                staging.staging_table(entry),
+                entry.column_names,
+                kind=kind_of(entry.checksum),
+            )
+        if staged == TableStats(entry.rows, entry.checksum):
+            continue
+        if staged.rows != entry.rows:
+            wrong.append(f"{entry.table} ({staged.rows:,} rows, the manifest says {entry.rows:,})")
+        else:
+            wrong.append(f"{entry.table} (its checksum differs)")
+    if wrong:
+        yield Finding(
+            "snapshot integrity",
+            ERROR,
+            f"the rows in {run.snapshot.id}'s data.dump contradict its manifest: "
+            f"{', '.join(wrong)}; the dump was replaced or the manifest edited: take a new "
+            "snapshot",
+        )
+    else:
+        yield Finding(
+            "snapshot integrity",
+            OK,
+            f"the staged rows of {len(entries)} tables match the manifest's counts and checksums",
+        )
+
+
+def _key_checks(run: ApplyRun, plan: Plan) -> tuple[bool, list[Finding]]:
+    """Whether a large change checks its foreign keys in bulk, and a finding saying how
+    (a small one goes row by row, unsaid)."""
+    in_bulk, why = replica.choose(run, plan)
+    if in_bulk:
+        detail = (
+            f"{plan.changes:,} rows to write: their foreign keys are checked in bulk after the "
+            "writes (session_replication_role = replica, the app's triggers set to fire always "
+            "meanwhile); readers never wait"
+        )
+        return True, [Finding("plan", OK, detail)]
+    if why is None:
+        return False, []
+    detail = f"{plan.changes:,} rows to write, foreign keys checked row by row: {why}"
+    return False, [Finding("plan", OK, detail)]
+
+
+def _plan_findings(run: ApplyRun, plan: Plan, *, in_bulk: bool = False) -> Iterator[Finding]:
+    """What the apply will write, and whom it affects, as findings.
+
+    ``in_bulk``: the writes check foreign keys in bulk, so the deletes need no index.
+    """
+    tables = plan.tables
+    counts = (
+        f"{sum(t.inserts for t in tables):,} rows to insert, {sum(t.updates for t in tables):,} "
+        f"to update, {sum(t.deletes for t in tables):,} to delete, "
+        f"{sum(t.unchanged for t in tables):,} unchanged"
+    )
+    full = [t for t in tables if t.full]
+    how = f"{len(tables) - len(full)} tables as a delta"
+    if full:
+        how += (
+            f", {len(full)} replaced in full ({'; '.join(f'{t.table}: {t.reason}' for t in full)})"
+        )
+    yield Finding("plan", OK, f"{counts}: {how}")
+    if plan.helper_indexes:
+        use = (
+            "checking foreign keys in bulk, this apply needs no index for them"
+            if in_bulk
+            else "the apply indexes them for its own use and drops the indexes after commit "
+            "(DROP INDEX CONCURRENTLY: readers never wait)"
+        )
+        yield Finding(
+            "plan",
+            OK,
+            f"{len(plan.helper_indexes)} foreign keys have no index and their parents lose "
+            f"many rows: {use}; to index them for good: "
+            + " ".join(
+                f"CREATE INDEX CONCURRENTLY ON {fk.child} ({', '.join(map(quote, fk.columns))});"
+                for fk in plan.helper_indexes
+            ),
+        )
+    if plan.written_since is not None:
+        lost = [w for w in plan.written_since if w.rows]
+        if lost:
+            total = sum(w.rows for w in lost)
+            yield Finding(
+                "written since",
+                WARNING,
+                f"{total:,} row{'' if total == 1 else 's'} written since the apply this "
+                f"{run.action} undoes (by the app, or a later apply) will be thrown away: "
+                + "; ".join(w.sentence() for w in lost)
+                + f"; only its pre-{run.action} backup keeps them",
+            )
+        else:
+            yield Finding(
+                "written since", OK, f"no row written since the apply this {run.action} undoes"
+            )
+    people = plan.auth
+    if people is None:
+        return
+    if people.create:
+        yield Finding(
+            "new logins",
+            OK,
+            f"{people.create_sentence(run.target.env)} (auth users are never updated)",
+        )
+    for trigger in people.triggers:
+        outside = trigger.opaque or any(t not in run.order for t in trigger.writes)
+        yield Finding(
+            "auth triggers",
+            WARNING if outside else OK,
+            f"{trigger.sentence(run.order)}: it fires as the {people.create:,} snapshot users "
+            f"are created; the report counts the rows it writes"
+            + (" (rows written outside the scope stay)" if outside else ""),
+        )
+    if people.orphaned:
+        setting = run.config.apply.orphaned_users
+        status = ERROR if setting == "error" else WARNING
+        fix = (
+            '; [apply] orphaned_users = "error" in snapshot.toml refuses such applies'
+            if status == WARNING
+            else ": copy those users' rows to the source first, or set [apply] orphaned_users "
+            '= "warn" in snapshot.toml to accept it'
+        )
+        yield Finding("orphaned users", status, people.orphaned_sentence(run.target.env) + fix)

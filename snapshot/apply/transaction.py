@@ -1,0 +1,244 @@
+"""The locked, all-or-nothing part of an apply: one REPEATABLE READ transaction.
+
+1. lock the scope against writers (readers go on), then bring the plan up to the rows
+   written since it was made, and write the pre-apply backup's catch-up;
+2. create the snapshot's auth users the target lacks (insert only);
+3. the writes, attempt after attempt until they hold (:mod:`.attempt`);
+4. sequences; the closing report;
+5. commit when asked and every table matches: the backup joined first, the keeper
+   triggers dropped last. Otherwise roll back: nothing changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, replace
+
+import psycopg
+from psycopg import sql
+
+from snapshot import text
+from snapshot.apply import auth, backup, keepers, replica, sequences, write
+from snapshot.apply import rows as rowsets
+from snapshot.apply.attempt import Written, write_until_it_holds
+from snapshot.apply.phases import Phases
+from snapshot.apply.report import ApplyReport, AuthOutcome
+from snapshot.apply.state import ApplyRun
+from snapshot.archive import Snapshot
+from snapshot.config import duration_seconds
+from snapshot.db import use_app_search_path, use_tool_search_path
+from snapshot.errors import ApplyFailed
+from snapshot.names import AUTH_USERS, TableName
+
+log = logging.getLogger(__name__)
+
+LOCK_TRY = 0.2  # seconds one attempt waits for one table before letting go of them all
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What the transaction ended with: the report, the backup sealed when it committed, and
+    the helper indexes to drop after it."""
+
+    report: ApplyReport
+    sealed: Snapshot | None
+    helpers: tuple[sql.Identifier, ...]
+
+
+def in_one_transaction(run: ApplyRun, phase: Phases, *, commit: bool) -> Finished:
+    """Steps 1-5 of the module; commits only when ``commit`` and every table matches."""
+    conn = run.conn
+    assert run.plan is not None
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = False
+    running = run.backup if commit else None
+    sealed = None
+    locked_at = time.monotonic()
+    try:
+        with conn.transaction() as tx:
+            with phase("locking"):
+                if running is not None:
+                    backup.wait_for_dump(running, to_end=run.block_readers)
+                lock(run)
+                locked_at = time.monotonic()
+            with phase("reconciling"):
+                before = reconcile(run, running)
+            created = create_auth_users(run, phase)
+            written = write_until_it_holds(run, phase, before)
+            with phase("sequences"):
+                sequences.restart(run)
+            report = _report(run, phase, written, created, dry_run=not commit)
+            keep = commit and report.matches
+            if keep and running is not None:
+                with phase("waiting for the backup"):
+                    sealed = backup.finish(run, running)
+                    running = run.backup = None
+            if not keep:
+                raise psycopg.Rollback(tx)  # leaves the block, rolling back; nothing raised
+            _commit(run, phase, written.held)
+    finally:
+        if running is not None:
+            backup.abandon(running)
+            run.backup = None
+    phase.committed = keep
+    if keep:
+        log.info(
+            "  committed: %s's writers go on (they waited %.1f s)",
+            run.target.env,
+            time.monotonic() - locked_at,
+        )
+    report = replace(report, committed=keep, phases=tuple(phase.done), notes=tuple(run.notes))
+    return Finished(report, sealed if keep else None, written.helpers)
+
+
+def lock(run: ApplyRun) -> None:
+    """Lock the scope against writers; the transaction's snapshot is taken after this.
+
+    All or nothing: an attempt locks every table (children first), each wait bounded by
+    :data:`LOCK_TRY`; when one cannot be had, the attempt lets go of every lock it took
+    and tries again, until ``[apply] lock_timeout`` has passed. Holding some tables while
+    waiting long for another would deadlock with an app that writes a child row (its
+    foreign-key check then locks the parent's row): the app would get the error.
+    Afterwards ``lock_timeout`` stays set for the whole transaction: every other lock the
+    apply waits for (rows, sequences, rows of referencing tables) is bounded by it.
+    """
+    timeout = run.config.apply.lock_timeout
+    budget = duration_seconds(timeout)
+    wait = min(LOCK_TRY, budget)
+    deadline = time.monotonic() + budget
+    # SET, not SELECT set_config(): a SELECT would fix the transaction's snapshot before
+    # the locks, and rows committed while we wait for them would be invisible to it.
+    run.conn.execute(
+        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{wait * 1000:.0f}ms"))
+    )
+    while True:
+        waiting = run.order[-1]
+        try:
+            with run.conn.transaction():  # a savepoint: a failed attempt releases its locks
+                for waiting in reversed(run.order):
+                    run.conn.execute(
+                        sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(waiting.ident)
+                    )
+            break
+        except psycopg.errors.LockNotAvailable:
+            if time.monotonic() >= deadline:
+                holders = write.lock_holders(run.conn, [waiting])
+                raise ApplyFailed(
+                    f"could not lock {waiting} on {run.target.env} within {timeout}: "
+                    f"{holders}; retry in a quieter moment or raise [apply] lock_timeout; "
+                    "nothing was changed"
+                ) from None
+            time.sleep(random.uniform(0.02, 0.1))  # let the app's transaction finish
+    run.conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(timeout)))
+    log.info(
+        "  %s: writers to the %d scoped tables wait from now until the commit; readers go on",
+        run.target.env,
+        len(run.order),
+    )
+
+
+def reconcile(run: ApplyRun, running: backup.Backup | None) -> dict[TableName, int]:
+    """The plan brought up to the rows written since it was made; the backup's catch-up
+    written; each table's rows now (the closing report's "target before")."""
+    conn = run.conn
+    _compare_again(run, run.order)
+    known = {
+        t: run.recorded.get(t) or rowsets.record_stats(conn, r) for t, r in run.row_sets.items()
+    }
+    if running is not None:
+        backup.describe(run, running, {**known, **backup.follow_up(run, running)})
+        backup.catch_up(run, running)
+    return {t: known[t].rows if t in known else _count(conn, t) for t in run.order}
+
+
+def create_auth_users(run: ApplyRun, phase: Phases) -> auth.Created:
+    """The snapshot's auth users the target lacks, created (insert only); the rows the app's
+    triggers on the auth tables wrote into the scope are compared again."""
+    if not run.auth_entries:
+        return auth.Created(0, 0)
+    with phase("creating auth users"):
+        counters = replica.write_counters(run.conn)
+        use_app_search_path(run.conn)  # auth.users' triggers are the app's code
+        created = auth.create_users(run)
+        use_tool_search_path(run.conn)
+        if created.users:
+            _compare_again(run, _touched(run, counters))
+    return created
+
+
+def _commit(run: ApplyRun, phase: Phases, held: keepers.Keepers) -> None:
+    """The last steps before the COMMIT (sent when the transaction's block ends)."""
+    if held.tables:
+        with phase("dropping the keeper triggers"):
+            keepers.release(run.conn, held, run.config.apply.lock_timeout, run.target.env)
+    phase.current = "committing"
+    use_app_search_path(run.conn)  # deferred triggers fire at the commit
+    # From the commit to the backup's publication, Ctrl-C waits (snapshot.apply.phases).
+    phase.hold_interrupts()
+
+
+def _report(
+    run: ApplyRun, phase: Phases, written: Written, created: auth.Created, *, dry_run: bool
+) -> ApplyReport:
+    return ApplyReport(
+        action=run.action,
+        target=run.target.env,
+        snapshot=run.snapshot.id,
+        dry_run=dry_run,
+        committed=False,
+        tables=written.tables,
+        auth=_auth_outcome(run, created),
+        backup=None,
+        phases=tuple(phase.done),
+        notes=tuple(run.notes),
+        plan=written.plan,
+        trigger_writes=written.undone,
+    )
+
+
+def _compare_again(run: ApplyRun, tables: Collection[TableName]) -> int:
+    """Rows written since the record was made, hashed and classified again; how many."""
+    moved = 0
+    for table in tables:
+        if table in run.row_sets:
+            if moving := rowsets.reconcile(run.conn, run.row_sets[table], run.horizon):
+                run.recorded.pop(table, None)  # the record changed: its stats are stale
+            moved += moving
+    if moved:
+        log.info("  %s changed since the plan was made: compared again", text.count(moved, "row"))
+    return moved
+
+
+def _touched(run: ApplyRun, before: dict[int, int]) -> list[TableName]:
+    """Scoped tables written since ``before`` (partitioned ones always count)."""
+    after = replica.write_counters(run.conn)
+    touched = []
+    for table in run.order:
+        oid, kind = run.conn.execute(
+            "SELECT oid, relkind FROM pg_class WHERE oid = %s::regclass",
+            (table.ident.as_string(run.conn),),
+        ).fetchone() or (0, "")
+        if kind == "p" or after.get(oid, 0) != before.get(oid, 0):
+            touched.append(table)
+    return touched
+
+
+def _count(conn: psycopg.Connection, table: TableName) -> int:
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _auth_outcome(run: ApplyRun, created: auth.Created) -> AuthOutcome | None:
+    users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
+    if users is None:
+        return None
+    return AuthOutcome(
+        snapshot_users=users.rows,
+        created_users=created.users,
+        created_identities=created.identities,
+        missing_after=auth.missing_users(run),
+        trigger_writes=created.writes,
+    )
