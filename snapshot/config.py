@@ -18,6 +18,8 @@ from typing import Any
 from snapshot.errors import ConfigError
 from snapshot.names import AUTH_TABLES, TableName, quote, split_dotted
 from snapshot.project import CONFIG_FILE, ProjectRoot, find_root
+from snapshot.scope import Scope
+from snapshot.text import display_path
 
 __all__ = ["CONFIG_FILE", "Config", "Proposal", "load_config", "render_config"]
 
@@ -86,38 +88,6 @@ class ColumnRef:
     def parse(cls, text: str, where: str) -> ColumnRef:
         """``table.column`` (in public) or ``schema.table.column``; ``where`` names the setting."""
         return _parse_column(text, where)
-
-
-# Without snapshot.toml the scope is the bundled example app's (DEFAULT_TABLES): what to do
-# when it does not fit the database.
-NO_CONFIG_FIX = (
-    "there is no snapshot.toml, so the scope is the bundled example app's: run "
-    "'snapshot init' to write one from dev's own tables"
-)
-
-
-@dataclass(frozen=True)
-class Scope:
-    """The tables that take, apply and verify share, and whether auth users come along."""
-
-    tables: tuple[TableName, ...]
-    auth_users: bool = True
-    # False when no snapshot.toml set it (the defaults): messages then suggest `init`
-    configured: bool = field(default=True, compare=False)
-
-    def fix(self, change: str) -> str:
-        """How to fix the scope: ``change`` (in snapshot.toml), or without one, ``init``."""
-        return change if self.configured else NO_CONFIG_FIX
-
-    def to_json(self) -> dict[str, Any]:
-        return {"tables": [str(t) for t in self.tables], "auth_users": self.auth_users}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Scope:
-        return cls(
-            tables=tuple(TableName.parse(t) for t in data["tables"]),
-            auth_users=bool(data["auth_users"]),
-        )
 
 
 FOREIGN_KEY_CHECKS = ("auto", "bulk", "per-row")
@@ -219,14 +189,6 @@ def _check_env_name(name: str) -> None:
 
 def _archived_env(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".")
-
-
-def display_path(path: Path) -> str:
-    """``path`` relative to the working directory when it lies below it, for messages."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def _parse_column(text: str, where: str) -> ColumnRef:

@@ -19,6 +19,7 @@ from psycopg import sql
 from snapshot import archive, catalog, staging, text
 from snapshot.direction import CREATE_AUTH_USERS
 from snapshot.errors import SnapshotError
+from snapshot.manifest import same_database
 from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, TableName, quote
 from snapshot.session import Session
 from snapshot.take import LIVE, identity
@@ -108,7 +109,7 @@ def mask_email(email: str | None) -> str:
 def _identity(s: Session) -> Iterator[Finding]:
     m = s.snapshot.manifest
     here = identity(s.target, s.info)
-    same = archive.same_database(m.database, m.project_ref, here, s.target.project_ref)
+    same = same_database(m.database, m.project_ref, here, s.target.project_ref)
     if s.action == "apply" and same and m.kind == LIVE:  # the cutover's source, live
         yield Finding(
             "identity",

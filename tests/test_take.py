@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 
 from snapshot import archive, checksum
+from snapshot.manifest import FORMAT_VERSION
 from snapshot.names import TableName
 from tests.conftest import Project
 from tests.fix_db import ALL_TABLES, Database
@@ -84,7 +85,7 @@ def test_manifest_records_identity_fingerprint_and_file_hashes(project: Project,
 
     [folder] = project.snapshots("dev")
     manifest = manifest_of(folder)
-    assert manifest["format"] == archive.FORMAT_VERSION
+    assert manifest["format"] == FORMAT_VERSION
     assert manifest["environment"] == "dev" and manifest["kind"] == "take"
     assert manifest["database"]["dbname"] == dev.name
     assert manifest["database"]["system_identifier"] == str(

@@ -25,8 +25,8 @@ from psycopg import sql
 
 from snapshot import staging, text
 from snapshot.apply.since import xact_writes
-from snapshot.archive import TableEntry
 from snapshot.errors import SnapshotError
+from snapshot.manifest import TableEntry
 from snapshot.names import AUTH_IDENTITIES, AUTH_TABLES, AUTH_USERS, TableName, split_dotted
 from snapshot.preflight import mask_email
 from snapshot.session import Session
