@@ -395,6 +395,13 @@ def _read_entry(path: Path) -> Snapshot:
     return read_snapshot(path)
 
 
+def archived_environments(archive: Path) -> list[str]:
+    """The environments an archive holds a folder for (hidden folders are not environments)."""
+    if not archive.is_dir():
+        return []
+    return sorted(p.name for p in archive.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def scan_archive(
     archive: Path, env: str | None = None, *, verify: bool = False
 ) -> tuple[list[Snapshot], list[Damaged]]:
@@ -406,10 +413,10 @@ def scan_archive(
     """
     if not archive.is_dir():
         return [], []
-    folders = [archive / env] if env else sorted(p for p in archive.iterdir() if p.is_dir())
+    names = [env] if env else archived_environments(archive)
     found: list[Snapshot] = []
     damaged: list[Damaged] = []
-    for folder in folders:
+    for folder in (archive / name for name in names):
         if not folder.is_dir() or folder.name.startswith("."):
             continue
         for path in sorted(folder.iterdir()):

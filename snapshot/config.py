@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from snapshot.archive import archived_environments
 from snapshot.errors import ConfigError
 from snapshot.names import AUTH_TABLES, TableName, quote, split_dotted
 from snapshot.project import CONFIG_FILE, ProjectRoot, find_root
@@ -152,8 +153,7 @@ class Config:
                 name = path.name.removeprefix(".env.")
                 if path.name not in taken and name and all(c.isalnum() or c in "-_" for c in name):
                     names.add(name)
-        if self.archive.is_dir():
-            names.update(p.name for p in self.archive.iterdir() if _archived_env(p))
+        names.update(archived_environments(self.archive))
         return sorted(names)
 
     def require_known(self, name: str) -> None:
@@ -185,10 +185,6 @@ class Config:
 def _check_env_name(name: str) -> None:
     if not name or not all(c.isalnum() or c in "-_" for c in name):
         raise ConfigError(f"{name!r} is not an environment name: use letters, digits, '-' or '_'")
-
-
-def _archived_env(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith(".")
 
 
 def _parse_column(text: str, where: str) -> ColumnRef:
