@@ -20,8 +20,8 @@ from psycopg.conninfo import conninfo_to_dict
 from snapshot import pgtools
 from snapshot.errors import ConfigError
 from snapshot.rehearse import schema_files, seed_files
-from tests.conftest import Project
-from tests.fix_db import PREFIX, ROOT, SCOPE, SQL, Database, Server
+from tests.fix_db import PREFIX, ROOT, SCOPE_TABLES, SQL, Database, Server
+from tests.fix_project import Project
 
 INIT_DIR = "/docker-entrypoint-initdb.d/"
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -102,7 +102,7 @@ def test_compose_init_gives_a_pair_that_cutover_takes_through(
     entrypoint_init(prod, init_files("prod"), Path(psql))
     project.env("rehearsal-dev", SUPABASE_DB_URL=dev.app_url)
     project.env("rehearsal-prod", SUPABASE_DB_URL=prod.app_url)
-    tables = [f"public.{t}" for t in SCOPE]
+    tables = list(SCOPE_TABLES)
     assert prod.fingerprint(tables) != dev.fingerprint(tables)
 
     result = project.run("cutover", "rehearsal-dev", "rehearsal-prod", "--yes", "--unmasked")

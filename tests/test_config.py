@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from snapshot.config import DEFAULT_TABLES, load_config, parse_config
-from tests.conftest import Project
-from tests.fix_db import PREFIX, Database, Server
+from snapshot.config import load_config, parse_config
+from tests.fix_db import PREFIX, SCOPE_TABLES, Database, Server
+from tests.fix_project import Project
 
 
 def test_init_without_dev_writes_the_bundled_template_and_says_why(project: Project) -> None:
@@ -23,7 +23,7 @@ def test_init_without_dev_writes_the_bundled_template_and_says_why(project: Proj
     )
     written = load_config(project.path / "snapshot.toml")
     defaults = parse_config({}, None, project.path)  # no snapshot.toml at all
-    assert [str(t) for t in written.scope.tables] == [f"public.{t}" for t in DEFAULT_TABLES]
+    assert [str(t) for t in written.scope.tables] == list(SCOPE_TABLES)
     assert written.scope == defaults.scope
     assert written.apply == defaults.apply
     assert written.archive == project.path / "snapshots"

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-from tests.conftest import Project
-from tests.fix_db import SCOPE, Database
+from tests.fix_db import SCOPE_TABLES, Database
+from tests.fix_project import Project
 
-SCOPE_TABLES = tuple(f"public.{t}" for t in SCOPE)
 STEPS = ("preflight", "take", "apply", "smoke", "verify")
 
 

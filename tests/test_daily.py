@@ -18,9 +18,9 @@ import pytest
 
 from snapshot import localpg
 from snapshot.pgtools import bundled_bins
-from tests.conftest import Project
+from tests.fix_apps import setup_pair
 from tests.fix_db import ROOT
-from tests.test_apply import setup_pair
+from tests.fix_project import Project
 
 
 def take(project: Project, env: str = "dev", *args: str) -> None:

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from snapshot import localpg
-from tests.conftest import Project
+from tests.fix_project import Project
 from tests.fix_servers import POOLER_PASSWORD, POOLER_REF
 
 GOOD_TOKEN = "sbp_test_token_0123456789"

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
-from snapshot.config import DEFAULT_TABLES
 from snapshot.scripts import bundled_sql
-from tests.conftest import Project
-from tests.test_apply import setup_pair
+from tests.fix_apps import setup_pair
+from tests.fix_db import SCOPE, SCOPE_TABLES
+from tests.fix_project import Project
 
 COMMANDS = {
     "take": ["take", "dev"],
@@ -22,7 +22,7 @@ COMMANDS = {
 
 
 def _scope_with(project: Project, old: str, new: str) -> None:
-    tables = [new if t == old else t for t in DEFAULT_TABLES]
+    tables = [new if t == old else t for t in SCOPE]
     project.config("[scope]\ntables = [" + ", ".join(f'"{t}"' for t in tables) + "]\n")
 
 
@@ -49,7 +49,7 @@ def test_a_scope_table_missing_in_prod_exits_2_naming_it(
 ) -> None:
     _dev, prod = setup_pair(project, make_db)
     prod.execute("DROP TABLE public.topic_edges")
-    original = prod.fingerprint([f"public.{t}" for t in DEFAULT_TABLES if t != "topic_edges"])
+    original = prod.fingerprint([t for t in SCOPE_TABLES if t != "public.topic_edges"])
 
     result = project.run(*COMMANDS[command])
 
@@ -57,9 +57,7 @@ def test_a_scope_table_missing_in_prod_exits_2_naming_it(
     line = result.stderr.strip().splitlines()[-1]
     assert "prod" in line and "has no table public.topic_edges: " in line, line
     assert "did you mean" not in line  # a table the migrations never made resembles nothing
-    assert original == prod.fingerprint(
-        [f"public.{t}" for t in DEFAULT_TABLES if t != "topic_edges"]
-    )
+    assert original == prod.fingerprint([t for t in SCOPE_TABLES if t != "public.topic_edges"])
 
 
 def test_a_cutover_whose_smoke_tested_nothing_is_no_pass(project: Project, make_db) -> None:

@@ -10,8 +10,9 @@ import pytest
 from snapshot.config import load_config
 from snapshot.errors import ConfigError
 from snapshot.names import TableName
-from tests.conftest import Project, plain_app_pair
+from tests.fix_apps import plain_app_pair
 from tests.fix_db import Database
+from tests.fix_project import Project
 
 # A Prisma-style PascalCase table with a lowercase twin outside the scope, a table whose name
 # holds " (" (as a COPY line's column list starts), one without any key (rolled back whole

@@ -15,9 +15,9 @@ from psycopg import sql
 
 from snapshot import localpg
 from snapshot.session import ADVISORY_KEY
-from tests.conftest import Project
+from tests.fix_apps import apply, setup_pair
 from tests.fix_db import PREFIX, SCOPE, Database
-from tests.test_apply import apply, setup_pair
+from tests.fix_project import Project
 
 
 def findings(result) -> list[dict]:

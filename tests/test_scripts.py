@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 
-from tests.conftest import Project
-from tests.fix_db import ROOT, SCOPE
+from tests.fix_apps import apply, setup_pair
+from tests.fix_db import ROOT, SCOPE_TABLES
+from tests.fix_project import Project
 
 NPM_DB = ROOT / "scripts" / "npm-db"
-SCOPE_TABLES = [f"public.{t}" for t in SCOPE]
 
 
 def npm_db(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
@@ -46,11 +48,6 @@ def test_npm_db_names_the_commands_it_knows(project: Project) -> None:
 def test_a_sql_folder_with_only_smoke_checks_keeps_the_bundled_pre_and_post(
     project: Project, make_db
 ) -> None:
-    import json
-    import shutil
-
-    from tests.test_apply import SCOPE_TABLES, apply, setup_pair
-
     dev, prod = setup_pair(project, make_db)
     shutil.copytree(ROOT / "sql" / "smoke", project.path / "sql" / "smoke")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.conftest import Project
-from tests.fix_db import Database
-from tests.test_apply import SCOPE_TABLES, apply, setup_pair
+from tests.fix_apps import apply, setup_pair
+from tests.fix_db import SCOPE_TABLES, Database
+from tests.fix_project import Project
 
 
 def _role_limit(db: Database, limit: str) -> None:

@@ -13,8 +13,8 @@ import pytest
 
 from snapshot import localpg
 from snapshot.errors import ConfigError
-from tests.conftest import Project
 from tests.fix_db import APP_ROLE, Server, Templates
+from tests.fix_project import Project
 from tests.fix_servers import start_with_dev_data, system_bin
 
 

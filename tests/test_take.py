@@ -15,8 +15,8 @@ import psycopg
 from snapshot import archive, checksum
 from snapshot.manifest import FORMAT_VERSION
 from snapshot.names import TableName
-from tests.conftest import Project
 from tests.fix_db import ALL_TABLES, Database
+from tests.fix_project import Project
 
 
 def manifest_of(folder: Path) -> dict:

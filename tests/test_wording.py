@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import re
 
-from tests.conftest import Project
-from tests.test_apply import setup_pair
-from tests.test_direction import NEW_USER, _at_a_terminal, _prod_snapshot
+from tests.fix_apps import NEW_USER, prod_snapshot, setup_pair
+from tests.fix_project import Project, at_a_terminal
 
 
 def test_one_of_a_thing_is_singular(project: Project, make_db) -> None:
@@ -15,7 +14,7 @@ def test_one_of_a_thing_is_singular(project: Project, make_db) -> None:
     prod.execute(
         "INSERT INTO auth.users (id, email) VALUES (%s, 'person@prod.example')", [NEW_USER]
     )
-    _prod_snapshot(project, dev, prod)
+    prod_snapshot(project, dev, prod)
 
     checked = project.run("check", "dev", "--from", "prod", "--unmasked")
 
@@ -46,16 +45,16 @@ def test_a_cancelled_apply_leaves_no_folder_and_rollback_asks_in_words(
 ) -> None:
     setup_pair(project, make_db)
 
-    code, err = _at_a_terminal(project, ["apply", "prod"], "no\n")
+    asked = at_a_terminal(project, ["apply", "prod"], "no\n")
 
-    assert code == 1, err
-    assert "Type prod to apply dev's snapshot to prod: " in err
-    assert "apply to prod cancelled: nothing was changed" in err
+    assert asked.returncode == 1, asked.stderr
+    assert "Type prod to apply dev's snapshot to prod: " in asked.stderr
+    assert "apply to prod cancelled: nothing was changed" in asked.stderr
     assert not (project.path / "snapshots" / "prod").exists()
 
     assert project.run("apply", "prod", "--yes").exit_code == 0
-    code, err = _at_a_terminal(project, ["rollback", "prod"], "no\n")
+    asked = at_a_terminal(project, ["rollback", "prod"], "no\n")
 
-    assert code == 1, err
-    assert "Type prod to roll prod back: " in err
-    assert "rollback to prod cancelled: nothing was changed" in err
+    assert asked.returncode == 1, asked.stderr
+    assert "Type prod to roll prod back: " in asked.stderr
+    assert "rollback to prod cancelled: nothing was changed" in asked.stderr
