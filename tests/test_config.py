@@ -244,3 +244,14 @@ def test_a_setting_naming_a_table_outside_the_scope_says_how_to_fix_it(
         f"[scope] tables: remove it from {name}, or add public.questions to [scope] tables"
     ), line
     assert project.snapshots() == []
+
+
+def test_init_config_runs_the_bundled_scripts_until_sql_exists(project: Project, make_db) -> None:
+    prod = make_db("prod")
+    project.point("prod", prod)
+    assert project.run("init").exit_code == 0
+
+    result = project.run("smoke", "prod")
+
+    assert result.exit_code == 0, result.stderr
+    assert "3/3 guardrails hold" in result.stdout

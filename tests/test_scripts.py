@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -65,3 +66,40 @@ def test_a_sql_folder_with_only_smoke_checks_keeps_the_bundled_pre_and_post(
     assert applied.exit_code == 0, applied.output  # the guardrails let the apply through
     assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
     assert smoked.exit_code == 0, smoked.output
+
+
+def test_npm_sync_json_is_one_document(project: Project, make_db) -> None:
+    dev, prod = make_db("empty"), make_db("empty")
+    project.point("dev", dev)
+    project.point("prod", prod)
+
+    synced = subprocess.run(
+        [str(ROOT / "scripts" / "npm-db"), "sync:dev-prod", "--json", "--yes"],
+        cwd=project.path,
+        capture_output=True,
+        text=True,
+    )
+
+    assert synced.returncode == 0, synced.stderr
+    document = json.loads(synced.stdout)
+    assert document["take"]["environment"] == "dev"
+    assert document["apply"]["committed"] is True and "error" not in document
+
+
+def test_npm_refusal_without_a_terminal_never_advises_marking_prod_safe(
+    project: Project, make_db
+) -> None:
+    setup_pair(project, make_db, dev_kind="empty")
+
+    refused = subprocess.run(
+        [str(ROOT / "scripts" / "npm-db"), "sync:dev-prod"],
+        cwd=project.path,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "npm_lifecycle_event": "db:sync:dev-prod"},
+    )
+
+    assert refused.returncode == 2
+    assert "npm run db:sync:dev-prod -- --yes" in refused.stderr
+    assert "safe" not in refused.stderr

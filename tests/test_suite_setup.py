@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -13,7 +15,7 @@ import pytest
 
 from snapshot import localpg
 from snapshot.errors import ConfigError
-from tests.fix_db import APP_ROLE, Server, Templates
+from tests.fix_db import APP_ROLE, ROOT, Server, Templates
 from tests.fix_project import Project
 from tests.fix_servers import start_with_dev_data, system_bin
 
@@ -78,3 +80,33 @@ def test_the_pg16_fixture_starts_from_a_clone_in_a_private_folder(
         assert json.loads(taken.stdout)["server_version"].startswith("16.")
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_embedded_test_server_down_stops_only_its_own() -> None:
+    def up() -> tuple[str, str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "tests.embedded_server", "up"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        folder, dsn = out.strip().splitlines()
+        return folder, dsn
+
+    first, second = up(), up()
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "tests.embedded_server", "down", first[0]], cwd=ROOT, check=True
+        )
+        with psycopg.connect(second[1], connect_timeout=5) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(first[1], connect_timeout=5)
+        assert not Path(first[0]).exists()
+    finally:
+        for folder, _ in (first, second):
+            subprocess.run(
+                [sys.executable, "-m", "tests.embedded_server", "down", folder], cwd=ROOT
+            )

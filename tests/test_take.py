@@ -295,3 +295,11 @@ def _readable(path: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_list_of_a_known_environment_without_snapshots_says_so(project: Project) -> None:
+    result = project.run("list", "prod")
+
+    assert result.exit_code == 0
+    archive = project.path.resolve() / "snapshots"
+    assert result.stderr.strip() == f"no snapshots of prod in the archive folder {archive}"
