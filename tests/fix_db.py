@@ -7,7 +7,8 @@ non-superuser owning the app tables like Supabase's ``postgres`` role.
 
 The server is asked for only when a selected test needs it (its fixtures use
 :func:`server`): then an unreachable one stops the run at once with one clear message
-instead of hundreds of failures, and its version is shown after collection.
+instead of hundreds of failures, and its version is shown after collection. The fast tier
+(``-m fast``) needs none, and a test marked fast that asks for a server is a usage error.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ SCOPE = (
 )
 SCOPE_TABLES = tuple(f"public.{t}" for t in SCOPE)
 ALL_TABLES = (*SCOPE_TABLES, "auth.users", "auth.identities")
-# The fixture behind every test that needs the shared server.
+# The fixtures behind every test that needs the shared server, and behind those that start
+# servers of their own: neither belongs in the fast tier.
 SERVER_FIXTURE = "server"
+NOT_FAST = (SERVER_FIXTURE, "server_base")
 
 
 def default_dsn() -> str:
@@ -78,8 +81,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "fast: needs no database server (the shared one or a throwaway one) and no network; "
+        "`scripts/test -m fast` runs only these, in seconds",
+    )
+
+
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        needs = sorted(set(getattr(item, "fixturenames", ())) & set(NOT_FAST))
+        if needs and item.get_closest_marker("fast"):
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked fast but uses {', '.join(needs)}: the fast tier "
+                "runs without a database server; remove the mark"
+            )
     wanted = any(SERVER_FIXTURE in getattr(item, "fixturenames", ()) for item in items)
     if wanted and not config.getoption("collectonly"):
         server_version(config)
@@ -97,7 +115,8 @@ def server_version(config: pytest.Config) -> str:
     except psycopg.Error as exc:
         pytest.exit(
             f"cannot reach the test PostgreSQL server ({dsn}): {str(exc).strip()}\n"
-            "Start it (scripts/test does) or point --test-dsn / SNAPSHOT_TEST_DSN at one.",
+            "Start it (scripts/test does) or point --test-dsn / SNAPSHOT_TEST_DSN at one; "
+            "the fast tier (-m fast) needs none.",
             returncode=3,
         )
     assert row is not None

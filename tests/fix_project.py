@@ -3,7 +3,8 @@
 ``project`` is a fresh working folder (the current directory during the test) with no
 snapshot settings from the environment; :class:`Project` writes its env files and
 ``snapshot.toml``, runs the CLI in-process (CliRunner) or as a process of its own (when
-signals or a terminal matter), and lists the archive it leaves.
+signals or a terminal matter), and lists the archive it leaves. :func:`sample_manifest` is
+a manifest as ``take`` writes one, made in memory for the fast tests of what reads them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from snapshot.catalog import Column, OwnedSequence
 from snapshot.cli import cli
+from snapshot.manifest import DatabaseIdentity, Manifest, TableEntry
+from snapshot.names import TableName
+from snapshot.scope import Scope
 from tests.fix_db import Database
 
 
@@ -136,3 +141,46 @@ def unpublish(backup: Path) -> None:
     """Put a published backup back in the state of a process killed right after its commit."""
     stamp = backup.name[: len("20261124T101500")]  # also "…Z.2-pre-apply" (same second)
     backup.rename(backup.with_name(f".tmp-{stamp}-{dead_pid()}"))
+
+
+def sample_manifest(
+    env: str = "dev", kind: str = "take", created: str = "2026-12-01T10:00:00+00:00", **changes
+) -> Manifest:
+    """A manifest as ``take`` writes one (a plain table, a quoted one, auth users, a sequence),
+    made in memory: for tests of what reads manifests that need no database and no dump."""
+    users, posts = TableName("public", "users"), TableName("public", "Post")
+    fields: dict = {
+        "environment": env,
+        "kind": kind,
+        "created": created,
+        "label": None,
+        "project_ref": None,
+        "server_version": "15.10",
+        "pg_dump_version": "15.10",
+        "database": DatabaseIdentity("127.0.0.1", 5432, f"app_{env}", "7450000000000000001"),
+        "scope": Scope((users, posts)),
+        "tables": (
+            TableEntry(users, 3, "h2:" + "1" * 32, (Column("id", "bigint", True),)),
+            TableEntry(
+                posts,
+                2,
+                "h2:" + "2" * 32,
+                (Column("id", "text", True), Column("Title", "text", False)),
+                generated=("search",),
+            ),
+            TableEntry(
+                TableName("auth", "users"),
+                2,
+                "h2:" + "3" * 32,
+                (Column("id", "uuid", True),),
+                auth=True,
+            ),
+        ),
+        "sequences": (
+            OwnedSequence(TableName("public", "users_id_seq"), users, "id", 3, True, 1, 1),
+        ),
+        "migrations": ("20261101000000",),
+        "files": {"data.dump": {"sha256": "0" * 64, "bytes": 2048}},
+        "source_safe": env == "dev",
+    }
+    return Manifest(**{**fields, **changes})

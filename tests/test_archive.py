@@ -15,8 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from snapshot.archive import archived_environments
+from snapshot.config import parse_config
+from snapshot.errors import ArchiveError
+from snapshot.manifest import FORMAT_VERSION, MANIFEST, read_manifest, write_manifest
 from tests.fix_apps import setup_pair
-from tests.fix_project import Project, dead_pid, one_error_line, take
+from tests.fix_project import Project, dead_pid, one_error_line, sample_manifest, take
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -163,3 +167,80 @@ def test_a_full_disk_during_the_pre_apply_backup_leaves_prod_unchanged(
         assert project.snapshots("prod") == []
     finally:
         subprocess.run(["umount", str(folder)], check=False)
+
+
+# --- the manifest and the environments the archive holds: no database needed ----------------
+
+
+@pytest.mark.fast
+def test_a_manifest_reads_back_as_it_was_written(tmp_path: Path) -> None:
+    written = sample_manifest(label="before-cutover", applies="dev/20261201T100000Z")
+
+    write_manifest(tmp_path, written)
+
+    assert read_manifest(tmp_path) == written
+    assert stat.S_IMODE((tmp_path / MANIFEST).stat().st_mode) == 0o600
+    data = json.loads((tmp_path / MANIFEST).read_text())
+    assert data["format"] == FORMAT_VERSION and data["dump"] == {
+        "file": "data.dump",
+        "format": "custom",
+    }
+    assert [(t["schema"], t["name"], t["table"]) for t in data["tables"]][1] == (
+        "public",
+        "Post",
+        'public."Post"',
+    )
+
+
+@pytest.mark.fast
+def test_a_manifest_is_never_written_over_another(tmp_path: Path) -> None:
+    write_manifest(tmp_path, sample_manifest())
+
+    with pytest.raises(FileExistsError):
+        write_manifest(tmp_path, sample_manifest(kind="pre-apply"))
+
+    assert read_manifest(tmp_path).kind == "take"
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda folder: None, "has no manifest.json: it is not a complete snapshot"),
+        (lambda folder: (folder / MANIFEST).write_text("{"), "is not valid JSON"),
+        (lambda folder: (folder / MANIFEST).write_text("[]"), "is not a manifest"),
+        (
+            lambda folder: _rewrite(folder, format=FORMAT_VERSION + 1),
+            f"manifest format {FORMAT_VERSION + 1} is not one this version reads",
+        ),
+        (lambda folder: _rewrite(folder, tables=None), "garbles a field"),
+        (lambda folder: _rewrite(folder, scope={}), "lacks 'tables'"),
+    ],
+)
+def test_a_manifest_that_cannot_be_believed_is_refused_saying_why(
+    tmp_path: Path, damage, reason: str
+) -> None:
+    damage(tmp_path)
+
+    with pytest.raises(ArchiveError) as caught:
+        read_manifest(tmp_path)
+
+    assert reason in str(caught.value)
+
+
+def _rewrite(folder: Path, **changes: object) -> None:
+    (folder / MANIFEST).write_text(json.dumps({**sample_manifest().to_json(), **changes}))
+
+
+@pytest.mark.fast
+def test_the_environments_an_archive_holds_are_its_visible_folders(tmp_path: Path) -> None:
+    archive = tmp_path / "snapshots"
+    assert archived_environments(archive) == []
+    for name in ("staging", "prod", ".tmp-20260101T000000-1"):
+        (archive / name).mkdir(parents=True)
+    (archive / ".gitignore").write_text("*\n")
+    (archive / "notes.txt").write_text("not an environment\n")
+
+    assert archived_environments(archive) == ["prod", "staging"]
+    # the configuration knows an archived environment without an env file or a section
+    assert parse_config({}, None, tmp_path).environment_names() == ["dev", "prod", "staging"]

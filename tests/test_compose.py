@@ -37,11 +37,13 @@ def init_files(service: str) -> list[Path]:
     return [source for _, source in sorted(mounts)]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("service", ["dev", "prod"])
 def test_compose_mounts_the_sql_the_rehearsal_loads(service: str) -> None:
     assert init_files(service) == [*schema_files(SQL), *seed_files(SQL, service)]
 
 
+@pytest.mark.fast
 def test_compose_env_files_point_at_the_published_ports() -> None:
     for service in ("dev", "prod"):
         [port] = COMPOSE["services"][service]["ports"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from tests.fix_db import SCOPE_TABLES, Database
 from tests.fix_project import Project
 
@@ -142,6 +144,7 @@ def test_cutover_without_a_terminal_needs_yes(project: Project, make_db) -> None
     assert prod.fingerprint() == original
 
 
+@pytest.mark.fast
 def test_cutover_needs_two_environments(project: Project) -> None:
     result = project.run("cutover", "prod", "prod", "--yes")
 

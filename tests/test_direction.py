@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from snapshot import direction
+from snapshot.config import parse_config
+from snapshot.errors import ConfigError
 from tests.fix_apps import NEW_USER, prod_snapshot
 from tests.fix_db import SCOPE_TABLES
 from tests.fix_project import Project, at_a_terminal, one_error_line
@@ -166,3 +169,48 @@ def test_an_unusual_direction_asks_even_onto_a_safe_target(project: Project, mak
     assert "Type dev to apply prod's snapshot to dev: " in asked.stderr
     assert "apply to dev cancelled: nothing was changed" in asked.stderr
     assert dev.fingerprint() == before
+
+
+# --- which directions are allowed, and with what: no database needed -------------------------
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("source", "target", "flags", "usual", "withheld"),
+    [
+        ("dev", "prod", {}, True, ""),
+        ("prod", "prod", {}, False, ""),  # onto a target not marked safe: nothing to withhold
+        ("prod", "dev", {"unmasked": True}, False, "pass --create-auth-users to create"),
+        ("prod", "dev", {"unmasked": True, "create_auth_users": True}, False, ""),
+    ],
+)
+def test_the_direction_of_an_apply_is_decided_from_what_is_marked_safe(
+    tmp_path: Path, source: str, target: str, flags: dict, usual: bool, withheld: str
+) -> None:
+    config = parse_config({}, None, tmp_path)  # dev safe, prod not; prod's usual source: dev
+    options = {"unmasked": False, "create_auth_users": False, **flags}
+
+    decided = direction.decide(
+        config, source, source == "dev", target, what=f"{source}/x", **options
+    )
+
+    assert decided.usual is usual
+    assert withheld in decided.auth_withheld and bool(decided.auth_withheld) is bool(withheld)
+    if not usual:
+        assert decided.unusual_sentence() == (
+            f"{source} -> {target} is not the usual direction (dev -> prod)"
+        )
+
+
+@pytest.mark.fast
+def test_prod_onto_a_safe_target_is_refused_unless_unmasked(tmp_path: Path) -> None:
+    config = parse_config({}, None, tmp_path)
+
+    with pytest.raises(ConfigError) as caught:
+        direction.decide(
+            config, "prod", False, "dev", what="prod/x", unmasked=False, create_auth_users=False
+        )
+
+    assert "refusing to apply prod/x to dev: prod is not marked safe and dev is" in str(
+        caught.value
+    )

@@ -248,6 +248,7 @@ def test_a_refused_connection_keeps_its_cause_on_one_line(project: Project, make
     assert "Connection refused (is the server running on that host" in line
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("args", "hint"),
     [
@@ -266,6 +267,7 @@ def test_a_mistyped_environment_is_refused_with_a_suggestion(
     assert hint in one_error_line(result)
 
 
+@pytest.mark.fast
 def test_an_archived_environment_without_its_env_file_names_the_file(project: Project) -> None:
     (project.path / "snapshots" / "staging").mkdir(parents=True)
 
@@ -279,6 +281,7 @@ def test_an_archived_environment_without_its_env_file_names_the_file(project: Pr
     )
 
 
+@pytest.mark.fast
 def test_a_malformed_env_file_line_is_refused_naming_file_and_line(project: Project) -> None:
     (project.path / ".env.local").write_text(
         'SUPABASE_DB_URL="postgresql://app_owner@127.0.0.1/x"\nthis line is broken s3cret\n'

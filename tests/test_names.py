@@ -110,6 +110,7 @@ def test_mixed_case_spaces_and_non_latin_names_round_trip(project: Project, make
     assert prod.fingerprint(FINGERPRINTED) == prod_before
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("text", "schema", "name"),
     [
@@ -128,6 +129,7 @@ def test_table_names_parse_and_print_back(text: str, schema: str, name: str) -> 
     assert TableName.parse(str(table)) == table
 
 
+@pytest.mark.fast
 def test_a_column_of_a_quoted_table_is_configurable(project: Project) -> None:
     project.config(
         "[scope]\ntables = ['public.\"Post\"']\n"
@@ -236,6 +238,7 @@ def test_columns_named_like_the_tools_own_aliases_round_trip(project: Project, m
     assert prod.fingerprint(scope) != before
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("table", "shown"),
     [

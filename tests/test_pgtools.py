@@ -40,10 +40,12 @@ def test_pg_bin_in_snapshot_toml_is_used_and_checked(
     assert "pg_bin in snapshot.toml" in one_error_line(refused)
 
 
+@pytest.mark.fast
 def test_bundled_postgresql_is_found() -> None:
     assert bundled_bins(), "the rehearse/test extras bundle PostgreSQL"
 
 
+@pytest.mark.fast
 def test_ci_proves_the_suite_without_a_system_postgresql() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert "unshare --mount --net" in ci and "/usr/lib/postgresql" in ci

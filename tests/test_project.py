@@ -80,6 +80,7 @@ def test_rollback_from_below_the_app_finds_the_backup_npm_made(
     assert prod.fingerprint() == before
 
 
+@pytest.mark.fast
 def test_not_found_errors_name_the_folder_searched(project: Project) -> None:
     env = project.run("take", "dev")
     backup = project.run("rollback", "prod", "--yes")

@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
 from tests.fix_apps import apply, setup_pair
 from tests.fix_db import ROOT, SCOPE_TABLES
 from tests.fix_project import Project
@@ -39,6 +41,7 @@ def test_npm_sync_verify_and_smoke_run_in_the_callers_folder(project: Project, m
     assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
 
 
+@pytest.mark.fast
 def test_npm_db_names_the_commands_it_knows(project: Project) -> None:
     result = npm_db(project, "db:push")
 

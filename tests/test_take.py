@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from snapshot import archive, checksum
 from snapshot.manifest import FORMAT_VERSION
@@ -297,6 +298,7 @@ def _readable(path: Path) -> bool:
     return True
 
 
+@pytest.mark.fast
 def test_list_of_a_known_environment_without_snapshots_says_so(project: Project) -> None:
     result = project.run("list", "prod")
 
