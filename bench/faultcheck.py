@@ -27,6 +27,7 @@ from snapshot import archive, catalog
 from snapshot.cli import cli
 from snapshot.config import DEFAULT_TABLES
 from snapshot.errors import ArchiveError
+from snapshot.manifest import MANIFEST
 from snapshot.names import TableName
 
 SCOPE = tuple(TableName("public", t) for t in DEFAULT_TABLES)
@@ -177,14 +178,14 @@ def hidden_folders(folder: Path) -> list[str]:
         return []
     found = []
     for path in sorted(folder.glob(".tmp-*")):
-        if not (path / archive.MANIFEST).is_file():
+        if not (path / MANIFEST).is_file():
             found.append(path.name)
             continue
         try:
             archive.read_snapshot(path)
             found.append(f"{path.name} (sealed)")
         except ArchiveError:
-            size = (path / archive.MANIFEST).stat().st_size
+            size = (path / MANIFEST).stat().st_size
             found.append(f"{path.name} (manifest.json of {size} bytes, unreadable)")
     return found
 

@@ -38,7 +38,8 @@ import psycopg
 from psycopg import sql
 from run import build  # bench/run.py, beside this file
 
-from snapshot import archive, localpg
+from snapshot import localpg
+from snapshot.manifest import MANIFEST
 
 PREFIX = "snapshot-faults-"
 LAB_APP = "fault-lab"  # application_name of the lab's own sessions (never "snapshot…")
@@ -127,7 +128,7 @@ class Run:
         sealed = False
         while self.proc.poll() is None:
             with contextlib.suppress(OSError):
-                pending = [p for p in folder.glob(".tmp-*") if (p / archive.MANIFEST).exists()]
+                pending = [p for p in folder.glob(".tmp-*") if (p / MANIFEST).exists()]
                 if pending and not sealed:
                     sealed = True
                     self._add(SEALED)

@@ -1,8 +1,11 @@
-"""The snapshot archive: ``<archive>/<env>/<UTC time>[-label]/`` with a dump and ``manifest.json``.
+"""The snapshot archive: ``<archive>/<env>/<UTC time>[-label]/`` folders, their lifecycle.
 
-A snapshot is written under a hidden temporary name and renamed into place only once its
-dump and manifest are complete and synced, so a failed or killed take never leaves
-something that ``list`` or ``apply`` could pick. Folders are 0700, files 0600.
+Each folder holds a dump and its manifest (:mod:`snapshot.manifest`). A snapshot is
+written into a hidden pending folder, sealed (its files hashed into the manifest, all
+synced) and published by one rename, so a failed or killed take never leaves something that
+``list`` or ``apply`` could pick; what killed processes leave is swept by the next command
+that writes. Lookup by id, listing and the environments an archive holds are here too, so
+the folder layout is known in one module. Folders are 0700, files 0600.
 """
 
 from __future__ import annotations
@@ -10,26 +13,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from snapshot import __version__
-from snapshot.catalog import Column, OwnedSequence
-from snapshot.config import Scope, display_path
 from snapshot.errors import ArchiveError, ConfigError
-from snapshot.names import TableName
+from snapshot.manifest import MANIFEST, Manifest, manifest_text, read_manifest, write_manifest
+from snapshot.text import display_path
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-DUMP_FILE = "data.dump"
 # A pre-apply backup's rows written between its pg_dump and the lock (snapshot.staging).
 CATCH_UP_FILE = "catchup.copy"
 PRE_APPLY = "pre-apply"
@@ -37,186 +33,6 @@ _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
 _TMP_PREFIX = ".tmp-"
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DatabaseIdentity:
-    """Where a snapshot came from, to refuse syncing a database onto itself."""
-
-    host: str
-    port: int
-    dbname: str
-    system_identifier: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "host": self.host,
-            "port": self.port,
-            "dbname": self.dbname,
-            "system_identifier": self.system_identifier,
-        }
-
-
-def same_database(
-    a: DatabaseIdentity, a_ref: str | None, b: DatabaseIdentity, b_ref: str | None
-) -> list[str]:
-    """The reasons to believe two identities are one database (empty when they differ)."""
-    reasons = []
-    if a_ref and b_ref and a_ref == b_ref:
-        reasons.append(f"project ref {a_ref}")
-    if (a.host, a.port, a.dbname) == (b.host, b.port, b.dbname):
-        reasons.append(f"connection {a.host}:{a.port}/{a.dbname}")
-    if a.system_identifier and a.system_identifier == b.system_identifier and a.dbname == b.dbname:
-        reasons.append(f"database {a.dbname} on system {a.system_identifier}")
-    return reasons
-
-
-@dataclass(frozen=True)
-class TableEntry:
-    """A table in a snapshot: its rows, checksum and schema fingerprint."""
-
-    table: TableName
-    rows: int
-    checksum: str
-    columns: tuple[Column, ...]
-    generated: tuple[str, ...] = ()
-    auth: bool = False
-
-    @property
-    def column_names(self) -> tuple[str, ...]:
-        return tuple(c.name for c in self.columns)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "table": str(self.table),
-            "schema": self.table.schema,
-            "name": self.table.name,
-            "rows": self.rows,
-            "checksum": self.checksum,
-            "columns": [c.to_json() for c in self.columns],
-            "generated": list(self.generated),
-            "auth": self.auth,
-        }
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """Everything known about a snapshot; ``manifest.json`` on disk."""
-
-    environment: str
-    kind: str
-    created: str
-    label: str | None
-    project_ref: str | None
-    server_version: str
-    pg_dump_version: str
-    database: DatabaseIdentity
-    scope: Scope
-    tables: tuple[TableEntry, ...]
-    sequences: tuple[OwnedSequence, ...]
-    dump_file: str = DUMP_FILE
-    applies: str | None = None
-    migrations: tuple[str, ...] | None = None
-    files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    format: int = FORMAT_VERSION
-    tool_version: str = __version__
-    # Whether the source environment was marked safe when taken; None in older manifests.
-    source_safe: bool | None = None
-
-    @property
-    def scope_tables(self) -> tuple[TableEntry, ...]:
-        return tuple(t for t in self.tables if not t.auth)
-
-    def table(self, name: TableName) -> TableEntry | None:
-        return next((t for t in self.tables if t.table == name), None)
-
-    @property
-    def total_rows(self) -> int:
-        return sum(t.rows for t in self.scope_tables)
-
-    @property
-    def size(self) -> int:
-        return sum(int(f["bytes"]) for f in self.files.values())
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": self.format,
-            "tool_version": self.tool_version,
-            "kind": self.kind,
-            "created": self.created,
-            "environment": self.environment,
-            "source_safe": self.source_safe,
-            "label": self.label,
-            "project_ref": self.project_ref,
-            "server_version": self.server_version,
-            "pg_dump_version": self.pg_dump_version,
-            "database": self.database.to_json(),
-            "applies": self.applies,
-            "migrations": list(self.migrations) if self.migrations is not None else None,
-            "scope": self.scope.to_json(),
-            "dump": {"file": self.dump_file, "format": "custom"},
-            "tables": [t.to_json() for t in self.tables],
-            "sequences": [s.to_json() for s in self.sequences],
-            "files": {k: dict(v) for k, v in self.files.items()},
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Manifest:
-        fmt = data.get("format")
-        if fmt != FORMAT_VERSION:
-            raise ArchiveError(
-                f"manifest format {fmt!r} is not one this version reads ({FORMAT_VERSION}): "
-                "use the snapshot version that wrote it"
-            )
-        db = data["database"]
-        source_safe = data.get("source_safe")
-        if source_safe is not None and not isinstance(source_safe, bool):
-            raise ValueError(f"source_safe is {source_safe!r}, not true, false or null")
-        return cls(
-            format=fmt,
-            tool_version=data["tool_version"],
-            kind=data["kind"],
-            created=data["created"],
-            environment=data["environment"],
-            source_safe=source_safe,
-            label=data.get("label"),
-            project_ref=data.get("project_ref"),
-            server_version=data["server_version"],
-            pg_dump_version=data["pg_dump_version"],
-            database=DatabaseIdentity(
-                db["host"], int(db["port"]), db["dbname"], db.get("system_identifier")
-            ),
-            applies=data.get("applies"),
-            migrations=tuple(data["migrations"]) if data.get("migrations") is not None else None,
-            scope=Scope.from_json(data["scope"]),
-            dump_file=data["dump"]["file"],
-            tables=tuple(
-                TableEntry(
-                    table=_table_of(t),
-                    rows=int(t["rows"]),
-                    checksum=t["checksum"],
-                    columns=tuple(
-                        Column(c["name"], c["type"], bool(c["not_null"])) for c in t["columns"]
-                    ),
-                    generated=tuple(t.get("generated", ())),
-                    auth=bool(t.get("auth", False)),
-                )
-                for t in data["tables"]
-            ),
-            sequences=tuple(
-                OwnedSequence(
-                    TableName.parse(s["sequence"]),
-                    TableName.parse(s["table"]),
-                    s["column"],
-                    int(s["last_value"]),
-                    bool(s["is_called"]),
-                    int(s["increment"]),
-                    int(s["start"]),
-                )
-                for s in data["sequences"]
-            ),
-            files=data.get("files", {}),
-        )
 
 
 @dataclass(frozen=True)
@@ -233,13 +49,6 @@ class Snapshot:
     @property
     def dump_path(self) -> Path:
         return self.path / self.manifest.dump_file
-
-
-def _table_of(data: Mapping[str, Any]) -> TableName:
-    """A manifest's table: its separate schema and name fields, else its quoted text."""
-    if "schema" in data and "name" in data:
-        return TableName(str(data["schema"]), str(data["name"]))
-    return TableName.parse(str(data["table"]))
 
 
 def utc_now() -> datetime:
@@ -536,19 +345,12 @@ def seal(folder: Path, manifest: Manifest) -> Snapshot:
         files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         _fsync(path)
     manifest = replace(manifest, files=files)
-    text = json.dumps(manifest.to_json(), indent=2) + "\n"
-    target = folder / MANIFEST
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_manifest(folder, manifest)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        target.unlink(missing_ok=True)
-        raise no_space(folder, len(text.encode())) from None
+        raise no_space(folder, len(manifest_text(manifest).encode())) from None
     return Snapshot(folder, manifest)
 
 
@@ -569,25 +371,7 @@ def publish(sealed: Snapshot, suffix: str | None) -> Snapshot:
 
 def read_snapshot(path: Path) -> Snapshot:
     """Load a snapshot folder's manifest; any defect is an :class:`ArchiveError` saying which."""
-    try:
-        data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArchiveError(f"{path} has no {MANIFEST}: it is not a complete snapshot") from None
-    except (ValueError, UnicodeDecodeError):
-        raise ArchiveError(
-            f"{path / MANIFEST} is not valid JSON: the snapshot is damaged"
-        ) from None
-    except OSError as exc:
-        raise ArchiveError(f"{path / MANIFEST} cannot be read ({exc.strerror or exc})") from None
-    if not isinstance(data, dict):
-        raise ArchiveError(f"{path / MANIFEST} is not a manifest: the snapshot is damaged")
-    try:
-        return Snapshot(path, Manifest.from_json(data))
-    except ArchiveError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
-        reason = f"lacks {exc}" if isinstance(exc, KeyError) else f"garbles a field ({exc})"
-        raise ArchiveError(f"{path / MANIFEST} {reason}: the snapshot is damaged") from None
+    return Snapshot(path, read_manifest(path))
 
 
 @dataclass(frozen=True)
@@ -611,6 +395,13 @@ def _read_entry(path: Path) -> Snapshot:
     return read_snapshot(path)
 
 
+def archived_environments(archive: Path) -> list[str]:
+    """The environments an archive holds a folder for (hidden folders are not environments)."""
+    if not archive.is_dir():
+        return []
+    return sorted(p.name for p in archive.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def scan_archive(
     archive: Path, env: str | None = None, *, verify: bool = False
 ) -> tuple[list[Snapshot], list[Damaged]]:
@@ -622,10 +413,10 @@ def scan_archive(
     """
     if not archive.is_dir():
         return [], []
-    folders = [archive / env] if env else sorted(p for p in archive.iterdir() if p.is_dir())
+    names = [env] if env else archived_environments(archive)
     found: list[Snapshot] = []
     damaged: list[Damaged] = []
-    for folder in folders:
+    for folder in (archive / name for name in names):
         if not folder.is_dir() or folder.name.startswith("."):
             continue
         for path in sorted(folder.iterdir()):

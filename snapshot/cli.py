@@ -16,7 +16,7 @@ import click
 import psycopg
 
 from snapshot import __version__, archive, direction, interrupts, progress, render, text
-from snapshot.config import CONFIG_FILE, Config, load_config, render_config
+from snapshot.config import CONFIG_FILE, Config, load_config
 from snapshot.db import cancelled_message, libpq_reason
 from snapshot.errors import SnapshotError
 from snapshot.project import find_root
@@ -483,7 +483,7 @@ def init(app: App, force: bool) -> None:
     snapshot init
     snapshot init --force
     """
-    from snapshot.init import init_config, propose, summary
+    from snapshot.init import init_config, propose, render_config, summary
 
     path = app.config_path
     if path is None:

@@ -1,13 +1,13 @@
 """``snapshot.toml``: the one scope, the environments and the apply settings.
 
 Every command reads the same :class:`Config`, so the tables that ``take`` archives, ``apply``
-replaces and ``verify`` compares are one list by construction.
+replaces and ``verify`` compares are one list by construction. This module reads and checks
+the file; the commented file ``init`` writes is made in :mod:`snapshot.init`.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import re
 import tomllib
 from collections.abc import Mapping
@@ -15,11 +15,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from snapshot.archive import archived_environments
 from snapshot.errors import ConfigError
 from snapshot.names import AUTH_TABLES, TableName, quote, split_dotted
 from snapshot.project import CONFIG_FILE, ProjectRoot, find_root
+from snapshot.scope import Scope
+from snapshot.text import display_path
 
-__all__ = ["CONFIG_FILE", "Config", "Proposal", "load_config", "render_config"]
+__all__ = ["CONFIG_FILE", "Config", "load_config"]
 
 DEFAULT_TABLES = (
     "users",
@@ -88,38 +91,6 @@ class ColumnRef:
         return _parse_column(text, where)
 
 
-# Without snapshot.toml the scope is the bundled example app's (DEFAULT_TABLES): what to do
-# when it does not fit the database.
-NO_CONFIG_FIX = (
-    "there is no snapshot.toml, so the scope is the bundled example app's: run "
-    "'snapshot init' to write one from dev's own tables"
-)
-
-
-@dataclass(frozen=True)
-class Scope:
-    """The tables that take, apply and verify share, and whether auth users come along."""
-
-    tables: tuple[TableName, ...]
-    auth_users: bool = True
-    # False when no snapshot.toml set it (the defaults): messages then suggest `init`
-    configured: bool = field(default=True, compare=False)
-
-    def fix(self, change: str) -> str:
-        """How to fix the scope: ``change`` (in snapshot.toml), or without one, ``init``."""
-        return change if self.configured else NO_CONFIG_FIX
-
-    def to_json(self) -> dict[str, Any]:
-        return {"tables": [str(t) for t in self.tables], "auth_users": self.auth_users}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Scope:
-        return cls(
-            tables=tuple(TableName.parse(t) for t in data["tables"]),
-            auth_users=bool(data["auth_users"]),
-        )
-
-
 FOREIGN_KEY_CHECKS = ("auto", "bulk", "per-row")
 
 
@@ -182,8 +153,7 @@ class Config:
                 name = path.name.removeprefix(".env.")
                 if path.name not in taken and name and all(c.isalnum() or c in "-_" for c in name):
                     names.add(name)
-        if self.archive.is_dir():
-            names.update(p.name for p in self.archive.iterdir() if _archived_env(p))
+        names.update(archived_environments(self.archive))
         return sorted(names)
 
     def require_known(self, name: str) -> None:
@@ -215,18 +185,6 @@ class Config:
 def _check_env_name(name: str) -> None:
     if not name or not all(c.isalnum() or c in "-_" for c in name):
         raise ConfigError(f"{name!r} is not an environment name: use letters, digits, '-' or '_'")
-
-
-def _archived_env(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith(".")
-
-
-def display_path(path: Path) -> str:
-    """``path`` relative to the working directory when it lies below it, for messages."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def _parse_column(text: str, where: str) -> ColumnRef:
@@ -521,175 +479,3 @@ def load_config(path: Path | None = None, cwd: Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     return parse_config(data, path, path.resolve().parent, origin)
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """What ``snapshot init`` writes: a scope read from dev, or the bundled app's template."""
-
-    tables: tuple[TableName, ...]
-    auth_users: bool
-    insert_as: Mapping[str, str]  # as written in the file: "questions.status" = "draft"
-    read_from: str = ""  # the database the scope was read from; "" for the template
-    why_template: str = ""  # why dev was not read (the template is written instead)
-    key_order: bool = True  # the tables are in foreign-key order (not: a cycle, by name)
-
-
-TEMPLATE = Proposal(tuple(TableName("public", t) for t in DEFAULT_TABLES), True, DEFAULT_INSERT_AS)
-
-
-def _toml_string(text: str) -> str:
-    """``text`` as a TOML string: literal ('public."User"') when it can be, else basic."""
-    if "'" not in text and text.isprintable():
-        return f"'{text}'" if '"' in text else f'"{text}"'
-    return json.dumps(text, ensure_ascii=False)  # JSON's escapes are TOML's
-
-
-def _scope_name(table: TableName) -> str:
-    """How a table is written in [scope] tables: public's without their schema."""
-    return quote(table.name) if table.schema == "public" else str(table)
-
-
-def _scope_comment(proposal: Proposal) -> str:
-    if not proposal.read_from:
-        return """\
-# Tables copied by take, replaced by apply and compared by verify. Order does not matter:
-# apply computes it from the target's foreign keys. "users" means "public.users"."""
-    order = (
-        "parents before children by their foreign keys"
-        if proposal.key_order
-        else "by name (their foreign keys form a cycle: make one DEFERRABLE)"
-    )
-    return f"""\
-# dev's own tables, as `snapshot init` read them from {proposal.read_from}:
-# every table of its public schema and of its other schemas (those of PostgreSQL,
-# Supabase and extensions left out), {order}.
-# A partitioned table stands for its partitions; tables an extension created are left out.
-# take copies them, apply makes each equal the snapshot, verify compares them. Remove the
-# tables whose rows prod must keep as they are (sign-ups, orders, logs...). Other schemas'
-# tables are written "schema.table". The order does not matter: apply computes its own
-# from the target's foreign keys. "users" means "public.users"."""
-
-
-def _auth_comment(proposal: Proposal) -> str:
-    if not proposal.read_from:
-        what = "Copy auth.users and auth.identities"
-    elif proposal.auth_users:
-        what = "dev has auth.users and auth.identities (Supabase Auth): copy them"
-    else:
-        return "# dev has no auth.users and auth.identities (not Supabase Auth): none are copied."
-    return f"# {what}: users the target lacks are created, never updated."
-
-
-def _insert_as(proposal: Proposal) -> str:
-    if proposal.insert_as == DEFAULT_INSERT_AS:
-        return """\
-# Columns given a fixed value on insert; the post-scripts restore the snapshot's value.
-# Questions go in as drafts so the publish guardrails hold while topic links are missing.
-insert_as = { "questions.status" = "draft" }"""
-    pairs = ", ".join(
-        f"{_toml_string(k)} = {_toml_string(v)}" for k, v in proposal.insert_as.items()
-    )
-    written = f"{{ {pairs} }}" if pairs else "{}"
-    return (
-        "# Columns given a fixed value on insert, for guardrails that refuse rows inserted as\n"
-        "# they are (post-scripts in sql/post restore the snapshot's value), as in\n"
-        '# { "posts.status" = "draft" }\n'
-        f"insert_as = {written}"
-    )
-
-
-def render_config(proposal: Proposal = TEMPLATE) -> str:
-    """The commented ``snapshot.toml`` that ``snapshot init`` writes for ``proposal``."""
-    tables = "\n".join(f"    {_toml_string(_scope_name(t))}," for t in proposal.tables)
-    header = ""
-    if proposal.why_template:
-        header = (
-            f"# `snapshot init` could not read dev ({proposal.why_template}): the scope below is\n"
-            "# the bundled example app's. Run `snapshot init --force` once dev answers, or list\n"
-            "# your own tables in [scope].\n"
-        )
-    auth = "true" if proposal.auth_users else "false"
-    return f"""\
-{header}# snapshot.toml: the one scope that `snapshot take`, `apply` and `verify` share.
-# Relative paths are relative to this file's folder, the project root: snapshot finds it
-# from any folder below it.
-
-# Where snapshots and pre-apply backups are archived: <archive>/<env>/<UTC time>[-label]/
-# (private: 0700, with a .gitignore of its own, so git never offers to commit it).
-archive = "snapshots"
-
-# SQL scripts run by apply inside its transaction: <scripts>/pre/*.sql before any row
-# changes, <scripts>/post/*.sql after the snapshot's rows are in, in file-name order; and
-# <scripts>/smoke/*.sql for `snapshot smoke`. They can read the snapshot's rows from
-# temporary tables named snapshot_<table>. Until a sql/ folder exists here, snapshot's
-# bundled scripts run; set this to use another folder.
-# scripts = "sql"
-
-# The folder of pg_dump and pg_restore (at least the servers' major version). Default:
-# --pg-bin/PG_BIN, then PATH, then the usual install places, then the bundled PostgreSQL.
-# pg_bin = "/usr/lib/postgresql/17/bin"
-
-[retention]
-# `snapshot prune` keeps the newest N snapshots per environment and kind (takes, pre-apply
-# backups, pre-rollback backups) and deletes older ones; when set, take, apply and rollback
-# prune their environment after they succeed. The newest pre-apply backup (what
-# `snapshot rollback` restores) is always kept. Unset: keep everything.
-# keep = 10
-
-[scope]
-{_scope_comment(proposal)}
-tables = [
-{tables}
-]
-{_auth_comment(proposal)}
-auth_users = {auth}
-
-# safe = true: no real people's data here. A snapshot of an environment that is not safe
-# (prod: logins, password hashes, personal columns) is taken, or applied to a safe one,
-# only with --unmasked. Applies ask you to type the target's name unless it is safe and
-# the snapshot comes the usual way (dev -> prod).
-[environments.dev]
-env_file = ".env.local"
-safe = true
-
-[environments.prod]
-env_file = ".env.production"
-safe = false
-# connection = "auto"  # "direct" (db.<ref>.supabase.co), "pooler" (session pooler) or "auto"
-# pooler_host = "aws-0-eu-central-1.pooler.supabase.com"  # copy it from the dashboard;
-#                        # without it, SUPABASE_ACCESS_TOKEN lets snapshot ask the Management API
-# ssl_root_cert = "prod-ca-2021.crt"  # verify the server against Supabase's CA (verify-full)
-
-[apply]
-# How long apply waits for its table locks before giving up, changing nothing.
-lock_timeout = "10s"
-{_insert_as(proposal)}
-# Target users who exist only there keep their login (auth users are never deleted) but
-# lose their rows in the scope: "warn" (check and apply say so) or "error" (refuse).
-orphaned_users = "warn"
-# Large writes (a tenth of the scope or more) check foreign keys once per key, in bulk,
-# instead of once per row: "auto", "bulk" (any size) or "per-row" (never).
-foreign_key_checks = "auto"
-# Rows outside the scope (prod's own history) that refer to rows the snapshot lacks stop
-# the apply; true keeps those rows in prod instead (the reports say so), as --keep-referenced.
-keep_referenced = false
-
-[parity]
-# Columns the parity check before commit leaves out (the report says so). Columns the app's
-# triggers maintain (updated_at...) need no entry: what triggers write does not stay.
-ignore_columns = []
-
-[session]
-# Time limits of snapshot's own database sessions, whatever the server or role sets (Supabase
-# gives every role a 2-minute statement_timeout, which a large apply can exceed). "0" means
-# no limit; otherwise milliseconds or a unit: "30s", "10min".
-statement_timeout = "0"
-idle_in_transaction_session_timeout = "0"
-transaction_timeout = "0"   # PostgreSQL 17 and later
-
-[preflight]
-# Foreign keys from tables outside the scope whose ON DELETE CASCADE / SET NULL you accept
-# (the apply's deletes would delete or null out their rows), as "schema.table.constraint".
-allow_cascades = []
-"""

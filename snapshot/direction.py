@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snapshot.archive import Manifest
 from snapshot.config import DEFAULT_SOURCES, Config, EnvironmentConfig
 from snapshot.errors import ConfigError
+from snapshot.manifest import Manifest
 
 UNMASKED = "--unmasked"
 CREATE_AUTH_USERS = "--create-auth-users"

@@ -26,8 +26,9 @@ from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from snapshot.config import EnvironmentConfig, display_path
+from snapshot.config import EnvironmentConfig
 from snapshot.errors import ConfigError
+from snapshot.text import display_path
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from snapshot import archive, catalog
-from snapshot.archive import DatabaseIdentity, Manifest, Snapshot
-from snapshot.config import Config, display_path
+from snapshot.archive import Snapshot
+from snapshot.config import Config
 from snapshot.db import connect
 from snapshot.environments import resolve_connection
 from snapshot.errors import ConfigError
+from snapshot.manifest import DatabaseIdentity, Manifest
 from snapshot.take import identity
+from snapshot.text import display_path
 
 
 def one_database(

@@ -17,6 +17,7 @@ from psycopg import sql
 
 from snapshot import archive, catalog, text
 from snapshot.errors import SnapshotError
+from snapshot.manifest import same_database
 from snapshot.names import TableName, quote
 from snapshot.session import Session
 from snapshot.take import LIVE, identity
@@ -96,7 +97,7 @@ class PreflightFailed(SnapshotError):
 def _identity(session: Session) -> Iterator[Finding]:
     m = session.snapshot.manifest
     here = identity(session.target, session.info)
-    same = archive.same_database(m.database, m.project_ref, here, session.target.project_ref)
+    same = same_database(m.database, m.project_ref, here, session.target.project_ref)
     if session.action == "apply" and same and m.kind == LIVE:  # the cutover's source, live
         yield Finding(
             "identity",

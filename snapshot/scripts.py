@@ -8,10 +8,11 @@ from pathlib import Path
 
 import psycopg
 
-from snapshot.config import Config, display_path
+from snapshot.config import Config
 from snapshot.db import use_app_search_path, use_tool_search_path
 from snapshot.errors import ConfigError, ScriptFailed
 from snapshot.names import TableName
+from snapshot.text import display_path
 
 __all__ = ["ScriptFailed", "bundled_sql", "error_message", "run", "scripts", "scripts_root"]
 

@@ -19,12 +19,13 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from snapshot import catalog, pgtools
-from snapshot.archive import Snapshot, TableEntry
+from snapshot.archive import Snapshot
 from snapshot.catalog import ForeignKey, ServerInfo, TableShape
 from snapshot.config import Config
 from snapshot.db import connect
 from snapshot.environments import Connection, resolve_connection
 from snapshot.errors import Refused, SnapshotError
+from snapshot.manifest import TableEntry
 from snapshot.names import TableName
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,11 @@ from typing import Any
 import psycopg
 
 from snapshot import scripts
-from snapshot.config import Config, display_path
+from snapshot.config import Config
 from snapshot.db import connect
 from snapshot.environments import resolve_connection
 from snapshot.errors import ConfigError
+from snapshot.text import display_path
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,10 @@ import psycopg
 from psycopg import sql
 
 from snapshot import pgtools, progress
-from snapshot.archive import CATCH_UP_FILE, Snapshot, TableEntry
+from snapshot.archive import CATCH_UP_FILE, Snapshot
 from snapshot.db import use_app_search_path, use_tool_search_path
 from snapshot.errors import ArchiveError, Refused
+from snapshot.manifest import TableEntry
 from snapshot.names import TableName
 
 log = logging.getLogger(__name__)

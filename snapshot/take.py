@@ -19,14 +19,16 @@ import psycopg
 from psycopg import sql
 
 from snapshot import archive, catalog, direction, pgtools, text
-from snapshot.archive import DatabaseIdentity, Manifest, Snapshot, TableEntry
+from snapshot.archive import Snapshot
 from snapshot.catalog import OwnedSequence, ServerInfo, TableShape
 from snapshot.checksum import TableStats, table_stats
-from snapshot.config import Config, Scope
+from snapshot.config import Config
 from snapshot.db import connect
 from snapshot.environments import Connection, resolve_connection
 from snapshot.errors import ConfigError
+from snapshot.manifest import DUMP_FILE, DatabaseIdentity, Manifest, TableEntry
 from snapshot.names import AUTH_TABLES, TableName
+from snapshot.scope import Scope
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +214,7 @@ def start_dump(
         plan.target,
         snapshot_id,
         plan.dump_tables,
-        folder / archive.DUMP_FILE,
+        folder / DUMP_FILE,
         application,
         via_partition_root=bool(plan.leaves),
     )

@@ -1,6 +1,8 @@
-"""Small parts of sentences: a count with its noun, a duration for people."""
+"""Small parts of sentences: a count with its noun, a duration for people, a path as typed."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 def count(n: int, noun: str, plural: str | None = None) -> str:
@@ -13,3 +15,11 @@ def duration(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     return f"{seconds:.1f} s"
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, for messages."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

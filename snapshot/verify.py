@@ -23,6 +23,7 @@ from snapshot.config import Config
 from snapshot.db import connect
 from snapshot.environments import Connection, resolve_connection
 from snapshot.errors import ConfigError
+from snapshot.manifest import same_database
 from snapshot.names import AUTH_TABLES, AUTH_USERS, TableName
 from snapshot.parity import TableParity
 from snapshot.take import identity
@@ -97,7 +98,7 @@ def verify(config: Config, source_env: str, target_env: str) -> VerifyReport:
     with contextlib.closing(source.conn):
         target = _open(config, target_env)
         with contextlib.closing(target.conn):
-            same = archive.same_database(
+            same = same_database(
                 identity(source.target, catalog.server_info(source.conn)),
                 source.target.project_ref,
                 identity(target.target, catalog.server_info(target.conn)),

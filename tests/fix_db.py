@@ -4,12 +4,18 @@ The server comes from ``--test-dsn`` or ``SNAPSHOT_TEST_DSN`` (default: libpq's 
 variables, else ``postgresql://postgres@127.0.0.1:5432/postgres``). It must allow a
 superuser, which creates the templates; the tool itself runs as ``app_owner``, a
 non-superuser owning the app tables like Supabase's ``postgres`` role.
+
+The server is asked for only when a selected test needs it (its fixtures use
+:func:`server`): then an unreachable one stops the run at once with one clear message
+instead of hundreds of failures, and its version is shown after collection. The fast tier
+(``-m fast``) needs none, and a test marked fast that asks for a server is a usage error.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +32,8 @@ APP_ROLE = "app_owner"
 PREFIX = f"snaptest_{os.getpid()}_"
 _counter = itertools.count()
 
+# The bundled app's 16 tables (sql/schema), written out here rather than read from the tool's
+# own default (snapshot.config.DEFAULT_TABLES): the tests' oracle stays independent of it.
 SCOPE = (
     "users",
     "user_preferences",
@@ -44,7 +52,12 @@ SCOPE = (
     "playlist_items",
     "user_playlist_progress",
 )
-ALL_TABLES = (*(f"public.{t}" for t in SCOPE), "auth.users", "auth.identities")
+SCOPE_TABLES = tuple(f"public.{t}" for t in SCOPE)
+ALL_TABLES = (*SCOPE_TABLES, "auth.users", "auth.identities")
+# The fixtures behind every test that needs the shared server, and behind those that start
+# servers of their own: neither belongs in the fast tier.
+SERVER_FIXTURE = "server"
+NOT_FAST = (SERVER_FIXTURE, "server_base")
 
 
 def default_dsn() -> str:
@@ -57,6 +70,67 @@ def default_dsn() -> str:
         "dbname": os.environ.get("PGDATABASE", "postgres"),
     }
     return make_conninfo("", **params)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--test-dsn",
+        default=default_dsn(),
+        help="Superuser connection to the PostgreSQL server the tests create databases on "
+        "(default: SNAPSHOT_TEST_DSN, else PG* variables, else postgres@127.0.0.1:5432).",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "fast: needs no database server (the shared one or a throwaway one) and no network; "
+        "`scripts/test -m fast` runs only these, in seconds",
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        needs = sorted(set(getattr(item, "fixturenames", ())) & set(NOT_FAST))
+        if needs and item.get_closest_marker("fast"):
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked fast but uses {', '.join(needs)}: the fast tier "
+                "runs without a database server; remove the mark"
+            )
+    wanted = any(SERVER_FIXTURE in getattr(item, "fixturenames", ()) for item in items)
+    if wanted and not config.getoption("collectonly"):
+        server_version(config)
+
+
+def server_version(config: pytest.Config) -> str:
+    """The test server's version, asked once; an unreachable server ends the run here."""
+    known: str | None = getattr(config, "_snapshot_server", None)
+    if known is not None:
+        return known
+    dsn = config.getoption("--test-dsn")
+    try:
+        with psycopg.connect(dsn, connect_timeout=5) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+    except psycopg.Error as exc:
+        pytest.exit(
+            f"cannot reach the test PostgreSQL server ({dsn}): {str(exc).strip()}\n"
+            "Start it (scripts/test does) or point --test-dsn / SNAPSHOT_TEST_DSN at one; "
+            "the fast tier (-m fast) needs none.",
+            returncode=3,
+        )
+    assert row is not None
+    config._snapshot_server = str(row[0])  # type: ignore[attr-defined]
+    return str(row[0])
+
+
+def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
+    if config.get_verbosity() < 0:  # -q: no header either
+        return []
+    version = getattr(config, "_snapshot_server", None)
+    if version is None:
+        return ["PostgreSQL server: not needed by the selected tests"]
+    return [f"PostgreSQL server: {version} ({config.getoption('--test-dsn')})"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +210,13 @@ class Database:
     def scalar(self, query: str, params: Sequence[object] | None = None) -> object:
         return self.execute(query, params)[0][0]
 
+    def wait_until_gone(self, pid: int) -> None:
+        """Wait for backend ``pid`` to end (a killed client's session the server rolls back)."""
+        deadline = time.monotonic() + 30
+        while self.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]):
+            assert time.monotonic() < deadline, f"backend {pid} is still there"
+            time.sleep(0.05)
+
     def fingerprint(self, tables: Sequence[str] = ALL_TABLES) -> dict[str, tuple[int, str]]:
         """Row count and an md5 over every row's full text (generated columns too), sorted.
 
@@ -198,6 +279,7 @@ class Templates:
 
 @pytest.fixture(scope="session")
 def server(request: pytest.FixtureRequest) -> Server:
+    server_version(request.config)  # already asked after collection, unless asked for late
     return Server(request.config.getoption("--test-dsn"))
 
 

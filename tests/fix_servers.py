@@ -1,8 +1,10 @@
-"""Throwaway servers for what the shared test server cannot show.
+"""Throwaway servers for what the shared test server cannot show, and server binaries.
 
 * ``tls_server``: the system's PostgreSQL with TLS and scram passwords, playing a Supabase
   pooler or a password-protected host (wrong password, sslmode=require, special characters).
 * ``pg16``: PostgreSQL 16 from the embedded package, a source newer than the 15 target.
+* ``pg_bin``, ``restore_bin``: the system's binaries (else the bundled pg_restore), for tests
+  that need a particular pg_dump or must load the tool's dumps themselves.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 from psycopg import sql
 
 from snapshot import localpg
+from snapshot.pgtools import bundled_bins
 from tests.fix_db import SCHEMA_FILES, SQL
 
 POOLER_REF = "abcdefghijklmnopqrst"
@@ -123,3 +126,26 @@ def start_with_dev_data(bin_dir: Path, folder: Path) -> localpg.LocalServer:
         for path in [*SCHEMA_FILES, SQL / "seed" / "10_generator.sql", SQL / "seed" / "20_dev.sql"]:
             conn.execute(path.read_text())  # type: ignore[arg-type]
     return server
+
+
+@pytest.fixture
+def pg_bin() -> Path:
+    """The system server's binaries, for tests that need a specific pg_dump."""
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "pg_dump").exists():
+            return candidate
+    pytest.skip("no /usr/lib/postgresql/*/bin")
+
+
+@pytest.fixture
+def restore_bin() -> Path:
+    """A pg_restore to load the tool's dumps into the test server with: the system's, else the
+    bundled one (on a machine without a system PostgreSQL the test server is the bundled one).
+    """
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "pg_restore").exists():
+            return candidate
+    bundled = bundled_bins()
+    if not bundled:
+        pytest.skip("no pg_restore: neither /usr/lib/postgresql/*/bin nor a bundled PostgreSQL")
+    return bundled[0][1]

@@ -12,25 +12,11 @@ import pytest
 
 from snapshot import localpg
 from snapshot.scripts import bundled_sql
-from tests.conftest import Project
-from tests.fix_db import ALL_TABLES, SCOPE, Database
+from tests.fix_apps import apply, setup_pair
+from tests.fix_db import ALL_TABLES, SCOPE_TABLES, SQL, Database
+from tests.fix_project import Project
 
-SCOPE_TABLES = tuple(f"public.{t}" for t in SCOPE)
 GUARDRAIL_TRIGGERS = ("questions_publish_guardrail", "question_topics_unlink_guardrail")
-
-
-def setup_pair(project: Project, make_db, dev_kind: str = "dev") -> tuple[Database, Database]:
-    """A dev and a diverged prod database, with a snapshot of dev taken."""
-    dev, prod = make_db(dev_kind), make_db("prod")
-    project.point("dev", dev)
-    project.point("prod", prod)
-    result = project.run("take", "dev")
-    assert result.exit_code == 0, result.stderr
-    return dev, prod
-
-
-def apply(project: Project, *args: str):
-    return project.run("apply", "prod", "--yes", *args)
 
 
 def assert_guardrails_hold(db: Database) -> None:
@@ -332,8 +318,7 @@ def test_an_updated_at_trigger_a_script_fires_leaves_no_trace(project: Project, 
     (scripts / "pre").mkdir(parents=True)
     (scripts / "post").mkdir()
     for phase in ("pre", "post"):
-        default = Path(__file__).resolve().parent.parent / "sql" / phase
-        for f in default.glob("*.sql"):
+        for f in (SQL / phase).glob("*.sql"):
             (scripts / phase / f.name).write_text(f.read_text())
     (scripts / "post" / "020_touch.sql").write_text(
         "UPDATE public.user_preferences SET theme = theme;\n"

@@ -13,18 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Project
-from tests.fix_db import Database
-from tests.test_apply import SCOPE_TABLES, apply, setup_pair
-
-DEFAULT_SQL = Path(__file__).resolve().parent.parent / "sql"
+from tests.fix_apps import apply, setup_pair
+from tests.fix_db import SCOPE_TABLES, SQL, Database
+from tests.fix_project import Project
 
 
 def own_scripts(project: Project) -> Path:
     """Copy the default pre/post scripts into the project, to add or remove some."""
     folder = project.path / "sql"
     for phase in ("pre", "post"):
-        shutil.copytree(DEFAULT_SQL / phase, folder / phase)
+        shutil.copytree(SQL / phase, folder / phase)
     return folder
 
 
@@ -163,13 +161,6 @@ def _wait_for_insert(prod: Database, process) -> int:
     raise AssertionError("the apply never reached the answers insert")
 
 
-def _wait_until_gone(prod: Database, pid: int) -> None:
-    deadline = time.monotonic() + 30
-    while prod.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]):
-        assert time.monotonic() < deadline, "the apply's backend is still there"
-        time.sleep(0.05)
-
-
 def _trigger_states(prod: Database) -> list[tuple]:
     """Every app trigger and whether it fires (a bulk apply changes them inside its
     transaction: snapshot.apply.replica)."""
@@ -189,7 +180,7 @@ def test_killed_apply_leaves_target_unchanged(project: Project, make_db) -> None
     backend = _wait_for_insert(prod, process)
     process.send_signal(signal.SIGKILL)
     process.communicate()
-    _wait_until_gone(prod, backend)  # the server noticed the client die and rolled back
+    prod.wait_until_gone(backend)  # the server noticed the client die and rolled back
 
     assert prod.fingerprint() == original
     assert _trigger_states(prod) == triggers
@@ -218,7 +209,7 @@ def test_terminated_connection_leaves_target_unchanged(project: Project, make_db
     assert process.returncode == 1, err
     assert "lost the connection to prod while inserting" in err
     assert "prod is unchanged" in err and "Traceback" not in err
-    _wait_until_gone(prod, backend)
+    prod.wait_until_gone(backend)
     assert prod.fingerprint() == original
     assert _trigger_states(prod) == triggers
     assert project.snapshots("prod") == []
@@ -264,7 +255,7 @@ def test_ctrl_c_says_prod_is_unchanged_and_exits_130(
     error = err.strip().splitlines()[-1]
     assert error.startswith("Error: ")
     assert "interrupted (Ctrl-C)" in error
-    _wait_until_gone(prod, backend)
+    prod.wait_until_gone(backend)
     assert prod.fingerprint() == original
     assert project.snapshots("prod") == []
     if command[0] == "apply":
@@ -293,7 +284,7 @@ def test_sigterm_says_prod_is_unchanged_and_exits_143(
     assert "Traceback" not in err
     error = err.strip().splitlines()[-1]
     assert error.startswith("Error: ") and "terminated (SIGTERM)" in error
-    _wait_until_gone(prod, backend)
+    prod.wait_until_gone(backend)
     assert prod.fingerprint() == original
     assert project.snapshots("prod") == []
     assert list((project.path / "snapshots" / "prod").glob(".tmp-*")) == []

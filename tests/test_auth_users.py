@@ -4,13 +4,10 @@ said before asking and after committing; the second can be made an error."""
 from __future__ import annotations
 
 import json
-import os
-import pty
-import subprocess
 
-from tests.conftest import Project
-from tests.fix_db import Database
-from tests.test_apply import SCOPE_TABLES, apply
+from tests.fix_apps import apply
+from tests.fix_db import SCOPE_TABLES, Database
+from tests.fix_project import Project, at_a_terminal
 
 
 def _ids(db: Database, query: str) -> set[str]:
@@ -46,19 +43,6 @@ def _pair(project: Project, make_db) -> tuple[Database, Database, set[str]]:
     project.point("prod", prod)
     assert project.run("take", "dev").exit_code == 0
     return dev, prod, orphans
-
-
-def _answer_prompt(project: Project, args: list[str], answer: str) -> subprocess.CompletedProcess:
-    """Run the CLI with a terminal on stdin (so it asks), typing ``answer``."""
-    main, terminal = pty.openpty()
-    try:
-        process = project.spawn(*args, stdin=terminal)
-        os.write(main, answer.encode())
-        out, err = process.communicate(timeout=120)
-    finally:
-        os.close(main)
-        os.close(terminal)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def _finding(result, check: str) -> dict:
@@ -116,7 +100,7 @@ def test_the_plan_is_shown_before_the_question(project: Project, make_db) -> Non
     _dev, prod, orphans = _pair(project, make_db)
     original = prod.fingerprint()
 
-    refused = _answer_prompt(project, ["apply", "prod"], "no\n")
+    refused = at_a_terminal(project, ["apply", "prod"], "no\n")
 
     assert refused.returncode == 1
     plan = refused.stderr

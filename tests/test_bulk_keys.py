@@ -13,8 +13,9 @@ import json
 
 import pytest
 
-from tests.conftest import Project, plain_app_pair
+from tests.fix_apps import plain_app_pair
 from tests.fix_db import Database
+from tests.fix_project import Project
 
 SCHEMA = """
 SET ROLE app_owner;

@@ -20,8 +20,8 @@ from psycopg.conninfo import conninfo_to_dict
 from snapshot import pgtools
 from snapshot.errors import ConfigError
 from snapshot.rehearse import schema_files, seed_files
-from tests.conftest import Project
-from tests.fix_db import PREFIX, ROOT, SCOPE, SQL, Database, Server
+from tests.fix_db import PREFIX, ROOT, SCOPE_TABLES, SQL, Database, Server
+from tests.fix_project import Project
 
 INIT_DIR = "/docker-entrypoint-initdb.d/"
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -37,11 +37,13 @@ def init_files(service: str) -> list[Path]:
     return [source for _, source in sorted(mounts)]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("service", ["dev", "prod"])
 def test_compose_mounts_the_sql_the_rehearsal_loads(service: str) -> None:
     assert init_files(service) == [*schema_files(SQL), *seed_files(SQL, service)]
 
 
+@pytest.mark.fast
 def test_compose_env_files_point_at_the_published_ports() -> None:
     for service in ("dev", "prod"):
         [port] = COMPOSE["services"][service]["ports"]
@@ -102,7 +104,7 @@ def test_compose_init_gives_a_pair_that_cutover_takes_through(
     entrypoint_init(prod, init_files("prod"), Path(psql))
     project.env("rehearsal-dev", SUPABASE_DB_URL=dev.app_url)
     project.env("rehearsal-prod", SUPABASE_DB_URL=prod.app_url)
-    tables = [f"public.{t}" for t in SCOPE]
+    tables = list(SCOPE_TABLES)
     assert prod.fingerprint(tables) != dev.fingerprint(tables)
 
     result = project.run("cutover", "rehearsal-dev", "rehearsal-prod", "--yes", "--unmasked")

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from snapshot.config import DEFAULT_TABLES, load_config, parse_config
-from tests.conftest import Project
-from tests.fix_db import PREFIX, Database, Server
+from snapshot.config import load_config, parse_config
+from snapshot.errors import ConfigError
+from snapshot.init import Proposal, render_config
+from snapshot.names import TableName
+from tests.fix_db import PREFIX, SCOPE_TABLES, Database, Server
+from tests.fix_project import Project
 
 
+@pytest.mark.fast
 def test_init_without_dev_writes_the_bundled_template_and_says_why(project: Project) -> None:
     result = project.run("init")
 
@@ -23,7 +28,7 @@ def test_init_without_dev_writes_the_bundled_template_and_says_why(project: Proj
     )
     written = load_config(project.path / "snapshot.toml")
     defaults = parse_config({}, None, project.path)  # no snapshot.toml at all
-    assert [str(t) for t in written.scope.tables] == [f"public.{t}" for t in DEFAULT_TABLES]
+    assert [str(t) for t in written.scope.tables] == list(SCOPE_TABLES)
     assert written.scope == defaults.scope
     assert written.apply == defaults.apply
     assert written.archive == project.path / "snapshots"
@@ -33,6 +38,7 @@ def test_init_without_dev_writes_the_bundled_template_and_says_why(project: Proj
     assert written.retention is None and written.pg_bin is None
 
 
+@pytest.mark.fast
 def test_init_refuses_to_overwrite(project: Project) -> None:
     project.config("archive = 'mine'\n")
 
@@ -244,3 +250,88 @@ def test_a_setting_naming_a_table_outside_the_scope_says_how_to_fix_it(
         f"[scope] tables: remove it from {name}, or add public.questions to [scope] tables"
     ), line
     assert project.snapshots() == []
+
+
+def test_init_config_runs_the_bundled_scripts_until_sql_exists(project: Project, make_db) -> None:
+    prod = make_db("prod")
+    project.point("prod", prod)
+    assert project.run("init").exit_code == 0
+
+    result = project.run("smoke", "prod")
+
+    assert result.exit_code == 0, result.stderr
+    assert "3/3 guardrails hold" in result.stdout
+
+
+# --- what init writes, config reads back; mistakes in the file: no database needed -----------
+
+
+@pytest.mark.fast
+def test_a_proposal_of_awkward_names_is_written_so_that_it_reads_back(tmp_path: Path) -> None:
+    # init (snapshot.init) writes the file, the configuration (snapshot.config) reads it:
+    # every name a database can hold must survive the trip between the two.
+    tables = (
+        TableName("public", "plain"),
+        TableName("public", "User"),
+        TableName("public", "it's"),
+        TableName("public", "order"),
+        TableName("App Data", "Ünïcode"),
+    )
+    proposal = Proposal(
+        tables,
+        auth_users=False,
+        insert_as={'public."User".status': "draft", "public.plain.kind": "it's"},
+        read_from="dev (db.example)",
+        key_order=False,
+    )
+    path = tmp_path / "snapshot.toml"
+    path.write_text(render_config(proposal), encoding="utf-8")
+
+    config = load_config(path)
+
+    assert config.scope.tables == tables and config.scope.auth_users is False
+    assert {str(c): v for c, v in config.apply.insert_as.items()} == {
+        'public."User".status': "draft",
+        "public.plain.kind": "it's",
+    }
+    assert "by name (their foreign keys form a cycle" in path.read_text()
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"scope": {"tabels": []}}, "unknown setting 'tabels' in [scope]: did you mean tables?"),
+        ({"scope": {"tables": []}}, "[scope].tables is empty: name at least one table"),
+        (
+            {"scope": {"tables": ["users", "public.users"]}},
+            "table public.users is named twice in [scope].tables",
+        ),
+        ({"scope": {"tables": ["auth.users"]}}, "auth tables are copied by 'auth_users = true'"),
+        (
+            {"environments": {"dev": {"safe": "false"}}},
+            "[environments.dev] safe must be true or false, not 'false': write it without quotes",
+        ),
+        (
+            {"environments": {"prod": {"connection": "tunnel"}}},
+            "[environments.prod] connection must be one of auto, direct, pooler",
+        ),
+        ({"apply": {"lock_timeout": "0"}}, "lock_timeout must be more than 0"),
+        ({"apply": {"foreign_key_checks": "sometimes"}}, "foreign_key_checks must be one of"),
+        ({"apply": {"orphaned_users": "ignore"}}, 'orphaned_users must be "warn" or "error"'),
+        (
+            {"parity": {"ignore_columns": ["posts.body"]}},
+            "names public.posts.body, but public.posts is not in [scope] tables",
+        ),
+        ({"session": {"statement_timeout": "soon"}}, "[session] statement_timeout must be"),
+        ({"retention": {"keep": 0}}, "[retention] keep must be a whole number of at least 1"),
+        ({"archive": ".."}, "archive = '..' is the project folder or above it"),
+    ],
+)
+def test_a_mistake_in_snapshot_toml_is_one_sentence_naming_the_setting(
+    tmp_path: Path, data: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, tmp_path / "snapshot.toml", tmp_path)
+
+    assert message in str(caught.value)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import re
 
-from tests.conftest import Project
-from tests.fix_db import SCOPE, Database
+import pytest
 
-SCOPE_TABLES = tuple(f"public.{t}" for t in SCOPE)
+from tests.fix_db import SCOPE_TABLES, Database
+from tests.fix_project import Project
+
 STEPS = ("preflight", "take", "apply", "smoke", "verify")
 
 
@@ -143,6 +144,7 @@ def test_cutover_without_a_terminal_needs_yes(project: Project, make_db) -> None
     assert prod.fingerprint() == original
 
 
+@pytest.mark.fast
 def test_cutover_needs_two_environments(project: Project) -> None:
     result = project.run("cutover", "prod", "prod", "--yes")
 

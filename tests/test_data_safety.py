@@ -13,23 +13,9 @@ from pathlib import Path
 
 import psycopg
 
-from tests.conftest import Project
-from tests.fix_db import Database
-from tests.test_apply import SCOPE_TABLES, apply, setup_pair
-from tests.test_delta import SCOPE as DELTA_SCOPE
-from tests.test_delta import database, take_dev
-
-
-def _dead_pid() -> int:
-    process = subprocess.Popen(["true"])
-    process.wait()
-    return process.pid
-
-
-def _unpublish(backup: Path) -> None:
-    """Put a published backup back in the state of a process killed right after its commit."""
-    stamp = backup.name[: len("20261124T101500")]  # also "…Z.2-pre-apply" (same second)
-    backup.rename(backup.with_name(f".tmp-{stamp}-{_dead_pid()}"))
+from tests.fix_apps import TEAMS_SCOPE, apply, setup_pair, take_teams_dev, teams_db
+from tests.fix_db import SCOPE_TABLES, Database
+from tests.fix_project import Project, unpublish
 
 
 def _second_apply_unlisted(project: Project, make_db) -> tuple[Database, dict, list[Path]]:
@@ -45,7 +31,7 @@ def _second_apply_unlisted(project: Project, make_db) -> tuple[Database, dict, l
     assert apply(project).exit_code == 0
     assert prod.fingerprint() != after_first
     backups = project.snapshots("prod")
-    _unpublish(backups[1])
+    unpublish(backups[1])
     return prod, after_first, backups
 
 
@@ -397,19 +383,19 @@ def test_a_transaction_open_when_the_plan_was_made_and_committed_before_the_lock
     # The app's transaction has written (it holds the oldest running xid: the record's
     # horizon) before the plan's snapshot is taken, and commits while the plan is read: the
     # plan found the row as dev has it, the lock finds the app's version.
-    dev, prod = database(make_db), database(make_db)
-    take_dev(project, dev)
+    dev, prod = teams_db(make_db), teams_db(make_db)
+    take_teams_dev(project, dev)
     project.point("prod", prod)
     with prod.connect() as app:
         app.execute("BEGIN")
         app.execute("UPDATE public.node SET label = 'the app was here' WHERE id = 1")
         result, locked = _apply_while_the_app_writes(
-            project, prod, lambda: app.execute("COMMIT"), DELTA_SCOPE
+            project, prod, lambda: app.execute("COMMIT"), TEAMS_SCOPE
         )
 
     assert result.returncode == 0, result.stderr
-    assert locked != dev.fingerprint(DELTA_SCOPE)
-    assert prod.fingerprint(DELTA_SCOPE) == dev.fingerprint(DELTA_SCOPE)
+    assert locked != dev.fingerprint(TEAMS_SCOPE)
+    assert prod.fingerprint(TEAMS_SCOPE) == dev.fingerprint(TEAMS_SCOPE)
 
 
 def test_a_rollback_stages_from_prod_the_tables_it_already_holds_catch_up_included(
@@ -420,24 +406,24 @@ def test_a_rollback_stages_from_prod_the_tables_it_already_holds_catch_up_includ
     # Rolling back finds prod already holding that table (and the others the apply did not
     # write): the dump's data and the catch-up's blocks of those tables are read past, and
     # only the table the apply wrote is put back.
-    dev, prod = database(make_db), database(make_db)
+    dev, prod = teams_db(make_db), teams_db(make_db)
     new_row = "INSERT INTO public.stamped (id, body) VALUES (21, 'body 21');"
     dev.execute(new_row)
     dev.execute("UPDATE public.node SET label = 'edited in dev' WHERE id = 2")
-    take_dev(project, dev)
+    take_teams_dev(project, dev)
     project.point("prod", prod)
 
-    result, locked = _apply_while_the_app_writes(project, prod, new_row, DELTA_SCOPE)
+    result, locked = _apply_while_the_app_writes(project, prod, new_row, TEAMS_SCOPE)
 
     assert result.returncode == 0, result.stderr
-    assert prod.fingerprint(DELTA_SCOPE) == dev.fingerprint(DELTA_SCOPE)
+    assert prod.fingerprint(TEAMS_SCOPE) == dev.fingerprint(TEAMS_SCOPE)
     [backup] = project.snapshots("prod")
     assert 'ADD "public"."stamped" ' in (backup / "catchup.copy").read_text()
     rolled = project.run("-v", "rollback", "prod", "--yes")
     assert rolled.exit_code == 0, rolled.output
     assert "recorded 4 tables (3 already hold the snapshot's rows)" in rolled.stderr
     assert "staged   public.stamped" not in rolled.stderr
-    assert prod.fingerprint(DELTA_SCOPE) == locked
+    assert prod.fingerprint(TEAMS_SCOPE) == locked
 
 
 def test_a_tampered_catch_up_is_refused(project: Project, make_db) -> None:

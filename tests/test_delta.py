@@ -11,53 +11,9 @@ import json
 
 import pytest
 
-from tests.conftest import Project
+from tests.fix_apps import TEAMS_CONFIG, TEAMS_SCOPE, take_teams_dev, teams_db
 from tests.fix_db import Database
-
-# Not the bundled app: PascalCase and uuid keys, a unique key besides the primary key, a json
-# column, a self-referencing tree, cascades inside the scope, a table without any key, and a
-# trigger that rewrites rows on update.
-SCHEMA = """
-SET ROLE app_owner;
-CREATE TABLE public."Team" (id uuid PRIMARY KEY, slug text NOT NULL UNIQUE, meta json);
-CREATE TABLE public.node (
-    id int PRIMARY KEY,
-    parent_id int REFERENCES public.node (id),
-    "teamId" uuid NOT NULL REFERENCES public."Team" (id) ON DELETE CASCADE,
-    label text NOT NULL);
-CREATE TABLE public.member (
-    id int PRIMARY KEY,
-    "teamId" uuid NOT NULL REFERENCES public."Team" (id) ON DELETE CASCADE,
-    rank int NOT NULL,
-    UNIQUE ("teamId", rank));
-CREATE TABLE public.event_log (note text, payload json);
-CREATE TABLE public.stamped (id int PRIMARY KEY, body text NOT NULL, edits int NOT NULL DEFAULT 0);
-CREATE FUNCTION public.count_edit() RETURNS trigger LANGUAGE plpgsql AS
-$$ BEGIN NEW.edits := OLD.edits + 1; RETURN NEW; END $$;
-CREATE TRIGGER count_edit BEFORE UPDATE ON public.stamped
-    FOR EACH ROW EXECUTE FUNCTION public.count_edit();
-RESET ROLE;
-"""
-SCOPE = ('public."Team"', "public.node", "public.member", "public.event_log", "public.stamped")
-CONFIG = f"""
-[scope]
-tables = [{", ".join("'" + t + "'" for t in SCOPE)}]
-auth_users = false
-
-[apply]
-insert_as = {{}}
-"""
-
-SEED = """
-INSERT INTO public."Team" SELECT md5('team' || i)::uuid, 'team-' || i, json_build_object('n', i)
-    FROM generate_series(1, 6) i;
-INSERT INTO public.node SELECT i, CASE WHEN i > 1 THEN 1 END, md5('team' || (1 + i % 3))::uuid,
-    'node ' || i FROM generate_series(1, 40) i;
-INSERT INTO public.member SELECT i, md5('team' || (1 + i % 6))::uuid, i FROM generate_series(1, 60) i;
-INSERT INTO public.event_log SELECT 'event ' || i, json_build_object('i', i)
-    FROM generate_series(1, 30) i;
-INSERT INTO public.stamped (id, body) SELECT i, 'body ' || i FROM generate_series(1, 20) i;
-"""
+from tests.fix_project import Project
 
 
 def team(i: int) -> str:
@@ -115,22 +71,6 @@ CASES: dict[str, tuple[str, set[str]]] = {
 }
 
 
-def database(make_db) -> Database:
-    db = make_db("empty")
-    db.execute(SCHEMA)
-    db.execute(SEED)
-    return db
-
-
-def take_dev(project: Project, dev: Database) -> None:
-    """Point ``dev`` at this app's scope (no scripts: it has no guardrails) and take it."""
-    project.point("dev", dev)
-    project.config(CONFIG)
-    for phase in ("pre", "post"):
-        (project.path / "sql" / phase).mkdir(parents=True, exist_ok=True)
-    assert project.run("take", "dev").exit_code == 0
-
-
 def _apply(project: Project, prod: Database, *args: str):
     project.point("prod", prod)
     return project.run("apply", "prod", "--yes", *args)
@@ -139,10 +79,10 @@ def _apply(project: Project, prod: Database, *args: str):
 @pytest.mark.parametrize("case", CASES)
 def test_a_delta_ends_where_a_full_replace_ends(project: Project, make_db, case: str) -> None:
     changes, replaced = CASES[case]
-    dev, by_delta, by_full = database(make_db), database(make_db), database(make_db)
-    by_bulk = database(make_db)
+    dev, by_delta, by_full = teams_db(make_db), teams_db(make_db), teams_db(make_db)
+    by_bulk = teams_db(make_db)
     dev.execute(changes)
-    take_dev(project, dev)
+    take_teams_dev(project, dev)
 
     delta = _apply(project, by_delta, "--json")
     full = _apply(project, by_full, "--full")
@@ -154,10 +94,10 @@ def test_a_delta_ends_where_a_full_replace_ends(project: Project, make_db, case:
     assert "--block-readers: 3 foreign keys were checked in bulk" in " ".join(
         bulk.output.split()
     ), bulk.output
-    expected = dev.fingerprint(SCOPE)
-    assert by_delta.fingerprint(SCOPE) == expected
-    assert by_full.fingerprint(SCOPE) == expected
-    assert by_bulk.fingerprint(SCOPE) == expected
+    expected = dev.fingerprint(TEAMS_SCOPE)
+    assert by_delta.fingerprint(TEAMS_SCOPE) == expected
+    assert by_full.fingerprint(TEAMS_SCOPE) == expected
+    assert by_bulk.fingerprint(TEAMS_SCOPE) == expected
     assert _foreign_keys(by_bulk) == _foreign_keys(by_full)  # added back exactly
     changes = json.loads(delta.stdout)["changes"]
     modes = {t["table"]: t["mode"] for t in changes}
@@ -169,9 +109,9 @@ def test_a_delta_ends_where_a_full_replace_ends(project: Project, make_db, case:
 
 
 def test_an_unchanged_snapshot_writes_nothing(project: Project, make_db) -> None:
-    dev, prod = database(make_db), database(make_db)
-    take_dev(project, dev)
-    before = prod.fingerprint(SCOPE)
+    dev, prod = teams_db(make_db), teams_db(make_db)
+    take_teams_dev(project, dev)
+    before = prod.fingerprint(TEAMS_SCOPE)
     versions = "SELECT ctid::text, xmin::text FROM {} ORDER BY 1"
     xmins = {t: prod.execute(versions.format(t)) for t in ("public.node", "public.event_log")}
 
@@ -180,10 +120,10 @@ def test_an_unchanged_snapshot_writes_nothing(project: Project, make_db) -> None
     assert result.exit_code == 0, result.output
     changes = json.loads(result.stdout)["changes"]
     # the table without a key holds the snapshot's rows already: it is not rewritten either
-    assert {t["table"]: t["mode"] for t in changes} == dict.fromkeys(SCOPE, "delta")
+    assert {t["table"]: t["mode"] for t in changes} == dict.fromkeys(TEAMS_SCOPE, "delta")
     assert [(t["insert"], t["update"], t["delete"]) for t in changes] == [(0, 0, 0)] * 5
     assert {t: prod.execute(versions.format(t)) for t in xmins} == xmins
-    assert prod.fingerprint(SCOPE) == before
+    assert prod.fingerprint(TEAMS_SCOPE) == before
     # An apply that wrote nothing keeps no backup to roll back to.
     assert project.snapshots("prod") == []
     assert "this apply wrote nothing" in " ".join(result.stderr.split())
@@ -213,15 +153,15 @@ CREATE TRIGGER orphan_member AFTER INSERT ON public.node
 def test_a_row_breaking_a_foreign_key_fails_the_bulk_check_and_changes_nothing(
     project: Project, make_db
 ) -> None:
-    dev, prod = database(make_db), database(make_db)
+    dev, prod = teams_db(make_db), teams_db(make_db)
     dev.execute(CASES["self-referencing tree re-parented"][0])  # inserts a node
     project.point("dev", dev)
-    project.config(CONFIG)
+    project.config(TEAMS_CONFIG)
     (project.path / "sql" / "pre").mkdir(parents=True)
     (project.path / "sql" / "post").mkdir(parents=True)
     (project.path / "sql" / "pre" / "010_orphan.sql").write_text(ORPHAN)
     assert project.run("take", "dev").exit_code == 0
-    before, keys = prod.fingerprint(SCOPE), _foreign_keys(prod)
+    before, keys = prod.fingerprint(TEAMS_SCOPE), _foreign_keys(prod)
 
     result = _apply(project, prod, "--block-readers")
 
@@ -229,6 +169,6 @@ def test_a_row_breaking_a_foreign_key_fails_the_bulk_check_and_changes_nothing(
     line = " ".join(result.stderr.split())
     assert "while checking foreign keys in bulk" in line
     assert "member" in line and "rolled back, prod is unchanged" in line
-    assert prod.fingerprint(SCOPE) == before
+    assert prod.fingerprint(TEAMS_SCOPE) == before
     assert _foreign_keys(prod) == keys
     assert prod.execute("SELECT count(*) FROM pg_trigger WHERE tgname = 'orphan_member'") == [(0,)]

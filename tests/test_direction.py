@@ -4,35 +4,16 @@ dev -> prod is confirmed by a person."""
 from __future__ import annotations
 
 import json
-import os
-import pty
-import select
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Project
-from tests.fix_db import SCOPE, Database
-
-SCOPE_TABLES = tuple(f"public.{t}" for t in SCOPE)
-NEW_USER = "5e1f0000-0000-4000-8000-000000000001"
-
-
-def one_error_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("Error: "), result.output
-    assert "Traceback" not in result.output
-    return lines[-1]
-
-
-def _prod_snapshot(project: Project, dev: Database, prod: Database) -> Path:
-    project.point("dev", dev)
-    project.point("prod", prod)
-    taken = project.run("take", "prod", "--unmasked")
-    assert taken.exit_code == 0, taken.output
-    [snapshot] = project.snapshots("prod")
-    return snapshot
+from snapshot import direction
+from snapshot.config import parse_config
+from snapshot.errors import ConfigError
+from tests.fix_apps import NEW_USER, prod_snapshot
+from tests.fix_db import SCOPE_TABLES
+from tests.fix_project import Project, at_a_terminal, one_error_line
 
 
 def test_prod_is_taken_only_unmasked(project: Project, make_db) -> None:
@@ -57,7 +38,7 @@ def test_prod_is_taken_only_unmasked(project: Project, make_db) -> None:
 
 def test_reversed_arguments_copy_nothing_of_prod_into_dev(project: Project, make_db) -> None:
     dev, prod = make_db("dev"), make_db("prod")
-    _prod_snapshot(project, dev, prod)
+    prod_snapshot(project, dev, prod)
     before = dev.fingerprint()  # the scope, auth.users and auth.identities
 
     implicit = project.run("apply", "dev")  # dev has no usual source: it is never guessed
@@ -90,7 +71,7 @@ def test_an_unmasked_apply_creates_auth_users_only_when_asked(project: Project, 
         "VALUES (%s, 'person@prod.example', '$2a$10$hash')",
         [NEW_USER],
     )
-    _prod_snapshot(project, dev, prod)
+    prod_snapshot(project, dev, prod)
     before = dev.fingerprint()
 
     unasked = project.run("apply", "dev", "--from", "prod", "--unmasked", "--yes", "--json")
@@ -121,7 +102,7 @@ def test_an_unmasked_apply_creates_auth_users_only_when_asked(project: Project, 
 def test_an_unmasked_apply_says_it_created_no_auth_users(project: Project, make_db) -> None:
     dev, prod = make_db("dev"), make_db("dev")
     prod.execute("UPDATE public.questions SET title = title || ' (prod)' WHERE id = 1")
-    _prod_snapshot(project, dev, prod)
+    prod_snapshot(project, dev, prod)
     auth_before = dev.fingerprint(("auth.users", "auth.identities"))
 
     result = project.run("apply", "dev", "--from", "prod", "--unmasked", "--yes", "--json")
@@ -153,7 +134,7 @@ def test_a_manifest_without_the_record_falls_back_to_not_safe(
     project: Project, make_db, edit
 ) -> None:
     dev, prod = make_db("dev"), make_db("prod")
-    snapshot = _prod_snapshot(project, dev, prod)
+    snapshot = prod_snapshot(project, dev, prod)
     path = snapshot / "manifest.json"
     manifest = json.loads(path.read_text())
     edit(manifest)
@@ -167,38 +148,15 @@ def test_a_manifest_without_the_record_falls_back_to_not_safe(
     assert dev.fingerprint() == before
 
 
-def _at_a_terminal(project: Project, args: list[str], answer: str) -> tuple[int, str]:
-    """Run the CLI with a terminal on stdin; answer once it asks. Returns (exit code, stderr)."""
-    main, terminal = pty.openpty()
-    try:
-        process = project.spawn(*args, stdin=terminal)
-        assert process.stderr is not None
-        seen = ""
-        deadline = time.monotonic() + 120
-        while "Type " not in seen:
-            assert time.monotonic() < deadline, seen
-            ready, _, _ = select.select([process.stderr], [], [], 1)
-            if ready:
-                chunk = os.read(process.stderr.fileno(), 65536).decode()
-                assert chunk, f"it ended before asking: {seen}"
-                seen += chunk
-        os.write(main, answer.encode())
-        _out, err = process.communicate(timeout=120)
-    finally:
-        os.close(main)
-        os.close(terminal)
-    return process.returncode, seen + err
-
-
 def test_an_unusual_direction_asks_even_onto_a_safe_target(project: Project, make_db) -> None:
     dev, prod = make_db("dev"), make_db("dev")
     prod.execute("UPDATE public.questions SET title = title || ' (prod)' WHERE id = 1")
-    _prod_snapshot(project, dev, prod)
+    prod_snapshot(project, dev, prod)
     before = dev.fingerprint()
     args = ["apply", "dev", "--from", "prod", "--unmasked"]
 
     scripted = project.run(*args)
-    code, err = _at_a_terminal(project, args, "no\n")
+    asked = at_a_terminal(project, args, "no\n")
 
     assert scripted.exit_code == 2
     assert one_error_line(scripted) == (
@@ -206,8 +164,53 @@ def test_an_unusual_direction_asks_even_onto_a_safe_target(project: Project, mak
         "direction (dev -> prod), and there is no terminal to ask in; pass --yes to confirm "
         "from a script"
     )
-    assert code == 1, err
-    assert "warning: prod -> dev is not the usual direction (dev -> prod)" in err
-    assert "Type dev to apply prod's snapshot to dev: " in err
-    assert "apply to dev cancelled: nothing was changed" in err
+    assert asked.returncode == 1, asked.stderr
+    assert "warning: prod -> dev is not the usual direction (dev -> prod)" in asked.stderr
+    assert "Type dev to apply prod's snapshot to dev: " in asked.stderr
+    assert "apply to dev cancelled: nothing was changed" in asked.stderr
     assert dev.fingerprint() == before
+
+
+# --- which directions are allowed, and with what: no database needed -------------------------
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("source", "target", "flags", "usual", "withheld"),
+    [
+        ("dev", "prod", {}, True, ""),
+        ("prod", "prod", {}, False, ""),  # onto a target not marked safe: nothing to withhold
+        ("prod", "dev", {"unmasked": True}, False, "pass --create-auth-users to create"),
+        ("prod", "dev", {"unmasked": True, "create_auth_users": True}, False, ""),
+    ],
+)
+def test_the_direction_of_an_apply_is_decided_from_what_is_marked_safe(
+    tmp_path: Path, source: str, target: str, flags: dict, usual: bool, withheld: str
+) -> None:
+    config = parse_config({}, None, tmp_path)  # dev safe, prod not; prod's usual source: dev
+    options = {"unmasked": False, "create_auth_users": False, **flags}
+
+    decided = direction.decide(
+        config, source, source == "dev", target, what=f"{source}/x", **options
+    )
+
+    assert decided.usual is usual
+    assert withheld in decided.auth_withheld and bool(decided.auth_withheld) is bool(withheld)
+    if not usual:
+        assert decided.unusual_sentence() == (
+            f"{source} -> {target} is not the usual direction (dev -> prod)"
+        )
+
+
+@pytest.mark.fast
+def test_prod_onto_a_safe_target_is_refused_unless_unmasked(tmp_path: Path) -> None:
+    config = parse_config({}, None, tmp_path)
+
+    with pytest.raises(ConfigError) as caught:
+        direction.decide(
+            config, "prod", False, "dev", what="prod/x", unmasked=False, create_auth_users=False
+        )
+
+    assert "refusing to apply prod/x to dev: prod is not marked safe and dev is" in str(
+        caught.value
+    )

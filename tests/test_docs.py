@@ -9,6 +9,8 @@ import pytest
 
 from snapshot.cli import cli
 
+pytestmark = pytest.mark.fast  # the CLI's help and the README: no database
+
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 COMMANDS = sorted(cli.commands)
 

@@ -1,4 +1,6 @@
-"""Environments: env files, Supabase's direct host and session pooler, `snapshot env`."""
+"""Environments: env files, Supabase's direct host and session pooler, `snapshot env`; names
+this project does not know refused with a suggestion, and a connection that fails said in
+one line with its cause."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import psycopg
 import pytest
 
 from snapshot import localpg
-from tests.conftest import Project
+from tests.fix_project import Project, one_error_line
 from tests.fix_servers import POOLER_PASSWORD, POOLER_REF
 
 GOOD_TOKEN = "sbp_test_token_0123456789"
@@ -221,3 +223,74 @@ def test_password_reaches_pg_dump_through_the_environment_only(
     manifest = json.loads((project.snapshots("prod")[0] / "manifest.json").read_text())
     assert manifest["tables"][0]["rows"] == 50
     assert "p@ss" not in json.dumps(manifest)
+
+
+def test_env_without_a_route_shows_the_table_and_suspects_the_ref(project: Project) -> None:
+    project.env("prod", SUPABASE_PROJECT_REF="nosuchprojectrefxyzw", SUPABASE_DB_PASSWORD="x")
+
+    result = project.run("env", "prod")
+
+    assert result.exit_code == 1
+    assert "nosuchprojectrefxyzw" in result.stdout and "route" in result.stdout
+    line = one_error_line(result)
+    assert "check the project ref 'nosuchprojectrefxyzw'" in line and "IPv6" not in line
+    assert "pooler_host" in line
+
+
+def test_a_refused_connection_keeps_its_cause_on_one_line(project: Project, make_db) -> None:
+    port = localpg.free_port()
+    project.env("dev", SUPABASE_DB_URL=f"postgresql://app_owner@127.0.0.1:{port}/x")
+
+    result = project.run("take", "dev")
+
+    assert result.exit_code == 1
+    line = one_error_line(result)
+    assert "Connection refused (is the server running on that host" in line
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (["env", "prdo"], "unknown environment 'prdo': did you mean prod?"),
+        (["apply", "prod", "--from", "dve"], "unknown environment 'dve': did you mean dev?"),
+        (["list", "staging"], "unknown environment 'staging'"),
+        (["verify", "dev", "prdo"], "did you mean prod?"),
+    ],
+)
+def test_a_mistyped_environment_is_refused_with_a_suggestion(
+    project: Project, args: list[str], hint: str
+) -> None:
+    result = project.run(*args)
+
+    assert result.exit_code == 2
+    assert hint in one_error_line(result)
+
+
+@pytest.mark.fast
+def test_an_archived_environment_without_its_env_file_names_the_file(project: Project) -> None:
+    (project.path / "snapshots" / "staging").mkdir(parents=True)
+
+    listed = project.run("list", "staging")
+    taken = project.run("take", "staging", "--unmasked")
+
+    assert listed.exit_code == 0
+    assert taken.exit_code == 2
+    assert "environment 'staging' needs .env.staging, which does not exist" in (
+        one_error_line(taken)
+    )
+
+
+@pytest.mark.fast
+def test_a_malformed_env_file_line_is_refused_naming_file_and_line(project: Project) -> None:
+    (project.path / ".env.local").write_text(
+        'SUPABASE_DB_URL="postgresql://app_owner@127.0.0.1/x"\nthis line is broken s3cret\n'
+    )
+
+    result = project.run("env", "dev")
+
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert ".env.local line 2 is not a KEY=value line" in line
+    assert "s3cret" not in result.output
+    assert "could not parse" not in result.output  # python-dotenv's own warning

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
-from snapshot.config import DEFAULT_TABLES
+from snapshot import localpg
 from snapshot.scripts import bundled_sql
-from tests.conftest import Project
-from tests.test_apply import setup_pair
+from tests.fix_apps import setup_pair
+from tests.fix_db import SCOPE, SCOPE_TABLES
+from tests.fix_project import Project, one_error_line
 
 COMMANDS = {
     "take": ["take", "dev"],
@@ -22,7 +24,7 @@ COMMANDS = {
 
 
 def _scope_with(project: Project, old: str, new: str) -> None:
-    tables = [new if t == old else t for t in DEFAULT_TABLES]
+    tables = [new if t == old else t for t in SCOPE]
     project.config("[scope]\ntables = [" + ", ".join(f'"{t}"' for t in tables) + "]\n")
 
 
@@ -49,7 +51,7 @@ def test_a_scope_table_missing_in_prod_exits_2_naming_it(
 ) -> None:
     _dev, prod = setup_pair(project, make_db)
     prod.execute("DROP TABLE public.topic_edges")
-    original = prod.fingerprint([f"public.{t}" for t in DEFAULT_TABLES if t != "topic_edges"])
+    original = prod.fingerprint([t for t in SCOPE_TABLES if t != "public.topic_edges"])
 
     result = project.run(*COMMANDS[command])
 
@@ -57,9 +59,7 @@ def test_a_scope_table_missing_in_prod_exits_2_naming_it(
     line = result.stderr.strip().splitlines()[-1]
     assert "prod" in line and "has no table public.topic_edges: " in line, line
     assert "did you mean" not in line  # a table the migrations never made resembles nothing
-    assert original == prod.fingerprint(
-        [f"public.{t}" for t in DEFAULT_TABLES if t != "topic_edges"]
-    )
+    assert original == prod.fingerprint([t for t in SCOPE_TABLES if t != "public.topic_edges"])
 
 
 def test_a_cutover_whose_smoke_tested_nothing_is_no_pass(project: Project, make_db) -> None:
@@ -88,3 +88,35 @@ def test_a_cutover_whose_smoke_tested_nothing_is_no_pass(project: Project, make_
     )
     assert "no guardrail was tested" in report["state"]
     assert report["undo"] == f"snapshot rollback prod --to {report['apply']['backup']}"
+
+
+def test_a_too_old_pg_restore_exits_2_in_check_and_apply_as_in_take(
+    project: Project, make_db, pg16: localpg.LocalServer, pg_bin: Path
+) -> None:
+    prod = make_db("prod")
+    project.env("dev", SUPABASE_DB_URL=pg16.url("app", user="app_owner"))
+    project.point("prod", prod)
+    assert project.run("--pg-bin", str(localpg.embedded_bin(16)), "take", "dev").exit_code == 0
+    original = prod.fingerprint()
+
+    checked = project.run("check", "prod", "--pg-bin", str(pg_bin))
+    applied = project.run("apply", "prod", "--yes", "--pg-bin", str(pg_bin), "-q")
+
+    for result in (checked, applied):
+        assert result.exit_code == 2
+        assert "tooling: " in one_error_line(result)
+        assert "needs pg_restore 16 or newer" in one_error_line(result)
+    assert prod.fingerprint() == original
+
+
+def test_a_too_old_pg_dump_for_the_target_exits_2_in_cutover(
+    project: Project, make_db, pg16: localpg.LocalServer, pg_bin: Path
+) -> None:
+    project.point("dev", make_db("dev"))
+    project.env("prod", SUPABASE_DB_URL=pg16.url("app", user="app_owner"))
+
+    result = project.run("cutover", "dev", "prod", "--yes", "--pg-bin", str(pg_bin), "--json")
+
+    assert result.exit_code == 2
+    assert "needs pg_dump 16 or newer" in one_error_line(result)
+    assert json.loads(result.stdout)["steps"][0]["status"] == "failed"

@@ -17,11 +17,10 @@ import psycopg
 import pytest
 
 from snapshot import localpg
-from tests.conftest import Project
-from tests.fix_db import SCHEMA_FILES, SQL, Database, Server
+from tests.fix_apps import setup_pair
+from tests.fix_db import SCHEMA_FILES, SCOPE_TABLES, SQL, Database, Server
+from tests.fix_project import Project
 from tests.fix_servers import system_bin
-from tests.test_apply import SCOPE_TABLES, setup_pair
-from tests.test_apply_failures import _wait_until_gone
 
 
 def _wait_for_query(
@@ -95,7 +94,7 @@ def test_a_backup_of_an_apply_that_never_committed_is_never_restored(
     finally:
         process.kill()
         process.communicate()
-    _wait_until_gone(prod, backend)
+    prod.wait_until_gone(backend)
     assert prod.fingerprint(SCOPE_TABLES) == original  # rolled back
     prod.execute("DROP TRIGGER slow_commit ON public.categories")
     # The app goes on writing to the scope.

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Project
+from tests.fix_apps import setup_pair
 from tests.fix_db import Database
-from tests.test_apply import setup_pair
+from tests.fix_project import Project
 
 
 def _archive(project: Project) -> dict[str, bytes]:

@@ -10,8 +10,9 @@ import pytest
 from snapshot.config import load_config
 from snapshot.errors import ConfigError
 from snapshot.names import TableName
-from tests.conftest import Project, plain_app_pair
+from tests.fix_apps import plain_app_pair
 from tests.fix_db import Database
+from tests.fix_project import Project
 
 # A Prisma-style PascalCase table with a lowercase twin outside the scope, a table whose name
 # holds " (" (as a COPY line's column list starts), one without any key (rolled back whole
@@ -109,6 +110,7 @@ def test_mixed_case_spaces_and_non_latin_names_round_trip(project: Project, make
     assert prod.fingerprint(FINGERPRINTED) == prod_before
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("text", "schema", "name"),
     [
@@ -127,6 +129,7 @@ def test_table_names_parse_and_print_back(text: str, schema: str, name: str) -> 
     assert TableName.parse(str(table)) == table
 
 
+@pytest.mark.fast
 def test_a_column_of_a_quoted_table_is_configurable(project: Project) -> None:
     project.config(
         "[scope]\ntables = ['public.\"Post\"']\n"
@@ -235,6 +238,7 @@ def test_columns_named_like_the_tools_own_aliases_round_trip(project: Project, m
     assert prod.fingerprint(scope) != before
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("table", "shown"),
     [

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import Project
+from tests.fix_apps import setup_pair
 from tests.fix_db import Database
-from tests.test_apply import setup_pair
-from tests.test_data_safety import _unpublish
+from tests.fix_project import Project, unpublish
 
 
 def _two_names_two_applies(project: Project, make_db) -> tuple[Database, dict, dict]:
@@ -88,7 +87,7 @@ def test_a_backup_left_unlisted_under_the_other_name_is_settled_and_restored(
     # The apply under production committed, then died before listing its backup.
     prod, _before, after_first = _two_names_two_applies(project, make_db)
     [newest] = project.snapshots("production")
-    _unpublish(newest)
+    unpublish(newest)
 
     result = project.run("rollback", "prod", "--yes")
 

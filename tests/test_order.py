@@ -29,6 +29,7 @@ def names(*tables: str) -> list[TableName]:
     return [TableName("public", t) for t in tables]
 
 
+@pytest.mark.fast
 def test_parents_come_first_and_ties_keep_the_configured_order() -> None:
     order = catalog.apply_order(names("c", "b", "a", "d"), [fk("c", "b"), fk("b", "a")])
     assert [t.name for t in order] == [
@@ -39,6 +40,7 @@ def test_parents_come_first_and_ties_keep_the_configured_order() -> None:
     ]  # of the ready ones, first configured first
 
 
+@pytest.mark.fast
 def test_self_references_and_repeated_references_do_not_block() -> None:
     order = catalog.apply_order(
         names("edges", "topics"),
@@ -47,11 +49,13 @@ def test_self_references_and_repeated_references_do_not_block() -> None:
     assert [t.name for t in order] == ["topics", "edges"]
 
 
+@pytest.mark.fast
 def test_a_deferrable_key_breaks_a_cycle() -> None:
     order = catalog.apply_order(names("a", "b"), [fk("a", "b"), fk("b", "a", deferrable=True)])
     assert [t.name for t in order] == ["b", "a"]
 
 
+@pytest.mark.fast
 def test_a_cycle_is_reported_with_its_tables() -> None:
     with pytest.raises(
         Refused, match=r"public\.a -> public\.b -> public\.c -> public\.a form a cycle"

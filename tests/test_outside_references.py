@@ -12,8 +12,9 @@ import re
 
 import pytest
 
-from tests.conftest import Project, plain_app_pair
+from tests.fix_apps import plain_app_pair
 from tests.fix_db import Database
+from tests.fix_project import Project
 
 SCOPE = ["public.film", "public.inventory"]
 OUTSIDE = ["public.rental", "public.payment", "public.review"]

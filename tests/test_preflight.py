@@ -15,9 +15,9 @@ from psycopg import sql
 
 from snapshot import localpg
 from snapshot.session import ADVISORY_KEY
-from tests.conftest import Project
+from tests.fix_apps import apply, setup_pair
 from tests.fix_db import PREFIX, SCOPE, Database
-from tests.test_apply import apply, setup_pair
+from tests.fix_project import Project
 
 
 def findings(result) -> list[dict]:
@@ -544,3 +544,12 @@ def test_bundled_smoke_checks_skip_what_an_app_lacks(project: Project, make_db) 
         "Error: smoke prod is no pass: nothing tested: all 3 checks skipped (what they check "
         "is absent in prod)"
     )
+
+
+def test_check_shows_migrations_and_scope_closure_when_clean(project: Project, make_db) -> None:
+    setup_pair(project, make_db, dev_kind="empty")
+
+    result = project.run("check", "prod", "--json")
+
+    statuses = {f["check"]: f["status"] for f in json.loads(result.stdout)["findings"]}
+    assert statuses["migrations"] == "ok" and statuses["scope closure"] == "ok"

@@ -10,8 +10,8 @@ import select
 import subprocess
 import sys
 
-from tests.conftest import Project
-from tests.test_apply import apply, setup_pair
+from tests.fix_apps import apply, setup_pair
+from tests.fix_project import Project
 
 
 def _run_on_terminal(project: Project, *args: str) -> tuple[int, str, str]:

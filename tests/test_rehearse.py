@@ -1,7 +1,8 @@
 """`snapshot rehearse`: the whole cutover on two throwaway servers, and nothing left behind.
 
-Each test runs the CLI as a separate process (signals are part of the promise) with its own
-TMPDIR, so the servers it starts and the folders it leaves can be looked for precisely.
+The cutover tests run the CLI as a separate process (signals are part of the promise) with
+its own TMPDIR, so the servers it starts and the folders it leaves can be looked for
+precisely; the last two run it in-process, on the binaries it is given.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dotenv import dotenv_values
 from snapshot import localpg
 from snapshot.rehearse import PREFIX
 from tests.fix_db import ROOT
+from tests.fix_project import Project, one_error_line
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -156,3 +158,35 @@ def test_rehearse_refuses_a_pg_bin_without_a_server(tmpdir_base: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("Error: --pg-bin /usr/bin has no initdb")
     assert leftovers(tmpdir_base) == ([], {})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="servers run as another user only as root")
+def test_rehearse_runs_binaries_from_a_private_folder(project: Project, tmp_path: Path) -> None:
+    """A clone in a 0700 folder: its .venv's embedded PostgreSQL is out of postgres' reach."""
+    site = tmp_path / "clone" / ".venv" / "site-packages"
+    site.parent.parent.mkdir(mode=0o700)
+    install = localpg.embedded_bin().parent  # <site>/<package>/pginstall18
+    package = install.parent
+    shutil.copytree(install, site / package.name / install.name, symlinks=True)
+    libs = package.parent / f"{package.name}.libs"  # the wheel's libpq, by relative rpath
+    if libs.is_dir():
+        shutil.copytree(libs, site / libs.name, symlinks=True)
+    pg_bin = site / package.name / install.name / "bin"
+
+    result = project.run("rehearse", "--pg-bin", str(pg_bin), "--json")
+
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["restored"]["matches"] is True
+
+
+def test_a_server_that_cannot_start_is_one_line(project: Project, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "broken" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("initdb", "postgres", "pg_ctl", "pg_dump"):
+        (bin_dir / name).write_text("not a program\n")
+
+    result = project.run("rehearse", "--pg-bin", str(bin_dir))
+
+    assert result.exit_code == 1
+    line = one_error_line(result)
+    assert "cannot run" in line and str(bin_dir.parent) in line

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import Project
-from tests.fix_db import Database
-from tests.test_apply import SCOPE_TABLES, apply, setup_pair
-from tests.test_auth_users import _answer_prompt
+from tests.fix_apps import apply, setup_pair
+from tests.fix_db import SCOPE_TABLES, Database
+from tests.fix_project import Project, at_a_terminal
 
 
 def test_an_apply_that_writes_nothing_keeps_no_backup_and_rollback_undoes_the_one_before(
@@ -66,7 +65,7 @@ def test_rollback_counts_the_rows_written_since_the_apply_before_it_throws_them_
 
     dry = project.run("rollback", "prod", "--dry-run", "--json")
     checked = project.run("rollback", "prod", "--dry-run")
-    asked = _answer_prompt(project, ["rollback", "prod"], "no\n")
+    asked = at_a_terminal(project, ["rollback", "prod"], "no\n")
 
     assert dry.exit_code == 0, dry.output
     assert prod.fingerprint() == since

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 
-from tests.conftest import Project
-from tests.fix_db import ROOT, SCOPE
+import pytest
+
+from tests.fix_apps import apply, setup_pair
+from tests.fix_db import ROOT, SCOPE_TABLES
+from tests.fix_project import Project
 
 NPM_DB = ROOT / "scripts" / "npm-db"
-SCOPE_TABLES = [f"public.{t}" for t in SCOPE]
 
 
 def npm_db(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
@@ -36,6 +41,7 @@ def test_npm_sync_verify_and_smoke_run_in_the_callers_folder(project: Project, m
     assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
 
 
+@pytest.mark.fast
 def test_npm_db_names_the_commands_it_knows(project: Project) -> None:
     result = npm_db(project, "db:push")
 
@@ -46,11 +52,6 @@ def test_npm_db_names_the_commands_it_knows(project: Project) -> None:
 def test_a_sql_folder_with_only_smoke_checks_keeps_the_bundled_pre_and_post(
     project: Project, make_db
 ) -> None:
-    import json
-    import shutil
-
-    from tests.test_apply import SCOPE_TABLES, apply, setup_pair
-
     dev, prod = setup_pair(project, make_db)
     shutil.copytree(ROOT / "sql" / "smoke", project.path / "sql" / "smoke")
 
@@ -68,3 +69,40 @@ def test_a_sql_folder_with_only_smoke_checks_keeps_the_bundled_pre_and_post(
     assert applied.exit_code == 0, applied.output  # the guardrails let the apply through
     assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
     assert smoked.exit_code == 0, smoked.output
+
+
+def test_npm_sync_json_is_one_document(project: Project, make_db) -> None:
+    dev, prod = make_db("empty"), make_db("empty")
+    project.point("dev", dev)
+    project.point("prod", prod)
+
+    synced = subprocess.run(
+        [str(ROOT / "scripts" / "npm-db"), "sync:dev-prod", "--json", "--yes"],
+        cwd=project.path,
+        capture_output=True,
+        text=True,
+    )
+
+    assert synced.returncode == 0, synced.stderr
+    document = json.loads(synced.stdout)
+    assert document["take"]["environment"] == "dev"
+    assert document["apply"]["committed"] is True and "error" not in document
+
+
+def test_npm_refusal_without_a_terminal_never_advises_marking_prod_safe(
+    project: Project, make_db
+) -> None:
+    setup_pair(project, make_db, dev_kind="empty")
+
+    refused = subprocess.run(
+        [str(ROOT / "scripts" / "npm-db"), "sync:dev-prod"],
+        cwd=project.path,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "npm_lifecycle_event": "db:sync:dev-prod"},
+    )
+
+    assert refused.returncode == 2
+    assert "npm run db:sync:dev-prod -- --yes" in refused.stderr
+    assert "safe" not in refused.stderr

@@ -6,9 +6,9 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.conftest import Project
-from tests.fix_db import Database
-from tests.test_apply import SCOPE_TABLES, apply, setup_pair
+from tests.fix_apps import apply, setup_pair
+from tests.fix_db import SCOPE_TABLES, Database
+from tests.fix_project import Project
 
 
 def _role_limit(db: Database, limit: str) -> None:
@@ -65,6 +65,7 @@ def test_session_limits_come_from_snapshot_toml(project: Project, make_db) -> No
     assert prod.fingerprint() == original
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("value", ["soon", "-5", "true", "10 parsecs"])
 def test_a_bad_session_limit_is_one_clear_line(project: Project, value: str) -> None:
     project.config(f"[session]\nstatement_timeout = {value if value == 'true' else repr(value)}\n")

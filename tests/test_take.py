@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from snapshot import archive, checksum
+from snapshot.manifest import FORMAT_VERSION
 from snapshot.names import TableName
-from tests.conftest import Project
 from tests.fix_db import ALL_TABLES, Database
+from tests.fix_project import Project
 
 
 def manifest_of(folder: Path) -> dict:
@@ -84,7 +86,7 @@ def test_manifest_records_identity_fingerprint_and_file_hashes(project: Project,
 
     [folder] = project.snapshots("dev")
     manifest = manifest_of(folder)
-    assert manifest["format"] == archive.FORMAT_VERSION
+    assert manifest["format"] == FORMAT_VERSION
     assert manifest["environment"] == "dev" and manifest["kind"] == "take"
     assert manifest["database"]["dbname"] == dev.name
     assert manifest["database"]["system_identifier"] == str(
@@ -294,3 +296,12 @@ def _readable(path: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.mark.fast
+def test_list_of_a_known_environment_without_snapshots_says_so(project: Project) -> None:
+    result = project.run("list", "prod")
+
+    assert result.exit_code == 0
+    archive = project.path.resolve() / "snapshots"
+    assert result.stderr.strip() == f"no snapshots of prod in the archive folder {archive}"

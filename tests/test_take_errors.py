@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from snapshot import localpg
-from tests.conftest import Project
 from tests.fix_db import Database
+from tests.fix_project import Project
 
 Setup = Callable[[Project, Database], list[str]]
 

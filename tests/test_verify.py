@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tests.conftest import Project
 from tests.fix_db import SCOPE, Database
+from tests.fix_project import Project
 
 
 def twins(project: Project, make_db, server) -> tuple[Database, Database]:

@@ -4,10 +4,13 @@ prompts with what typing the name agrees to; and a cancelled apply leaves no tra
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from tests.conftest import Project
-from tests.test_apply import setup_pair
-from tests.test_direction import NEW_USER, _at_a_terminal, _prod_snapshot
+import pytest
+
+from snapshot import text
+from tests.fix_apps import NEW_USER, prod_snapshot, setup_pair
+from tests.fix_project import Project, at_a_terminal
 
 
 def test_one_of_a_thing_is_singular(project: Project, make_db) -> None:
@@ -15,7 +18,7 @@ def test_one_of_a_thing_is_singular(project: Project, make_db) -> None:
     prod.execute(
         "INSERT INTO auth.users (id, email) VALUES (%s, 'person@prod.example')", [NEW_USER]
     )
-    _prod_snapshot(project, dev, prod)
+    prod_snapshot(project, dev, prod)
 
     checked = project.run("check", "dev", "--from", "prod", "--unmasked")
 
@@ -46,16 +49,52 @@ def test_a_cancelled_apply_leaves_no_folder_and_rollback_asks_in_words(
 ) -> None:
     setup_pair(project, make_db)
 
-    code, err = _at_a_terminal(project, ["apply", "prod"], "no\n")
+    asked = at_a_terminal(project, ["apply", "prod"], "no\n")
 
-    assert code == 1, err
-    assert "Type prod to apply dev's snapshot to prod: " in err
-    assert "apply to prod cancelled: nothing was changed" in err
+    assert asked.returncode == 1, asked.stderr
+    assert "Type prod to apply dev's snapshot to prod: " in asked.stderr
+    assert "apply to prod cancelled: nothing was changed" in asked.stderr
     assert not (project.path / "snapshots" / "prod").exists()
 
     assert project.run("apply", "prod", "--yes").exit_code == 0
-    code, err = _at_a_terminal(project, ["rollback", "prod"], "no\n")
+    asked = at_a_terminal(project, ["rollback", "prod"], "no\n")
 
-    assert code == 1, err
-    assert "Type prod to roll prod back: " in err
-    assert "rollback to prod cancelled: nothing was changed" in err
+    assert asked.returncode == 1, asked.stderr
+    assert "Type prod to roll prod back: " in asked.stderr
+    assert "rollback to prod cancelled: nothing was changed" in asked.stderr
+
+
+# --- the small parts of sentences: no database needed ----------------------------------------
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("n", "noun", "plural", "said"),
+    [
+        (1, "row", None, "1 row"),
+        (0, "row", None, "0 rows"),
+        (26758, "row", None, "26,758 rows"),
+        (1, "identity", "identities", "1 identity"),
+        (2, "identity", "identities", "2 identities"),
+    ],
+)
+def test_a_count_agrees_with_its_noun(n: int, noun: str, plural: str | None, said: str) -> None:
+    assert text.count(n, noun, plural) == said
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("seconds", "said"), [(0.0123, "12 ms"), (0.9, "900 ms"), (1.0, "1.0 s"), (3.44, "3.4 s")]
+)
+def test_a_duration_reads_in_the_unit_people_use(seconds: float, said: str) -> None:
+    assert text.duration(seconds) == said
+
+
+@pytest.mark.fast
+def test_a_path_is_shown_as_typed_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    assert text.display_path(tmp_path / "snapshots" / "prod") == "snapshots/prod"
+    assert text.display_path(tmp_path.parent) == str(tmp_path.parent)

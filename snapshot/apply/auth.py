@@ -27,8 +27,8 @@ from psycopg import sql
 from snapshot import staging, text
 from snapshot.apply.since import xact_writes
 from snapshot.apply.state import ApplyRun
-from snapshot.archive import TableEntry
 from snapshot.errors import SnapshotError
+from snapshot.manifest import TableEntry
 from snapshot.names import AUTH_IDENTITIES, AUTH_TABLES, AUTH_USERS, TableName, split_dotted
 
 log = logging.getLogger(__name__)

@@ -32,12 +32,13 @@ from snapshot.apply import rows as rowsets
 from snapshot.apply import since
 from snapshot.apply.rows import RowSet
 from snapshot.apply.state import ApplyRun
-from snapshot.archive import Snapshot, TableEntry
+from snapshot.archive import Snapshot
 from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.config import Config
 from snapshot.db import connect
 from snapshot.environments import Connection
 from snapshot.errors import ApplyFailed
+from snapshot.manifest import TableEntry
 from snapshot.names import TableName
 from snapshot.pgtools import DUMP_APPLICATION, DUMP_LOCK_WAIT, Running
 from snapshot.staging import ADD, REMOVE, REPLACE, TERMINATOR

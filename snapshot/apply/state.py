@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 import psycopg
 
 from snapshot import pgtools
-from snapshot.archive import Snapshot, TableEntry
+from snapshot.archive import Snapshot
 from snapshot.catalog import ForeignKey, ServerInfo, TableShape
 from snapshot.config import Config
 from snapshot.environments import Connection
+from snapshot.manifest import TableEntry
 from snapshot.names import TableName
 from snapshot.session import Session
 
