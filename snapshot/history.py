@@ -18,9 +18,9 @@ from snapshot import archive, catalog
 from snapshot.archive import DatabaseIdentity, Manifest, Snapshot
 from snapshot.config import Config, display_path
 from snapshot.db import connect
+from snapshot.dump import identity
 from snapshot.environments import resolve_connection
 from snapshot.errors import ConfigError
-from snapshot.take import identity
 
 
 def one_database(

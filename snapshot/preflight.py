@@ -18,10 +18,10 @@ from psycopg import sql
 
 from snapshot import archive, catalog, staging, text
 from snapshot.direction import CREATE_AUTH_USERS
+from snapshot.dump import LIVE, identity
 from snapshot.errors import SnapshotError
 from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, TableName, quote
 from snapshot.session import Session
-from snapshot.take import LIVE, identity
 
 if TYPE_CHECKING:
     from snapshot.apply.plan import Plan

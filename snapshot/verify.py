@@ -21,11 +21,11 @@ from snapshot.catalog import TableShape
 from snapshot.checksum import TableStats, column_checksums, kind_of, table_stats
 from snapshot.config import Config
 from snapshot.db import connect
+from snapshot.dump import identity
 from snapshot.environments import Connection, resolve_connection
 from snapshot.errors import ConfigError
 from snapshot.names import AUTH_TABLES, AUTH_USERS, TableName
 from snapshot.parity import TableParity
-from snapshot.take import identity
 
 log = logging.getLogger(__name__)
 
