@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from snapshot import __version__
+from snapshot import __version__, processes
 from snapshot.catalog import Column, OwnedSequence
 from snapshot.config import Scope, display_path
 from snapshot.errors import ArchiveError, ConfigError
@@ -317,31 +317,6 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()  # only ever an empty one
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _process_started(pid: int) -> float | None:
-    """When ``pid`` started (seconds since the epoch), from /proc; None where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        ticks = int(stat.rpartition(")")[2].split()[19])
-        boot = next(
-            int(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
 # .tmp-<UTC time>-<pid>[.n] (a snapshot being written) and .pruning-<pid>-<name> (one being
 # deleted): the writer's pid and, for .tmp, when it began.
 _PENDING = re.compile(r"^\.tmp-(?P<time>\d{8}T\d{6})-(?P<pid>\d+)(?:\.\d+)?$")
@@ -357,15 +332,15 @@ def _stale(entry: Path) -> bool:
     """
     if entry.name.startswith(_PRUNING_PREFIX):
         pid_text = entry.name.removeprefix(_PRUNING_PREFIX).split("-", 1)[0]
-        return pid_text.isdigit() and not _pid_alive(int(pid_text))
+        return pid_text.isdigit() and not processes.alive(int(pid_text))
     match = _PENDING.match(entry.name)
     if match is None:
         return False
     pid = int(match["pid"])
-    if not _pid_alive(pid):
+    if not processes.alive(pid):
         return True
     created = datetime.strptime(match["time"], "%Y%m%dT%H%M%S").replace(tzinfo=UTC).timestamp()
-    started = _process_started(pid)
+    started = processes.started_at(pid)
     return started is not None and started > created + _PID_REUSE_SLACK
 
 

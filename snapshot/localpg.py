@@ -28,6 +28,7 @@ from urllib.parse import quote
 
 import sh
 
+from snapshot import processes
 from snapshot.errors import ConfigError, SnapshotError
 from snapshot.pgtools import bundled_bins
 
@@ -310,7 +311,7 @@ def _is_postgres(pid: int) -> bool:
     """Whether ``pid`` is a postgres process (a stale pid file may name a reused pid)."""
     cmdline = Path(f"/proc/{pid}/cmdline")
     if not cmdline.parent.exists():
-        return _alive(pid)
+        return processes.alive(pid)
     with contextlib.suppress(OSError):
         return b"postgres" in cmdline.read_bytes()
     return False
@@ -365,27 +366,15 @@ def stop_servers(folder: Path) -> int:
     return len(running)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks (field 22 of /proc/PID/stat), or ""."""
-    with contextlib.suppress(OSError, IndexError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rpartition(")")[2].split()[19]
-    return ""
-
-
 def owner_stamp(pid: int) -> str:
     """``pid start-time``: names a process in a way a reused pid cannot match."""
     return f"{pid} {_start_time(pid)}".strip()
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks, as :func:`owner_stamp` writes it, or ""."""
+    ticks = processes.start_ticks(pid)
+    return "" if ticks is None else str(ticks)
 
 
 def _owner_alive(stamp: str) -> bool:
@@ -395,7 +384,7 @@ def _owner_alive(stamp: str) -> bool:
     pid = int(parts[0])
     if pid == os.getpid():
         return True
-    if not _alive(pid):
+    if not processes.alive(pid):
         return False
     return len(parts) < 2 or _start_time(pid) in ("", parts[1])
 
