@@ -17,7 +17,7 @@ import psycopg
 
 from snapshot import __version__, archive, direction, interrupts, progress, render, text
 from snapshot.config import CONFIG_FILE, Config, load_config, render_config
-from snapshot.db import cancelled_message, libpq_reason
+from snapshot.db import error_sentence
 from snapshot.errors import SnapshotError
 from snapshot.project import find_root
 
@@ -52,24 +52,17 @@ def user_error(message: str, exit_code: int) -> click.ClickException:
     return UsageFailure(message) if exit_code == 2 else RuntimeFailure(message)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
 def _as_user_error(ctx: click.Context, exc: Exception) -> click.ClickException | None:
     """The one line and exit code for an error a user can act on; None for a bug."""
     if isinstance(exc, click.ClickException):
         return exc
     if isinstance(exc, SnapshotError):
         return user_error(str(exc), exc.exit_code)
-    if isinstance(exc, psycopg.errors.QueryCanceled):
+    # Failures of the server or the connection (time limits and lock waits among them), and
+    # privileges: the user can act on them. Any other database error is a bug.
+    if isinstance(exc, psycopg.OperationalError | psycopg.errors.InsufficientPrivilege):
         name = ctx.invoked_subcommand or "snapshot"
-        return user_error(cancelled_message(exc, "the database", f"running {name}"), 1)
-    if isinstance(exc, psycopg.OperationalError):
-        return user_error(f"database connection failed: {libpq_reason(str(exc))}", 1)
-    if isinstance(exc, psycopg.errors.InsufficientPrivilege | psycopg.errors.LockNotAvailable):
-        return user_error(_one_line(exc), 1)
+        return user_error(error_sentence(exc, "the database", f"running {name}"), 1)
     return None
 
 
