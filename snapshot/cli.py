@@ -16,10 +16,10 @@ import click
 import psycopg
 
 from snapshot import __version__, archive, direction, interrupts, progress, render, text
-from snapshot.config import CONFIG_FILE, Config, load_config, render_config
+from snapshot.config import CONFIG_FILE, Config, load_config
 from snapshot.db import error_sentence
 from snapshot.errors import SnapshotError
-from snapshot.project import find_root
+from snapshot.prune import retain
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("snapshot")
@@ -309,24 +309,6 @@ def keep_referenced_option(f: F) -> F:
     )(f)
 
 
-def _choose_snapshot(
-    app: App, target_env: str, source_env: str | None, snapshot_id: str | None
-) -> archive.Snapshot:
-    """--snapshot ID, else the newest snapshot of --from ENV, else of the target's usual source.
-
-    Only prod has one (dev): a snapshot never flows the other way unless named.
-    """
-    if source_env and snapshot_id:
-        raise user_error("give --from or --snapshot, not both", 2)
-    if snapshot_id:
-        return archive.find_snapshot(app.config.archive, snapshot_id)
-    source = source_env or app.config.default_source(target_env)
-    if source is None:
-        raise user_error(f"which snapshot should go to {target_env}? pass --from ENV", 2)
-    app.config.require_known(source)
-    return archive.newest_snapshot(app.config.archive, source, kind="take")
-
-
 def _preflight_failure(report: Any, message: str) -> click.ClickException:
     """The error line of a failed preflight: the verdict, then the first error itself.
 
@@ -355,11 +337,11 @@ def _preflight_table(app: App) -> Any:
 def _confirmer(
     app: App, target: str, yes: bool, dry_run: bool, way: direction.Direction | None = None
 ) -> Any:
-    """Ask the user to type the environment's name, unless --yes was given or it is safe
-    and the snapshot comes the usual way (dev -> prod)."""
-    unusual = way is not None and not way.usual
-    if yes or dry_run or (app.config.environment(target).safe and not unusual):
+    """Ask the user to type the environment's name, unless --yes was given or it needs no
+    asking (:func:`snapshot.direction.asks`)."""
+    if yes or dry_run or not direction.asks(app.config, target, way):
         return None
+    unusual = way is not None and not way.usual
     if not sys.stdin.isatty():
         # Never advise marking it safe: that would turn off the question for good.
         npm_script = os.environ.get("npm_lifecycle_event")  # noqa: SIM112 (npm's own name)
@@ -394,26 +376,6 @@ def _finish(app: App, report: Any, failure: str | None) -> None:
         click.echo(f"{label}: {note}", err=True)
     if failure:
         raise user_error(failure, 1)
-
-
-def _retain(app: App, *envs: str) -> None:
-    """Apply [retention] keep to ``envs`` after a command that archived something."""
-    from snapshot.prune import prune as run_prune
-
-    keep = app.config.retention
-    if keep is None:
-        return
-    for env in envs:
-        report = run_prune(app.config.archive, keep, env)
-        if report.removed:
-            log.info(
-                "pruned %d old snapshot%s of %s (%s; [retention] keep = %d)",
-                len(report.removed),
-                "" if len(report.removed) == 1 else "s",
-                env,
-                archive.human_size(report.freed),
-                keep,
-            )
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -476,16 +438,9 @@ def init(app: App, force: bool) -> None:
     snapshot init
     snapshot init --force
     """
-    from snapshot.init import init_config, propose, summary
+    from snapshot.init import summary, write_config
 
-    path = app.config_path
-    if path is None:
-        root = find_root(Path.cwd())
-        path = root.config or root.folder / CONFIG_FILE
-    if path.exists() and not force:
-        raise user_error(f"{path} already exists: edit it, or pass --force to overwrite it", 2)
-    proposal = propose(init_config(path))
-    path.write_text(render_config(proposal), encoding="utf-8")
+    path, proposal = write_config(app.config_path, force=force)
     click.echo(f"wrote {path}")
     if proposal.read_from:
         log.info("%s", summary(proposal))
@@ -535,7 +490,7 @@ def take(app: App, env_name: str, label: str | None, unmasked: bool, as_json: bo
         app.config, env_name, label=label, pg_bin=app.pg_bin, unmasked=unmasked
     )
     app.output(render.snapshot_summary(snapshot), lambda: render.take_report(snapshot))
-    _retain(app, env_name)
+    retain(app.config, env_name)
 
 
 @cli.command(name="list")
@@ -679,7 +634,7 @@ def apply(
     """
     from snapshot.apply import run_apply
 
-    snapshot = _choose_snapshot(app, target_env, source_env, snapshot_id)
+    snapshot = direction.choose_snapshot(app.config, target_env, source_env, snapshot_id)
     way = direction.of_snapshot(
         app.config,
         snapshot.manifest,
@@ -705,7 +660,7 @@ def apply(
         )
     _finish(app, report, _apply_failure(report))
     if report.committed:
-        _retain(app, target_env)
+        retain(app.config, target_env)
 
 
 @cli.command()
@@ -742,24 +697,17 @@ def rollback(
     snapshot rollback prod --allow-cascade public.audit.audit_item_id_fkey
     """
     from snapshot.apply import run_apply
-    from snapshot.history import rollback_backup
+    from snapshot.history import rollback_choice
 
-    config = app.config
-    if snapshot_id:
-        snapshot = archive.find_snapshot(config.archive, snapshot_id)
-    else:
-        config.environment(target_env)  # an unknown name is a typo, not a missing backup
-        # The newest backup of TARGET's database, whatever name its apply ran under.
-        choice = rollback_backup(config, target_env)
-        for note in choice.notes:
-            click.echo(note, err=True)
-        snapshot = choice.backup
+    choice = rollback_choice(app.config, target_env, snapshot_id)
+    for note in choice.notes:
+        click.echo(note, err=True)
     confirm = _confirmer(app, target_env, yes, dry_run)
     with _preflight_table(app):
         report = run_apply(
-            config,
+            app.config,
             target_env,
-            snapshot,
+            choice.backup,
             action="rollback",
             dry_run=dry_run,
             confirm=confirm,
@@ -769,7 +717,7 @@ def rollback(
         )
     _finish(app, report, _apply_failure(report))
     if report.committed:
-        _retain(app, target_env)
+        retain(app.config, target_env)
 
 
 @cli.command()
@@ -809,7 +757,7 @@ def check(
     """
     from snapshot.apply import check as run_check
 
-    snapshot = _choose_snapshot(app, target_env, source_env, snapshot_id)
+    snapshot = direction.choose_snapshot(app.config, target_env, source_env, snapshot_id)
     way = direction.of_snapshot(
         app.config,
         snapshot.manifest,
@@ -917,7 +865,7 @@ def cutover(
     app.output(report.to_json(), lambda: render.cutover_report(report))
     if report.failure:
         raise user_error(report.failure, report.exit_code)
-    _retain(app, source_env, target_env)
+    retain(app.config, source_env, target_env)
 
 
 @cli.command()

@@ -70,6 +70,15 @@ class Choice:
     notes: tuple[str, ...]
 
 
+def rollback_choice(config: Config, env: str, snapshot_id: str | None) -> Choice:
+    """What ``snapshot rollback ENV`` restores: ``snapshot_id`` (``--to``) when given, else
+    :func:`rollback_backup`."""
+    if snapshot_id:
+        return Choice(archive.find_snapshot(config.archive, snapshot_id), ())
+    config.environment(env)  # an unknown name is a typo, not a missing backup
+    return rollback_backup(config, env)
+
+
 def rollback_backup(config: Config, env: str) -> Choice:
     """The newest pre-apply backup of ``env``'s database, under any environment name.
 

@@ -17,6 +17,7 @@ import psycopg
 
 from snapshot import catalog
 from snapshot.config import (
+    CONFIG_FILE,
     DEFAULT_INSERT_AS,
     TEMPLATE,
     ColumnRef,
@@ -24,6 +25,7 @@ from snapshot.config import (
     Proposal,
     load_config,
     parse_config,
+    render_config,
 )
 from snapshot.db import connect
 from snapshot.environments import resolve_connection
@@ -32,6 +34,19 @@ from snapshot.names import AUTH_TABLES
 from snapshot.project import find_root
 
 SOURCE = "dev"  # the environment init reads the app's tables from
+
+
+def write_config(path: Path | None, *, force: bool) -> tuple[Path, Proposal]:
+    """Write ``snapshot.toml`` at ``path`` (default: in the project root) for this app, and
+    say where and what; an existing file is kept unless ``force``."""
+    if path is None:
+        root = find_root(Path.cwd())
+        path = root.config or root.folder / CONFIG_FILE
+    if path.exists() and not force:
+        raise ConfigError(f"{path} already exists: edit it, or pass --force to overwrite it")
+    proposal = propose(init_config(path))
+    path.write_text(render_config(proposal), encoding="utf-8")
+    return path, proposal
 
 
 def init_config(path: Path) -> Config:
