@@ -7,19 +7,24 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import psycopg
 
-from snapshot import __version__, archive, direction, interrupts, progress, render, text
+from snapshot import __version__, archive, direction, interrupts, progress, render
 from snapshot.config import CONFIG_FILE, Config, load_config
 from snapshot.db import error_sentence
 from snapshot.errors import SnapshotError
+from snapshot.parity import parity_failure
 from snapshot.prune import retain
+
+if TYPE_CHECKING:  # the commands' modules load only when a command runs
+    from snapshot.apply.report import ApplyPlan, ApplyReport, Confirm
+    from snapshot.preflight import PreflightReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("snapshot")
@@ -309,7 +314,7 @@ def keep_referenced_option(f: F) -> F:
     )(f)
 
 
-def _preflight_failure(report: Any, message: str) -> click.ClickException:
+def _preflight_failure(report: PreflightReport, message: str) -> click.ClickException:
     """The error line of a failed preflight: the verdict, then the first error itself.
 
     The cause is on stderr too, so ``-q`` or a redirected stdout never hides it. A missing
@@ -322,7 +327,7 @@ def _preflight_failure(report: Any, message: str) -> click.ClickException:
 
 
 @contextlib.contextmanager
-def _preflight_table(app: App) -> Any:
+def _preflight_table(app: App) -> Iterator[None]:
     """Show the preflight's table (or keep its JSON) when it refuses, then the one-line error."""
     from snapshot.preflight import PreflightFailed
 
@@ -336,10 +341,10 @@ def _preflight_table(app: App) -> Any:
 
 def _confirmer(
     app: App, target: str, yes: bool, dry_run: bool, way: direction.Direction | None = None
-) -> Any:
+) -> Confirm | None:
     """Ask the user to type the environment's name, unless --yes was given or it needs no
-    asking (:func:`snapshot.direction.asks`)."""
-    if yes or dry_run or not direction.asks(app.config, target, way):
+    asking (:func:`snapshot.direction.needs_confirmation`)."""
+    if yes or dry_run or not direction.needs_confirmation(app.config, target, way):
         return None
     unusual = way is not None and not way.usual
     if not sys.stdin.isatty():
@@ -353,7 +358,7 @@ def _confirmer(
             2,
         )
 
-    def confirm(proposal: Any) -> bool:
+    def confirm(proposal: ApplyPlan) -> bool:
         click.echo(render.plan_report(proposal), err=True)
         if way is not None and unusual:
             click.echo(f"\nwarning: {way.unusual_sentence()}", err=True)
@@ -367,12 +372,16 @@ def _confirmer(
     return confirm
 
 
-def _finish(app: App, report: Any, failure: str | None) -> None:
-    """Print a report (table or JSON); exit 1 with ``failure`` as the error line when set."""
-    app.output(report.to_json(), lambda: render.parity_report(report))
+def _finish(app: App, report: ApplyReport) -> None:
+    """Print an apply's or rollback's report (table or JSON) and its notes; exit 1 with the
+    parity failure as the error line when it rolled back for that."""
+    app.output(report.to_json(), lambda: render.apply_report(report))
+    failure = parity_failure(
+        report.tables, report.target, auth_missing=report.auth.missing_after if report.auth else 0
+    )
     # A failed run's notes tell what was tried: none of it stayed.
     label = "note (rolled back with the rest)" if failure else "note"
-    for note in getattr(report, "notes", ()):
+    for note in report.notes:
         click.echo(f"{label}: {note}", err=True)
     if failure:
         raise user_error(failure, 1)
@@ -463,8 +472,8 @@ def env(app: App, env_name: str, as_json: bool) -> None:
 
     report = probe_environment(app.config, env_name)
     app.output(report.to_json(), lambda: render.env_report(report))
-    if not report.answers:
-        raise user_error(f"{env_name} does not answer: {report.error}", 1)
+    if report.failure:
+        raise user_error(report.failure, 1)
 
 
 @cli.command()
@@ -511,22 +520,8 @@ def list_(app: App, env_name: str | None, as_json: bool) -> None:
         app.config.require_known(env_name)
     snapshots, damaged = archive.scan_archive(app.config.archive, env_name, verify=True)
     shared = shared_databases(archive.list_snapshots(app.config.archive))
-    listed = [
-        {
-            **render.snapshot_summary(s),
-            "same_database_as": [
-                name
-                for names, _ in shared
-                if s.manifest.environment in names
-                for name in names
-                if name != s.manifest.environment
-            ],
-        }
-        for s in snapshots
-    ]
-    listed += [{"id": d.id, "path": str(d.path), "damaged": d.reason} for d in damaged]
     if as_json:
-        app.document = listed
+        app.document = render.list_document(snapshots, damaged, shared)
     elif snapshots or damaged:
         click.echo(render.list_report(snapshots, damaged, shared))
     else:
@@ -570,18 +565,6 @@ def prune(app: App, env_name: str | None, keep: int | None, dry_run: bool, as_js
         app.config.require_known(env_name)
     report = run_prune(app.config.archive, keep, env_name, dry_run=dry_run)
     app.output(report.to_json(), lambda: render.prune_report(report))
-
-
-def _apply_failure(report: Any) -> str | None:
-    if report.matches:
-        return None
-    bad = [
-        f"{t.table}" + (f" ({t.detail})" if t.detail else "") for t in report.tables if not t.match
-    ]
-    if report.auth and report.auth.missing_after:
-        missing = text.count(report.auth.missing_after, "snapshot user")
-        bad.append(f"auth.users ({missing} missing)")
-    return f"parity check failed for {', '.join(bad)}: rolled back, {report.target} is unchanged"
 
 
 @cli.command()
@@ -658,7 +641,7 @@ def apply(
             keep_referenced=keep_referenced,
             auth_withheld=way.auth_withheld,
         )
-    _finish(app, report, _apply_failure(report))
+    _finish(app, report)
     if report.committed:
         retain(app.config, target_env)
 
@@ -715,7 +698,7 @@ def rollback(
             allow_cascades=allow_cascades,
             keep_referenced=keep_referenced,
         )
-    _finish(app, report, _apply_failure(report))
+    _finish(app, report)
     if report.committed:
         retain(app.config, target_env)
 
@@ -804,10 +787,8 @@ def smoke(app: App, target_env: str, as_json: bool) -> None:
 
     report = run_smoke(app.config, target_env)
     app.output(report.to_json(), lambda: render.smoke_report(report))
-    if report.broken:
-        raise user_error(f"guardrails of {target_env} do not hold: {', '.join(report.broken)}", 1)
-    if not report.ok:
-        raise user_error(f"smoke {target_env} is no pass: {report.summary}", 1)
+    if report.failure:
+        raise user_error(report.failure, 1)
 
 
 @cli.command()
@@ -932,13 +913,9 @@ def verify(app: App, source_env: str, target_env: str, as_json: bool) -> None:
     for name in (source_env, target_env):
         app.config.environment(name)  # a typo is named before anything connects
     report = run_verify(app.config, source_env, target_env)
-    failure = None
-    if not report.matches:
-        bad = [str(t.table) for t in report.tables if not t.match]
-        if report.auth_users_missing:
-            bad.append(f"auth.users ({report.auth_users_missing} missing in {target_env})")
-        failure = f"{target_env} differs from {source_env} in {', '.join(bad)}"
-    _finish(app, report, failure)
+    app.output(report.to_json(), lambda: render.verify_report(report))
+    if report.failure:
+        raise user_error(report.failure, 1)
 
 
 def main() -> None:

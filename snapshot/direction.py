@@ -79,7 +79,7 @@ def choose_snapshot(
     return archive.newest_snapshot(config.archive, source, kind="take")
 
 
-def asks(config: Config, target: str, way: Direction | None = None) -> bool:
+def needs_confirmation(config: Config, target: str, way: Direction | None = None) -> bool:
     """Whether changing ``target`` needs a person to confirm by typing its name: unless it
     is marked safe and the snapshot comes the usual way (``way`` None: a rollback)."""
     unusual = way is not None and not way.usual

@@ -43,6 +43,16 @@ class VerifyReport:
     def matches(self) -> bool:
         return all(t.match for t in self.tables) and not self.auth_users_missing
 
+    @property
+    def failure(self) -> str | None:
+        """The error line when the two differ: which tables, and auth users missing."""
+        if self.matches:
+            return None
+        bad = [str(t.table) for t in self.tables if not t.match]
+        if self.auth_users_missing:
+            bad.append(f"auth.users ({self.auth_users_missing} missing in {self.target})")
+        return f"{self.target} differs from {self.source} in {', '.join(bad)}"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "source": self.source,
