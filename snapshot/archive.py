@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from snapshot import processes
 from snapshot.errors import ArchiveError, ConfigError
 from snapshot.manifest import MANIFEST, Manifest, manifest_text, read_manifest, write_manifest
 from snapshot.text import display_path
@@ -126,31 +127,6 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()  # only ever an empty one
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _process_started(pid: int) -> float | None:
-    """When ``pid`` started (seconds since the epoch), from /proc; None where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        ticks = int(stat.rpartition(")")[2].split()[19])
-        boot = next(
-            int(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
 # .tmp-<UTC time>-<pid>[.n] (a snapshot being written) and .pruning-<pid>-<name> (one being
 # deleted): the writer's pid and, for .tmp, when it began.
 _PENDING = re.compile(r"^\.tmp-(?P<time>\d{8}T\d{6})-(?P<pid>\d+)(?:\.\d+)?$")
@@ -166,15 +142,15 @@ def _stale(entry: Path) -> bool:
     """
     if entry.name.startswith(_PRUNING_PREFIX):
         pid_text = entry.name.removeprefix(_PRUNING_PREFIX).split("-", 1)[0]
-        return pid_text.isdigit() and not _pid_alive(int(pid_text))
+        return pid_text.isdigit() and not processes.alive(int(pid_text))
     match = _PENDING.match(entry.name)
     if match is None:
         return False
     pid = int(match["pid"])
-    if not _pid_alive(pid):
+    if not processes.alive(pid):
         return True
     created = datetime.strptime(match["time"], "%Y%m%dT%H%M%S").replace(tzinfo=UTC).timestamp()
-    started = _process_started(pid)
+    started = processes.started_at(pid)
     return started is not None and started > created + _PID_REUSE_SLACK
 
 

@@ -7,19 +7,24 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import psycopg
 
-from snapshot import __version__, archive, direction, interrupts, progress, render, text
+from snapshot import __version__, archive, direction, interrupts, progress, render
 from snapshot.config import CONFIG_FILE, Config, load_config
-from snapshot.db import cancelled_message, libpq_reason
+from snapshot.db import error_sentence
 from snapshot.errors import SnapshotError
-from snapshot.project import find_root
+from snapshot.parity import parity_failure
+from snapshot.prune import retain
+
+if TYPE_CHECKING:  # the commands' modules load only when a command runs
+    from snapshot.apply.report import ApplyPlan, ApplyReport, Confirm
+    from snapshot.preflight import PreflightReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("snapshot")
@@ -52,24 +57,17 @@ def user_error(message: str, exit_code: int) -> click.ClickException:
     return UsageFailure(message) if exit_code == 2 else RuntimeFailure(message)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
 def _as_user_error(ctx: click.Context, exc: Exception) -> click.ClickException | None:
     """The one line and exit code for an error a user can act on; None for a bug."""
     if isinstance(exc, click.ClickException):
         return exc
     if isinstance(exc, SnapshotError):
         return user_error(str(exc), exc.exit_code)
-    if isinstance(exc, psycopg.errors.QueryCanceled):
+    # Failures of the server or the connection (time limits and lock waits among them), and
+    # privileges: the user can act on them. Any other database error is a bug.
+    if isinstance(exc, psycopg.OperationalError | psycopg.errors.InsufficientPrivilege):
         name = ctx.invoked_subcommand or "snapshot"
-        return user_error(cancelled_message(exc, "the database", f"running {name}"), 1)
-    if isinstance(exc, psycopg.OperationalError):
-        return user_error(f"database connection failed: {libpq_reason(str(exc))}", 1)
-    if isinstance(exc, psycopg.errors.InsufficientPrivilege | psycopg.errors.LockNotAvailable):
-        return user_error(_one_line(exc), 1)
+        return user_error(error_sentence(exc, "the database", f"running {name}"), 1)
     return None
 
 
@@ -316,25 +314,7 @@ def keep_referenced_option(f: F) -> F:
     )(f)
 
 
-def _choose_snapshot(
-    app: App, target_env: str, source_env: str | None, snapshot_id: str | None
-) -> archive.Snapshot:
-    """--snapshot ID, else the newest snapshot of --from ENV, else of the target's usual source.
-
-    Only prod has one (dev): a snapshot never flows the other way unless named.
-    """
-    if source_env and snapshot_id:
-        raise user_error("give --from or --snapshot, not both", 2)
-    if snapshot_id:
-        return archive.find_snapshot(app.config.archive, snapshot_id)
-    source = source_env or app.config.default_source(target_env)
-    if source is None:
-        raise user_error(f"which snapshot should go to {target_env}? pass --from ENV", 2)
-    app.config.require_known(source)
-    return archive.newest_snapshot(app.config.archive, source, kind="take")
-
-
-def _preflight_failure(report: Any, message: str) -> click.ClickException:
+def _preflight_failure(report: PreflightReport, message: str) -> click.ClickException:
     """The error line of a failed preflight: the verdict, then the first error itself.
 
     The cause is on stderr too, so ``-q`` or a redirected stdout never hides it. A missing
@@ -347,7 +327,7 @@ def _preflight_failure(report: Any, message: str) -> click.ClickException:
 
 
 @contextlib.contextmanager
-def _preflight_table(app: App) -> Any:
+def _preflight_table(app: App) -> Iterator[None]:
     """Show the preflight's table (or keep its JSON) when it refuses, then the one-line error."""
     from snapshot.preflight import PreflightFailed
 
@@ -361,12 +341,12 @@ def _preflight_table(app: App) -> Any:
 
 def _confirmer(
     app: App, target: str, yes: bool, dry_run: bool, way: direction.Direction | None = None
-) -> Any:
-    """Ask the user to type the environment's name, unless --yes was given or it is safe
-    and the snapshot comes the usual way (dev -> prod)."""
-    unusual = way is not None and not way.usual
-    if yes or dry_run or (app.config.environment(target).safe and not unusual):
+) -> Confirm | None:
+    """Ask the user to type the environment's name, unless --yes was given or it needs no
+    asking (:func:`snapshot.direction.needs_confirmation`)."""
+    if yes or dry_run or not direction.needs_confirmation(app.config, target, way):
         return None
+    unusual = way is not None and not way.usual
     if not sys.stdin.isatty():
         # Never advise marking it safe: that would turn off the question for good.
         npm_script = os.environ.get("npm_lifecycle_event")  # noqa: SIM112 (npm's own name)
@@ -378,7 +358,7 @@ def _confirmer(
             2,
         )
 
-    def confirm(proposal: Any) -> bool:
+    def confirm(proposal: ApplyPlan) -> bool:
         click.echo(render.plan_report(proposal), err=True)
         if way is not None and unusual:
             click.echo(f"\nwarning: {way.unusual_sentence()}", err=True)
@@ -392,35 +372,19 @@ def _confirmer(
     return confirm
 
 
-def _finish(app: App, report: Any, failure: str | None) -> None:
-    """Print a report (table or JSON); exit 1 with ``failure`` as the error line when set."""
-    app.output(report.to_json(), lambda: render.parity_report(report))
+def _finish(app: App, report: ApplyReport) -> None:
+    """Print an apply's or rollback's report (table or JSON) and its notes; exit 1 with the
+    parity failure as the error line when it rolled back for that."""
+    app.output(report.to_json(), lambda: render.apply_report(report))
+    failure = parity_failure(
+        report.tables, report.target, auth_missing=report.auth.missing_after if report.auth else 0
+    )
     # A failed run's notes tell what was tried: none of it stayed.
     label = "note (rolled back with the rest)" if failure else "note"
-    for note in getattr(report, "notes", ()):
+    for note in report.notes:
         click.echo(f"{label}: {note}", err=True)
     if failure:
         raise user_error(failure, 1)
-
-
-def _retain(app: App, *envs: str) -> None:
-    """Apply [retention] keep to ``envs`` after a command that archived something."""
-    from snapshot.prune import prune as run_prune
-
-    keep = app.config.retention
-    if keep is None:
-        return
-    for env in envs:
-        report = run_prune(app.config.archive, keep, env)
-        if report.removed:
-            log.info(
-                "pruned %d old snapshot%s of %s (%s; [retention] keep = %d)",
-                len(report.removed),
-                "" if len(report.removed) == 1 else "s",
-                env,
-                archive.human_size(report.freed),
-                keep,
-            )
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -483,16 +447,9 @@ def init(app: App, force: bool) -> None:
     snapshot init
     snapshot init --force
     """
-    from snapshot.init import init_config, propose, render_config, summary
+    from snapshot.init import summary, write_config
 
-    path = app.config_path
-    if path is None:
-        root = find_root(Path.cwd())
-        path = root.config or root.folder / CONFIG_FILE
-    if path.exists() and not force:
-        raise user_error(f"{path} already exists: edit it, or pass --force to overwrite it", 2)
-    proposal = propose(init_config(path))
-    path.write_text(render_config(proposal), encoding="utf-8")
+    path, proposal = write_config(app.config_path, force=force)
     click.echo(f"wrote {path}")
     if proposal.read_from:
         log.info("%s", summary(proposal))
@@ -515,8 +472,8 @@ def env(app: App, env_name: str, as_json: bool) -> None:
 
     report = probe_environment(app.config, env_name)
     app.output(report.to_json(), lambda: render.env_report(report))
-    if not report.answers:
-        raise user_error(f"{env_name} does not answer: {report.error}", 1)
+    if report.failure:
+        raise user_error(report.failure, 1)
 
 
 @cli.command()
@@ -542,7 +499,7 @@ def take(app: App, env_name: str, label: str | None, unmasked: bool, as_json: bo
         app.config, env_name, label=label, pg_bin=app.pg_bin, unmasked=unmasked
     )
     app.output(render.snapshot_summary(snapshot), lambda: render.take_report(snapshot))
-    _retain(app, env_name)
+    retain(app.config, env_name)
 
 
 @cli.command(name="list")
@@ -563,22 +520,8 @@ def list_(app: App, env_name: str | None, as_json: bool) -> None:
         app.config.require_known(env_name)
     snapshots, damaged = archive.scan_archive(app.config.archive, env_name, verify=True)
     shared = shared_databases(archive.list_snapshots(app.config.archive))
-    listed = [
-        {
-            **render.snapshot_summary(s),
-            "same_database_as": [
-                name
-                for names, _ in shared
-                if s.manifest.environment in names
-                for name in names
-                if name != s.manifest.environment
-            ],
-        }
-        for s in snapshots
-    ]
-    listed += [{"id": d.id, "path": str(d.path), "damaged": d.reason} for d in damaged]
     if as_json:
-        app.document = listed
+        app.document = render.list_document(snapshots, damaged, shared)
     elif snapshots or damaged:
         click.echo(render.list_report(snapshots, damaged, shared))
     else:
@@ -622,18 +565,6 @@ def prune(app: App, env_name: str | None, keep: int | None, dry_run: bool, as_js
         app.config.require_known(env_name)
     report = run_prune(app.config.archive, keep, env_name, dry_run=dry_run)
     app.output(report.to_json(), lambda: render.prune_report(report))
-
-
-def _apply_failure(report: Any) -> str | None:
-    if report.matches:
-        return None
-    bad = [
-        f"{t.table}" + (f" ({t.detail})" if t.detail else "") for t in report.tables if not t.match
-    ]
-    if report.auth and report.auth.missing_after:
-        missing = text.count(report.auth.missing_after, "snapshot user")
-        bad.append(f"auth.users ({missing} missing)")
-    return f"parity check failed for {', '.join(bad)}: rolled back, {report.target} is unchanged"
 
 
 @cli.command()
@@ -686,7 +617,7 @@ def apply(
     """
     from snapshot.apply import run_apply
 
-    snapshot = _choose_snapshot(app, target_env, source_env, snapshot_id)
+    snapshot = direction.choose_snapshot(app.config, target_env, source_env, snapshot_id)
     way = direction.of_snapshot(
         app.config,
         snapshot.manifest,
@@ -710,9 +641,9 @@ def apply(
             keep_referenced=keep_referenced,
             auth_withheld=way.auth_withheld,
         )
-    _finish(app, report, _apply_failure(report))
+    _finish(app, report)
     if report.committed:
-        _retain(app, target_env)
+        retain(app.config, target_env)
 
 
 @cli.command()
@@ -749,24 +680,17 @@ def rollback(
     snapshot rollback prod --allow-cascade public.audit.audit_item_id_fkey
     """
     from snapshot.apply import run_apply
-    from snapshot.history import rollback_backup
+    from snapshot.history import rollback_choice
 
-    config = app.config
-    if snapshot_id:
-        snapshot = archive.find_snapshot(config.archive, snapshot_id)
-    else:
-        config.environment(target_env)  # an unknown name is a typo, not a missing backup
-        # The newest backup of TARGET's database, whatever name its apply ran under.
-        choice = rollback_backup(config, target_env)
-        for note in choice.notes:
-            click.echo(note, err=True)
-        snapshot = choice.backup
+    choice = rollback_choice(app.config, target_env, snapshot_id)
+    for note in choice.notes:
+        click.echo(note, err=True)
     confirm = _confirmer(app, target_env, yes, dry_run)
     with _preflight_table(app):
         report = run_apply(
-            config,
+            app.config,
             target_env,
-            snapshot,
+            choice.backup,
             action="rollback",
             dry_run=dry_run,
             confirm=confirm,
@@ -774,9 +698,9 @@ def rollback(
             allow_cascades=allow_cascades,
             keep_referenced=keep_referenced,
         )
-    _finish(app, report, _apply_failure(report))
+    _finish(app, report)
     if report.committed:
-        _retain(app, target_env)
+        retain(app.config, target_env)
 
 
 @cli.command()
@@ -816,7 +740,7 @@ def check(
     """
     from snapshot.apply import check as run_check
 
-    snapshot = _choose_snapshot(app, target_env, source_env, snapshot_id)
+    snapshot = direction.choose_snapshot(app.config, target_env, source_env, snapshot_id)
     way = direction.of_snapshot(
         app.config,
         snapshot.manifest,
@@ -863,10 +787,8 @@ def smoke(app: App, target_env: str, as_json: bool) -> None:
 
     report = run_smoke(app.config, target_env)
     app.output(report.to_json(), lambda: render.smoke_report(report))
-    if report.broken:
-        raise user_error(f"guardrails of {target_env} do not hold: {', '.join(report.broken)}", 1)
-    if not report.ok:
-        raise user_error(f"smoke {target_env} is no pass: {report.summary}", 1)
+    if report.failure:
+        raise user_error(report.failure, 1)
 
 
 @cli.command()
@@ -924,7 +846,7 @@ def cutover(
     app.output(report.to_json(), lambda: render.cutover_report(report))
     if report.failure:
         raise user_error(report.failure, report.exit_code)
-    _retain(app, source_env, target_env)
+    retain(app.config, source_env, target_env)
 
 
 @cli.command()
@@ -991,13 +913,9 @@ def verify(app: App, source_env: str, target_env: str, as_json: bool) -> None:
     for name in (source_env, target_env):
         app.config.environment(name)  # a typo is named before anything connects
     report = run_verify(app.config, source_env, target_env)
-    failure = None
-    if not report.matches:
-        bad = [str(t.table) for t in report.tables if not t.match]
-        if report.auth_users_missing:
-            bad.append(f"auth.users ({report.auth_users_missing} missing in {target_env})")
-        failure = f"{target_env} differs from {source_env} in {', '.join(bad)}"
-    _finish(app, report, failure)
+    app.output(report.to_json(), lambda: render.verify_report(report))
+    if report.failure:
+        raise user_error(report.failure, 1)
 
 
 def main() -> None:

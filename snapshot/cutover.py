@@ -18,9 +18,10 @@ from typing import Any
 
 import psycopg
 
-from snapshot import interrupts, preflight, scripts, text
+from snapshot import interrupts, preflight, text
 from snapshot.apply import ApplyReport, Confirm, check, run_apply
 from snapshot.config import Config
+from snapshot.db import error_sentence
 from snapshot.errors import SnapshotError
 from snapshot.preflight import PreflightFailed, PreflightReport
 from snapshot.smoke import SmokeReport, smoke
@@ -98,14 +99,19 @@ class _StepFailed(Exception):
 
 
 @contextlib.contextmanager
-def _step(report: CutoverReport, name: str, detail: Callable[[], str]) -> Iterator[None]:
-    """Time one step; record it as ok, or as failed with the error's message."""
+def _step(report: CutoverReport, name: str, env: str, detail: Callable[[], str]) -> Iterator[None]:
+    """Time one step on ``env`` (the database or databases it reads or writes); record it as
+    ok, or as failed with the error's message."""
     log.info("cutover %s -> %s: %s", report.source, report.target, name)
     started = time.monotonic()
     try:
         yield
     except (SnapshotError, _StepFailed, psycopg.Error) as exc:
-        message = scripts.error_message(exc) if isinstance(exc, psycopg.Error) else str(exc)
+        message = (
+            error_sentence(exc, env, f"running {name}")
+            if isinstance(exc, psycopg.Error)
+            else str(exc)
+        )
         report.steps.append(Step(name, FAILED, time.monotonic() - started, message))
         report.failure = f"{name} failed: {message}"
         report.exit_code = exc.exit_code if isinstance(exc, SnapshotError | _StepFailed) else 1
@@ -159,8 +165,9 @@ def _run(
     auth_withheld: str,
 ) -> None:
     source, target = report.source, report.target
+    either = f"{source} or {target}"
 
-    with _step(report, "preflight", lambda: _preflight_detail(report)):
+    with _step(report, "preflight", either, lambda: _preflight_detail(report)):
         live = describe(config, source, pg_bin=pg_bin)
         report.preflight = check(
             config,
@@ -173,11 +180,11 @@ def _run(
         if not report.preflight.ok:
             raise _StepFailed(_preflight_errors(report.preflight), report.preflight.exit_code)
 
-    with _step(report, "take", lambda: f"{report.snapshot}"):
+    with _step(report, "take", source, lambda: f"{report.snapshot}"):
         snapshot = take(config, source, label="cutover", pg_bin=pg_bin, unmasked=unmasked)
         report.snapshot = snapshot.id
 
-    with _step(report, "apply", lambda: _apply_detail(report)):
+    with _step(report, "apply", target, lambda: _apply_detail(report)):
         try:
             report.apply = run_apply(
                 config,
@@ -195,12 +202,12 @@ def _run(
             bad = ", ".join(str(t.table) for t in report.apply.tables if not t.match)
             raise _StepFailed(f"parity check failed for {bad or 'auth.users'}: rolled back")
 
-    with _step(report, "smoke", lambda: _smoke_detail(report)):
+    with _step(report, "smoke", target, lambda: _smoke_detail(report)):
         report.smoke = smoke(config, target)
         if not report.smoke.ok:
             raise _StepFailed(_smoke_detail(report))
 
-    with _step(report, "verify", lambda: _verify_detail(report)):
+    with _step(report, "verify", either, lambda: _verify_detail(report)):
         report.verify = verify(config, source, target)
         if not report.verify.matches:
             raise _StepFailed(_verify_detail(report))

@@ -1,4 +1,10 @@
-"""Opening database sessions with the settings every query of the tool relies on."""
+"""Database sessions: opened with the settings every query of the tool relies on, and their
+errors told as the sentences a user reads.
+
+Every command meets the same few failures (a lock not granted in time, a statement the
+server cancelled, a lost connection, a statement refused); :func:`error_sentence` is the
+one place that words them, so a statement timeout reads the same in apply, take or cutover.
+"""
 
 from __future__ import annotations
 
@@ -149,6 +155,13 @@ def use_tool_search_path(conn: psycopg.Connection, *, local: bool = True) -> Non
     )
 
 
+def error_message(exc: psycopg.Error) -> str:
+    """The server's one-line message for a failed statement."""
+    primary = exc.diag.message_primary if not isinstance(exc, psycopg.OperationalError) else None
+    text = primary or str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
 def cancelled_message(exc: psycopg.errors.QueryCanceled, env: str, doing: str) -> str:
     """The sentence for a statement the server cancelled (a time limit, or someone's cancel)."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "canceling statement"
@@ -160,3 +173,42 @@ def cancelled_message(exc: psycopg.errors.QueryCanceled, env: str, doing: str) -
     else:
         fix = "someone cancelled it (pg_cancel_backend)"
     return f"{env} cancelled a statement while {doing} ({reason}): {fix}"
+
+
+def connection_lost(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` ended the session: the connection broke, or the server closed it
+    (terminated backend, shutdown, crash); then the server rolls its transaction back."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    return exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P"))
+
+
+def error_sentence(
+    exc: psycopg.Error,
+    env: str,
+    doing: str,
+    *,
+    unchanged: bool = False,
+    lock_limit: str = "its lock_timeout",
+    lock_holders: str | None = None,
+) -> str:
+    """The user's sentence for ``exc``, met on ``env`` while ``doing`` ("inserting").
+
+    A lock not granted in time, a statement cancelled (a time limit, or someone), a lost
+    connection, or any other failed statement. ``unchanged``: ``env`` is known unchanged
+    (its transaction rolled back), and the sentence ends by saying so. ``lock_limit`` names
+    the limit a lock wait ran into, ``lock_holders`` who held the lock.
+    """
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        said = f"snapshot waited longer than {lock_limit} for a lock on {env} while {doing}"
+        said += f": {lock_holders}" if lock_holders else f" ({error_message(exc)})"
+    elif isinstance(exc, psycopg.errors.QueryCanceled):
+        said = cancelled_message(exc, env, doing)
+    elif connection_lost(exc):
+        said = f"lost the connection to {env} while {doing} ({error_message(exc)})"
+        if unchanged:
+            return f"{said}: the server rolls the transaction back, so {env} is unchanged"
+        return said
+    else:
+        said = f"a statement on {env} failed while {doing}: {error_message(exc)}"
+    return f"{said}; rolled back, {env} is unchanged" if unchanged else said

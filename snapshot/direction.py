@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from snapshot import archive
+from snapshot.archive import Snapshot
 from snapshot.config import DEFAULT_SOURCES, Config, EnvironmentConfig
 from snapshot.errors import ConfigError
 from snapshot.manifest import Manifest
@@ -57,6 +59,32 @@ def source_safe(config: Config, manifest: Manifest) -> bool:
         return manifest.source_safe
     env = config.environments.get(manifest.environment)
     return env.safe if env is not None else False
+
+
+def choose_snapshot(
+    config: Config, target: str, source: str | None, snapshot_id: str | None
+) -> Snapshot:
+    """The snapshot an apply (or check) to ``target`` gets: ``snapshot_id``, else the newest
+    take of ``source``, else of the target's usual source.
+
+    Only prod has one (dev): a snapshot never flows the other way unless named.
+    """
+    if source and snapshot_id:
+        raise ConfigError("give --from or --snapshot, not both")
+    if snapshot_id:
+        return archive.find_snapshot(config.archive, snapshot_id)
+    source = source or config.default_source(target)
+    if source is None:
+        raise ConfigError(f"which snapshot should go to {target}? pass --from ENV")
+    config.require_known(source)
+    return archive.newest_snapshot(config.archive, source, kind="take")
+
+
+def needs_confirmation(config: Config, target: str, way: Direction | None = None) -> bool:
+    """Whether changing ``target`` needs a person to confirm by typing its name: unless it
+    is marked safe and the snapshot comes the usual way (``way`` None: a rollback)."""
+    unusual = way is not None and not way.usual
+    return unusual or not config.environment(target).safe
 
 
 def require_unmasked_take(env: EnvironmentConfig, unmasked: bool) -> None:

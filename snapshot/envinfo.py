@@ -27,6 +27,11 @@ class EnvReport:
     server: str | None
     error: str | None
 
+    @property
+    def failure(self) -> str | None:
+        """The error line when the environment does not answer."""
+        return None if self.answers else f"{self.environment} does not answer: {self.error}"
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

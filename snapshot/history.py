@@ -18,10 +18,10 @@ from snapshot import archive, catalog
 from snapshot.archive import Snapshot
 from snapshot.config import Config
 from snapshot.db import connect
+from snapshot.dump import identity
 from snapshot.environments import resolve_connection
 from snapshot.errors import ConfigError
 from snapshot.manifest import DatabaseIdentity, Manifest
-from snapshot.take import identity
 from snapshot.text import display_path
 
 
@@ -70,6 +70,15 @@ class Choice:
 
     backup: Snapshot
     notes: tuple[str, ...]
+
+
+def rollback_choice(config: Config, env: str, snapshot_id: str | None) -> Choice:
+    """What ``snapshot rollback ENV`` restores: ``snapshot_id`` (``--to``) when given, else
+    :func:`rollback_backup`."""
+    if snapshot_id:
+        return Choice(archive.find_snapshot(config.archive, snapshot_id), ())
+    config.environment(env)  # an unknown name is a typo, not a missing backup
+    return rollback_backup(config, env)
 
 
 def rollback_backup(config: Config, env: str) -> Choice:

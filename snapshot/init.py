@@ -22,6 +22,7 @@ import psycopg
 
 from snapshot import catalog
 from snapshot.config import (
+    CONFIG_FILE,
     DEFAULT_INSERT_AS,
     DEFAULT_TABLES,
     ColumnRef,
@@ -51,6 +52,19 @@ class Proposal:
 
 
 TEMPLATE = Proposal(tuple(TableName("public", t) for t in DEFAULT_TABLES), True, DEFAULT_INSERT_AS)
+
+
+def write_config(path: Path | None, *, force: bool) -> tuple[Path, Proposal]:
+    """Write ``snapshot.toml`` at ``path`` (default: in the project root) for this app, and
+    say where and what; an existing file is kept unless ``force``."""
+    if path is None:
+        root = find_root(Path.cwd())
+        path = root.config or root.folder / CONFIG_FILE
+    if path.exists() and not force:
+        raise ConfigError(f"{path} already exists: edit it, or pass --force to overwrite it")
+    proposal = propose(init_config(path))
+    path.write_text(render_config(proposal), encoding="utf-8")
+    return path, proposal
 
 
 def init_config(path: Path) -> Config:

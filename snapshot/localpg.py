@@ -23,13 +23,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
-import sh
-
+from snapshot import pgtools, processes
 from snapshot.errors import ConfigError, SnapshotError
-from snapshot.pgtools import bundled_bins
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +44,7 @@ FAST_SETTINGS = {
 
 def embedded_bin(major: int | None = None) -> Path:
     """The bin folder of an installed embedded PostgreSQL server (the newest, or of ``major``)."""
-    found = [(m, b) for m, b in bundled_bins() if (b / "initdb").exists()]
+    found = [(m, b) for m, b in pgtools.bundled_bins() if (b / "initdb").exists()]
     matching = [f for f in found if major is None or f[0] == major]
     if not matching:
         wanted = f"PostgreSQL {major}" if major else "PostgreSQL"
@@ -87,57 +84,24 @@ class ServerFailed(SnapshotError):
     """A throwaway server could not be created or started."""
 
 
-def _run(program: Path, *args: str, **options: Any) -> None:
-    """Run a server program to its end; interrupted (Ctrl-C), it is killed, not left behind.
-
-    A program that cannot even be started (missing, or out of the server user's reach) is
-    a :class:`ServerFailed` naming it, never a traceback.
-    """
+def _run(program: Path, *args: str, env: Mapping[str, str], user: pwd.struct_passwd | None) -> None:
+    """Run a server program to its end as ``user`` (:func:`snapshot.pgtools.run`); one that
+    cannot even be started (missing, or out of the server user's reach) is a
+    :class:`ServerFailed` naming it, never a traceback."""
     try:
-        running = sh.Command(str(program))(*args, _bg=True, _bg_exc=False, **options)
-    except (sh.ForkException, sh.CommandNotFound, OSError) as exc:
-        raise ServerFailed(f"cannot run {program}: {_fork_reason(exc)}") from None
-    try:
-        running.wait()
-    except (KeyboardInterrupt, SystemExit):
-        with contextlib.suppress(Exception):
-            running.kill()
-        raise
-
-
-def _as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:
-    if user is None:
-        return {}
-
-    def drop_privileges() -> None:
-        os.setgroups([])
-        os.setgid(user.pw_gid)
-        os.setuid(user.pw_uid)
-
-    return {"_preexec_fn": drop_privileges, "_cwd": "/"}
-
-
-def _fork_reason(exc: BaseException) -> str:
-    """The OS error behind a failed start ("Permission denied"), from sh's ForkException too."""
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    if isinstance(exc, sh.CommandNotFound):
-        return "missing, or not an executable program for this user"
-    text = str(exc)
-    for line in reversed(text.strip().splitlines()):
-        if "Error" in line and ":" in line:
-            return line.split(":", 1)[1].strip().split("] ", 1)[-1]
-    return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+        pgtools.run(program, *args, env=env, user=user)
+    except pgtools.CannotStart as exc:
+        raise ServerFailed(str(exc)) from None
 
 
 def _why_server_user_cannot_run(program: Path, user: pwd.struct_passwd) -> str | None:
     """None when ``user`` can run ``program --version``; otherwise the reason."""
     try:
-        _run(program, "--version", _env={"PATH": "/usr/bin:/bin"}, **_as_user(user))
-    except ServerFailed as exc:
+        pgtools.run(program, "--version", env={"PATH": "/usr/bin:/bin"}, user=user)
+    except pgtools.CannotStart as exc:
         return str(exc)
-    except sh.ErrorReturnCode as exc:
-        return f"{program} exited with {exc.exit_code}"
+    except pgtools.ProgramFailed as exc:
+        return f"{program} exited with {exc.returncode}"
     return None
 
 
@@ -223,20 +187,21 @@ class LocalServer:
         return f"postgresql://{quote(user, safe='')}{secret}@127.0.0.1:{self.port}/{dbname}"
 
     def pg_ctl(self, *args: str) -> None:
+        """Run pg_ctl on this server's data directory, as the server's user."""
         _run(
             self.bin_dir / "pg_ctl",
             "-D",
             str(self.data_dir),
             *args,
-            _env=dict(os.environ),
-            **_as_user(_server_user()),
+            env=os.environ,
+            user=_server_user(),
         )
 
     def stop(self) -> None:
         """Stop the server (fast shutdown); kill it if pg_ctl cannot."""
         try:
             self.pg_ctl("-m", "fast", "-w", "-t", "30", "stop")
-        except sh.ErrorReturnCode:
+        except pgtools.ProgramFailed:
             _kill_postmaster(self.data_dir)
 
 
@@ -276,11 +241,9 @@ def start(
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["LC_ALL"] = "C"
     try:
-        _run(bin_dir / "initdb", *initdb, _env=env, **_as_user(user))
-    except sh.ErrorReturnCode as exc:
-        lines = exc.stderr.decode(errors="replace").strip().splitlines() or [
-            f"exit {exc.exit_code}"
-        ]
+        _run(bin_dir / "initdb", *initdb, env=env, user=user)
+    except pgtools.ProgramFailed as exc:
+        lines = exc.stderr.strip().splitlines() or [f"exit {exc.returncode}"]
         raise ServerFailed(f"initdb failed for the {name} server: {lines[-1]}") from None
     except ServerFailed as exc:
         raise ServerFailed(f"the {name} server could not be created: {exc}") from None
@@ -296,7 +259,7 @@ def start(
             handle.write(f"{key} = {quoted}\n")
     try:
         server.pg_ctl("-l", str(server.log_file), "-w", "-t", "60", "start")
-    except sh.ErrorReturnCode:
+    except pgtools.ProgramFailed:
         log_text = server.log_file.read_text(errors="replace") if server.log_file.exists() else ""
         tail = log_text.strip().splitlines()[-3:] or ["no log written"]
         raise ServerFailed(f"the {name} server did not start: {' / '.join(tail)}") from None
@@ -310,7 +273,7 @@ def _is_postgres(pid: int) -> bool:
     """Whether ``pid`` is a postgres process (a stale pid file may name a reused pid)."""
     cmdline = Path(f"/proc/{pid}/cmdline")
     if not cmdline.parent.exists():
-        return _alive(pid)
+        return processes.alive(pid)
     with contextlib.suppress(OSError):
         return b"postgres" in cmdline.read_bytes()
     return False
@@ -365,27 +328,15 @@ def stop_servers(folder: Path) -> int:
     return len(running)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks (field 22 of /proc/PID/stat), or ""."""
-    with contextlib.suppress(OSError, IndexError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rpartition(")")[2].split()[19]
-    return ""
-
-
 def owner_stamp(pid: int) -> str:
     """``pid start-time``: names a process in a way a reused pid cannot match."""
     return f"{pid} {_start_time(pid)}".strip()
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks, as :func:`owner_stamp` writes it, or ""."""
+    ticks = processes.start_ticks(pid)
+    return "" if ticks is None else str(ticks)
 
 
 def _owner_alive(stamp: str) -> bool:
@@ -395,7 +346,7 @@ def _owner_alive(stamp: str) -> bool:
     pid = int(parts[0])
     if pid == os.getpid():
         return True
-    if not _alive(pid):
+    if not processes.alive(pid):
         return False
     return len(parts) < 2 or _start_time(pid) in ("", parts[1])
 

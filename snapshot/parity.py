@@ -11,6 +11,7 @@ from psycopg import sql
 
 from snapshot.checksum import column_checksums
 from snapshot.names import TableName
+from snapshot.text import count
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,20 @@ class TableParity:
             "kept_rows": self.kept,
             "kept_for": list(self.kept_for),
         }
+
+
+def parity_failure(
+    tables: Sequence[TableParity], target: str, *, auth_missing: int = 0
+) -> str | None:
+    """The error line of an apply or rollback rolled back because its parity check failed:
+    each table that differs, with why, and the snapshot's auth users still missing; None
+    when everything matches."""
+    bad = [f"{t.table}" + (f" ({t.detail})" if t.detail else "") for t in tables if not t.match]
+    if auth_missing:
+        bad.append(f"auth.users ({count(auth_missing, 'snapshot user')} missing)")
+    if not bad:
+        return None
+    return f"parity check failed for {', '.join(bad)}: rolled back, {target} is unchanged"
 
 
 def name_columns(

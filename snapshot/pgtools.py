@@ -1,8 +1,13 @@
-"""Finding and running pg_dump and pg_restore: the only place that starts a subprocess.
+"""Finding and running PostgreSQL's programs: the only place that starts a subprocess.
+
+pg_dump and pg_restore for take and apply, ``--version`` of each candidate binary, initdb
+and pg_ctl for the rehearsal's throwaway servers (:mod:`snapshot.localpg`): all start in
+:func:`_spawn`, and a failure becomes a :class:`ProgramFailed` (its exit status and
+stderr kept) or a :class:`CannotStart`, never an exception of the ``sh`` library.
 
 Passwords reach the children through ``PGPASSWORD`` in their environment, never argv.
-On Linux the children die with the tool (``PR_SET_PDEATHSIG``), so a killed take or apply
-leaves no orphaned pg_dump behind.
+On Linux pg_dump and pg_restore die with the tool (``PR_SET_PDEATHSIG``), so a killed take
+or apply leaves no orphaned pg_dump behind.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import glob
 import importlib.util
 import logging
 import os
+import pwd
 import re
 import shutil
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -70,12 +76,92 @@ class PgTool:
     major: int
 
 
+class ProgramFailed(ToolFailed):
+    """A program ended with an error; its exit status and stderr are kept for the caller.
+
+    The message is the program's own last error line (warnings left out), or how it ended.
+    """
+
+    def __init__(self, name: str, returncode: int, stderr: str) -> None:
+        lines = [ln for ln in stderr.splitlines() if ln.strip() and "warning:" not in ln]
+        reason = lines[-1] if lines else f"exit code {returncode}"
+        reason = re.sub(rf"^{re.escape(name)}: (error: )?", "", reason)
+        if returncode < 0:
+            reason = f"killed by signal {-returncode}"
+        super().__init__(f"{name} failed: {reason}")
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class CannotStart(ToolFailed):
+    """A program could not be started at all: missing, or out of reach of its user."""
+
+
+def _failed(name: str, exc: sh.ErrorReturnCode) -> ProgramFailed:
+    stderr = exc.stderr.decode("utf-8", "replace") if exc.stderr else ""
+    return ProgramFailed(name, exc.exit_code, stderr)
+
+
+def _start_reason(exc: BaseException) -> str:
+    """The OS error behind a failed start ("Permission denied"), from sh's ForkException too."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if isinstance(exc, sh.CommandNotFound):
+        return "missing, or not an executable program for this user"
+    text = str(exc)
+    for line in reversed(text.strip().splitlines()):
+        if "Error" in line and ":" in line:
+            return line.split(":", 1)[1].strip().split("] ", 1)[-1]
+    return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+
+
+def _spawn(program: Path, args: Sequence[str], env: Mapping[str, str], **options: Any) -> Any:
+    """Start ``program`` in the background (sh's running command): every child starts here."""
+    try:
+        return sh.Command(str(program))(*args, _env=dict(env), _bg=True, _bg_exc=False, **options)
+    except (sh.ForkException, sh.CommandNotFound, OSError) as exc:
+        raise CannotStart(f"cannot run {program}: {_start_reason(exc)}") from None
+
+
+def _as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:
+    if user is None:
+        return {}
+
+    def drop_privileges() -> None:
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+
+    return {"_preexec_fn": drop_privileges, "_cwd": "/"}
+
+
+def run(
+    program: Path, *args: str, env: Mapping[str, str], user: pwd.struct_passwd | None = None
+) -> str:
+    """Run ``program`` to its end and return its stdout.
+
+    ``user``: run as that account (from ``/``, no supplementary groups), as root only.
+    Interrupted (Ctrl-C, SIGTERM), the program is killed, not left behind. Raises
+    :class:`ProgramFailed` when it fails, :class:`CannotStart` when it cannot start.
+    """
+    running = _spawn(program, args, env, **_as_user(user))
+    try:
+        running.wait()
+    except sh.ErrorReturnCode as exc:
+        raise _failed(program.name, exc) from None
+    except (KeyboardInterrupt, SystemExit):
+        with contextlib.suppress(Exception):
+            running.kill()
+        raise
+    return str(running.stdout.decode("utf-8", "replace"))
+
+
 @cache
 def tool_version(path: Path) -> tuple[str, int] | None:
     """``(version, major)`` of a PostgreSQL binary, or None when it does not run."""
     try:
-        out = str(sh.Command(str(path))("--version", _env=dict(os.environ)))
-    except (sh.ErrorReturnCode, sh.CommandNotFound, OSError):
+        out = run(path, "--version", env=os.environ)
+    except (ProgramFailed, CannotStart):
         return None
     match = _VERSION.search(out)
     if not match:
@@ -157,16 +243,6 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _failure(tool: PgTool, exc: sh.ErrorReturnCode) -> ToolFailed:
-    stderr = exc.stderr.decode("utf-8", "replace") if exc.stderr else ""
-    lines = [ln for ln in stderr.splitlines() if ln.strip() and "warning:" not in ln]
-    reason = lines[-1] if lines else f"exit code {exc.exit_code}"
-    reason = re.sub(rf"^{re.escape(tool.name)}: (error: )?", "", reason)
-    if isinstance(exc, sh.SignalException):
-        reason = f"killed by signal {-exc.exit_code}"
-    return ToolFailed(f"{tool.name} failed: {reason}")
-
-
 class Running:
     """A pg_dump or pg_restore started in the background."""
 
@@ -175,11 +251,11 @@ class Running:
         self._process = process
 
     def wait(self) -> str:
-        """Wait for the process; its stderr (warnings) on success, ToolFailed otherwise."""
+        """Wait for the process; its stderr (warnings) on success, ProgramFailed otherwise."""
         try:
             self._process.wait()
         except sh.ErrorReturnCode as exc:
-            raise _failure(self.tool, exc) from None
+            raise _failed(self.tool.name, exc) from None
         return str(self._process.stderr.decode("utf-8", "replace"))
 
     def running(self) -> bool:
@@ -194,12 +270,9 @@ class Running:
             self._process.wait()
 
 
-def _start(tool: PgTool, args: Sequence[str], env: dict[str, str], **kw: Any) -> Running:
+def _start(tool: PgTool, args: Sequence[str], env: Mapping[str, str], **kw: Any) -> Running:
     log.debug("running %s %s", tool.path, " ".join(args))
-    process = sh.Command(str(tool.path))(
-        *args, _env=env, _bg=True, _bg_exc=False, _preexec_fn=_die_with_parent, **kw
-    )
-    return Running(tool, process)
+    return Running(tool, _spawn(tool.path, args, env, _preexec_fn=_die_with_parent, **kw))
 
 
 def table_pattern(table: TableName) -> str:
@@ -252,7 +325,7 @@ def restore_script(pg_restore: PgTool, archive: Path) -> Iterator[BinaryIO]:
     read_fd, write_fd = os.pipe()
     try:
         running = _start(
-            pg_restore, ["--data-only", "--file=-", str(archive)], dict(os.environ), _out=write_fd
+            pg_restore, ["--data-only", "--file=-", str(archive)], os.environ, _out=write_fd
         )
     finally:
         os.close(write_fd)
@@ -271,6 +344,6 @@ def restore_script(pg_restore: PgTool, archive: Path) -> Iterator[BinaryIO]:
 
 def list_archive(pg_restore: PgTool, archive: Path) -> str:
     """``pg_restore --list`` of an archive (also proves pg_restore can read it)."""
-    running = _start(pg_restore, ["--list", str(archive)], dict(os.environ))
+    running = _start(pg_restore, ["--list", str(archive)], os.environ)
     running.wait()
     return str(running._process.stdout.decode("utf-8", "replace"))

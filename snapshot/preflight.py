@@ -16,11 +16,11 @@ import psycopg
 from psycopg import sql
 
 from snapshot import archive, catalog, text
+from snapshot.dump import LIVE, identity
 from snapshot.errors import SnapshotError
 from snapshot.manifest import same_database
 from snapshot.names import TableName, quote
 from snapshot.session import Session
-from snapshot.take import LIVE, identity
 
 
 class Plan(Protocol):

@@ -16,6 +16,7 @@ from typing import Any
 
 from snapshot import archive
 from snapshot.archive import Snapshot
+from snapshot.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +86,25 @@ def prune(root: Path, keep: int, env: str | None = None, *, dry_run: bool = Fals
             archive.remove(snapshot)
             log.info("removed %s (%s)", snapshot.id, archive.human_size(snapshot.manifest.size))
     return PruneReport(keep, tuple(removed), tuple(kept), dry_run)
+
+
+def retain(config: Config, *envs: str) -> list[PruneReport]:
+    """``[retention] keep`` applied to ``envs`` after a command archived something (nothing
+    when it is not set); what went is logged."""
+    keep = config.retention
+    if keep is None:
+        return []
+    reports = []
+    for env in envs:
+        report = prune(config.archive, keep, env)
+        if report.removed:
+            log.info(
+                "pruned %d old snapshot%s of %s (%s; [retention] keep = %d)",
+                len(report.removed),
+                "" if len(report.removed) == 1 else "s",
+                env,
+                archive.human_size(report.freed),
+                keep,
+            )
+        reports.append(report)
+    return reports

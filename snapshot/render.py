@@ -1,15 +1,32 @@
-"""Turning results into text: tables through tabulate, JSON for CI. Functions return strings."""
+"""Turning results into text: tables through tabulate, JSON for CI. Functions return strings.
+
+Each function takes one kind of report, typed. The report types are imported for the type
+checker only: this module loads with the CLI, and each command's own modules (the apply
+package above all) load only when that command runs.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tabulate import tabulate
 
 from snapshot.archive import Damaged, Snapshot, human_size
 from snapshot.text import count
+
+if TYPE_CHECKING:
+    from snapshot.apply.plan import Plan
+    from snapshot.apply.report import ApplyPlan, ApplyReport
+    from snapshot.cutover import CutoverReport
+    from snapshot.envinfo import EnvReport
+    from snapshot.parity import TableParity
+    from snapshot.preflight import PreflightReport
+    from snapshot.prune import PruneReport
+    from snapshot.rehearse import RehearsalReport
+    from snapshot.smoke import SmokeReport
+    from snapshot.verify import VerifyReport
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -91,7 +108,31 @@ def list_report(
     return "\n\n".join([text, "\n".join(lines)]) if lines else text
 
 
-def env_report(report: Any) -> str:
+def list_document(
+    snapshots: Sequence[Snapshot],
+    damaged: Sequence[Damaged] = (),
+    shared: Sequence[tuple[Sequence[str], str]] = (),
+) -> list[dict[str, Any]]:
+    """``snapshot list --json``: each snapshot with the other names of its database, then
+    the damaged ones with their reason."""
+    listed = [
+        {
+            **snapshot_summary(s),
+            "same_database_as": [
+                name
+                for names, _ in shared
+                if s.manifest.environment in names
+                for name in names
+                if name != s.manifest.environment
+            ],
+        }
+        for s in snapshots
+    ]
+    listed += [{"id": d.id, "path": str(d.path), "damaged": d.reason} for d in damaged]
+    return listed
+
+
+def env_report(report: EnvReport) -> str:
     """``snapshot env`` as aligned key/value lines."""
     route = report.route
     if report.note and report.route != "none":
@@ -115,7 +156,7 @@ def age(seconds: int) -> str:
     return f"{seconds} s"
 
 
-def plan_report(proposal: Any) -> str:
+def plan_report(proposal: ApplyPlan) -> str:
     """What an apply is about to do: which snapshot, then per table what changes."""
     snap = proposal.to_json()["snapshot"]
     label = f", label {snap['label']}" if snap["label"] and snap["label"] != snap["kind"] else ""
@@ -129,7 +170,7 @@ def plan_report(proposal: Any) -> str:
     return "\n".join(lines)
 
 
-def confirm_question(proposal: Any) -> str:
+def confirm_question(proposal: ApplyPlan) -> str:
     """``Type prod to apply dev's snapshot to prod``: what typing the name agrees to; a
     rollback that throws away rows written since its apply names them."""
     target = proposal.target.env
@@ -143,7 +184,7 @@ def confirm_question(proposal: Any) -> str:
     return f"Type {target} to {proposal.action} {source}'s snapshot to {target}{throwing}"
 
 
-def plan_table(plan: Any, target: str) -> str:
+def plan_table(plan: Plan, target: str) -> str:
     """Per table: mode, rows to insert, update, delete and leave alone; then auth users."""
     kept = any(t.kept for t in plan.tables)
     rows = [
@@ -184,92 +225,100 @@ def plan_table(plan: Any, target: str) -> str:
     return "\n".join(lines)
 
 
-def parity_report(report: Any) -> str:
-    """The closing table of apply, rollback and verify, with a summary line."""
-    applying = hasattr(report, "committed")
-    changes = {t.table: t for t in report.plan.tables} if applying and report.plan else {}
+def apply_report(report: ApplyReport) -> str:
+    """The closing table of apply and rollback: per table what was planned, the rows before
+    and after, parity; then auth users, kept rows, the backup and the outcome."""
+    changes = {t.table: t for t in report.plan.tables} if report.plan else {}
     rows = []
     for t in report.tables:
-        status = t.status
-        line = [str(t.table)]
-        if applying:
-            c = changes.get(t.table)
-            line += (
-                [c.mode, f"{c.inserts:,}", f"{c.updates:,}", f"{c.deletes:,}", f"{c.unchanged:,}"]
-                if c
-                else ["-"] * 5
-            )
-        line.append(f"{t.source_rows:,}")
-        if applying:
-            before = "-" if t.target_rows_before is None else f"{t.target_rows_before:,}"
-            line.append(before)
-        line += [f"{t.target_rows:,}", status, t.detail]
-        rows.append(line)
-    if applying:
-        headers = [
-            "table",
-            "mode",
-            "insert",
-            "update",
-            "delete",
-            "unchanged",
-            "snapshot rows",
-            "target before",
-            "target after",
-            "checksum",
-            "detail",
-        ]
-    else:
-        source = "snapshot" if "/" in report.source else report.source  # a snapshot's id
-        headers = ["table", f"{source} rows", f"{report.target} rows", "checksum", "detail"]
-    text = table(headers, rows)
-    lines = [text, ""]
-    if applying:
-        if report.auth is not None:
-            a = report.auth
-            lines.append(
-                f"auth.users: {a.snapshot_users:,} in the snapshot, {a.created_users:,} created "
-                f"({count(a.created_identities, 'identity', 'identities')}), "
-                f"{a.missing_after:,} missing"
-            )
-            lines += [f"auth triggers wrote {w.sentence()}" for w in a.trigger_writes]
-        for kept in report.plan.kept if report.plan else ():
-            lines.append(f"kept: {kept.sentence(report.target)}")
-        for lost in (report.plan.written_since if report.plan else None) or ():
-            if lost.rows:
-                lines.append(f"written since the apply, thrown away: {lost.sentence()}")
-        for undone in getattr(report, "trigger_writes", ()):
-            lines.append(f"triggers: {undone.sentence()}")
-        people = report.plan.auth if report.plan else None
-        if people is not None and people.orphaned:
-            done = report.committed and not report.dry_run
-            lines.append(f"note: {people.orphaned_sentence(report.target, done=done)}")
-        if report.backup:
-            undo = f"snapshot rollback {report.target}"
-            if report.action != "apply":
-                undo += f" --to {report.backup}"
-            lines.append(f"backup: {report.backup} (undo with: {undo})")
-        if report.dry_run:
-            outcome = "dry run, rolled back: nothing changed"
-        elif report.committed:
-            outcome = "committed"
-        else:
-            outcome = "rolled back: nothing changed"
-        lines.append(
-            f"{report.action} {report.snapshot} to {report.target}: {_matched(report.tables)}; "
-            f"{outcome}"
+        c = changes.get(t.table)
+        planned = (
+            [c.mode, f"{c.inserts:,}", f"{c.updates:,}", f"{c.deletes:,}", f"{c.unchanged:,}"]
+            if c
+            else ["-"] * 5
         )
+        before = "-" if t.target_rows_before is None else f"{t.target_rows_before:,}"
+        rows.append(
+            [
+                str(t.table),
+                *planned,
+                f"{t.source_rows:,}",
+                before,
+                f"{t.target_rows:,}",
+                t.status,
+                t.detail,
+            ]
+        )
+    headers = [
+        "table",
+        "mode",
+        "insert",
+        "update",
+        "delete",
+        "unchanged",
+        "snapshot rows",
+        "target before",
+        "target after",
+        "checksum",
+        "detail",
+    ]
+    lines = [table(headers, rows), ""]
+    if report.auth is not None:
+        a = report.auth
+        lines.append(
+            f"auth.users: {a.snapshot_users:,} in the snapshot, {a.created_users:,} created "
+            f"({count(a.created_identities, 'identity', 'identities')}), "
+            f"{a.missing_after:,} missing"
+        )
+        lines += [f"auth triggers wrote {w.sentence()}" for w in a.trigger_writes]
+    for kept in report.plan.kept if report.plan else ():
+        lines.append(f"kept: {kept.sentence(report.target)}")
+    for lost in (report.plan.written_since if report.plan else None) or ():
+        if lost.rows:
+            lines.append(f"written since the apply, thrown away: {lost.sentence()}")
+    for undone in report.trigger_writes:
+        lines.append(f"triggers: {undone.sentence()}")
+    people = report.plan.auth if report.plan else None
+    if people is not None and people.orphaned:
+        done = report.committed and not report.dry_run
+        lines.append(f"note: {people.orphaned_sentence(report.target, done=done)}")
+    if report.backup:
+        undo = f"snapshot rollback {report.target}"
+        if report.action != "apply":
+            undo += f" --to {report.backup}"
+        lines.append(f"backup: {report.backup} (undo with: {undo})")
+    if report.dry_run:
+        outcome = "dry run, rolled back: nothing changed"
+    elif report.committed:
+        outcome = "committed"
     else:
-        if report.auth_users_missing is not None:
-            lines.append(
-                f"auth.users: {report.auth_users_missing:,} {report.source} users missing "
-                f"in {report.target}"
-            )
-        lines.append(f"verify {report.source} {report.target}: {_matched(report.tables)}")
+        outcome = "rolled back: nothing changed"
+    lines.append(
+        f"{report.action} {report.snapshot} to {report.target}: {_matched(report.tables)}; "
+        f"{outcome}"
+    )
     return "\n".join(lines)
 
 
-def _matched(tables: Sequence[Any]) -> str:
+def verify_report(report: VerifyReport) -> str:
+    """The table of verify (two live databases, or one and a snapshot), with a summary line."""
+    rows = [
+        [str(t.table), f"{t.source_rows:,}", f"{t.target_rows:,}", t.status, t.detail]
+        for t in report.tables
+    ]
+    source = "snapshot" if "/" in report.source else report.source  # a snapshot's id
+    headers = ["table", f"{source} rows", f"{report.target} rows", "checksum", "detail"]
+    lines = [table(headers, rows), ""]
+    if report.auth_users_missing is not None:
+        lines.append(
+            f"auth.users: {report.auth_users_missing:,} {report.source} users missing "
+            f"in {report.target}"
+        )
+    lines.append(f"verify {report.source} {report.target}: {_matched(report.tables)}")
+    return "\n".join(lines)
+
+
+def _matched(tables: Sequence[TableParity]) -> str:
     """``15/16 tables match``, and how many more match but for rows kept for outside ones."""
     matched = sum(t.match and not t.kept for t in tables)
     text = f"{matched}/{len(tables)} tables match"
@@ -283,7 +332,7 @@ def _matched(tables: Sequence[Any]) -> str:
     return text
 
 
-def preflight_report(report: Any) -> str:
+def preflight_report(report: PreflightReport) -> str:
     """``snapshot check``: one table of check, status and detail."""
     rows = [(f.check, f.status, f.detail) for f in report.findings]
     text = tabulate(
@@ -295,14 +344,17 @@ def preflight_report(report: Any) -> str:
     errors = sum(f.status == "error" for f in report.findings)
     warnings = sum(f.status == "warning" for f in report.findings)
     verdict = "ready" if not errors else "not ready"
-    plan = f"\n\n{plan_table(report.plan, report.target)}" if getattr(report, "plan", None) else ""
+    # The report carries the apply's plan (the preflight cannot name its type: it knows
+    # nothing of the apply).
+    applying = cast("Plan", report.plan)
+    plan = f"\n\n{plan_table(applying, report.target)}" if report.plan else ""
     return (
         f"{text}{plan}\n\n{report.action} {report.snapshot} to {report.target}: {verdict} "
         f"({count(errors, 'error')}, {count(warnings, 'warning')})"
     )
 
 
-def smoke_report(report: Any) -> str:
+def smoke_report(report: SmokeReport) -> str:
     """``snapshot smoke``: one line per guardrail check."""
     rows = [(r.check, r.status, r.description, r.detail) for r in report.results]
     text = tabulate(
@@ -314,7 +366,7 @@ def smoke_report(report: Any) -> str:
     return f"{text}\n\nsmoke {report.target}: {report.summary}"
 
 
-def cutover_report(report: Any) -> str:
+def cutover_report(report: CutoverReport) -> str:
     """``snapshot cutover``: the steps, the table of the step that matters, where things stand."""
     steps = tabulate(
         [
@@ -330,11 +382,11 @@ def cutover_report(report: Any) -> str:
     if report.preflight is not None and not report.preflight.ok:
         parts.append(preflight_report(report.preflight))
     if report.apply is not None:
-        parts.append(parity_report(report.apply))
+        parts.append(apply_report(report.apply))
     if failed == "smoke" and report.smoke is not None:
         parts.append(smoke_report(report.smoke))
     if failed == "verify" and report.verify is not None:
-        parts.append(parity_report(report.verify))
+        parts.append(verify_report(report.verify))
     total = sum(s.seconds for s in report.steps)
     verdict = "done" if report.ok else f"stopped at {failed}"
     lines = [f"cutover {report.source} -> {report.target}: {verdict} in {total:.1f} s"]
@@ -345,7 +397,7 @@ def cutover_report(report: Any) -> str:
     return "\n\n".join(parts)
 
 
-def rehearsal_report(report: Any) -> str:
+def rehearsal_report(report: RehearsalReport) -> str:
     """``snapshot rehearse``: the cutover's report, the rollback's, the verify after it."""
     parts = [
         f"rehearsal: two PostgreSQL {report.server_version} servers (scale {report.scale}), "
@@ -354,11 +406,11 @@ def rehearsal_report(report: Any) -> str:
     if report.cutover is not None:
         parts.append(cutover_report(report.cutover))
     if report.rollback is not None:
-        parts.append("rollback prod to its pre-apply backup:\n" + parity_report(report.rollback))
+        parts.append("rollback prod to its pre-apply backup:\n" + apply_report(report.rollback))
     if report.restored is not None:
         parts.append(
             f"prod after the rollback, against {report.restored.source} (taken before the "
-            f"cutover):\n" + parity_report(report.restored)
+            f"cutover):\n" + verify_report(report.restored)
         )
     if report.ok:
         ending = (
@@ -383,7 +435,7 @@ def rehearsal_report(report: Any) -> str:
     return "\n\n".join(parts)
 
 
-def prune_report(report: Any) -> str:
+def prune_report(report: PruneReport) -> str:
     """``snapshot prune``: what went (or would go), and what it freed."""
     rows = [
         (

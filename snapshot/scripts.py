@@ -9,12 +9,12 @@ from pathlib import Path
 import psycopg
 
 from snapshot.config import Config
-from snapshot.db import use_app_search_path, use_tool_search_path
+from snapshot.db import error_message, use_app_search_path, use_tool_search_path
 from snapshot.errors import ConfigError, ScriptFailed
 from snapshot.names import TableName
 from snapshot.text import display_path
 
-__all__ = ["ScriptFailed", "bundled_sql", "error_message", "run", "scripts", "scripts_root"]
+__all__ = ["ScriptFailed", "bundled_sql", "run", "scripts", "scripts_root"]
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,3 @@ def run(conn: psycopg.Connection, files: list[Path], phase: str) -> None:
         use_tool_search_path(conn)
         affected = f", {cur.rowcount} rows" if cur.rowcount >= 0 else ""
         log.info("  %s-script %s%s  %.1f s", phase, path.name, affected, time.monotonic() - started)
-
-
-def error_message(exc: psycopg.Error) -> str:
-    """The server's one-line message for a failed statement."""
-    primary = exc.diag.message_primary if not isinstance(exc, psycopg.OperationalError) else None
-    text = primary or str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

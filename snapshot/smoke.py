@@ -80,6 +80,16 @@ class SmokeReport:
             return f"nothing tested: {which} skipped (what they check is absent in {self.target})"
         return f"{held}/{tried} guardrails hold" + (f", {skipped} skipped" if skipped else "")
 
+    @property
+    def failure(self) -> str | None:
+        """The error line when the smoke is no pass: guardrails that do not hold, or why
+        nothing counts."""
+        if self.broken:
+            return f"guardrails of {self.target} do not hold: {', '.join(self.broken)}"
+        if not self.ok:
+            return f"smoke {self.target} is no pass: {self.summary}"
+        return None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "target": self.target,

@@ -21,12 +21,12 @@ from snapshot.catalog import TableShape
 from snapshot.checksum import TableStats, column_checksums, kind_of, table_stats
 from snapshot.config import Config
 from snapshot.db import connect
+from snapshot.dump import identity
 from snapshot.environments import Connection, resolve_connection
 from snapshot.errors import ConfigError
 from snapshot.manifest import same_database
 from snapshot.names import AUTH_TABLES, AUTH_USERS, TableName
 from snapshot.parity import TableParity
-from snapshot.take import identity
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,16 @@ class VerifyReport:
     @property
     def matches(self) -> bool:
         return all(t.match for t in self.tables) and not self.auth_users_missing
+
+    @property
+    def failure(self) -> str | None:
+        """The error line when the two differ: which tables, and auth users missing."""
+        if self.matches:
+            return None
+        bad = [str(t.table) for t in self.tables if not t.match]
+        if self.auth_users_missing:
+            bad.append(f"auth.users ({self.auth_users_missing} missing in {self.target})")
+        return f"{self.target} differs from {self.source} in {', '.join(bad)}"
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -1,16 +1,20 @@
-"""pg_dump and pg_restore: found down to the bundled PostgreSQL when the system has none,
-or where pg_bin in snapshot.toml says, and checked before use."""
+"""PostgreSQL's programs: pg_dump and pg_restore found down to the bundled PostgreSQL when the
+system has none, or where pg_bin in snapshot.toml says, and checked before use; and the one
+runner that starts them (stdout back, a failure as ProgramFailed or CannotStart)."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
-from snapshot import localpg
+from snapshot import localpg, pgtools
 from snapshot.pgtools import bundled_bins
 from tests.fix_db import ROOT
 from tests.fix_project import Project, one_error_line
+from tests.fix_servers import system_bin
 
 
 def test_take_falls_back_to_the_bundled_pg_dump(
@@ -49,3 +53,36 @@ def test_bundled_postgresql_is_found() -> None:
 def test_ci_proves_the_suite_without_a_system_postgresql() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert "unshare --mount --net" in ci and "/usr/lib/postgresql" in ci
+
+
+def test_run_returns_what_the_program_printed() -> None:
+    out = pgtools.run(system_bin() / "pg_dump", "--version", env=os.environ)
+    assert out.startswith("pg_dump (PostgreSQL) ")
+
+
+def test_a_failing_program_keeps_its_exit_status_and_stderr() -> None:
+    with pytest.raises(pgtools.ProgramFailed) as failed:
+        pgtools.run(
+            system_bin() / "pg_dump",
+            "--schema-only",
+            "--dbname=postgresql://nobody@127.0.0.1:1/none",
+            env=os.environ,
+        )
+    assert failed.value.returncode == 1
+    assert "Connection refused" in failed.value.stderr
+    assert str(failed.value).startswith("pg_dump failed: ")
+
+
+def test_a_killed_program_says_by_which_signal() -> None:
+    with pytest.raises(pgtools.ProgramFailed) as failed:
+        pgtools.run(Path("/bin/sh"), "-c", "kill -KILL $$", env=os.environ)
+    assert failed.value.returncode == -9
+    assert str(failed.value) == "sh failed: killed by signal 9"
+
+
+def test_a_missing_program_cannot_start(tmp_path: Path) -> None:
+    with pytest.raises(pgtools.CannotStart) as failed:
+        pgtools.run(tmp_path / "pg_dump", "--version", env=os.environ)
+    assert str(failed.value) == (
+        f"cannot run {tmp_path / 'pg_dump'}: missing, or not an executable program for this user"
+    )

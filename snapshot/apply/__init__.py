@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psycopg
 
-from snapshot import archive, interrupts, preflight, scripts
+from snapshot import archive, interrupts, preflight
 from snapshot.apply import backup, staged_checks, write
 from snapshot.apply.backup import settle_orphaned_backups
 from snapshot.apply.phases import Phases, Progress
@@ -38,12 +38,12 @@ from snapshot.apply.state import ApplyRun, Options
 from snapshot.apply.transaction import Finished, in_one_transaction
 from snapshot.archive import Snapshot
 from snapshot.config import Config
-from snapshot.db import cancelled_message, connect
+from snapshot.db import connect, error_message, error_sentence
+from snapshot.dump import LIVE
 from snapshot.environments import resolve_connection
 from snapshot.errors import ApplyFailed, Interrupted, Refused, ScriptFailed, SnapshotError
 from snapshot.preflight import Finding, PreflightFailed, PreflightReport
 from snapshot.session import apply_lock_holder, open_session, release_apply_lock
-from snapshot.take import LIVE
 
 __all__ = [
     "ApplyPlan",
@@ -307,7 +307,7 @@ def _execute(run: ApplyRun, phases: Phases) -> ApplyReport:
             archive.keep_pending(folder)
             raise ApplyFailed(
                 f"lost the connection to {env} while committing "
-                f"({scripts.error_message(exc)}): whether the {run.action} committed is "
+                f"({error_message(exc)}): whether the {run.action} committed is "
                 f"unknown; its pre-apply backup is kept and the next apply or rollback "
                 f"settles it; 'snapshot verify {run.snapshot.id} {env}' shows which"
             ) from None
@@ -334,28 +334,21 @@ def _execute(run: ApplyRun, phases: Phases) -> ApplyReport:
         raise ScriptFailed(f"{exc}; rolled back, {env} is unchanged") from None
     except SnapshotError:
         raise
-    except psycopg.errors.LockNotAvailable:
-        related = {*run.order, *(fk.child for fk in run.fks if fk.parent in run.order)}
-        raise ApplyFailed(
-            f"{run.action} to {env} waited longer than [apply] lock_timeout "
-            f"({run.config.apply.lock_timeout}) for a lock while {phases.current}: "
-            f"{write.lock_holders(run.conn, related, readers=run.block_readers)}; rolled back, "
-            f"{env} is unchanged"
-        ) from None
-    except psycopg.errors.QueryCanceled as exc:
-        raise ApplyFailed(
-            f"{cancelled_message(exc, env, phases.current)}; rolled back, {env} is unchanged"
-        ) from None
-    except psycopg.OperationalError as exc:
-        raise ApplyFailed(
-            f"lost the connection to {env} while {phases.current} "
-            f"({scripts.error_message(exc)}): the server rolls the transaction back, so "
-            f"{env} is unchanged"
-        ) from None
     except psycopg.Error as exc:
+        limit = lock_holders = None
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            related = {*run.order, *(fk.child for fk in run.fks if fk.parent in run.order)}
+            limit = f"[apply] lock_timeout ({run.config.apply.lock_timeout})"
+            lock_holders = write.lock_holders(run.conn, related, readers=run.block_readers)
         raise ApplyFailed(
-            f"{run.action} to {env} failed while {phases.current}: "
-            f"{scripts.error_message(exc)}; rolled back, {env} is unchanged"
+            error_sentence(
+                exc,
+                env,
+                phases.current,
+                unchanged=True,
+                lock_limit=limit or "its lock_timeout",
+                lock_holders=lock_holders,
+            )
         ) from None
     finally:
         phases.release_interrupts(raise_held=False)
@@ -374,7 +367,7 @@ def _after_commit(run: ApplyRun, finished: Finished) -> ApplyReport:
         left = write.drop_helper_indexes(run.conn, helpers, run.config.apply.lock_timeout)
     except psycopg.Error as exc:
         left = [h.as_string() for h in helpers]
-        log.warning("could not drop the helper indexes: %s", scripts.error_message(exc))
+        log.warning("could not drop the helper indexes: %s", error_message(exc))
     if report.committed and left:
         return replace(report, notes=(*report.notes, _left_behind(left)))
     return report

@@ -30,7 +30,7 @@ from snapshot.apply import plan as planning
 from snapshot.apply.phases import Phases
 from snapshot.apply.plan import Plan
 from snapshot.apply.state import ApplyRun
-from snapshot.db import use_app_search_path, use_tool_search_path
+from snapshot.db import error_message, use_app_search_path, use_tool_search_path
 from snapshot.errors import ScriptFailed
 from snapshot.names import TableName
 from snapshot.parity import TableParity
@@ -147,11 +147,11 @@ def attempt(
         return Again(course)
     except write.TableFailed as exc:
         if unguarded := keepers.guard(held, [exc.table]):
-            return _guard(course, unguarded, scripts.error_message(exc.error))
+            return _guard(course, unguarded, error_message(exc.error))
         if last:
             raise exc.error from None
         broken = [exc.table] if exc.table not in plan.full_tables else list(run.order)
-        return _fall_back(run, course, broken, f"it failed: {scripts.error_message(exc.error)}")
+        return _fall_back(run, course, broken, f"it failed: {error_message(exc.error)}")
     except ScriptFailed as exc:
         if last:
             raise
@@ -218,7 +218,7 @@ def _write_in_bulk(run: ApplyRun, phase: Phases, plan: Plan) -> None:
     except write.TableFailed as exc:
         if replica.same_row_by_row(exc.error):
             raise
-        error = scripts.error_message(exc.error)
+        error = error_message(exc.error)
         raise replica.NotHere(f"a write failed on {exc.table} ({error})") from None
     with phase("checking foreign keys"):
         replica.leave(run, state, before)

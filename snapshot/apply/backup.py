@@ -36,14 +36,14 @@ from snapshot.archive import Snapshot
 from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.config import Config
 from snapshot.db import connect
+from snapshot.dump import DumpPlan, DumpState, build_manifest, describe_state, export_snapshot
+from snapshot.dump import start_dump as start_pg_dump
 from snapshot.environments import Connection
 from snapshot.errors import ApplyFailed
 from snapshot.manifest import TableEntry
 from snapshot.names import TableName
 from snapshot.pgtools import DUMP_APPLICATION, DUMP_LOCK_WAIT, Running
 from snapshot.staging import ADD, REMOVE, REPLACE, TERMINATOR
-from snapshot.take import DumpPlan, DumpState, build_manifest, describe_state, export_snapshot
-from snapshot.take import start_dump as start_pg_dump
 
 log = logging.getLogger(__name__)
 

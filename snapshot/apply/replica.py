@@ -48,9 +48,9 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from snapshot import scripts
 from snapshot.apply.plan import Plan
 from snapshot.apply.state import ApplyRun
+from snapshot.db import error_message
 from snapshot.names import TableName
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def obstacle(run: ApplyRun, allowed_cascades: Collection[str]) -> str | None:
             raise psycopg.Rollback(probe)
     except psycopg.errors.InsufficientPrivilege as exc:
         return (
-            f"{run.target.env}'s role may not write in replica mode ({scripts.error_message(exc)};"
+            f"{run.target.env}'s role may not write in replica mode ({error_message(exc)};"
             " on plain PostgreSQL: GRANT SET ON PARAMETER session_replication_role TO it)"
         )
     return None
@@ -208,7 +208,7 @@ def enter(run: ApplyRun) -> BulkWrites:
     except psycopg.OperationalError:
         raise
     except psycopg.Error as exc:  # e.g. deferred events the pre-scripts left pending
-        raise NotHere(f"replica mode could not start ({scripts.error_message(exc)})") from None
+        raise NotHere(f"replica mode could not start ({error_message(exc)})") from None
     log.info(
         "  writing with session_replication_role = replica, %d app triggers set to fire "
         "always (%d replica-only ones off); foreign keys checked in bulk after the writes",
@@ -271,7 +271,7 @@ def leave(run: ApplyRun, state: BulkWrites, before: dict[int, int]) -> None:
     except psycopg.OperationalError:
         raise
     except psycopg.Error as exc:
-        raise NotHere(f"the bulk check could not run ({scripts.error_message(exc)})") from None
+        raise NotHere(f"the bulk check could not run ({error_message(exc)})") from None
     log.info("  %d foreign keys checked in bulk", len(keys))
 
 

@@ -1,0 +1,255 @@
+"""Dumping a database's scope in one exported snapshot, and describing what was dumped.
+
+``take`` archives these dumps and the apply's pre-apply backup is one, so both share this
+module: what to dump and with which pg_dump (:class:`DumpPlan`), the exported snapshot
+pg_dump reads, and the manifest's row counts, checksums, column fingerprints and sequence
+values, read in that same transaction while pg_dump runs, so that the manifest describes
+exactly the dumped rows. The preflight and verify use the database identity it records.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from snapshot import archive, catalog, pgtools, text
+from snapshot.catalog import OwnedSequence, ServerInfo, TableShape
+from snapshot.checksum import TableStats, table_stats
+from snapshot.db import connect
+from snapshot.environments import Connection
+from snapshot.errors import ConfigError
+from snapshot.manifest import DUMP_FILE, DatabaseIdentity, Manifest, TableEntry
+from snapshot.names import AUTH_TABLES, TableName
+from snapshot.scope import Scope
+
+log = logging.getLogger(__name__)
+
+# The kind of a manifest read from a live database (snapshot.take.describe), never archived.
+LIVE = "live"
+
+
+@dataclass(frozen=True)
+class DumpPlan:
+    """What to dump from one database, and who it is."""
+
+    target: Connection
+    info: ServerInfo
+    pg_dump: pgtools.PgTool
+    scope: Scope
+    shapes: Mapping[TableName, TableShape]
+    # Partitioned tables' partitions (catalog.leaf_partitions): what pg_dump is given instead.
+    leaves: Mapping[TableName, tuple[TableName, ...]] = field(default_factory=dict)
+
+    @property
+    def tables(self) -> tuple[TableName, ...]:
+        auth = AUTH_TABLES if self.scope.auth_users else ()
+        return (*self.scope.tables, *auth)
+
+    @property
+    def dump_tables(self) -> tuple[TableName, ...]:
+        """The tables pg_dump reads: a partitioned table's partitions in its place."""
+        return tuple(part for t in self.tables for part in self.leaves.get(t, (t,)))
+
+
+def plan_dump(
+    conn: psycopg.Connection, target: Connection, scope: Scope, pg_bin: Path | None
+) -> DumpPlan:
+    """Check that the scope exists and find a pg_dump new enough for this server."""
+    info = catalog.server_info(conn)
+    pg_dump = pgtools.find_tool(
+        "pg_dump", info.major, pg_bin, f"{target.env} (PostgreSQL {info.version})"
+    )
+    where = f"{target.env} ({target.describe()})"
+    shapes = catalog.require_tables(
+        conn, scope.tables, where, scope.fix("fix [scope] tables in snapshot.toml")
+    )
+    if scope.auth_users:
+        missing = [t for t in AUTH_TABLES if t not in catalog.table_shapes(conn, AUTH_TABLES)]
+        if missing:
+            raise ConfigError(
+                f"{where} has no {', '.join(map(str, missing))}: it is not a Supabase "
+                f"database; {scope.fix('set auth_users = false in [scope] of snapshot.toml')}"
+            )
+        shapes.update(catalog.table_shapes(conn, AUTH_TABLES))
+    catalog.require_readable(conn, list(shapes), f"cannot read {target.env}")
+    leaves = catalog.leaf_partitions(conn, scope.tables)
+    return DumpPlan(target, info, pg_dump, scope, shapes, leaves)
+
+
+def identity(target: Connection, info: ServerInfo) -> DatabaseIdentity:
+    """Which database ``target`` is: its address, name and system identifier, as manifests
+    record it (and rollback and the preflight compare)."""
+    host, port, _ = target.endpoint
+    return DatabaseIdentity(host, port, info.dbname, info.system_identifier)
+
+
+@dataclass(frozen=True)
+class DumpState:
+    """What a manifest says of the dumped database: per-table stats, sequences, migrations."""
+
+    tables: tuple[TableEntry, ...]
+    sequences: tuple[OwnedSequence, ...]
+    migrations: tuple[str, ...] | None
+
+
+def describe_state(
+    conn: psycopg.Connection,
+    plan: DumpPlan,
+    known: Mapping[TableName, TableStats] | None = None,
+    snapshot_id: str | None = None,
+) -> DumpState:
+    """Counts and checksums of ``plan``'s tables (or ``known`` ones), in ``conn``'s snapshot.
+
+    With ``snapshot_id`` (the snapshot ``conn`` exported), a second session imports it and
+    checksums about half of the rows, so the checksums keep pace with pg_dump.
+    """
+    known = known or {}
+    todo = [t for t in plan.tables if t not in known]
+    stats = {**known, **_checksums(conn, plan, todo, snapshot_id)}
+    entries = []
+    for table in plan.tables:
+        shape = plan.shapes[table]
+        entries.append(
+            TableEntry(
+                table=table,
+                rows=stats[table].rows,
+                checksum=stats[table].checksum,
+                columns=shape.columns,
+                generated=shape.generated,
+                auth=table in AUTH_TABLES,
+            )
+        )
+    return DumpState(
+        tuple(entries),
+        tuple(catalog.owned_sequences(conn, plan.scope.tables)),
+        catalog.migration_versions(conn),
+    )
+
+
+PARALLEL_FROM = 50_000  # estimated rows under which a second session is not worth opening
+
+
+def _checksums(
+    conn: psycopg.Connection, plan: DumpPlan, tables: list[TableName], snapshot_id: str | None
+) -> dict[TableName, TableStats]:
+    """Checksum ``tables``; with an exported snapshot, half of the rows in a second session."""
+
+    def run(session: psycopg.Connection, group: list[TableName]) -> dict[TableName, TableStats]:
+        done = {}
+        for table in group:
+            started = time.monotonic()
+            done[table] = table_stats(session, table, plan.shapes[table].column_names)
+            log.info(
+                "  %-34s %10s rows  %8s",
+                table,
+                f"{done[table].rows:,}",
+                text.duration(time.monotonic() - started),
+            )
+        return done
+
+    sizes = catalog.estimated_rows(conn, tables)
+    if snapshot_id is None or sum(sizes.values()) < PARALLEL_FROM:
+        return run(conn, tables)
+    mine: list[TableName] = []
+    theirs: list[TableName] = []
+    load = [0, 0]
+    for table in sorted(tables, key=lambda t: -sizes.get(t, 0)):  # largest first, to balance
+        side = 0 if load[0] <= load[1] else 1
+        (mine if side == 0 else theirs).append(table)
+        load[side] += sizes.get(table, 0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        other = pool.submit(_checksums_in_snapshot, plan, snapshot_id, theirs, run)
+        done = run(conn, mine)
+        return {**done, **other.result()}
+
+
+def _checksums_in_snapshot(
+    plan: DumpPlan,
+    snapshot_id: str,
+    tables: list[TableName],
+    run: Callable[[psycopg.Connection, list[TableName]], dict[TableName, TableStats]],
+) -> dict[TableName, TableStats]:
+    with contextlib.closing(connect(plan.target)) as session:
+        session.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        session.read_only = True
+        with session.transaction():
+            session.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+            return run(session, tables)
+
+
+def build_manifest(
+    plan: DumpPlan, state: DumpState, *, kind: str, label: str | None, applies: str | None = None
+) -> Manifest:
+    """The manifest of a dump of ``plan`` whose content ``state`` describes."""
+    return Manifest(
+        environment=plan.target.env,
+        source_safe=plan.target.safe,
+        kind=kind,
+        created=archive.utc_now().isoformat(),
+        label=label,
+        project_ref=plan.target.project_ref,
+        server_version=plan.info.version,
+        pg_dump_version=plan.pg_dump.version,
+        database=identity(plan.target, plan.info),
+        scope=plan.scope,
+        tables=state.tables,
+        sequences=state.sequences,
+        applies=applies,
+        migrations=state.migrations,
+    )
+
+
+def start_dump(
+    plan: DumpPlan, snapshot_id: str, folder: Path, application: str = pgtools.DUMP_APPLICATION
+) -> pgtools.Running:
+    """pg_dump of ``plan``'s tables into ``folder``, in the exported snapshot ``snapshot_id``."""
+    return pgtools.start_dump(
+        plan.pg_dump,
+        plan.target,
+        snapshot_id,
+        plan.dump_tables,
+        folder / DUMP_FILE,
+        application,
+        via_partition_root=bool(plan.leaves),
+    )
+
+
+def dump_in_snapshot(
+    conn: psycopg.Connection,
+    plan: DumpPlan,
+    snapshot_id: str,
+    folder: Path,
+    *,
+    kind: str,
+    label: str | None,
+) -> Manifest:
+    """Dump ``plan`` into ``folder`` under an exported snapshot, and describe it.
+
+    ``conn`` must be inside the transaction that exported ``snapshot_id``; the statistics
+    are computed there while pg_dump runs alongside.
+    """
+    started = time.monotonic()
+    dump = start_dump(plan, snapshot_id, folder)
+    try:
+        state = describe_state(conn, plan, snapshot_id=snapshot_id)
+    except BaseException:
+        dump.kill()
+        raise
+    dump.wait()
+    log.info("  %-34s %24s", "pg_dump done", text.duration(time.monotonic() - started))
+    return build_manifest(plan, state, kind=kind, label=label)
+
+
+def export_snapshot(conn: psycopg.Connection) -> str:
+    """Export the current transaction's snapshot for pg_dump --snapshot."""
+    row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+    assert row is not None
+    return str(row[0])
