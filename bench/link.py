@@ -87,9 +87,25 @@ class _Frontend:
     def __init__(self, counters: Counters, answered: list[bool], capture: bool) -> None:
         self.counters = counters
         self.capture = capture
+        self.prepared: dict[bytes, str] = {}
+        self.bound = ""
         self.answered = answered  # set when the server sent something since the client spoke
         self.buffer = b""
         self.started = False  # past the startup message (which has no type byte)
+
+    def _capture(self, kind: bytes, body: bytes, now: float) -> None:
+        """Keep each statement's text: a simple query's, or an execution's (by the prepared
+        statement its portal was bound to: psycopg prepares what it runs often)."""
+        if kind == b"Q":
+            self.counters.texts.append((now, body.split(b"\0", 1)[0].decode("utf-8", "replace")))
+        elif kind == b"P":  # statement name, then the query
+            name, rest = body.split(b"\0", 1)
+            self.prepared[name] = rest.split(b"\0", 1)[0].decode("utf-8", "replace")
+        elif kind == b"B":  # portal name, then statement name
+            statement = body.split(b"\0", 2)[1]
+            self.bound = self.prepared.get(statement, "?")
+        elif kind == b"E":
+            self.counters.texts.append((now, self.bound))
 
     def feed(self, data: bytes) -> None:
         now = time.monotonic()
@@ -117,12 +133,8 @@ class _Frontend:
                 return
             if kind in (b"Q", b"E"):
                 self.counters.statements.append(now)
-            if self.capture and kind in (b"Q", b"P"):
-                body = self.buffer[5 : 1 + length]
-                if kind == b"P":  # statement name, then the query
-                    body = body[body.index(b"\0") + 1 :]
-                text = body.split(b"\0", 1)[0].decode("utf-8", "replace")
-                self.counters.texts.append((now, text))
+            if self.capture:
+                self._capture(kind, self.buffer[5 : 1 + length], now)
             self.buffer = self.buffer[1 + length :]
 
 

@@ -422,11 +422,18 @@ SELECT EXISTS (
 
 
 def unindexed_foreign_keys(conn: psycopg.Connection, fks: Iterable[ForeignKey]) -> list[ForeignKey]:
-    """Foreign keys whose columns lead no index of the child table (checks must scan)."""
+    """Foreign keys whose columns lead no index of the child table (checks must scan).
+
+    Every key's question in one round trip (a pipeline)."""
+    asked = []
+    with conn.pipeline():
+        for fk in fks:
+            child = str(fk.child.ident.as_string(conn))
+            cursor = conn.execute(_INDEXED, (child, len(fk.columns), child, list(fk.columns)))
+            asked.append((fk, cursor))
     result = []
-    for fk in fks:
-        child = str(fk.child.ident.as_string(conn))
-        row = conn.execute(_INDEXED, (child, len(fk.columns), child, list(fk.columns))).fetchone()
+    for fk, cursor in asked:
+        row = cursor.fetchone()
         if row and not row[0]:
             result.append(fk)
     return result
@@ -587,11 +594,15 @@ def shared_sequences(conn: psycopg.Connection, tables: Sequence[TableName]) -> l
 def _with_state(
     conn: psycopg.Connection, names: Sequence[tuple[TableName, TableName, str, int, int]]
 ) -> list[OwnedSequence]:
+    """Each sequence with where it stands (every one read in one round trip: a pipeline)."""
+    with conn.pipeline():
+        asked = [
+            conn.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(sequence.ident))
+            for sequence, *_ in names
+        ]
     result = []
-    for sequence, table, column, increment, start in names:
-        row = conn.execute(
-            sql.SQL("SELECT last_value, is_called FROM {}").format(sequence.ident)
-        ).fetchone()
+    for (sequence, table, column, increment, start), cursor in zip(names, asked, strict=True):
+        row = cursor.fetchone()
         last_value, is_called = row if row else (start, False)
         result.append(
             OwnedSequence(

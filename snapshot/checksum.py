@@ -16,7 +16,7 @@ applies, rolls back and verifies.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -102,6 +102,19 @@ def table_stats(
 ) -> TableStats:
     """Count and checksum ``table`` over ``columns`` minus ``ignore``, with ``kind``'s hash
     (of the rows ``where`` selects, when given)."""
+    return table_stats_later(conn, table, columns, ignore, kind, where)()
+
+
+def table_stats_later(
+    conn: psycopg.Connection,
+    table: TableName | sql.Identifier,
+    columns: Sequence[str],
+    ignore: Sequence[str] = (),
+    kind: str = CURRENT,
+    where: sql.Composable | None = None,
+) -> Callable[[], TableStats]:
+    """:func:`table_stats`, sent now and read when called: in a pipeline, many tables'
+    statements go in one round trip."""
     relation = table.ident if isinstance(table, TableName) else table
     used = [c for c in columns if c not in ignore]
     query = sql.SQL("SELECT count(*), {} FROM (SELECT {} AS h, {} FROM {} WHERE {}) AS s").format(
@@ -111,10 +124,15 @@ def table_stats(
         relation,
         where if where is not None else sql.SQL("true"),
     )
-    row = conn.execute(query).fetchone()
-    assert row is not None
-    rows, sums = int(row[0]), str(row[1])
-    return TableStats(rows, digest(rows, sums, kind))
+    cursor = conn.execute(query)
+
+    def result() -> TableStats:
+        row = cursor.fetchone()
+        assert row is not None
+        rows, sums = int(row[0]), str(row[1])
+        return TableStats(rows, digest(rows, sums, kind))
+
+    return result
 
 
 def column_checksums(

@@ -266,15 +266,17 @@ def _privileges(session: Session) -> Iterator[Finding]:
     checks += [
         (e.table, "SELECT, INSERT") for e in session.auth_entries if e.table in session.shapes
     ]
-    for table, wanted in checks:
-        name = table.ident.as_string(conn)
-        missing = [
-            p.strip()
-            for p in wanted.split(",")
-            if not _scalar(conn, "SELECT has_table_privilege(%s, %s)", (name, p.strip()))
-        ]
-        if missing:
-            grants.append(f"GRANT {', '.join(missing)} ON {name} TO {quote(role)};")
+    names = [table.ident.as_string(conn) for table, _ in checks]
+    lacking: dict[int, list[str]] = {}
+    for i, privilege in conn.execute(  # one question for every table and privilege
+        "SELECT w.i, p.p FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS w(t, ps, i) "
+        "CROSS JOIN LATERAL unnest(string_to_array(w.ps, ', ')) WITH ORDINALITY AS p(p, n) "
+        "WHERE NOT has_table_privilege(w.t, p.p) ORDER BY w.i, p.n",
+        (names, [wanted for _, wanted in checks]),
+    ):
+        lacking.setdefault(int(i) - 1, []).append(str(privilege))
+    for i, missing in sorted(lacking.items()):
+        grants.append(f"GRANT {', '.join(missing)} ON {names[i]} TO {quote(role)};")
     unreadable = catalog.hidden_by_row_security(conn, [t for t, _ in checks])
     if not _scalar(conn, "SELECT has_database_privilege(current_database(), 'TEMP')"):
         grants.append(f"GRANT TEMP ON DATABASE {quote(session.info.dbname)} TO {quote(role)};")

@@ -324,11 +324,11 @@ def _stage_table(
     """
     target = staging_table(entry)
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
-    if not append:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(target))
+    if not append:  # both statements in one round trip
         conn.execute(
-            sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
-                target, names, entry.table.ident
-            )
+            sql.SQL(
+                "DROP TABLE IF EXISTS {target}; "
+                "CREATE TEMP TABLE {target} AS SELECT {names} FROM {table} WITH NO DATA"
+            ).format(target=target, names=names, table=entry.table.ident)
         )
     return _copy_in(conn, target, names, script) if script is not None else 0

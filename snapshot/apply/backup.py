@@ -211,11 +211,9 @@ def follow_up(run: ApplyRun, backup: Backup) -> dict[TableName, TableStats]:
     Call under the lock, before anything is written; the rows that moved stay listed for
     :func:`catch_up`.
     """
-    stats = {}
-    for table, rows in backup.followed.items():
-        rowsets.refresh_record(run.conn, rows, run.horizon)
-        stats[table] = rowsets.record_stats(run.conn, rows)
-    return stats
+    followed = list(backup.followed.values())
+    rowsets.refresh_record(run.conn, followed, run.horizon)
+    return rowsets.stats(run.conn, followed, rowsets.RECORD)
 
 
 def describe(run: ApplyRun, backup: Backup, known: Mapping[TableName, TableStats]) -> None:
@@ -250,6 +248,7 @@ def _write_catch_up(run: ApplyRun, backup: Backup, path: Path) -> tuple[int, int
     """(rows changed since pg_dump's snapshot, tables copied whole) written to ``path``."""
     assert backup.state is not None
     copied = whole = 0
+    moved = _moved_tables(run, backup)
     with path.open("wb") as out:
         for entry in backup.state.tables:
             followed = run.row_sets.get(entry.table) or backup.followed.get(entry.table)
@@ -265,7 +264,7 @@ def _write_catch_up(run: ApplyRun, backup: Backup, path: Path) -> tuple[int, int
                 )
                 whole += 1
                 continue
-            if not _has_rows(run.conn, followed.moved):
+            if entry.table not in moved:
                 continue
             copied += _block(  # the keys that moved; their live versions follow
                 run.conn,
@@ -295,9 +294,17 @@ def _write_catch_up(run: ApplyRun, backup: Backup, path: Path) -> tuple[int, int
     return copied, whole
 
 
-def _has_rows(conn: psycopg.Connection, table: sql.Identifier) -> bool:
-    row = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(table)).fetchone()
-    return bool(row and row[0])
+def _moved_tables(run: ApplyRun, backup: Backup) -> set[TableName]:
+    """The backed-up tables with rows moved since pg_dump's snapshot (one round trip)."""
+    assert backup.state is not None
+    with run.conn.pipeline():
+        asked = []
+        for entry in backup.state.tables:
+            followed = run.row_sets.get(entry.table) or backup.followed.get(entry.table)
+            if followed is not None:
+                query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(followed.moved)
+                asked.append((entry.table, run.conn.execute(query)))
+    return {table for table, cursor in asked if (row := cursor.fetchone()) and row[0]}
 
 
 def _block(

@@ -361,8 +361,9 @@ def settle(run: ApplyRun, allowed: Collection[str]) -> tuple[Reference, ...]:
     ``s.kept``, and taken out of the delta.
     """
     refs = survey(run)
-    for rows in run.row_sets.values():
-        run.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(kept_keys(rows)))
+    with run.conn.pipeline():
+        for rows in run.row_sets.values():
+            run.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(kept_keys(rows)))
     run.kept = {}
     seeds = [
         r

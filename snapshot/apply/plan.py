@@ -165,21 +165,29 @@ def record(run: ApplyRun) -> frozenset[TableName]:
     started = time.monotonic()
     conn = run.conn
     run.row_sets = row_sets(run)
-    for rows in run.row_sets.values():
-        rowsets.create_delta(conn, rows)
-    matched = set()
+    sets = list(run.row_sets.values())
+    with conn.pipeline():  # every table's statements together: a few round trips in all
+        for rows in sets:
+            rowsets.create_delta(conn, rows)
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     with conn.transaction():  # one moment for every table
         if run.backup is not None:
             backup.import_snapshot(conn, run.backup)  # the moment the pre-apply backup sees
         run.horizon = rowsets.horizon(conn)
-        for rows in run.row_sets.values():
-            rowsets.fill_record(conn, rows)
-            entry = run.entries[rows.table]
-            run.recorded[rows.table] = rowsets.record_stats(conn, rows)
-            if run.recorded[rows.table] == TableStats(entry.rows, entry.checksum):
-                rowsets.stage_from_record(conn, rows)
-                matched.add(rows.table)
+        with conn.pipeline():
+            for rows in sets:
+                rowsets.fill_record(conn, rows)
+        run.recorded = rowsets.stats(conn, sets, rowsets.RECORD)
+        matched = {
+            rows.table
+            for rows in sets
+            if run.recorded[rows.table]
+            == TableStats(run.entries[rows.table].rows, run.entries[rows.table].checksum)
+        }
+        with conn.pipeline():
+            for rows in sets:
+                if rows.table in matched:
+                    rowsets.stage_from_record(conn, rows)
         if run.backup is not None:
             backup.record_others(run, run.backup)
     log.info(
@@ -209,10 +217,11 @@ def prepare(
     """
     started = time.monotonic()
     conn = run.conn
-    for rows in run.row_sets.values():
-        if rows.table not in matched:
-            rowsets.hash_snapshot(conn, rows)
-            rowsets.classify(conn, rows)
+    with conn.pipeline():
+        for rows in run.row_sets.values():
+            if rows.table not in matched:
+                rowsets.hash_snapshot(conn, rows)
+                rowsets.classify(conn, rows)
     log.info(
         "  compared %d tables row by row  %.1f s", len(run.row_sets), time.monotonic() - started
     )
@@ -241,14 +250,15 @@ def decide(run: ApplyRun, forced: Mapping[TableName, str]) -> Plan:
         )
         reasons[table] = f"references {', '.join(parents)}, replaced in full"
     plans = []
+    counted = rowsets.counts(
+        run.conn,
+        [run.row_sets[t] for t in run.order if t in run.row_sets],
+        {t: known.rows for t, known in run.recorded.items()},
+    )
     for table in run.order:
         entry = run.entries[table]
-        rows = run.row_sets.get(table)
-        if rows is not None:
-            known = run.recorded.get(table)
-            inserts, updates, deletes, target = rowsets.counts(
-                run.conn, rows, known.rows if known else None
-            )
+        if table in counted:
+            inserts, updates, deletes, target = counted[table]
         elif table in reasons:
             inserts, updates, deletes = entry.rows, 0, 0
             target = _count(run.conn, table)
@@ -291,7 +301,7 @@ def _helper_indexes(run: ApplyRun, plans: Sequence[TablePlan]) -> list[ForeignKe
     deletes = {p.table: p.deletes for p in plans}
     # Not a partitioned table: an index on it cannot be dropped concurrently after commit.
     partitioned = catalog.leaf_partitions(run.conn, run.order)
-    owned = {t for t in run.order if t not in partitioned and _owned(run.conn, t)}
+    owned = _owned(run.conn, [t for t in run.order if t not in partitioned])
     candidates = [
         fk
         for fk in run.fks
@@ -300,9 +310,11 @@ def _helper_indexes(run: ApplyRun, plans: Sequence[TablePlan]) -> list[ForeignKe
     return catalog.unindexed_foreign_keys(run.conn, candidates)
 
 
-def _owned(conn: psycopg.Connection, table: TableName) -> bool:
-    row = conn.execute(
-        "SELECT pg_has_role(relowner, 'USAGE') FROM pg_class WHERE oid = %s::regclass",
-        (table.ident.as_string(conn),),
-    ).fetchone()
-    return bool(row and row[0])
+def _owned(conn: psycopg.Connection, tables: Sequence[TableName]) -> set[TableName]:
+    """Those of ``tables`` the role owns (or is a member of the owner of)."""
+    rows = conn.execute(
+        "SELECT w.i FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(t, i) "
+        "JOIN pg_class c ON c.oid = w.t WHERE pg_has_role(c.relowner, 'USAGE')",
+        ([t.ident.as_string(conn) for t in tables],),
+    ).fetchall()
+    return {tables[int(r[0]) - 1] for r in rows}

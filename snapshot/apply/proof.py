@@ -10,14 +10,14 @@ Either way the count and checksum cover every live row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from snapshot import staging
 from snapshot.apply import outside
 from snapshot.apply import rows as rowsets
 from snapshot.apply.plan import Plan
 from snapshot.apply.state import ApplyRun
-from snapshot.checksum import TableStats, kind_of, table_stats
+from snapshot.checksum import TableStats, kind_of, table_stats_later
 from snapshot.names import TableName
 from snapshot.parity import TableParity, name_columns
 
@@ -29,42 +29,55 @@ def _mostly_written(plan: Plan, table: TableName) -> bool:
 
 
 def parity(run: ApplyRun, plan: Plan, before: Mapping[TableName, int]) -> list[TableParity]:
-    """Each scoped table compared with the snapshot; differing columns named on mismatch."""
+    """Each scoped table compared with the snapshot; differing columns named on mismatch.
+
+    Every table's statements go together (a pipeline): a few round trips, not one a table.
+    """
     full = plan.full_tables
+    conn = run.conn
+    proved: dict[TableName, Callable[[], TableStats | None]] = {}
+    hashed: dict[TableName, Callable[[], TableStats]] = {}
+    wanted: dict[TableName, Callable[[], TableStats]] = {}
+    with conn.pipeline():
+        for table in run.config.scope.tables:
+            entry = run.entries[table]
+            ignored = _ignored(run, table)
+            rows = run.row_sets.get(table)
+            kind = kind_of(entry.checksum)
+            if (
+                rows is not None
+                and table not in full
+                and not ignored
+                and not _mostly_written(plan, table)
+            ):
+                proved[table] = rowsets.prove_later(conn, rows)
+            else:
+                hashed[table] = table_stats_later(conn, table, entry.column_names, ignored, kind)
+            if ignored:
+                stage = staging.staging_table(entry)
+                wanted[table] = table_stats_later(conn, stage, entry.column_names, ignored, kind)
+    actual = {table: result() for table, result in hashed.items()}
+    for table, later in proved.items():
+        actual[table] = later() or rowsets.prove_by_join(conn, run.row_sets[table])
     results = []
     for table in run.config.scope.tables:
         entry = run.entries[table]
-        ignored = tuple(c for c in run.config.ignored_columns(table) if c in entry.column_names)
-        stage = staging.staging_table(entry)
-        rows = run.row_sets.get(table)
-        kind = kind_of(entry.checksum)
-        if (
-            rows is not None
-            and table not in full
-            and not ignored
-            and not _mostly_written(plan, table)
-        ):
-            actual = rowsets.prove(run.conn, rows)
-        else:
-            actual = table_stats(run.conn, table, entry.column_names, ignored, kind)
-        expected = (
-            table_stats(run.conn, stage, entry.column_names, ignored, kind)
-            if ignored
-            else TableStats(entry.rows, entry.checksum)
-        )
+        ignored = _ignored(run, table)
+        expected = wanted[table]() if table in wanted else TableStats(entry.rows, entry.checksum)
         kept = run.kept.get(table)
         if kept is not None:  # the snapshot's rows, but those kept as the target had them
-            expected = outside.expected(run, table, ignored, kind)
-        match = actual == expected
+            expected = outside.expected(run, table, ignored, kind_of(entry.checksum))
+        match = actual[table] == expected
         columns: tuple[str, ...] = ()
         if not match:
             used = [c for c in entry.column_names if c not in ignored]
-            columns = name_columns(run.conn, table, run.conn, stage, used)
+            stage = staging.staging_table(entry)
+            columns = name_columns(conn, table, conn, stage, used)
         results.append(
             TableParity(
                 table=table,
                 source_rows=entry.rows,
-                target_rows=actual.rows,
+                target_rows=actual[table].rows,
                 match=match,
                 target_rows_before=before.get(table),
                 columns=columns,
@@ -74,3 +87,8 @@ def parity(run: ApplyRun, plan: Plan, before: Mapping[TableName, int]) -> list[T
             )
         )
     return results
+
+
+def _ignored(run: ApplyRun, table: TableName) -> tuple[str, ...]:
+    entry = run.entries[table]
+    return tuple(c for c in run.config.ignored_columns(table) if c in entry.column_names)

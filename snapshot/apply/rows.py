@@ -22,7 +22,7 @@ its recorded hash when its version is the recorded one, else hashed afresh.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -138,16 +138,34 @@ def hash_snapshot(conn: psycopg.Connection, rows: RowSet) -> None:
     _analyze(conn, rows.hashes, rows.keys)
 
 
-def snapshot_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
-    """Count and checksum of the staged snapshot rows, from their hashes (as the manifest's)."""
-    row = conn.execute(
-        sql.SQL(
-            "SELECT count(*), coalesce(sum(h1$), 0)::text || ':' || coalesce(sum(h2$), 0)::text "
-            "FROM {}"
-        ).format(rows.hashes)
-    ).fetchone()
-    assert row is not None
-    return TableStats(int(row[0]), rows.digest(int(row[0]), str(row[1])))
+SNAPSHOT, RECORD = "snapshot", "record"  # the two sides a row set hashes
+
+
+def stats(
+    conn: psycopg.Connection, sets: Sequence[RowSet], side: str
+) -> dict[TableName, TableStats]:
+    """Count and checksum of each table's hashed rows, as a manifest's: the staged
+    snapshot's (``SNAPSHOT``) or the target's as its record last saw it (``RECORD``).
+    One round trip for every table (a pipeline)."""
+    with conn.pipeline():
+        cursors = [
+            (
+                rows,
+                conn.execute(
+                    sql.SQL(
+                        "SELECT count(*), coalesce(sum(h1$), 0)::text || ':' || "
+                        "coalesce(sum(h2$), 0)::text FROM {}"
+                    ).format(rows.hashes if side == SNAPSHOT else rows.record)
+                ),
+            )
+            for rows in sets
+        ]
+    found = {}
+    for rows, cursor in cursors:
+        row = cursor.fetchone()
+        assert row is not None
+        found[rows.table] = TableStats(int(row[0]), rows.digest(int(row[0]), str(row[1])))
+    return found
 
 
 def create_delta(conn: psycopg.Connection, rows: RowSet) -> None:
@@ -224,99 +242,130 @@ _CLASSIFY = sql.SQL(
 
 
 def counts(
-    conn: psycopg.Connection, rows: RowSet, recorded: int | None = None
-) -> tuple[int, int, int, int]:
-    """(inserts, updates, deletes, target rows) of the current delta and record.
+    conn: psycopg.Connection, sets: Sequence[RowSet], recorded: Mapping[TableName, int]
+) -> dict[TableName, tuple[int, int, int, int]]:
+    """Per table, (inserts, updates, deletes, target rows) of the current delta and record.
 
-    ``recorded``: the record's row count when it is known (else it is counted).
+    ``recorded``: the record's row count where it is known (else it is counted). Every
+    table's counts in one round trip (a pipeline).
     """
-    found: dict[str, int] = {
-        str(op): int(n)
-        for op, n in conn.execute(
-            sql.SQL("SELECT op$, count(*) FROM {} GROUP BY op$").format(rows.delta)
-        )
-    }
-    if recorded is None:
-        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(rows.record)).fetchone()
-        recorded = int(row[0]) if row else 0
-    target = recorded
-    return (int(found.get(INSERT, 0)), int(found.get(UPDATE, 0)), int(found.get(DELETE, 0)), target)
+    with conn.pipeline():
+        pending = [
+            (
+                rows,
+                conn.execute(
+                    sql.SQL("SELECT op$, count(*) FROM {} GROUP BY op$").format(rows.delta)
+                ),
+                None
+                if rows.table in recorded
+                else conn.execute(sql.SQL("SELECT count(*) FROM {}").format(rows.record)),
+            )
+            for rows in sets
+        ]
+    found = {}
+    for rows, by_op, counted in pending:
+        ops = {str(op): int(n) for op, n in by_op.fetchall()}
+        if counted is None:
+            target = recorded[rows.table]
+        else:
+            row = counted.fetchone()
+            target = int(row[0]) if row else 0
+        found[rows.table] = (ops.get(INSERT, 0), ops.get(UPDATE, 0), ops.get(DELETE, 0), target)
+    return found
 
 
-def reconcile(conn: psycopg.Connection, rows: RowSet, horizon: int | None = None) -> int:
-    """Bring the record and the delta up to the live table (under the lock); rows moved.
+def reconcile(
+    conn: psycopg.Connection, sets: Sequence[RowSet], horizon: int | None = None
+) -> dict[TableName, int]:
+    """Bring the records and the deltas up to the live tables (under the lock); rows moved
+    per table.
 
-    A ``(key, xmin)`` match finds the row versions that appeared or vanished since the
+    A ``(key, xmin)`` match finds the row versions that appeared or vanished since each
     record was made (:func:`refresh_record`); only those are hashed and classified again.
+    Every table's statements go together, a few round trips in all (a pipeline).
     """
-    moved = refresh_record(conn, rows, horizon)
-    if moved:
-        conn.execute(
-            sql.SQL("DELETE FROM {} AS d USING {} AS m WHERE {}").format(
-                rows.delta, rows.moved, rows.match("d", "m")
-            )
-        )
-        conn.execute(
-            sql.SQL(
-                "INSERT INTO {delta} "
-                "SELECT CASE WHEN t.x$ IS NULL THEN 'i' WHEN s.h1$ IS NULL THEN 'd' ELSE 'u' END, "
-                "{k} FROM (SELECT * FROM {s} AS s WHERE EXISTS (SELECT 1 FROM {moved} AS m "
-                "WHERE {sm})) AS s FULL JOIN (SELECT * FROM {t} AS t WHERE EXISTS (SELECT 1 "
-                "FROM {moved} AS m WHERE {tm})) AS t USING ({k}) "
-                "WHERE (s.h1$, s.h2$) IS DISTINCT FROM (t.h1$, t.h2$)"
-            ).format(
-                delta=rows.delta,
-                k=rows.keys,
-                s=rows.hashes,
-                t=rows.record,
-                moved=rows.moved,
-                sm=rows.match("s", "m"),
-                tm=rows.match("t", "m"),
-            )
-        )
+    moved = refresh_record(conn, sets, horizon)
+    with conn.pipeline():
+        for rows in sets:
+            if moved[rows.table]:
+                conn.execute(_FORGET.format(rows.delta, rows.moved, rows.match("d", "m")))
+                conn.execute(
+                    _RECLASSIFY.format(
+                        delta=rows.delta,
+                        k=rows.keys,
+                        s=rows.hashes,
+                        t=rows.record,
+                        moved=rows.moved,
+                        sm=rows.match("s", "m"),
+                        tm=rows.match("t", "m"),
+                    )
+                )
     return moved
 
 
-def refresh_record(conn: psycopg.Connection, rows: RowSet, horizon: int | None = None) -> int:
-    """Bring the record up to the live table by ``(key, xmin)``; the rows that moved.
+_FORGET = sql.SQL("DELETE FROM {} AS d USING {} AS m WHERE {}")
+_RECLASSIFY = sql.SQL(
+    "INSERT INTO {delta} "
+    "SELECT CASE WHEN t.x$ IS NULL THEN 'i' WHEN s.h1$ IS NULL THEN 'd' ELSE 'u' END, "
+    "{k} FROM (SELECT * FROM {s} AS s WHERE EXISTS (SELECT 1 FROM {moved} AS m "
+    "WHERE {sm})) AS s FULL JOIN (SELECT * FROM {t} AS t WHERE EXISTS (SELECT 1 "
+    "FROM {moved} AS m WHERE {tm})) AS t USING ({k}) "
+    "WHERE (s.h1$, s.h2$) IS DISTINCT FROM (t.h1$, t.h2$)"
+)
 
-    Their keys stay in ``rows.moved``: the pre-apply backup copies those rows. With the
-    ``horizon`` of the record's snapshot (:func:`horizon`), only the row versions written
-    after it are matched with the record (see :func:`_moved_since`); without it, or when
-    versions were deleted, every live row is.
+
+def refresh_record(
+    conn: psycopg.Connection, sets: Sequence[RowSet], horizon: int | None = None
+) -> dict[TableName, int]:
+    """Bring the records up to the live tables by ``(key, xmin)``; the rows that moved, per
+    table.
+
+    Their keys stay in each ``rows.moved``: the pre-apply backup copies those rows. With the
+    ``horizon`` of the records' snapshot (:func:`horizon`), only the row versions written
+    after it are matched with a record (see :func:`_moved_since`); without it, or where
+    versions were deleted, every live row is. Each step runs for every table at once.
     """
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.moved))
-    moved = None if horizon is None else _moved_since(conn, rows, horizon)
-    if moved is None:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.moved))
-        moved = conn.execute(
-            sql.SQL(
-                "CREATE TEMP TABLE {moved} AS SELECT {k} FROM "
-                "(SELECT {k}, t.xmin AS x$ FROM {table} AS t) AS live FULL JOIN {record} AS r "
-                "USING ({k}) WHERE live.x$ IS DISTINCT FROM r.x$"
-            ).format(moved=rows.moved, k=rows.keys, table=rows.table.ident, record=rows.record)
-        ).rowcount
-    if moved:
-        conn.execute(
-            sql.SQL("DELETE FROM {} AS r USING {} AS m WHERE {}").format(
-                rows.record, rows.moved, rows.match("r", "m")
+    moved: dict[TableName, int | None] = dict.fromkeys((r.table for r in sets), None)
+    if horizon is not None:
+        moved.update(_moved_since(conn, sets, horizon))
+    matching = [rows for rows in sets if moved[rows.table] is None]
+    created = []
+    with conn.pipeline():
+        for rows in matching:
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.moved))
+            every = _MATCH_EVERY_ROW.format(
+                moved=rows.moved, k=rows.keys, table=rows.table.ident, record=rows.record
             )
-        )
-        conn.execute(
-            sql.SQL("INSERT INTO {} {}").format(
-                rows.record,
-                _hashed(
-                    sql.SQL("{}, z.x$").format(rows.keys),
-                    sql.SQL("{}, t.xmin AS x$").format(key_columns(rows, "t")),
-                    rows.row_term("t"),
-                    sql.SQL("{} AS t JOIN {} AS m ON {}").format(
-                        rows.table.ident, rows.moved, rows.match("t", "m")
-                    ),
-                    rows.kind,
-                ),
-            )
-        )
-    return int(moved)
+            created.append((rows, conn.execute(every)))
+    for rows, cursor in created:
+        moved[rows.table] = cursor.rowcount
+    counts = {table: int(n or 0) for table, n in moved.items()}
+    with conn.pipeline():
+        for rows in sets:
+            if counts[rows.table]:
+                conn.execute(_FORGET.format(rows.record, rows.moved, rows.match("d", "m")))
+                conn.execute(
+                    sql.SQL("INSERT INTO {} {}").format(
+                        rows.record,
+                        _hashed(
+                            sql.SQL("{}, z.x$").format(rows.keys),
+                            sql.SQL("{}, t.xmin AS x$").format(key_columns(rows, "t")),
+                            rows.row_term("t"),
+                            sql.SQL("{} AS t JOIN {} AS m ON {}").format(
+                                rows.table.ident, rows.moved, rows.match("t", "m")
+                            ),
+                            rows.kind,
+                        ),
+                    )
+                )
+    return counts
+
+
+_MATCH_EVERY_ROW = sql.SQL(
+    "CREATE TEMP TABLE {moved} AS SELECT {k} FROM "
+    "(SELECT {k}, t.xmin AS x$ FROM {table} AS t) AS live FULL JOIN {record} AS r "
+    "USING ({k}) WHERE live.x$ IS DISTINCT FROM r.x$"
+)
 
 
 def horizon(conn: psycopg.Connection) -> int:
@@ -331,7 +380,9 @@ def horizon(conn: psycopg.Connection) -> int:
     return int(row[0])
 
 
-def _moved_since(conn: psycopg.Connection, rows: RowSet, horizon: int) -> int | None:
+def _moved_since(
+    conn: psycopg.Connection, sets: Sequence[RowSet], horizon: int
+) -> dict[TableName, int | None]:
     """:func:`refresh_record`'s moved rows, reading only the versions written since ``horizon``.
 
     A live version older than the horizon is a recorded one (see :func:`horizon`). The
@@ -342,44 +393,43 @@ def _moved_since(conn: psycopg.Connection, rows: RowSet, horizon: int) -> int | 
     """
     # The horizon's own transaction was still running: its rows are newer too (<=).
     newer = sql.SQL("age(t.xmin) <= (SELECT age({}::text::xid))").format(sql.Literal(str(horizon)))
-    moved_in = conn.execute(
-        sql.SQL(
-            "CREATE TEMP TABLE {moved} AS SELECT {k} FROM "
-            "(SELECT {k}, t.xmin AS x$ FROM {table} AS t WHERE {newer}) AS live "
-            "LEFT JOIN {record} AS r USING ({k}) WHERE r.x$ IS DISTINCT FROM live.x$"
-        ).format(
-            moved=rows.moved,
-            k=rows.keys,
-            table=rows.table.ident,
-            record=rows.record,
-            newer=newer,
-        )
-    ).rowcount
-    row = conn.execute(
-        sql.SQL(
-            "SELECT (SELECT count(*) FROM {record}), (SELECT count(*) FROM {table}), "
-            "(SELECT count(*) FROM {record} AS r JOIN {moved} AS m ON {on})"
-        ).format(
-            record=rows.record, table=rows.table.ident, moved=rows.moved, on=rows.match("r", "m")
-        )
-    ).fetchone()
-    assert row is not None
-    recorded, live, replaced = int(row[0]), int(row[1]), int(row[2])
-    if recorded - live + moved_in == replaced:
-        return int(moved_in)
-    return None
-
-
-def record_stats(conn: psycopg.Connection, rows: RowSet) -> TableStats:
-    """Count and checksum of the recorded rows (the target as the record last saw it)."""
-    row = conn.execute(
-        sql.SQL(
-            "SELECT count(*), coalesce(sum(h1$), 0)::text || ':' || coalesce(sum(h2$), 0)::text "
-            "FROM {}"
-        ).format(rows.record)
-    ).fetchone()
-    assert row is not None
-    return TableStats(int(row[0]), rows.digest(int(row[0]), str(row[1])))
+    with conn.pipeline():
+        pending = []
+        for rows in sets:
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.moved))
+            created = conn.execute(
+                sql.SQL(
+                    "CREATE TEMP TABLE {moved} AS SELECT {k} FROM "
+                    "(SELECT {k}, t.xmin AS x$ FROM {table} AS t WHERE {newer}) AS live "
+                    "LEFT JOIN {record} AS r USING ({k}) WHERE r.x$ IS DISTINCT FROM live.x$"
+                ).format(
+                    moved=rows.moved,
+                    k=rows.keys,
+                    table=rows.table.ident,
+                    record=rows.record,
+                    newer=newer,
+                )
+            )
+            counted = conn.execute(
+                sql.SQL(
+                    "SELECT (SELECT count(*) FROM {record}), (SELECT count(*) FROM {table}), "
+                    "(SELECT count(*) FROM {record} AS r JOIN {moved} AS m ON {on})"
+                ).format(
+                    record=rows.record,
+                    table=rows.table.ident,
+                    moved=rows.moved,
+                    on=rows.match("r", "m"),
+                )
+            )
+            pending.append((rows, created, counted))
+    found: dict[TableName, int | None] = {}
+    for rows, created, counted in pending:
+        row = counted.fetchone()
+        assert row is not None
+        moved_in = int(created.rowcount)
+        recorded, live, replaced = int(row[0]), int(row[1]), int(row[2])
+        found[rows.table] = moved_in if recorded - live + moved_in == replaced else None
+    return found
 
 
 def prove(conn: psycopg.Connection, rows: RowSet) -> TableStats:
@@ -393,7 +443,13 @@ def prove(conn: psycopg.Connection, rows: RowSet) -> TableStats:
     counts must add up (``record - gone + written = live``); when they do not (a trigger or
     script deleted other rows), every live row is matched with the record instead.
     """
-    fast = conn.execute(
+    return prove_later(conn, rows)() or prove_by_join(conn, rows)
+
+
+def prove_later(conn: psycopg.Connection, rows: RowSet) -> Callable[[], TableStats | None]:
+    """:func:`prove`'s first way, sent now and read when called (many tables in a pipeline);
+    None when the counts do not add up: then :func:`prove_by_join`."""
+    cursor = conn.execute(
         _PROVE.format(
             table=rows.table.ident,
             record=rows.record,
@@ -405,20 +461,25 @@ def prove(conn: psycopg.Connection, rows: RowSet) -> TableStats:
             term=rows.row_term("t"),
             written=_WRITTEN,
         )
-    ).fetchone()
-    assert fast is not None
-    live, written, gone, recorded, sums = int(fast[0]), int(fast[1]), int(fast[2]), fast[3], fast[4]
-    if recorded - gone + written == live:
-        return TableStats(live, rows.digest(live, str(sums)))
-    log.debug(
-        "%s: %d recorded - %d gone + %d written != %d live: matching every row with the record",
-        rows.table,
-        recorded,
-        gone,
-        written,
-        live,
     )
-    return _prove_by_join(conn, rows)
+
+    def result() -> TableStats | None:
+        fast = cursor.fetchone()
+        assert fast is not None
+        live, written, gone, recorded = int(fast[0]), int(fast[1]), int(fast[2]), int(fast[3])
+        if recorded - gone + written == live:
+            return TableStats(live, rows.digest(live, str(fast[4])))
+        log.debug(
+            "%s: %d recorded - %d gone + %d written != %d live: matching every row with the record",
+            rows.table,
+            recorded,
+            gone,
+            written,
+            live,
+        )
+        return None
+
+    return result
 
 
 # Rows written by this transaction: their xmin is its id or a later one (its
@@ -444,7 +505,7 @@ _PROVE = sql.SQL(
 )
 
 
-def _prove_by_join(conn: psycopg.Connection, rows: RowSet) -> TableStats:
+def prove_by_join(conn: psycopg.Connection, rows: RowSet) -> TableStats:
     """:func:`prove` by matching every live row with the record by ``(key, xmin)``."""
     row = conn.execute(
         sql.SQL(

@@ -23,31 +23,28 @@ def restart(run: ApplyRun) -> int:
     insert cannot collide.
     """
     archived = {(q.table, q.column): q for q in run.snapshot.manifest.sequences}
+    owned = catalog.owned_sequences(run.conn, run.order)
+    tops = _highest(run, [q for q in owned if q.increment > 0])
     restarted = 0
-    for current in catalog.owned_sequences(run.conn, run.order):
-        snap = archived.get((current.table, current.column))
-        if snap is None:
-            run.notes.append(f"{current.sequence} is not in the snapshot: left as it was")
-            continue
-        value = snap.next_value
-        if current.increment > 0:
-            row = run.conn.execute(
-                sql.SQL("SELECT max({})::bigint FROM {}").format(
-                    sql.Identifier(current.column), current.table.ident
-                )
-            ).fetchone()
-            highest = row[0] if row else None
+    with run.conn.pipeline():  # every restart in one round trip
+        for current in owned:
+            snap = archived.get((current.table, current.column))
+            if snap is None:
+                run.notes.append(f"{current.sequence} is not in the snapshot: left as it was")
+                continue
+            value = snap.next_value
+            highest = tops.get((current.table, current.column))
             if highest is not None and highest >= value:
                 value = highest + current.increment
                 run.notes.append(f"{current.sequence} restarts at {value}, above its data")
-        if current.next_value == value:
-            continue
-        run.conn.execute(
-            sql.SQL("ALTER SEQUENCE {} RESTART WITH {}").format(
-                current.sequence.ident, sql.Literal(value)
+            if current.next_value == value:
+                continue
+            run.conn.execute(
+                sql.SQL("ALTER SEQUENCE {} RESTART WITH {}").format(
+                    current.sequence.ident, sql.Literal(value)
+                )
             )
-        )
-        restarted += 1
+            restarted += 1
     restarted += _above_the_data(run)
     log.info("  restarted %d sequences", restarted)
     return restarted
@@ -61,19 +58,15 @@ def _above_the_data(run: ApplyRun) -> int:
     so that the app's next insert cannot collide. Returns how many moved.
     """
     highest: dict[TableName, tuple[OwnedSequence, int]] = {}
-    for current in catalog.shared_sequences(run.conn, run.order):
-        if current.increment <= 0:
-            continue
-        row = run.conn.execute(
-            sql.SQL("SELECT max({})::bigint FROM {}").format(
-                sql.Identifier(current.column), current.table.ident
-            )
-        ).fetchone()
-        if row is None or row[0] is None:
+    shared = [q for q in catalog.shared_sequences(run.conn, run.order) if q.increment > 0]
+    tops = _highest(run, shared)
+    for current in shared:
+        top = tops.get((current.table, current.column))
+        if top is None:
             continue
         known = highest.get(current.sequence)
-        if known is None or int(row[0]) > known[1]:
-            highest[current.sequence] = (current, int(row[0]))
+        if known is None or top > known[1]:
+            highest[current.sequence] = (current, top)
     moved = 0
     for sequence, (current, top) in highest.items():
         if top < current.next_value:
@@ -99,3 +92,26 @@ def _above_the_data(run: ApplyRun) -> int:
         )
         moved += 1
     return moved
+
+
+def _highest(
+    run: ApplyRun, sequences: list[OwnedSequence]
+) -> dict[tuple[TableName, str], int | None]:
+    """The highest value of each sequence's column (every one read in one round trip)."""
+    with run.conn.pipeline():
+        asked = [
+            (
+                (q.table, q.column),
+                run.conn.execute(
+                    sql.SQL("SELECT max({})::bigint FROM {}").format(
+                        sql.Identifier(q.column), q.table.ident
+                    )
+                ),
+            )
+            for q in sequences
+        ]
+    found: dict[tuple[TableName, str], int | None] = {}
+    for column, cursor in asked:
+        row = cursor.fetchone()
+        found[column] = int(row[0]) if row and row[0] is not None else None
+    return found

@@ -128,19 +128,21 @@ def record(run: ApplyRun, folder: Path) -> None:
     written = xact_writes(run.conn)
     partitioned = _partitioned(run)
     xids: set[str] = set()
-    for table in run.order:
-        if table not in partitioned and not any(written.get(table, (0, 0, 0))[:2]):
-            continue  # no row inserted or updated here: no row version carries its id
-        # Every row version this transaction wrote has its id or a later one (its
-        # subtransactions'): age() of it is 0 or less.
-        xids.update(
-            str(r[0])
-            for r in run.conn.execute(
+    with run.conn.pipeline():  # every table's question in one round trip
+        asked = [
+            run.conn.execute(
                 sql.SQL("SELECT DISTINCT xmin::text FROM {} WHERE age(xmin) <= 0").format(
                     table.ident
                 )
             )
-        )
+            for table in run.order
+            # no row inserted or updated: no row version carries its id
+            if table in partitioned or any(written.get(table, (0, 0, 0))[:2])
+        ]
+    # Every row version this transaction wrote has its id or a later one (its
+    # subtransactions'): age() of it is 0 or less.
+    for cursor in asked:
+        xids.update(str(r[0]) for r in cursor.fetchall())
     try:
         (folder / XIDS_FILE).write_text("".join(f"{x}\n" for x in sorted(xids)), encoding="ascii")
         with (folder / DELETES_FILE).open("wb") as out:
@@ -212,8 +214,9 @@ def load(run: ApplyRun) -> Applied | None:
     if not all(x.isdigit() for x in xids):
         raise ArchiveError(f"{run.snapshot.id}: {XIDS_FILE} holds something else than ids")
     loaded, unknown = set(), set()
-    for rows in run.row_sets.values():
-        run.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_deleted_keys(rows)))
+    with run.conn.pipeline():
+        for rows in run.row_sets.values():
+            run.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_deleted_keys(rows)))
     with (folder / DELETES_FILE).open("rb") as stream:
         script = ScriptReader(stream, (DELETED,))
         while header := script.next_header():

@@ -210,10 +210,10 @@ def _staged_rows(run: ApplyRun) -> Iterator[Finding]:
 
     wrong = []
     entries = [*run.entries.values(), *run.auth_entries]
+    hashed = rowsets.stats(run.conn, list(run.row_sets.values()), rowsets.SNAPSHOT)
     for entry in entries:
-        rows = run.row_sets.get(entry.table)
-        if rows is not None:
-            staged = rowsets.snapshot_stats(run.conn, rows)
+        if entry.table in hashed:
+            staged = hashed[entry.table]
         else:
             staged = table_stats(
                 run.conn,

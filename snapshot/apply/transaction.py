@@ -114,17 +114,19 @@ def lock(run: ApplyRun) -> None:
     run.conn.execute(
         sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{wait * 1000:.0f}ms"))
     )
+    # One statement locks them all, children first (each lock's wait bounded as above).
+    statement = sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
+        sql.SQL(", ").join(t.ident for t in reversed(run.order))
+    )
     while True:
-        waiting = run.order[-1]
         try:
             with run.conn.transaction():  # a savepoint: a failed attempt releases its locks
-                for waiting in reversed(run.order):
-                    run.conn.execute(
-                        sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(waiting.ident)
-                    )
+                run.conn.execute(statement)
             break
         except psycopg.errors.LockNotAvailable:
             if time.monotonic() >= deadline:
+                order = list(reversed(run.order))
+                waiting = write.blocked_table(run.conn, order) or order[-1]
                 holders = write.lock_holders(run.conn, [waiting])
                 raise ApplyFailed(
                     f"could not lock {waiting} on {run.target.env} within {timeout}: "
@@ -145,9 +147,8 @@ def reconcile(run: ApplyRun, running: backup.Backup | None) -> dict[TableName, i
     written; each table's rows now (the closing report's "target before")."""
     conn = run.conn
     _compare_again(run, run.order)
-    known = {
-        t: run.recorded.get(t) or rowsets.record_stats(conn, r) for t, r in run.row_sets.items()
-    }
+    stale = [r for t, r in run.row_sets.items() if t not in run.recorded]
+    known = {**run.recorded, **rowsets.stats(conn, stale, rowsets.RECORD)}
     if running is not None:
         backup.describe(run, running, {**known, **backup.follow_up(run, running)})
         backup.catch_up(run, running)
@@ -201,12 +202,12 @@ def _report(
 
 def _compare_again(run: ApplyRun, tables: Collection[TableName]) -> int:
     """Rows written since the record was made, hashed and classified again; how many."""
+    sets = [run.row_sets[t] for t in tables if t in run.row_sets]
     moved = 0
-    for table in tables:
-        if table in run.row_sets:
-            if moving := rowsets.reconcile(run.conn, run.row_sets[table], run.horizon):
-                run.recorded.pop(table, None)  # the record changed: its stats are stale
-            moved += moving
+    for table, moving in rowsets.reconcile(run.conn, sets, run.horizon).items():
+        if moving:
+            run.recorded.pop(table, None)  # the record changed: its stats are stale
+        moved += moving
     if moved:
         log.info("  %s changed since the plan was made: compared again", text.count(moved, "row"))
     return moved
@@ -215,15 +216,16 @@ def _compare_again(run: ApplyRun, tables: Collection[TableName]) -> int:
 def _touched(run: ApplyRun, before: dict[int, int]) -> list[TableName]:
     """Scoped tables written since ``before`` (partitioned ones always count)."""
     after = replica.write_counters(run.conn)
-    touched = []
-    for table in run.order:
-        oid, kind = run.conn.execute(
-            "SELECT oid, relkind FROM pg_class WHERE oid = %s::regclass",
-            (table.ident.as_string(run.conn),),
-        ).fetchone() or (0, "")
-        if kind == "p" or after.get(oid, 0) != before.get(oid, 0):
-            touched.append(table)
-    return touched
+    found = run.conn.execute(
+        "SELECT t::oid, c.relkind FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(t, i) "
+        "JOIN pg_class c ON c.oid = w.t ORDER BY w.i",
+        ([t.ident.as_string(run.conn) for t in run.order],),
+    ).fetchall()
+    return [
+        table
+        for table, (oid, kind) in zip(run.order, found, strict=True)
+        if kind == "p" or after.get(oid, 0) != before.get(oid, 0)
+    ]
 
 
 def _count(conn: psycopg.Connection, table: TableName) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 import psycopg
@@ -153,6 +153,18 @@ def drop_helper_indexes(
     finally:
         conn.execute("SET lock_timeout = 0")
     return left
+
+
+def blocked_table(conn: psycopg.Connection, tables: Sequence[TableName]) -> TableName | None:
+    """The first of ``tables`` (in their order) another session holds a lock on that writers
+    conflict with: the one a ``LOCK TABLE`` of them all waits for."""
+    row = conn.execute(
+        "SELECT w.i FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(t, i) "
+        "WHERE EXISTS (SELECT 1 FROM pg_locks l WHERE l.relation = w.t AND l.granted "
+        "AND l.pid <> pg_backend_pid() AND l.mode = ANY(%s)) ORDER BY w.i LIMIT 1",
+        ([t.ident.as_string(conn) for t in tables], list(_CONFLICTING)),
+    ).fetchone()
+    return tables[int(row[0]) - 1] if row else None
 
 
 def lock_holders(
