@@ -157,10 +157,15 @@ def _auth_conflicts(run: ApplyRun) -> Iterator[Finding]:
     for columns, predicate in _unique_keys(run.conn, users.column_names):
         covered = sql.SQL(" WHERE {}").format(sql.SQL(predicate)) if predicate else sql.SQL("")
         same = sql.SQL(" AND ").join(_same_value(c) for c in columns)
+        # OFFSET 0 keeps the LIMIT from choosing the join: with no conflict (the usual
+        # case) a nested loop over lower(email) compares every pair (6 s for 9,000 users);
+        # a hash join reads each side once.
         query = sql.SQL(
-            "SELECT s.id, s.email, t.id FROM (SELECT * FROM {stage}{covered}) s "
+            "SELECT * FROM (SELECT s.id, s.email, t.id AS other FROM "
+            "(SELECT * FROM {stage}{covered}) s "
             "JOIN (SELECT * FROM auth.users{covered}) t ON {same} AND t.id <> s.id "
-            "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) ORDER BY s.id LIMIT 20"
+            "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) OFFSET 0) AS found "
+            "ORDER BY id LIMIT 20"
         ).format(stage=stage, covered=covered, same=same)
         try:
             with run.conn.transaction():  # a predicate over a column the snapshot lacks fails
