@@ -16,6 +16,7 @@ only then are the counts compared with the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -163,9 +164,9 @@ def stage(
     use_app_search_path(conn, local=False)
     try:
         counts = _load(conn, pg_restore, snapshot, wanted, skip, sparse_tables)
-        for table, changed in sparse_tables.items():
-            if changed.seen or wanted[table].rows == 0:
-                counts[table] = sparse.finish(conn, changed)
+        # one without any block and rows in the manifest is missing (said below)
+        finished = [s for s in sparse_tables.values() if s.seen or wanted[s.table].rows == 0]
+        counts.update(sparse.finish(conn, finished))
     finally:
         if not conn.closed:
             use_tool_search_path(conn, local=False)
@@ -328,18 +329,16 @@ def _stage_changes(
     conn: psycopg.Connection, changes: sparse.Sparse, columns: Sequence[str], script: ScriptReader
 ) -> None:
     """Send up one COPY block's rows that the staged target rows lack (:mod:`snapshot.sparse`)."""
-    if not changes.seen:
-        conn.execute(
-            sql.SQL(
-                "DROP TABLE IF EXISTS {side}; CREATE TEMP TABLE {side} AS SELECT * FROM {stage} "
-                "WITH NO DATA"
-            ).format(side=changes.side, stage=changes.stage)
-        )
-        changes.seen = True
+    changes.seen = True
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
     query = sql.SQL("COPY {} ({}) FROM STDIN").format(changes.side, names)
-    with conn.cursor() as cur, cur.copy(query) as copy:
-        lines = changes.filter(columns, copy)
+    with contextlib.ExitStack() as stack:
+
+        def open_copy() -> sparse.Sink:
+            cursor = stack.enter_context(conn.cursor())
+            return stack.enter_context(cursor.copy(query))
+
+        lines = changes.filter(columns, open_copy)
         script.pump(lines)
         lines.close()
 

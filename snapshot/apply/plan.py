@@ -201,7 +201,7 @@ def record(run: ApplyRun) -> frozenset[TableName]:
                 if rows.table in matched:
                     rowsets.stage_from_record(conn, rows)
                 elif rows.table in run.sparse:
-                    sparse.copy_recorded(conn, run.sparse[rows.table], rows.table)
+                    sparse.copy_recorded(conn, run.sparse[rows.table])
         if run.backup is not None:
             backup.record_others(run, run.backup)
     sparse.download(
@@ -210,10 +210,10 @@ def record(run: ApplyRun) -> frozenset[TableName]:
         {table: run.row_sets[table].record for table in run.sparse},
     )
     log.info(
-        "  recorded %d tables (%d already hold the snapshot's rows%s)  %.1f s",
+        "  recorded %d tables (%d already hold the snapshot's rows)%s  %.1f s",
         len(run.row_sets),
         len(matched),
-        f"; {len(run.sparse)} staged from what differs" if run.sparse else "",
+        f", {len(run.sparse)} to stage from what differs" if run.sparse else "",
         time.monotonic() - started,
     )
     return frozenset(matched)
