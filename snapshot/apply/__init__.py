@@ -42,6 +42,7 @@ from snapshot.db import connect, error_message, error_sentence
 from snapshot.dump import LIVE
 from snapshot.environments import resolve_connection
 from snapshot.errors import ApplyFailed, Interrupted, Refused, ScriptFailed, SnapshotError
+from snapshot.masking import masked_note
 from snapshot.preflight import Finding, PreflightFailed, PreflightReport
 from snapshot.session import apply_lock_holder, open_session, release_apply_lock
 
@@ -117,6 +118,8 @@ def run_apply(
             raise PreflightFailed(checks)
         if auth_withheld:
             run.notes.append(f"auth users: {auth_withheld}")
+        if snapshot.manifest.masking is not None:
+            run.notes.append(masked_note(snapshot.manifest.masking))
         if confirm is not None:
             _ask(run, confirm)
             with phases("preparing again"):
@@ -195,6 +198,9 @@ def _check(run: ApplyRun, *, settle: bool, backup: bool, keep_lock: bool) -> Pre
             findings += staged_checks.staged_checks(run)
         if session.auth_withheld:
             findings.append(Finding("auth users", preflight.WARNING, session.auth_withheld))
+        if session.snapshot.manifest.masking is not None:
+            masked = masked_note(session.snapshot.manifest.masking)
+            findings.append(Finding("masking", preflight.OK, masked))
     finally:
         if holder is None and not keep_lock:
             release_apply_lock(session.conn)
