@@ -4,13 +4,18 @@ and no real person's value reaches the archive or dev."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from snapshot.masking.rules import PASSWORD, PASSWORD_HASH
+from snapshot.config import parse_config
+from snapshot.errors import ConfigError
+from snapshot.manifest import Manifest
+from snapshot.masking.rules import PASSWORD, PASSWORD_HASH, Rule
+from snapshot.names import TableName
 from tests.fix_db import SCOPE_TABLES, Database
-from tests.fix_project import Project
+from tests.fix_project import Project, one_error_line, sample_manifest
 
 KEY = "a-long-random-team-secret-0001"
 OTHER_KEY = "another-long-random-secret-0002"
@@ -77,12 +82,22 @@ def take_masked(project: Project) -> Path:
     return Path(json.loads(taken.stdout)["path"])
 
 
-def masked_values(folder: Path, prod: Database, project: Project) -> dict:
-    return json.loads((folder / "manifest.json").read_text())["masking"]
+def archive_bytes(folder: Path, restore_bin: Path) -> bytes:
+    """Every byte of a snapshot folder, the dump's compressed data as pg_restore reads it."""
+    script = subprocess.run(
+        [str(restore_bin / "pg_restore"), "--data-only", "--file=-", str(folder / "data.dump")],
+        check=True,
+        capture_output=True,
+    ).stdout
+    return script + b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+
+
+def manifest_of(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
 
 
 def test_a_masked_take_applies_to_dev_with_no_original_left(
-    project: Project, masked_pair, tmp_path: Path
+    project: Project, masked_pair, restore_bin: Path
 ) -> None:
     dev, prod = masked_pair
     originals = personal_prod(prod)
@@ -94,8 +109,9 @@ def test_a_masked_take_applies_to_dev_with_no_original_left(
     assert masking["rules"]["public.users.email"] == "email"
     assert masking["rules"]["auth.users.encrypted_password"] == f"the bcrypt hash of {PASSWORD!r}"
     assert len(masking["key_fingerprint"]) == 16
-    archived = b"".join(p.read_bytes() for p in folder.rglob("*") if p.is_file())
+    archived = archive_bytes(folder, restore_bin)
     assert KEY.encode() not in archived
+    assert b"realmail" not in archived and b"$2a$10$realhash" not in archived
     for value in originals:
         assert value.encode() not in archived, value
 
@@ -134,3 +150,179 @@ def test_a_masked_take_applies_to_dev_with_no_original_left(
 
     rolled = project.run("rollback", "dev", "--yes")
     assert rolled.exit_code == 0, rolled.output
+
+
+def test_the_same_key_masks_the_same_in_every_take_another_key_otherwise(
+    project: Project, masked_pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _dev, prod = masked_pair
+    personal_prod(prod)
+
+    first, second = take_masked(project), take_masked(project)
+    monkeypatch.setenv("SNAPSHOT_MASK_KEY", OTHER_KEY)
+    other = take_masked(project)
+
+    def masked_checksums(folder: Path) -> dict[str, str]:
+        manifest = manifest_of(folder)
+        masked = set(manifest["masking"]["tables"])
+        return {t["table"]: t["checksum"] for t in manifest["tables"] if t["table"] in masked}
+
+    assert set(masked_checksums(first)) == {"public.users", "auth.users", "auth.identities"}
+    assert masked_checksums(first) == masked_checksums(second)
+    assert (first / "masked.copy").read_bytes() == (second / "masked.copy").read_bytes()
+    differ = masked_checksums(other)
+    assert all(differ[t] != c for t, c in masked_checksums(first).items())
+    assert (
+        manifest_of(first)["masking"]["key_fingerprint"]
+        == (manifest_of(second)["masking"]["key_fingerprint"])
+    )
+    assert (
+        manifest_of(other)["masking"]["key_fingerprint"]
+        != (manifest_of(first)["masking"]["key_fingerprint"])
+    )
+
+
+def test_emails_in_arrays_and_json_are_masked_and_still_join(
+    project: Project, masked_pair, restore_bin: Path
+) -> None:
+    dev, prod = masked_pair
+    originals = personal_prod(prod)
+    for db in (dev, prod):
+        db.execute("ALTER TABLE public.users ADD COLUMN alt_emails text[]")
+        db.execute("ALTER TABLE public.users ADD COLUMN last_ip inet")
+    prod.execute(
+        "UPDATE public.users SET alt_emails = ARRAY[email, 'x@realmail.test'], "
+        "last_ip = '203.0.113.7'"
+    )
+    prod.execute(
+        "UPDATE public.user_preferences p SET settings = settings || "
+        "jsonb_build_object('contact', u.email) FROM public.users u WHERE u.id = p.user_id"
+    )
+    project.config(
+        RULES
+        + """"users.alt_emails" = "email"
+"users.last_ip" = "ip"
+"user_preferences.settings" = "json"
+"""
+    )
+
+    folder = take_masked(project)
+
+    archived = archive_bytes(folder, restore_bin)
+    for value in [*originals, "x@realmail.test", "203.0.113.7"]:
+        assert value.encode() not in archived, value
+    applied = project.run("apply", "dev", "--from", "prod", "--yes")
+    assert applied.exit_code == 0, applied.output
+    # An email masks the same in a text column, an array and a JSON document.
+    assert dev.scalar(
+        "SELECT count(*) FROM public.users u JOIN public.user_preferences p ON p.user_id = u.id "
+        "WHERE u.email = u.alt_emails[1] AND p.settings ->> 'contact' = u.email"
+    ) == prod.scalar(
+        "SELECT count(*) FROM public.users u JOIN public.user_preferences p ON p.user_id = u.id "
+        "WHERE p.settings ? 'contact'"
+    )
+    assert dev.scalar("SELECT count(DISTINCT last_ip) FROM public.users") == 1
+
+
+def test_a_personal_column_without_a_rule_refuses_the_take(project: Project, masked_pair) -> None:
+    _dev, prod = masked_pair
+    prod.execute("ALTER TABLE public.answers ADD COLUMN reviewer text")
+    prod.execute("UPDATE public.answers SET reviewer = 'someone@realmail.test' WHERE id % 7 = 0")
+    project.config(RULES.replace('"users.bio" = "text"\n', ""))
+
+    refused = project.run("take", "prod")
+
+    assert refused.exit_code == 2
+    assert one_error_line(refused) == (
+        "Error: refusing to take prod: 2 columns look personal and have no masking rule: "
+        "'public.users.bio' = \"text\" (its name); 'public.answers.reviewer' = \"email\" "
+        "(sampled values: 500 of 500 hold an email); add a rule for each under "
+        '[masking.columns] in snapshot.toml ("keep" takes one as it is), as \'snapshot '
+        "check' suggests"
+    )
+    assert project.snapshots("prod") == []
+
+    project.config(
+        RULES + '"answers.reviewer" = "keep"\n'
+    )  # an explicit keep is a rule: the column is taken as it is
+    kept = take_masked(project)
+    assert manifest_of(kept)["masking"]["rules"]["public.answers.reviewer"] == "keep"
+
+
+@pytest.mark.fast
+def test_rules_are_read_from_snapshot_toml(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "masking": {
+                "key_env": "TEAM_MASK_KEY",
+                "columns": {
+                    "users.email": "email",
+                    "public.users.bio": {"value": "redacted"},
+                    "users.created_at": {"kind": "date", "days": 7},
+                    "auth.users.phone": "keep",
+                },
+            }
+        },
+        None,
+        tmp_path,
+    )
+
+    users = TableName("public", "users")
+    assert config.masking.key_env == "TEAM_MASK_KEY" and config.masking.auth
+    assert config.masking.columns == {
+        (users, "email"): Rule("email"),
+        (users, "bio"): Rule("value", value="redacted"),
+        (users, "created_at"): Rule("date", days=7),
+        (TableName("auth", "users"), "phone"): Rule("keep"),
+    }
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("masking", "message"),
+    [
+        (
+            {"columns": {"users.email": "scramble"}},
+            "[masking.columns] 'users.email' is 'scramble': write one of email, name, phone, "
+            'address, text, ip, json, date, hash, null, keep, or { value = "..." }',
+        ),
+        (
+            {"columns": {"users.bio": {"value": 3}}},
+            "[masking.columns] 'users.bio' value must be text (quoted), not 3",
+        ),
+        (
+            {"columns": {"users.created_at": {"kind": "date", "days": 0}}},
+            "[masking.columns] 'users.created_at' days must be a whole number of at least 1",
+        ),
+        (
+            {"columns": {"posts.body": "text"}},
+            "[masking.columns] 'posts.body' names a column of public.posts, which is not in "
+            "[scope] tables",
+        ),
+        ({"columns": {"email": "email"}}, "[masking.columns]: 'email' is not a column"),
+        ({"key_env": "MY KEY"}, "[masking] key_env must name an environment variable"),
+        ({"rules": {}}, "unknown setting 'rules' in [masking]"),
+    ],
+)
+def test_a_bad_rule_is_one_clear_line(tmp_path: Path, masking: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"masking": masking}, None, tmp_path)
+
+    assert str(refused.value).startswith(message), str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.fast
+def test_the_manifest_records_the_rules_and_the_key_fingerprint_not_the_key() -> None:
+    from snapshot.manifest import Masking
+    from snapshot.masking.rules import fingerprint
+
+    masking = Masking(
+        (("public.users.email", "email"),), fingerprint(KEY), "masked.copy", ("public.users",)
+    )
+    manifest = sample_manifest()
+    data = {**manifest.to_json(), "masking": masking.to_json()}
+
+    assert Manifest.from_json(data).masking == masking
+    assert KEY not in json.dumps(data)
+    assert fingerprint(KEY) != fingerprint(OTHER_KEY)

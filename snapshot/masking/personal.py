@@ -18,7 +18,8 @@ from snapshot import text
 from snapshot.catalog import Column, TableShape
 from snapshot.names import AUTH_TABLES, TableName, quote
 
-SAMPLE_ROWS = 500
+SAMPLE_ROWS = 500  # values that are not null, per column
+SCAN_ROWS = 50_000  # rows read at most, per column, to find them
 
 # (pattern on the column's name, suggested rule), the first that matches.
 _BY_NAME = (
@@ -118,26 +119,31 @@ def _sample(
         return {}
     parts: list[sql.Composable] = []
     for column in columns:
-        v = sql.SQL("{}::text").format(sql.Identifier(column.name))
-        parts += [
-            sql.SQL("count({})").format(v),
-            sql.SQL("count(*) FILTER (WHERE {} ~ {})").format(v, sql.Literal(_EMAIL)),
-            sql.SQL("count(*) FILTER (WHERE {v} ~ {p} AND {v} !~ {n})").format(
-                v=v, p=sql.Literal(_PHONE), n=sql.Literal(_NOT_PHONE)
-            ),
-            sql.SQL("count(*) FILTER (WHERE {} ~ {})").format(v, sql.Literal(_IPV4)),
-        ]
-    query = sql.SQL("SELECT {} FROM (SELECT {} FROM {} LIMIT {}) AS sample").format(
-        sql.SQL(", ").join(parts),
-        sql.SQL(", ").join(sql.Identifier(c.name) for c in columns),
-        table.ident,
-        sql.Literal(SAMPLE_ROWS),
-    )
+        # Up to SAMPLE_ROWS values that are not null, among the first SCAN_ROWS rows.
+        parts.append(
+            sql.SQL(
+                "(SELECT ARRAY[count(v), count(*) FILTER (WHERE v ~ {email}), "
+                "count(*) FILTER (WHERE v ~ {phone} AND v !~ {not_phone}), "
+                "count(*) FILTER (WHERE v ~ {ip})] "
+                "FROM (SELECT c::text AS v FROM (SELECT {c} AS c FROM {t} LIMIT {scan}) AS r "
+                "WHERE c IS NOT NULL LIMIT {sample}) AS s)"
+            ).format(
+                email=sql.Literal(_EMAIL),
+                phone=sql.Literal(_PHONE),
+                not_phone=sql.Literal(_NOT_PHONE),
+                ip=sql.Literal(_IPV4),
+                c=sql.Identifier(column.name),
+                t=table.ident,
+                scan=sql.Literal(SCAN_ROWS),
+                sample=sql.Literal(SAMPLE_ROWS),
+            )
+        )
+    query = sql.SQL("SELECT {}").format(sql.SQL(", ").join(parts))
     row = conn.execute(query).fetchone()
     assert row is not None
     result = {}
     for i, column in enumerate(columns):
-        values, emails, phones, ips = row[4 * i : 4 * i + 4]
+        values, emails, phones, ips = row[i]
         if column.type in ("inet", "cidr"):
             result[column.name] = ("ip", "its type")
         elif emails:
