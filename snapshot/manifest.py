@@ -71,6 +71,16 @@ class Masking:
     file: str
     tables: tuple[str, ...]  # the tables whose rows are in ``file``, not in the dump
 
+    def describe(self) -> str:
+        """What a report says of a masked snapshot: by which rules, under which key."""
+        masked = [f"{column} {rule}" for column, rule in self.rules if rule != "keep"]
+        kept = len(self.rules) - len(masked)
+        also = f"; {kept} kept as they are" if kept else ""
+        return (
+            f"masked snapshot (key {self.key_fingerprint}): "
+            f"{', '.join(masked) or 'no column masked'}{also}"
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "rules": dict(self.rules),

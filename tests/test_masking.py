@@ -249,6 +249,47 @@ def test_a_personal_column_without_a_rule_refuses_the_take(project: Project, mas
     assert manifest_of(kept)["masking"]["rules"]["public.answers.reviewer"] == "keep"
 
 
+def test_check_lists_the_columns_a_masked_take_would_refuse_with_a_rule_each(
+    project: Project, masked_pair
+) -> None:
+    project.config("")  # no rules
+    assert project.run("take", "dev").exit_code == 0
+
+    unruled = project.run("check", "prod", "--json")
+
+    assert unruled.exit_code == 0, unruled.output
+    [found] = [
+        f for f in json.loads(unruled.stdout)["findings"] if f["check"] == "personal columns"
+    ]
+    assert found["status"] == "warning"
+    assert found["detail"] == (
+        "3 columns of prod look personal and have no masking rule, so a take of prod refuses: "
+        "add under [masking.columns] in snapshot.toml: 'public.users.email' = \"email\" (its "
+        "name); 'public.users.display_name' = \"name\" (its name); 'public.users.bio' = "
+        '"text" (its name)'
+    )
+
+    project.config(RULES)
+    ruled = project.run("check", "prod", "--json")
+    [found] = [f for f in json.loads(ruled.stdout)["findings"] if f["check"] == "personal columns"]
+    assert found["status"] == "ok"
+
+
+def test_list_marks_masked_and_unmasked_takes(project: Project, masked_pair) -> None:
+    take_masked(project)
+    assert project.run("take", "prod", "--unmasked").exit_code == 0
+    assert project.run("take", "dev").exit_code == 0
+
+    listed = project.run("list", "--json")
+    shown = project.run("list")
+
+    people = {(s["environment"], s["people"]) for s in json.loads(listed.stdout)}
+    assert people == {("prod", "masked"), ("prod", "unmasked"), ("dev", "")}
+    assert "people" in shown.stdout.splitlines()[0]
+    assert sum(" masked" in line for line in shown.stdout.splitlines()) == 1
+    assert sum(" unmasked" in line for line in shown.stdout.splitlines()) == 1
+
+
 @pytest.mark.fast
 def test_rules_are_read_from_snapshot_toml(tmp_path: Path) -> None:
     config = parse_config(

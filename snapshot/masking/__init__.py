@@ -36,7 +36,6 @@ from snapshot import catalog
 from snapshot.catalog import Column, TableShape
 from snapshot.checksum import TableStats, table_stats
 from snapshot.errors import ConfigError
-from snapshot.manifest import Masking
 from snapshot.masking import fakes, personal
 from snapshot.masking.rules import AUTH_RULES, KEEP, MaskingSettings, Rule, fingerprint
 from snapshot.names import TableName, quote
@@ -123,6 +122,36 @@ def plan_masks(
     env_name: str,
 ) -> Masks:
     """Resolve and check the rules against the source's catalog (see the module, step 1)."""
+    rules, unique = _resolve(conn, shapes, settings)
+    suspects = personal.find(conn, shapes, set(rules), skip_auth=settings.auth)
+    if suspects:
+        raise ConfigError(personal.refusal(env_name, suspects))
+    tables = {}
+    for table, shape in shapes.items():
+        masked = {c: r for (t, c), r in rules.items() if t == table and r.kind != KEEP}
+        if masked:
+            tables[table] = TableMask(
+                table, shape.columns, masked, unique[table], table in partitioned
+            )
+    described = tuple(sorted((column_text(t, c), r.describe()) for (t, c), r in rules.items()))
+    return Masks(tables, described, fingerprint(key), key)
+
+
+def unruled_columns(
+    conn: psycopg.Connection, tables: Sequence[TableName], settings: MaskingSettings
+) -> list[personal.Suspect]:
+    """The columns of ``tables`` that look personal and have no rule: what would stop a
+    masked take (``check`` lists them, with a suggested rule each)."""
+    shapes = catalog.table_shapes(conn, tables)
+    rules, _ = _resolve(conn, shapes, settings)
+    return personal.find(conn, shapes, set(rules), skip_auth=settings.auth)
+
+
+def _resolve(
+    conn: psycopg.Connection, shapes: Mapping[TableName, TableShape], settings: MaskingSettings
+) -> tuple[dict[tuple[TableName, str], Rule], dict[TableName, frozenset[str]]]:
+    """Every rule that applies (the auth defaults, ``[masking]``, the columns that follow a
+    masked key), checked against the catalog; and the columns under a unique index."""
     rules: dict[tuple[TableName, str], Rule] = {}
     if settings.auth:
         for table, defaults in AUTH_RULES.items():
@@ -155,18 +184,7 @@ def plan_masks(
                 f"[masking.columns] {column_text(table, column)} = {rule.describe()}: the "
                 f"column {why}; choose another rule"
             )
-    suspects = personal.find(conn, shapes, set(rules), skip_auth=settings.auth)
-    if suspects:
-        raise ConfigError(personal.refusal(env_name, suspects))
-    tables = {}
-    for table, shape in shapes.items():
-        masked = {c: r for (t, c), r in rules.items() if t == table and r.kind != KEEP}
-        if masked:
-            tables[table] = TableMask(
-                table, shape.columns, masked, unique[table], table in partitioned
-            )
-    described = tuple(sorted((column_text(t, c), r.describe()) for (t, c), r in rules.items()))
-    return Masks(tables, described, fingerprint(key), key)
+    return rules, unique
 
 
 def _follow_foreign_keys(
@@ -198,14 +216,6 @@ def _follow_foreign_keys(
                         "masked otherwise: give both the same rule, or neither"
                     )
     return result
-
-
-def masked_note(masking: Masking) -> str:
-    """What a report says of a masked snapshot: by which rules, under which key."""
-    rules = ", ".join(f"{column} {rule}" for column, rule in masking.rules if rule != KEEP)
-    kept = sum(1 for _, rule in masking.rules if rule == KEEP)
-    also = f"; {kept} kept as they are" if kept else ""
-    return f"masked snapshot (key {masking.key_fingerprint}): {rules or 'no column masked'}{also}"
 
 
 def set_key(conn: psycopg.Connection, masks: Masks) -> None:

@@ -170,3 +170,17 @@ def refusal(env_name: str, suspects: list[Suspect]) -> str:
         f"rule: {shown}{more}; add a rule for each under [masking.columns] in snapshot.toml "
         "(\"keep\" takes one as it is), as 'snapshot check' suggests"
     )
+
+
+def listing(env_name: str, suspects: list[Suspect]) -> str:
+    """What ``check`` says of them: each with the rule to add (all of them, unlike the take's
+    refusal, so the lines can be copied into ``[masking.columns]``)."""
+    if not suspects:
+        return f"every column of {env_name} that looks personal has a masking rule"
+    one = len(suspects) == 1
+    columns = "; ".join(f"{s.setting} ({s.why})" for s in suspects)
+    return (
+        f"{text.count(len(suspects), 'column')} of {env_name} {'looks' if one else 'look'} "
+        f"personal and {'has' if one else 'have'} no masking rule, so a take of {env_name} "
+        f"refuses: add under [masking.columns] in snapshot.toml: {columns}"
+    )
