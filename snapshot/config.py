@@ -385,8 +385,11 @@ def _parse_retention(data: Mapping[str, Any]) -> int | None:
     return int(keep)
 
 
-def _parse_masking(data: Mapping[str, Any], scope: Scope) -> MaskingSettings:
-    """``[masking]``: the key's variable, whether auth is masked, and the rules per column."""
+def _parse_masking(data: Mapping[str, Any] | None, scope: Scope) -> MaskingSettings:
+    """``[masking]``: the key's variable, whether auth is masked, and the rules per column
+    (``None``: no such section)."""
+    if data is None:
+        return MaskingSettings()
     _check_keys(data, {"key_env", "auth", "columns"}, "[masking]")
     key_env = _expect(data.get("key_env", DEFAULT_KEY_ENV), str, "[masking] key_env", "a name")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
@@ -405,7 +408,7 @@ def _parse_masking(data: Mapping[str, Any], scope: Scope) -> MaskingSettings:
                 f"remove the rule, or add {column.table} to [scope] tables"
             )
         columns[(column.table, column.column)] = parse_rule(value, where)
-    return MaskingSettings(columns=columns, key_env=key_env, auth=auth)
+    return MaskingSettings(columns=columns, key_env=key_env, auth=auth, configured=True)
 
 
 def parse_config(
@@ -465,7 +468,9 @@ def parse_config(
     scripts = _expect(data.get("scripts", "sql"), str, "scripts", "a path")
     pg_bin = _expect(data.get("pg_bin", ""), str, "pg_bin", "a path")
     retention = _parse_retention(_expect(data.get("retention", {}), dict, "[retention]", "a table"))
-    masking = _parse_masking(_expect(data.get("masking", {}), dict, "[masking]", "a table"), scope)
+    masking = _parse_masking(
+        _expect(data.get("masking"), (dict, type(None)), "[masking]", "a table"), scope
+    )
     return Config(
         path=path,
         base_dir=base_dir,

@@ -252,7 +252,7 @@ def test_a_personal_column_without_a_rule_refuses_the_take(project: Project, mas
 def test_check_lists_the_columns_a_masked_take_would_refuse_with_a_rule_each(
     project: Project, masked_pair
 ) -> None:
-    project.config("")  # no rules
+    project.config("[masking]\n")  # the team masks, with no rule yet
     assert project.run("take", "dev").exit_code == 0
 
     unruled = project.run("check", "prod", "--json")

@@ -152,7 +152,7 @@ def check(
         auth_withheld=auth_withheld,
     ) as session:
         report = _check(ApplyRun(session, options), settle=False, backup=False, keep_lock=False)
-        if session.target.safe:
+        if session.target.safe or not report.ok:  # errors first: they stop the apply
             return report
         # A target not marked safe is a source of masked takes too: what would stop one.
         scope = config.scope
@@ -161,7 +161,9 @@ def check(
             [*scope.tables, *(AUTH_TABLES if scope.auth_users else ())],
             config.masking,
         )
-        status = preflight.WARNING if suspects else preflight.OK
+        # A warning where the team masks ([masking] is set); otherwise said, not judged.
+        configured = config.masking.configured
+        status = preflight.WARNING if suspects and configured else preflight.OK
         found = Finding("personal columns", status, personal.listing(target_env, suspects))
         return replace(report, findings=(*report.findings, found))
 

@@ -84,6 +84,7 @@ class MaskingSettings:
     columns: Mapping[tuple[TableName, str], Rule] = field(default_factory=dict)
     key_env: str = DEFAULT_KEY_ENV
     auth: bool = True
+    configured: bool = False  # snapshot.toml has a [masking] section: the team masks
 
 
 # auth.users and auth.identities in a masked snapshot, for the columns that exist. The
