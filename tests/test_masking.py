@@ -249,6 +249,35 @@ def test_a_personal_column_without_a_rule_refuses_the_take(project: Project, mas
     assert manifest_of(kept)["masking"]["rules"]["public.answers.reviewer"] == "keep"
 
 
+def test_a_rule_on_a_key_follows_it_into_every_referencing_column(
+    project: Project, masked_pair
+) -> None:
+    dev, prod = masked_pair
+    project.config(RULES + '"auth.users.id" = "hash"\n')
+
+    folder = take_masked(project)
+    applied = project.run("apply", "dev", "--from", "prod", "--yes")
+
+    rules = manifest_of(folder)["masking"]["rules"]
+    for column in ("public.users.id", "auth.identities.user_id", "public.questions.author_id"):
+        assert rules[column] == "hash", column
+    assert applied.exit_code == 0, applied.output  # with every foreign key on
+    ids = "SELECT id FROM auth.users"
+    assert not set(dev.execute(ids)) & set(prod.execute(ids))
+    joined = (
+        "SELECT count(*) FROM public.question_attempts a JOIN public.users u ON u.id = a.user_id "
+        "JOIN auth.users au ON au.id = u.id"
+    )
+    assert dev.scalar(joined) == prod.scalar(joined) > 0
+
+    project.config(RULES + '"public.users.id" = "hash"\n')
+    refused = project.run("take", "prod")
+    assert refused.exit_code == 2
+    assert one_error_line(refused).startswith(
+        "Error: [masking.columns] public.users.id references auth.users.id (foreign key "
+    )
+
+
 def test_check_lists_the_columns_a_masked_take_would_refuse_with_a_rule_each(
     project: Project, masked_pair
 ) -> None:
