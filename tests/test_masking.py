@@ -102,6 +102,7 @@ def test_a_masked_take_applies_to_dev_with_no_original_left(
     dev, prod = masked_pair
     originals = personal_prod(prod)
 
+    dev_before = dev.fingerprint(SCOPE_TABLES)
     folder = take_masked(project)
 
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -150,6 +151,12 @@ def test_a_masked_take_applies_to_dev_with_no_original_left(
 
     rolled = project.run("rollback", "dev", "--yes")
     assert rolled.exit_code == 0, rolled.output
+    assert dev.fingerprint(SCOPE_TABLES) == dev_before
+    # Nowhere in the archive (dev's pre-apply and pre-rollback backups too) is a real person.
+    everything = b"".join(archive_bytes(folder, restore_bin) for folder in project.snapshots())
+    assert len(project.snapshots()) == 3
+    for value in originals:
+        assert value.encode() not in everything, value
 
 
 def test_the_same_key_masks_the_same_in_every_take_another_key_otherwise(
