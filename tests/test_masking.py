@@ -285,6 +285,56 @@ def test_a_rule_on_a_key_follows_it_into_every_referencing_column(
     )
 
 
+def test_quoted_names_and_partitioned_tables_are_masked_as_named(
+    project: Project, masked_pair
+) -> None:
+    dev, prod = masked_pair
+    for db in (dev, prod):
+        db.execute(
+            'CREATE TABLE public."Contact" (id int PRIMARY KEY, "Email Address" text UNIQUE); '
+            "CREATE TABLE public.visits (id int, at date NOT NULL, ip inet) PARTITION BY RANGE (at);"
+            " CREATE TABLE public.visits_2026 PARTITION OF public.visits "
+            "FOR VALUES FROM ('2026-01-01') TO ('2027-01-01'); "
+            'GRANT ALL ON public."Contact", public.visits, public.visits_2026 TO app_owner'
+        )
+    prod.execute(
+        """INSERT INTO public."Contact" SELECT i, 'c' || i || '@realmail.test' """
+        "FROM generate_series(1, 40) i"
+    )
+    prod.execute(
+        "INSERT INTO public.visits SELECT i, date '2026-03-01' + i, ('198.51.100.' || i)::inet "
+        "FROM generate_series(1, 40) i"
+    )
+    tables = ", ".join(f"'{t}'" for t in (*SCOPE_TABLES, 'public."Contact"', "public.visits"))
+    project.config(
+        f"[scope]\ntables = [{tables}]\n"
+        + RULES
+        + """'public."Contact"."Email Address"' = "email"
+"visits.ip" = "ip"
+"visits.at" = { kind = "date", days = 3 }
+"""
+    )
+
+    take_masked(project)
+    applied = project.run("apply", "dev", "--from", "prod", "--yes")
+
+    assert applied.exit_code == 0, applied.output
+    assert dev.scalar("""SELECT count(DISTINCT "Email Address") FROM public."Contact" """) == 40
+    assert (
+        dev.scalar(
+            """SELECT count(*) FROM public."Contact" WHERE "Email Address" LIKE '%realmail%'"""
+        )
+        == 0
+    )
+    assert dev.scalar("SELECT count(*) FROM public.visits WHERE ip << '10.0.0.0/8'") == 40
+    assert (
+        dev.scalar(
+            "SELECT count(*) FROM public.visits WHERE at BETWEEN '2026-02-26' AND '2026-04-13'"
+        )
+        == 40
+    )
+
+
 def test_check_lists_the_columns_a_masked_take_would_refuse_with_a_rule_each(
     project: Project, masked_pair
 ) -> None:
