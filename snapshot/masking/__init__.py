@@ -24,6 +24,7 @@ parameter; the manifest records the rules and the key's fingerprint
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from snapshot import catalog
+from snapshot import archive, catalog
 from snapshot.catalog import Column, TableShape
 from snapshot.checksum import TableStats, table_stats
 from snapshot.errors import ConfigError
@@ -229,10 +230,24 @@ def write_masked(
     """Write the masked tables' rows into ``folder/masked.copy``; their counts and checksums.
 
     ``conn`` is in the take's transaction, after :func:`set_key`. Each table is one
-    ``REPLACE schema.table (columns) FROM stdin;`` block of COPY text, then ``\\.``.
+    ``REPLACE schema.table (columns) FROM stdin;`` block of COPY text, then ``\\.``. A full
+    disk is the archive's one line (:func:`snapshot.archive.no_space`).
     """
+    path = folder / MASKED_FILE
+    try:
+        return _write_masked(conn, masks, path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        path.unlink(missing_ok=True)
+        raise archive.no_space(folder, None, "masked rows") from None
+
+
+def _write_masked(
+    conn: psycopg.Connection, masks: Masks, path: Path
+) -> dict[TableName, TableStats]:
     stats = {}
-    fd = os.open(folder / MASKED_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
         for table, mask in masks.tables.items():
             names = ", ".join(sql.Identifier(c.name).as_string(conn) for c in mask.columns)
