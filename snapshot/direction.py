@@ -1,14 +1,14 @@
 """Which way data may flow: environments marked safe, and the usual direction.
 
 An environment not marked ``safe`` in ``snapshot.toml`` (prod is not) holds real people's
-data: logins, password hashes, personal columns. A snapshot of it spreads them wherever it
-goes, so taking one, or applying one to an environment that is marked safe (dev), needs an
-explicit ``--unmasked``; even then its auth users become logins there only with
-``--create-auth-users``. Each snapshot's manifest records whether its source was marked
-safe when it was taken. A take of an environment not marked safe is masked
+data: logins, password hashes, personal columns. A take of it is masked
 (:mod:`snapshot.masking`) unless ``--unmasked``; a masked snapshot goes anywhere, its auth
-users (masked too) included. Rolling an environment back to its own backups is never
-refused.
+users (masked too) included. An unmasked one spreads those people wherever it goes, so
+applying it to an environment that is marked safe (dev) needs an explicit ``--unmasked``,
+and even then its auth users become logins there only with ``--create-auth-users``; a
+cutover takes its source only unmasked, so it needs ``--unmasked`` too. Each snapshot's
+manifest records whether its source was marked safe when it was taken, and how it was
+masked. Rolling an environment back to its own backups is never refused.
 
 Apart from safety, every apply or cutover whose direction is not the usual one (dev -> prod,
 :data:`snapshot.config.DEFAULT_SOURCES`) is confirmed by a person, even onto a safe target.
