@@ -335,6 +335,44 @@ def test_quoted_names_and_partitioned_tables_are_masked_as_named(
     )
 
 
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        (
+            '"users.handle" = "name"',
+            "[masking.columns] public.users.handle = name: the column is character varying(20) "
+            "under a unique index: its fakes (up to 30 characters) would be cut and could "
+            "collide; choose another rule",
+        ),
+        (
+            '"users.handle" = { value = "x" }',
+            "[masking.columns] public.users.handle = value 'x': the column is under a unique "
+            "index: one fixed value would repeat; choose another rule",
+        ),
+        (
+            '"users.created_at" = "null"',
+            "[masking.columns] public.users.created_at = null: the column is NOT NULL: it "
+            "cannot be null; choose another rule",
+        ),
+        (
+            '"users.emial" = "email"',
+            "[masking.columns] public.users.emial: public.users has no column 'emial'",
+        ),
+    ],
+)
+def test_a_rule_the_column_cannot_take_is_refused_in_one_line(
+    project: Project, masked_pair, rule: str, message: str
+) -> None:
+    _dev, prod = masked_pair
+    prod.execute("ALTER TABLE public.users ADD COLUMN handle varchar(20) UNIQUE")
+    project.config(RULES + rule + "\n")
+
+    refused = project.run("take", "prod")
+
+    assert refused.exit_code == 2
+    assert one_error_line(refused) == f"Error: {message}"
+
+
 def test_check_lists_the_columns_a_masked_take_would_refuse_with_a_rule_each(
     project: Project, masked_pair
 ) -> None:

@@ -14,6 +14,8 @@ an app table (not). NULL stays NULL and an empty string stays empty.
 
 from __future__ import annotations
 
+import re
+
 from psycopg import sql
 
 from snapshot.masking.rules import KEEP, VALUE, Rule
@@ -50,6 +52,17 @@ TEXT_TYPES = ("text", "character varying", "character", "citext", "name")
 INTEGER_TYPES = {"smallint": 32767, "integer": 2147483647}
 TIME_TYPES = ("date", "timestamp", "time")
 ARRAY_KINDS = ("email", "name", "phone", "address", "text", "ip", "hash")
+# The longest unique-form fake of each kind: cut shorter, two could collide (text keeps its
+# digits first, so only they must fit).
+UNIQUE_WIDTH = {
+    "email": 44,
+    "name": 30,
+    "phone": 21,
+    "address": 50,
+    "text": 16,
+    "ip": 39,
+    "hash": 32,
+}
 
 
 def key_hash(value: sql.Composable) -> sql.Composable:
@@ -125,7 +138,11 @@ def _fake_text(kind: str, v: sql.Composable, h: sql.Composable, unique: bool) ->
         return sql.SQL("'https://' || {} || '/' || {}").format(sql.Literal(DOMAIN), _digits(h))
     else:
         raise AssertionError(f"no text fake of kind {kind}")
-    return sql.SQL("{} || ' ' || {}").format(fake, _digits(h)) if unique else fake
+    if not unique:
+        return fake
+    if kind == "text":  # the digits first: a value as long as its column is cut at the end
+        return sql.SQL("{} || ' ' || {}").format(_digits(h), fake)
+    return sql.SQL("{} || ' ' || {}").format(fake, _digits(h))
 
 
 def _keep_empty(v: sql.Composable, fake: sql.Composable) -> sql.Composable:
@@ -203,6 +220,13 @@ def check_rule(rule: Rule, column: str, type_: str, not_null: bool, unique: bool
         return f"is {type_}: a {rule.kind} rule does not mask arrays"
     if rule.kind == "hash" and base in INTEGER_TYPES and unique:
         return f"is {type_} under a unique index: a hash that stays unique needs bigint or text"
+    width = re.fullmatch(r"(?:character varying|character)\((\d+)\)", base)
+    needed = UNIQUE_WIDTH.get(rule.kind, 0)
+    if width and unique and int(width.group(1)) < needed:
+        return (
+            f"is {type_} under a unique index: its fakes (up to {needed} characters) would be "
+            "cut and could collide"
+        )
     return None
 
 
