@@ -166,6 +166,9 @@ def test_the_same_key_masks_the_same_in_every_take_another_key_otherwise(
     personal_prod(prod)
 
     first, second = take_masked(project), take_masked(project)
+    verbose = project.run("-v", "take", "prod")  # every log line: the key is in none
+    assert verbose.exit_code == 0 and KEY not in verbose.output
+    assert f"masked (key {manifest_of(first)['masking']['key_fingerprint']})" in verbose.stderr
     monkeypatch.setenv("SNAPSHOT_MASK_KEY", OTHER_KEY)
     other = take_masked(project)
 
