@@ -230,7 +230,7 @@ def test_a_resync_sends_only_the_changed_rows_and_ends_as_a_full_upload_does(
     result = project.run("rollback", "prod", "--yes")
     assert result.exit_code == 0, result.output
     assert prod.fingerprint(SCOPE) == before
-    # and the rollback's own backup (made the same way, from a backup) undoes it, exactly
+    # and the rollback's own backup undoes it, exactly
     [undo] = [p for p in project.snapshots("prod") if p.name.endswith("pre-rollback")]
     result = project.run("rollback", "prod", "--to", f"prod/{undo.name}", "--yes")
     assert result.exit_code == 0, result.output

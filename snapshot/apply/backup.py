@@ -121,12 +121,18 @@ def can_write_difference(run: ApplyRun, matched: Collection[TableName]) -> bool:
     """Whether the backup can be the snapshot's dump plus the difference (no pg_dump).
 
     So when every keyed scoped table is held as the snapshot's already (``matched``) or was
-    staged from what differs (its changed rows known, :mod:`snapshot.sparse`), every
+    staged from what differs (its changed rows known, :mod:`snapshot.sparse`), the
+    snapshot is its dump alone, every
     backed-up table, and no other, is in the snapshot's dump with the target's columns,
     and no auth table is withheld (whose rows must not be copied into this target's
     archive).
     """
     if run.session.withheld_tables or not run.snapshot.dump_path.is_file():
+        return False
+    if set(run.snapshot.manifest.files) - {DUMP_FILE}:
+        # rows beside the dump (a backup's catch-up, a masked snapshot's masked rows): the
+        # dump alone is not the snapshot, and a table the target holds already may differ
+        # from it
         return False
     if any(t not in matched and t not in run.sparse for t in run.row_sets):
         return False
