@@ -117,10 +117,14 @@ def dump(backup: Backup) -> None:
     )
 
 
+DIFFERENCE_AT_MOST = 0.25  # of the target's rows the apply may change for a difference backup
+
+
 def can_write_difference(run: ApplyRun, matched: Collection[TableName]) -> bool:
     """Whether the backup can be the snapshot's dump plus the difference (no pg_dump).
 
-    So when every keyed scoped table is held as the snapshot's already (``matched``) or was
+    So when the apply changes at most :data:`DIFFERENCE_AT_MOST` of the target's rows,
+    every keyed scoped table is held as the snapshot's already (``matched``) or was
     staged from what differs (its changed rows known, :mod:`snapshot.sparse`), the
     snapshot is its dump alone, every
     backed-up table, and no other, is in the snapshot's dump with the target's columns,
@@ -135,6 +139,11 @@ def can_write_difference(run: ApplyRun, matched: Collection[TableName]) -> bool:
         # from it
         return False
     if any(t not in matched and t not in run.sparse for t in run.row_sets):
+        return False
+    # Rows downloaded one table after another, while pg_dump runs beside the rest of the
+    # preparation: past a quarter of the target, pg_dump is the quicker way back.
+    gone = sum(changes.gone for changes in run.sparse.values())
+    if gone > DIFFERENCE_AT_MOST * sum(stats.rows for stats in run.recorded.values()):
         return False
     assert run.backup is not None
     plan = run.backup.plan
@@ -443,7 +452,7 @@ def finish(run: ApplyRun, backup: Backup) -> Snapshot | None:
         f"; {backup.copied_whole} tables without a key copied whole" if backup.copied_whole else ""
     )
     log.info(
-        "  backup written in %.1f s (%s changed while pg_dump ran%s, copied under the lock)",
+        "  backup written in %.1f s (%s changed since its snapshot%s, copied under the lock)",
         time.monotonic() - backup.started,
         text.count(backup.caught_up, "row"),
         whole,
