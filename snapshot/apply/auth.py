@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import staging, text
-from snapshot.apply.since import xact_writes
+from snapshot.apply.since import xact_writes_later
 from snapshot.apply.state import ApplyRun
 from snapshot.errors import SnapshotError
 from snapshot.manifest import TableEntry
@@ -263,26 +263,33 @@ def create_users(run: ApplyRun) -> Created:
         return Created(0, 0)
     identities = _entry(run, AUTH_IDENTITIES)
     conn = run.conn
-    before = xact_writes(conn)
-    conn.execute("DROP TABLE IF EXISTS pg_temp.snapshot_created_users")
-    conn.execute("CREATE TEMP TABLE snapshot_created_users (id uuid PRIMARY KEY) ON COMMIT DROP")
     columns = sql.SQL(", ").join(map(sql.Identifier, users.column_names))
-    created = conn.execute(
-        sql.SQL(
-            "WITH created AS (INSERT INTO auth.users ({cols}) SELECT {cols} FROM {stage} s "
-            "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) RETURNING id) "
-            "INSERT INTO pg_temp.snapshot_created_users SELECT id FROM created"
-        ).format(cols=columns, stage=staging.staging_table(users))
-    ).rowcount
-    made_identities = 0
-    if identities is not None and created:
-        id_columns = sql.SQL(", ").join(map(sql.Identifier, identities.column_names))
-        made_identities = conn.execute(
+    with conn.pipeline():  # every statement in one round trip
+        before_later = xact_writes_later(conn)
+        conn.execute("DROP TABLE IF EXISTS pg_temp.snapshot_created_users")
+        conn.execute(
+            "CREATE TEMP TABLE snapshot_created_users (id uuid PRIMARY KEY) ON COMMIT DROP"
+        )
+        users_cursor = conn.execute(
             sql.SQL(
-                "INSERT INTO auth.identities ({cols}) SELECT {cols} FROM {stage} s "
-                "WHERE s.user_id IN (SELECT id FROM pg_temp.snapshot_created_users)"
-            ).format(cols=id_columns, stage=staging.staging_table(identities))
-        ).rowcount
+                "WITH created AS (INSERT INTO auth.users ({cols}) SELECT {cols} FROM {stage} s "
+                "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) RETURNING id) "
+                "INSERT INTO pg_temp.snapshot_created_users SELECT id FROM created"
+            ).format(cols=columns, stage=staging.staging_table(users))
+        )
+        identities_cursor = None
+        if identities is not None:  # those of the users just created (none: no row)
+            id_columns = sql.SQL(", ").join(map(sql.Identifier, identities.column_names))
+            identities_cursor = conn.execute(
+                sql.SQL(
+                    "INSERT INTO auth.identities ({cols}) SELECT {cols} FROM {stage} s "
+                    "WHERE s.user_id IN (SELECT id FROM pg_temp.snapshot_created_users)"
+                ).format(cols=id_columns, stage=staging.staging_table(identities))
+            )
+        after_later = xact_writes_later(conn)
+    before, after = before_later(), after_later()
+    created = users_cursor.rowcount
+    made_identities = identities_cursor.rowcount if identities_cursor is not None else 0
     log.info(
         "  created %s, %s",
         text.count(created, "auth user"),
@@ -290,7 +297,7 @@ def create_users(run: ApplyRun) -> Created:
     )
     own = {AUTH_USERS: created, AUTH_IDENTITIES: made_identities}
     writes = []
-    for table, (inserted, updated, deleted) in sorted(xact_writes(conn).items()):
+    for table, (inserted, updated, deleted) in sorted(after.items()):
         was = before.get(table, (0, 0, 0))
         done = (inserted - was[0] - own.get(table, 0), updated - was[1], deleted - was[2])
         if any(done):

@@ -42,7 +42,7 @@ database's event triggers (PostgREST's schema reload on Supabase) do not fire.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -227,7 +227,13 @@ WHERE c.relpersistence <> 't'
 
 def write_counters(conn: psycopg.Connection) -> dict[int, int]:
     """Rows this transaction has written so far, per table (inserts + updates + deletes)."""
-    return {int(oid): int(n) for oid, n, _ in conn.execute(_WRITTEN)}
+    return write_counters_later(conn)()
+
+
+def write_counters_later(conn: psycopg.Connection) -> Callable[[], dict[int, int]]:
+    """:func:`write_counters`, asked now and read when called (in a pipeline)."""
+    cursor = conn.execute(_WRITTEN)
+    return lambda: {int(oid): int(n) for oid, n, _ in cursor.fetchall()}
 
 
 def leave(run: ApplyRun, state: BulkWrites, before: dict[int, int]) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,9 +102,17 @@ WHERE c.relpersistence <> 't'
 
 def xact_writes(conn: psycopg.Connection) -> dict[TableName, tuple[int, int, int]]:
     """Rows this transaction inserted, updated and deleted so far, per table (partitions apart)."""
-    return {
+    return xact_writes_later(conn)()
+
+
+def xact_writes_later(
+    conn: psycopg.Connection,
+) -> Callable[[], dict[TableName, tuple[int, int, int]]]:
+    """:func:`xact_writes`, asked now and read when called (in a pipeline)."""
+    cursor = conn.execute(_XACT_WRITES)
+    return lambda: {
         TableName(str(schema), str(name)): (int(ins), int(upd), int(dele))
-        for schema, name, ins, upd, dele in conn.execute(_XACT_WRITES)
+        for schema, name, ins, upd, dele in cursor.fetchall()
     }
 
 

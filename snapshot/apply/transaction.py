@@ -164,13 +164,13 @@ def create_auth_users(run: ApplyRun, phase: Phases) -> auth.Created:
     triggers on the auth tables wrote into the scope are compared again."""
     if not run.auth_entries:
         return auth.Created(0, 0)
-    with phase("creating auth users"):
-        counters = replica.write_counters(run.conn)
+    with phase("creating auth users"), run.conn.pipeline():  # a round trip or two in all
+        counters = replica.write_counters_later(run.conn)
         use_app_search_path(run.conn)  # auth.users' triggers are the app's code
         created = auth.create_users(run)
         use_tool_search_path(run.conn)
-        if created.users:
-            _compare_again(run, _touched(run, counters))
+    if created.users:
+        _compare_again(run, _touched(run, counters()))
     return created
 
 
