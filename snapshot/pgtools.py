@@ -315,7 +315,9 @@ def start_dump(
         args.append("--load-via-partition-root")
     args += [f"--table={table_pattern(t)}" for t in tables]
     args += [f"--exclude-table-data={table_pattern(t)}" for t in exclude_data]
-    return _start(pg_dump, args, target.child_env())
+    # Times in UTC, as the tool's own sessions write them: the dump's rows then have the
+    # text the server gives them, which is what sparse staging compares (snapshot.sparse).
+    return _start(pg_dump, args, {**target.child_env(), "PGTZ": "UTC"})
 
 
 @contextlib.contextmanager
