@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import click
+from click.testing import CliRunner
 
 from snapshot.cli import cli
 
@@ -32,23 +32,21 @@ Every command as `snapshot COMMAND --help` prints it. Global options (`--config`
 """
 
 
-def _help(command: click.Command, name: str, parent: click.Context | None) -> str:
-    ctx = click.Context(
-        command, info_name=name, parent=parent, terminal_width=WIDTH, max_content_width=WIDTH
-    )
-    return command.get_help(ctx)
+def _help(*args: str) -> str:
+    """``snapshot ARGS --help`` as a user sees it, wrapped at :data:`WIDTH`."""
+    result = CliRunner().invoke(cli, [*args, "--help"], prog_name="snapshot", terminal_width=WIDTH)
+    assert result.exit_code == 0, result.output
+    return result.stdout.rstrip("\n")
 
 
 def render() -> str:
     """The whole of docs/commands.md."""
-    root = click.Context(cli, info_name="snapshot", terminal_width=WIDTH, max_content_width=WIDTH)
-    parts = [HEADER, "## snapshot\n", "```text\n" + cli.get_help(root) + "\n```\n"]
-    names = cli.list_commands(root)
+    parts = [HEADER, "## snapshot\n", "```text\n" + _help() + "\n```\n"]
+    names = sorted(cli.commands)
     parts.append("Commands: " + ", ".join(f"[{n}](#snapshot-{n})" for n in names) + ".\n")
     for name in names:
-        command = cli.commands[name]
         parts.append(f"## snapshot {name}\n")
-        parts.append("```text\n" + _help(command, name, root) + "\n```\n")
+        parts.append("```text\n" + _help(name) + "\n```\n")
     return "\n".join(parts)
 
 
