@@ -92,6 +92,7 @@ class ColumnRef:
 
 
 FOREIGN_KEY_CHECKS = ("auto", "bulk", "per-row")
+UPLOADS = ("auto", "changed", "all")  # [apply] upload
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,10 @@ class ApplySettings:
     # keep the target's rows that rows outside the scope refer to and the snapshot lacks
     # (snapshot.apply.outside), instead of refusing the apply
     keep_referenced: bool = False
+    # what goes up to the server when staging a table the target does not already hold:
+    # "changed" rows only (snapshot.sparse), "all" of them, or "auto": changed rows only when
+    # the server is further than a local network away
+    upload: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -326,9 +331,21 @@ def _parse_apply(
 ) -> ApplySettings:
     _check_keys(
         apply,
-        {"lock_timeout", "insert_as", "orphaned_users", "foreign_key_checks", "keep_referenced"},
+        {
+            "lock_timeout",
+            "insert_as",
+            "orphaned_users",
+            "foreign_key_checks",
+            "keep_referenced",
+            "upload",
+        },
         "[apply]",
     )
+    upload = _expect(apply.get("upload", "auto"), str, "[apply] upload", "text")
+    if upload not in UPLOADS:
+        raise ConfigError(
+            f"[apply] upload must be one of {', '.join(map(repr, UPLOADS))}, not {upload!r}"
+        )
     keep = _expect(
         apply.get("keep_referenced", False), bool, "[apply] keep_referenced", "true/false"
     )
@@ -368,6 +385,7 @@ def _parse_apply(
         orphaned_users=orphaned,
         foreign_key_checks=checks,
         keep_referenced=keep,
+        upload=upload,
         ignore_columns=tuple(_parse_column(c, "[parity] ignore_columns") for c in ignore),
     )
 

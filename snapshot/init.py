@@ -269,6 +269,10 @@ foreign_key_checks = "auto"
 # Rows outside the scope (prod's own history) that refer to rows the snapshot lacks stop
 # the apply; true keeps those rows in prod instead (the reports say so), as --keep-referenced.
 keep_referenced = false
+# What goes up to prod for a table it does not already hold as the snapshot does: "changed"
+# rows only (found by comparing row digests), "all", or "auto" (changed rows only when prod
+# is 5 ms or more away, as a hosted project is).
+upload = "auto"
 
 [parity]
 # Columns the parity check before commit leaves out (the report says so). Columns the app's

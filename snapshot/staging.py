@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import BinaryIO, Protocol
 
 import psycopg
 from psycopg import sql
 
-from snapshot import pgtools, progress
+from snapshot import pgtools, progress, sparse
 from snapshot.archive import CATCH_UP_FILE, Snapshot
 from snapshot.db import use_app_search_path, use_tool_search_path
 from snapshot.errors import ArchiveError, Refused
@@ -143,6 +143,7 @@ def stage(
     snapshot: Snapshot,
     entries: Sequence[TableEntry],
     skip: Collection[TableName] = (),
+    sparse_tables: Mapping[TableName, sparse.Sparse] | None = None,
 ) -> None:
     """Create and fill ``pg_temp.snapshot_<table>`` for each entry (autocommit session).
 
@@ -150,15 +151,21 @@ def stage(
     header and checked against the manifest (columns, then row count). The data of the
     tables in ``skip`` (already staged from elsewhere) is read past, never loaded. A
     partitioned table comes as one block per partition, each naming the partitioned
-    table; one without any partition comes as none (and has no rows).
+    table; one without any partition comes as none (and has no rows). The tables in
+    ``sparse_tables`` hold the target's rows already: only the rows that differ go up
+    (:mod:`snapshot.sparse`).
     """
     wanted = {entry.table: entry for entry in entries if entry.table not in skip}
+    sparse_tables = sparse_tables or {}
     progress.begin("staged", len(wanted), sum(e.rows for e in wanted.values()))
     # The staged copies have the target's column types: a domain's CHECK runs as the rows
     # load, with the path the app's own sessions have (it may name tables unqualified).
     use_app_search_path(conn, local=False)
     try:
-        counts = _load(conn, pg_restore, snapshot, wanted, skip)
+        counts = _load(conn, pg_restore, snapshot, wanted, skip, sparse_tables)
+        for table, changed in sparse_tables.items():
+            if changed.seen or wanted[table].rows == 0:
+                counts[table] = sparse.finish(conn, changed)
     finally:
         if not conn.closed:
             use_tool_search_path(conn, local=False)
@@ -184,8 +191,10 @@ def _load(
     snapshot: Snapshot,
     wanted: dict[TableName, TableEntry],
     skip: Collection[TableName],
+    sparse_tables: Mapping[TableName, sparse.Sparse],
 ) -> dict[TableName, int]:
-    """Every COPY block of the archive into its staged copy; the rows staged per table."""
+    """Every COPY block of the archive into its staged copy; the rows staged per table
+    (the sparse tables' are counted once they are finished)."""
     counts: dict[TableName, int] = {}
     started: dict[TableName, float] = {}
     shown: TableName | None = None  # the table whose blocks are being read (one per partition)
@@ -207,6 +216,11 @@ def _load(
             _same_columns(snapshot, entry, columns)
             with progress.still_running(f"staging {table}"):
                 try:
+                    if table in sparse_tables:  # rows read for now; finish counts them
+                        before = sparse_tables[table].read
+                        _stage_changes(conn, sparse_tables[table], columns, script)
+                        counts[table] = counts.get(table, 0) + sparse_tables[table].read - before
+                        continue
                     rows = _stage_table(conn, entry, columns, script, append=table in counts)
                 except psycopg.OperationalError:
                     raise
@@ -222,7 +236,7 @@ def _staged(
     table: TableName, counts: dict[TableName, int], started: dict[TableName, float]
 ) -> None:
     """Progress for one table, once all its blocks are in (a partitioned table has several)."""
-    progress.table_done("staged", table, counts[table], time.monotonic() - started[table])
+    progress.table_done("staged", table, counts.get(table, 0), time.monotonic() - started[table])
 
 
 def _cannot_hold(snapshot: Snapshot, table: TableName, exc: psycopg.Error) -> Refused:
@@ -308,6 +322,26 @@ def _copy_in(
         with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(table, names)) as copy:
             script.pump(copy)
         return cur.rowcount
+
+
+def _stage_changes(
+    conn: psycopg.Connection, changes: sparse.Sparse, columns: Sequence[str], script: ScriptReader
+) -> None:
+    """Send up one COPY block's rows that the staged target rows lack (:mod:`snapshot.sparse`)."""
+    if not changes.seen:
+        conn.execute(
+            sql.SQL(
+                "DROP TABLE IF EXISTS {side}; CREATE TEMP TABLE {side} AS SELECT * FROM {stage} "
+                "WITH NO DATA"
+            ).format(side=changes.side, stage=changes.stage)
+        )
+        changes.seen = True
+    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    query = sql.SQL("COPY {} ({}) FROM STDIN").format(changes.side, names)
+    with conn.cursor() as cur, cur.copy(query) as copy:
+        lines = changes.filter(columns, copy)
+        script.pump(lines)
+        lines.close()
 
 
 def _stage_table(

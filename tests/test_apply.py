@@ -245,7 +245,7 @@ def test_apply_json_is_machine_readable(project: Project, make_db) -> None:
     assert report["committed"] and report["matches"] and report["backup"].startswith("prod/")
     assert len(report["tables"]) == 16 and all(t["match"] for t in report["tables"])
     assert report["auth"]["created_users"] == 50
-    assert [p["phase"] for p in report["phases"]][:2] == ["preflight", "locking"]
+    assert [p["phase"] for p in report["phases"]][:3] == ["preflight", "backing up", "locking"]
 
 
 def test_a_database_is_never_synced_onto_itself(project: Project, make_db) -> None:

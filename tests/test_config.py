@@ -318,6 +318,7 @@ def test_a_proposal_of_awkward_names_is_written_so_that_it_reads_back(tmp_path: 
         ),
         ({"apply": {"lock_timeout": "0"}}, "lock_timeout must be more than 0"),
         ({"apply": {"foreign_key_checks": "sometimes"}}, "foreign_key_checks must be one of"),
+        ({"apply": {"upload": "some"}}, "[apply] upload must be one of 'auto', 'changed', 'all'"),
         ({"apply": {"orphaned_users": "ignore"}}, 'orphaned_users must be "warn" or "error"'),
         (
             {"parity": {"ignore_columns": ["posts.body"]}},

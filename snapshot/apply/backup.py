@@ -9,7 +9,8 @@ lock found it, whatever the app wrote while pg_dump ran, and only that change is
 under the lock: the writers' wait no longer includes pg_dump. The auth tables, which the
 plan does not compare, get a record of their own for the same purpose
 (:func:`record_others`); a table without any key is copied whole under the lock. The
-manifest's counts and checksums are the locked state's. The apply joins pg_dump before
+manifest's counts and checksums are the locked state's. The apply lets pg_dump end before
+it locks (the download is never part of the writers' wait) and seals the backup before
 committing: a backup that failed stops the commit, so an apply never commits without its
 way back. It is published only after the commit.
 """

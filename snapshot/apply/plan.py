@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from snapshot import catalog, staging
+from snapshot import catalog, sparse, staging
 from snapshot.apply import backup, outside, since
 from snapshot.apply import rows as rowsets
 from snapshot.apply.auth import AuthPlan, auth_plan
@@ -166,6 +166,7 @@ def record(run: ApplyRun) -> frozenset[TableName]:
     conn = run.conn
     run.row_sets = row_sets(run)
     sets = list(run.row_sets.values())
+    changed_only = upload_changed_only(run)
     with conn.pipeline():  # every table's statements together: a few round trips in all
         for rows in sets:
             rowsets.create_delta(conn, rows)
@@ -176,7 +177,7 @@ def record(run: ApplyRun) -> frozenset[TableName]:
         run.horizon = rowsets.horizon(conn)
         with conn.pipeline():
             for rows in sets:
-                rowsets.fill_record(conn, rows)
+                rowsets.fill_record(conn, rows, with_digest=changed_only)
         run.recorded = rowsets.stats(conn, sets, rowsets.RECORD)
         matched = {
             rows.table
@@ -184,32 +185,72 @@ def record(run: ApplyRun) -> frozenset[TableName]:
             if run.recorded[rows.table]
             == TableStats(run.entries[rows.table].rows, run.entries[rows.table].checksum)
         }
+        run.sparse = (
+            {
+                rows.table: sparse.Sparse(
+                    rows.table, rows.number, rows.stage, rows.key, rows.columns
+                )
+                for rows in sets
+                if rows.table not in matched
+            }
+            if changed_only
+            else {}
+        )
         with conn.pipeline():
             for rows in sets:
                 if rows.table in matched:
                     rowsets.stage_from_record(conn, rows)
+                elif rows.table in run.sparse:
+                    sparse.copy_recorded(conn, run.sparse[rows.table], rows.table)
         if run.backup is not None:
             backup.record_others(run, run.backup)
+    sparse.download(
+        conn,
+        list(run.sparse.values()),
+        {table: run.row_sets[table].record for table in run.sparse},
+    )
     log.info(
-        "  recorded %d tables (%d already hold the snapshot's rows)  %.1f s",
+        "  recorded %d tables (%d already hold the snapshot's rows%s)  %.1f s",
         len(run.row_sets),
         len(matched),
+        f"; {len(run.sparse)} staged from what differs" if run.sparse else "",
         time.monotonic() - started,
     )
     return frozenset(matched)
+
+
+# A server this many seconds away or more (one round trip) is reached over a network where
+# bytes cost more than the local work of finding the changed rows (snapshot.sparse).
+FAR_ROUND_TRIP = 0.005
+
+
+def upload_changed_only(run: ApplyRun) -> bool:
+    """Whether tables the target does not hold yet are staged sparsely (only their changed
+    rows sent up): ``[apply] upload``, or when "auto" whether the server is far."""
+    setting = run.config.apply.upload
+    if setting != "auto":
+        return setting == "changed"
+    trips = []
+    for _ in range(3):
+        began = time.monotonic()
+        run.conn.execute("SELECT 1")
+        trips.append(time.monotonic() - began)
+    return min(trips) >= FAR_ROUND_TRIP
 
 
 def prepare(
     run: ApplyRun,
     matched: Collection[TableName],
     *,
+    hashed: Collection[TableName] = (),
     full: bool = False,
     allowed: Collection[str] = (),
 ) -> Plan:
     """Hash the staged rows, classify every row, and decide each table's mode (no lock taken).
 
     Call after :func:`record` and staging; ``matched`` is what :func:`record` returned (those
-    tables' hashes are the record's, and nothing in them differs). ``full`` replaces every
+    tables' hashes are the record's, and nothing in them differs); ``hashed`` tables have
+    their snapshot hashes made already (:mod:`.prepare`). ``full`` replaces every
     table in full (``apply --full``); the hashes are still made, since they are what the
     apply's backup and parity are computed from. The references from outside the scope are
     counted (and their parents kept, when asked: :func:`snapshot.apply.outside.settle`;
@@ -220,7 +261,8 @@ def prepare(
     with conn.pipeline():
         for rows in run.row_sets.values():
             if rows.table not in matched:
-                rowsets.hash_snapshot(conn, rows)
+                if rows.table not in hashed:
+                    rowsets.hash_snapshot(conn, rows)
                 rowsets.classify(conn, rows)
     log.info(
         "  compared %d tables row by row  %.1f s", len(run.row_sets), time.monotonic() - started

@@ -17,11 +17,22 @@ Afterwards :mod:`.staged_checks` judges what the plan found.
 
 from __future__ import annotations
 
-from snapshot import staging
+import logging
+from collections.abc import Collection, Sequence
+
+from snapshot import staging, text
 from snapshot.apply import backup
 from snapshot.apply import plan as planning
+from snapshot.apply import rows as rowsets
 from snapshot.apply.plan import Plan
 from snapshot.apply.state import ApplyRun
+from snapshot.checksum import TableStats
+from snapshot.manifest import TableEntry
+from snapshot.names import TableName
+
+log = logging.getLogger(__name__)
+
+SENT = "sent only the rows that differ"  # the report's note on sparse staging
 
 
 def prepare(run: ApplyRun) -> Plan:
@@ -32,13 +43,50 @@ def prepare(run: ApplyRun) -> Plan:
         # staged rows are compared; the apply copies what changed since under its lock.
         run.backup = backup.start(run, run.backup_into)
     matched = planning.record(run)
-    staging.stage(
-        run.conn,
-        run.pg_restore,
-        run.snapshot,
-        [*run.entries.values(), *run.auth_entries],
-        matched | run.session.withheld_tables,  # withheld auth users are never even loaded
-    )
+    entries = [*run.entries.values(), *run.auth_entries]
+    skip = matched | run.session.withheld_tables  # withheld auth users are never even loaded
+    staging.stage(run.conn, run.pg_restore, run.snapshot, entries, skip, run.sparse)
+    hashed = _prove_sparse(run, entries, skip)
     if run.backup is not None:
         backup.dump(run.backup)
-    return planning.prepare(run, matched, full=run.options.full, allowed=run.options.allowed)
+    return planning.prepare(
+        run, matched, hashed=hashed, full=run.options.full, allowed=run.options.allowed
+    )
+
+
+def _prove_sparse(
+    run: ApplyRun, entries: Sequence[TableEntry], skip: Collection[TableName]
+) -> frozenset[TableName]:
+    """Hash the sparsely staged tables and check each against the manifest; stage again in
+    full those that do not add up (:mod:`snapshot.sparse`). The tables hashed."""
+    if not run.sparse:
+        return frozenset()
+    assert run.pg_restore is not None, "the preflight found a pg_restore"
+    sets = [run.row_sets[table] for table in run.sparse]
+    with run.conn.pipeline():
+        for rows in sets:
+            rowsets.hash_snapshot(run.conn, rows)
+    staged = rowsets.stats(run.conn, sets, rowsets.SNAPSHOT)
+    wrong = {
+        rows.table
+        for rows in sets
+        if staged[rows.table]
+        != TableStats(run.entries[rows.table].rows, run.entries[rows.table].checksum)
+    }
+    uploaded = sum(s.uploaded for s in run.sparse.values())
+    # a second preparation (after the question) says it once, with its own numbers
+    run.notes = [note for note in run.notes if not note.startswith(SENT)]
+    run.notes.append(
+        f"{SENT}: {text.count(uploaded, 'row')} of "
+        f"{sum(run.entries[t].rows for t in run.sparse):,} in "
+        f"{text.count(len(run.sparse), 'table')} the target already held in part"
+    )
+    if wrong:
+        log.info(
+            "  staging %s again in full: sparse staging did not add up",
+            ", ".join(map(str, sorted(wrong))),
+        )
+        others = {entry.table for entry in entries} - wrong
+        staging.stage(run.conn, run.pg_restore, run.snapshot, entries, others)
+    run.sparse = {t: s for t, s in run.sparse.items() if t not in wrong}
+    return frozenset(run.sparse)

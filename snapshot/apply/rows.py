@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from snapshot.checksum import CURRENT, KEEP_APART, TableStats, digest, halves, row_term
+from snapshot import sparse
+from snapshot.checksum import CURRENT, KEEP_APART, MD5, TableStats, digest, halves, row_term
 from snapshot.names import TableName
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ INSERT, UPDATE, DELETE = "i", "u", "d"
 # ends in ``$``, which PostgreSQL allows in a name and the SQL standard does not, so that no
 # key column is called so (a key column named ``op`` or ``x`` is common enough); a table
 # whose key is, all the same, is treated as one without a key (:func:`keyable`).
-INTERNAL_COLUMNS = frozenset({"op$", "x$", "h1$", "h2$", "m$", "apart$"})
+INTERNAL_COLUMNS = frozenset({"op$", "x$", "h1$", "h2$", "c$", "m$", "apart$"})
 
 
 def keyable(key: Sequence[str]) -> bool:
@@ -53,14 +54,26 @@ def _hashed(
     term: sql.Composable,
     source: sql.Composable,
     kind: str,
+    with_digest: bool = False,
 ) -> sql.Composed:
-    """``SELECT outer, h1, h2`` over ``SELECT inner, term AS m FROM source``, hashed once a row."""
+    """``SELECT outer, h1, h2`` over ``SELECT inner, term AS m FROM source``, hashed once a row
+    (and ``c$``, the row's digest for sparse staging, :mod:`snapshot.sparse`, when asked)."""
     first, second = halves(sql.SQL("z.m$"), kind)
+    extra: sql.Composable = sql.SQL("")
+    if with_digest:
+        extra = sql.SQL(", {} AS c$").format(sparse.digest_sql(sql.SQL("z.m$"), kind == MD5))
     return sql.SQL(
-        "SELECT {outer}, {h1} AS h1$, {h2} AS h2$ "
+        "SELECT {outer}, {h1} AS h1$, {h2} AS h2${extra} "
         "FROM (SELECT {inner}, {term} AS m$, {apart} FROM {source}) AS z"
     ).format(
-        outer=outer, h1=first, h2=second, inner=inner, term=term, apart=KEEP_APART, source=source
+        outer=outer,
+        h1=first,
+        h2=second,
+        extra=extra,
+        inner=inner,
+        term=term,
+        apart=KEEP_APART,
+        source=source,
     )
 
 
@@ -178,8 +191,9 @@ def create_delta(conn: psycopg.Connection, rows: RowSet) -> None:
     )
 
 
-def fill_record(conn: psycopg.Connection, rows: RowSet) -> None:
-    """Record every live row version of the target with its hash (in a transaction).
+def fill_record(conn: psycopg.Connection, rows: RowSet, *, with_digest: bool = False) -> None:
+    """Record every live row version of the target with its hash (in a transaction), and
+    with ``with_digest`` each row's digest for sparse staging (:mod:`snapshot.sparse`).
 
     The rows' text, most of the cost, is made by a parallel scan where the server has
     workers to spare (``CREATE TABLE AS`` may run in parallel, ``INSERT`` may not).
@@ -198,6 +212,7 @@ def fill_record(conn: psycopg.Connection, rows: RowSet) -> None:
                 rows.row_term("t"),
                 sql.SQL("{} AS t").format(rows.table.ident),
                 rows.kind,
+                with_digest,
             ),
         )
     )

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from snapshot.apply.rows import RowSet
     from snapshot.apply.since import Applied
     from snapshot.checksum import TableStats
+    from snapshot.sparse import Sparse
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class ApplyRun:
     row_sets: dict[TableName, RowSet] = field(default_factory=dict)
     horizon: int | None = None  # of the records' snapshot (snapshot.apply.rows.horizon)
     recorded: dict[TableName, TableStats] = field(default_factory=dict)  # while still true
+    # tables staged with only their changed rows sent up (snapshot.sparse), by plan.record
+    sparse: dict[TableName, Sparse] = field(default_factory=dict)
     plan: Plan | None = None
     backup: Backup | None = None  # started with the staging, joined before the commit
     row_by_row: str = ""  # why bulk foreign-key checks are off for the rest of the apply

@@ -1,11 +1,12 @@
 """The locked, all-or-nothing part of an apply: one REPEATABLE READ transaction.
 
-1. lock the scope against writers (readers go on), then bring the plan up to the rows
-   written since it was made, and write the pre-apply backup's catch-up;
+1. let the pre-apply backup's pg_dump end (its download is never part of the writers'
+   wait), lock the scope against writers (readers go on), then bring the plan up to the
+   rows written since it was made, and write the backup's catch-up;
 2. create the snapshot's auth users the target lacks (insert only);
 3. the writes, attempt after attempt until they hold (:mod:`.attempt`);
 4. sequences; the closing report;
-5. commit when asked and every table matches: the backup joined first, the keeper
+5. commit when asked and every table matches: the backup sealed first, the keeper
    triggers dropped last. Otherwise roll back: nothing changed.
 """
 
@@ -59,9 +60,12 @@ def in_one_transaction(run: ApplyRun, phase: Phases, *, commit: bool) -> Finishe
     locked_at = time.monotonic()
     try:
         with conn.transaction() as tx:
+            if running is not None:
+                # The backup's download is over before the writers wait: under the lock only
+                # what changed since its snapshot is read (backup.catch_up).
+                with phase("backing up"):
+                    backup.wait_for_dump(running, to_end=True)
             with phase("locking"):
-                if running is not None:
-                    backup.wait_for_dump(running, to_end=run.block_readers)
                 lock(run)
                 locked_at = time.monotonic()
             with phase("reconciling"):
