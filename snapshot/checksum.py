@@ -94,7 +94,7 @@ def digest(rows: int, sums: str, kind: str = CURRENT) -> str:
 
 def table_stats(
     conn: psycopg.Connection,
-    table: TableName | sql.Identifier,
+    table: TableName | sql.Composable,
     columns: Sequence[str],
     ignore: Sequence[str] = (),
     kind: str = CURRENT,
@@ -107,14 +107,14 @@ def table_stats(
 
 def table_stats_later(
     conn: psycopg.Connection,
-    table: TableName | sql.Identifier,
+    table: TableName | sql.Composable,
     columns: Sequence[str],
     ignore: Sequence[str] = (),
     kind: str = CURRENT,
     where: sql.Composable | None = None,
 ) -> Callable[[], TableStats]:
     """:func:`table_stats`, sent now and read when called: in a pipeline, many tables'
-    statements go in one round trip."""
+    statements go in one round trip. ``table`` may be a subquery with its alias."""
     relation = table.ident if isinstance(table, TableName) else table
     used = [c for c in columns if c not in ignore]
     query = sql.SQL("SELECT count(*), {} FROM (SELECT {} AS h, {} FROM {} WHERE {}) AS s").format(

@@ -486,12 +486,14 @@ def env(app: App, env_name: str, as_json: bool) -> None:
 def take(app: App, env_name: str, label: str | None, unmasked: bool, as_json: bool) -> None:
     """Archive a consistent, data-only snapshot of ENV's scope.
 
-    An environment not marked safe (prod) holds real people's data: it is taken only with
-    --unmasked.
+    An environment not marked safe (prod) holds real people's data: it is taken masked, by
+    the rules of [masking] in snapshot.toml and the key in $SNAPSHOT_MASK_KEY, or as it is
+    with --unmasked.
 
     \b
     snapshot take dev
     snapshot take dev --label before-cutover
+    SNAPSHOT_MASK_KEY=... snapshot take prod
     """
     from snapshot.take import take as take_snapshot
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from snapshot.archive import archived_environments
 from snapshot.errors import ConfigError
+from snapshot.masking.rules import DEFAULT_KEY_ENV, MaskingSettings, parse_rule
 from snapshot.names import AUTH_TABLES, TableName, quote, split_dotted
 from snapshot.project import CONFIG_FILE, ProjectRoot, find_root
 from snapshot.scope import Scope
@@ -132,6 +133,7 @@ class Config:
     origin: str = ""  # why relative paths resolve from base_dir, for messages
     pg_bin: Path | None = None
     retention: int | None = None
+    masking: MaskingSettings = field(default_factory=MaskingSettings)
 
     def environment(self, name: str) -> EnvironmentConfig:
         """The named environment; a name without a section uses ``.env.<name>``.
@@ -401,6 +403,32 @@ def _parse_retention(data: Mapping[str, Any]) -> int | None:
     return int(keep)
 
 
+def _parse_masking(data: Mapping[str, Any] | None, scope: Scope) -> MaskingSettings:
+    """``[masking]``: the key's variable, whether auth is masked, and the rules per column
+    (``None``: no such section)."""
+    if data is None:
+        return MaskingSettings()
+    _check_keys(data, {"key_env", "auth", "columns"}, "[masking]")
+    key_env = _expect(data.get("key_env", DEFAULT_KEY_ENV), str, "[masking] key_env", "a name")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+        raise ConfigError(f"[masking] key_env must name an environment variable, not {key_env!r}")
+    auth = _expect(data.get("auth", True), bool, "[masking] auth", "true or false")
+    raw = _expect(data.get("columns", {}), dict, "[masking.columns]", "a table")
+    columns = {}
+    for text, value in raw.items():
+        where = f"[masking.columns] {text!r}"
+        column = _parse_column(text, "[masking.columns]")
+        if column.table not in scope.tables and not (
+            scope.auth_users and column.table in AUTH_TABLES
+        ):
+            raise ConfigError(
+                f"{where} names a column of {column.table}, which is not in [scope] tables: "
+                f"remove the rule, or add {column.table} to [scope] tables"
+            )
+        columns[(column.table, column.column)] = parse_rule(value, where)
+    return MaskingSettings(columns=columns, key_env=key_env, auth=auth, configured=True)
+
+
 def parse_config(
     data: Mapping[str, Any], path: Path | None, base_dir: Path, origin: str = ""
 ) -> Config:
@@ -418,6 +446,7 @@ def parse_config(
             "preflight",
             "session",
             "retention",
+            "masking",
         },
         str(CONFIG_FILE),
     )
@@ -457,6 +486,9 @@ def parse_config(
     scripts = _expect(data.get("scripts", "sql"), str, "scripts", "a path")
     pg_bin = _expect(data.get("pg_bin", ""), str, "pg_bin", "a path")
     retention = _parse_retention(_expect(data.get("retention", {}), dict, "[retention]", "a table"))
+    masking = _parse_masking(
+        _expect(data.get("masking"), (dict, type(None)), "[masking]", "a table"), scope
+    )
     return Config(
         path=path,
         base_dir=base_dir,
@@ -471,6 +503,7 @@ def parse_config(
         origin=origin,
         pg_bin=base_dir / pg_bin if pg_bin else None,
         retention=retention,
+        masking=masking,
     )
 
 

@@ -1,11 +1,14 @@
 """Which way data may flow: environments marked safe, and the usual direction.
 
 An environment not marked ``safe`` in ``snapshot.toml`` (prod is not) holds real people's
-data: logins, password hashes, personal columns. A snapshot of it spreads them wherever it
-goes, so taking one, or applying one to an environment that is marked safe (dev), needs an
-explicit ``--unmasked``; even then its auth users become logins there only with
-``--create-auth-users``. Each snapshot's manifest records whether its source was marked
-safe when it was taken. Rolling an environment back to its own backups is never refused.
+data: logins, password hashes, personal columns. A take of it is masked
+(:mod:`snapshot.masking`) unless ``--unmasked``; a masked snapshot goes anywhere, its auth
+users (masked too) included. An unmasked one spreads those people wherever it goes, so
+applying it to an environment that is marked safe (dev) needs an explicit ``--unmasked``,
+and even then its auth users become logins there only with ``--create-auth-users``; a
+cutover takes its source only unmasked, so it needs ``--unmasked`` too. Each snapshot's
+manifest records whether its source was marked safe when it was taken, and how it was
+masked. Rolling an environment back to its own backups is never refused.
 
 Apart from safety, every apply or cutover whose direction is not the usual one (dev -> prod,
 :data:`snapshot.config.DEFAULT_SOURCES`) is confirmed by a person, even onto a safe target.
@@ -50,11 +53,14 @@ class Direction:
 
 
 def source_safe(config: Config, manifest: Manifest) -> bool:
-    """Whether the snapshot's source was marked safe when taken.
+    """Whether the snapshot holds no real people's data: its source was marked safe when
+    taken, or it is masked (:mod:`snapshot.masking`).
 
     Manifests written before this was recorded fall back to the environment's setting now;
     an environment this configuration does not mark (or know) is not safe.
     """
+    if manifest.masking is not None:
+        return True
     if manifest.source_safe is not None:
         return manifest.source_safe
     env = config.environments.get(manifest.environment)
@@ -88,7 +94,8 @@ def needs_confirmation(config: Config, target: str, way: Direction | None = None
 
 
 def require_unmasked_take(env: EnvironmentConfig, unmasked: bool) -> None:
-    """Refuse to take an environment not marked safe, unless ``unmasked``."""
+    """Refuse a cutover's take of an environment not marked safe, unless ``unmasked`` (a
+    masked snapshot would never verify against its source)."""
     if env.safe or unmasked:
         return
     raise ConfigError(

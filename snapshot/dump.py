@@ -26,7 +26,8 @@ from snapshot.checksum import TableStats, table_stats
 from snapshot.db import connect
 from snapshot.environments import Connection
 from snapshot.errors import ConfigError
-from snapshot.manifest import DUMP_FILE, DatabaseIdentity, Manifest, TableEntry
+from snapshot.manifest import DUMP_FILE, DatabaseIdentity, Manifest, Masking, TableEntry
+from snapshot.masking import MASKED_FILE, Masks, write_masked
 from snapshot.names import AUTH_TABLES, TableName
 from snapshot.scope import Scope
 
@@ -186,9 +187,21 @@ def _checksums_in_snapshot(
 
 
 def build_manifest(
-    plan: DumpPlan, state: DumpState, *, kind: str, label: str | None, applies: str | None = None
+    plan: DumpPlan,
+    state: DumpState,
+    *,
+    kind: str,
+    label: str | None,
+    applies: str | None = None,
+    masks: Masks | None = None,
 ) -> Manifest:
-    """The manifest of a dump of ``plan`` whose content ``state`` describes."""
+    """The manifest of a dump of ``plan`` whose content ``state`` describes (masked by
+    ``masks``, when given)."""
+    masking = None
+    if masks is not None:
+        masking = Masking(
+            masks.rules, masks.key_fingerprint, MASKED_FILE, tuple(map(str, masks.tables))
+        )
     return Manifest(
         environment=plan.target.env,
         source_safe=plan.target.safe,
@@ -204,13 +217,20 @@ def build_manifest(
         sequences=state.sequences,
         applies=applies,
         migrations=state.migrations,
+        masking=masking,
     )
 
 
 def start_dump(
-    plan: DumpPlan, snapshot_id: str, folder: Path, application: str = pgtools.DUMP_APPLICATION
+    plan: DumpPlan,
+    snapshot_id: str,
+    folder: Path,
+    application: str = pgtools.DUMP_APPLICATION,
+    masks: Masks | None = None,
 ) -> pgtools.Running:
-    """pg_dump of ``plan``'s tables into ``folder``, in the exported snapshot ``snapshot_id``."""
+    """pg_dump of ``plan``'s tables into ``folder``, in the exported snapshot ``snapshot_id``
+    (without the rows of the tables ``masks`` masks)."""
+    masked = set(masks.tables) if masks else set()
     return pgtools.start_dump(
         plan.pg_dump,
         plan.target,
@@ -219,6 +239,7 @@ def start_dump(
         folder / DUMP_FILE,
         application,
         via_partition_root=bool(plan.leaves),
+        exclude_data=[p for t in masked for p in plan.leaves.get(t, (t,))],
     )
 
 
@@ -230,22 +251,26 @@ def dump_in_snapshot(
     *,
     kind: str,
     label: str | None,
+    masks: Masks | None = None,
 ) -> Manifest:
     """Dump ``plan`` into ``folder`` under an exported snapshot, and describe it.
 
     ``conn`` must be inside the transaction that exported ``snapshot_id``; the statistics
-    are computed there while pg_dump runs alongside.
+    are computed there while pg_dump runs alongside. With ``masks`` (and the key set in
+    ``conn``'s transaction), the masked tables' rows are written masked beside the dump
+    (:func:`snapshot.masking.write_masked`) and their statistics are the masked rows'.
     """
     started = time.monotonic()
-    dump = start_dump(plan, snapshot_id, folder)
+    dump = start_dump(plan, snapshot_id, folder, masks=masks)
     try:
-        state = describe_state(conn, plan, snapshot_id=snapshot_id)
+        known = write_masked(conn, masks, folder) if masks is not None else None
+        state = describe_state(conn, plan, known, snapshot_id=snapshot_id)
     except BaseException:
         dump.kill()
         raise
     dump.wait()
     log.info("  %-34s %24s", "pg_dump done", text.duration(time.monotonic() - started))
-    return build_manifest(plan, state, kind=kind, label=label)
+    return build_manifest(plan, state, kind=kind, label=label, masks=masks)
 
 
 def export_snapshot(conn: psycopg.Connection) -> str:

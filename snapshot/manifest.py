@@ -62,6 +62,44 @@ def same_database(
 
 
 @dataclass(frozen=True)
+class Masking:
+    """How a masked snapshot was masked: its rules, the key's fingerprint (never the key),
+    and the file holding the masked tables' rows (:mod:`snapshot.masking`)."""
+
+    rules: tuple[tuple[str, str], ...]  # (column, rule): ("public.users.email", "email")
+    key_fingerprint: str
+    file: str
+    tables: tuple[str, ...]  # the tables whose rows are in ``file``, not in the dump
+
+    def describe(self) -> str:
+        """What a report says of a masked snapshot: by which rules, under which key."""
+        masked = [f"{column} {rule}" for column, rule in self.rules if rule != "keep"]
+        kept = len(self.rules) - len(masked)
+        also = f"; {kept} kept as they are" if kept else ""
+        return (
+            f"masked snapshot (key {self.key_fingerprint}): "
+            f"{', '.join(masked) or 'no column masked'}{also}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rules": dict(self.rules),
+            "key_fingerprint": self.key_fingerprint,
+            "file": self.file,
+            "tables": list(self.tables),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Masking:
+        return cls(
+            rules=tuple((str(k), str(v)) for k, v in dict(data["rules"]).items()),
+            key_fingerprint=str(data["key_fingerprint"]),
+            file=str(data["file"]),
+            tables=tuple(str(t) for t in data["tables"]),
+        )
+
+
+@dataclass(frozen=True)
 class TableEntry:
     """A table in a snapshot: its rows, checksum and schema fingerprint."""
 
@@ -112,6 +150,8 @@ class Manifest:
     tool_version: str = __version__
     # Whether the source environment was marked safe when taken; None in older manifests.
     source_safe: bool | None = None
+    # How the snapshot was masked; None: its rows are the source's as they were.
+    masking: Masking | None = None
 
     @property
     def scope_tables(self) -> tuple[TableEntry, ...]:
@@ -148,6 +188,7 @@ class Manifest:
             "tables": [t.to_json() for t in self.tables],
             "sequences": [s.to_json() for s in self.sequences],
             "files": {k: dict(v) for k, v in self.files.items()},
+            **({"masking": self.masking.to_json()} if self.masking else {}),
         }
 
     @classmethod
@@ -206,6 +247,7 @@ class Manifest:
                 for s in data["sequences"]
             ),
             files=data.get("files", {}),
+            masking=Masking.from_json(data["masking"]) if data.get("masking") else None,
         )
 
 

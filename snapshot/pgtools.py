@@ -301,12 +301,14 @@ def start_dump(
     application: str = DUMP_APPLICATION,
     *,
     via_partition_root: bool = False,
+    exclude_data: Sequence[TableName] = (),
 ) -> Running:
     """Start a data-only, custom-format pg_dump of ``tables`` in an exported snapshot.
 
     ``application`` is its session's ``application_name`` (how the server lists it).
     ``via_partition_root``: some of ``tables`` are partitions, whose rows are written as
-    their partitioned table's (``--load-via-partition-root``).
+    their partitioned table's (``--load-via-partition-root``). The rows of
+    ``exclude_data`` are not dumped (a masked take writes them itself).
     """
     args = [
         f"--dbname={make_conninfo(target.conninfo(), application_name=application)}",
@@ -322,6 +324,7 @@ def start_dump(
     if via_partition_root:
         args.append("--load-via-partition-root")
     args += [f"--table={table_pattern(t)}" for t in tables]
+    args += [f"--exclude-table-data={table_pattern(t)}" for t in exclude_data]
     return _start(pg_dump, args, target.child_env())
 
 

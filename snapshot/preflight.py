@@ -347,13 +347,16 @@ def _sequence_owners(session: Session) -> dict[str, list[TableName]]:
     the sequence's owner: the owner of its table, as PostgreSQL keeps them together.
     """
     owners: dict[str, list[TableName]] = {}
-    for seq, table, *_ in catalog.owned_sequence_names(session.conn, session.order):
-        owner = _scalar(
-            session.conn,
-            "SELECT CASE WHEN NOT pg_has_role(relowner, 'USAGE') "
-            "THEN pg_get_userbyid(relowner) END FROM pg_class WHERE oid = %s::regclass",
-            (seq.ident.as_string(session.conn),),
-        )
+    sequences = catalog.owned_sequence_names(session.conn, session.order)
+    rows = session.conn.execute(  # every sequence's owner in one round trip
+        "SELECT w.i, CASE WHEN NOT pg_has_role(c.relowner, 'USAGE') "
+        "THEN pg_get_userbyid(c.relowner) END "
+        "FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(s, i) JOIN pg_class c ON c.oid = w.s "
+        "ORDER BY w.i",
+        ([seq.ident.as_string(session.conn) for seq, *_ in sequences],),
+    ).fetchall()
+    for i, owner in rows:
+        table = sequences[int(i) - 1][1]
         if owner is not None and table not in owners.setdefault(str(owner), []):
             owners[str(owner)].append(table)
     return {owner: tables for owner, tables in owners.items() if tables}

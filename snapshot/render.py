@@ -61,20 +61,43 @@ def snapshot_summary(snapshot: Snapshot) -> dict[str, Any]:
         },
         "rows": m.total_rows,
         "size": m.size,
+        "source_safe": m.source_safe,
+        "masking": m.masking.to_json() if m.masking else None,
+        "people": people(snapshot),
     }
+
+
+def people(snapshot: Snapshot) -> str:
+    """What a snapshot holds of real people: ``masked``, ``unmasked`` (a take of an
+    environment not marked safe, as it was), or ``""`` (a safe source, a backup)."""
+    m = snapshot.manifest
+    if m.masking is not None:
+        return "masked"
+    return "unmasked" if m.kind == "take" and m.source_safe is False else ""
 
 
 def take_report(snapshot: Snapshot) -> str:
     m = snapshot.manifest
+    masked = set(m.masking.tables) if m.masking else set()
     rows = [
-        (f"{t.table}{' (auth)' if t.auth else ''}", f"{t.rows:,}", short(t.checksum))
+        (
+            f"{t.table}{' (auth)' if t.auth else ''}"
+            + (" (masked)" if str(t.table) in masked else ""),
+            f"{t.rows:,}",
+            short(t.checksum),
+        )
         for t in m.tables
     ]
     rows.append(("total (scope)", f"{m.total_rows:,}", ""))
-    return (
+    text = (
         table(("table", "rows", "checksum"), rows)
         + f"\n\nsnapshot {snapshot.id} ({human_size(m.size)}) in {snapshot.path}"
     )
+    if m.masking:
+        text += f"\n{m.masking.describe()}"
+    elif people(snapshot) == "unmasked":
+        text += f"\nunmasked: {m.environment} is not marked safe; this snapshot holds its people"
+    return text
 
 
 def list_report(
@@ -93,10 +116,13 @@ def list_report(
             len(s.manifest.scope_tables),
             f"{s.manifest.total_rows:,}",
             human_size(s.manifest.size),
+            people(s),
         )
         for s in snapshots
     ]
-    text = table(("id", "environment", "created (UTC)", "label", "tables", "rows", "size"), rows)
+    text = table(
+        ("id", "environment", "created (UTC)", "label", "tables", "rows", "size", "people"), rows
+    )
     if damaged:
         broken = table(("damaged (never applied)", "reason"), [(d.id, d.reason) for d in damaged])
         text = f"{text}\n\n{broken}" if rows else broken
@@ -167,6 +193,8 @@ def plan_report(proposal: ApplyPlan) -> str:
     lines = [head, "", plan_table(proposal.plan, proposal.target.env)]
     if proposal.auth_withheld:
         lines.append(f"auth users: {proposal.auth_withheld}")
+    if proposal.snapshot.manifest.masking is not None:
+        lines.append(proposal.snapshot.manifest.masking.describe())
     return "\n".join(lines)
 
 

@@ -103,6 +103,10 @@ class Sparse:
     columns: tuple[str, ...]  # the snapshot's columns: digested in name order
     target: dict[bytes, bytes] = field(default_factory=dict)  # key -> digest, not yet seen
     removes: list[bytes] = field(default_factory=list)  # keys of staged rows to remove
+    # the keys of the rows that went up, as COPY lines of the key columns (what a pre-apply
+    # backup removes from the snapshot's rows, snapshot.apply.backup)
+    sent: list[bytes] = field(default_factory=list)
+    gone: int = 0  # staged rows removed (their keys stay in :data:`GONE`)
     uploaded: int = 0
     read: int = 0  # the snapshot's rows read (all of them, whether they went up or not)
     seen: bool = False  # a COPY block of the table was read
@@ -119,10 +123,11 @@ class Sparse:
             return sql.SQL("{}::text").format(names[0])
         return sql.SQL("ROW({})::text").format(sql.SQL(", ").join(names))
 
-    def filter(self, columns: Sequence[str], sink: Sink) -> LineFilter:
+    def filter(self, columns: Sequence[str], open_sink: Callable[[], Sink]) -> LineFilter:
         """A sink for one COPY block (its ``columns`` in the dump's order) that passes on
-        only the rows the target lacks or holds otherwise."""
-        return LineFilter(self, columns, sink)
+        only the rows the target lacks or holds otherwise, into the sink ``open_sink``
+        opens when the first such row comes (a block with none costs no round trip)."""
+        return LineFilter(self, columns, open_sink)
 
 
 class Sink(Protocol):
@@ -134,19 +139,24 @@ class Sink(Protocol):
 class LineFilter:
     """Reads a COPY block's data in chunks, writes on the changed rows, notes the keys."""
 
-    def __init__(self, sparse: Sparse, columns: Sequence[str], sink: Sink) -> None:
+    def __init__(
+        self, sparse: Sparse, columns: Sequence[str], open_sink: Callable[[], Sink]
+    ) -> None:
         position = {name: i for i, name in enumerate(columns)}
         self._sparse = sparse
-        self._sink = sink
+        self._open_sink = open_sink
+        self._sink: Sink | None = None
         self._rest = b""
         self._key: Callable[[list[bytes]], bytes]
+        self._key_line: Callable[[list[bytes]], bytes]
         key = [position[k] for k in sparse.key]
         if len(key) == 1:
             only = key[0]
-            self._key = operator.itemgetter(only)
+            self._key = self._key_line = operator.itemgetter(only)
         else:
             pick_key = operator.itemgetter(*key)
             self._key = lambda fields: record_text(pick_key(fields))
+            self._key_line = lambda fields: b"\t".join(pick_key(fields))
         ordered = [position[c] for c in sorted(sparse.columns)]
         pick = operator.itemgetter(*ordered)
         self._row: Callable[[list[bytes]], Sequence[bytes]] = (
@@ -156,7 +166,12 @@ class LineFilter:
     def write(self, buffer: bytes) -> None:
         lines = (self._rest + buffer).split(b"\n")
         self._rest = lines.pop()
-        sparse, target, removes = self._sparse, self._sparse.target, self._sparse.removes
+        sparse, target, removes, sent = (
+            self._sparse,
+            self._sparse.target,
+            self._sparse.removes,
+            self._sparse.sent,
+        )
         out = []
         sparse.read += len(lines)
         for line in lines:
@@ -170,8 +185,11 @@ class LineFilter:
             if had is not None:
                 removes.append(key)
             out.append(line)
+            sent.append(self._key_line(fields))
         if out:
             out.append(b"")
+            if self._sink is None:
+                self._sink = self._open_sink()
             self._sink.write(b"\n".join(out))
             sparse.uploaded += len(out) - 1
 
@@ -180,15 +198,21 @@ class LineFilter:
             raise ArchiveError("the archive's data ends inside a row: it is damaged")
 
 
-def copy_recorded(conn: psycopg.Connection, sparse: Sparse, table: TableName) -> None:
-    """Stage the target's rows as the record sees them (call in the record's transaction)."""
+def copy_recorded(conn: psycopg.Connection, sparse: Sparse) -> None:
+    """Stage the target's rows as the record sees them (call in the record's transaction),
+    and make the empty side table the changed rows go up into."""
     names = sql.SQL(", ").join(map(sql.Identifier, sparse.columns))
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sparse.stage))
-    conn.execute(
-        sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {}").format(
-            sparse.stage, names, table.ident
+    for statement in (
+        "DROP TABLE IF EXISTS {stage}",
+        "CREATE TEMP TABLE {stage} AS SELECT {names} FROM {t}",
+        "DROP TABLE IF EXISTS {side}",
+        "CREATE TEMP TABLE {side} AS SELECT * FROM {stage} WITH NO DATA",
+    ):  # one statement each: the caller may send them in a pipeline
+        conn.execute(
+            sql.SQL(statement).format(
+                stage=sparse.stage, names=names, t=sparse.table.ident, side=sparse.side
+            )
         )
-    )
 
 
 def download(
@@ -230,30 +254,57 @@ def _escape_copy(value: bytes) -> bytes:
     )
 
 
-def finish(conn: psycopg.Connection, sparse: Sparse) -> int:
+GONE = sql.Identifier(
+    "pg_temp", "_snapshot_gone"
+)  # (n, k): keys of rows the snapshot changes or lacks
+
+
+def finish(conn: psycopg.Connection, tables: Sequence[Sparse]) -> dict[TableName, int]:
     """Remove the staged rows the snapshot changes or lacks, add its new and changed rows;
-    the staged table's row count."""
-    gone = sparse.removes + list(sparse.target)
-    if gone:
-        keys = sql.Identifier("pg_temp", f"_snapshot_r{sparse.number}")
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(keys))
-        conn.execute(sql.SQL("CREATE TEMP TABLE {} (k text)").format(keys))
-        one = len(sparse.key) == 1
-        with conn.cursor() as cur, cur.copy(sql.SQL("COPY {} FROM STDIN").format(keys)) as copy:
-            # a one-column key is already a COPY field; a longer key's text is escaped
-            for key in gone:
-                copy.write((key if one else _escape_copy(key)) + b"\n")
-        conn.execute(
-            sql.SQL("DELETE FROM {} AS s USING {} AS g WHERE {} = g.k").format(
-                sparse.stage, keys, sparse.key_text("s")
-            )
+    each staged table's row count. A few round trips for all the tables.
+
+    The removed rows' keys stay in :data:`GONE` (by table number): a pre-apply backup
+    downloads those rows' versions (snapshot.apply.backup).
+    """
+    conn.execute(
+        sql.SQL("DROP TABLE IF EXISTS {gone}; CREATE TEMP TABLE {gone} (n int, k text)").format(
+            gone=GONE
         )
-        conn.execute(sql.SQL("DROP TABLE {}").format(keys))
-    if sparse.seen:
-        conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM {}").format(sparse.stage, sparse.side))
-        conn.execute(sql.SQL("DROP TABLE {}").format(sparse.side))
-    log.debug(
-        "  %s: %d rows went up, %d staged rows removed", sparse.table, sparse.uploaded, len(gone)
     )
-    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sparse.stage)).fetchone()
-    return int(row[0]) if row else 0
+    with conn.cursor() as cur, cur.copy(sql.SQL("COPY {} FROM STDIN").format(GONE)) as copy:
+        for changes in tables:
+            gone = changes.removes + list(changes.target)
+            changes.gone = len(gone)
+            if not gone:
+                continue
+            # a one-column key is already a COPY field; a longer key's text is escaped
+            one = len(changes.key) == 1
+            prefix = b"%d\t" % changes.number
+            copy.write(b"".join(prefix + (k if one else _escape_copy(k)) + b"\n" for k in gone))
+    with conn.pipeline():
+        counted = []
+        for changes in tables:
+            if changes.gone:
+                conn.execute(
+                    sql.SQL("DELETE FROM {} AS s USING {} AS g WHERE g.n = {} AND {} = g.k").format(
+                        changes.stage, GONE, sql.Literal(changes.number), changes.key_text("s")
+                    )
+                )
+            if changes.uploaded:
+                conn.execute(
+                    sql.SQL("INSERT INTO {} SELECT * FROM {}").format(changes.stage, changes.side)
+                )
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(changes.side))
+            query = sql.SQL("SELECT count(*) FROM {}").format(changes.stage)
+            counted.append((changes, conn.execute(query)))
+    found = {}
+    for changes, cursor in counted:
+        log.debug(
+            "  %s: %d rows went up, %d staged rows removed",
+            changes.table,
+            changes.uploaded,
+            changes.gone,
+        )
+        row = cursor.fetchone()
+        found[changes.table] = int(row[0]) if row else 0
+    return found

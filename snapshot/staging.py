@@ -11,11 +11,14 @@ A pre-apply backup may carry a catch-up (``catchup.copy``, see
 :mod:`snapshot.apply.backup`): blocks in the same COPY text format whose header verb says
 what to do with the staged rows: ``REMOVE`` those with these keys, ``ADD`` these rows,
 ``REPLACE`` the whole table with these rows. It is applied after the dump is staged, and
-only then are the counts compared with the manifest.
+only then are the counts compared with the manifest. A masked snapshot
+(:mod:`snapshot.masking`) carries its masked tables' rows the same way, as ``REPLACE``
+blocks in ``masked.copy`` beside a dump that lacks them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -163,20 +166,25 @@ def stage(
     use_app_search_path(conn, local=False)
     try:
         counts = _load(conn, pg_restore, snapshot, wanted, skip, sparse_tables)
-        for table, changed in sparse_tables.items():
-            if changed.seen or wanted[table].rows == 0:
-                counts[table] = sparse.finish(conn, changed)
+        # one without any block and rows in the manifest is missing (said below)
+        finished = [s for s in sparse_tables.values() if s.seen or wanted[s.table].rows == 0]
+        counts.update(sparse.finish(conn, finished))
     finally:
         if not conn.closed:
             use_tool_search_path(conn, local=False)
+    masking = snapshot.manifest.masking
+    masked = {TableName.parse(t) for t in masking.tables} if masking else set()
     for table, entry in wanted.items():
-        if table not in counts and entry.rows == 0:  # a partitioned table with no partition
+        # A partitioned table with no partition; a masked table, whose rows follow.
+        if table not in counts and (entry.rows == 0 or table in masked):
             counts[table] = _stage_table(conn, entry, entry.column_names, None)
     missing = [str(t) for t in wanted if t not in counts]
     if missing:
         raise ArchiveError(f"{snapshot.id}: the dump lacks {', '.join(missing)}: it is damaged")
-    if CATCH_UP_FILE in snapshot.manifest.files:
-        counts.update(_catch_up(conn, snapshot, wanted, skip))
+    # A masked snapshot's masked rows, then a backup's catch-up: blocks of one format.
+    for extra in (masking.file if masking else "", CATCH_UP_FILE):
+        if extra and extra in snapshot.manifest.files:
+            counts.update(_catch_up(conn, snapshot, wanted, skip, extra))
     for table, rows in counts.items():
         if rows != wanted[table].rows:
             raise ArchiveError(
@@ -267,15 +275,17 @@ def _catch_up(
     snapshot: Snapshot,
     wanted: dict[TableName, TableEntry],
     skip: Collection[TableName],
+    name: str = CATCH_UP_FILE,
 ) -> dict[TableName, int]:
-    """Apply a backup's catch-up to the staged rows; the patched tables' new counts.
+    """Apply a backup's catch-up (or a masked snapshot's masked rows, ``name``) to the
+    staged rows; the patched tables' new counts.
 
     The tables in ``skip`` were staged as they end up (their manifest's state): their
     blocks are read past.
     """
     counts: dict[TableName, int] = {}
     keys = sql.Identifier("pg_temp", "_snapshot_catch_up_keys")
-    with (snapshot.path / CATCH_UP_FILE).open("rb") as stream:
+    with (snapshot.path / name).open("rb") as stream:
         script = ScriptReader(stream, CATCH_UP_VERBS)
         while header := script.next_header():
             verb, table, columns = parse_header(header, CATCH_UP_VERBS)
@@ -328,18 +338,16 @@ def _stage_changes(
     conn: psycopg.Connection, changes: sparse.Sparse, columns: Sequence[str], script: ScriptReader
 ) -> None:
     """Send up one COPY block's rows that the staged target rows lack (:mod:`snapshot.sparse`)."""
-    if not changes.seen:
-        conn.execute(
-            sql.SQL(
-                "DROP TABLE IF EXISTS {side}; CREATE TEMP TABLE {side} AS SELECT * FROM {stage} "
-                "WITH NO DATA"
-            ).format(side=changes.side, stage=changes.stage)
-        )
-        changes.seen = True
+    changes.seen = True
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
     query = sql.SQL("COPY {} ({}) FROM STDIN").format(changes.side, names)
-    with conn.cursor() as cur, cur.copy(query) as copy:
-        lines = changes.filter(columns, copy)
+    with contextlib.ExitStack() as stack:
+
+        def open_copy() -> sparse.Sink:
+            cursor = stack.enter_context(conn.cursor())
+            return stack.enter_context(cursor.copy(query))
+
+        lines = changes.filter(columns, open_copy)
         script.pump(lines)
         lines.close()
 

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import psycopg
 
-from snapshot import archive, catalog, direction, text
+from snapshot import archive, catalog, masking, text
 from snapshot.archive import Snapshot
 from snapshot.config import Config
 from snapshot.db import connect
 from snapshot.dump import LIVE, dump_in_snapshot, export_snapshot, identity, plan_dump
 from snapshot.environments import resolve_connection
 from snapshot.manifest import Manifest, TableEntry
+from snapshot.masking.rules import read_key
 from snapshot.names import AUTH_TABLES
 
 log = logging.getLogger(__name__)
@@ -72,24 +73,30 @@ def take(
 ) -> Snapshot:
     """Archive a snapshot of ``env_name``'s scope and return it.
 
-    An environment not marked safe holds real people's data: it is taken only ``unmasked``
-    (:func:`snapshot.direction.require_unmasked_take`).
+    An environment not marked safe holds real people's data: its snapshot is masked by the
+    rules of ``[masking]`` (:mod:`snapshot.masking`) unless ``unmasked``.
     """
     label = archive.check_label(label)
     env = config.environment(env_name)
-    direction.require_unmasked_take(env, unmasked)
+    key = None if env.safe or unmasked else read_key(config.masking, env_name)
     target = resolve_connection(env)
     archive.check_writable(config.archive, env_name)  # refuse an unwritable one before any work
     with contextlib.closing(connect(target)) as conn:
         plan = plan_dump(conn, target, config.scope, pg_bin)
+        masks = None
+        if key is not None:
+            masks = masking.plan_masks(
+                conn, plan.shapes, list(plan.leaves), config.masking, key, env_name
+            )
         log.info(
-            "taking %s: %s%s from %s (PostgreSQL %s, pg_dump %s)",
+            "taking %s: %s%s from %s (PostgreSQL %s, pg_dump %s)%s",
             env_name,
             text.count(len(plan.scope.tables), "table"),
             " and auth users/identities" if plan.scope.auth_users else "",
             target.describe(),
             plan.info.version,
             plan.pg_dump.version,
+            f", masked (key {masks.key_fingerprint})" if masks else "",
         )
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
@@ -98,7 +105,11 @@ def take(
             archive.pending_snapshot(config.archive, env_name) as folder,
         ):
             snapshot_id = export_snapshot(conn)
-            manifest = dump_in_snapshot(conn, plan, snapshot_id, folder, kind="take", label=label)
+            if masks is not None:
+                masking.set_key(conn, masks)
+            manifest = dump_in_snapshot(
+                conn, plan, snapshot_id, folder, kind="take", label=label, masks=masks
+            )
             snapshot = archive.publish(archive.seal(folder, manifest), label)
     log.info("archived %s (%s)", snapshot.path, text.count(snapshot.manifest.total_rows, "row"))
     return snapshot

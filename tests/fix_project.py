@@ -81,7 +81,13 @@ class Project:
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
     monkeypatch.chdir(tmp_path)
-    for name in ("SNAPSHOT_CONFIG", "PG_BIN", "SUPABASE_ACCESS_TOKEN", "SUPABASE_API_URL"):
+    for name in (
+        "SNAPSHOT_CONFIG",
+        "PG_BIN",
+        "SUPABASE_ACCESS_TOKEN",
+        "SUPABASE_API_URL",
+        "SNAPSHOT_MASK_KEY",
+    ):
         monkeypatch.delenv(name, raising=False)
     yield Project(tmp_path)
 

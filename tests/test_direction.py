@@ -16,16 +16,17 @@ from tests.fix_db import SCOPE_TABLES
 from tests.fix_project import Project, at_a_terminal, one_error_line
 
 
-def test_prod_is_taken_only_unmasked(project: Project, make_db) -> None:
+def test_prod_is_taken_masked_or_explicitly_unmasked(project: Project, make_db) -> None:
     project.point("prod", make_db("prod"))
 
-    refused = project.run("take", "prod")
+    refused = project.run("take", "prod")  # masked (tests/test_masking.py), but no key is set
 
     assert refused.exit_code == 2
     assert one_error_line(refused) == (
-        "Error: refusing to take prod: it is not marked safe, so its snapshot would carry real "
-        "people's data (logins, password hashes, personal columns); pass --unmasked to take it "
-        "as it is"
+        "Error: refusing to take prod: it is not marked safe, so its snapshot is masked, and "
+        "the masking key $SNAPSHOT_MASK_KEY is not set; set it to a long random secret the "
+        "team keeps (the same one gives the same fakes in every take), or pass --unmasked to "
+        "take it as it is"
     )
     assert not (project.path / "snapshots").exists()
 

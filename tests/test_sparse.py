@@ -214,9 +214,27 @@ def test_a_resync_sends_only_the_changed_rows_and_ends_as_a_full_upload_does(
     assert written["public.cell"]["update"] == 1 and written["public.cell"]["delete"] == 1
     assert written["public.reading"]["insert"] == 1
 
+    # Its way back is the snapshot's own dump (linked, not downloaded) and the difference:
+    # the snapshot's keys that went up, and prod's versions of the rows the apply changed.
+    newest = max(project.snapshots("prod"))
+    applied = max(project.snapshots("dev"))
+    assert (newest / "data.dump").stat().st_ino == (applied / "data.dump").stat().st_ino
+    blocks = [
+        line.split(" (")[0]
+        for line in (newest / "catchup.copy").read_text().splitlines()
+        if line.endswith("FROM stdin;")
+    ]
+    assert 'REMOVE "public"."cell"' in blocks and 'ADD "public"."cell"' in blocks
+    assert not any(b.startswith("REPLACE") for b in blocks)
+
     result = project.run("rollback", "prod", "--yes")
     assert result.exit_code == 0, result.output
     assert prod.fingerprint(SCOPE) == before
+    # and the rollback's own backup undoes it, exactly
+    [undo] = [p for p in project.snapshots("prod") if p.name.endswith("pre-rollback")]
+    result = project.run("rollback", "prod", "--to", f"prod/{undo.name}", "--yes")
+    assert result.exit_code == 0, result.output
+    assert prod.fingerprint(SCOPE) == dev.fingerprint(SCOPE)
 
 
 def test_a_full_upload_and_a_sparse_one_stage_the_same_rows(project: Project, make_db) -> None:

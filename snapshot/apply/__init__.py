@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psycopg
 
-from snapshot import archive, interrupts, preflight
+from snapshot import archive, interrupts, masking, preflight
 from snapshot.apply import backup, staged_checks, write
 from snapshot.apply.backup import settle_orphaned_backups
 from snapshot.apply.phases import Phases, Progress
@@ -42,6 +42,8 @@ from snapshot.db import connect, error_message, error_sentence
 from snapshot.dump import LIVE
 from snapshot.environments import resolve_connection
 from snapshot.errors import ApplyFailed, Interrupted, Refused, ScriptFailed, SnapshotError
+from snapshot.masking import personal
+from snapshot.names import AUTH_TABLES
 from snapshot.preflight import Finding, PreflightFailed, PreflightReport
 from snapshot.session import apply_lock_holder, open_session, release_apply_lock
 
@@ -117,6 +119,8 @@ def run_apply(
             raise PreflightFailed(checks)
         if auth_withheld:
             run.notes.append(f"auth users: {auth_withheld}")
+        if snapshot.manifest.masking is not None:
+            run.notes.append(snapshot.manifest.masking.describe())
         if confirm is not None:
             _ask(run, confirm)
             with phases("preparing again"):
@@ -147,7 +151,21 @@ def check(
         backup=True,
         auth_withheld=auth_withheld,
     ) as session:
-        return _check(ApplyRun(session, options), settle=False, backup=False, keep_lock=False)
+        report = _check(ApplyRun(session, options), settle=False, backup=False, keep_lock=False)
+        if session.target.safe or not report.ok:  # errors first: they stop the apply
+            return report
+        # A target not marked safe is a source of masked takes too: what would stop one.
+        scope = config.scope
+        suspects = masking.unruled_columns(
+            session.conn,
+            [*scope.tables, *(AUTH_TABLES if scope.auth_users else ())],
+            config.masking,
+        )
+        # A warning where the team masks ([masking] is set); otherwise said, not judged.
+        configured = config.masking.configured
+        status = preflight.WARNING if suspects and configured else preflight.OK
+        found = Finding("personal columns", status, personal.listing(target_env, suspects))
+        return replace(report, findings=(*report.findings, found))
 
 
 def _options(
@@ -195,6 +213,9 @@ def _check(run: ApplyRun, *, settle: bool, backup: bool, keep_lock: bool) -> Pre
             findings += staged_checks.staged_checks(run)
         if session.auth_withheld:
             findings.append(Finding("auth users", preflight.WARNING, session.auth_withheld))
+        if session.snapshot.manifest.masking is not None:
+            masked = session.snapshot.manifest.masking.describe()
+            findings.append(Finding("masking", preflight.OK, masked))
     finally:
         if holder is None and not keep_lock:
             release_apply_lock(session.conn)

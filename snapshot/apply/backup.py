@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -28,7 +30,7 @@ from typing import BinaryIO
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, catalog, text
+from snapshot import archive, catalog, sparse, text
 from snapshot.apply import rows as rowsets
 from snapshot.apply import since
 from snapshot.apply.rows import RowSet
@@ -41,9 +43,9 @@ from snapshot.dump import DumpPlan, DumpState, build_manifest, describe_state, e
 from snapshot.dump import start_dump as start_pg_dump
 from snapshot.environments import Connection
 from snapshot.errors import ApplyFailed
-from snapshot.manifest import TableEntry
+from snapshot.manifest import DUMP_FILE
 from snapshot.names import TableName
-from snapshot.pgtools import DUMP_APPLICATION, DUMP_LOCK_WAIT, Running
+from snapshot.pgtools import DUMP_APPLICATION, Running
 from snapshot.staging import ADD, REMOVE, REPLACE, TERMINATOR
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ class Backup:
     snapshot_id: str
     started: float
     dump: Running | None = None  # pg_dump, once :func:`dump` started it
+    # the backup is the applied snapshot's dump and what tells the target apart from it
+    # (:func:`write_difference`), not a pg_dump of the target
+    from_snapshot: bool = False
     state: DumpState | None = None
     caught_up: int = 0  # rows written between pg_dump's snapshot and the lock
     copied_whole: int = 0  # tables without a key, copied whole under the lock
@@ -112,64 +117,141 @@ def dump(backup: Backup) -> None:
     )
 
 
+def can_write_difference(run: ApplyRun, matched: Collection[TableName]) -> bool:
+    """Whether the backup can be the snapshot's dump plus the difference (no pg_dump).
+
+    So when every keyed scoped table is held as the snapshot's already (``matched``) or was
+    staged from what differs (its changed rows known, :mod:`snapshot.sparse`), the
+    snapshot is its dump alone, every
+    backed-up table, and no other, is in the snapshot's dump with the target's columns,
+    and no auth table is withheld (whose rows must not be copied into this target's
+    archive).
+    """
+    if run.session.withheld_tables or not run.snapshot.dump_path.is_file():
+        return False
+    if set(run.snapshot.manifest.files) - {DUMP_FILE}:
+        # rows beside the dump (a backup's catch-up, a masked snapshot's masked rows): the
+        # dump alone is not the snapshot, and a table the target holds already may differ
+        # from it
+        return False
+    if any(t not in matched and t not in run.sparse for t in run.row_sets):
+        return False
+    assert run.backup is not None
+    plan = run.backup.plan
+    if {e.table for e in run.snapshot.manifest.tables} != set(plan.tables):
+        return False  # the dump would hold other tables' data, or lack some
+    for table in plan.tables:
+        entry = run.snapshot.manifest.table(table)
+        if entry is None or sorted(entry.column_names) != sorted(plan.shapes[table].column_names):
+            return False
+    return True
+
+
+def write_difference(run: ApplyRun, backup: Backup) -> None:
+    """Make the backup the applied snapshot's dump plus what tells the target apart from it.
+
+    The dump is linked (or copied) into the backup; ``catchup.copy`` starts with, for each
+    table staged from what differs, the keys of the snapshot's rows that went up (``REMOVE``)
+    and the target's versions of the rows the snapshot changes or lacks (``ADD``, the only
+    rows downloaded); each followed auth table whole (``REPLACE``). A table held as the
+    snapshot's already needs nothing; one without a key is copied whole under the lock, as
+    always. Read before the lock, not in the record's snapshot: every row that moved since
+    the record is caught up under the lock (:func:`catch_up`, which appends), so the backup
+    is the target as the lock found it. pg_dump is not run at all.
+    """
+    try:
+        downloaded = _write_difference(run, backup)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise archive.no_space(backup.folder, None, "pre-apply backup") from None
+    backup.from_snapshot = True
+    log.info(
+        "backing up %s (beside %s's dump: %s the apply changes or lacks, auth tables whole)",
+        backup.plan.target.env,
+        run.snapshot.id,
+        text.count(downloaded, "row"),
+    )
+
+
+def _write_difference(run: ApplyRun, backup: Backup) -> int:
+    """:func:`write_difference`'s files; the rows downloaded."""
+    target = backup.folder / DUMP_FILE
+    try:
+        os.link(run.snapshot.dump_path, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.copyfile(run.snapshot.dump_path, target)  # another file system: a copy
+    path = backup.folder / archive.CATCH_UP_FILE
+    downloaded = 0
+    with path.open("wb") as out:
+        for table in backup.plan.tables:
+            columns = tuple(backup.plan.shapes[table].column_names)
+            changes = run.sparse.get(table)
+            if changes is not None:
+                if changes.sent:
+                    _header(run.conn, out, REMOVE, table, changes.key)
+                    out.write(b"\n".join(changes.sent) + b"\n" + TERMINATOR[1:])
+                if changes.gone:
+                    downloaded += _block(
+                        run.conn,
+                        out,
+                        ADD,
+                        table,
+                        columns,
+                        sql.SQL(
+                            "SELECT {c} FROM {t} AS t WHERE EXISTS (SELECT 1 FROM {gone} AS g "
+                            "WHERE g.n = {n} AND g.k = {key})"
+                        ).format(
+                            c=_columns("t", columns),
+                            t=table.ident,
+                            gone=sparse.GONE,
+                            n=sql.Literal(changes.number),
+                            key=changes.key_text("t"),
+                        ),
+                    )
+            elif table in backup.followed:
+                downloaded += _block(
+                    run.conn,
+                    out,
+                    REPLACE,
+                    table,
+                    columns,
+                    sql.SQL("SELECT {} FROM {} AS t").format(_columns("t", columns), table.ident),
+                )
+    return downloaded
+
+
+def _columns(alias: str, columns: Sequence[str]) -> sql.Composable:
+    return sql.SQL(", ").join(sql.Identifier(alias, c) for c in columns)
+
+
 def _application(backup: Backup) -> str:
     """pg_dump's ``application_name``: this backup's alone (another pg_dump may be running)."""
     return f"{DUMP_APPLICATION} {backup.snapshot_id}"
 
 
-# The most backed-up tables on which one session that is the backup's pg_dump holds its ACCESS
-# SHARE lock. pg_dump's session is known by its application_name, or (behind a pooler that
-# names every session after itself) by the snapshot it imported: its backend_xmin is that of
-# the exporting session, which runs this query.
-_DUMP_LOCKS = """
-SELECT coalesce(max(n), 0) FROM (
-  SELECT count(DISTINCT l.relation) AS n
-  FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
-  WHERE (a.application_name = %s OR a.backend_xmin = (
-      SELECT backend_xmin FROM pg_stat_activity WHERE pid = pg_backend_pid()))
-    AND a.pid <> pg_backend_pid() AND l.granted AND l.mode = 'AccessShareLock'
-    AND l.relation IN (SELECT to_regclass(name) FROM unnest(%s::text[]) AS name)
-  GROUP BY l.pid) AS sessions
-"""
-DUMP_WAIT_POLL = 0.02  # seconds between two looks at pg_dump's locks
+DUMP_WAIT_POLL = 0.02  # seconds between two looks at whether pg_dump has ended
 
 
-def wait_for_dump(backup: Backup, *, to_end: bool) -> None:
-    """Wait until pg_dump holds its locks on the backed-up tables (or, ``to_end``, has ended).
+def wait_for_dump(backup: Backup) -> None:
+    """Let the backup's pg_dump end (and fail here, if it fails): call before the apply locks.
 
-    Call before the apply locks. pg_dump locks every table it dumps (ACCESS SHARE) when it
-    starts and keeps the locks to its end; on a small target the apply may reach its own
-    locks first, and then any ACCESS EXCLUSIVE it takes (``--block-readers``' ALTER TABLE, a
-    script's DDL) would make pg_dump wait until its ``--lock-wait-timeout`` fails it, 30 s
-    later, and the apply with it. Once pg_dump holds its locks, such DDL waits for pg_dump
-    instead: ``to_end`` (``--block-readers``) waits for that before the writers do. Should
-    pg_dump's session not be found, the wait lasts until pg_dump ends, or as long as
-    pg_dump could wait for a lock.
+    Its download is then never part of the writers' wait (what they write meanwhile is
+    caught up under the lock), and no ACCESS EXCLUSIVE lock the apply takes (``--block-
+    readers``' ALTER TABLE, a script's DDL) can hold pg_dump up until its lock wait fails.
     """
     running = backup.dump
-    assert running is not None, "the backup's pg_dump was started (dump)"
-    names = [t.ident.as_string(backup.exporter) for t in backup.plan.dump_tables]
-    application = _application(backup)
+    if running is None:  # the backup is the snapshot's dump and the difference: no pg_dump
+        return
     started = time.monotonic()
-    if to_end and running.running():
-        log.info("  waiting for the backup's pg_dump first (its locks would hold up ALTER TABLE)")
-    seen = "pg_dump ended"
     while running.running():
-        if not to_end:
-            if time.monotonic() > started + DUMP_LOCK_WAIT:
-                seen = "pg_dump's session not found"
-                break
-            try:
-                backup.exporter.execute("SELECT pg_stat_clear_snapshot()")  # a fresh look
-                row = backup.exporter.execute(_DUMP_LOCKS, (application, names)).fetchone()
-            except psycopg.Error as exc:  # the exporting session is gone: pg_dump will say so
-                seen = f"could not look at pg_dump's locks: {exc}"
-                break
-            if row is not None and row[0] >= len(names):
-                seen = "pg_dump holds its locks"
-                break
         time.sleep(DUMP_WAIT_POLL)
-    log.debug("  %s (waited %.2f s)", seen, time.monotonic() - started)
+    running.wait()
+    log.debug(
+        "  the backup's pg_dump ended before the lock (waited %.2f s)", time.monotonic() - started
+    )
 
 
 def import_snapshot(conn: psycopg.Connection, backup: Backup) -> None:
@@ -233,7 +315,7 @@ def catch_up(run: ApplyRun, backup: Backup) -> int:
     assert backup.state is not None
     path = backup.folder / archive.CATCH_UP_FILE
     try:
-        copied, whole = _write_catch_up(run, backup, path)
+        copied, whole = _write_catch_up(run, backup, path, append=backup.from_snapshot)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -245,12 +327,13 @@ def catch_up(run: ApplyRun, backup: Backup) -> int:
     return copied
 
 
-def _write_catch_up(run: ApplyRun, backup: Backup, path: Path) -> tuple[int, int]:
-    """(rows changed since pg_dump's snapshot, tables copied whole) written to ``path``."""
+def _write_catch_up(run: ApplyRun, backup: Backup, path: Path, *, append: bool) -> tuple[int, int]:
+    """(rows changed since pg_dump's snapshot, tables copied whole) written to ``path``
+    (after what it holds, when ``append``)."""
     assert backup.state is not None
     copied = whole = 0
     moved = _moved_tables(run, backup)
-    with path.open("wb") as out:
+    with path.open("ab" if append else "wb") as out:
         for entry in backup.state.tables:
             followed = run.row_sets.get(entry.table) or backup.followed.get(entry.table)
             columns = sql.SQL(", ").join(map(sql.Identifier, entry.column_names))
@@ -259,7 +342,7 @@ def _write_catch_up(run: ApplyRun, backup: Backup, path: Path) -> tuple[int, int
                     run.conn,
                     out,
                     REPLACE,
-                    entry,
+                    entry.table,
                     entry.column_names,
                     sql.SQL("SELECT {} FROM {}").format(columns, entry.table.ident),
                 )
@@ -271,7 +354,7 @@ def _write_catch_up(run: ApplyRun, backup: Backup, path: Path) -> tuple[int, int
                 run.conn,
                 out,
                 REMOVE,
-                entry,
+                entry.table,
                 followed.key,
                 sql.SQL("SELECT {} FROM {}").format(followed.keys, followed.moved),
             )
@@ -279,7 +362,7 @@ def _write_catch_up(run: ApplyRun, backup: Backup, path: Path) -> tuple[int, int
                 run.conn,
                 out,
                 ADD,
-                entry,
+                entry.table,
                 entry.column_names,
                 sql.SQL(
                     "SELECT {c} FROM {t} AS t WHERE EXISTS (SELECT 1 FROM {m} AS m WHERE {on})"
@@ -308,17 +391,23 @@ def _moved_tables(run: ApplyRun, backup: Backup) -> set[TableName]:
     return {table for table, cursor in asked if (row := cursor.fetchone()) and row[0]}
 
 
+def _header(
+    conn: psycopg.Connection, out: BinaryIO, verb: str, table: TableName, columns: Sequence[str]
+) -> None:
+    names = ", ".join(sql.Identifier(c).as_string(conn) for c in columns)
+    out.write(f"{verb} {table.ident.as_string(conn)} ({names}) FROM stdin;\n".encode())
+
+
 def _block(
     conn: psycopg.Connection,
     out: BinaryIO,
     verb: str,
-    entry: TableEntry,
+    table: TableName,
     columns: tuple[str, ...],
     query: sql.Composable,
 ) -> int:
     """One ``VERB table (columns) FROM stdin;`` block, its rows in COPY text format."""
-    names = ", ".join(sql.Identifier(c).as_string(conn) for c in columns)
-    out.write(f"{verb} {entry.table.ident.as_string(conn)} ({names}) FROM stdin;\n".encode())
+    _header(conn, out, verb, table, columns)
     with conn.cursor() as cur:
         with cur.copy(sql.SQL("COPY ({}) TO STDOUT").format(query)) as copy:
             for data in copy:
@@ -335,7 +424,7 @@ def finish(run: ApplyRun, backup: Backup) -> Snapshot | None:
     An apply that wrote nothing keeps no backup (None; a note says so): rolling back to
     it would restore what the target holds, leaving the apply the user meant in place.
     """
-    assert backup.state is not None and backup.dump is not None
+    assert backup.state is not None
     if not since.wrote_anything(run, backup.state.sequences):
         abandon(backup)
         run.notes.append(
@@ -346,7 +435,8 @@ def finish(run: ApplyRun, backup: Backup) -> Snapshot | None:
         return None
     since.record(run, backup.folder)
     try:
-        backup.dump.wait()
+        if backup.dump is not None:
+            backup.dump.wait()
     finally:
         backup.close()
     whole = (

@@ -167,6 +167,9 @@ def record(run: ApplyRun) -> frozenset[TableName]:
     run.row_sets = row_sets(run)
     sets = list(run.row_sets.values())
     changed_only = upload_changed_only(run)
+    masking = run.snapshot.manifest.masking
+    # a masked table's rows are not in the dump (snapshot.masking): they go up whole
+    masked = {TableName.parse(t) for t in masking.tables} if masking else set()
     with conn.pipeline():  # every table's statements together: a few round trips in all
         for rows in sets:
             rowsets.create_delta(conn, rows)
@@ -191,7 +194,7 @@ def record(run: ApplyRun) -> frozenset[TableName]:
                     rows.table, rows.number, rows.stage, rows.key, rows.columns
                 )
                 for rows in sets
-                if rows.table not in matched
+                if rows.table not in matched and rows.table not in masked
             }
             if changed_only
             else {}
@@ -201,7 +204,7 @@ def record(run: ApplyRun) -> frozenset[TableName]:
                 if rows.table in matched:
                     rowsets.stage_from_record(conn, rows)
                 elif rows.table in run.sparse:
-                    sparse.copy_recorded(conn, run.sparse[rows.table], rows.table)
+                    sparse.copy_recorded(conn, run.sparse[rows.table])
         if run.backup is not None:
             backup.record_others(run, run.backup)
     sparse.download(
@@ -210,10 +213,10 @@ def record(run: ApplyRun) -> frozenset[TableName]:
         {table: run.row_sets[table].record for table in run.sparse},
     )
     log.info(
-        "  recorded %d tables (%d already hold the snapshot's rows%s)  %.1f s",
+        "  recorded %d tables (%d already hold the snapshot's rows)%s  %.1f s",
         len(run.row_sets),
         len(matched),
-        f"; {len(run.sparse)} staged from what differs" if run.sparse else "",
+        f", {len(run.sparse)} to stage from what differs" if run.sparse else "",
         time.monotonic() - started,
     )
     return frozenset(matched)

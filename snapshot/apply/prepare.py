@@ -8,8 +8,11 @@
    row (:func:`.plan.record`); a table whose record adds up to the manifest already holds
    the snapshot's rows and is staged from the target itself;
 3. the other tables are staged from the archive into temporary tables
-   (:mod:`snapshot.staging`), withheld auth users never even loaded;
-4. the backup's pg_dump starts in the exported snapshot, in the background;
+   (:mod:`snapshot.staging`), withheld auth users never even loaded; where the target
+   holds a table in part, only the rows that differ go up (:mod:`snapshot.sparse`);
+4. the backup: when every table is held already or was staged from what differs, the
+   snapshot's dump plus the target's versions of the rows the apply changes; otherwise
+   pg_dump in the exported snapshot, in the background (:mod:`.backup`);
 5. both sides are compared row by row and each table's mode decided (:func:`.plan.prepare`).
 
 Afterwards :mod:`.staged_checks` judges what the plan found.
@@ -48,7 +51,10 @@ def prepare(run: ApplyRun) -> Plan:
     staging.stage(run.conn, run.pg_restore, run.snapshot, entries, skip, run.sparse)
     hashed = _prove_sparse(run, entries, skip)
     if run.backup is not None:
-        backup.dump(run.backup)
+        if backup.can_write_difference(run, matched):
+            backup.write_difference(run, run.backup)
+        else:
+            backup.dump(run.backup)
     return planning.prepare(
         run, matched, hashed=hashed, full=run.options.full, allowed=run.options.allowed
     )

@@ -64,7 +64,7 @@ def in_one_transaction(run: ApplyRun, phase: Phases, *, commit: bool) -> Finishe
                 # The backup's download is over before the writers wait: under the lock only
                 # what changed since its snapshot is read (backup.catch_up).
                 with phase("backing up"):
-                    backup.wait_for_dump(running, to_end=True)
+                    backup.wait_for_dump(running)
             with phase("locking"):
                 lock(run)
                 locked_at = time.monotonic()
