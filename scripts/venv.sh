@@ -26,7 +26,9 @@ ensure_venv() {
     [ "$missing" = 0 ] && return 0
     extras=$(printf '%s' "$have_extras,$want_extras" | tr ',' '\n' | awk 'NF && !seen[$0]++' | paste -sd, -)
   fi
-  echo "$(basename "$0"): installing snapshot[$extras] into $VENV" >&2
+  # Before the distribution was named snapshot-cutover it was "snapshot": not two of it.
+  "$VENV/bin/python" -m pip uninstall --quiet --disable-pip-version-check -y snapshot >/dev/null 2>&1 || true
+  echo "$(basename "$0"): installing snapshot-cutover[$extras] (this checkout) into $VENV" >&2
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
   echo "$hash $extras" > "$stamp"
 }

@@ -411,7 +411,14 @@ def resolve_connection(env: EnvironmentConfig) -> Connection:
             )
         note = _direct_host_note(reason, ref, source)
         log.info("%s: %s: trying the session pooler", env.name, note)
-    pooler = _pooler(env, values, ref, source)
+    try:
+        pooler = _pooler(env, values, ref, source)
+    except ConfigError as exc:
+        if not note:  # connection = pooler: nothing was tried before, the error is the story
+            raise
+        # The direct host failed and so did the way to the pooler (no network, say): no
+        # route, and `snapshot env` still shows what it knows.
+        raise NoRoute(env.name, ref, note, str(exc)) from None
     if isinstance(pooler, str):
         raise NoRoute(env.name, ref, note, pooler)
     host, port, user, dbname = pooler

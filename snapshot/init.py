@@ -227,8 +227,8 @@ archive = "snapshots"
 
 [retention]
 # `snapshot prune` keeps the newest N snapshots per environment and kind (takes, pre-apply
-# backups, pre-rollback backups) and deletes older ones; when set, take, apply and rollback
-# prune their environment after they succeed. The newest pre-apply backup (what
+# backups, pre-rollback backups) and deletes older ones; when set, take, apply, rollback and
+# cutover prune their environments after they succeed. The newest pre-apply backup (what
 # `snapshot rollback` restores) is always kept. Unset: keep everything.
 # keep = 10
 

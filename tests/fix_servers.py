@@ -22,7 +22,7 @@ from psycopg import sql
 
 from snapshot import localpg
 from snapshot.pgtools import bundled_bins
-from tests.fix_db import SCHEMA_FILES, SQL
+from tests.fix_db import SCHEMA_FILES, SQL, Server
 
 POOLER_REF = "abcdefghijklmnopqrst"
 POOLER_PASSWORD = "p@ss:w/rd%20 with 'quotes' & \"more\""
@@ -138,12 +138,13 @@ def pg_bin() -> Path:
 
 
 @pytest.fixture
-def restore_bin() -> Path:
-    """A pg_restore to load the tool's dumps into the test server with: the system's, else the
-    bundled one (on a machine without a system PostgreSQL the test server is the bundled one).
+def restore_bin(server: Server) -> Path:
+    """A pg_restore to load the tool's dumps into the test server with: the system's when it is
+    as new as the server, else the bundled one (the test server is the bundled one on a machine
+    without a system PostgreSQL, or with SNAPSHOT_TEST_EMBEDDED=1).
     """
     for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (candidate / "pg_restore").exists():
+        if (candidate / "pg_restore").exists() and int(candidate.parent.name) >= server.major():
             return candidate
     bundled = bundled_bins()
     if not bundled:

@@ -237,6 +237,25 @@ def test_env_without_a_route_shows_the_table_and_suspects_the_ref(project: Proje
     assert "pooler_host" in line
 
 
+def test_env_without_network_still_shows_its_table(project: Project) -> None:
+    """No route to the direct host and no Management API to ask (as without a network)."""
+    project.env(
+        "prod",
+        SUPABASE_PROJECT_REF="nosuchprojectrefxyzw",
+        SUPABASE_DB_PASSWORD="x",
+        SUPABASE_ACCESS_TOKEN=GOOD_TOKEN,
+        SUPABASE_API_URL="http://127.0.0.1:9",  # nothing listens on the discard port
+    )
+
+    result = project.run("env", "prod")
+
+    assert result.exit_code == 1
+    assert "nosuchprojectrefxyzw" in result.stdout and "route" in result.stdout
+    line = one_error_line(result)
+    assert "cannot reach the Management API" in line and "pooler_host" in line
+    assert GOOD_TOKEN not in result.output
+
+
 def test_a_refused_connection_keeps_its_cause_on_one_line(project: Project, make_db) -> None:
     port = localpg.free_port()
     project.env("dev", SUPABASE_DB_URL=f"postgresql://app_owner@127.0.0.1:{port}/x")
