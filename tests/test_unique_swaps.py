@@ -202,3 +202,25 @@ def test_a_failure_after_the_values_moved_leaves_prod_unchanged(
     assert applied.exit_code == 1, applied.output
     assert "guardrail: item 301 refused" in applied.stderr
     assert prod.fingerprint([*SCOPE, *OUTSIDE]) == before
+
+
+def test_a_full_replace_holding_rows_for_outside_references_trades_their_values_too(
+    project: Project, make_db
+) -> None:
+    # --full, row by row: the teams visits refer to stay in place and are updated, so the
+    # swap, chain and cycle among them are trades between rows held in place.
+    dev, prod = _pair(project, make_db, "RESTRICT", "per-row")
+    dev.execute("".join(CHANGES.values()))
+    assert project.run("take", "dev").exit_code == 0
+    before, outside = prod.fingerprint(SCOPE), prod.fingerprint(OUTSIDE)
+
+    applied = project.run("apply", "prod", "--yes", "--full", "--json")
+
+    assert applied.exit_code == 0, applied.output
+    assert "public.team: 6 rows hold unique values other rows take" in applied.stderr
+    assert {t["mode"] for t in json.loads(applied.stdout)["changes"]} == {"full"}
+    assert prod.fingerprint(SCOPE) == dev.fingerprint(SCOPE)
+    assert prod.fingerprint(OUTSIDE) == outside
+    rolled = project.run("rollback", "prod", "--yes")
+    assert rolled.exit_code == 0, rolled.output
+    assert prod.fingerprint(SCOPE) == before

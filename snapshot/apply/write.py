@@ -7,7 +7,8 @@ Three passes over the scope, in the order computed from its foreign keys:
    (row by row, but those a row outside the scope, or a row kept for one, still points
    at: they are updated in place, :mod:`.outside`; rows kept for them never go);
 2. parents first: insert the rows the target lacks and update the rows that differ
-   (a self-referencing table inserts first, so a row can move under a new parent);
+   (a self-referencing table inserts first, so a row can move under a new parent), the
+   unique values other rows take moved aside first (:mod:`.swaps`);
 3. children first: delete the parents that waited, now that their children point elsewhere.
 
 So a child re-pointed to a new parent finds it inserted, a parent removed while its
