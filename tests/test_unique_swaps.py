@@ -150,6 +150,10 @@ def test_rows_trading_unique_values_apply_as_a_delta_writing_only_them(
     report = json.loads(applied.stdout)
     changes = {t["table"]: t for t in report["changes"]}
     assert {t: c["mode"] for t, c in changes.items()} == dict.fromkeys(SCOPE, "delta")
+    # updated_at, rewritten by the app's trigger on every write, counted once a row
+    [touched] = report["trigger_rewrites"]
+    assert (touched["table"], touched["triggers"]) == ("public.team", ["team_touch"])
+    assert touched["rows"] == changes["public.team"]["update"]
     for table in SCOPE:
         counts = changes[table]
         assert counts["insert"] + counts["update"] + counts["delete"] == len(differing[table])
