@@ -228,3 +228,38 @@ def test_a_full_replace_holding_rows_for_outside_references_trades_their_values_
     rolled = project.run("rollback", "prod", "--yes")
     assert rolled.exit_code == 0, rolled.output
     assert prod.fingerprint(SCOPE) == before
+
+
+def test_keys_on_an_expression_and_on_a_nullable_column_trade_values_as_a_delta(
+    project: Project, make_db
+) -> None:
+    dev, prod = _pair(project, make_db, "NO ACTION", "per-row")
+    for db in (dev, prod):
+        with db.connect() as conn:  # the same on both sides: updated_at as it was
+            conn.execute("SET session_replication_role = replica")
+            conn.execute(
+                "CREATE UNIQUE INDEX team_name_lower ON public.team (lower(name));"
+                "ALTER TABLE public.team ADD COLUMN code text UNIQUE;"
+                "UPDATE public.team SET code = 'c' || id WHERE id <= 10"
+            )
+    dev.execute(  # names swapped (a key on an expression); codes in a cycle (nullable)
+        "UPDATE public.team SET name = 'x' WHERE id = 21;"
+        "UPDATE public.team SET name = 'team 21' WHERE id = 22;"
+        "UPDATE public.team SET name = 'TEAM 22' WHERE id = 21;"
+        "UPDATE public.team SET code = NULL WHERE id = 1;"
+        "UPDATE public.team SET code = 'c1' WHERE id = 2;"
+        "UPDATE public.team SET code = 'c2' WHERE id = 3;"
+        "UPDATE public.team SET code = 'c3' WHERE id = 1;"
+    )
+    assert project.run("take", "dev").exit_code == 0
+    differing = _differing(dev, prod, "public.team")
+    versions = _versions(prod, "public.team")
+
+    applied = project.run("apply", "prod", "--yes", "--json")
+
+    assert applied.exit_code == 0, applied.output
+    assert "tried first" not in applied.output, applied.stderr
+    assert {t["mode"] for t in json.loads(applied.stdout)["changes"]} == {"delta"}
+    assert "public.team: 5 rows hold unique values other rows take" in applied.stderr
+    assert _rewritten(versions, _versions(prod, "public.team")) == differing == {1, 2, 3, 21, 22}
+    assert prod.fingerprint(SCOPE) == dev.fingerprint(SCOPE)
