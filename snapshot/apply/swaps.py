@@ -189,7 +189,8 @@ def move_aside(
         ).format(
             c=sql.Identifier(column),
             numbers=sql.SQL(", ").join(sql.Literal(k.number) for k in moved),
-            value=_value(rows, column, moved[0].how),
+            # NULL only where every key moving this column allows it (see _aside)
+            value=_value(rows, column, next((k.how for k in moved if k.how != NULL), NULL)),
             type=sql.SQL(types[column]),
         )
         for column, moved in by_column.items()
