@@ -263,3 +263,41 @@ def test_keys_on_an_expression_and_on_a_nullable_column_trade_values_as_a_delta(
     assert "public.team: 5 rows hold unique values other rows take" in applied.stderr
     assert _rewritten(versions, _versions(prod, "public.team")) == differing == {1, 2, 3, 21, 22}
     assert prod.fingerprint(SCOPE) == dev.fingerprint(SCOPE)
+
+
+PAGES = """
+SET ROLE app_owner;
+CREATE TABLE public.page (
+    id int PRIMARY KEY, parent_id int REFERENCES public.page, path text NOT NULL UNIQUE);
+RESET ROLE;
+INSERT INTO public.page SELECT i, CASE WHEN i > 1 THEN 1 END, 'p' || i FROM generate_series(1, 20) i;
+"""
+
+
+def test_a_self_referencing_table_inserts_first_and_still_trades_values(
+    project: Project, make_db
+) -> None:
+    # A self-referencing table inserts before it updates (a row may move under a new one):
+    # the new page takes the path page 5 gives up, and page 6 moves under the new page.
+    dev, prod = plain_app_pair(
+        project,
+        make_db,
+        lambda db, _variant, _size: db.execute(PAGES),
+        "[scope]\ntables = ['public.page']\nauth_users = false\n\n[apply]\ninsert_as = {}\n",
+    )
+    dev.execute(
+        "UPDATE public.page SET path = 'p5-old' WHERE id = 5;"
+        "INSERT INTO public.page VALUES (100, 5, 'p5');"
+        "UPDATE public.page SET parent_id = 100 WHERE id = 6;"
+    )
+    assert project.run("take", "dev").exit_code == 0
+    versions = _versions(prod, "public.page")
+
+    applied = project.run("apply", "prod", "--yes", "--json")
+
+    assert applied.exit_code == 0, applied.output
+    assert "tried first" not in applied.output, applied.stderr
+    assert "public.page: 1 rows hold unique values other rows take" in applied.stderr
+    assert [t["mode"] for t in json.loads(applied.stdout)["changes"]] == ["delta"]
+    assert _rewritten(versions, _versions(prod, "public.page")) == {5, 6, 100}
+    assert prod.fingerprint(["public.page"]) == dev.fingerprint(["public.page"])
