@@ -91,9 +91,11 @@ def _findings(result, check: str) -> list[tuple[str, str]]:
     ]
 
 
-def _swap_titles(dev: Database, project: Project) -> None:
-    """Two films swap their (unique) titles in dev: the delta of public.film cannot be
-    applied row by row, and the apply falls back to replacing film and inventory in full."""
+def _swap_titles(dev: Database, prod: Database, project: Project) -> None:
+    """Two films swap their (unique) titles in dev, and prod allows no title but a film's: no
+    title can be moved aside for the swap (snapshot.apply.swaps), so the delta of public.film
+    fails and the apply falls back to replacing film and inventory in full."""
+    prod.execute("ALTER TABLE public.film ADD CHECK (title LIKE 'film %')")
     dev.execute(
         "UPDATE public.film SET title = 'swap' WHERE film_id = 1; "
         "UPDATE public.film SET title = 'film 1' WHERE film_id = 2; "
@@ -108,7 +110,7 @@ def test_a_fallback_to_a_full_replace_is_not_refused_for_parents_it_puts_back(
     project: Project, make_db, rule: str, checks: str
 ) -> None:
     dev, prod = _pair(project, make_db, rule, checks)
-    _swap_titles(dev, project)
+    _swap_titles(dev, prod, project)
     # Only copies dev has too, none of films 1 and 2: row by row the rows rentals refer to,
     # and their films, stay in place and are updated, so a swap among them would still fail.
     _rent(prod, "SELECT i FROM generate_series(1, 60, 3) AS i WHERE i NOT IN (40, 43)")

@@ -16,6 +16,10 @@ name order, so around the app's own:
 * the last (its name sorts after them) puts those values back into ``NEW``, and counts the
   rows and columns an app trigger had changed.
 
+A row whose unique values are moved aside before it is written (:mod:`.swaps`) is written
+twice; what the app's triggers write is put back both times but counted once, while
+:data:`~snapshot.apply.swaps.UNCOUNTED` is on.
+
 The app's triggers still see every row and may refuse it: a guardrail still stops the
 apply. Statements the app's triggers run themselves (an AFTER trigger touching a parent)
 are undone too: a nested UPDATE leaves the row's values as they were (but for the keys a
@@ -43,6 +47,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import catalog
+from snapshot.apply.swaps import UNCOUNTED
 from snapshot.apply.write import lock_holders
 from snapshot.catalog import AppTrigger, TableShape
 from snapshot.config import duration_seconds
@@ -336,18 +341,20 @@ def _definition(
             "IF pg_trigger_depth() > 1 THEN {nested} END IF; "
             "kept := current_setting({stash})::{kept_type}; "
             "IF NOT ({new_row}::{kept_type} *= kept) THEN "
+            "IF current_setting({uncounted}, true) IS DISTINCT FROM 'on' THEN "
             "IF nextval({rows}) <= {sample} THEN "
             "changed := {flags}; "
             "seen := coalesce(nullif(current_setting({cols}, true), ''), repeat('0', {width})); "
             "changed := (changed::varbit | seen::varbit)::text; "
             "IF changed <> seen THEN PERFORM set_config({cols}, changed, true); END IF; "
-            "END IF; "
+            "END IF; END IF; "
             "{restore} END IF; "
             "RETURN NEW;"
         ).format(
             nested=nested,
             stash=stash,
             kept_type=kept_type,
+            uncounted=sql.Literal(UNCOUNTED),
             new_row=row("NEW"),
             rows=sql.Literal(_counter(keeper, "rows")),
             sample=sql.Literal(SAMPLE),

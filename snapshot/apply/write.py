@@ -7,7 +7,8 @@ Three passes over the scope, in the order computed from its foreign keys:
    (row by row, but those a row outside the scope, or a row kept for one, still points
    at: they are updated in place, :mod:`.outside`; rows kept for them never go);
 2. parents first: insert the rows the target lacks and update the rows that differ
-   (a self-referencing table inserts first, so a row can move under a new parent);
+   (a self-referencing table inserts first, so a row can move under a new parent), the
+   unique values other rows take moved aside first (:mod:`.swaps`);
 3. children first: delete the parents that waited, now that their children point elsewhere.
 
 So a child re-pointed to a new parent finds it inserted, a parent removed while its
@@ -28,7 +29,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import progress, staging
-from snapshot.apply import outside
+from snapshot.apply import outside, swaps
 from snapshot.apply.plan import Plan, decide
 from snapshot.apply.rows import DELETE, INSERT, UPDATE, RowSet
 from snapshot.apply.state import ApplyRun
@@ -316,21 +317,44 @@ def delete_first(run: ApplyRun, plan: Plan, *, spare: bool = True) -> Written:
 def insert_and_update(run: ApplyRun, plan: Plan, done: Written) -> None:
     """Pass 2, parents first: insert what the target lacks, update what differs."""
     statement = _Statement(run.conn)
+    unique = swaps.unique_keys(run, [t for t in run.order if _trades(run, plan, done, t)])
     for table in run.order:
         self_ref = any(fk.child == table == fk.parent for fk in run.fks)
         if table in plan.full_tables:
+            if table in unique:  # rows held in place are updated: they may trade values
+                swaps.move_aside(
+                    run,
+                    run.row_sets[table],
+                    unique[table],
+                    statement,
+                    whole=True,
+                    inserts_first=self_ref,
+                )
             _full_insert(run, table, done, statement, self_ref)
             continue
         counts = plan.table(table)
         if not counts.inserts and not counts.updates:
             continue  # (a table without a key is here only when it holds the snapshot's rows)
         rows = run.row_sets[table]
+        if table in unique:  # values other rows take move aside first (swaps.py)
+            swaps.move_aside(run, rows, unique[table], statement, inserts_first=self_ref)
         for step in ("insert", "update") if self_ref else ("update", "insert"):
             if step == "insert" and counts.inserts:
                 insert = _insert(run, table, _delta_rows(rows, INSERT))
                 done.add(done.inserted, table, _timed(statement, "inserted", table, insert))
             elif step == "update" and counts.updates and (update := _update(run, rows)) is not None:
                 done.add(done.updated, table, _timed(statement, "updated", table, update))
+
+
+def _trades(run: ApplyRun, plan: Plan, done: Written, table: TableName) -> bool:
+    """Whether rows of ``table`` may trade unique values in pass 2 (:mod:`.swaps`): it has a
+    key and inserts or updates rows, or is replaced in full around rows held in place."""
+    if table not in run.row_sets:
+        return False
+    if table in plan.full_tables:
+        return table in done.held
+    counts = plan.table(table)
+    return bool(counts.inserts or counts.updates)
 
 
 def delete_last(run: ApplyRun, plan: Plan, done: Written) -> None:
