@@ -46,6 +46,10 @@ def prepare(run: ApplyRun) -> Plan:
         # staged rows are compared; the apply copies what changed since under its lock.
         run.backup = backup.start(run, run.backup_into)
     matched = planning.record(run)
+    if run.backup is not None and run.sparse:
+        # Over a network pg_dump's download runs beside the staging's upload; it is
+        # stopped if the difference turns out to be the backup (backup.write_difference).
+        backup.dump(run.backup)
     entries = [*run.entries.values(), *run.auth_entries]
     skip = matched | run.session.withheld_tables  # withheld auth users are never even loaded
     staging.stage(run.conn, run.pg_restore, run.snapshot, entries, skip, run.sparse)
@@ -53,7 +57,7 @@ def prepare(run: ApplyRun) -> Plan:
     if run.backup is not None:
         if backup.can_write_difference(run, matched):
             backup.write_difference(run, run.backup)
-        else:
+        elif run.backup.dump is None:
             backup.dump(run.backup)
     return planning.prepare(
         run, matched, hashed=hashed, full=run.options.full, allowed=run.options.allowed
