@@ -30,6 +30,7 @@ from psycopg import sql
 
 from snapshot import pgtools, progress, sparse
 from snapshot.archive import CATCH_UP_FILE, Snapshot
+from snapshot.copytext import TERMINATOR
 from snapshot.db import use_app_search_path, use_tool_search_path
 from snapshot.errors import ArchiveError, Refused
 from snapshot.manifest import TableEntry
@@ -37,7 +38,6 @@ from snapshot.names import TableName
 
 log = logging.getLogger(__name__)
 
-TERMINATOR = b"\n\\.\n"
 COPY, REMOVE, ADD, REPLACE = "COPY", "REMOVE", "ADD", "REPLACE"
 CATCH_UP_VERBS = (REMOVE, ADD, REPLACE)
 _IDENT = re.compile(r'"((?:[^"]|"")*)"|([^,\s]+)')

@@ -25,7 +25,6 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import psycopg
 from psycopg import sql
@@ -38,6 +37,7 @@ from snapshot.apply.state import ApplyRun
 from snapshot.archive import Snapshot
 from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.config import Config
+from snapshot.copytext import TERMINATOR, write_block, write_header
 from snapshot.db import connect
 from snapshot.dump import DumpPlan, DumpState, build_manifest, describe_state, export_snapshot
 from snapshot.dump import start_dump as start_pg_dump
@@ -46,7 +46,7 @@ from snapshot.errors import ApplyFailed
 from snapshot.manifest import DUMP_FILE
 from snapshot.names import TableName
 from snapshot.pgtools import DUMP_APPLICATION, Running
-from snapshot.staging import ADD, REMOVE, REPLACE, TERMINATOR
+from snapshot.staging import ADD, REMOVE, REPLACE
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,10 @@ def _write_difference(run: ApplyRun, backup: Backup) -> int:
             changes = run.sparse.get(table)
             if changes is not None:
                 if changes.sent:
-                    _header(run.conn, out, REMOVE, table, changes.key)
+                    write_header(run.conn, out, REMOVE, table, changes.key)
                     out.write(b"\n".join(changes.sent) + b"\n" + TERMINATOR[1:])
                 if changes.gone:
-                    downloaded += _block(
+                    downloaded += write_block(
                         run.conn,
                         out,
                         ADD,
@@ -227,7 +227,7 @@ def _write_difference(run: ApplyRun, backup: Backup) -> int:
                         ),
                     )
             elif table in backup.followed:
-                downloaded += _block(
+                downloaded += write_block(
                     run.conn,
                     out,
                     REPLACE,
@@ -353,7 +353,7 @@ def _write_catch_up(run: ApplyRun, backup: Backup, path: Path, *, append: bool) 
             followed = run.row_sets.get(entry.table) or backup.followed.get(entry.table)
             columns = sql.SQL(", ").join(map(sql.Identifier, entry.column_names))
             if followed is None:  # no key: the whole table
-                _block(
+                write_block(
                     run.conn,
                     out,
                     REPLACE,
@@ -365,7 +365,7 @@ def _write_catch_up(run: ApplyRun, backup: Backup, path: Path, *, append: bool) 
                 continue
             if entry.table not in moved:
                 continue
-            copied += _block(  # the keys that moved; their live versions follow
+            copied += write_block(  # the keys that moved; their live versions follow
                 run.conn,
                 out,
                 REMOVE,
@@ -373,7 +373,7 @@ def _write_catch_up(run: ApplyRun, backup: Backup, path: Path, *, append: bool) 
                 followed.key,
                 sql.SQL("SELECT {} FROM {}").format(followed.keys, followed.moved),
             )
-            _block(
+            write_block(
                 run.conn,
                 out,
                 ADD,
@@ -404,32 +404,6 @@ def _moved_tables(run: ApplyRun, backup: Backup) -> set[TableName]:
                 query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(followed.moved)
                 asked.append((entry.table, run.conn.execute(query)))
     return {table for table, cursor in asked if (row := cursor.fetchone()) and row[0]}
-
-
-def _header(
-    conn: psycopg.Connection, out: BinaryIO, verb: str, table: TableName, columns: Sequence[str]
-) -> None:
-    names = ", ".join(sql.Identifier(c).as_string(conn) for c in columns)
-    out.write(f"{verb} {table.ident.as_string(conn)} ({names}) FROM stdin;\n".encode())
-
-
-def _block(
-    conn: psycopg.Connection,
-    out: BinaryIO,
-    verb: str,
-    table: TableName,
-    columns: tuple[str, ...],
-    query: sql.Composable,
-) -> int:
-    """One ``VERB table (columns) FROM stdin;`` block, its rows in COPY text format."""
-    _header(conn, out, verb, table, columns)
-    with conn.cursor() as cur:
-        with cur.copy(sql.SQL("COPY ({}) TO STDOUT").format(query)) as copy:
-            for data in copy:
-                out.write(data)
-        count = cur.rowcount
-    out.write(TERMINATOR[1:])
-    return count
 
 
 def finish(run: ApplyRun, backup: Backup) -> Snapshot | None:

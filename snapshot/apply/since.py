@@ -35,9 +35,10 @@ from psycopg import sql
 from snapshot import archive, catalog
 from snapshot.apply.rows import DELETE, INSERT, UPDATE, RowSet
 from snapshot.apply.state import ApplyRun
+from snapshot.copytext import write_block
 from snapshot.errors import ArchiveError
 from snapshot.names import TableName
-from snapshot.staging import DISCARD, TERMINATOR, ScriptReader, parse_header
+from snapshot.staging import DISCARD, ScriptReader, parse_header
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +187,6 @@ def _partitioned(run: ApplyRun) -> set[TableName]:
 def _deleted_block(conn: psycopg.Connection, out: Any, rows: RowSet) -> None:
     """The keys the lock found that are gone now, as one ``DELETED`` block (a table without
     one lost no row)."""
-    names = ", ".join(sql.Identifier(c).as_string(conn) for c in rows.key)
-    out.write(f"{DELETED} {rows.table.ident.as_string(conn)} ({names}) FROM stdin;\n".encode())
     query = sql.SQL(
         "SELECT {k} FROM {record} AS r WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {on})"
     ).format(
@@ -196,10 +195,7 @@ def _deleted_block(conn: psycopg.Connection, out: Any, rows: RowSet) -> None:
         table=rows.table.ident,
         on=rows.match("t", "r"),
     )
-    with conn.cursor() as cur, cur.copy(sql.SQL("COPY ({}) TO STDOUT").format(query)) as copy:
-        for data in copy:
-            out.write(data)
-    out.write(TERMINATOR[1:])
+    write_block(conn, out, DELETED, rows.table, rows.key, query)
 
 
 # --- the rollback: what it throws away ------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, catalog
+from snapshot import archive, catalog, copytext
 from snapshot.catalog import Column, TableShape
 from snapshot.checksum import TableStats, table_stats
 from snapshot.errors import ConfigError
@@ -250,14 +250,8 @@ def _write_masked(
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
         for table, mask in masks.tables.items():
-            names = ", ".join(sql.Identifier(c.name).as_string(conn) for c in mask.columns)
-            header = f"REPLACE {table.ident.as_string(conn)} ({names}) FROM stdin;\n"
-            out.write(header.encode())
-            query = sql.SQL("COPY ({}) TO STDOUT").format(mask.select())
-            with conn.cursor() as cur, cur.copy(query) as copy:
-                for data in copy:
-                    out.write(data)
-            out.write(b"\\.\n")
+            columns = [c.name for c in mask.columns]
+            copytext.write_block(conn, out, "REPLACE", table, columns, mask.select())
             stats[table] = table_stats(
                 conn,
                 sql.SQL("({}) AS masked").format(mask.select()),
