@@ -175,22 +175,23 @@ def write_difference(run: ApplyRun, backup: Backup) -> None:
         backup.dump = None
         (backup.folder / DUMP_FILE).unlink(missing_ok=True)
     try:
-        downloaded = _write_difference(run, backup)
+        changed, auth = _write_difference(run, backup)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise archive.no_space(backup.folder, None, "pre-apply backup") from None
     backup.from_snapshot = True
     log.info(
-        "backing up %s (beside %s's dump: %s the apply changes or lacks, auth tables whole)",
+        "backing up %s (beside %s's dump: the %s the apply changes or deletes, %s)",
         backup.plan.target.env,
         run.snapshot.id,
-        text.count(downloaded, "row"),
+        text.count(changed, "row"),
+        text.count(auth, "auth row"),
     )
 
 
-def _write_difference(run: ApplyRun, backup: Backup) -> int:
-    """:func:`write_difference`'s files; the rows downloaded."""
+def _write_difference(run: ApplyRun, backup: Backup) -> tuple[int, int]:
+    """:func:`write_difference`'s files; the rows downloaded (scoped, auth)."""
     target = backup.folder / DUMP_FILE
     try:
         os.link(run.snapshot.dump_path, target)
@@ -199,7 +200,7 @@ def _write_difference(run: ApplyRun, backup: Backup) -> int:
             raise
         shutil.copyfile(run.snapshot.dump_path, target)  # another file system: a copy
     path = backup.folder / archive.CATCH_UP_FILE
-    downloaded = 0
+    changed = auth = 0
     with path.open("wb") as out:
         for table in backup.plan.tables:
             columns = tuple(backup.plan.shapes[table].column_names)
@@ -209,7 +210,7 @@ def _write_difference(run: ApplyRun, backup: Backup) -> int:
                     write_header(run.conn, out, REMOVE, table, changes.key)
                     out.write(b"\n".join(changes.sent) + b"\n" + TERMINATOR[1:])
                 if changes.gone:
-                    downloaded += write_block(
+                    changed += write_block(
                         run.conn,
                         out,
                         ADD,
@@ -227,7 +228,7 @@ def _write_difference(run: ApplyRun, backup: Backup) -> int:
                         ),
                     )
             elif table in backup.followed:
-                downloaded += write_block(
+                auth += write_block(
                     run.conn,
                     out,
                     REPLACE,
@@ -235,7 +236,7 @@ def _write_difference(run: ApplyRun, backup: Backup) -> int:
                     columns,
                     sql.SQL("SELECT {} FROM {} AS t").format(_columns("t", columns), table.ident),
                 )
-    return downloaded
+    return changed, auth
 
 
 def _columns(alias: str, columns: Sequence[str]) -> sql.Composable:

@@ -21,7 +21,7 @@ Afterwards :mod:`.staged_checks` judges what the plan found.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
 from snapshot import staging, text
 from snapshot.apply import backup
@@ -53,7 +53,7 @@ def prepare(run: ApplyRun) -> Plan:
     entries = [*run.entries.values(), *run.auth_entries]
     skip = matched | run.session.withheld_tables  # withheld auth users are never even loaded
     staging.stage(run.conn, run.pg_restore, run.snapshot, entries, skip, run.sparse)
-    hashed = _prove_sparse(run, entries, skip)
+    hashed = _prove_sparse(run, entries)
     if run.backup is not None:
         if backup.can_write_difference(run, matched):
             backup.write_difference(run, run.backup)
@@ -64,9 +64,7 @@ def prepare(run: ApplyRun) -> Plan:
     )
 
 
-def _prove_sparse(
-    run: ApplyRun, entries: Sequence[TableEntry], skip: Collection[TableName]
-) -> frozenset[TableName]:
+def _prove_sparse(run: ApplyRun, entries: Sequence[TableEntry]) -> frozenset[TableName]:
     """Hash the sparsely staged tables and check each against the manifest; stage again in
     full those that do not add up (:mod:`snapshot.sparse`). The tables hashed."""
     if not run.sparse:
