@@ -289,7 +289,9 @@ def observed(
         count = sum(begin <= t < end for t in stats.statements)
         turns = sum(begin <= t < end for t in stats.turns)
         if count or turns:
-            phases.append({"phase": name, "statements": count, "turns": turns})
+            phases.append(
+                {"phase": name, "statements": count, "turns": turns, "seconds": end - begin}
+            )
     result.update(
         up_bytes=stats.up,
         down_bytes=stats.down,
@@ -307,7 +309,7 @@ def observed(
 
 
 def describe_wire(name: str, figures: dict[str, object]) -> str:
-    """One paragraph: bytes, statements, round trips, per phase."""
+    """One paragraph: bytes, statements, round trips and seconds, per phase."""
     if "statements" not in figures:
         return ""
     text = (
@@ -319,8 +321,11 @@ def describe_wire(name: str, figures: dict[str, object]) -> str:
     if isinstance(lock, dict):
         text += f"; under the lock {lock['statements']} statements, {lock['turns']} round trips"
     phases = figures.get("phases") or []
-    parts = [f"{p['phase']} {p['statements']}/{p['turns']}" for p in phases]  # type: ignore[attr-defined]
-    return text + "\n    per phase (statements/round trips): " + ", ".join(parts)
+    parts = [
+        f"{p['phase']} {p['statements']}/{p['turns']}/{p['seconds']:.1f}s"  # type: ignore[index]
+        for p in phases  # type: ignore[attr-defined]
+    ]
+    return text + "\n    per phase (statements/round trips/seconds): " + ", ".join(parts)
 
 
 def run_sql(target: str, text: str) -> None:

@@ -11,7 +11,7 @@ import difflib
 import heapq
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -581,14 +581,100 @@ def _sequence_names(
     ]
 
 
+SequenceName = tuple[TableName, TableName, str, int, int]  # sequence, table, column, inc, start
+
+_MIGRATIONS_READABLE = (
+    "SELECT to_regclass('supabase_migrations.schema_migrations') IS NOT NULL "
+    "AND has_table_privilege('supabase_migrations.schema_migrations', 'SELECT')"
+)
+_MIGRATIONS = "SELECT version FROM supabase_migrations.schema_migrations ORDER BY version"
+
+
+@dataclass(frozen=True)
+class StateNames:
+    """What a locked state is read from, found beforehand (a scoped table's columns and
+    sequences cannot change while the apply holds its lock): the sequences the scope's
+    columns own and those their defaults share, and whether the migration history is there.
+    With them, :func:`read_state` reads the state in one round trip."""
+
+    owned: tuple[SequenceName, ...]
+    shared: tuple[SequenceName, ...]
+    migrations: bool
+
+
+def state_names(conn: psycopg.Connection, tables: Sequence[TableName]) -> StateNames:
+    """:class:`StateNames` of ``tables``, in one round trip (a pipeline)."""
+    with conn.pipeline():
+        owned = conn.execute(_OWNED_SEQUENCES, _table_arrays(tables))
+        shared = conn.execute(_DEFAULT_SEQUENCES, _table_arrays(tables))
+        readable = conn.execute(_MIGRATIONS_READABLE)
+        names = StateNames(tuple(_names(owned.fetchall())), tuple(_names(shared.fetchall())), False)
+        row = readable.fetchone()
+    return replace(names, migrations=bool(row and row[0]))
+
+
+def _names(rows: Iterable[Sequence[Any]]) -> list[SequenceName]:
+    return [
+        (TableName(seq_nsp, seq_name), TableName(nsp, rel), str(column), int(inc), int(start))
+        for seq_nsp, seq_name, nsp, rel, column, inc, start in rows
+    ]
+
+
+@dataclass(frozen=True)
+class State:
+    """Sequences (owned and shared, each with where it stands), the highest value of each
+    sequence's column when asked, and the migration versions (None without a history)."""
+
+    owned: list[OwnedSequence]
+    shared: list[OwnedSequence]
+    highest: dict[tuple[TableName, str], int | None]
+    migrations: tuple[str, ...] | None
+
+
+def read_state(conn: psycopg.Connection, names: StateNames, *, highest: bool = False) -> State:
+    """The state of ``names``' sequences and migrations, in one round trip (a pipeline);
+    with ``highest``, each increasing sequence's column's highest value too."""
+    everything = [*names.owned, *names.shared]
+    with conn.pipeline():
+        values = [
+            conn.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(q[0].ident))
+            for q in everything
+        ]
+        tops = [
+            (
+                (table, column),
+                conn.execute(
+                    sql.SQL("SELECT max({})::bigint FROM {}").format(
+                        sql.Identifier(column), table.ident
+                    )
+                ),
+            )
+            for _, table, column, increment, _ in (everything if highest else ())
+            if increment > 0
+        ]
+        versions = conn.execute(_MIGRATIONS) if names.migrations else None
+        states = []
+        for (sequence, table, column, increment, start), cursor in zip(
+            everything, values, strict=True
+        ):
+            row = cursor.fetchone()
+            last_value, is_called = row if row else (start, False)
+            states.append(
+                OwnedSequence(
+                    sequence, table, column, int(last_value), bool(is_called), increment, start
+                )
+            )
+        found: dict[tuple[TableName, str], int | None] = {}
+        for column_of, cursor in tops:
+            row = cursor.fetchone()
+            found[column_of] = int(row[0]) if row and row[0] is not None else None
+        migrations = tuple(str(r[0]) for r in versions.fetchall()) if versions else None
+    return State(states[: len(names.owned)], states[len(names.owned) :], found, migrations)
+
+
 def owned_sequences(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[OwnedSequence]:
     """Sequences owned by columns of ``tables`` (serial, identity), with their state."""
     return _with_state(conn, owned_sequence_names(conn, tables))
-
-
-def shared_sequences(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[OwnedSequence]:
-    """Sequences ``tables``' column defaults call that no column owns, with their state."""
-    return _with_state(conn, _sequence_names(conn, _DEFAULT_SEQUENCES, tables))
 
 
 def _with_state(

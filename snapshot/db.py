@@ -131,6 +131,14 @@ def connect(target: Connection) -> psycopg.Connection:
     return conn
 
 
+# The two search_path switches as statements without parameters, for a simple query that
+# sends several statements in one round trip (scripts.run).
+APP_SEARCH_PATH = (
+    "SELECT set_config('search_path', reset_val, true) FROM pg_settings WHERE name = 'search_path'"
+)
+TOOL_SEARCH_PATH = f"SELECT set_config('search_path', '{SESSION_SETTINGS['search_path']}', true)"
+
+
 def use_app_search_path(conn: psycopg.Connection, *, local: bool = True) -> None:
     """Give the current transaction the ``search_path`` the target's own sessions start with.
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 
 from snapshot.config import Config
-from snapshot.db import error_message, use_app_search_path, use_tool_search_path
+from snapshot.db import APP_SEARCH_PATH, TOOL_SEARCH_PATH, error_message
 from snapshot.errors import ConfigError, ScriptFailed
 from snapshot.names import TableName
 from snapshot.text import display_path
@@ -83,13 +83,18 @@ def run(conn: psycopg.Connection, files: list[Path], phase: str) -> None:
     for path in files:
         started = time.monotonic()
         # Scripts see the target's usual search path; the session's pinned one is restored.
-        use_app_search_path(conn)
+        # One simple query, one round trip: the switch, the script, the switch back.
+        script = path.read_text(encoding="utf-8")
+        query = f"{APP_SEARCH_PATH};\n{script}\n;\n{TOOL_SEARCH_PATH}"
         try:
-            cur = conn.execute(path.read_text(encoding="utf-8").encode())
+            cur = conn.execute(query.encode())
         except psycopg.Error as exc:
             raise ScriptFailed(
                 f"{phase}-script {display_path(path)} failed: {error_message(exc)}"
             ) from None
-        use_tool_search_path(conn)
-        affected = f", {cur.rowcount} rows" if cur.rowcount >= 0 else ""
+        counts = [cur.rowcount]
+        while cur.nextset():
+            counts.append(cur.rowcount)
+        rows = counts[1] if len(counts) > 2 else -1  # the script's first statement's
+        affected = f", {rows} rows" if rows >= 0 else ""
         log.info("  %s-script %s%s  %.1f s", phase, path.name, affected, time.monotonic() - started)

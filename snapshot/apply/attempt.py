@@ -102,10 +102,11 @@ def attempt(
             helpers = (
                 () if in_bulk else tuple(write.create_helper_indexes(run, run.plan.helper_indexes))
             )
-            write.plan_settings(conn, plan)
-            # Deferrable keys are checked at the commit, once every row is in (the insert
-            # order counts on it: catalog.apply_order), INITIALLY IMMEDIATE ones too.
-            conn.execute("SET CONSTRAINTS ALL DEFERRED")
+            with conn.pipeline():  # one round trip for both
+                write.plan_settings(conn, plan)
+                # Deferrable keys are checked at the commit, once every row is in (the
+                # insert order counts on it: catalog.apply_order), INITIALLY IMMEDIATE too.
+                conn.execute("SET CONSTRAINTS ALL DEFERRED")
             with phase("placing the keeper triggers"):
                 held = _hold(run, course.guarded)
             with phase("pre-scripts"):

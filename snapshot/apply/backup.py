@@ -288,8 +288,9 @@ def import_snapshot(conn: psycopg.Connection, backup: Backup) -> None:
 def record_others(run: ApplyRun, backup: Backup) -> None:
     """Record key, row version and hash of the backed-up tables the plan does not compare.
 
-    Call in pg_dump's snapshot (the plan's transaction): under the lock
-    :func:`follow_up` then reads only the rows written since, instead of the whole table.
+    Call in pg_dump's snapshot (the plan's transaction): under the lock the reconcile
+    (:func:`snapshot.apply.transaction.reconcile`) then reads only the rows written since,
+    instead of the whole table.
     Hashed over the target's columns (what pg_dump writes), with the current row hash.
     """
     columns = {
@@ -304,20 +305,9 @@ def record_others(run: ApplyRun, backup: Backup) -> None:
         backup.followed[table] = rows
 
 
-def follow_up(run: ApplyRun, backup: Backup) -> dict[TableName, TableStats]:
-    """Bring the records of :func:`record_others` up to the locked table; their stats.
-
-    Call under the lock, before anything is written; the rows that moved stay listed for
-    :func:`catch_up`.
-    """
-    followed = list(backup.followed.values())
-    rowsets.refresh_record(run.conn, followed, run.horizon)
-    return rowsets.stats(run.conn, followed, rowsets.RECORD)
-
-
 def describe(run: ApplyRun, backup: Backup, known: Mapping[TableName, TableStats]) -> None:
     """Record what the backup holds: the locked state (call before anything is written)."""
-    backup.state = describe_state(run.conn, backup.plan, known)
+    backup.state = describe_state(run.conn, backup.plan, known, names=run.state_names())
 
 
 def catch_up(run: ApplyRun, backup: Backup) -> int:
@@ -415,7 +405,8 @@ def finish(run: ApplyRun, backup: Backup) -> Snapshot | None:
     it would restore what the target holds, leaving the apply the user meant in place.
     """
     assert backup.state is not None
-    if not since.wrote_anything(run, backup.state.sequences):
+    wrote = since.wrote(run, backup.state.sequences)
+    if not wrote.anything:
         abandon(backup)
         run.notes.append(
             f"this {run.action} wrote nothing ({run.target.env} already held its rows): no "
@@ -423,7 +414,7 @@ def finish(run: ApplyRun, backup: Backup) -> Snapshot | None:
             "the apply before it"
         )
         return None
-    since.record(run, backup.folder)
+    txid = since.record(run, backup.folder, wrote)
     try:
         if backup.dump is not None:
             backup.dump.wait()
@@ -440,9 +431,7 @@ def finish(run: ApplyRun, backup: Backup) -> Snapshot | None:
     )
     # The apply's transaction id: if the process dies around the commit, the next run asks
     # the server whether this transaction committed, instead of guessing from the rows.
-    row = run.conn.execute("SELECT txid_current()::text").fetchone()
-    assert row is not None
-    archive.write_file(backup.folder, TRANSACTION_FILE, f"{row[0]}\n", "transaction id")
+    archive.write_file(backup.folder, TRANSACTION_FILE, f"{txid}\n", "transaction id")
     kind = f"pre-{run.action}"
     manifest = build_manifest(
         backup.plan, backup.state, kind=kind, label=kind, applies=run.snapshot.id

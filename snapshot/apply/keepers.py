@@ -141,14 +141,18 @@ def survey(
 ) -> tuple[list[AppTrigger], list[TableName]]:
     """The app's triggers on ``tables``, and the tables among those the role may not keep
     (it may not create triggers on them: it neither owns them nor has TRIGGER)."""
-    found = catalog.app_triggers(conn, tables)
-    with_triggers = sorted({t.table for t in found})
-    denied = conn.execute(
-        "SELECT i FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(t, i) "
-        "WHERE NOT has_table_privilege(t, 'TRIGGER')",
-        ([t.ident.as_string(conn) for t in with_triggers],),
-    ).fetchall()
-    return found, [with_triggers[int(r[0]) - 1] for r in denied]
+    # Both questions in one round trip (a pipeline): may the role keep each table, and
+    # which app triggers each has.
+    with conn.pipeline():
+        refused = conn.execute(
+            "SELECT i FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(t, i) "
+            "WHERE NOT has_table_privilege(t, 'TRIGGER')",
+            ([t.ident.as_string(conn) for t in tables],),
+        )
+        found = catalog.app_triggers(conn, tables)
+        denied = [tables[int(r[0]) - 1] for r in refused.fetchall()]
+    with_triggers = {t.table for t in found}
+    return found, [t for t in denied if t in with_triggers]
 
 
 def hold(
@@ -175,8 +179,13 @@ def hold(
         if t in wanted and t in denied
     ]
     kept = [t for t in tables if t in wanted and t not in denied]
-    all_names = _names(conn, kept)
-    actions = _action_columns(conn, kept)
+    all_names: dict[TableName, tuple[str, str] | None] = {}
+    actions: dict[TableName, frozenset[str]] = {}
+    if kept:
+        with conn.pipeline():  # both in one round trip
+            acting = conn.execute(_ACTION_COLUMNS, ([t.ident.as_string(conn) for t in kept],))
+            all_names = _names(conn, kept)
+            actions = {kept[int(i) - 1]: frozenset(map(str, c)) for i, c in acting.fetchall()}
     keepers = []
     for table in kept:
         before = tuple(t for t in found if t.table == table and t.before_row)
@@ -260,20 +269,6 @@ WHERE k.contype = 'f'
   AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
 GROUP BY w.i
 """
-
-
-def _action_columns(
-    conn: psycopg.Connection, tables: Sequence[TableName]
-) -> dict[TableName, frozenset[str]]:
-    """Per table, the columns of its foreign keys (its partitions' too) whose action moves
-    them (cascade, set null or default): a nested UPDATE of those is the key's action,
-    which stays."""
-    return {
-        tables[int(i) - 1]: frozenset(map(str, columns))
-        for i, columns in conn.execute(
-            _ACTION_COLUMNS, ([t.ident.as_string(conn) for t in tables],)
-        )
-    }
 
 
 def _definition(

@@ -41,6 +41,7 @@ SENT = "sent only the rows that differ"  # the report's note on sparse staging
 def prepare(run: ApplyRun) -> Plan:
     """Start the backup, record the target, stage the snapshot and plan (see the module)."""
     assert run.pg_restore is not None, "the preflight found a pg_restore"
+    run.state_names()  # found now, read under the lock in one round trip
     if run.backup_into is not None:
         # The plan records the target in the snapshot pg_dump then backs up while the
         # staged rows are compared; the apply copies what changed since under its lock.

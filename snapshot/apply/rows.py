@@ -290,16 +290,22 @@ def counts(
 
 
 def reconcile(
-    conn: psycopg.Connection, sets: Sequence[RowSet], horizon: int | None = None
+    conn: psycopg.Connection,
+    sets: Sequence[RowSet],
+    horizon: int | None = None,
+    *,
+    records: Sequence[RowSet] = (),
 ) -> dict[TableName, int]:
     """Bring the records and the deltas up to the live tables (under the lock); rows moved
-    per table.
+    per table of ``sets``.
 
     A ``(key, xmin)`` match finds the row versions that appeared or vanished since each
     record was made (:func:`refresh_record`); only those are hashed and classified again.
-    Every table's statements go together, a few round trips in all (a pipeline).
+    ``records``: row sets whose record alone is brought up (the backup's, which have no
+    delta), in the same round trips. Every table's statements go together, a few round
+    trips in all (a pipeline).
     """
-    moved = refresh_record(conn, sets, horizon)
+    moved = refresh_record(conn, [*sets, *records], horizon)
     with conn.pipeline():
         for rows in sets:
             if moved[rows.table]:
@@ -315,7 +321,7 @@ def reconcile(
                         tm=rows.match("t", "m"),
                     )
                 )
-    return moved
+    return {rows.table: moved[rows.table] for rows in sets}
 
 
 _FORGET = sql.SQL("DELETE FROM {} AS d USING {} AS m WHERE {}")

@@ -20,54 +20,55 @@ def restart(run: ApplyRun) -> int:
 
     A sequence already there is left alone. Where the data holds higher values than the
     snapshot's sequence (rows a trigger added, say), it restarts above them, so the next
-    insert cannot collide.
+    insert cannot collide. Where everything stands is read in one round trip, the
+    restarts sent in one more (when there are any).
     """
     archived = {(q.table, q.column): q for q in run.snapshot.manifest.sequences}
-    owned = catalog.owned_sequences(run.conn, run.order)
-    tops = _highest(run, [q for q in owned if q.increment > 0])
-    restarted = 0
-    with run.conn.pipeline():  # every restart in one round trip
-        for current in owned:
-            snap = archived.get((current.table, current.column))
-            if snap is None:
-                run.notes.append(f"{current.sequence} is not in the snapshot: left as it was")
-                continue
-            value = snap.next_value
-            highest = tops.get((current.table, current.column))
-            if highest is not None and highest >= value:
-                value = highest + current.increment
-                run.notes.append(f"{current.sequence} restarts at {value}, above its data")
-            if current.next_value == value:
-                continue
-            run.conn.execute(
-                sql.SQL("ALTER SEQUENCE {} RESTART WITH {}").format(
-                    current.sequence.ident, sql.Literal(value)
+    state = catalog.read_state(run.conn, run.state_names(), highest=True)
+    moves: list[tuple[TableName, int]] = []
+    for current in state.owned:
+        snap = archived.get((current.table, current.column))
+        if snap is None:
+            run.notes.append(f"{current.sequence} is not in the snapshot: left as it was")
+            continue
+        value = snap.next_value
+        highest = (
+            state.highest.get((current.table, current.column)) if current.increment > 0 else None
+        )
+        if highest is not None and highest >= value:
+            value = highest + current.increment
+            run.notes.append(f"{current.sequence} restarts at {value}, above its data")
+        if current.next_value != value:
+            moves.append((current.sequence, value))
+    moves += _above_the_data(run, state)
+    if moves:
+        with run.conn.pipeline():  # every restart in one round trip
+            for sequence, value in moves:
+                run.conn.execute(
+                    sql.SQL("ALTER SEQUENCE {} RESTART WITH {}").format(
+                        sequence.ident, sql.Literal(value)
+                    )
                 )
-            )
-            restarted += 1
-    restarted += _above_the_data(run)
-    log.info("  restarted %d sequences", restarted)
-    return restarted
+    log.info("  restarted %d sequences", len(moves))
+    return len(moves)
 
 
-def _above_the_data(run: ApplyRun) -> int:
+def _above_the_data(run: ApplyRun, state: catalog.State) -> list[tuple[TableName, int]]:
     """Move up a shared sequence (a column default's, owned by no column) the data outgrew.
 
     The snapshot does not carry it and other tables may draw from it, so it never moves
     down: only above the highest value the apply left in a column whose default calls it,
-    so that the app's next insert cannot collide. Returns how many moved.
+    so that the app's next insert cannot collide. Returns the moves to make.
     """
     highest: dict[TableName, tuple[OwnedSequence, int]] = {}
-    shared = [q for q in catalog.shared_sequences(run.conn, run.order) if q.increment > 0]
-    tops = _highest(run, shared)
-    for current in shared:
-        top = tops.get((current.table, current.column))
+    for current in state.shared:
+        top = state.highest.get((current.table, current.column)) if current.increment > 0 else None
         if top is None:
             continue
         known = highest.get(current.sequence)
         if known is None or top > known[1]:
             highest[current.sequence] = (current, top)
-    moved = 0
+    moves = []
     for sequence, (current, top) in highest.items():
         if top < current.next_value:
             continue
@@ -83,35 +84,9 @@ def _above_the_data(run: ApplyRun) -> int:
                 f"may not move it: run ALTER SEQUENCE {sequence} RESTART WITH {value} as its owner"
             )
             continue
-        run.conn.execute(
-            sql.SQL("ALTER SEQUENCE {} RESTART WITH {}").format(sequence.ident, sql.Literal(value))
-        )
         run.notes.append(
             f"{sequence} (the default of {current.table}.{current.column}, owned by no column, "
             f"so not in the snapshot) restarts at {value}, above the data"
         )
-        moved += 1
-    return moved
-
-
-def _highest(
-    run: ApplyRun, sequences: list[OwnedSequence]
-) -> dict[tuple[TableName, str], int | None]:
-    """The highest value of each sequence's column (every one read in one round trip)."""
-    with run.conn.pipeline():
-        asked = [
-            (
-                (q.table, q.column),
-                run.conn.execute(
-                    sql.SQL("SELECT max({})::bigint FROM {}").format(
-                        sql.Identifier(q.column), q.table.ident
-                    )
-                ),
-            )
-            for q in sequences
-        ]
-    found: dict[tuple[TableName, str], int | None] = {}
-    for column, cursor in asked:
-        row = cursor.fetchone()
-        found[column] = int(row[0]) if row and row[0] is not None else None
-    return found
+        moves.append((sequence, value))
+    return moves

@@ -16,7 +16,7 @@ apply recorded beside its backup before committing (:func:`record`):
   the target lacks was deleted by the apply, or since.
 
 An apply that wrote nothing (the same snapshot again) keeps no backup at all
-(:func:`wrote_anything`): rollback then undoes the apply before it, as the user means.
+(:func:`wrote`): rollback then undoes the apply before it, as the user means.
 """
 
 from __future__ import annotations
@@ -117,27 +117,51 @@ def xact_writes_later(
     }
 
 
-def wrote_anything(run: ApplyRun, sequences_before: Any) -> bool:
-    """Whether this transaction wrote a row anywhere, or moved a scoped table's sequence.
+@dataclass(frozen=True)
+class Wrote:
+    """What this transaction wrote: rows per table (inserted, updated, deleted; partitions
+    apart), whether a scoped table's sequence moved, and the scoped tables whose rows live
+    in partitions."""
+
+    rows: dict[TableName, tuple[int, int, int]]
+    sequences_moved: bool
+    partitioned: frozenset[TableName]
+
+    @property
+    def anything(self) -> bool:
+        return self.sequences_moved or any(any(counts) for counts in self.rows.values())
+
+
+def wrote(run: ApplyRun, sequences_before: Any) -> Wrote:
+    """What this transaction wrote (one round trip).
 
     ``sequences_before``: the owned sequences as the lock found them (the backup's state).
     """
-    if any(any(counts) for counts in xact_writes(run.conn).values()):
-        return True
-    now = tuple(catalog.owned_sequences(run.conn, run.config.scope.tables))
-    return now != tuple(sequences_before)
+    with run.conn.pipeline():
+        rows = xact_writes_later(run.conn)
+        partitioned = run.conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE c.oid = ANY(%s::regclass[]) AND c.relkind = 'p'",
+            ([t.ident.as_string(run.conn) for t in run.order],),
+        )
+        now = catalog.read_state(run.conn, run.state_names())
+    return Wrote(
+        rows(),
+        tuple(now.owned) != tuple(sequences_before),
+        frozenset(TableName(str(s), str(n)) for s, n in partitioned.fetchall()),
+    )
 
 
-def record(run: ApplyRun, folder: Path) -> None:
-    """Write ``applied-xids`` and ``applied-deletes.copy`` into the backup's folder.
+def record(run: ApplyRun, folder: Path, wrote: Wrote) -> str:
+    """Write ``applied-xids`` and ``applied-deletes.copy`` into the backup's folder; the
+    transaction's id.
 
     Call after the writes, before the commit (in the apply's transaction).
     """
     started = time.monotonic()
-    written = xact_writes(run.conn)
-    partitioned = _partitioned(run)
+    written, partitioned = wrote.rows, wrote.partitioned
     xids: set[str] = set()
-    with run.conn.pipeline():  # every table's question in one round trip
+    with run.conn.pipeline():  # every table's question, and the id, in one round trip
         asked = [
             run.conn.execute(
                 sql.SQL("SELECT DISTINCT xmin::text FROM {} WHERE age(xmin) <= 0").format(
@@ -148,10 +172,13 @@ def record(run: ApplyRun, folder: Path) -> None:
             # no row inserted or updated: no row version carries its id
             if table in partitioned or any(written.get(table, (0, 0, 0))[:2])
         ]
+        txid = run.conn.execute("SELECT txid_current()::text")
     # Every row version this transaction wrote has its id or a later one (its
     # subtransactions'): age() of it is 0 or less.
     for cursor in asked:
         xids.update(str(r[0]) for r in cursor.fetchall())
+    row = txid.fetchone()
+    assert row is not None
     try:
         (folder / XIDS_FILE).write_text("".join(f"{x}\n" for x in sorted(xids)), encoding="ascii")
         with (folder / DELETES_FILE).open("wb") as out:
@@ -169,19 +196,7 @@ def record(run: ApplyRun, folder: Path) -> None:
         run.action,
         time.monotonic() - started,
     )
-
-
-def _partitioned(run: ApplyRun) -> set[TableName]:
-    """Scoped tables whose rows live in partitions (counted apart in the statistics)."""
-    names = [t.ident.as_string(run.conn) for t in run.order]
-    return {
-        TableName(str(schema), str(name))
-        for schema, name in run.conn.execute(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
-            "ON n.oid = c.relnamespace WHERE c.oid = ANY(%s::regclass[]) AND c.relkind = 'p'",
-            (names,),
-        )
-    }
+    return str(row[0])
 
 
 def _deleted_block(conn: psycopg.Connection, out: Any, rows: RowSet) -> None:

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from snapshot import pgtools
+from snapshot import catalog, pgtools
 from snapshot.archive import Snapshot
-from snapshot.catalog import ForeignKey, ServerInfo, TableShape
+from snapshot.catalog import ForeignKey, ServerInfo, StateNames, TableShape
 from snapshot.config import Config
 from snapshot.environments import Connection
 from snapshot.manifest import TableEntry
@@ -65,6 +65,14 @@ class ApplyRun:
     outside: tuple[Reference, ...] = ()  # the keys from outside the scope, last counted
     kept: dict[TableName, Kept] = field(default_factory=dict)  # rows kept for them
     applied: Applied | None = None  # a rollback: what the apply it undoes wrote (since.py)
+    # the scope's sequences and migration history, found before the lock (catalog.StateNames)
+    names: StateNames | None = None
+
+    def state_names(self) -> StateNames:
+        """:attr:`names`, found now if they were not before the lock."""
+        if self.names is None:
+            self.names = catalog.state_names(self.conn, self.order)
+        return self.names
 
     # The session's facts, read through the run: every step needs some of them.
     @property

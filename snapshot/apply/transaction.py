@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
 import psycopg
@@ -113,21 +113,26 @@ def lock(run: ApplyRun) -> None:
     budget = duration_seconds(timeout)
     wait = min(LOCK_TRY, budget)
     deadline = time.monotonic() + budget
-    # SET, not SELECT set_config(): a SELECT would fix the transaction's snapshot before
-    # the locks, and rows committed while we wait for them would be invisible to it.
-    run.conn.execute(
-        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{wait * 1000:.0f}ms"))
-    )
-    # One statement locks them all, children first (each lock's wait bounded as above).
-    statement = sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
-        sql.SQL(", ").join(t.ident for t in reversed(run.order))
+    # One simple query, one round trip: SET, not SELECT set_config() (a SELECT would fix
+    # the transaction's snapshot before the locks, and rows committed while we wait for
+    # them would be invisible to it); one LOCK for them all, children first (each lock's
+    # wait bounded as above), in a savepoint a failed attempt rolls back to, releasing its
+    # locks; then lock_timeout for the rest of the transaction.
+    attempt = sql.SQL(
+        "SET LOCAL lock_timeout = {wait}; SAVEPOINT snapshot_lock; "
+        "LOCK TABLE {tables} IN EXCLUSIVE MODE; RELEASE SAVEPOINT snapshot_lock; "
+        "SET LOCAL lock_timeout = {timeout}"
+    ).format(
+        wait=sql.Literal(f"{wait * 1000:.0f}ms"),
+        tables=sql.SQL(", ").join(t.ident for t in reversed(run.order)),
+        timeout=sql.Literal(timeout),
     )
     while True:
         try:
-            with run.conn.transaction():  # a savepoint: a failed attempt releases its locks
-                run.conn.execute(statement)
+            run.conn.execute(attempt)
             break
         except psycopg.errors.LockNotAvailable:
+            run.conn.execute("ROLLBACK TO SAVEPOINT snapshot_lock; RELEASE SAVEPOINT snapshot_lock")
             if time.monotonic() >= deadline:
                 order = list(reversed(run.order))
                 waiting = write.blocked_table(run.conn, order) or order[-1]
@@ -138,7 +143,6 @@ def lock(run: ApplyRun) -> None:
                     "nothing was changed"
                 ) from None
             time.sleep(random.uniform(0.02, 0.1))  # let the app's transaction finish
-    run.conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(timeout)))
     log.info(
         "  %s: writers to the %d scoped tables wait from now until the commit; readers go on",
         run.target.env,
@@ -150,11 +154,13 @@ def reconcile(run: ApplyRun, running: backup.Backup | None) -> dict[TableName, i
     """The plan brought up to the rows written since it was made; the backup's catch-up
     written; each table's rows now (the closing report's "target before")."""
     conn = run.conn
-    _compare_again(run, run.order)
+    # The backup's own records (backup.record_others) come up in the same round trips.
+    followed = list(running.followed.values()) if running is not None else []
+    _compare_again(run, run.order, records=followed)
     stale = [r for t, r in run.row_sets.items() if t not in run.recorded]
-    known = {**run.recorded, **rowsets.stats(conn, stale, rowsets.RECORD)}
+    known = {**run.recorded, **rowsets.stats(conn, [*stale, *followed], rowsets.RECORD)}
     if running is not None:
-        backup.describe(run, running, {**known, **backup.follow_up(run, running)})
+        backup.describe(run, running, known)
         backup.catch_up(run, running)
     return {t: known[t].rows if t in known else _count(conn, t) for t in run.order}
 
@@ -204,11 +210,14 @@ def _report(
     )
 
 
-def _compare_again(run: ApplyRun, tables: Collection[TableName]) -> int:
-    """Rows written since the record was made, hashed and classified again; how many."""
+def _compare_again(
+    run: ApplyRun, tables: Collection[TableName], *, records: Sequence[rowsets.RowSet] = ()
+) -> int:
+    """Rows written since the record was made, hashed and classified again; how many.
+    ``records``: row sets whose record alone comes up (:func:`rowsets.reconcile`)."""
     sets = [run.row_sets[t] for t in tables if t in run.row_sets]
     moved = 0
-    for table, moving in rowsets.reconcile(run.conn, sets, run.horizon).items():
+    for table, moving in rowsets.reconcile(run.conn, sets, run.horizon, records=records).items():
         if moving:
             run.recorded.pop(table, None)  # the record changed: its stats are stale
         moved += moving
