@@ -2,25 +2,25 @@
 
 The target's rows are already in the server. For a table the target does not hold as the
 snapshot does, the apply copies the target's recorded rows into the staged table inside the
-server (:func:`copy_recorded`), downloads one short line per target row, its key and a
-64-bit digest of its row text (:func:`download`), and reads the archive's COPY block
-locally: a snapshot row whose digest is the target's is staged already; one that is new or
-differs goes up into a side table; the staged rows whose key the snapshot changes or lacks
-are removed, and the side table's rows put in their place (:func:`finish`). The staged
-table then holds the snapshot's rows, exactly as a full upload would have it, and the same
-integrity check proves it: its count and checksum, computed in the server, must be the
-manifest's. When they are not, the table is staged again in full (the apply does that).
+server (:func:`copy_recorded`), downloads a 64-bit digest of each target row (8 bytes a
+row, no key: :func:`download`), and reads the archive's COPY block locally: a snapshot row
+whose digest the target has is staged already; one that is new or differs goes up into a
+side table. The target's digests no snapshot row matched are the rows the snapshot changes
+or lacks: they go up (one COPY) and the server removes the staged rows with those digests,
+then puts the side table's rows in their place (:func:`finish`). The staged table then
+holds the snapshot's rows, exactly as a full upload would have it, and the same integrity
+check proves it: its count and checksum, computed in the server, must be the manifest's.
+When they are not (a digest shared by two rows, say), the table is staged again in full
+(the apply does that).
 
-Both sides digest the same text: ``ROW(...)::text`` of the snapshot's columns in name order,
-the text the checksums hash (:mod:`snapshot.checksum`). Locally it is rebuilt from the COPY
-fields by ``record_out``'s rules: a field is unescaped from COPY's text format, then quoted
-when it is empty or holds a double quote, backslash, parenthesis, comma or white space, its
-quotes and backslashes doubled; NULL is nothing. A row whose text differs only in form (a
-type the dump wrote under other settings) is uploaded and then found equal in the server:
-it costs bytes, never a wrong row.
-
-A key is its COPY field for a one-column key, its ``ROW(...)::text`` for a longer one; the
-server removes staged rows by the same text.
+Both sides digest the same text: the row's line of COPY text, its columns in the snapshot's
+order. Locally that is the archive's line as it stands (its fields put in that order when
+the dump wrote them otherwise); the server builds it from each column's text the way COPY
+does (:func:`line_sql`: a backslash doubled, the six control characters COPY names
+written as ``\\n`` and the like, NULL as ``\\N``, tabs between). So the local work is one
+md5 a row, not a rebuilt row text. A row whose text differs only in form (a type the dump
+wrote under other settings) is uploaded and then found equal in the server: it costs bytes,
+never a wrong row.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import operator
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,55 +40,66 @@ from snapshot.names import TableName
 
 log = logging.getLogger(__name__)
 
-NULL = b"\\N"
-# A field record_out quotes: one holding any of these (C's isspace, quote, backslash,
-# parentheses, comma). Deleted with bytes.translate, a length change says "quote".
-_SPECIAL = b' \t\n\r\f\v"\\(),'
-_ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|(.))", re.S)
-_ESCAPED = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
+DIGEST_BYTES = 8  # of a row's md5: what both sides compare
 
 
-def _unescape_one(found: re.Match[bytes]) -> bytes:
-    octal, hexadecimal, char = found.groups()
-    if octal:
-        return bytes([int(octal, 8) & 0xFF])
-    if hexadecimal:
-        return bytes([int(hexadecimal, 16)])
-    return _ESCAPED.get(char, char)
+def digest(line: bytes) -> bytes:
+    """The 64-bit digest both sides compare: the first 8 bytes of the line's md5."""
+    return hashlib.md5(line, usedforsecurity=False).digest()[:DIGEST_BYTES]
 
 
-def unescape(value: bytes) -> bytes:
-    """A COPY text field's value (not ``\\N``): its backslash escapes undone."""
-    return _ESCAPE.sub(_unescape_one, value) if b"\\" in value else value
+# Types whose text (their cast to text is their output function's) never holds a backslash
+# or a control character: their COPY text is their text (any other type's is escaped in the
+# server, which costs more).
+_PLAIN_TYPES = frozenset(
+    {"smallint", "integer", "bigint", "real", "double precision", "uuid", "date", "oid"}
+)
+_PLAIN_PREFIXES = ("numeric", "timestamp", "time ", "time(", "interval")
+_TEXT_TYPES = ("text", "character varying")  # their value is their text
+# What COPY's text format writes for each character it escapes, the backslash first.
+_COPY_ESCAPES = (
+    ("\\", "\\\\"),
+    ("\b", "\\b"),
+    ("\f", "\\f"),
+    ("\n", "\\n"),
+    ("\r", "\\r"),
+    ("\t", "\\t"),
+    ("\v", "\\v"),
+)
+_NULL = sql.Literal("\\N")
 
 
-def _quoted(value: bytes) -> bytes:
-    if value and len(value.translate(None, _SPECIAL)) == len(value):
-        return value
-    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'""') + b'"'
+def _field_sql(column: sql.Composable, type_name: str) -> sql.Composable:
+    """One column's COPY text: its output function's text, escaped as COPY escapes it."""
+    if type_name in _PLAIN_TYPES or type_name == "time" or type_name.startswith(_PLAIN_PREFIXES):
+        return sql.SQL("coalesce({}::text, {})").format(column, _NULL)
+    if type_name == "boolean":  # its cast to text says "true", its output "t"
+        return sql.SQL("CASE {} WHEN true THEN 't' WHEN false THEN 'f' ELSE {} END").format(
+            column, _NULL
+        )
+    # concat() writes the output function's text (a cast may not: inet's adds a /32,
+    # character(n)'s trims); NULL is tested apart (concat makes it '').
+    plain = type_name == "text" or type_name.startswith(_TEXT_TYPES[1])
+    value: sql.Composable = column if plain else sql.SQL("concat({})").format(column)
+    for char, written in _COPY_ESCAPES:
+        value = sql.SQL("replace({}, {}, {})").format(
+            value, sql.Literal(char), sql.Literal(written)
+        )
+    if plain:
+        return sql.SQL("coalesce({}, {})").format(value, _NULL)
+    return sql.SQL("CASE WHEN num_nulls({}) = 1 THEN {} ELSE {} END").format(column, _NULL, value)
 
 
-def record_text(fields: Sequence[bytes]) -> bytes:
-    """``ROW(...)::text`` of a row whose fields are COPY text fields."""
-    return b"(" + b",".join([b"" if f == NULL else _quoted(unescape(f)) for f in fields]) + b")"
+def line_sql(alias: str, columns: Sequence[tuple[str, str]]) -> sql.Composable:
+    """The server's COPY text line of a row (``columns``: name and type, in the snapshot's
+    order), as the archive holds it: what both sides digest (see the module)."""
+    fields = [_field_sql(sql.Identifier(alias, name), t) for name, t in columns]
+    return sql.SQL("concat_ws({}, {})").format(sql.Literal("\t"), sql.SQL(", ").join(fields))
 
 
-def _record_text_plain(fields: Sequence[bytes]) -> bytes:
-    """:func:`record_text` of fields without any backslash (no NULL, nothing escaped)."""
-    return b"(" + b",".join([_quoted(f) for f in fields]) + b")"
-
-
-def digest(text: bytes) -> bytes:
-    """The 64-bit digest both sides compare: the first 16 hex digits of the text's md5."""
-    return hashlib.md5(text, usedforsecurity=False).hexdigest()[:16].encode()
-
-
-def digest_sql(term: sql.Composable, md5_term: bool) -> sql.Composable:
-    """The server's :func:`digest` of a row, from its checksum term (the row text, or its md5
-    for an old snapshot's checksum kind, whose first 16 digits it already is)."""
-    if md5_term:
-        return sql.SQL("left({}, 16)").format(term)
-    return sql.SQL("left(md5({}), 16)").format(term)
+def digest_sql(line: sql.Composable) -> sql.Composable:
+    """The server's :func:`digest` of a row's COPY line (:func:`line_sql`), a bytea."""
+    return sql.SQL("substr(decode(md5({}), 'hex'), 1, {})").format(line, sql.Literal(DIGEST_BYTES))
 
 
 @dataclass
@@ -99,14 +109,16 @@ class Sparse:
     table: TableName
     number: int
     stage: sql.Identifier
+    record: sql.Identifier  # the target's record: key and digest (``c$``) of each row
     key: tuple[str, ...]
-    columns: tuple[str, ...]  # the snapshot's columns: digested in name order
-    target: dict[bytes, bytes] = field(default_factory=dict)  # key -> digest, not yet seen
-    removes: list[bytes] = field(default_factory=list)  # keys of staged rows to remove
+    columns: tuple[str, ...]  # the snapshot's columns: digested in this order
+    # the digests of the target's rows no snapshot row matched yet; once the snapshot's
+    # rows are read, those of the rows it changes or lacks (removed from the staged table)
+    target: set[bytes] = field(default_factory=set)
     # the keys of the rows that went up, as COPY lines of the key columns (what a pre-apply
     # backup removes from the snapshot's rows, snapshot.apply.backup)
     sent: list[bytes] = field(default_factory=list)
-    gone: int = 0  # staged rows removed (their keys stay in :data:`GONE`)
+    gone: int = 0  # staged rows removed (their digests stay in :data:`GONE`)
     uploaded: int = 0
     read: int = 0  # the snapshot's rows read (all of them, whether they went up or not)
     seen: bool = False  # a COPY block of the table was read
@@ -116,12 +128,21 @@ class Sparse:
         """The temporary table the snapshot's new and changed rows go up into."""
         return sql.Identifier("pg_temp", f"_snapshot_a{self.number}")
 
-    def key_text(self, alias: str) -> sql.Composable:
-        """The server's text of a row's key (see the module)."""
-        names = [sql.Identifier(alias, k) for k in self.key]
-        if len(names) == 1:
-            return sql.SQL("{}::text").format(names[0])
-        return sql.SQL("ROW({})::text").format(sql.SQL(", ").join(names))
+    def gone_rows(self, alias: str) -> sql.Composable:
+        """A condition on rows of the table (as ``alias``): the target's rows the snapshot
+        changes or lacks (their digests in :data:`GONE`, after :func:`finish`)."""
+        return sql.SQL(
+            "EXISTS (SELECT 1 FROM {record} AS r JOIN {gone} AS g ON g.d = r.c$ "
+            "AND g.n = {n} WHERE {on})"
+        ).format(
+            record=self.record,
+            gone=GONE,
+            n=sql.Literal(self.number),
+            on=sql.SQL(" AND ").join(
+                sql.SQL("{} = {}").format(sql.Identifier("r", k), sql.Identifier(alias, k))
+                for k in self.key
+            ),
+        )
 
     def filter(self, columns: Sequence[str], open_sink: Callable[[], Sink]) -> LineFilter:
         """A sink for one COPY block (its ``columns`` in the dump's order) that passes on
@@ -147,46 +168,44 @@ class LineFilter:
         self._open_sink = open_sink
         self._sink: Sink | None = None
         self._rest = b""
-        self._key: Callable[[list[bytes]], bytes]
-        self._key_line: Callable[[list[bytes]], bytes]
         key = [position[k] for k in sparse.key]
-        if len(key) == 1:
-            only = key[0]
-            self._key = self._key_line = operator.itemgetter(only)
-        else:
-            pick_key = operator.itemgetter(*key)
-            self._key = lambda fields: record_text(pick_key(fields))
-            self._key_line = lambda fields: b"\t".join(pick_key(fields))
-        ordered = [position[c] for c in sorted(sparse.columns)]
-        pick = operator.itemgetter(*ordered)
-        self._row: Callable[[list[bytes]], Sequence[bytes]] = (
-            (lambda fields: (pick(fields),)) if len(ordered) == 1 else pick
+        pick_key = operator.itemgetter(*key)
+        # a key's COPY line (its fields, tab apart): only for the rows that go up
+        self._key_line: Callable[[bytes], bytes] = (
+            (lambda line: line[: line.find(b"\t")] if b"\t" in line else line)
+            if key == [0]
+            else (lambda line: line.split(b"\t")[key[0]])
+            if len(key) == 1
+            else (lambda line: b"\t".join(pick_key(line.split(b"\t"))))
         )
+        ordered = [position[c] for c in sparse.columns]
+        # The archive's line as it stands, or its fields in the snapshot's order.
+        self._line: Callable[[bytes], bytes] | None = None
+        if ordered != list(range(len(columns))):
+            pick = operator.itemgetter(*ordered)
+            self._line = (
+                (lambda line: line.split(b"\t")[ordered[0]])
+                if len(ordered) == 1
+                else (lambda line: b"\t".join(pick(line.split(b"\t"))))
+            )
 
     def write(self, buffer: bytes) -> None:
         lines = (self._rest + buffer).split(b"\n")
         self._rest = lines.pop()
-        sparse, target, removes, sent = (
-            self._sparse,
-            self._sparse.target,
-            self._sparse.removes,
-            self._sparse.sent,
-        )
+        sparse, target = self._sparse, self._sparse.target
         out = []
         sparse.read += len(lines)
+        reorder, md5, size = self._line, hashlib.md5, DIGEST_BYTES
         for line in lines:
-            fields = line.split(b"\t")
-            row = self._row(fields)
-            text = record_text(row) if b"\\" in line else _record_text_plain(row)
-            key = self._key(fields)
-            had = target.pop(key, None)
-            if had == digest(text):
+            text = line if reorder is None else reorder(line)
+            found = md5(text, usedforsecurity=False).digest()[:size]
+            if found in target:
+                target.discard(found)  # the target holds this row as it is
                 continue
-            if had is not None:
-                removes.append(key)
             out.append(line)
-            sent.append(self._key_line(fields))
         if out:
+            key_line = self._key_line
+            sparse.sent.extend(key_line(line) for line in out)
             out.append(b"")
             if self._sink is None:
                 self._sink = self._open_sink()
@@ -215,86 +234,61 @@ def copy_recorded(conn: psycopg.Connection, sparse: Sparse) -> None:
         )
 
 
-def download(
-    conn: psycopg.Connection, tables: Sequence[Sparse], records: Mapping[TableName, sql.Composable]
-) -> None:
-    """Fill each table's ``target`` from its record (``records``: its temporary table, with
-    the digest column ``c$``), every table in one COPY."""
+def download(conn: psycopg.Connection, tables: Sequence[Sparse]) -> None:
+    """Fill each table's ``target`` with the digests of its record (column ``c$``), 8 bytes
+    a row and no key: every table's in one round trip (a pipeline, binary)."""
     if not tables:
         return
-    branches = sql.SQL(" UNION ALL ").join(
-        sql.SQL("SELECT {n}, {key}, r.c$ FROM {record} AS r").format(
-            n=sql.Literal(i), key=s.key_text("r"), record=records[s.table]
-        )
-        for i, s in enumerate(tables)
-    )
-    rest = b""
-    query = sql.SQL("COPY ({}) TO STDOUT").format(branches)
-    with conn.cursor() as cur, cur.copy(query) as copy:
-        for chunk in copy:
-            lines = (rest + bytes(chunk)).split(b"\n")
-            rest = lines.pop()
-            for line in lines:
-                number, key, hashed = line.split(b"\t")
-                # COPY escaped the key's text: for a one-column key that is the dump's own
-                # field; a longer key's text is compared unescaped
-                sparse = tables[int(number)]
-                if len(sparse.key) > 1:
-                    key = unescape(key)
-                sparse.target[key] = hashed
+    with conn.pipeline():
+        asked = [
+            conn.execute(
+                sql.SQL("SELECT string_agg(c$, ''::bytea) FROM {}").format(s.record), binary=True
+            )
+            for s in tables
+        ]
+        for sparse, cursor in zip(tables, asked, strict=True):
+            row = cursor.fetchone()
+            blob = bytes(row[0]) if row and row[0] is not None else b""
+            size = DIGEST_BYTES
+            sparse.target = {blob[i : i + size] for i in range(0, len(blob), size)}
 
 
-def _escape_copy(value: bytes) -> bytes:
-    """A value as a COPY text field."""
-    return (
-        value.replace(b"\\", b"\\\\")
-        .replace(b"\t", b"\\t")
-        .replace(b"\n", b"\\n")
-        .replace(b"\r", b"\\r")
-    )
-
-
-GONE = sql.Identifier(
-    "pg_temp", "_snapshot_gone"
-)  # (n, k): keys of rows the snapshot changes or lacks
+GONE = sql.Identifier("pg_temp", "_snapshot_gone")  # (n, d): digests of rows the snapshot
+# changes or lacks, by table number
 
 
 def finish(conn: psycopg.Connection, tables: Sequence[Sparse]) -> dict[TableName, int]:
     """Remove the staged rows the snapshot changes or lacks, add its new and changed rows;
-    each staged table's row count. A few round trips for all the tables.
+    each staged table's row count. A few round trips for all the tables. The side tables
+    stay: the staged rows are hashed from them and the record
+    (:func:`snapshot.apply.rows.hash_sparse`).
 
-    The removed rows' keys stay in :data:`GONE` (by table number): a pre-apply backup
-    downloads those rows' versions (snapshot.apply.backup).
+    The removed rows' digests stay in :data:`GONE` (by table number): a pre-apply backup
+    downloads those rows' versions (:meth:`Sparse.gone_rows`, snapshot.apply.backup).
     """
     conn.execute(
-        sql.SQL("DROP TABLE IF EXISTS {gone}; CREATE TEMP TABLE {gone} (n int, k text)").format(
+        sql.SQL("DROP TABLE IF EXISTS {gone}; CREATE TEMP TABLE {gone} (n int, d bytea)").format(
             gone=GONE
         )
     )
     with conn.cursor() as cur, cur.copy(sql.SQL("COPY {} FROM STDIN").format(GONE)) as copy:
         for changes in tables:
-            gone = changes.removes + list(changes.target)
-            changes.gone = len(gone)
-            if not gone:
-                continue
-            # a one-column key is already a COPY field; a longer key's text is escaped
-            one = len(changes.key) == 1
-            prefix = b"%d\t" % changes.number
-            copy.write(b"".join(prefix + (k if one else _escape_copy(k)) + b"\n" for k in gone))
+            changes.gone = len(changes.target)
+            prefix = b"%d\t\\\\x" % changes.number
+            copy.write(b"".join(prefix + d.hex().encode() + b"\n" for d in changes.target))
     with conn.pipeline():
         counted = []
         for changes in tables:
             if changes.gone:
                 conn.execute(
-                    sql.SQL("DELETE FROM {} AS s USING {} AS g WHERE g.n = {} AND {} = g.k").format(
-                        changes.stage, GONE, sql.Literal(changes.number), changes.key_text("s")
+                    sql.SQL("DELETE FROM {} AS s WHERE {}").format(
+                        changes.stage, changes.gone_rows("s")
                     )
                 )
             if changes.uploaded:
                 conn.execute(
                     sql.SQL("INSERT INTO {} SELECT * FROM {}").format(changes.stage, changes.side)
                 )
-            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(changes.side))
             query = sql.SQL("SELECT count(*) FROM {}").format(changes.stage)
             counted.append((changes, conn.execute(query)))
     found = {}

@@ -29,7 +29,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, catalog, sparse, text
+from snapshot import archive, catalog, text
 from snapshot.apply import rows as rowsets
 from snapshot.apply import since
 from snapshot.apply.rows import RowSet
@@ -216,15 +216,8 @@ def _write_difference(run: ApplyRun, backup: Backup) -> tuple[int, int]:
                         ADD,
                         table,
                         columns,
-                        sql.SQL(
-                            "SELECT {c} FROM {t} AS t WHERE EXISTS (SELECT 1 FROM {gone} AS g "
-                            "WHERE g.n = {n} AND g.k = {key})"
-                        ).format(
-                            c=_columns("t", columns),
-                            t=table.ident,
-                            gone=sparse.GONE,
-                            n=sql.Literal(changes.number),
-                            key=changes.key_text("t"),
+                        sql.SQL("SELECT {} FROM {} AS t WHERE {}").format(
+                            _columns("t", columns), table.ident, changes.gone_rows("t")
                         ),
                     )
             elif table in backup.followed:

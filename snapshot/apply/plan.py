@@ -180,7 +180,9 @@ def record(run: ApplyRun) -> frozenset[TableName]:
         run.horizon = rowsets.horizon(conn)
         with conn.pipeline():
             for rows in sets:
-                rowsets.fill_record(conn, rows, with_digest=changed_only)
+                types = {c.name: c.type for c in run.shapes[rows.table].columns}
+                line = sparse.line_sql("t", [(c, types.get(c, "text")) for c in rows.columns])
+                rowsets.fill_record(conn, rows, line=line if changed_only else None)
         run.recorded = rowsets.stats(conn, sets, rowsets.RECORD)
         matched = {
             rows.table
@@ -191,7 +193,7 @@ def record(run: ApplyRun) -> frozenset[TableName]:
         run.sparse = (
             {
                 rows.table: sparse.Sparse(
-                    rows.table, rows.number, rows.stage, rows.key, rows.columns
+                    rows.table, rows.number, rows.stage, rows.record, rows.key, rows.columns
                 )
                 for rows in sets
                 if rows.table not in matched and rows.table not in masked
@@ -207,11 +209,7 @@ def record(run: ApplyRun) -> frozenset[TableName]:
                     sparse.copy_recorded(conn, run.sparse[rows.table])
         if run.backup is not None:
             backup.record_others(run, run.backup)
-    sparse.download(
-        conn,
-        list(run.sparse.values()),
-        {table: run.row_sets[table].record for table in run.sparse},
-    )
+    sparse.download(conn, list(run.sparse.values()))
     log.info(
         "  recorded %d tables (%d already hold the snapshot's rows)%s  %.1f s",
         len(run.row_sets),

@@ -74,7 +74,7 @@ def _prove_sparse(run: ApplyRun, entries: Sequence[TableEntry]) -> frozenset[Tab
     sets = [run.row_sets[table] for table in run.sparse]
     with run.conn.pipeline():
         for rows in sets:
-            rowsets.hash_snapshot(run.conn, rows)
+            rowsets.hash_sparse(run.conn, rows, run.sparse[rows.table])
     staged = rowsets.stats(run.conn, sets, rowsets.SNAPSHOT)
     wrong = {
         rows.table

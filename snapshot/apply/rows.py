@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import sparse
-from snapshot.checksum import CURRENT, KEEP_APART, MD5, TableStats, digest, halves, row_term
+from snapshot.checksum import CURRENT, KEEP_APART, TableStats, digest, halves, row_term
 from snapshot.names import TableName
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ INSERT, UPDATE, DELETE = "i", "u", "d"
 # ends in ``$``, which PostgreSQL allows in a name and the SQL standard does not, so that no
 # key column is called so (a key column named ``op`` or ``x`` is common enough); a table
 # whose key is, all the same, is treated as one without a key (:func:`keyable`).
-INTERNAL_COLUMNS = frozenset({"op$", "x$", "h1$", "h2$", "c$", "m$", "apart$"})
+INTERNAL_COLUMNS = frozenset({"op$", "x$", "h1$", "h2$", "c$", "l$", "m$", "apart$"})
 
 
 def keyable(key: Sequence[str]) -> bool:
@@ -54,17 +54,20 @@ def _hashed(
     term: sql.Composable,
     source: sql.Composable,
     kind: str,
-    with_digest: bool = False,
+    line: sql.Composable | None = None,
 ) -> sql.Composed:
     """``SELECT outer, h1, h2`` over ``SELECT inner, term AS m FROM source``, hashed once a row
-    (and ``c$``, the row's digest for sparse staging, :mod:`snapshot.sparse`, when asked)."""
+    (and ``c$``, the digest of the row's COPY ``line`` for sparse staging,
+    :mod:`snapshot.sparse`, when given)."""
     first, second = halves(sql.SQL("z.m$"), kind)
     extra: sql.Composable = sql.SQL("")
-    if with_digest:
-        extra = sql.SQL(", {} AS c$").format(sparse.digest_sql(sql.SQL("z.m$"), kind == MD5))
+    lined: sql.Composable = sql.SQL("")
+    if line is not None:
+        extra = sql.SQL(", {} AS c$").format(sparse.digest_sql(sql.SQL("z.l$")))
+        lined = sql.SQL(", {} AS l$").format(line)
     return sql.SQL(
         "SELECT {outer}, {h1} AS h1$, {h2} AS h2${extra} "
-        "FROM (SELECT {inner}, {term} AS m$, {apart} FROM {source}) AS z"
+        "FROM (SELECT {inner}, {term} AS m${lined}, {apart} FROM {source}) AS z"
     ).format(
         outer=outer,
         h1=first,
@@ -72,6 +75,7 @@ def _hashed(
         extra=extra,
         inner=inner,
         term=term,
+        lined=lined,
         apart=KEEP_APART,
         source=source,
     )
@@ -151,6 +155,39 @@ def hash_snapshot(conn: psycopg.Connection, rows: RowSet) -> None:
     _analyze(conn, rows.hashes, rows.keys)
 
 
+def hash_sparse(conn: psycopg.Connection, rows: RowSet, staged: sparse.Sparse) -> None:
+    """:func:`hash_snapshot` of a table staged sparsely, without hashing its rows again.
+
+    Its staged rows are the target's as the record saw them (hashed there already), less
+    those the snapshot changes or lacks, plus the ones that went up (hashed now): the
+    hashes are those, in the same terms as the record's.
+    """
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.hashes))
+    conn.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE {hashes} AS "
+            "SELECT {keys}, r.h1$, r.h2$ FROM {record} AS r WHERE NOT EXISTS ("
+            "SELECT 1 FROM {gone} AS g WHERE g.n = {n} AND g.d = r.c$) "
+            "UNION ALL {side}"
+        ).format(
+            hashes=rows.hashes,
+            keys=sql.SQL(", ").join(sql.Identifier("r", k) for k in rows.key),
+            record=rows.record,
+            gone=sparse.GONE,
+            n=sql.Literal(staged.number),
+            side=_hashed(
+                rows.keys,
+                rows.keys,
+                rows.row_term("s"),
+                sql.SQL("{} AS s").format(staged.side),
+                rows.kind,
+            ),
+        )
+    )
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(staged.side))
+    _analyze(conn, rows.hashes, rows.keys)
+
+
 SNAPSHOT, RECORD = "snapshot", "record"  # the two sides a row set hashes
 
 
@@ -191,9 +228,11 @@ def create_delta(conn: psycopg.Connection, rows: RowSet) -> None:
     )
 
 
-def fill_record(conn: psycopg.Connection, rows: RowSet, *, with_digest: bool = False) -> None:
+def fill_record(
+    conn: psycopg.Connection, rows: RowSet, *, line: sql.Composable | None = None
+) -> None:
     """Record every live row version of the target with its hash (in a transaction), and
-    with ``with_digest`` each row's digest for sparse staging (:mod:`snapshot.sparse`).
+    with ``line`` (:func:`snapshot.sparse.line_sql`) each row's digest for sparse staging.
 
     The rows' text, most of the cost, is made by a parallel scan where the server has
     workers to spare (``CREATE TABLE AS`` may run in parallel, ``INSERT`` may not).
@@ -212,7 +251,7 @@ def fill_record(conn: psycopg.Connection, rows: RowSet, *, with_digest: bool = F
                 rows.row_term("t"),
                 sql.SQL("{} AS t").format(rows.table.ident),
                 rows.kind,
-                with_digest,
+                line,
             ),
         )
     )
