@@ -37,9 +37,10 @@ def write_block(
 ) -> int:
     """One block of ``query``'s rows (``columns``) written to ``out``; the rows written."""
     write_header(conn, out, verb, table, columns)
-    with conn.cursor() as cur, cur.copy(sql.SQL("COPY ({}) TO STDOUT").format(query)) as copy:
-        for data in copy:
-            out.write(data)
-    count = cur.rowcount
+    with conn.cursor() as cur:
+        with cur.copy(sql.SQL("COPY ({}) TO STDOUT").format(query)) as copy:
+            for data in copy:
+                out.write(data)
+        count = cur.rowcount  # once the COPY is over, while the cursor is open
     out.write(TERMINATOR[1:])
     return count
