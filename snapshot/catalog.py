@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import heapq
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -634,25 +634,35 @@ class State:
 def read_state(conn: psycopg.Connection, names: StateNames, *, highest: bool = False) -> State:
     """The state of ``names``' sequences and migrations, in one round trip (a pipeline);
     with ``highest``, each increasing sequence's column's highest value too."""
-    everything = [*names.owned, *names.shared]
     with conn.pipeline():
-        values = [
-            conn.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(q[0].ident))
-            for q in everything
-        ]
-        tops = [
-            (
-                (table, column),
-                conn.execute(
-                    sql.SQL("SELECT max({})::bigint FROM {}").format(
-                        sql.Identifier(column), table.ident
-                    )
-                ),
-            )
-            for _, table, column, increment, _ in (everything if highest else ())
-            if increment > 0
-        ]
-        versions = conn.execute(_MIGRATIONS) if names.migrations else None
+        later = read_state_later(conn, names, highest=highest)
+    return later()
+
+
+def read_state_later(
+    conn: psycopg.Connection, names: StateNames, *, highest: bool = False
+) -> Callable[[], State]:
+    """:func:`read_state`, asked now and read when called (in the caller's pipeline)."""
+    everything = [*names.owned, *names.shared]
+    values = [
+        conn.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(q[0].ident))
+        for q in everything
+    ]
+    tops = [
+        (
+            (table, column),
+            conn.execute(
+                sql.SQL("SELECT max({})::bigint FROM {}").format(
+                    sql.Identifier(column), table.ident
+                )
+            ),
+        )
+        for _, table, column, increment, _ in (everything if highest else ())
+        if increment > 0
+    ]
+    versions = conn.execute(_MIGRATIONS) if names.migrations else None
+
+    def result() -> State:
         states = []
         for (sequence, table, column, increment, start), cursor in zip(
             everything, values, strict=True
@@ -669,7 +679,9 @@ def read_state(conn: psycopg.Connection, names: StateNames, *, highest: bool = F
             row = cursor.fetchone()
             found[column_of] = int(row[0]) if row and row[0] is not None else None
         migrations = tuple(str(r[0]) for r in versions.fetchall()) if versions else None
-    return State(states[: len(names.owned)], states[len(names.owned) :], found, migrations)
+        return State(states[: len(names.owned)], states[len(names.owned) :], found, migrations)
+
+    return result
 
 
 def owned_sequences(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[OwnedSequence]:

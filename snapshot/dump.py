@@ -107,12 +107,14 @@ def describe_state(
     known: Mapping[TableName, TableStats] | None = None,
     snapshot_id: str | None = None,
     names: catalog.StateNames | None = None,
+    state: catalog.State | None = None,
 ) -> DumpState:
     """Counts and checksums of ``plan``'s tables (or ``known`` ones), in ``conn``'s snapshot.
 
     With ``snapshot_id`` (the snapshot ``conn`` exported), a second session imports it and
     checksums about half of the rows, so the checksums keep pace with pg_dump. With
-    ``names`` (found beforehand), sequences and migrations are read in one round trip.
+    ``names`` (found beforehand), sequences and migrations are read in one round trip; with
+    ``state``, they were read already.
     """
     known = known or {}
     todo = [t for t in plan.tables if t not in known]
@@ -130,8 +132,9 @@ def describe_state(
                 auth=table in AUTH_TABLES,
             )
         )
-    if names is not None:
+    if state is None and names is not None:
         state = catalog.read_state(conn, names)
+    if state is not None:
         return DumpState(tuple(entries), tuple(state.owned), state.migrations)
     return DumpState(
         tuple(entries),

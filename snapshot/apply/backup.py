@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -298,12 +298,20 @@ def record_others(run: ApplyRun, backup: Backup) -> None:
         backup.followed[table] = rows
 
 
-def describe(run: ApplyRun, backup: Backup, known: Mapping[TableName, TableStats]) -> None:
-    """Record what the backup holds: the locked state (call before anything is written)."""
-    backup.state = describe_state(run.conn, backup.plan, known, names=run.state_names())
+def describe(
+    run: ApplyRun,
+    backup: Backup,
+    known: Mapping[TableName, TableStats],
+    state: catalog.State | None = None,
+) -> None:
+    """Record what the backup holds: the locked state (call before anything is written;
+    ``state``: its sequences and migrations, read already)."""
+    backup.state = describe_state(
+        run.conn, backup.plan, known, names=run.state_names(), state=state
+    )
 
 
-def catch_up(run: ApplyRun, backup: Backup) -> int:
+def catch_up(run: ApplyRun, backup: Backup, moved: set[TableName] | None = None) -> int:
     """Copy what changed between pg_dump's snapshot and the lock into ``catchup.copy``.
 
     Call under the lock, after the record is reconciled and before anything is written.
@@ -314,7 +322,7 @@ def catch_up(run: ApplyRun, backup: Backup) -> int:
     assert backup.state is not None
     path = backup.folder / archive.CATCH_UP_FILE
     try:
-        copied, whole = _write_catch_up(run, backup, path, append=backup.from_snapshot)
+        copied, whole = _write_catch_up(run, backup, path, append=backup.from_snapshot, moved=moved)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -326,12 +334,17 @@ def catch_up(run: ApplyRun, backup: Backup) -> int:
     return copied
 
 
-def _write_catch_up(run: ApplyRun, backup: Backup, path: Path, *, append: bool) -> tuple[int, int]:
+def _write_catch_up(
+    run: ApplyRun, backup: Backup, path: Path, *, append: bool, moved: set[TableName] | None
+) -> tuple[int, int]:
     """(rows changed since pg_dump's snapshot, tables copied whole) written to ``path``
     (after what it holds, when ``append``)."""
     assert backup.state is not None
     copied = whole = 0
-    moved = _moved_tables(run, backup)
+    if moved is None:
+        with run.conn.pipeline():
+            later = moved_tables_later(run, backup)
+        moved = later()
     with path.open("ab" if append else "wb") as out:
         for entry in backup.state.tables:
             followed = run.row_sets.get(entry.table) or backup.followed.get(entry.table)
@@ -377,17 +390,16 @@ def _write_catch_up(run: ApplyRun, backup: Backup, path: Path, *, append: bool) 
     return copied, whole
 
 
-def _moved_tables(run: ApplyRun, backup: Backup) -> set[TableName]:
-    """The backed-up tables with rows moved since pg_dump's snapshot (one round trip)."""
-    assert backup.state is not None
-    with run.conn.pipeline():
-        asked = []
-        for entry in backup.state.tables:
-            followed = run.row_sets.get(entry.table) or backup.followed.get(entry.table)
-            if followed is not None:
-                query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(followed.moved)
-                asked.append((entry.table, run.conn.execute(query)))
-    return {table for table, cursor in asked if (row := cursor.fetchone()) and row[0]}
+def moved_tables_later(run: ApplyRun, backup: Backup) -> Callable[[], set[TableName]]:
+    """The backed-up tables with rows moved since pg_dump's snapshot, asked now and read
+    when called (in the caller's pipeline)."""
+    asked = []
+    for table in backup.plan.tables:
+        followed = run.row_sets.get(table) or backup.followed.get(table)
+        if followed is not None:
+            query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(followed.moved)
+            asked.append((table, run.conn.execute(query)))
+    return lambda: {table for table, cursor in asked if (row := cursor.fetchone()) and row[0]}
 
 
 def finish(run: ApplyRun, backup: Backup) -> Snapshot | None:

@@ -342,15 +342,14 @@ def _count(conn: psycopg.Connection, table: TableName) -> int:
 def _helper_indexes(run: ApplyRun, plans: Sequence[TablePlan]) -> list[ForeignKey]:
     """Foreign keys inside the scope whose parents lose enough rows to index the child."""
     deletes = {p.table: p.deletes for p in plans}
+    heavy = [fk for fk in run.fks if deletes.get(fk.parent, 0) >= HELPER_INDEX_FROM]
+    if not heavy:  # the usual re-sync: nothing to ask the catalog
+        return []
     # Not a partitioned table: an index on it cannot be dropped concurrently after commit.
     partitioned = catalog.leaf_partitions(run.conn, run.order)
-    owned = _owned(run.conn, [t for t in run.order if t not in partitioned])
-    candidates = [
-        fk
-        for fk in run.fks
-        if fk.child in owned and fk.parent in deletes and deletes[fk.parent] >= HELPER_INDEX_FROM
-    ]
-    return catalog.unindexed_foreign_keys(run.conn, candidates)
+    children = [t for t in run.order if t not in partitioned and any(fk.child == t for fk in heavy)]
+    owned = _owned(run.conn, children)
+    return catalog.unindexed_foreign_keys(run.conn, [fk for fk in heavy if fk.child in owned])
 
 
 def _owned(conn: psycopg.Connection, tables: Sequence[TableName]) -> set[TableName]:

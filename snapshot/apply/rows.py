@@ -198,24 +198,36 @@ def stats(
     snapshot's (``SNAPSHOT``) or the target's as its record last saw it (``RECORD``).
     One round trip for every table (a pipeline)."""
     with conn.pipeline():
-        cursors = [
-            (
-                rows,
-                conn.execute(
-                    sql.SQL(
-                        "SELECT count(*), coalesce(sum(h1$), 0)::text || ':' || "
-                        "coalesce(sum(h2$), 0)::text FROM {}"
-                    ).format(rows.hashes if side == SNAPSHOT else rows.record)
-                ),
-            )
-            for rows in sets
-        ]
-    found = {}
-    for rows, cursor in cursors:
-        row = cursor.fetchone()
-        assert row is not None
-        found[rows.table] = TableStats(int(row[0]), rows.digest(int(row[0]), str(row[1])))
-    return found
+        later = stats_later(conn, sets, side)
+    return later()
+
+
+def stats_later(
+    conn: psycopg.Connection, sets: Sequence[RowSet], side: str
+) -> Callable[[], dict[TableName, TableStats]]:
+    """:func:`stats`, asked now and read when called (in the caller's pipeline)."""
+    cursors = [
+        (
+            rows,
+            conn.execute(
+                sql.SQL(
+                    "SELECT count(*), coalesce(sum(h1$), 0)::text || ':' || "
+                    "coalesce(sum(h2$), 0)::text FROM {}"
+                ).format(rows.hashes if side == SNAPSHOT else rows.record)
+            ),
+        )
+        for rows in sets
+    ]
+
+    def result() -> dict[TableName, TableStats]:
+        found = {}
+        for rows, cursor in cursors:
+            row = cursor.fetchone()
+            assert row is not None
+            found[rows.table] = TableStats(int(row[0]), rows.digest(int(row[0]), str(row[1])))
+        return found
+
+    return result
 
 
 def create_delta(conn: psycopg.Connection, rows: RowSet) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import psycopg
 from psycopg import sql
 
-from snapshot import text
+from snapshot import catalog, text
 from snapshot.apply import auth, backup, keepers, replica, sequences, write
 from snapshot.apply import rows as rowsets
 from snapshot.apply.attempt import Written, write_until_it_holds
@@ -158,10 +158,15 @@ def reconcile(run: ApplyRun, running: backup.Backup | None) -> dict[TableName, i
     followed = list(running.followed.values()) if running is not None else []
     _compare_again(run, run.order, records=followed)
     stale = [r for t, r in run.row_sets.items() if t not in run.recorded]
-    known = {**run.recorded, **rowsets.stats(conn, [*stale, *followed], rowsets.RECORD)}
+    with conn.pipeline():  # the counts, and the backup's sequences and moved tables: one trip
+        counted = rowsets.stats_later(conn, [*stale, *followed], rowsets.RECORD)
+        if running is not None:
+            state = catalog.read_state_later(conn, run.state_names())
+            moved = backup.moved_tables_later(run, running)
+    known = {**run.recorded, **counted()}
     if running is not None:
-        backup.describe(run, running, known)
-        backup.catch_up(run, running)
+        backup.describe(run, running, known, state())
+        backup.catch_up(run, running, moved())
     return {t: known[t].rows if t in known else _count(conn, t) for t in run.order}
 
 
