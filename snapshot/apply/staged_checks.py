@@ -167,9 +167,8 @@ def _auth_conflicts(run: ApplyRun) -> Iterator[Finding]:
             "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) OFFSET 0) AS found "
             "ORDER BY id LIMIT 20"
         ).format(stage=stage, covered=covered, same=same)
-        try:
-            with run.conn.transaction():  # a predicate over a column the snapshot lacks fails
-                rows = run.conn.execute(query).fetchall()
+        try:  # a predicate over a column the snapshot lacks fails
+            rows = _tolerant(run.conn, query)
         except psycopg.Error:
             continue
         what = " and ".join(columns)
@@ -208,6 +207,16 @@ def _auth_conflicts(run: ApplyRun) -> Iterator[Finding]:
             f"{text.count(created, 'snapshot user')} will be created, "
             f"{'it does not conflict' if created == 1 else 'none conflict'}",
         )
+
+
+def _tolerant(conn: psycopg.Connection, query: sql.Composed) -> list[tuple[Any, ...]]:
+    """``query``'s rows, its failure leaving the session as it was: outside a transaction
+    (the preparation's autocommit session) a statement is its own, one round trip; inside
+    one, in a savepoint."""
+    if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        return conn.execute(query).fetchall()
+    with conn.transaction():
+        return conn.execute(query).fetchall()
 
 
 def _staged_rows(run: ApplyRun) -> Iterator[Finding]:
