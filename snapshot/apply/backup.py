@@ -291,11 +291,12 @@ def record_others(run: ApplyRun, backup: Backup) -> None:
     }
     first = len(run.config.scope.tables)  # numbers past the scope's: temporary names stay apart
     keys = {t: k for t, k in catalog.row_keys(run.conn, columns).items() if rowsets.keyable(k)}
-    for number, (table, key) in enumerate(sorted(keys.items())):
-        stage = sql.Identifier("pg_temp", table.staging)
-        rows = RowSet(table, first + number, key, tuple(columns[table]), stage)
-        rowsets.fill_record(run.conn, rows)
-        backup.followed[table] = rows
+    with run.conn.pipeline():  # every table's record in one round trip
+        for number, (table, key) in enumerate(sorted(keys.items())):
+            stage = sql.Identifier("pg_temp", table.staging)
+            rows = RowSet(table, first + number, key, tuple(columns[table]), stage)
+            rowsets.fill_record(run.conn, rows)
+            backup.followed[table] = rows
 
 
 def describe(
