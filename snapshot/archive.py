@@ -17,10 +17,11 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from snapshot import processes
 from snapshot.errors import ArchiveError, ConfigError
@@ -309,15 +310,23 @@ def no_space(folder: Path, needed: int | None, what: str = "manifest") -> Archiv
     )
 
 
-def seal(folder: Path, manifest: Manifest) -> Snapshot:
+def seal(
+    folder: Path, manifest: Manifest, known: Mapping[str, Mapping[str, Any]] | None = None
+) -> Snapshot:
     """Hash the folder's files into the manifest, write it and sync it all to disk.
 
+    ``known``: files whose hash and size are known already (a hard link to a sealed
+    snapshot's file, verified when it was read): they are not read again.
     A full disk is an :class:`ArchiveError` naming the folder and the space needed; the
     half-written manifest is removed, so the folder stays unsealed and is swept later.
     """
     files = {}
+    known = known or {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST):
         os.chmod(path, 0o600)
+        if path.name in known and path.stat().st_size == known[path.name]["bytes"]:
+            files[path.name] = dict(known[path.name])
+            continue
         files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         _fsync(path)
     manifest = replace(manifest, files=files)

@@ -442,7 +442,9 @@ def finish(run: ApplyRun, backup: Backup) -> Snapshot | None:
     manifest = build_manifest(
         backup.plan, backup.state, kind=kind, label=kind, applies=run.snapshot.id
     )
-    return archive.seal(backup.folder, manifest)
+    # The snapshot's own dump, linked: its hash is the one verified when the apply began.
+    known = {DUMP_FILE: run.snapshot.manifest.files[DUMP_FILE]} if backup.from_snapshot else {}
+    return archive.seal(backup.folder, manifest, known)
 
 
 def abandon(backup: Backup) -> None:
