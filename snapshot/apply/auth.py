@@ -196,19 +196,18 @@ def auth_plan(run: ApplyRun) -> AuthPlan | None:
         return None
     stage = staging.staging_table(users)
     missing = sql.SQL("NOT EXISTS (SELECT 1 FROM auth.users AS u WHERE u.id = s.id)")
-    create = _scalar(
-        run.conn, sql.SQL("SELECT count(*) FROM {} AS s WHERE {}").format(stage, missing)
-    )
     confirmed = [c for c in ("email_confirmed_at", "phone_confirmed_at") if c in users.column_names]
-    unconfirmed = 0
+    none: sql.Composable = sql.SQL("false")
     if confirmed:
         none = sql.SQL(" AND ").join(
             sql.SQL("s.{} IS NULL").format(sql.Identifier(c)) for c in confirmed
         )
-        unconfirmed = _scalar(
-            run.conn,
-            sql.SQL("SELECT count(*) FROM {} AS s WHERE {} AND {}").format(stage, missing, none),
+    row = run.conn.execute(  # both counts in one round trip
+        sql.SQL("SELECT count(*), count(*) FILTER (WHERE {}) FROM {} AS s WHERE {}").format(
+            none, stage, missing
         )
+    ).fetchone()
+    create, unconfirmed = (int(row[0]), int(row[1])) if row else (0, 0)
     triggers = auth_triggers(run) if create else ()
     return _orphans(run, AuthPlan(create, unconfirmed, triggers=triggers), stage)
 

@@ -21,7 +21,7 @@ from snapshot.apply import rows as rowsets
 from snapshot.apply.auth import mask_email
 from snapshot.apply.plan import Plan
 from snapshot.apply.state import ApplyRun
-from snapshot.checksum import TableStats, kind_of, table_stats
+from snapshot.checksum import TableStats, kind_of, table_stats_later
 from snapshot.direction import CREATE_AUTH_USERS
 from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, quote
 from snapshot.preflight import ERROR, OK, WARNING, Finding
@@ -224,17 +224,21 @@ def _staged_rows(run: ApplyRun) -> Iterator[Finding]:
 
     wrong = []
     entries = [*run.entries.values(), *run.auth_entries]
-    hashed = rowsets.stats(run.conn, list(run.row_sets.values()), rowsets.SNAPSHOT)
-    for entry in entries:
-        if entry.table in hashed:
-            staged = hashed[entry.table]
-        else:
-            staged = table_stats(
+    with run.conn.pipeline():  # every table's statistics in one round trip
+        hashed_later = rowsets.stats_later(run.conn, list(run.row_sets.values()), rowsets.SNAPSHOT)
+        others = {
+            entry.table: table_stats_later(
                 run.conn,
                 staging.staging_table(entry),
                 entry.column_names,
                 kind=kind_of(entry.checksum),
             )
+            for entry in entries
+            if entry.table not in run.row_sets
+        }
+    hashed = hashed_later()
+    for entry in entries:
+        staged = hashed[entry.table] if entry.table in hashed else others[entry.table]()
         if staged == TableStats(entry.rows, entry.checksum):
             continue
         if staged.rows != entry.rows:
