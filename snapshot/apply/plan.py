@@ -167,9 +167,8 @@ def record(run: ApplyRun) -> frozenset[TableName]:
     run.row_sets = row_sets(run)
     sets = list(run.row_sets.values())
     changed_only = upload_changed_only(run)
-    masking = run.snapshot.manifest.masking
-    # a masked table's rows are not in the dump (snapshot.masking): they go up whole
-    masked = {TableName.parse(t) for t in masking.tables} if masking else set()
+    # a masked or subsetted table's rows are not in the dump (snapshot.beside): they go up whole
+    masked = run.snapshot.manifest.beside_dump
     with conn.pipeline():  # every table's statements together: a few round trips in all
         for rows in sets:
             rowsets.create_delta(conn, rows)
