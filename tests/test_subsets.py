@@ -477,3 +477,55 @@ def test_the_manifest_records_the_subset_and_rows_kept_per_table() -> None:
         "subsetted snapshot (public.question_attempts 10%): "
         "public.question_attempts kept 10,012 of 100,120"
     )
+
+
+ALL_FOREIGN_KEYS = """
+SELECT format('SELECT count(*) FROM %s c WHERE (%s) IS NOT NULL AND (%s) NOT IN (SELECT %s FROM %s)',
+  con.conrelid::regclass,
+  (SELECT string_agg(quote_ident(attname), ', ' ORDER BY k.o) FROM unnest(con.conkey)
+     WITH ORDINALITY k(n, o) JOIN pg_attribute ON attrelid = con.conrelid AND attnum = k.n),
+  (SELECT string_agg(quote_ident(attname), ', ' ORDER BY k.o) FROM unnest(con.conkey)
+     WITH ORDINALITY k(n, o) JOIN pg_attribute ON attrelid = con.conrelid AND attnum = k.n),
+  (SELECT string_agg(quote_ident(attname), ', ' ORDER BY k.o) FROM unnest(con.confkey)
+     WITH ORDINALITY k(n, o) JOIN pg_attribute ON attrelid = con.confrelid AND attnum = k.n),
+  con.confrelid::regclass)
+FROM pg_constraint con JOIN pg_namespace n ON n.oid = con.connamespace
+WHERE con.contype = 'f' AND n.nspname IN ('public', 'auth') AND con.conparentid = 0
+"""
+
+
+def every_orphan(db: Database) -> dict:
+    """Rows of every foreign key of the database whose parent is missing."""
+    return {query: db.scalar(query) for (query,) in db.execute(ALL_FOREIGN_KEYS)}
+
+
+def test_the_bundled_app_masked_with_half_of_its_auth_users_keeps_every_key(
+    project: Project, make_db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rule on auth.users: its identities and the app's users follow, and all below them.
+    from tests.fix_db import SCOPE_TABLES
+    from tests.test_masking import RULES
+
+    dev, prod = make_db("dev"), make_db("prod")
+    project.point("dev", dev)
+    project.point("prod", prod)
+    monkeypatch.setenv("SNAPSHOT_MASK_KEY", KEY)
+    project.config(
+        RULES
+        + '[subset.tables]\n"auth.users" = { percent = 50 }\n'
+        + '"question_attempts" = { percent = 10 }\n'
+    )
+
+    folder = take(project)
+    apply_to_dev(project)
+
+    cut = manifest_of(folder)["subset"]["tables"]
+    assert {"auth.users", "auth.identities", "public.users", "public.playlist_items"} <= set(cut)
+    assert "public.categories" not in cut  # nothing it references is subsetted
+    users = prod.scalar("SELECT count(*) FROM public.users")
+    assert 0 < dev.scalar("SELECT count(*) FROM public.users") == cut["public.users"]["kept"]
+    assert cut["public.users"]["kept"] < users
+    assert all(n == 0 for n in every_orphan(dev).values()), every_orphan(dev)
+    archived = {t["table"]: t["rows"] for t in manifest_of(folder)["tables"]}
+    for table in SCOPE_TABLES:
+        assert dev.scalar(f"SELECT count(*) FROM {table}") == archived[table], table
