@@ -529,3 +529,19 @@ def test_the_bundled_app_masked_with_half_of_its_auth_users_keeps_every_key(
     archived = {t["table"]: t["rows"] for t in manifest_of(folder)["tables"]}
     for table in SCOPE_TABLES:
         assert dev.scalar(f"SELECT count(*) FROM {table}") == archived[table], table
+
+
+@pytest.mark.fast
+def test_the_file_init_writes_carries_examples_that_parse_once_uncommented(tmp_path: Path) -> None:
+    import re
+    import tomllib
+
+    from snapshot.init import render_config
+
+    uncommented = re.sub(
+        r"^# (\[(masking|subset)\.|\"[\w.]+\" = )", r"\1", render_config(), flags=re.MULTILINE
+    )
+    config = parse_config(tomllib.loads(uncommented), None, tmp_path)
+
+    assert config.subset.tables[TableName("public", "question_attempts")] == SubsetRule(percent=10)
+    assert (TableName("public", "users"), "email") in config.masking.columns
