@@ -170,36 +170,41 @@ def create_kept(conn: psycopg.Connection, plan: SubsetPlan) -> None:
 def close_over_keys(conn: psycopg.Connection, plan: SubsetPlan) -> dict[TableName, int]:
     """Fill the kept rows, closed over foreign keys (step 3); the rows kept per table.
 
-    A table's followers are looked at again only when its kept rows grew, and a table's
-    parents only when its own did: the work is a few passes over the subsetted tables.
+    Each table's kept rows have a version, raised when they grow. A follower is looked at
+    again only when a parent's version moved since it last was, and a foreign key pulls in
+    parents only when its child's did: with the scope in foreign-key order (as ``init``
+    writes it), a subset without upward pulls is one pass over the followers.
     """
     kept = {table: 0 for table in plan.tables}
-    grew: set[TableName] = set()
+    version = {table: 0 for table in plan.tables}
     for table, cut in plan.tables.items():
         if cut.rule is not None:
-            kept[table] += _insert(conn, cut, _rule_condition(cut, cut.rule))
-            grew.add(table)
-    stale = {t for t, cut in plan.tables.items() if cut.rule is None}
-    passes = 0
-    while grew or stale:
-        passes += 1
+            kept[table] = _insert(conn, cut, _rule_condition(cut, cut.rule))
+            version[table] = 1
+    looked: dict[TableName, dict[TableName, int]] = {}  # follower: its parents' versions then
+    pulled: dict[ForeignKey, int] = {}  # foreign key: its child's version when it last pulled
+    passes, grew = 0, True
+    while grew:
+        passes, grew = passes + 1, False
         for table, cut in plan.tables.items():
-            if table in stale:
-                stale.discard(table)
-                added = _insert(conn, cut, _parents_kept(plan, cut))
-                if added:
-                    kept[table] += added
-                    grew.add(table)
-        added_to: set[TableName] = set()
-        for table in [t for t in plan.tables if t in grew]:
-            for fk in plan.parents(table):
-                parent = plan.tables[fk.parent]
-                added = _insert(conn, parent, _referenced_by(plan.tables[table], fk))
-                if added:
-                    kept[fk.parent] += added
-                    added_to.add(fk.parent)
-            stale |= {fk.child for fk in plan.children(table) if plan.tables[fk.child].rule is None}
-        grew = added_to
+            parents = {fk.parent: version[fk.parent] for fk in plan.parents(table)}
+            if cut.rule is not None or looked.get(table) == parents:
+                continue
+            looked[table] = parents
+            added = _insert(conn, cut, _parents_kept(plan, cut))
+            if added:
+                kept[table] += added
+                version[table] += 1
+                grew = True
+        for fk in plan.fks:
+            if pulled.get(fk, 0) == version[fk.child]:
+                continue
+            pulled[fk] = version[fk.child]
+            added = _insert(conn, plan.tables[fk.parent], _referenced_by(plan.tables[fk.child], fk))
+            if added:
+                kept[fk.parent] += added
+                version[fk.parent] += 1
+                grew = True
     log.debug("subset closed over foreign keys in %d passes", passes)
     return kept
 
