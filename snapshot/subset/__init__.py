@@ -171,18 +171,21 @@ def close_over_keys(conn: psycopg.Connection, plan: SubsetPlan) -> dict[TableNam
     """Fill the kept rows, closed over foreign keys (step 3); the rows kept per table.
 
     Each table's kept rows have a version, raised when they grow. A follower is looked at
-    again only when a parent's version moved since it last was, and a foreign key pulls in
-    parents only when its child's did: with the scope in foreign-key order (as ``init``
-    writes it), a subset without upward pulls is one pass over the followers.
+    again only when a parent's version moved since it last was. A foreign key pulls in
+    parents only when its child gained rows that may lack theirs: a rule's rows, or rows
+    pulled in as parents themselves; a follower's admitted rows have every parent kept
+    already. With the scope in foreign-key order (as ``init`` writes it), a subset without
+    upward pulls is one pass over the followers.
     """
     kept = {table: 0 for table in plan.tables}
-    version = {table: 0 for table in plan.tables}
+    version = {table: 0 for table in plan.tables}  # raised whenever kept rows grow
+    unpulled = {table: 0 for table in plan.tables}  # raised when they may lack parents
     for table, cut in plan.tables.items():
         if cut.rule is not None:
             kept[table] = _insert(conn, cut, _rule_condition(cut, cut.rule))
-            version[table] = 1
+            version[table] = unpulled[table] = 1
     looked: dict[TableName, dict[TableName, int]] = {}  # follower: its parents' versions then
-    pulled: dict[ForeignKey, int] = {}  # foreign key: its child's version when it last pulled
+    pulled: dict[ForeignKey, int] = {}  # foreign key: its child's ``unpulled`` when it pulled
     passes, grew = 0, True
     while grew:
         passes, grew = passes + 1, False
@@ -197,13 +200,14 @@ def close_over_keys(conn: psycopg.Connection, plan: SubsetPlan) -> dict[TableNam
                 version[table] += 1
                 grew = True
         for fk in plan.fks:
-            if pulled.get(fk, 0) == version[fk.child]:
+            if pulled.get(fk, 0) == unpulled[fk.child]:
                 continue
-            pulled[fk] = version[fk.child]
+            pulled[fk] = unpulled[fk.child]
             added = _insert(conn, plan.tables[fk.parent], _referenced_by(plan.tables[fk.child], fk))
             if added:
                 kept[fk.parent] += added
                 version[fk.parent] += 1
+                unpulled[fk.parent] += 1
                 grew = True
     log.debug("subset closed over foreign keys in %d passes", passes)
     return kept
