@@ -350,6 +350,29 @@ def test_the_plan_and_list_show_a_subset(project: Project, pair) -> None:
     assert "subset" in project.run("list").stdout.splitlines()[0]
     assert planned.exit_code == 0, planned.output
     assert "subsetted snapshot (public.activity 10%)" in planned.stdout + planned.stderr
+    checked = project.run("check", "dev", "--from", "prod", "--unmasked", "--json")
+    assert checked.exit_code == 0, checked.output
+    [found] = [f for f in json.loads(checked.stdout)["findings"] if f["check"] == "subset"]
+    assert found["detail"].startswith("subsetted snapshot (public.activity 10%): public.activity ")
+
+
+def test_a_subset_applies_alike_when_only_the_changed_rows_go_up(
+    project: Project, pair, make_db
+) -> None:
+    # Sparse staging leaves the subsetted tables to their subset.copy rows, as masked ones.
+    _dev, prod = pair
+    whole, changed = app_db(make_db, "prod", 3000), app_db(make_db, "prod", 3000)
+    take(project, "--unmasked")
+    before = changed.fingerprint(TABLES)
+    for db, upload in ((whole, "all"), (changed, "changed")):
+        project.point("dev", db)
+        project.config(TEN_PERCENT.replace("[apply]\n", f'[apply]\nupload = "{upload}"\n'))
+        apply_to_dev(project, "--unmasked")
+    assert changed.fingerprint(TABLES) == whole.fingerprint(TABLES)
+    assert counts(changed) == expected_counts(prod, PERCENT, None)
+    rolled = project.run("rollback", "dev", "--yes")
+    assert rolled.exit_code == 0, rolled.output
+    assert changed.fingerprint(TABLES) == before
 
 
 def test_a_subsetted_snapshot_never_goes_to_an_environment_not_marked_safe(
