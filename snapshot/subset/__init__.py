@@ -82,9 +82,6 @@ class SubsetPlan:
     def parents(self, table: TableName) -> list[ForeignKey]:
         return [fk for fk in self.fks if fk.child == table]
 
-    def children(self, table: TableName) -> list[ForeignKey]:
-        return [fk for fk in self.fks if fk.parent == table]
-
 
 def plan_subset(
     conn: psycopg.Connection,
