@@ -168,7 +168,7 @@ def record(run: ApplyRun) -> frozenset[TableName]:
     sets = list(run.row_sets.values())
     changed_only = upload_changed_only(run)
     # a masked or subsetted table's rows are not in the dump (snapshot.beside): they go up whole
-    masked = run.snapshot.manifest.beside_dump
+    beside = run.snapshot.manifest.beside_dump
     with conn.pipeline():  # every table's statements together: a few round trips in all
         for rows in sets:
             rowsets.create_delta(conn, rows)
@@ -193,7 +193,7 @@ def record(run: ApplyRun) -> frozenset[TableName]:
                     rows.table, rows.number, rows.stage, rows.key, rows.columns
                 )
                 for rows in sets
-                if rows.table not in matched and rows.table not in masked
+                if rows.table not in matched and rows.table not in beside
             }
             if changed_only
             else {}
