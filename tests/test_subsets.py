@@ -312,6 +312,31 @@ def test_a_subset_of_the_parents_keeps_the_children_of_kept_parents_only(
     assert all(n == 0 for n in orphans(dev).values()), orphans(dev)
 
 
+def test_a_percentage_of_a_keyless_or_partitioned_table_hashes_its_key_or_its_row(
+    project: Project, pair
+) -> None:
+    dev, prod = pair
+    project.config(
+        SCOPE + '[subset.tables]\n"step_notes" = { percent = 50 }\n"visits" = { percent = 30 }\n'
+    )
+
+    take(project, "--unmasked")
+    apply_to_dev(project, "--unmasked")
+
+    hashed = "abs(hashtextextended({}::text, 0) % 1000000) < {}"
+    notes = hashed.format("t", 500_000)  # keyless: the whole row's text
+    visits = hashed.format("ROW(id, at)", 300_000)  # its primary key
+    assert rows(dev, "public.step_notes") == {
+        r[0] for r in prod.execute(f"SELECT t::text FROM public.step_notes t WHERE {notes}")
+    }
+    assert rows(dev, "public.visits") == {
+        r[0] for r in prod.execute(f"SELECT t::text FROM public.visits t WHERE {visits}")
+    }
+    assert dev.scalar("SELECT count(*) FROM public.visits_2026") > 0  # both partitions
+    assert counts(dev)["public.activity"] == 3000  # parents: whole, nothing reaches them
+    assert all(n == 0 for n in orphans(dev).values()), orphans(dev)
+
+
 def test_a_masked_and_subsetted_take_writes_one_block_per_table(
     project: Project, pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
