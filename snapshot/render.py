@@ -78,7 +78,7 @@ def people(snapshot: Snapshot) -> str:
 
 
 def subset_share(snapshot: Snapshot) -> str:
-    """A subsetted snapshot's share of its source's rows (``12% of rows``); ``""`` if whole."""
+    """The share of the subsetted tables' rows a snapshot kept (``12% of rows``); ``""``: whole."""
     subset = snapshot.manifest.subset
     if subset is None:
         return ""
