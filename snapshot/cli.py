@@ -480,15 +480,23 @@ def env(app: App, env_name: str, as_json: bool) -> None:
 @click.argument("env_name", metavar="ENV")
 @click.option("--label", help="Suffix for the snapshot's name, e.g. before-cutover.")
 @unmasked_option
+@click.option(
+    "--whole",
+    is_flag=True,
+    help="Take every row, ignoring [subset] in snapshot.toml.",
+)
 @json_option
 @global_options
 @pass_app
-def take(app: App, env_name: str, label: str | None, unmasked: bool, as_json: bool) -> None:
+def take(
+    app: App, env_name: str, label: str | None, unmasked: bool, whole: bool, as_json: bool
+) -> None:
     """Archive a consistent, data-only snapshot of ENV's scope.
 
     An environment not marked safe (prod) holds real people's data: it is taken masked, by
     the rules of [masking] in snapshot.toml and the key in $SNAPSHOT_MASK_KEY, or as it is
-    with --unmasked.
+    with --unmasked. With [subset], it keeps part of the rows, every foreign key holding
+    (a subsetted snapshot goes only to environments marked safe); --whole takes them all.
 
     \b
     snapshot take dev
@@ -498,7 +506,7 @@ def take(app: App, env_name: str, label: str | None, unmasked: bool, as_json: bo
     from snapshot.take import take as take_snapshot
 
     snapshot = take_snapshot(
-        app.config, env_name, label=label, pg_bin=app.pg_bin, unmasked=unmasked
+        app.config, env_name, label=label, pg_bin=app.pg_bin, unmasked=unmasked, whole=whole
     )
     app.output(render.snapshot_summary(snapshot), lambda: render.take_report(snapshot))
     retain(app.config, env_name)

@@ -21,6 +21,7 @@ from snapshot.masking.rules import DEFAULT_KEY_ENV, MaskingSettings, parse_rule
 from snapshot.names import AUTH_TABLES, TableName, quote, split_dotted
 from snapshot.project import CONFIG_FILE, ProjectRoot, find_root
 from snapshot.scope import Scope
+from snapshot.subset.rules import SubsetRule, SubsetSettings
 from snapshot.text import display_path
 
 __all__ = ["CONFIG_FILE", "Config", "load_config"]
@@ -134,6 +135,7 @@ class Config:
     pg_bin: Path | None = None
     retention: int | None = None
     masking: MaskingSettings = field(default_factory=MaskingSettings)
+    subset: SubsetSettings = field(default_factory=SubsetSettings)
 
     def environment(self, name: str) -> EnvironmentConfig:
         """The named environment; a name without a section uses ``.env.<name>``.
@@ -429,6 +431,47 @@ def _parse_masking(data: Mapping[str, Any] | None, scope: Scope) -> MaskingSetti
     return MaskingSettings(columns=columns, key_env=key_env, auth=auth, configured=True)
 
 
+def _parse_subset(data: Mapping[str, Any], scope: Scope) -> SubsetSettings:
+    """``[subset]``: per table a ``where`` clause, a ``percent``, or both (see docs/subsets.md).
+
+    The clause is SQL checked against the source when a take starts
+    (:func:`snapshot.subset.plan_subset`); here only its form."""
+    _check_keys(data, {"tables"}, "[subset]")
+    raw = _expect(data.get("tables", {}), dict, "[subset.tables]", "a table")
+    tables = {}
+    for text, value in raw.items():
+        where = f"[subset.tables] {text!r}"
+        table = TableName.parse(text)
+        if table not in scope.tables and not (scope.auth_users and table in AUTH_TABLES):
+            raise ConfigError(
+                f"{where} is not in [scope] tables: remove its rule, or add {table} to "
+                "[scope] tables"
+            )
+        if table in tables:
+            raise ConfigError(f"{where} names {table} twice: keep one rule")
+        rule = _expect(value, dict, where, 'a table such as { percent = 10 } or { where = "..." }')
+        _check_keys(rule, {"where", "percent"}, where)
+        if not rule:
+            raise ConfigError(f'{where} is empty: give it a percent = 10 or a where = "..."')
+        clause = _expect(rule.get("where"), (str, type(None)), f"{where} where", "SQL text")
+        if clause is not None and not clause.strip():
+            raise ConfigError(f"{where} where is empty: write a condition, or remove it")
+        percent = rule.get("percent")
+        if percent is not None and (
+            isinstance(percent, bool)
+            or not isinstance(percent, int | float)
+            or not 0 < percent <= 100
+        ):
+            raise ConfigError(
+                f"{where} percent must be a number more than 0 and at most 100, not {percent!r}"
+            )
+        tables[table] = SubsetRule(
+            where=clause.strip() if clause else None,
+            percent=float(percent) if percent is not None else None,
+        )
+    return SubsetSettings(tables)
+
+
 def parse_config(
     data: Mapping[str, Any], path: Path | None, base_dir: Path, origin: str = ""
 ) -> Config:
@@ -447,6 +490,7 @@ def parse_config(
             "session",
             "retention",
             "masking",
+            "subset",
         },
         str(CONFIG_FILE),
     )
@@ -489,6 +533,7 @@ def parse_config(
     masking = _parse_masking(
         _expect(data.get("masking"), (dict, type(None)), "[masking]", "a table"), scope
     )
+    subset = _parse_subset(_expect(data.get("subset", {}), dict, "[subset]", "a table"), scope)
     return Config(
         path=path,
         base_dir=base_dir,
@@ -504,6 +549,7 @@ def parse_config(
         pg_bin=base_dir / pg_bin if pg_bin else None,
         retention=retention,
         masking=masking,
+        subset=subset,
     )
 
 

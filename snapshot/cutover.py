@@ -181,7 +181,9 @@ def _run(
             raise _StepFailed(_preflight_errors(report.preflight), report.preflight.exit_code)
 
     with _step(report, "take", source, lambda: f"{report.snapshot}"):
-        snapshot = take(config, source, label="cutover", pg_bin=pg_bin, unmasked=unmasked)
+        snapshot = take(
+            config, source, label="cutover", pg_bin=pg_bin, unmasked=unmasked, whole=True
+        )
         report.snapshot = snapshot.id
 
     with _step(report, "apply", target, lambda: _apply_detail(report)):

@@ -163,7 +163,17 @@ def of_snapshot(
     unmasked: bool,
     create_auth_users: bool,
 ) -> Direction:
-    """:func:`decide` for an archived snapshot (``apply``, ``check``)."""
+    """:func:`decide` for an archived snapshot (``apply``, ``check``).
+
+    A subsetted snapshot goes only to an environment marked safe: applied anywhere else it
+    would delete every row it left out.
+    """
+    if manifest.subset is not None and not config.environment(target).safe:
+        raise ConfigError(
+            f"refusing to apply {snapshot_id} to {target}: it is a subsetted snapshot, and "
+            f"{target} is not marked safe: applied, it would delete every row the subset left "
+            f"out; apply it to a safe environment, or take {manifest.environment} with --whole"
+        )
     return decide(
         config,
         manifest.environment,

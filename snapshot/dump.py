@@ -13,23 +13,25 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, catalog, pgtools, text
+from snapshot import archive, beside, catalog, pgtools, text
+from snapshot import subset as subsets
 from snapshot.catalog import OwnedSequence, ServerInfo, TableShape
 from snapshot.checksum import TableStats, table_stats
 from snapshot.db import connect
 from snapshot.environments import Connection
 from snapshot.errors import ConfigError
-from snapshot.manifest import DUMP_FILE, DatabaseIdentity, Manifest, Masking, TableEntry
-from snapshot.masking import MASKED_FILE, Masks, write_masked
+from snapshot.manifest import DUMP_FILE, DatabaseIdentity, Manifest, Masking, Subset, TableEntry
+from snapshot.masking import MASKED_FILE, Masks
 from snapshot.names import AUTH_TABLES, TableName
 from snapshot.scope import Scope
+from snapshot.subset import SubsetPlan
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +204,10 @@ def build_manifest(
     label: str | None,
     applies: str | None = None,
     masks: Masks | None = None,
+    subset: Subset | None = None,
 ) -> Manifest:
     """The manifest of a dump of ``plan`` whose content ``state`` describes (masked by
-    ``masks``, when given)."""
+    ``masks`` and subsetted as ``subset`` says, when given)."""
     masking = None
     if masks is not None:
         masking = Masking(
@@ -226,6 +229,7 @@ def build_manifest(
         applies=applies,
         migrations=state.migrations,
         masking=masking,
+        subset=subset,
     )
 
 
@@ -234,11 +238,10 @@ def start_dump(
     snapshot_id: str,
     folder: Path,
     application: str = pgtools.DUMP_APPLICATION,
-    masks: Masks | None = None,
+    beside: Collection[TableName] = (),
 ) -> pgtools.Running:
     """pg_dump of ``plan``'s tables into ``folder``, in the exported snapshot ``snapshot_id``
-    (without the rows of the tables ``masks`` masks)."""
-    masked = set(masks.tables) if masks else set()
+    (without the rows of the tables in ``beside``: masked or subsetted, written apart)."""
     return pgtools.start_dump(
         plan.pg_dump,
         plan.target,
@@ -247,7 +250,7 @@ def start_dump(
         folder / DUMP_FILE,
         application,
         via_partition_root=bool(plan.leaves),
-        exclude_data=[p for t in masked for p in plan.leaves.get(t, (t,))],
+        exclude_data=[p for t in beside for p in plan.leaves.get(t, (t,))],
     )
 
 
@@ -260,25 +263,38 @@ def dump_in_snapshot(
     kind: str,
     label: str | None,
     masks: Masks | None = None,
+    subset: SubsetPlan | None = None,
 ) -> Manifest:
     """Dump ``plan`` into ``folder`` under an exported snapshot, and describe it.
 
     ``conn`` must be inside the transaction that exported ``snapshot_id``; the statistics
     are computed there while pg_dump runs alongside. With ``masks`` (and the key set in
-    ``conn``'s transaction), the masked tables' rows are written masked beside the dump
-    (:func:`snapshot.masking.write_masked`) and their statistics are the masked rows'.
+    ``conn``'s transaction), the masked tables' rows are written masked beside the dump;
+    with ``subset`` (its kept tables created, :func:`snapshot.subset.create_kept`), the
+    subsetted tables' kept rows are (:mod:`snapshot.beside`). Their statistics are those
+    of the written rows.
     """
     started = time.monotonic()
-    dump = start_dump(plan, snapshot_id, folder, masks=masks)
+    written = beside.blocks(plan.tables, masks, subset)
+    dump = start_dump(plan, snapshot_id, folder, beside=list(written))
+    cut = None
     try:
-        known = write_masked(conn, masks, folder) if masks is not None else None
+        if subset is not None:
+            kept = subsets.close_over_keys(conn, subset)
+            total = subsets.source_rows(conn, subset)
+            for table in subset.tables:
+                log.info("  %-34s kept %s of %s", table, f"{kept[table]:,}", f"{total[table]:,}")
+            cut = subsets.record(subset, beside.file_name(masks), kept, total)
+        known = None
+        if written:
+            known = beside.write_beside(conn, folder, beside.file_name(masks), written)
         state = describe_state(conn, plan, known, snapshot_id=snapshot_id)
     except BaseException:
         dump.kill()
         raise
     dump.wait()
     log.info("  %-34s %24s", "pg_dump done", text.duration(time.monotonic() - started))
-    return build_manifest(plan, state, kind=kind, label=label, masks=masks)
+    return build_manifest(plan, state, kind=kind, label=label, masks=masks, subset=cut)
 
 
 def export_snapshot(conn: psycopg.Connection) -> str:

@@ -291,4 +291,17 @@ transaction_timeout = "0"   # PostgreSQL 17 and later
 # Foreign keys from tables outside the scope whose ON DELETE CASCADE / SET NULL you accept
 # (the apply's deletes would delete or null out their rows), as "schema.table.constraint".
 allow_cascades = []
+
+# A take of an environment not marked safe (prod) is masked: every column that looks
+# personal needs a rule, and the key comes from $SNAPSHOT_MASK_KEY (docs/masking.md).
+# [masking.columns]
+# "users.email" = "email"
+# "users.display_name" = "name"
+
+# Takes keep part of the rows: a percentage (the same rows every take, by a hash of the key)
+# or a SQL condition per table, closed over foreign keys so every key still holds; such a
+# snapshot goes only to environments marked safe; `take --whole` ignores it (docs/subsets.md).
+# [subset.tables]
+# "question_attempts" = {{ percent = 10 }}
+# "questions" = {{ where = "category_id = 3" }}
 """

@@ -100,6 +100,53 @@ class Masking:
 
 
 @dataclass(frozen=True)
+class SubsetTable:
+    """One table of a subsetted snapshot: the rows kept of the source's."""
+
+    table: str
+    kept: int
+    total: int
+
+    def describe(self) -> str:
+        """``public.question_attempts kept 10,012 of 100,120``."""
+        return f"{self.table} kept {self.kept:,} of {self.total:,}"
+
+
+@dataclass(frozen=True)
+class Subset:
+    """How a subsetted snapshot was cut (:mod:`snapshot.subset`): its rules, the file holding
+    the subsetted tables' rows, and per table the rows kept of the source's."""
+
+    rules: tuple[tuple[str, str], ...]  # (table, rule): ("public.question_attempts", "10%")
+    file: str
+    tables: tuple[SubsetTable, ...]  # the tables whose rows are in ``file``, not in the dump
+
+    def describe(self) -> str:
+        """What a report says of a subsetted snapshot: by which rules, what each table kept."""
+        rules = ", ".join(f"{table} {rule}" for table, rule in self.rules)
+        kept = "; ".join(t.describe() for t in self.tables)
+        return f"subsetted snapshot ({rules}): {kept}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rules": dict(self.rules),
+            "file": self.file,
+            "tables": {t.table: {"kept": t.kept, "total": t.total} for t in self.tables},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Subset:
+        return cls(
+            rules=tuple((str(k), str(v)) for k, v in dict(data["rules"]).items()),
+            file=str(data["file"]),
+            tables=tuple(
+                SubsetTable(str(t), int(v["kept"]), int(v["total"]))
+                for t, v in dict(data["tables"]).items()
+            ),
+        )
+
+
+@dataclass(frozen=True)
 class TableEntry:
     """A table in a snapshot: its rows, checksum and schema fingerprint."""
 
@@ -152,6 +199,21 @@ class Manifest:
     source_safe: bool | None = None
     # How the snapshot was masked; None: its rows are the source's as they were.
     masking: Masking | None = None
+    # How the snapshot was subsetted; None: it holds every row of its tables.
+    subset: Subset | None = None
+
+    @property
+    def beside_dump(self) -> frozenset[TableName]:
+        """The tables whose rows are in files beside the dump (masked, subsetted), not in it."""
+        masked = self.masking.tables if self.masking else ()
+        cut = [t.table for t in self.subset.tables] if self.subset else []
+        return frozenset(TableName.parse(t) for t in (*masked, *cut))
+
+    @property
+    def row_files(self) -> tuple[str, ...]:
+        """The files of ``REPLACE`` blocks beside the dump, each once (masked, subsetted)."""
+        files = [self.masking.file if self.masking else "", self.subset.file if self.subset else ""]
+        return tuple(dict.fromkeys(f for f in files if f))
 
     @property
     def scope_tables(self) -> tuple[TableEntry, ...]:
@@ -189,6 +251,7 @@ class Manifest:
             "sequences": [s.to_json() for s in self.sequences],
             "files": {k: dict(v) for k, v in self.files.items()},
             **({"masking": self.masking.to_json()} if self.masking else {}),
+            **({"subset": self.subset.to_json()} if self.subset else {}),
         }
 
     @classmethod
@@ -248,6 +311,7 @@ class Manifest:
             ),
             files=data.get("files", {}),
             masking=Masking.from_json(data["masking"]) if data.get("masking") else None,
+            subset=Subset.from_json(data["subset"]) if data.get("subset") else None,
         )
 
 

@@ -258,7 +258,9 @@ def _run(report: RehearsalReport, sql_root: Path, servers: dict[str, localpg.Loc
     config = _write_project(report, sql_root, servers, passwords)
 
     # Its prod holds generated people only: taken as it is, like any prod it is not marked safe.
-    before = take(config, "prod", label="before-rehearsal", pg_bin=report.bin_dir, unmasked=True)
+    before = take(
+        config, "prod", label="before-rehearsal", pg_bin=report.bin_dir, unmasked=True, whole=True
+    )
     report.cutover = cutover(config, "dev", "prod", pg_bin=report.bin_dir)
     applied = report.cutover.apply
     if applied is None or not applied.committed or applied.backup is None:

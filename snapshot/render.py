@@ -64,6 +64,7 @@ def snapshot_summary(snapshot: Snapshot) -> dict[str, Any]:
         "source_safe": m.source_safe,
         "masking": m.masking.to_json() if m.masking else None,
         "people": people(snapshot),
+        "subset": m.subset.to_json() if m.subset else None,
     }
 
 
@@ -76,13 +77,25 @@ def people(snapshot: Snapshot) -> str:
     return "unmasked" if m.kind == "take" and m.source_safe is False else ""
 
 
+def subset_share(snapshot: Snapshot) -> str:
+    """The share of the subsetted tables' rows a snapshot kept (``12% of rows``); ``""``: whole."""
+    subset = snapshot.manifest.subset
+    if subset is None:
+        return ""
+    kept = sum(t.kept for t in subset.tables)
+    total = sum(t.total for t in subset.tables)
+    return f"{kept * 100 / total:.3g}% of rows" if total else "0 rows"
+
+
 def take_report(snapshot: Snapshot) -> str:
     m = snapshot.manifest
     masked = set(m.masking.tables) if m.masking else set()
+    cut = {t.table: t for t in m.subset.tables} if m.subset else {}
     rows = [
         (
             f"{t.table}{' (auth)' if t.auth else ''}"
-            + (" (masked)" if str(t.table) in masked else ""),
+            + (" (masked)" if str(t.table) in masked else "")
+            + (f" (kept of {cut[str(t.table)].total:,})" if str(t.table) in cut else ""),
             f"{t.rows:,}",
             short(t.checksum),
         )
@@ -97,6 +110,8 @@ def take_report(snapshot: Snapshot) -> str:
         text += f"\n{m.masking.describe()}"
     elif people(snapshot) == "unmasked":
         text += f"\nunmasked: {m.environment} is not marked safe; this snapshot holds its people"
+    if m.subset:
+        text += f"\n{m.subset.describe()}"
     return text
 
 
@@ -117,11 +132,23 @@ def list_report(
             f"{s.manifest.total_rows:,}",
             human_size(s.manifest.size),
             people(s),
+            subset_share(s),
         )
         for s in snapshots
     ]
     text = table(
-        ("id", "environment", "created (UTC)", "label", "tables", "rows", "size", "people"), rows
+        (
+            "id",
+            "environment",
+            "created (UTC)",
+            "label",
+            "tables",
+            "rows",
+            "size",
+            "people",
+            "subset",
+        ),
+        rows,
     )
     if damaged:
         broken = table(("damaged (never applied)", "reason"), [(d.id, d.reason) for d in damaged])
@@ -195,6 +222,8 @@ def plan_report(proposal: ApplyPlan) -> str:
         lines.append(f"auth users: {proposal.auth_withheld}")
     if proposal.snapshot.manifest.masking is not None:
         lines.append(proposal.snapshot.manifest.masking.describe())
+    if proposal.snapshot.manifest.subset is not None:
+        lines.append(proposal.snapshot.manifest.subset.describe())
     return "\n".join(lines)
 
 

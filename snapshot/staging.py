@@ -11,9 +11,9 @@ A pre-apply backup may carry a catch-up (``catchup.copy``, see
 :mod:`snapshot.apply.backup`): blocks in the same COPY text format whose header verb says
 what to do with the staged rows: ``REMOVE`` those with these keys, ``ADD`` these rows,
 ``REPLACE`` the whole table with these rows. It is applied after the dump is staged, and
-only then are the counts compared with the manifest. A masked snapshot
-(:mod:`snapshot.masking`) carries its masked tables' rows the same way, as ``REPLACE``
-blocks in ``masked.copy`` beside a dump that lacks them.
+only then are the counts compared with the manifest. A masked or subsetted snapshot
+(:mod:`snapshot.beside`) carries those tables' rows the same way, as ``REPLACE`` blocks in
+``masked.copy`` or ``subset.copy`` beside a dump that lacks them.
 """
 
 from __future__ import annotations
@@ -172,18 +172,17 @@ def stage(
     finally:
         if not conn.closed:
             use_tool_search_path(conn, local=False)
-    masking = snapshot.manifest.masking
-    masked = {TableName.parse(t) for t in masking.tables} if masking else set()
+    beside = snapshot.manifest.beside_dump
     for table, entry in wanted.items():
-        # A partitioned table with no partition; a masked table, whose rows follow.
-        if table not in counts and (entry.rows == 0 or table in masked):
+        # A partitioned table with no partition; a masked or subsetted one, whose rows follow.
+        if table not in counts and (entry.rows == 0 or table in beside):
             counts[table] = _stage_table(conn, entry, entry.column_names, None)
     missing = [str(t) for t in wanted if t not in counts]
     if missing:
         raise ArchiveError(f"{snapshot.id}: the dump lacks {', '.join(missing)}: it is damaged")
-    # A masked snapshot's masked rows, then a backup's catch-up: blocks of one format.
-    for extra in (masking.file if masking else "", CATCH_UP_FILE):
-        if extra and extra in snapshot.manifest.files:
+    # A masked or subsetted snapshot's rows, then a backup's catch-up: blocks of one format.
+    for extra in (*snapshot.manifest.row_files, CATCH_UP_FILE):
+        if extra in snapshot.manifest.files:
             counts.update(_catch_up(conn, snapshot, wanted, skip, extra))
     for table, rows in counts.items():
         if rows != wanted[table].rows:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 
-from snapshot import archive, catalog, masking, text
+from snapshot import archive, catalog, masking, subset, text
 from snapshot.archive import Snapshot
 from snapshot.config import Config
 from snapshot.db import connect
@@ -70,11 +70,14 @@ def take(
     label: str | None,
     pg_bin: Path | None,
     unmasked: bool = False,
+    whole: bool = False,
 ) -> Snapshot:
     """Archive a snapshot of ``env_name``'s scope and return it.
 
     An environment not marked safe holds real people's data: its snapshot is masked by the
-    rules of ``[masking]`` (:mod:`snapshot.masking`) unless ``unmasked``.
+    rules of ``[masking]`` (:mod:`snapshot.masking`) unless ``unmasked``. With ``[subset]``
+    it holds part of the rows, every foreign key kept (:mod:`snapshot.subset`), unless
+    ``whole``.
     """
     label = archive.check_label(label)
     env = config.environment(env_name)
@@ -88,8 +91,12 @@ def take(
             masks = masking.plan_masks(
                 conn, plan.shapes, list(plan.leaves), config.masking, key, env_name
             )
+        cut = None
+        if config.subset.configured and not whole:
+            cut = subset.plan_subset(conn, plan.shapes, list(plan.leaves), config.subset, env_name)
+            subset.create_kept(conn, cut)  # before the read-only transaction: it may fill them
         log.info(
-            "taking %s: %s%s from %s (PostgreSQL %s, pg_dump %s)%s",
+            "taking %s: %s%s from %s (PostgreSQL %s, pg_dump %s)%s%s",
             env_name,
             text.count(len(plan.scope.tables), "table"),
             " and auth users/identities" if plan.scope.auth_users else "",
@@ -97,6 +104,7 @@ def take(
             plan.info.version,
             plan.pg_dump.version,
             f", masked (key {masks.key_fingerprint})" if masks else "",
+            f", subsetted ({', '.join(f'{t} {r}' for t, r in cut.rules)})" if cut else "",
         )
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
@@ -108,7 +116,7 @@ def take(
             if masks is not None:
                 masking.set_key(conn, masks)
             manifest = dump_in_snapshot(
-                conn, plan, snapshot_id, folder, kind="take", label=label, masks=masks
+                conn, plan, snapshot_id, folder, kind="take", label=label, masks=masks, subset=cut
             )
             snapshot = archive.publish(archive.seal(folder, manifest), label)
     log.info("archived %s (%s)", snapshot.path, text.count(snapshot.manifest.total_rows, "row"))

@@ -121,6 +121,8 @@ def run_apply(
             run.notes.append(f"auth users: {auth_withheld}")
         if snapshot.manifest.masking is not None:
             run.notes.append(snapshot.manifest.masking.describe())
+        if snapshot.manifest.subset is not None:
+            run.notes.append(snapshot.manifest.subset.describe())
         if confirm is not None:
             _ask(run, confirm)
             with phases("preparing again"):
@@ -216,6 +218,9 @@ def _check(run: ApplyRun, *, settle: bool, backup: bool, keep_lock: bool) -> Pre
         if session.snapshot.manifest.masking is not None:
             masked = session.snapshot.manifest.masking.describe()
             findings.append(Finding("masking", preflight.OK, masked))
+        if session.snapshot.manifest.subset is not None:
+            cut = session.snapshot.manifest.subset.describe()
+            findings.append(Finding("subset", preflight.OK, cut))
     finally:
         if holder is None and not keep_lock:
             release_apply_lock(session.conn)

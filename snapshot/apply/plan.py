@@ -167,9 +167,8 @@ def record(run: ApplyRun) -> frozenset[TableName]:
     run.row_sets = row_sets(run)
     sets = list(run.row_sets.values())
     changed_only = upload_changed_only(run)
-    masking = run.snapshot.manifest.masking
-    # a masked table's rows are not in the dump (snapshot.masking): they go up whole
-    masked = {TableName.parse(t) for t in masking.tables} if masking else set()
+    # a masked or subsetted table's rows are not in the dump (snapshot.beside): they go up whole
+    beside = run.snapshot.manifest.beside_dump
     with conn.pipeline():  # every table's statements together: a few round trips in all
         for rows in sets:
             rowsets.create_delta(conn, rows)
@@ -196,7 +195,7 @@ def record(run: ApplyRun) -> frozenset[TableName]:
                     rows.table, rows.number, rows.stage, rows.record, rows.key, rows.columns
                 )
                 for rows in sets
-                if rows.table not in matched and rows.table not in masked
+                if rows.table not in matched and rows.table not in beside
             }
             if changed_only
             else {}

@@ -68,6 +68,7 @@ class ApplyPlan:
             "snapshot": describe_snapshot(self.snapshot),
             "dry_run": self.dry_run,
             "auth_withheld": self.auth_withheld or None,
+            "subset": subset.to_json() if (subset := self.snapshot.manifest.subset) else None,
             **self.plan.to_json(),
         }
 

@@ -10,12 +10,12 @@ The recipe, as :mod:`snapshot.take` runs it:
    (:mod:`.personal`).
 2. pg_dump writes every scoped table, but the masked tables' data is left out
    (``--exclude-table-data``);
-3. :func:`write_masked`, in the same exported snapshot, writes the masked tables' rows with
-   ``COPY (SELECT <masked expressions> ...) TO STDOUT`` into :data:`MASKED_FILE`, as
+3. :mod:`snapshot.beside`, in the same exported snapshot, writes the masked tables' rows
+   with ``COPY (SELECT <masked expressions> ...) TO STDOUT`` into :data:`MASKED_FILE`, as
    ``REPLACE`` blocks staging reads like a backup's catch-up, and checksums the same
-   masked rows for the manifest. The fakes are made on the server (:mod:`.fakes`): no
-   unmasked value of a masked column reaches this process, the archive or its temporary
-   files.
+   masked rows for the manifest (:meth:`TableMask.select`). The fakes are made on the
+   server (:mod:`.fakes`): no unmasked value of a masked column reaches this process, the
+   archive or its temporary files.
 
 The key comes from an environment variable and is set for the transaction only, as a query
 parameter; the manifest records the rules and the key's fingerprint
@@ -24,18 +24,14 @@ parameter; the manifest records the rules and the key's fingerprint
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, catalog, copytext
+from snapshot import catalog
 from snapshot.catalog import Column, TableShape
-from snapshot.checksum import TableStats, table_stats
 from snapshot.errors import ConfigError
 from snapshot.masking import fakes, personal
 from snapshot.masking.rules import AUTH_RULES, KEEP, MaskingSettings, Rule, fingerprint
@@ -66,8 +62,9 @@ class TableMask:
     unique: frozenset[str]
     partitioned: bool
 
-    def select(self) -> sql.Composable:
-        """The query giving the table's rows masked, columns named as the table's.
+    def select(self, source: sql.Composable | None = None) -> sql.Composable:
+        """The query giving the table's rows masked, columns named as the table's; those of
+        ``source`` (a subset's kept rows, :mod:`snapshot.subset`) when given.
 
         The keyed hash of each column that needs one is computed once per row, in an inner
         query kept apart from the outer one (``OFFSET 0``), then read by its expression.
@@ -90,9 +87,11 @@ class TableMask:
                 h = sql.Identifier("s", alias)
             expression = fakes.masked(rule, column.name, column.type, column.name in self.unique, h)
             outer.append(sql.SQL("{} AS {}").format(expression, sql.Identifier(column.name)))
-        only = sql.SQL("") if self.partitioned else sql.SQL("ONLY ")
-        return sql.SQL("SELECT {} FROM (SELECT {} FROM {}{} OFFSET 0) AS s").format(
-            sql.SQL(", ").join(outer), sql.SQL(", ").join(inner), only, self.table.ident
+        if source is None:
+            only = sql.SQL("") if self.partitioned else sql.SQL("ONLY ")
+            source = sql.SQL("{}{}").format(only, self.table.ident)
+        return sql.SQL("SELECT {} FROM (SELECT {} FROM {} OFFSET 0) AS s").format(
+            sql.SQL(", ").join(outer), sql.SQL(", ").join(inner), source
         )
 
 
@@ -222,39 +221,3 @@ def _follow_foreign_keys(
 def set_key(conn: psycopg.Connection, masks: Masks) -> None:
     """Make the key readable to the fakes, for this transaction only, as a query parameter."""
     conn.execute("SELECT set_config(%s, %s, true)", [fakes.KEY_SETTING, masks.key])
-
-
-def write_masked(
-    conn: psycopg.Connection, masks: Masks, folder: Path
-) -> dict[TableName, TableStats]:
-    """Write the masked tables' rows into ``folder/masked.copy``; their counts and checksums.
-
-    ``conn`` is in the take's transaction, after :func:`set_key`. Each table is one
-    ``REPLACE schema.table (columns) FROM stdin;`` block of COPY text, then ``\\.``. A full
-    disk is the archive's one line (:func:`snapshot.archive.no_space`).
-    """
-    path = folder / MASKED_FILE
-    try:
-        return _write_masked(conn, masks, path)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        path.unlink(missing_ok=True)
-        raise archive.no_space(folder, None, "masked rows") from None
-
-
-def _write_masked(
-    conn: psycopg.Connection, masks: Masks, path: Path
-) -> dict[TableName, TableStats]:
-    stats = {}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        for table, mask in masks.tables.items():
-            columns = [c.name for c in mask.columns]
-            copytext.write_block(conn, out, "REPLACE", table, columns, mask.select())
-            stats[table] = table_stats(
-                conn,
-                sql.SQL("({}) AS masked").format(mask.select()),
-                [c.name for c in mask.columns],
-            )
-    return stats

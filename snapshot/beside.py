@@ -1,0 +1,90 @@
+"""Rows a take writes beside its dump instead of in it: masked and subsetted tables.
+
+pg_dump leaves out the rows of every table that is masked (:mod:`snapshot.masking`) or
+subsetted (:mod:`snapshot.subset`); in the same exported snapshot, each such table's rows
+are written as one ``REPLACE schema.table (columns) FROM stdin;`` block of COPY text
+(:mod:`snapshot.copytext`): the masked expressions over the kept rows for a table both
+masked and subsetted. Staging reads these blocks after the dump
+(:mod:`snapshot.staging`); the manifest's counts and checksums are those of the written rows.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from snapshot import archive, copytext
+from snapshot.checksum import TableStats, table_stats
+from snapshot.masking import MASKED_FILE, Masks
+from snapshot.names import TableName
+from snapshot.subset import SUBSET_FILE, SubsetPlan
+
+
+@dataclass(frozen=True)
+class Block:
+    """One table's rows beside the dump: its columns and the query that gives them."""
+
+    columns: tuple[str, ...]
+    query: sql.Composable
+
+
+def blocks(
+    order: tuple[TableName, ...], masks: Masks | None, subset: SubsetPlan | None
+) -> dict[TableName, Block]:
+    """The block of each table masked or subsetted, in ``order`` (the take's)."""
+    masked = masks.tables if masks else {}
+    cut = subset.tables if subset else {}
+    found = {}
+    for table in order:
+        if table in masked:
+            source = cut[table].kept if table in cut else None
+            mask = masked[table]
+            found[table] = Block(tuple(c.name for c in mask.columns), mask.select(source))
+        elif table in cut:
+            found[table] = Block(cut[table].columns, cut[table].select())
+    return found
+
+
+def file_name(masks: Masks | None) -> str:
+    """``masked.copy`` in a masked snapshot (the masking section names it), else
+    ``subset.copy``: one file either way."""
+    return MASKED_FILE if masks is not None else SUBSET_FILE
+
+
+def write_beside(
+    conn: psycopg.Connection, folder: Path, name: str, written: Mapping[TableName, Block]
+) -> dict[TableName, TableStats]:
+    """Write ``written`` into ``folder/name``; each table's count and checksum.
+
+    ``conn`` is in the take's transaction (after :func:`snapshot.masking.set_key` for masked
+    blocks). A full disk is the archive's one line (:func:`snapshot.archive.no_space`).
+    """
+    path = folder / name
+    try:
+        return _write(conn, path, written)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        path.unlink(missing_ok=True)
+        what = "masked rows" if name == MASKED_FILE else "subsetted rows"
+        raise archive.no_space(folder, None, what) from None
+
+
+def _write(
+    conn: psycopg.Connection, path: Path, written: Mapping[TableName, Block]
+) -> dict[TableName, TableStats]:
+    stats = {}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        for table, block in written.items():
+            copytext.write_block(conn, out, "REPLACE", table, block.columns, block.query)
+            stats[table] = table_stats(
+                conn, sql.SQL("({}) AS beside").format(block.query), block.columns
+            )
+    return stats
