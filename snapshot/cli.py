@@ -495,8 +495,9 @@ def take(
 
     An environment not marked safe (prod) holds real people's data: it is taken masked, by
     the rules of [masking] in snapshot.toml and the key in $SNAPSHOT_MASK_KEY, or as it is
-    with --unmasked. With [subset], it keeps part of the rows, every foreign key holding
+    with --unmasked; with [subset], it keeps part of the rows, every foreign key holding
     (a subsetted snapshot goes only to environments marked safe); --whole takes them all.
+    An environment marked safe (dev) is always taken whole.
 
     \b
     snapshot take dev

@@ -75,9 +75,9 @@ def take(
     """Archive a snapshot of ``env_name``'s scope and return it.
 
     An environment not marked safe holds real people's data: its snapshot is masked by the
-    rules of ``[masking]`` (:mod:`snapshot.masking`) unless ``unmasked``. With ``[subset]``
-    it holds part of the rows, every foreign key kept (:mod:`snapshot.subset`), unless
-    ``whole``.
+    rules of ``[masking]`` (:mod:`snapshot.masking`) unless ``unmasked``, and with
+    ``[subset]`` it holds part of the rows, every foreign key kept (:mod:`snapshot.subset`),
+    unless ``whole``.
     """
     label = archive.check_label(label)
     env = config.environment(env_name)
@@ -92,7 +92,10 @@ def take(
                 conn, plan.shapes, list(plan.leaves), config.masking, key, env_name
             )
         cut = None
-        if config.subset.configured and not whole:
+        # Only an environment not marked safe (prod) is subsetted: its snapshot goes to dev.
+        # A safe one's (dev's) goes to prod, which a subset would strip of every row it
+        # leaves out (and the apply refuses it there).
+        if config.subset.configured and not whole and not env.safe:
             cut = subset.plan_subset(conn, plan.shapes, list(plan.leaves), config.subset, env_name)
             subset.create_kept(conn, cut)  # before the read-only transaction: it may fill them
         log.info(

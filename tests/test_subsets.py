@@ -413,6 +413,17 @@ def test_a_subsetted_snapshot_never_goes_to_an_environment_not_marked_safe(
     assert "subsetted" in one_error_line(refused)
 
 
+def test_a_take_of_an_environment_marked_safe_stays_whole(project: Project, pair) -> None:
+    dev, _prod = pair
+    taken = project.run("take", "dev", "--json")
+    assert taken.exit_code == 0, taken.output
+
+    manifest = manifest_of(Path(json.loads(taken.stdout)["path"]))
+    assert "subset" not in manifest
+    rows = {t["table"]: t["rows"] for t in manifest["tables"]}
+    assert rows["public.activity"] == dev.scalar("SELECT count(*) FROM public.activity") > 100
+
+
 def test_take_whole_ignores_the_subset(project: Project, pair) -> None:
     folder = take(project, "--unmasked", "--whole")
 
