@@ -481,3 +481,47 @@ def test_block_readers_waits_for_a_reader_at_most_lock_timeout_and_changes_nothi
     assert "rolled back, prod is unchanged" in error
     assert prod.fingerprint() == original
     assert project.snapshots("prod") == []
+
+
+FRESH = "0a0a0a0a-0000-4000-8000-000000000001"  # a user of dev with a profile and nothing else
+
+
+def test_a_snapshot_user_deleted_in_prod_after_the_plan_is_created_again(
+    project: Project, make_db
+) -> None:
+    # The plan finds no user to create (prod holds dev's users after a first apply); one of
+    # them is deleted (its profile cascades) while the apply waits for its lock: the apply
+    # must not trust the plan's "none to create", and creates that user again.
+    dev, prod = setup_pair(project, make_db)
+    dev.execute(f"INSERT INTO auth.users (id, email) VALUES ('{FRESH}', 'fresh@example.com')")
+    dev.execute(
+        f"INSERT INTO public.users (id, email) VALUES ('{FRESH}', 'fresh@example.com') "
+        "ON CONFLICT (id) DO NOTHING"
+    )
+    assert project.run("take", "dev").exit_code == 0
+    assert apply(project).exit_code == 0
+    assert prod.scalar(f"SELECT count(*) FROM auth.users WHERE id = '{FRESH}'") == 1
+
+    result, _ = _apply_while_the_app_writes(
+        project, prod, f"DELETE FROM auth.users WHERE id = '{FRESH}'"
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "created 1 auth user" in result.stderr
+    assert prod.scalar(f"SELECT count(*) FROM auth.users WHERE id = '{FRESH}'") == 1
+    assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
+
+
+def test_with_nobody_to_create_and_auth_users_as_it_was_no_insert_is_tried(
+    project: Project, make_db
+) -> None:
+    dev, prod = setup_pair(project, make_db)
+    assert apply(project).exit_code == 0
+    dev.execute("UPDATE public.answers SET body = body || ' (edited)' WHERE id < 4")
+    assert project.run("take", "dev").exit_code == 0
+    process = project.spawn("-v", "apply", "prod", "--yes")
+    _, err = process.communicate(timeout=180)
+
+    assert process.returncode == 0, err
+    assert "the plan found none to create and auth.users is as it was" in err
+    assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)

@@ -70,6 +70,9 @@ class Backup:
     caught_up: int = 0  # rows written between pg_dump's snapshot and the lock
     copied_whole: int = 0  # tables without a key, copied whole under the lock
     followed: dict[TableName, RowSet] = field(default_factory=dict)  # see record_others
+    # the followed and compared tables with rows moved between the record and the lock
+    # (None until the catch-up under the lock)
+    moved: frozenset[TableName] | None = None
 
     def close(self) -> None:
         """End the exporting session (its transaction only held the snapshot)."""
@@ -346,6 +349,7 @@ def _write_catch_up(
         with run.conn.pipeline():
             later = moved_tables_later(run, backup)
         moved = later()
+    backup.moved = frozenset(moved)
     with path.open("ab" if append else "wb") as out:
         for entry in backup.state.tables:
             followed = run.row_sets.get(entry.table) or backup.followed.get(entry.table)

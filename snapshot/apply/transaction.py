@@ -175,6 +175,11 @@ def create_auth_users(run: ApplyRun, phase: Phases) -> auth.Created:
     triggers on the auth tables wrote into the scope are compared again."""
     if not run.auth_entries:
         return auth.Created(0, 0)
+    if _nobody_to_create(run):
+        log.info(
+            "  created 0 auth users: the plan found none to create and auth.users is as it was"
+        )
+        return auth.Created(0, 0)
     with phase("creating auth users"), run.conn.pipeline():  # a round trip or two in all
         counters = replica.write_counters_later(run.conn)
         use_app_search_path(run.conn)  # auth.users' triggers are the app's code
@@ -183,6 +188,21 @@ def create_auth_users(run: ApplyRun, phase: Phases) -> auth.Created:
     if created.users:
         _compare_again(run, _touched(run, counters()))
     return created
+
+
+def _nobody_to_create(run: ApplyRun) -> bool:
+    """Whether the plan found no snapshot user the target lacks, and the target's auth.users
+    has not changed since (the backup followed it to the lock): no user to create now."""
+    running = run.backup
+    people = run.plan.auth if run.plan is not None else None
+    return (
+        people is not None
+        and people.create == 0
+        and running is not None
+        and running.moved is not None
+        and AUTH_USERS in running.followed
+        and AUTH_USERS not in running.moved
+    )
 
 
 def _commit(run: ApplyRun, phase: Phases, held: keepers.Keepers) -> None:
