@@ -144,10 +144,10 @@ def wrote(run: ApplyRun, sequences_before: Any) -> Wrote:
             "ON n.oid = c.relnamespace WHERE c.oid = ANY(%s::regclass[]) AND c.relkind = 'p'",
             ([t.ident.as_string(run.conn) for t in run.order],),
         )
-        now = catalog.read_state(run.conn, run.state_names())
+        now = catalog.read_state_later(run.conn, run.state_names())
     return Wrote(
         rows(),
-        tuple(now.owned) != tuple(sequences_before),
+        tuple(now().owned) != tuple(sequences_before),
         frozenset(TableName(str(s), str(n)) for s, n in partitioned.fetchall()),
     )
 
