@@ -373,6 +373,9 @@ class Lab:
     bin_dir: Path
     scale: int
     writer_pairs: list[tuple[str, int]] = field(default_factory=list)
+    # [apply] upload of every project: "changed" stages sparsely and backs up by difference,
+    # as over a network (the local server is too near for "auto" to choose it)
+    upload: str = "auto"
     _projects: int = 0
     _retired: int = 0
 
@@ -440,7 +443,9 @@ class Lab:
         (path / ".env.local").write_text(f"SUPABASE_DB_URL={self.app_url('dev')}\n")
         (path / ".env.production").write_text(f"SUPABASE_DB_URL={self.app_url('prod')}\n")
         # The default scope and scripts; environments dev and prod from their env files.
-        (path / "snapshot.toml").write_text('archive = "snapshots"\n')
+        (path / "snapshot.toml").write_text(
+            f'archive = "snapshots"\n\n[apply]\nupload = "{self.upload}"\n'
+        )
         env = {
             k: v
             for k, v in os.environ.items()
@@ -492,7 +497,7 @@ class Lab:
 
 
 @contextlib.contextmanager
-def open_lab(bin_dir: Path, scale: int) -> Iterator[Lab]:
+def open_lab(bin_dir: Path, scale: int, upload: str = "auto") -> Iterator[Lab]:
     """Start the lab's server and build its databases; everything is removed afterwards."""
     stopped = localpg.sweep(Path(tempfile.gettempdir()), PREFIX)
     if stopped:
@@ -502,7 +507,7 @@ def open_lab(bin_dir: Path, scale: int) -> Iterator[Lab]:
     localpg.give_to_server_user(base)
     server = localpg.start(bin_dir, base, "target", settings=SETTINGS)
     try:
-        lab = Lab(server, base, bin_dir, scale)
+        lab = Lab(server, base, bin_dir, scale, upload=upload)
         lab.build(scale)
         yield lab
     finally:

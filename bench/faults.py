@@ -1,6 +1,7 @@
 """A fault campaign: break snapshot's take, apply and rollback on purpose, and judge what is left.
 
     .venv/bin/python bench/faults.py [--trials 10] [--scale 1] [--seed 1] [--faults a,b] [--short]
+                                     [--upload changed] [--prod near]
 
 On a throwaway server (bench/faultlab.py) holding dev and a diverged prod built from sql/,
 each trial resets prod, runs the CLI as a user would and injects one fault:
@@ -103,6 +104,7 @@ class References:
     timelines: dict[str, list[Segment]]
     dump_life: dict[str, float]
     space: dict[str, int]
+    base: str = "prod_before"  # the template every trial's prod starts from
 
 
 @dataclass
@@ -155,8 +157,22 @@ def _sums(entry: dict[str, Any]) -> dict[str, tuple[int, str]]:
     return faultcheck.scope_sums(entry, skip=WRITER_TABLE)
 
 
-def prepare(lab: Lab) -> References:
-    """Take and apply once without faults, timing each phase."""
+# --prod near: prod as dev's snapshot left it, then about 1% changed (a weekly re-sync's
+# target; with --upload changed its pre-apply backup is the snapshot's dump plus the
+# difference). The app's rows (faultlab.AppWriter) stay valid: no user or question goes.
+NEAR = """
+SET ROLE app_owner;
+UPDATE public.answers SET body = body || ' (prod)' WHERE id % 97 = 0;
+UPDATE public.user_question_progress SET attempts = attempts + 1
+  WHERE hashtext(user_id::text || question_id::text) % 50 = 0;
+DELETE FROM public.question_attempts WHERE id % 101 = 0;
+UPDATE public.playlists SET title = title || ' (prod)' WHERE hashtext(id::text) % 13 = 0;
+"""
+
+
+def prepare(lab: Lab, near: bool = False) -> References:
+    """Take and apply once without faults, timing each phase (with ``near``, apply again
+    onto prod as the first apply left it and then changed about 1%: that one is measured)."""
     project = lab.project("reference")
     take = project.spawn("take", "dev")
     take_life = observe_dump(take)
@@ -180,6 +196,28 @@ def prepare(lab: Lab) -> References:
     backup = Path(backup_entry["path"])
     lab.wait_quiet()
     lab.copy_database("prod", "prod_applied")
+    base = "prod_before"
+    if near:
+        base = "prod_near"
+        with lab.connect() as conn:
+            conn.execute(NEAR)
+        lab.copy_database("prod", base)
+        lab.reset_prod(base)
+        with lab.connect() as conn:
+            before = faultcheck.fingerprint(conn)
+        started = faultcheck.utc_now()
+        apply = project.spawn("apply", "prod", "--yes")
+        backup_life = observe_dump(apply)
+        _require(apply, "apply prod (near)")
+        with lab.connect() as conn:
+            applied = faultcheck.fingerprint(conn)
+        entries, _ = faultcheck.listed(project)
+        backup_entry = next(
+            e for e in entries if e["kind"] == "pre-apply" and faultcheck.created(e) >= started
+        )
+        backup = Path(backup_entry["path"])
+        lab.wait_quiet()
+        lab.copy_database("prod", "prod_applied")
 
     # A rollback runs the apply's phases; it restores the scope and keeps the auth users
     # the apply created. (Measured separately, it would cost the setup another apply.)
@@ -200,6 +238,7 @@ def prepare(lab: Lab) -> References:
         timelines=timelines,
         dump_life={"take": take_life, "backup": backup_life},
         space={"take": needed_space(snapshot), "backup": needed_space(backup)},
+        base=base,
     )
 
 
@@ -409,7 +448,7 @@ def target_trial(c: Campaign, fault: Fault, n: int) -> Trial:
     trial = Trial(fault.name, n)
     lab, refs = c.lab, c.refs
     rollback = fault.action == "rollback"
-    lab.reset_prod("prod_applied" if rollback else "prod_before")
+    lab.reset_prod("prod_applied" if rollback else refs.base)
     project = lab.project(f"{fault.name}-{n}")
     shutil.copytree(refs.snapshot, project.archive("dev") / refs.snapshot.name)
     if rollback:
@@ -466,7 +505,7 @@ def take_trial(c: Campaign, fault: Fault, n: int) -> Trial:
     """A take with a fault injected; then the next take and the next apply must succeed."""
     trial = Trial(fault.name, n)
     lab, refs = c.lab, c.refs
-    lab.reset_prod("prod_before")
+    lab.reset_prod(refs.base)
     project = lab.project(f"{fault.name}-{n}")
     folder = project.archive("dev")
     disk = fault.name == "disk-full-take"
@@ -530,6 +569,20 @@ def main() -> None:
     parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated fault names")
     parser.add_argument("--short", action="store_true", help=f"CI: {SHORT_TRIALS} trial per fault")
     parser.add_argument("--no-app", action="store_true", help="no app writing during the trials")
+    parser.add_argument(
+        "--prod",
+        choices=("diverged", "near"),
+        default="diverged",
+        help="what prod holds before each trial: the diverged dataset (a first apply), or "
+        "dev's snapshot with about 1%% changed (a re-sync)",
+    )
+    parser.add_argument(
+        "--upload",
+        choices=("auto", "changed", "all"),
+        default="auto",
+        help='[apply] upload of the trials ("changed": sparse staging and difference backups, '
+        "as over a network)",
+    )
     parser.add_argument("--pg-bin", type=Path, help="server binaries (default: newest installed)")
     args = parser.parse_args()
     names = [n.strip() for n in args.faults.split(",") if n.strip()]
@@ -541,9 +594,9 @@ def main() -> None:
     began = time.monotonic()
     results: dict[str, list[Trial]] = {}
     skipped: dict[str, str] = {}
-    with faultlab.open_lab(bin_dir, args.scale) as lab:
+    with faultlab.open_lab(bin_dir, args.scale, args.upload) as lab:
         print(f"lab ready on port {lab.server.port}; measuring a clean run…", file=sys.stderr)
-        refs = prepare(lab)
+        refs = prepare(lab, near=args.prod == "near")
         timeline = refs.timelines["apply"]
         phases = ", ".join(f"{s.name} {s.duration:.2f}" for s in timeline)
         print(f"apply {sum(s.duration for s in timeline):.1f}s: {phases}", file=sys.stderr)
@@ -552,6 +605,11 @@ def main() -> None:
             "(backup)",
             file=sys.stderr,
         )
+        linked = (refs.backup / "data.dump").stat().st_ino == (
+            refs.snapshot / "data.dump"
+        ).stat().st_ino
+        kind = "the snapshot's dump plus the difference" if linked else "a pg_dump of prod"
+        print(f"the reference apply's backup: {kind}", file=sys.stderr)
         campaign = Campaign(lab, refs, args.seed, not args.no_app, faultlab.can_mount(lab.base))
         for name in names:
             fault = FAULTS[name]
@@ -574,7 +632,8 @@ def main() -> None:
     failed = [t for t in every if not t.ok]
     print(
         f"\n{len(every)} trials, {len(failed)} failed; scale {args.scale}, seed {args.seed}, "
-        f"{trials} per fault, app writing: {'no' if args.no_app else 'yes'}, PostgreSQL from "
+        f"{trials} per fault, prod {args.prod}, upload {args.upload}, "
+        f"app writing: {'no' if args.no_app else 'yes'}, PostgreSQL from "
         f"{bin_dir}; {elapsed:.0f}s"
     )
     for trial in failed:
@@ -591,6 +650,8 @@ def main() -> None:
                 "seed": args.seed,
                 "trials": trials,
                 "app": not args.no_app,
+                "upload": args.upload,
+                "prod": args.prod,
                 "seconds": round(elapsed, 1),
                 "skipped": skipped,
                 "results": {k: [asdict(t) for t in v] for k, v in results.items()},
