@@ -183,41 +183,16 @@ def prepare(lab: Lab, near: bool = False) -> References:
     with lab.connect("dev") as conn:
         dev = faultcheck.fingerprint(conn)
 
-    lab.reset_prod("prod_before")
-    with lab.connect() as conn:
-        before = faultcheck.fingerprint(conn)
-    apply = project.spawn("apply", "prod", "--yes")
-    backup_life = observe_dump(apply)
-    _require(apply, "apply prod")
-    with lab.connect() as conn:
-        applied = faultcheck.fingerprint(conn)
-    entries, _ = faultcheck.listed(project)
-    backup_entry = next(e for e in entries if e["kind"] == "pre-apply")
-    backup = Path(backup_entry["path"])
-    lab.wait_quiet()
-    lab.copy_database("prod", "prod_applied")
     base = "prod_before"
+    measured = _reference_apply(lab, project, base)
     if near:
         base = "prod_near"
         with lab.connect() as conn:
             conn.execute(NEAR)
         lab.copy_database("prod", base)
-        lab.reset_prod(base)
-        with lab.connect() as conn:
-            before = faultcheck.fingerprint(conn)
-        started = faultcheck.utc_now()
-        apply = project.spawn("apply", "prod", "--yes")
-        backup_life = observe_dump(apply)
-        _require(apply, "apply prod (near)")
-        with lab.connect() as conn:
-            applied = faultcheck.fingerprint(conn)
-        entries, _ = faultcheck.listed(project)
-        backup_entry = next(
-            e for e in entries if e["kind"] == "pre-apply" and faultcheck.created(e) >= started
-        )
-        backup = Path(backup_entry["path"])
-        lab.wait_quiet()
-        lab.copy_database("prod", "prod_applied")
+        measured = _reference_apply(lab, project, base)
+    apply, backup_life, before, applied, entries, backup_entry = measured
+    backup = Path(backup_entry["path"])
 
     # A rollback runs the apply's phases; it restores the scope and keeps the auth users
     # the apply created. (Measured separately, it would cost the setup another apply.)
@@ -240,6 +215,32 @@ def prepare(lab: Lab, near: bool = False) -> References:
         space={"take": needed_space(snapshot), "backup": needed_space(backup)},
         base=base,
     )
+
+
+def _reference_apply(
+    lab: Lab, project: Project, base: str
+) -> tuple[
+    Run, float, faultcheck.Fingerprint, faultcheck.Fingerprint, list[dict[str, Any]], dict[str, Any]
+]:
+    """One clean ``apply prod`` from the template ``base``, measured: the run, its backup's
+    pg_dump life, prod before and after, the archive's entries and the backup's own; prod
+    as it left it becomes the ``prod_applied`` template."""
+    lab.reset_prod(base)
+    with lab.connect() as conn:
+        before = faultcheck.fingerprint(conn)
+    started = faultcheck.utc_now()
+    apply = project.spawn("apply", "prod", "--yes")
+    backup_life = observe_dump(apply)
+    _require(apply, f"apply prod (from {base})")
+    with lab.connect() as conn:
+        applied = faultcheck.fingerprint(conn)
+    entries, _ = faultcheck.listed(project)
+    backup_entry = next(
+        e for e in entries if e["kind"] == "pre-apply" and faultcheck.created(e) >= started
+    )
+    lab.wait_quiet()
+    lab.copy_database("prod", "prod_applied")
+    return apply, backup_life, before, applied, entries, backup_entry
 
 
 def _require(run: Run, what: str) -> None:
