@@ -287,9 +287,31 @@ def _start(tool: PgTool, args: Sequence[str], env: Mapping[str, str], **kw: Any)
 
 def table_pattern(table: TableName) -> str:
     """A pg_dump/pg_restore pattern matching exactly one table (quoting disables wildcards)."""
-    schema = table.schema.replace('"', '""')
-    name = table.name.replace('"', '""')
-    return f'"{schema}"."{name}"'
+    return f"{_quoted(table.schema)}.{_quoted(table.name)}"
+
+
+def table_patterns(tables: Sequence[TableName]) -> list[str]:
+    """pg_dump patterns matching exactly ``tables``: one per schema, ``"s".("a"|"b")``.
+
+    pg_dump spends three round trips on each pattern it is given (``RESET search_path``,
+    the lookup, the secure search_path again): eighteen tables cost 54 before its first
+    catalog query, 1.6 s through a 30 ms link. Outside double quotes a pattern is a regular
+    expression, anchored at both ends, so an alternation of quoted names matches exactly
+    those tables and nothing else, and costs one lookup.
+    """
+    by_schema: dict[str, list[str]] = {}
+    for table in tables:
+        by_schema.setdefault(table.schema, []).append(_quoted(table.name))
+    return [
+        f"{_quoted(schema)}.{names[0]}"
+        if len(names) == 1
+        else f"{_quoted(schema)}.({'|'.join(names)})"
+        for schema, names in by_schema.items()
+    ]
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def start_dump(
@@ -323,8 +345,8 @@ def start_dump(
     ]
     if via_partition_root:
         args.append("--load-via-partition-root")
-    args += [f"--table={table_pattern(t)}" for t in tables]
-    args += [f"--exclude-table-data={table_pattern(t)}" for t in exclude_data]
+    args += [f"--table={pattern}" for pattern in table_patterns(tables)]
+    args += [f"--exclude-table-data={pattern}" for pattern in table_patterns(exclude_data)]
     # Times in UTC, as the tool's own sessions write them: the dump's rows then have the
     # text the server gives them, which is what sparse staging compares (snapshot.sparse).
     return _start(pg_dump, args, {**target.child_env(), "PGTZ": "UTC"})

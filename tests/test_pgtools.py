@@ -9,8 +9,10 @@ import os
 from pathlib import Path
 
 import pytest
+from psycopg import sql
 
 from snapshot import localpg, pgtools
+from snapshot.names import TableName
 from snapshot.pgtools import bundled_bins
 from tests.fix_db import ROOT
 from tests.fix_project import Project, one_error_line
@@ -86,3 +88,49 @@ def test_a_missing_program_cannot_start(tmp_path: Path) -> None:
     assert str(failed.value) == (
         f"cannot run {tmp_path / 'pg_dump'}: missing, or not an executable program for this user"
     )
+
+
+def test_table_patterns_match_exactly_the_tables_named(make_db, tmp_path: Path) -> None:
+    # One pattern per schema (pg_dump pays three round trips a pattern): the alternation of
+    # quoted names must match these tables and none of their look-alikes.
+    db = make_db("empty")
+    names = ["a|b", "a", "b", "Mixed", "mixed", "x$", "arr[]", "dot.ted", "(p)", 'q"uote', "ab"]
+    with db.connect() as conn:
+        conn.execute('CREATE SCHEMA "Odd.Schema"; CREATE SCHEMA odd')
+        for schema in ("Odd.Schema", "odd"):
+            for name in names:
+                conn.execute(
+                    sql.SQL("CREATE TABLE {} (v int); INSERT INTO {} VALUES (1)").format(
+                        sql.Identifier(schema, name), sql.Identifier(schema, name)
+                    )
+                )
+    chosen = [
+        TableName("Odd.Schema", "a|b"),
+        TableName("Odd.Schema", "Mixed"),
+        TableName("Odd.Schema", "x$"),
+        TableName("Odd.Schema", "arr[]"),
+        TableName("Odd.Schema", "dot.ted"),
+        TableName("Odd.Schema", "(p)"),
+        TableName("Odd.Schema", 'q"uote'),
+        TableName("odd", "a"),
+    ]
+    patterns = pgtools.table_patterns(chosen)
+    archive = tmp_path / "chosen.dump"
+    pgtools.run(
+        system_bin() / "pg_dump",
+        f"--dbname={db.server.url(db.name)}",
+        "--data-only",
+        "--format=custom",
+        f"--file={archive}",
+        *(f"--table={p}" for p in patterns),
+        env=os.environ,
+    )
+    listing = pgtools.run(system_bin() / "pg_restore", "--list", str(archive), env=os.environ)
+    dumped = sorted(
+        line.split(" TABLE DATA ", 1)[1].rsplit(" ", 1)[0]
+        for line in listing.splitlines()
+        if " TABLE DATA " in line
+    )
+
+    assert len(patterns) == 2
+    assert dumped == sorted(f"{t.schema} {t.name}" for t in chosen)
