@@ -54,11 +54,13 @@ class Meter:
         self.rows_done = 0
         self.started = time.monotonic()
 
-    def done(self, verb: str, table: object, rows: int, seconds: float) -> None:
-        """One table finished ``rows`` rows in ``seconds``: log it, and on a terminal, count."""
+    def done(self, verb: str, table: object, rows: int, seconds: float | None) -> None:
+        """One table finished ``rows`` rows in ``seconds`` (None: not known, it went in a
+        batch): log it, and on a terminal, count."""
         self.tables_done += 1
         self.rows_done += rows
-        line = f"  {verb:<8} {table!s:<30} {rows:>10,} rows  {text.duration(seconds):>8}"
+        took = "" if seconds is None else text.duration(seconds)
+        line = f"  {verb:<8} {table!s:<30} {rows:>10,} rows  {took:>8}".rstrip()
         if not _terminal:
             log.info(line)
             return
@@ -82,10 +84,13 @@ def begin(what: str, tables: int, rows: int) -> Meter:
     return _meter
 
 
-def table_done(verb: str, table: object, rows: int, seconds: float) -> None:
-    """Report a finished table to the current meter (a plain log line without one)."""
+def table_done(verb: str, table: object, rows: int, seconds: float | None) -> None:
+    """Report a finished table to the current meter (a plain log line without one).
+
+    ``seconds`` is None for a statement sent in a batch (its own time is not known)."""
+    took = "" if seconds is None else text.duration(seconds)
     if _meter is None:
-        log.info("  %-8s %-30s %10s rows  %8s", verb, table, f"{rows:,}", text.duration(seconds))
+        log.info("  %-8s %-30s %10s rows  %8s", verb, table, f"{rows:,}", took)
     else:
         _meter.done(verb, table, rows, seconds)
 

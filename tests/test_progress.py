@@ -70,5 +70,6 @@ def test_without_a_terminal_each_table_is_one_plain_line(project: Project, make_
     assert result.exit_code == 0, result.output
     assert "writes:" not in result.stderr and "rows/s" not in result.stderr
     assert re.search(
-        r"^  inserted public\.answers +[\d,]+ rows +\d+(\.\d)? m?s$", result.stderr, re.M
+        # no time of its own: the pass's statements go in one round trip
+        r"^  inserted public\.answers +[\d,]+ rows$", result.stderr, re.M
     )

@@ -230,16 +230,36 @@ def _passes(run: ApplyRun, phase: Phases, plan: Plan, *, spare: bool = True) -> 
 
     ``spare=False`` deletes every row the snapshot lacks in the first pass: with no
     foreign key acting per row, a parent need not wait for its children to move.
+
+    Each pass is one round trip (its statements in a pipeline), in a savepoint: when a
+    statement fails, the server's error does not say which table it wrote, so the passes
+    are rolled back and run again one statement at a time, which finds the table (and
+    raises :class:`write.TableFailed` for the attempt to fall back on).
     """
     progress.begin("writes", *write.expected_writes(plan))
-    use_app_search_path(run.conn)  # a trigger may name its tables unqualified
+    conn = run.conn
+    try:
+        with conn.pipeline(), conn.transaction():
+            use_app_search_path(conn)  # a trigger may name its tables unqualified
+            _three_passes(run, phase, plan, spare=spare, batched=True)
+            use_tool_search_path(conn)
+    except (psycopg.errors.QueryCanceled, psycopg.OperationalError):
+        raise
+    except psycopg.Error as exc:
+        log.info("  a write failed (%s): once more, one statement at a time", error_message(exc))
+        progress.begin("writes", *write.expected_writes(plan))
+        use_app_search_path(conn)
+        _three_passes(run, phase, plan, spare=spare, batched=False)
+        use_tool_search_path(conn)
+
+
+def _three_passes(run: ApplyRun, phase: Phases, plan: Plan, *, spare: bool, batched: bool) -> None:
     with phase("deleting"):
-        done = write.delete_first(run, plan, spare=spare)
+        done = write.delete_first(run, plan, spare=spare, batched=batched)
     with phase("inserting and updating"):
-        write.insert_and_update(run, plan, done)
+        write.insert_and_update(run, plan, done, batched=batched)
     with phase("deleting what waited"):
-        write.delete_last(run, plan, done)
-    use_tool_search_path(run.conn)
+        write.delete_last(run, plan, done, batched=batched)
 
 
 def _blocked_readers(dropped: Collection[constraints.ForeignKeyDefinition]) -> str:

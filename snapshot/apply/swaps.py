@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -161,23 +161,22 @@ def move_aside(
     run: ApplyRun,
     rows: RowSet,
     keys: Sequence[UniqueKey],
-    statement: Callable[[TableName, sql.Composed], int],
     *,
     whole: bool = False,
     inserts_first: bool = False,
-) -> int:
-    """Move aside the values of ``rows.table`` that other rows of the snapshot want (see the
-    module); the rows moved. Call right before the table's inserts and updates.
+) -> tuple[sql.Composed, sql.Composed, sql.Composed]:
+    """The statements that move aside the values of ``rows.table`` other rows of the snapshot
+    want (see the module), to run in order right before the table's inserts and updates: a
+    setting on, the ``UPDATE`` (its row count is the rows moved, often none), the setting off.
 
     ``whole``: the table is replaced in full with rows held in place (:mod:`.write`): every
     present row is written or deleted, and every snapshot row is wanted. ``inserts_first``:
-    the table inserts before it updates (a self-referencing one).
+    the table inserts before it updates (a self-referencing one). The ``UPDATE`` finds its
+    blockers itself: no question asked first, so a batch of writes needs no round trip here.
     """
     blockers = sql.SQL(" UNION ALL ").join(
         _blockers(run, rows, key, whole, inserts_first) for key in keys
     )
-    if not statement(rows.table, sql.SQL("SELECT 1 FROM ({}) AS b LIMIT 1").format(blockers)):
-        return 0
     types = {c.name: c.type for c in run.shapes[rows.table].columns}
     by_column: dict[str, list[UniqueKey]] = {}
     for key in keys:
@@ -206,16 +205,22 @@ def move_aside(
         on=rows.match("t", "p"),
     )
     on = sql.SQL("SELECT set_config({}, {}, true)")
-    statement(rows.table, on.format(sql.Literal(UNCOUNTED), sql.Literal("on")))
-    moved_rows = statement(rows.table, query)
-    statement(rows.table, on.format(sql.Literal(UNCOUNTED), sql.Literal("off")))
-    log.info(
-        "  %s: %d rows hold unique values other rows take (%s): moved aside first",
-        rows.table,
-        moved_rows,
-        ", ".join(k.name for k in keys),
+    return (
+        on.format(sql.Literal(UNCOUNTED), sql.Literal("on")),
+        query,
+        on.format(sql.Literal(UNCOUNTED), sql.Literal("off")),
     )
-    return moved_rows
+
+
+def moved(table: TableName, keys: Sequence[UniqueKey], rows: int) -> None:
+    """Say how many rows of ``table`` :func:`move_aside` moved (nothing when none)."""
+    if rows:
+        log.info(
+            "  %s: %d rows hold unique values other rows take (%s): moved aside first",
+            table,
+            rows,
+            ", ".join(k.name for k in keys),
+        )
 
 
 def _value(rows: RowSet, column: str, how: str) -> sql.Composable:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import psycopg
 from psycopg import sql
 
-from snapshot import progress, staging
+from snapshot import progress, staging, text
 from snapshot.apply import outside, swaps
 from snapshot.apply.plan import Plan, decide
 from snapshot.apply.rows import DELETE, INSERT, UPDATE, RowSet
@@ -62,21 +62,56 @@ class TableFailed(Exception):
         self.error = error
 
 
-class _Statement:
-    """Runs one statement for a table, turning a failure into :class:`TableFailed`."""
+@dataclass(frozen=True)
+class Step:
+    """One statement of a pass: the verb its rows count under (``deleted``, ``inserted``,
+    ``updated``; ``""`` for a statement whose rows are not the table's writes), its table."""
 
-    def __init__(self, conn: psycopg.Connection) -> None:
-        self.conn = conn
+    verb: str
+    table: TableName
+    query: sql.Composed
 
-    def __call__(self, table: TableName, query: sql.Composed) -> int:
-        try:
-            return int(self.conn.execute(query).rowcount)
-        except psycopg.errors.QueryCanceled:
-            raise
-        except psycopg.OperationalError:
-            raise
-        except psycopg.Error as exc:
-            raise TableFailed(table, exc) from exc
+
+def run_steps(conn: psycopg.Connection, steps: Sequence[Step], *, batched: bool) -> list[int]:
+    """Run ``steps`` in order; the rows each wrote.
+
+    ``batched``: all in one round trip (a pipeline); a failure raises the server's error,
+    whose table is not known (the caller runs the writes again one by one to find it).
+    Otherwise one statement at a time, a failure raising :class:`TableFailed`.
+    """
+    if not steps:
+        return []
+    if not batched:
+        return [_one(conn, step) for step in steps]
+    tables = len({step.table for step in steps})
+    started = time.monotonic()
+    with progress.still_running(f"writing {text.count(tables, 'table')}"), conn.pipeline():
+        cursors = [conn.execute(step.query) for step in steps]
+    seconds = time.monotonic() - started
+    counts = [max(int(cursor.rowcount), 0) for cursor in cursors]
+    for step, rows in zip(steps, counts, strict=True):
+        if step.verb:
+            progress.table_done(step.verb, step.table, rows, None)
+    log.debug("  %d statements on %s in one round trip, %.2f s", len(steps), tables, seconds)
+    return counts
+
+
+def _one(conn: psycopg.Connection, step: Step) -> int:
+    """One statement, a failure turned into :class:`TableFailed`; timed when it counts."""
+    started = time.monotonic()
+    try:
+        if step.verb:
+            with progress.still_running(f"{_PRESENT[step.verb]} {step.table}"):
+                rows = int(conn.execute(step.query).rowcount)
+            progress.table_done(step.verb, step.table, rows, time.monotonic() - started)
+            return rows
+        return max(int(conn.execute(step.query).rowcount), 0)
+    except psycopg.errors.QueryCanceled:
+        raise
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        raise TableFailed(step.table, exc) from exc
 
 
 HELPER_PREFIX = "snapshot_apply_fk_"
@@ -282,25 +317,18 @@ def _guarded_delete(run: ApplyRun, rows: RowSet, final: bool) -> sql.Composed:
     )
 
 
-def _timed(statement: _Statement, verb: str, table: TableName, query: sql.Composed) -> int:
-    """Run one table's statement, saying so while it runs long and when it is done."""
-    started = time.monotonic()
-    with progress.still_running(f"{_PRESENT[verb]} {table}"):
-        rows = statement(table, query)
-    progress.table_done(verb, table, rows, time.monotonic() - started)
-    return rows
-
-
 _PRESENT = {"deleted": "deleting from", "inserted": "inserting into", "updated": "updating"}
 
 
-def delete_first(run: ApplyRun, plan: Plan, *, spare: bool = True) -> Written:
+def delete_first(run: ApplyRun, plan: Plan, *, spare: bool = True, batched: bool) -> Written:
     """Pass 1, children first: the rows the snapshot lacks, but parents still referred to.
 
     ``spare=False`` (foreign keys checked in bulk, none acting per row): every one of them.
+    ``batched``: see :func:`run_steps`.
     """
-    statement, done = _Statement(run.conn), Written()
+    done = Written()
     holding = outside.holding(run) if spare else frozenset()
+    steps = []
     for table in reversed(run.order):
         if table in plan.full_tables:
             query = _full_delete(run, table, held=table in holding and table in run.row_sets)
@@ -310,40 +338,49 @@ def delete_first(run: ApplyRun, plan: Plan, *, spare: bool = True) -> Written:
             query = _guarded_delete(run, run.row_sets[table], final=not spare)
         else:
             continue
-        done.add(done.deleted, table, _timed(statement, "deleted", table, query))
+        steps.append(Step("deleted", table, query))
+    for step, rows in zip(steps, run_steps(run.conn, steps, batched=batched), strict=True):
+        done.add(done.deleted, step.table, rows)
     return done
 
 
-def insert_and_update(run: ApplyRun, plan: Plan, done: Written) -> None:
+def insert_and_update(run: ApplyRun, plan: Plan, done: Written, *, batched: bool) -> None:
     """Pass 2, parents first: insert what the target lacks, update what differs."""
-    statement = _Statement(run.conn)
     unique = swaps.unique_keys(run, [t for t in run.order if _trades(run, plan, done, t)])
+    steps: list[Step] = []
+    moving: list[tuple[int, TableName]] = []  # where each table's move aside is among steps
     for table in run.order:
         self_ref = any(fk.child == table == fk.parent for fk in run.fks)
-        if table in plan.full_tables:
-            if table in unique:  # rows held in place are updated: they may trade values
-                swaps.move_aside(
-                    run,
-                    run.row_sets[table],
-                    unique[table],
-                    statement,
-                    whole=True,
-                    inserts_first=self_ref,
-                )
-            _full_insert(run, table, done, statement, self_ref)
+        whole = table in plan.full_tables
+        if not whole:
+            counts = plan.table(table)
+            if not counts.inserts and not counts.updates:
+                continue  # (a table without a key is here only when it holds the snapshot's rows)
+        if table in unique:  # values other rows take move aside first (swaps.py); in a full
+            # replace, rows held in place are updated: they may trade values too
+            on, move, off = swaps.move_aside(
+                run, run.row_sets[table], unique[table], whole=whole, inserts_first=self_ref
+            )
+            moving.append((len(steps) + 1, table))
+            steps += [Step("", table, on), Step("", table, move), Step("", table, off)]
+        if whole:
+            steps += _full_insert(run, table, done, self_ref)
             continue
-        counts = plan.table(table)
-        if not counts.inserts and not counts.updates:
-            continue  # (a table without a key is here only when it holds the snapshot's rows)
-        rows = run.row_sets[table]
-        if table in unique:  # values other rows take move aside first (swaps.py)
-            swaps.move_aside(run, rows, unique[table], statement, inserts_first=self_ref)
-        for step in ("insert", "update") if self_ref else ("update", "insert"):
-            if step == "insert" and counts.inserts:
-                insert = _insert(run, table, _delta_rows(rows, INSERT))
-                done.add(done.inserted, table, _timed(statement, "inserted", table, insert))
-            elif step == "update" and counts.updates and (update := _update(run, rows)) is not None:
-                done.add(done.updated, table, _timed(statement, "updated", table, update))
+        delta = run.row_sets[table]
+        for verb in ("insert", "update") if self_ref else ("update", "insert"):
+            if verb == "insert" and counts.inserts:
+                insert = _insert(run, table, _delta_rows(delta, INSERT))
+                steps.append(Step("inserted", table, insert))
+            elif verb == "update" and counts.updates and (update := _update(run, delta)):
+                steps.append(Step("updated", table, update))
+    written = run_steps(run.conn, steps, batched=batched)
+    for step, count in zip(steps, written, strict=True):
+        if step.verb == "inserted":
+            done.add(done.inserted, step.table, count)
+        elif step.verb == "updated":
+            done.add(done.updated, step.table, count)
+    for at, table in moving:
+        swaps.moved(table, unique[table], written[at])
 
 
 def _trades(run: ApplyRun, plan: Plan, done: Written, table: TableName) -> bool:
@@ -357,21 +394,23 @@ def _trades(run: ApplyRun, plan: Plan, done: Written, table: TableName) -> bool:
     return bool(counts.inserts or counts.updates)
 
 
-def delete_last(run: ApplyRun, plan: Plan, done: Written) -> None:
+def delete_last(run: ApplyRun, plan: Plan, done: Written, *, batched: bool) -> None:
     """Pass 3, children first: the parents that waited for their children to move."""
-    statement = _Statement(run.conn)
+    steps = []
     for table in reversed(run.order):
         if table in done.held:
-            rows = run.row_sets[table]
+            held = run.row_sets[table]
             query = sql.SQL(
                 "DELETE FROM {} AS t WHERE NOT EXISTS (SELECT 1 FROM {} AS s WHERE {})"
-            ).format(table.ident, rows.stage, rows.match("s", "t"))
-            query = _sparing_kept(run, rows, query, "t")
+            ).format(table.ident, held.stage, held.match("s", "t"))
+            query = _sparing_kept(run, held, query, "t")
         elif table in plan.full_tables or plan.table(table).deletes <= done.deleted.get(table, 0):
             continue
         else:
             query = _guarded_delete(run, run.row_sets[table], final=True)
-        done.add(done.deleted, table, _timed(statement, "deleted", table, query))
+        steps.append(Step("deleted", table, query))
+    for step, rows in zip(steps, run_steps(run.conn, steps, batched=batched), strict=True):
+        done.add(done.deleted, step.table, rows)
 
 
 def _sparing_kept(run: ApplyRun, rows: RowSet, query: sql.Composed, alias: str) -> sql.Composed:
@@ -409,9 +448,7 @@ def _full_delete(run: ApplyRun, table: TableName, *, held: bool) -> sql.Composed
     return _sparing_kept(run, rows, query, "t") if rows is not None else query
 
 
-def _full_insert(
-    run: ApplyRun, table: TableName, done: Written, statement: _Statement, self_ref: bool
-) -> None:
+def _full_insert(run: ApplyRun, table: TableName, done: Written, self_ref: bool) -> list[Step]:
     """Pass 2 of a full replace: the snapshot's rows, but those of rows kept in place.
 
     Rows held in place (see :func:`_full_delete`) are updated to the snapshot's values and
@@ -425,19 +462,17 @@ def _full_insert(
             "(SELECT * FROM {} AS z WHERE NOT EXISTS (SELECT 1 FROM {} AS k WHERE {})) AS s"
         ).format(stage, outside.kept_keys(rows), rows.match("z", "k"))
     if rows is None or table not in done.held:
-        done.add(
-            done.inserted, table, _timed(statement, "inserted", table, _insert(run, table, source))
-        )
-        return
+        return [Step("inserted", table, _insert(run, table, source))]
     missing = sql.SQL("{} WHERE NOT EXISTS (SELECT 1 FROM {} AS t WHERE {})").format(
         source, table.ident, rows.match("t", "s")
     )
-    for step in ("insert", "update") if self_ref else ("update", "insert"):
-        if step == "insert":
-            insert = _insert(run, table, missing)
-            done.add(done.inserted, table, _timed(statement, "inserted", table, insert))
+    steps = []
+    for verb in ("insert", "update") if self_ref else ("update", "insert"):
+        if verb == "insert":
+            steps.append(Step("inserted", table, _insert(run, table, missing)))
         elif (update := _update(run, rows, source)) is not None:
-            done.add(done.updated, table, _timed(statement, "updated", table, update))
+            steps.append(Step("updated", table, update))
+    return steps
 
 
 def expected_writes(plan: Plan) -> tuple[int, int]:
