@@ -239,13 +239,17 @@ def _passes(run: ApplyRun, phase: Phases, plan: Plan, *, spare: bool = True) -> 
     progress.begin("writes", *write.expected_writes(plan))
     conn = run.conn
     try:
-        with conn.pipeline(), conn.transaction():
+        with conn.pipeline():
+            # psycopg's own savepoint would cost a round trip to enter and one to leave
+            conn.execute("SAVEPOINT snapshot_writes")
             use_app_search_path(conn)  # a trigger may name its tables unqualified
             _three_passes(run, phase, plan, spare=spare, batched=True)
+            conn.execute("RELEASE SAVEPOINT snapshot_writes")
             use_tool_search_path(conn)
     except (psycopg.errors.QueryCanceled, psycopg.OperationalError):
         raise
     except psycopg.Error as exc:
+        conn.execute("ROLLBACK TO SAVEPOINT snapshot_writes; RELEASE SAVEPOINT snapshot_writes")
         log.info("  a write failed (%s): once more, one statement at a time", error_message(exc))
         progress.begin("writes", *write.expected_writes(plan))
         use_app_search_path(conn)
@@ -255,9 +259,10 @@ def _passes(run: ApplyRun, phase: Phases, plan: Plan, *, spare: bool = True) -> 
 
 def _three_passes(run: ApplyRun, phase: Phases, plan: Plan, *, spare: bool, batched: bool) -> None:
     with phase("deleting"):
-        done = write.delete_first(run, plan, spare=spare, batched=batched)
+        done, steps, unique = write.delete_first(run, plan, spare=spare)
+        write.deleted(done, steps, write.run_steps(run.conn, steps, batched=batched))
     with phase("inserting and updating"):
-        write.insert_and_update(run, plan, done, batched=batched)
+        write.insert_and_update(run, plan, done, unique(), batched=batched)
     with phase("deleting what waited"):
         write.delete_last(run, plan, done, batched=batched)
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -99,33 +99,39 @@ ORDER BY w.i, ic.relname
 """
 
 
-def unique_keys(
+def unique_keys_later(
     run: ApplyRun, tables: Sequence[TableName]
-) -> dict[TableName, tuple[UniqueKey, ...]]:
+) -> Callable[[], dict[TableName, tuple[UniqueKey, ...]]]:
     """Per table of ``tables`` (all with a key), the unique keys a row could trade values in:
-    those beside the row key, whose values can be moved aside. One round trip."""
+    those beside the row key, whose values can be moved aside. Asked now, read when called
+    (in the caller's pipeline: no round trip of its own)."""
     if not tables:
-        return {}
-    found: dict[TableName, list[UniqueKey]] = {}
+        return dict
     names = [t.ident.as_string(run.conn) for t in tables]
-    for i, name, plain, not_distinct, columns, reads in run.conn.execute(_UNIQUE_KEYS, (names,)):
-        table = tables[int(i) - 1]
-        rows = run.row_sets[table]
-        exact = bool(plain)
-        keyed = tuple(map(str, columns)) if exact else ()
-        if exact and set(keyed) <= set(rows.key):
-            continue  # the row key itself, or wider: a row never trades it
-        read = tuple(sorted(map(str, reads)))
-        if not set(read) <= set(rows.columns):
-            continue  # reads a column the snapshot lacks or a generated one: not ours to move
-        chosen = _aside(run, table, keyed or read, exact and not not_distinct)
-        if chosen is None:
-            log.debug("  %s: no column of %s can be moved aside", table, name)
-            continue
-        number = len(found.get(table, ()))
-        key = UniqueKey(number, str(name), keyed, read, exact, not not_distinct, *chosen)
-        found.setdefault(table, []).append(key)
-    return {table: tuple(keys) for table, keys in found.items()}
+    cursor = run.conn.execute(_UNIQUE_KEYS, (names,))
+
+    def result() -> dict[TableName, tuple[UniqueKey, ...]]:
+        found: dict[TableName, list[UniqueKey]] = {}
+        for i, name, plain, not_distinct, columns, reads in cursor.fetchall():
+            table = tables[int(i) - 1]
+            rows = run.row_sets[table]
+            exact = bool(plain)
+            keyed = tuple(map(str, columns)) if exact else ()
+            if exact and set(keyed) <= set(rows.key):
+                continue  # the row key itself, or wider: a row never trades it
+            read = tuple(sorted(map(str, reads)))
+            if not set(read) <= set(rows.columns):
+                continue  # reads a column the snapshot lacks or a generated one: not ours
+            chosen = _aside(run, table, keyed or read, exact and not not_distinct)
+            if chosen is None:
+                log.debug("  %s: no column of %s can be moved aside", table, name)
+                continue
+            number = len(found.get(table, ()))
+            key = UniqueKey(number, str(name), keyed, read, exact, not not_distinct, *chosen)
+            found.setdefault(table, []).append(key)
+        return {table: tuple(keys) for table, keys in found.items()}
+
+    return result
 
 
 def _aside(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import psycopg
@@ -92,7 +92,12 @@ def run_steps(conn: psycopg.Connection, steps: Sequence[Step], *, batched: bool)
     for step, rows in zip(steps, counts, strict=True):
         if step.verb:
             progress.table_done(step.verb, step.table, rows, None)
-    log.debug("  %d statements on %s in one round trip, %.2f s", len(steps), tables, seconds)
+    log.debug(
+        "  %s on %s in one round trip, %.2f s",
+        text.count(len(steps), "statement"),
+        text.count(tables, "table"),
+        seconds,
+    )
     return counts
 
 
@@ -320,11 +325,15 @@ def _guarded_delete(run: ApplyRun, rows: RowSet, final: bool) -> sql.Composed:
 _PRESENT = {"deleted": "deleting from", "inserted": "inserting into", "updated": "updating"}
 
 
-def delete_first(run: ApplyRun, plan: Plan, *, spare: bool = True, batched: bool) -> Written:
+def delete_first(
+    run: ApplyRun, plan: Plan, *, spare: bool = True
+) -> tuple[Written, list[Step], Callable[[], dict[TableName, tuple[swaps.UniqueKey, ...]]]]:
     """Pass 1, children first: the rows the snapshot lacks, but parents still referred to.
 
     ``spare=False`` (foreign keys checked in bulk, none acting per row): every one of them.
-    ``batched``: see :func:`run_steps`.
+    Returns what pass 2 builds on (its counts filled by :func:`deleted`), the statements
+    to run, and the question pass 2 needs answered, already asked (:mod:`.swaps`): asked
+    before the statements run, it travels in their round trip.
     """
     done = Written()
     holding = outside.holding(run) if spare else frozenset()
@@ -339,14 +348,28 @@ def delete_first(run: ApplyRun, plan: Plan, *, spare: bool = True, batched: bool
         else:
             continue
         steps.append(Step("deleted", table, query))
-    for step, rows in zip(steps, run_steps(run.conn, steps, batched=batched), strict=True):
-        done.add(done.deleted, step.table, rows)
-    return done
+    unique = swaps.unique_keys_later(run, [t for t in run.order if _trades(run, plan, done, t)])
+    return done, steps, unique
 
 
-def insert_and_update(run: ApplyRun, plan: Plan, done: Written, *, batched: bool) -> None:
-    """Pass 2, parents first: insert what the target lacks, update what differs."""
-    unique = swaps.unique_keys(run, [t for t in run.order if _trades(run, plan, done, t)])
+def deleted(done: Written, steps: Sequence[Step], rows: Sequence[int]) -> None:
+    """Count what pass 1's ``steps`` deleted (``rows``: from :func:`run_steps`)."""
+    for step, count in zip(steps, rows, strict=True):
+        done.add(done.deleted, step.table, count)
+
+
+def insert_and_update(
+    run: ApplyRun,
+    plan: Plan,
+    done: Written,
+    unique: Mapping[TableName, tuple[swaps.UniqueKey, ...]],
+    *,
+    batched: bool,
+) -> None:
+    """Pass 2, parents first: insert what the target lacks, update what differs.
+
+    ``unique``: the keys whose values rows may trade, by table (from :func:`delete_first`).
+    """
     steps: list[Step] = []
     moving: list[tuple[int, TableName]] = []  # where each table's move aside is among steps
     for table in run.order:
