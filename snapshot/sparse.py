@@ -13,6 +13,11 @@ check proves it: its count and checksum, computed in the server, must be the man
 When they are not (a digest shared by two rows, say), the table is staged again in full
 (the apply does that).
 
+A table whose first rows (:data:`SAMPLE`) are mostly not the target's as they stand (a first
+apply onto a prod that went its own way) goes up whole instead: every row into the side
+table, which then replaces the staged copy (no digests removed, nothing deleted); it is
+checked and hashed as a full upload is.
+
 Both sides digest the same text: the row's line of COPY text, its columns in the snapshot's
 order. Locally that is the archive's line as it stands (its fields put in that order when
 the dump wrote them otherwise); the server builds it from each column's text the way COPY
@@ -41,6 +46,8 @@ from snapshot.names import TableName
 log = logging.getLogger(__name__)
 
 DIGEST_BYTES = 8  # of a row's md5: what both sides compare
+SAMPLE = 2000  # rows read before deciding whether a table goes up whole (LineFilter._decide)
+SAME_AT_LEAST = 1 / 3  # of them the target must hold as they stand to send only the others
 
 
 def digest(line: bytes) -> bytes:
@@ -122,6 +129,9 @@ class Sparse:
     uploaded: int = 0
     read: int = 0  # the snapshot's rows read (all of them, whether they went up or not)
     seen: bool = False  # a COPY block of the table was read
+    # None until the first rows are read (:data:`SAMPLE`); then whether the table is staged
+    # whole after all: every row goes up, as a full upload would send it (:class:`LineFilter`)
+    whole: bool | None = None
 
     @property
     def side(self) -> sql.Identifier:
@@ -168,6 +178,7 @@ class LineFilter:
         self._open_sink = open_sink
         self._sink: Sink | None = None
         self._rest = b""
+        self._sample: list[bytes] = []  # the first rows, until the table's mode is decided
         key = [position[k] for k in sparse.key]
         pick_key = operator.itemgetter(*key)
         # a key's COPY line (its fields, tab apart): only for the rows that go up
@@ -192,9 +203,19 @@ class LineFilter:
     def write(self, buffer: bytes) -> None:
         lines = (self._rest + buffer).split(b"\n")
         self._rest = lines.pop()
-        sparse, target = self._sparse, self._sparse.target
-        out = []
+        sparse = self._sparse
         sparse.read += len(lines)
+        if sparse.whole is None:  # the first rows wait for the decision (see _decide)
+            self._sample += lines
+            if len(self._sample) < SAMPLE:
+                return
+            lines, self._sample = self._sample, []
+            self._decide(lines)
+        if sparse.whole:
+            self._send(lines)
+            return
+        target = sparse.target
+        out = []
         reorder, md5, size = self._line, hashlib.md5, DIGEST_BYTES
         for line in lines:
             text = line if reorder is None else reorder(line)
@@ -206,15 +227,48 @@ class LineFilter:
         if out:
             key_line = self._key_line
             sparse.sent.extend(key_line(line) for line in out)
-            out.append(b"")
-            if self._sink is None:
-                self._sink = self._open_sink()
-            self._sink.write(b"\n".join(out))
-            sparse.uploaded += len(out) - 1
+            self._send(out)
+
+    def _decide(self, lines: Sequence[bytes]) -> None:
+        """Whether the table goes up whole: when fewer than :data:`SAME_AT_LEAST` of its first
+        rows are the target's as they stand (a first apply onto a prod that went its own
+        way), sending only the others would save few bytes and cost the server more: the
+        staged copy of the target's rows emptied of most of them, the new ones added. The
+        first rows stand for the rest; a wrong guess costs time, never a wrong row."""
+        reorder, size = self._line, DIGEST_BYTES
+        same = sum(
+            hashlib.md5(line if reorder is None else reorder(line), usedforsecurity=False).digest()[
+                :size
+            ]
+            in self._sparse.target
+            for line in lines
+        )
+        self._sparse.whole = len(lines) > 0 and same < SAME_AT_LEAST * len(lines)
+        if self._sparse.whole:
+            log.debug(
+                "  %s: %d of its first %d rows are the target's: it goes up whole",
+                self._sparse.table,
+                same,
+                len(lines),
+            )
+
+    def _send(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        lines.append(b"")
+        if self._sink is None:
+            self._sink = self._open_sink()
+        self._sink.write(b"\n".join(lines))
+        self._sparse.uploaded += len(lines) - 1
 
     def close(self) -> None:
         if self._rest:
             raise ArchiveError("the archive's data ends inside a row: it is damaged")
+        if self._sample:  # a table smaller than the sample: decided on all its rows
+            lines, self._sample = self._sample, []
+            self._decide(lines)
+            self.write(b"\n".join(lines) + b"\n")
+            self._sparse.read -= len(lines)  # counted once, when first read
 
 
 def copy_recorded(conn: psycopg.Connection, sparse: Sparse) -> None:
@@ -271,6 +325,8 @@ def finish(conn: psycopg.Connection, tables: Sequence[Sparse]) -> dict[TableName
             gone=GONE
         )
     )
+    whole = [changes for changes in tables if changes.whole]
+    tables = [changes for changes in tables if not changes.whole]
     with conn.cursor() as cur, cur.copy(sql.SQL("COPY {} FROM STDIN").format(GONE)) as copy:
         for changes in tables:
             changes.gone = len(changes.target)
@@ -278,6 +334,15 @@ def finish(conn: psycopg.Connection, tables: Sequence[Sparse]) -> dict[TableName
             copy.write(b"".join(prefix + d.hex().encode() + b"\n" for d in changes.target))
     with conn.pipeline():
         counted = []
+        for changes in whole:  # every row went up into the side table: it is the staged one
+            conn.execute(sql.SQL("DROP TABLE {}").format(changes.stage))
+            conn.execute(
+                sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                    changes.side, sql.Identifier(changes.table.staging)
+                )
+            )
+            query = sql.SQL("SELECT count(*) FROM {}").format(changes.stage)
+            counted.append((changes, conn.execute(query)))
         for changes in tables:
             if changes.gone:
                 conn.execute(

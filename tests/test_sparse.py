@@ -246,3 +246,58 @@ def test_a_dump_whose_columns_come_in_another_order_is_digested_in_the_snapshots
     # the target's row 2 is left: the snapshot changed it (removed from the staged rows)
     assert staged.target == {sparse.digest(b"y\t2")} and staged.sent == [b"2", b"3"]
     assert (staged.read, staged.uploaded) == (3, 2)
+
+
+def test_a_table_whose_rows_mostly_differ_goes_up_whole_and_ends_the_same(
+    project: Project, make_db
+) -> None:
+    # prod went its own way on every cell: sending "only what differs" would send them all
+    # and make the server empty its copy of prod's rows first; the table goes up whole.
+    dev, prod = plain_app_pair(project, make_db, _fill, _config("changed"))
+    prod.execute("UPDATE public.cell SET value = 'prod ' || y")
+    before = prod.fingerprint(SCOPE)
+    take(project, "dev")
+
+    result = project.run("apply", "prod", "--from", "dev", "--yes", "--json")
+
+    assert result.exit_code == 0, result.output
+    assert "public.cell: most rows differ from the target's, sent whole" in result.stderr
+    assert "public.doc" not in result.stderr.split("sent whole")[0].splitlines()[-1]
+    assert dev.fingerprint(SCOPE) == prod.fingerprint(SCOPE)
+    rolled = project.run("rollback", "prod", "--yes")
+    assert rolled.exit_code == 0, rolled.output
+    assert prod.fingerprint(SCOPE) == before
+
+
+@pytest.mark.fast
+def test_the_first_rows_decide_whether_a_table_goes_up_whole() -> None:
+    def filtered(target_rows: list[bytes], rows: list[bytes]) -> tuple[sparse.Sparse, bytes]:
+        target = {sparse.digest(r) for r in target_rows}
+        staged = sparse.Sparse(
+            TableName("public", "t"), 0, sql.Identifier("s"), sql.Identifier("r"), ("id",),
+            ("id", "v"), set(target),
+        )  # fmt: skip
+        sent: list[bytes] = []
+
+        class Sink:
+            def write(self, data: bytes) -> None:
+                sent.append(data)
+
+        lines = sparse.LineFilter(staged, ["id", "v"], Sink)
+        for i in range(0, len(rows), 7):  # in chunks, as the archive comes
+            lines.write(b"".join(r + b"\n" for r in rows[i : i + 7]))
+        lines.close()
+        return staged, b"".join(sent)
+
+    many = [b"%d\tv" % i for i in range(3 * sparse.SAMPLE)]
+    # the target holds a fifth of the rows as they stand: every row goes up
+    staged, sent = filtered(many[::5], many)
+    assert staged.whole and sent == b"".join(r + b"\n" for r in many)
+    assert (staged.read, staged.uploaded) == (len(many), len(many))
+    # it holds every row but a few: only those go up
+    staged, sent = filtered(many[:-3], many)
+    assert staged.whole is False and sent == b"".join(r + b"\n" for r in many[-3:])
+    assert (staged.read, staged.uploaded) == (len(many), 3)
+    # a table smaller than the sample is decided on all of its rows
+    staged, sent = filtered([], many[:10])
+    assert staged.whole and staged.read == 10 and sent == b"".join(r + b"\n" for r in many[:10])

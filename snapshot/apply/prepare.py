@@ -54,6 +54,10 @@ def prepare(run: ApplyRun) -> Plan:
     entries = [*run.entries.values(), *run.auth_entries]
     skip = matched | run.session.withheld_tables  # withheld auth users are never even loaded
     staging.stage(run.conn, run.pg_restore, run.snapshot, entries, skip, run.sparse)
+    if whole := sorted(t for t, s in run.sparse.items() if s.whole):
+        # most of their rows differ: they went up whole and are hashed as a full upload is
+        log.info("  %s: most rows differ from the target's, sent whole", ", ".join(map(str, whole)))
+        run.sparse = {t: s for t, s in run.sparse.items() if not s.whole}
     hashed = _prove_sparse(run, entries)
     if run.backup is not None:
         if backup.can_write_difference(run, matched):
