@@ -830,9 +830,15 @@ ORDER BY n.nspname, c.relname, t.tgname
 
 def app_triggers(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[AppTrigger]:
     """The enabled app triggers on ``tables`` (and their partitions), by table and name."""
-    return [
+    return app_triggers_later(conn, tables)()
+
+
+def app_triggers_later(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> Callable[[], list[AppTrigger]]:
+    """:func:`app_triggers`, asked now and read when called (in the caller's pipeline)."""
+    cursor = conn.execute(_APP_TRIGGERS, _table_arrays(tables))
+    return lambda: [
         AppTrigger(TableName(nsp, rel), str(name), str(function), bool(before), str(lang), str(src))
-        for nsp, rel, name, function, before, lang, src in conn.execute(
-            _APP_TRIGGERS, _table_arrays(tables)
-        )
+        for nsp, rel, name, function, before, lang, src in cursor.fetchall()
     ]

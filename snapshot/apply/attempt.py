@@ -17,6 +17,7 @@ apply); the last attempt's failure is the apply's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
@@ -239,32 +240,39 @@ def _passes(run: ApplyRun, phase: Phases, plan: Plan, *, spare: bool = True) -> 
     progress.begin("writes", *write.expected_writes(plan))
     conn = run.conn
     try:
-        with conn.pipeline():
-            # psycopg's own savepoint would cost a round trip to enter and one to leave
+        with contextlib.ExitStack() as pipeline:
+            pipeline.enter_context(conn.pipeline())
+            # psycopg's own savepoint would cost a round trip to enter and one to leave; this
+            # one goes when the attempt's savepoint is released or rolled back
             conn.execute("SAVEPOINT snapshot_writes")
             use_app_search_path(conn)  # a trigger may name its tables unqualified
-            _three_passes(run, phase, plan, spare=spare, batched=True)
-            conn.execute("RELEASE SAVEPOINT snapshot_writes")
-            use_tool_search_path(conn)
+            with phase("deleting"):
+                done, steps, unique = write.delete_first(run, plan, spare=spare)
+                deleted = write.send_steps(conn, steps, batched=True)
+                keys = unique()  # the first round trip: pass 1, and the question pass 2 needs
+                write.deleted(done, steps, deleted())
+            with phase("inserting and updating"):  # and deleting the parents that waited
+                written = write.insert_and_update(run, plan, done, keys, batched=True)
+                last = write.delete_last(run, plan, done, batched=True)
+                use_tool_search_path(conn)
+                pipeline.close()  # the second round trip: passes 2 and 3
+            written()
+            last()
     except (psycopg.errors.QueryCanceled, psycopg.OperationalError):
         raise
     except psycopg.Error as exc:
-        conn.execute("ROLLBACK TO SAVEPOINT snapshot_writes; RELEASE SAVEPOINT snapshot_writes")
+        conn.execute("ROLLBACK TO SAVEPOINT snapshot_writes")
         log.info("  a write failed (%s): once more, one statement at a time", error_message(exc))
         progress.begin("writes", *write.expected_writes(plan))
         use_app_search_path(conn)
-        _three_passes(run, phase, plan, spare=spare, batched=False)
+        with phase("deleting"):
+            done, steps, unique = write.delete_first(run, plan, spare=spare)
+            write.deleted(done, steps, write.send_steps(conn, steps, batched=False)())
+        with phase("inserting and updating"):
+            write.insert_and_update(run, plan, done, unique(), batched=False)()
+        with phase("deleting what waited"):
+            write.delete_last(run, plan, done, batched=False)()
         use_tool_search_path(conn)
-
-
-def _three_passes(run: ApplyRun, phase: Phases, plan: Plan, *, spare: bool, batched: bool) -> None:
-    with phase("deleting"):
-        done, steps, unique = write.delete_first(run, plan, spare=spare)
-        write.deleted(done, steps, write.run_steps(run.conn, steps, batched=batched))
-    with phase("inserting and updating"):
-        write.insert_and_update(run, plan, done, unique(), batched=batched)
-    with phase("deleting what waited"):
-        write.delete_last(run, plan, done, batched=batched)
 
 
 def _blocked_readers(dropped: Collection[constraints.ForeignKeyDefinition]) -> str:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,21 +138,24 @@ def _rows(count: int) -> str:
 
 def survey(
     conn: psycopg.Connection, tables: Sequence[TableName]
-) -> tuple[list[AppTrigger], list[TableName]]:
+) -> Callable[[], tuple[list[AppTrigger], list[TableName]]]:
     """The app's triggers on ``tables``, and the tables among those the role may not keep
-    (it may not create triggers on them: it neither owns them nor has TRIGGER)."""
-    # Both questions in one round trip (a pipeline): may the role keep each table, and
-    # which app triggers each has.
-    with conn.pipeline():
-        refused = conn.execute(
-            "SELECT i FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(t, i) "
-            "WHERE NOT has_table_privilege(t, 'TRIGGER')",
-            ([t.ident.as_string(conn) for t in tables],),
-        )
-        found = catalog.app_triggers(conn, tables)
+    (it may not create triggers on them: it neither owns them nor has TRIGGER). Asked now,
+    read when called (in the caller's pipeline)."""
+    refused = conn.execute(
+        "SELECT i FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(t, i) "
+        "WHERE NOT has_table_privilege(t, 'TRIGGER')",
+        ([t.ident.as_string(conn) for t in tables],),
+    )
+    triggers = catalog.app_triggers_later(conn, tables)
+
+    def result() -> tuple[list[AppTrigger], list[TableName]]:
+        found = triggers()
         denied = [tables[int(r[0]) - 1] for r in refused.fetchall()]
-    with_triggers = {t.table for t in found}
-    return found, [t for t in denied if t in with_triggers]
+        with_triggers = {t.table for t in found}
+        return found, [t for t in denied if t in with_triggers]
+
+    return result
 
 
 def hold(
@@ -171,7 +174,14 @@ def hold(
     raises) gets none: its lock is never taken. ``also`` names tables found to be written
     by the app's triggers all the same (an earlier attempt's parity; see :func:`guard`).
     """
-    found, denied = survey(conn, tables)
+    # Every catalog question in one round trip (a pipeline), for every table: which app
+    # triggers each has and may the role keep it, the columns foreign keys write into
+    # (ON DELETE/UPDATE actions), and the names its BEFORE ROW triggers leave free.
+    with conn.pipeline():
+        surveyed = survey(conn, tables)
+        acting = conn.execute(_ACTION_COLUMNS, ([t.ident.as_string(conn) for t in tables],))
+        named = _names(conn, tables)
+    found, denied = surveyed()
     wanted = {t.table for t in found if t.may_rewrite} | set(also)
     missing = [
         f"{t}: the role may not create triggers on it (GRANT TRIGGER ON {t} TO the role)"
@@ -179,13 +189,8 @@ def hold(
         if t in wanted and t in denied
     ]
     kept = [t for t in tables if t in wanted and t not in denied]
-    all_names: dict[TableName, tuple[str, str] | None] = {}
-    actions: dict[TableName, frozenset[str]] = {}
-    if kept:
-        with conn.pipeline():  # both in one round trip
-            acting = conn.execute(_ACTION_COLUMNS, ([t.ident.as_string(conn) for t in kept],))
-            all_names = _names(conn, kept)
-            actions = {kept[int(i) - 1]: frozenset(map(str, c)) for i, c in acting.fetchall()}
+    all_names = named()
+    actions = {tables[int(i) - 1]: frozenset(map(str, c)) for i, c in acting.fetchall()}
     keepers = []
     for table in kept:
         before = tuple(t for t in found if t.table == table and t.before_row)
@@ -239,24 +244,29 @@ JOIN pg_trigger t ON t.tgrelid = p.relid WHERE (t.tgtype & 3) = 3
 
 def _names(
     conn: psycopg.Connection, tables: Sequence[TableName]
-) -> dict[TableName, tuple[str, str] | None]:
+) -> Callable[[], dict[TableName, tuple[str, str] | None]]:
     """Per table, the first and last keeper's names: sorting before and after every BEFORE
     ROW trigger of the table (PostgreSQL fires them in the byte order of their names); None
-    when no name fits."""
-    others: dict[TableName, list[bytes]] = {t: [] for t in tables}
+    when no name fits. Asked now, read when called."""
     names_of = [t.ident.as_string(conn) for t in tables]
-    for i, trigger in conn.execute(_BEFORE_ROW_NAMES, (names_of,)):
-        others[tables[int(i) - 1]].append(str(trigger).encode())
-    names: dict[TableName, tuple[str, str] | None] = {}
-    for table, taken in others.items():
-        first, last = FIRST.encode(), LAST.encode()
-        while taken and min(taken) <= first:
-            first = b" " + first
-        if taken and max(taken) >= last:
-            last = max(taken) + b"~"
-        fits = max(len(first), len(last)) <= MAX_IDENTIFIER_BYTES
-        names[table] = (first.decode(), last.decode()) if fits else None
-    return names
+    cursor = conn.execute(_BEFORE_ROW_NAMES, (names_of,))
+
+    def result() -> dict[TableName, tuple[str, str] | None]:
+        others: dict[TableName, list[bytes]] = {t: [] for t in tables}
+        for i, trigger in cursor.fetchall():
+            others[tables[int(i) - 1]].append(str(trigger).encode())
+        names: dict[TableName, tuple[str, str] | None] = {}
+        for table, taken in others.items():
+            first, last = FIRST.encode(), LAST.encode()
+            while taken and min(taken) <= first:
+                first = b" " + first
+            if taken and max(taken) >= last:
+                last = max(taken) + b"~"
+            fits = max(len(first), len(last)) <= MAX_IDENTIFIER_BYTES
+            names[table] = (first.decode(), last.decode()) if fits else None
+        return names
+
+    return result
 
 
 _ACTION_COLUMNS = """

@@ -21,6 +21,7 @@ its recorded hash when its version is the recorded one, else hashed afresh.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -357,6 +358,8 @@ def reconcile(
     trips in all (a pipeline).
     """
     moved = refresh_record(conn, [*sets, *records], horizon)
+    if not any(moved[rows.table] for rows in sets):
+        return dict.fromkeys((rows.table for rows in sets), 0)  # (an empty pipeline: a round trip)
     with conn.pipeline():
         for rows in sets:
             if moved[rows.table]:
@@ -402,7 +405,7 @@ def refresh_record(
         moved.update(_moved_since(conn, sets, horizon))
     matching = [rows for rows in sets if moved[rows.table] is None]
     created = []
-    with conn.pipeline():
+    with conn.pipeline() if matching else contextlib.nullcontext():
         for rows in matching:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(rows.moved))
             every = _MATCH_EVERY_ROW.format(
@@ -412,7 +415,7 @@ def refresh_record(
     for rows, cursor in created:
         moved[rows.table] = cursor.rowcount
     counts = {table: int(n or 0) for table, n in moved.items()}
-    with conn.pipeline():
+    with conn.pipeline() if any(counts.values()) else contextlib.nullcontext():
         for rows in sets:
             if counts[rows.table]:
                 conn.execute(_FORGET.format(rows.record, rows.moved, rows.match("d", "m")))

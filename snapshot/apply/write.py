@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import psycopg
 from psycopg import sql
 
-from snapshot import progress, staging, text
+from snapshot import progress, staging
 from snapshot.apply import outside, swaps
 from snapshot.apply.plan import Plan, decide
 from snapshot.apply.rows import DELETE, INSERT, UPDATE, RowSet
@@ -72,32 +72,29 @@ class Step:
     query: sql.Composed
 
 
-def run_steps(conn: psycopg.Connection, steps: Sequence[Step], *, batched: bool) -> list[int]:
-    """Run ``steps`` in order; the rows each wrote.
+def send_steps(
+    conn: psycopg.Connection, steps: Sequence[Step], *, batched: bool
+) -> Callable[[], list[int]]:
+    """Run ``steps`` in order; what it returns gives the rows each wrote.
 
-    ``batched``: all in one round trip (a pipeline); a failure raises the server's error,
-    whose table is not known (the caller runs the writes again one by one to find it).
-    Otherwise one statement at a time, a failure raising :class:`TableFailed`.
+    ``batched``: the caller's pipeline is open; the statements are only sent, and their rows
+    are known once the pipeline has synced (call the result then). A failure then raises
+    the server's error, whose table is not known (the caller runs the writes again one by
+    one to find it). Otherwise one statement at a time, a failure raising
+    :class:`TableFailed`.
     """
-    if not steps:
-        return []
     if not batched:
-        return [_one(conn, step) for step in steps]
-    tables = len({step.table for step in steps})
-    started = time.monotonic()
-    with progress.still_running(f"writing {text.count(tables, 'table')}"), conn.pipeline():
-        cursors = [conn.execute(step.query) for step in steps]
-    seconds = time.monotonic() - started
-    counts = [max(int(cursor.rowcount), 0) for cursor in cursors]
-    for step, rows in zip(steps, counts, strict=True):
-        if step.verb:
-            progress.table_done(step.verb, step.table, rows, None)
-    log.debug(
-        "  %s on %s in one round trip, %.2f s",
-        text.count(len(steps), "statement"),
-        text.count(tables, "table"),
-        seconds,
-    )
+        done = [_one(conn, step) for step in steps]
+        return lambda: done
+    cursors = [conn.execute(step.query) for step in steps]
+
+    def counts() -> list[int]:
+        rows = [max(int(cursor.rowcount), 0) for cursor in cursors]
+        for step, count in zip(steps, rows, strict=True):
+            if step.verb:
+                progress.table_done(step.verb, step.table, count, None)
+        return rows
+
     return counts
 
 
@@ -365,8 +362,9 @@ def insert_and_update(
     unique: Mapping[TableName, tuple[swaps.UniqueKey, ...]],
     *,
     batched: bool,
-) -> None:
-    """Pass 2, parents first: insert what the target lacks, update what differs.
+) -> Callable[[], None]:
+    """Pass 2, parents first: insert what the target lacks, update what differs. Call what
+    it returns once the statements ran (batched: the pipeline synced) to count them.
 
     ``unique``: the keys whose values rows may trade, by table (from :func:`delete_first`).
     """
@@ -396,14 +394,19 @@ def insert_and_update(
                 steps.append(Step("inserted", table, insert))
             elif verb == "update" and counts.updates and (update := _update(run, delta)):
                 steps.append(Step("updated", table, update))
-    written = run_steps(run.conn, steps, batched=batched)
-    for step, count in zip(steps, written, strict=True):
-        if step.verb == "inserted":
-            done.add(done.inserted, step.table, count)
-        elif step.verb == "updated":
-            done.add(done.updated, step.table, count)
-    for at, table in moving:
-        swaps.moved(table, unique[table], written[at])
+    sent = send_steps(run.conn, steps, batched=batched)
+
+    def count() -> None:
+        written = sent()
+        for step, rows in zip(steps, written, strict=True):
+            if step.verb == "inserted":
+                done.add(done.inserted, step.table, rows)
+            elif step.verb == "updated":
+                done.add(done.updated, step.table, rows)
+        for at, table in moving:
+            swaps.moved(table, unique[table], written[at])
+
+    return count
 
 
 def _trades(run: ApplyRun, plan: Plan, done: Written, table: TableName) -> bool:
@@ -417,8 +420,12 @@ def _trades(run: ApplyRun, plan: Plan, done: Written, table: TableName) -> bool:
     return bool(counts.inserts or counts.updates)
 
 
-def delete_last(run: ApplyRun, plan: Plan, done: Written, *, batched: bool) -> None:
-    """Pass 3, children first: the parents that waited for their children to move."""
+def delete_last(run: ApplyRun, plan: Plan, done: Written, *, batched: bool) -> Callable[[], None]:
+    """Pass 3, children first: the parents that waited for their children to move. Call
+    what it returns once the statements ran (batched: the pipeline synced) to count them.
+
+    Needs pass 1's counts (a parent that lost every row it meant to needs no second pass).
+    """
     steps = []
     for table in reversed(run.order):
         if table in done.held:
@@ -432,8 +439,8 @@ def delete_last(run: ApplyRun, plan: Plan, done: Written, *, batched: bool) -> N
         else:
             query = _guarded_delete(run, run.row_sets[table], final=True)
         steps.append(Step("deleted", table, query))
-    for step, rows in zip(steps, run_steps(run.conn, steps, batched=batched), strict=True):
-        done.add(done.deleted, step.table, rows)
+    sent = send_steps(run.conn, steps, batched=batched)
+    return lambda: deleted(done, steps, sent())
 
 
 def _sparing_kept(run: ApplyRun, rows: RowSet, query: sql.Composed, alias: str) -> sql.Composed:
