@@ -5,7 +5,8 @@ subsetted (:mod:`snapshot.subset`); in the same exported snapshot, each such tab
 are written as one ``REPLACE schema.table (columns) FROM stdin;`` block of COPY text
 (:mod:`snapshot.copytext`): the masked expressions over the kept rows for a table both
 masked and subsetted. Staging reads these blocks after the dump
-(:mod:`snapshot.staging`); the manifest's counts and checksums are those of the written rows.
+(:mod:`snapshot.staging`); the manifest's counts and checksums are those of the written rows,
+summed from the same reading: the rows, masked expressions and all, are computed once.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import psycopg
 from psycopg import sql
 
 from snapshot import archive, copytext
-from snapshot.checksum import TableStats, table_stats
+from snapshot.checksum import TableStats, stats_of_sums, with_row_hashes
 from snapshot.masking import MASKED_FILE, Masks
 from snapshot.names import TableName
 from snapshot.subset import SUBSET_FILE, SubsetPlan
@@ -83,8 +85,33 @@ def _write(
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
         for table, block in written.items():
-            copytext.write_block(conn, out, "REPLACE", table, block.columns, block.query)
-            stats[table] = table_stats(
-                conn, sql.SQL("({}) AS beside").format(block.query), block.columns
-            )
+            stats[table] = _write_block(conn, out, table, block)
     return stats
+
+
+def _write_block(
+    conn: psycopg.Connection, out: BinaryIO, table: TableName, block: Block
+) -> TableStats:
+    """One table's ``REPLACE`` block, and its count and checksum from the same reading.
+
+    The server computes each row once, with its hash's two halves after it
+    (:func:`snapshot.checksum.with_row_hashes`); they are summed here and cut off before
+    the row is written. Each COPY message is one row, whose values hold no tab or newline
+    (COPY escapes them; "CopyData messages (always one per row)", says the protocol): the
+    row's last two tab-separated fields are the halves.
+    """
+    copytext.write_header(conn, out, "REPLACE", table, block.columns)
+    rows = first = second = 0
+    query = with_row_hashes(block.query, block.columns)
+    with conn.cursor() as cur, cur.copy(sql.SQL("COPY ({}) TO STDOUT").format(query)) as copy:
+        for data in copy:
+            row = bytes(data)
+            last = row.rfind(b"\t")
+            cut = row.rfind(b"\t", 0, last)
+            first += int(row[cut + 1 : last])
+            second += int(row[last + 1 : -1])
+            out.write(row[:cut])
+            out.write(b"\n")
+            rows += 1
+    out.write(copytext.TERMINATOR[1:])
+    return stats_of_sums(rows, first, second)

@@ -92,6 +92,37 @@ def digest(rows: int, sums: str, kind: str = CURRENT) -> str:
     return hashed if kind == MD5 else _PREFIX + hashed
 
 
+def with_row_hashes(
+    query: sql.Composable, columns: Sequence[str], kind: str = CURRENT
+) -> sql.Composable:
+    """``query``'s rows (``columns``, in its order) with the two :func:`halves` of each row's
+    hash after them: a COPY of it carries the rows and their checksum in one reading, the
+    sums made by whoever reads it (:func:`stats_of_sums`).
+
+    ``query``'s columns are computed once a row (``OFFSET 0``: flattened, an expression of
+    its would be copied into both the column and the row text), and so is the row text.
+    """
+    names = sql.SQL(", ").join(sql.Identifier("r", c) for c in columns)
+    first, second = halves(sql.Identifier("r", "snapshot$row"), kind)
+    return sql.SQL(
+        "SELECT {names}, {first}, {second} FROM (SELECT b.*, {term} AS {row} "
+        "FROM (SELECT * FROM ({query}) AS q OFFSET 0) AS b OFFSET 0) AS r"
+    ).format(
+        names=names,
+        first=first,
+        second=second,
+        term=row_term(columns, "b", kind),
+        row=sql.Identifier("snapshot$row"),
+        query=query,
+    )
+
+
+def stats_of_sums(rows: int, first: int, second: int, kind: str = CURRENT) -> TableStats:
+    """The :class:`TableStats` of ``rows`` rows whose :func:`halves` sum to ``first`` and
+    ``second``: the same checksum :func:`table_stats` computes on the server."""
+    return TableStats(rows, digest(rows, f"{first}:{second}", kind))
+
+
 def table_stats(
     conn: psycopg.Connection,
     table: TableName | sql.Composable,

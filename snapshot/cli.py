@@ -485,11 +485,22 @@ def env(app: App, env_name: str, as_json: bool) -> None:
     is_flag=True,
     help="Take every row, ignoring [subset] in snapshot.toml.",
 )
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Plan the take and count what a subset keeps, then roll back: archive nothing.",
+)
 @json_option
 @global_options
 @pass_app
 def take(
-    app: App, env_name: str, label: str | None, unmasked: bool, whole: bool, as_json: bool
+    app: App,
+    env_name: str,
+    label: str | None,
+    unmasked: bool,
+    whole: bool,
+    dry_run: bool,
+    as_json: bool,
 ) -> None:
     """Archive a consistent, data-only snapshot of ENV's scope.
 
@@ -497,14 +508,22 @@ def take(
     the rules of [masking] in snapshot.toml and the key in $SNAPSHOT_MASK_KEY, or as it is
     with --unmasked; with [subset], it keeps part of the rows, every foreign key holding
     (a subsetted snapshot goes only to environments marked safe); --whole takes them all.
-    An environment marked safe (dev) is always taken whole.
+    An environment marked safe (dev) is always taken whole. --dry-run shows the rows each
+    subsetted table would keep (the subset closed in the source, read only) and dumps nothing.
 
     \b
     snapshot take dev
     snapshot take dev --label before-cutover
     SNAPSHOT_MASK_KEY=... snapshot take prod
+    SNAPSHOT_MASK_KEY=... snapshot take prod --dry-run
     """
+    from snapshot.take import preview
     from snapshot.take import take as take_snapshot
+
+    if dry_run:
+        found = preview(app.config, env_name, pg_bin=app.pg_bin, unmasked=unmasked, whole=whole)
+        app.output(found.to_json(), lambda: render.take_preview(found))
+        return
 
     snapshot = take_snapshot(
         app.config, env_name, label=label, pg_bin=app.pg_bin, unmasked=unmasked, whole=whole

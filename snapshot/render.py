@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from snapshot.prune import PruneReport
     from snapshot.rehearse import RehearsalReport
     from snapshot.smoke import SmokeReport
+    from snapshot.take import TakePreview
     from snapshot.verify import VerifyReport
 
 
@@ -85,6 +86,37 @@ def subset_share(snapshot: Snapshot) -> str:
     kept = sum(t.kept for t in subset.tables)
     total = sum(t.total for t in subset.tables)
     return f"{kept * 100 / total:.3g}% of rows" if total else "0 rows"
+
+
+def take_preview(preview: TakePreview) -> str:
+    """``take --dry-run``: per subsetted table the rows the rules keep of the source's."""
+    env = preview.environment
+    if preview.key_fingerprint is not None:
+        people = f"masked (key {preview.key_fingerprint})"
+    elif preview.source_safe:
+        people = "as it is (marked safe)"
+    else:
+        people = "unmasked: it holds its people"
+    cut = preview.subset
+    if cut is None:
+        return f"a take of {env} would keep every row, {people}; nothing was taken"
+    rows = [
+        (
+            t.table,
+            f"{t.kept:,}",
+            f"{t.total:,}",
+            f"{t.kept * 100 / t.total:.3g}%" if t.total else "",
+        )
+        for t in cut.tables
+    ]
+    kept, total = sum(t.kept for t in cut.tables), sum(t.total for t in cut.tables)
+    rows.append(("total (subsetted tables)", f"{kept:,}", f"{total:,}", ""))
+    rules = ", ".join(f"{t} {r}" for t, r in cut.rules)
+    return (
+        table(("table", "kept", "of", "share"), rows)
+        + f"\n\na take of {env} would be subsetted ({rules}), {people}; every other table "
+        "whole; nothing was taken"
+    )
 
 
 def take_report(snapshot: Snapshot) -> str:

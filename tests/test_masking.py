@@ -234,6 +234,78 @@ def test_emails_in_arrays_and_json_are_masked_and_still_join(
     assert dev.scalar("SELECT count(DISTINCT last_ip) FROM public.users") == 1
 
 
+def shape(document: object) -> object:
+    """A JSON document with every string replaced by ``"<string>"``: its keys, nesting, array
+    lengths and other values, what masking keeps."""
+    if isinstance(document, dict):
+        return {k: shape(v) for k, v in document.items()}
+    if isinstance(document, list):
+        return [shape(v) for v in document]
+    return "<string>" if isinstance(document, str) else document
+
+
+def strings_at(document: object, path: tuple[object, ...]) -> object:
+    for step in path:
+        document = document[step]  # type: ignore[index]
+    return document
+
+
+def test_json_is_masked_at_every_depth_keeping_its_shape(
+    project: Project, masked_pair, restore_bin: Path
+) -> None:
+    dev, prod = masked_pair
+    originals = personal_prod(prod)
+    first = PEOPLE[0][1]  # public.users.email of the user whose settings these are
+    second, third = "second.person@realmail.test", "third.person@realmail.test"
+    document = {
+        "contact": first,  # depth 1
+        "score": 12.5,
+        "beta": True,
+        "gone": None,
+        "backup": [{"email": second, "primary": False}],  # depth 3, in an array of objects
+        "aliases": {"home": [third, second, 7]},  # depth 3, in an object of arrays
+        "org": {"teams": [{"members": [{"email": first, "age": 41}, 7, None, []]}], "ids": [1]},
+    }  # org.teams[0].members[0].email: depth 6
+    user_id = prod.scalar(
+        "SELECT p.user_id FROM public.user_preferences p JOIN public.users u ON u.id = p.user_id "
+        "WHERE u.email = %s",
+        [first],
+    )
+    prod.execute(
+        "UPDATE public.user_preferences SET settings = %s WHERE user_id = %s",
+        [json.dumps(document), user_id],
+    )
+    project.config(RULES + '"user_preferences.settings" = "json"\n')
+
+    folder, again = take_masked(project), take_masked(project)
+
+    assert (folder / "masked.copy").read_bytes() == (again / "masked.copy").read_bytes()
+    archived = archive_bytes(folder, restore_bin)
+    for value in [*originals, second, third, "realmail"]:
+        assert value.encode() not in archived, value
+    applied = project.run("apply", "dev", "--from", "prod", "--yes")
+    assert applied.exit_code == 0, applied.output
+    masked = dev.scalar(
+        "SELECT settings FROM public.user_preferences WHERE user_id = %s", [user_id]
+    )
+    assert shape(masked) == shape(document)
+    firsts = {
+        strings_at(masked, p) for p in [("contact",), ("org", "teams", 0, "members", 0, "email")]
+    }
+    seconds = {strings_at(masked, p) for p in [("backup", 0, "email"), ("aliases", "home", 1)]}
+    [first_fake], [second_fake] = firsts, seconds  # the same email, the same fake
+    third_fake = strings_at(masked, ("aliases", "home", 0))
+    assert len({first_fake, second_fake, third_fake}) == 3
+    assert all(str(f).endswith("@example.com") for f in (first_fake, second_fake, third_fake))
+    assert first_fake == dev.scalar("SELECT email FROM public.users WHERE id = %s", [user_id])
+    assert (
+        dev.scalar(
+            "SELECT count(*) FROM public.user_preferences t WHERE t::text LIKE '%%realmail%%'"
+        )
+        == 0
+    )
+
+
 def test_a_personal_column_without_a_rule_refuses_the_take(project: Project, masked_pair) -> None:
     _dev, prod = masked_pair
     prod.execute("ALTER TABLE public.answers ADD COLUMN reviewer text")

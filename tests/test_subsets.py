@@ -432,6 +432,63 @@ def test_take_whole_ignores_the_subset(project: Project, pair) -> None:
     assert {t["table"]: t["rows"] for t in manifest["tables"]}["public.activity"] == 3000
 
 
+def test_take_dry_run_shows_the_rows_a_subset_would_keep_and_takes_nothing(
+    project: Project, pair
+) -> None:
+    _dev, prod = pair
+    before = prod.fingerprint(TABLES)
+
+    previewed = project.run("take", "prod", "--dry-run", "--unmasked", "--json")
+    shown = project.run("take", "prod", "--dry-run", "--unmasked")
+
+    assert previewed.exit_code == 0, previewed.output
+    assert project.snapshots() == []  # nothing archived, prod untouched
+    assert prod.fingerprint(TABLES) == before
+    preview = json.loads(previewed.stdout)
+    assert preview["dry_run"] and not preview["masked"]
+    expected = expected_counts(prod, PERCENT, None)
+    assert preview["subset"]["rules"] == {"public.activity": "10%"}
+    assert preview["subset"]["tables"] == {
+        t: {"kept": expected[t], "total": prod.scalar(f"SELECT count(*) FROM {t}")}
+        for t in TABLES
+        if t not in ("public.members", "public.courses")
+    }
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["table", "kept", "of", "share"]
+    [activity] = [line for line in lines if line.startswith("public.activity ")]
+    assert activity.split()[1:3] == [f"{expected['public.activity']:,}", "3,000"]
+    assert lines[-1] == (
+        "a take of prod would be subsetted (public.activity 10%), unmasked: it holds its "
+        "people; every other table whole; nothing was taken"
+    )
+    # The take that follows keeps what the dry run said it would.
+    assert (
+        manifest_of(take(project, "--unmasked"))["subset"]["tables"] == preview["subset"]["tables"]
+    )
+    whole = project.run("take", "dev", "--dry-run")
+    assert whole.exit_code == 0, whole.output
+    assert whole.stdout.strip() == (
+        "a take of dev would keep every row, as it is (marked safe); nothing was taken"
+    )
+
+
+def test_take_dry_run_refuses_as_the_take_would(project: Project, pair) -> None:
+    project.config(SCOPE + '[subset.tables]\n"activity" = { where = "no_such_column = 1" }\n')
+
+    refused = project.run("take", "prod", "--dry-run", "--unmasked")
+
+    assert refused.exit_code == 2
+    assert one_error_line(refused).startswith(
+        "Error: [subset.tables] public.activity where 'no_such_column = 1' fails on prod: "
+    )
+    project.config(TEN_PERCENT + MASKING)
+    unkeyed = project.run("take", "prod", "--dry-run")  # masked: the key is needed, as to take
+    assert unkeyed.exit_code == 2
+    assert "SNAPSHOT_MASK_KEY" in one_error_line(unkeyed)
+    assert project.snapshots() == []
+
+
 @pytest.mark.parametrize(
     ("rule", "message"),
     [

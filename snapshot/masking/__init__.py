@@ -12,8 +12,8 @@ The recipe, as :mod:`snapshot.take` runs it:
    (``--exclude-table-data``);
 3. :mod:`snapshot.beside`, in the same exported snapshot, writes the masked tables' rows
    with ``COPY (SELECT <masked expressions> ...) TO STDOUT`` into :data:`MASKED_FILE`, as
-   ``REPLACE`` blocks staging reads like a backup's catch-up, and checksums the same
-   masked rows for the manifest (:meth:`TableMask.select`). The fakes are made on the
+   ``REPLACE`` blocks staging reads like a backup's catch-up, the manifest's checksums
+   summed from the same reading (:meth:`TableMask.select`). The fakes are made on the
    server (:mod:`.fakes`): no unmasked value of a masked column reaches this process, the
    archive or its temporary files.
 

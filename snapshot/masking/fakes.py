@@ -10,6 +10,17 @@ Two forms: a column under a unique index gets the *unique* form of its kind (16 
 of the hash added, 64 bits: distinct values stay distinct at any realistic size); emails and
 hashes always have that form, so an email masks the same in ``auth.users`` (unique) and in
 an app table (not). NULL stays NULL and an empty string stays empty.
+
+A json/jsonb document is rebuilt with every string masked at any depth (:func:`_json`), in
+plain SQL: the take's transaction is read-only on the source, so no function can be made
+for it. Each level of objects and arrays is one correlated subquery over its members, the
+next level's expression written once inside it, nested :data:`JSON_DEPTH` levels deep; an
+object or array deeper than that is replaced by its text, masked as one string (nothing
+unmasked passes; only its shape is lost). A recursive CTE would reach any depth, but it
+cannot aggregate in its recursive step, so the document would be rebuilt by one
+``jsonb_set`` per string (a copy of the document each: quadratic in a large array) after a
+walk and its sort, per row; the nested subqueries cost what the one-level rule cost
+(measured: 100,000 flat documents, 2.5 s either way) and a document's members are read once.
 """
 
 from __future__ import annotations
@@ -177,31 +188,50 @@ def _json_string(key: sql.Composable, value: sql.Composable) -> sql.Composable:
     ).format(fake=_keep_empty(s, fake), hash=key_hash(sql.SQL("x.s")), value=value)
 
 
-def _json_value(key: sql.Composable, value: sql.Composable) -> sql.Composable:
-    """A JSON value one level down: strings masked, containers emptied, the rest kept."""
+JSON_DEPTH = 8  # objects and arrays nested this deep keep their shape; deeper ones become a string
+
+
+def _json_node(value: sql.Composable, key: sql.Composable, depth: int) -> sql.Composable:
+    """A JSON value at ``depth`` (1: the document), whose nearest object key is ``key``:
+    strings masked, objects and arrays rebuilt with their members masked, the rest kept.
+
+    An object or array deeper than :data:`JSON_DEPTH` is replaced by its text, masked as one
+    string. Each level's members are read by one subquery (an object's by ``jsonb_each``, an
+    array's by ``jsonb_array_elements``, the other one given NULL reads nothing), so the next
+    level's expression is written once: the SQL grows with the depth, not with a power of
+    it. ``OFFSET 0`` keeps that subquery apart: flattened into the aggregates above it, its
+    expression would be copied into both (planning took 4 s at depth 8). Array elements
+    take their array's key (``"phones": [...]``).
+    """
+    string = _json_string(key, value)
+    if depth > JSON_DEPTH:
+        container = _json_string(key, sql.SQL("to_jsonb(({})::text)").format(value))
+    else:
+        c = sql.Identifier(f"snapshot$j{depth}")
+        member = _json_node(sql.SQL("{}.v").format(c), sql.SQL("{}.name").format(c), depth + 1)
+        container = sql.SQL(
+            "(SELECT CASE jsonb_typeof({v}) WHEN 'object' THEN "
+            "coalesce(jsonb_object_agg(m.k, m.v) FILTER (WHERE m.k IS NOT NULL), '{{}}'::jsonb) "
+            "ELSE coalesce(jsonb_agg(m.v ORDER BY m.o) FILTER (WHERE m.k IS NULL), '[]'::jsonb) "
+            "END "
+            "FROM (SELECT {c}.k, {c}.o, {member} AS v FROM ("
+            "SELECT e.key AS k, 0::bigint AS o, e.value AS v, e.key AS name FROM "
+            "jsonb_each(CASE WHEN jsonb_typeof({v}) = 'object' THEN {v} END) AS e "
+            "UNION ALL SELECT NULL, a.o, a.value, {key} FROM "
+            "jsonb_array_elements(CASE WHEN jsonb_typeof({v}) = 'array' THEN {v} END) "
+            "WITH ORDINALITY AS a(value, o)) AS {c} OFFSET 0) AS m)"
+        ).format(v=value, c=c, member=member, key=key)
     return sql.SQL(
-        "CASE jsonb_typeof({v}) WHEN 'string' THEN {s} WHEN 'object' THEN '{{}}'::jsonb "
-        "WHEN 'array' THEN '[]'::jsonb ELSE {v} END"
-    ).format(v=value, s=_json_string(key, value))
+        "CASE WHEN jsonb_typeof({v}) = 'string' THEN {string} "
+        "WHEN jsonb_typeof({v}) IN ('object', 'array') THEN {container} ELSE {v} END"
+    ).format(v=value, string=string, container=container)
 
 
 def _json(column: sql.Composable) -> sql.Composable:
-    """A json/jsonb document: an object's or array's string values masked by :func:`_json_value`
-    (nested objects and arrays emptied), numbers, booleans and nulls kept."""
-    doc = sql.SQL("({})::jsonb").format(column)
-    return sql.SQL(
-        "CASE jsonb_typeof({doc}) "
-        "WHEN 'object' THEN coalesce((SELECT jsonb_object_agg(e.key, {member}) "
-        "FROM jsonb_each({doc}) AS e), '{{}}'::jsonb) "
-        "WHEN 'array' THEN coalesce((SELECT jsonb_agg({element} ORDER BY e.o) "
-        "FROM jsonb_array_elements({doc}) WITH ORDINALITY AS e(value, o)), '[]'::jsonb) "
-        "ELSE {whole} END"
-    ).format(
-        doc=doc,
-        member=_json_value(sql.SQL("e.key"), sql.SQL("e.value")),
-        element=_json_value(sql.Literal(""), sql.SQL("e.value")),
-        whole=_json_value(sql.Literal(""), doc),
-    )
+    """A json/jsonb document with every string value masked at any depth by
+    :func:`_json_node`: keys, nesting, array lengths and order, numbers, booleans and nulls
+    kept."""
+    return _json_node(sql.SQL("({})::jsonb").format(column), sql.Literal(""), 1)
 
 
 def check_rule(rule: Rule, column: str, type_: str, not_null: bool, unique: bool) -> str | None:
