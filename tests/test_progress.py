@@ -71,5 +71,7 @@ def test_without_a_terminal_each_table_is_one_plain_line(project: Project, make_
     assert "writes:" not in result.stderr and "rows/s" not in result.stderr
     assert re.search(
         # no time of its own: the pass's statements go in one round trip
-        r"^  inserted public\.answers +[\d,]+ rows$", result.stderr, re.M
+        r"^  inserted public\.answers +[\d,]+ rows$",
+        result.stderr,
+        re.M,
     )
