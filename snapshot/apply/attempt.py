@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from snapshot import progress, scripts
 from snapshot.apply import constraints, keepers, proof, replica, write
@@ -98,18 +99,22 @@ def attempt(
     held = keepers.Keepers()
     outcome: Written | Again
     try:
-        with conn.transaction() as savepoint:
-            # Helper indexes before anything in the attempt writes (create_helper_indexes).
-            helpers = (
-                () if in_bulk else tuple(write.create_helper_indexes(run, run.plan.helper_indexes))
-            )
-            with conn.pipeline():  # one round trip for both
+        with _savepoint(conn):
+            with conn.pipeline():  # the attempt's first round trip
+                conn.execute(sql.SQL("SAVEPOINT {}").format(_SAVEPOINT))
+                # Helper indexes before anything in the attempt writes (create_helper_indexes).
+                helpers = (
+                    ()
+                    if in_bulk
+                    else tuple(write.create_helper_indexes(run, run.plan.helper_indexes))
+                )
                 write.plan_settings(conn, plan)
                 # Deferrable keys are checked at the commit, once every row is in (the
                 # insert order counts on it: catalog.apply_order), INITIALLY IMMEDIATE too.
                 conn.execute("SET CONSTRAINTS ALL DEFERRED")
+                asked = keepers.ask(conn, run.order)
             with phase("placing the keeper triggers"):
-                held = _hold(run, course.guarded)
+                held = _hold(run, asked(), course.guarded)
             with phase("pre-scripts"):
                 scripts.run(conn, scripts.scripts(run.config, "pre"), "pre")
             plan = write.guard_outside(run, plan, run.options.allowed)
@@ -141,7 +146,7 @@ def attempt(
                     run.notes.append(_blocked_readers(dropped))
                 outcome = Written(plan, tables, held, undone, helpers)
             if isinstance(outcome, Again):
-                raise psycopg.Rollback(savepoint)  # its writes go: the next attempt starts clean
+                _roll_back(conn)  # its writes go: the next attempt starts clean
     except replica.NotHere as exc:
         run.row_by_row = str(exc)
         run.notes.append(f"foreign keys were checked row by row: in bulk, {exc}")
@@ -161,10 +166,36 @@ def attempt(
     return outcome
 
 
-def _hold(run: ApplyRun, guarded: Collection[TableName]) -> keepers.Keepers:
+_SAVEPOINT = sql.Identifier("snapshot_attempt")
+
+
+@contextlib.contextmanager
+def _savepoint(conn: psycopg.Connection) -> Iterator[None]:
+    """The attempt's savepoint, set by the block's first statement (sent with the attempt's
+    first round trip, where psycopg's own would cost one to enter and one to leave), rolled
+    back when the block raises. Once an attempt holds it is never released: the commit ends
+    it with the transaction, and a rolled back attempt releases it (:func:`_roll_back`)."""
+    try:
+        yield
+    except BaseException:
+        if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            with contextlib.suppress(psycopg.Error):  # a lost connection says so itself
+                _roll_back(conn)
+        raise
+
+
+def _roll_back(conn: psycopg.Connection) -> None:
+    """Undo the attempt: back to its savepoint, which then goes."""
+    conn.execute(
+        sql.SQL("ROLLBACK TO SAVEPOINT {sp}; RELEASE SAVEPOINT {sp}").format(sp=_SAVEPOINT)
+    )
+
+
+def _hold(run: ApplyRun, asked: keepers.Survey, guarded: Collection[TableName]) -> keepers.Keepers:
     """The keeper triggers of this attempt (:mod:`.keepers`)."""
     return keepers.hold(
         run.conn,
+        asked,
         run.order,
         run.shapes,
         {t: run.entries[t].column_names for t in run.order},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,18 +307,24 @@ def create_users(run: ApplyRun) -> Created:
     return Created(created, made_identities, tuple(writes))
 
 
-def missing_users(run: ApplyRun) -> int:
-    """Snapshot users still absent from the target (0 after a successful apply)."""
+def missing_users_later(run: ApplyRun) -> Callable[[], int]:
+    """Snapshot users still absent from the target (0 after a successful apply), asked now
+    and read when called (in the caller's pipeline)."""
     users = _entry(run, AUTH_USERS)
     if users is None:
-        return 0
-    return _scalar(
-        run.conn,
+        return lambda: 0
+    cursor = run.conn.execute(
         sql.SQL(
             "SELECT count(*) FROM {} s "
             "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id)"
-        ).format(staging.staging_table(users)),
+        ).format(staging.staging_table(users))
     )
+
+    def result() -> int:
+        row = cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    return result
 
 
 # The app's triggers that fire when the apply inserts into an auth table: enabled for an

@@ -407,15 +407,14 @@ def moved_tables_later(run: ApplyRun, backup: Backup) -> Callable[[], set[TableN
     return lambda: {table for table, cursor in asked if (row := cursor.fetchone()) and row[0]}
 
 
-def finish(run: ApplyRun, backup: Backup) -> Snapshot | None:
+def finish(run: ApplyRun, backup: Backup, wrote: since.Wrote) -> Snapshot | None:
     """Wait for pg_dump; seal the backup (published by the caller after the commit), with
-    the record of what the apply wrote (:mod:`.since`).
+    the record of what the apply wrote (``wrote``: :func:`.since.wrote_later`).
 
     An apply that wrote nothing keeps no backup (None; a note says so): rolling back to
     it would restore what the target holds, leaving the apply the user meant in place.
     """
     assert backup.state is not None
-    wrote = since.wrote(run, backup.state.sequences)
     if not wrote.anything:
         abandon(backup)
         run.notes.append(

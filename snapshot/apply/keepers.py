@@ -158,8 +158,36 @@ def survey(
     return result
 
 
+@dataclass(frozen=True)
+class Survey:
+    """What the catalog says about the scope's tables, for :func:`hold`."""
+
+    found: list[AppTrigger]  # the app's triggers
+    denied: list[TableName]  # tables with app triggers the role may not keep
+    actions: dict[TableName, frozenset[str]]  # columns foreign keys' actions write into
+    names: dict[TableName, tuple[str, str] | None]  # the keepers' names, where they fit
+
+
+def ask(conn: psycopg.Connection, tables: Sequence[TableName]) -> Callable[[], Survey]:
+    """Every catalog question :func:`hold` needs, asked now (in the caller's pipeline: with
+    the attempt's first statements), read when called: which app triggers each table has and
+    may the role keep it, the columns foreign keys write into (ON DELETE/UPDATE actions),
+    and the names its BEFORE ROW triggers leave free."""
+    surveyed = survey(conn, tables)
+    acting = conn.execute(_ACTION_COLUMNS, ([t.ident.as_string(conn) for t in tables],))
+    named = _names(conn, tables)
+
+    def result() -> Survey:
+        found, denied = surveyed()
+        actions = {tables[int(i) - 1]: frozenset(map(str, c)) for i, c in acting.fetchall()}
+        return Survey(found, denied, actions, named())
+
+    return result
+
+
 def hold(
     conn: psycopg.Connection,
+    asked: Survey,
     tables: Sequence[TableName],
     shapes: Mapping[TableName, TableShape],
     columns: Mapping[TableName, Sequence[str]],
@@ -169,19 +197,13 @@ def hold(
 ) -> Keepers:
     """Put keepers on the scoped tables whose app triggers may rewrite rows, and on ``also``.
 
-    ``columns`` are the snapshot's columns of each table (what is kept), ``numbers`` name
-    each table's temporary objects. A table whose triggers only check (a guardrail that
-    raises) gets none: its lock is never taken. ``also`` names tables found to be written
-    by the app's triggers all the same (an earlier attempt's parity; see :func:`guard`).
+    ``asked``: what :func:`ask` found. ``columns`` are the snapshot's columns of each table
+    (what is kept), ``numbers`` name each table's temporary objects. A table whose triggers
+    only check (a guardrail that raises) gets none: its lock is never taken. ``also`` names
+    tables found to be written by the app's triggers all the same (an earlier attempt's
+    parity; see :func:`guard`).
     """
-    # Every catalog question in one round trip (a pipeline), for every table: which app
-    # triggers each has and may the role keep it, the columns foreign keys write into
-    # (ON DELETE/UPDATE actions), and the names its BEFORE ROW triggers leave free.
-    with conn.pipeline():
-        surveyed = survey(conn, tables)
-        acting = conn.execute(_ACTION_COLUMNS, ([t.ident.as_string(conn) for t in tables],))
-        named = _names(conn, tables)
-    found, denied = surveyed()
+    found, denied = asked.found, asked.denied
     wanted = {t.table for t in found if t.may_rewrite} | set(also)
     missing = [
         f"{t}: the role may not create triggers on it (GRANT TRIGGER ON {t} TO the role)"
@@ -189,8 +211,7 @@ def hold(
         if t in wanted and t in denied
     ]
     kept = [t for t in tables if t in wanted and t not in denied]
-    all_names = named()
-    actions = {tables[int(i) - 1]: frozenset(map(str, c)) for i, c in acting.fetchall()}
+    all_names, actions = asked.names, asked.actions
     keepers = []
     for table in kept:
         before = tuple(t for t in found if t.table == table and t.before_row)

@@ -15,16 +15,18 @@ from snapshot.names import TableName
 log = logging.getLogger(__name__)
 
 
-def restart(run: ApplyRun) -> int:
+def restart(run: ApplyRun, state: catalog.State | None = None) -> int:
     """Restart each owned sequence at the snapshot's next value; returns how many moved.
 
     A sequence already there is left alone. Where the data holds higher values than the
     snapshot's sequence (rows a trigger added, say), it restarts above them, so the next
-    insert cannot collide. Where everything stands is read in one round trip, the
-    restarts sent in one more (when there are any).
+    insert cannot collide. ``state``: where everything stands, with the data's highest
+    values (``catalog.read_state_later(..., highest=True)`` in the caller's round trip);
+    read here when not given. The restarts go in one more round trip (when there are any).
     """
     archived = {(q.table, q.column): q for q in run.snapshot.manifest.sequences}
-    state = catalog.read_state(run.conn, run.state_names(), highest=True)
+    if state is None:
+        state = catalog.read_state(run.conn, run.state_names(), highest=True)
     moves: list[tuple[TableName, int]] = []
     for current in state.owned:
         snap = archived.get((current.table, current.column))

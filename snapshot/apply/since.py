@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from snapshot import archive, catalog
+from snapshot import archive
 from snapshot.apply.rows import DELETE, INSERT, UPDATE, RowSet
 from snapshot.apply.state import ApplyRun
 from snapshot.copytext import write_block
@@ -132,22 +132,19 @@ class Wrote:
         return self.sequences_moved or any(any(counts) for counts in self.rows.values())
 
 
-def wrote(run: ApplyRun, sequences_before: Any) -> Wrote:
-    """What this transaction wrote (one round trip).
-
-    ``sequences_before``: the owned sequences as the lock found them (the backup's state).
-    """
-    with run.conn.pipeline():
-        rows = xact_writes_later(run.conn)
-        partitioned = run.conn.execute(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
-            "ON n.oid = c.relnamespace WHERE c.oid = ANY(%s::regclass[]) AND c.relkind = 'p'",
-            ([t.ident.as_string(run.conn) for t in run.order],),
-        )
-        now = catalog.read_state_later(run.conn, run.state_names())
-    return Wrote(
+def wrote_later(run: ApplyRun) -> Callable[[bool], Wrote]:
+    """What this transaction wrote, asked now (in the caller's pipeline), read when called
+    with whether a scoped table's sequence moved (the caller knows: it restarted them, and
+    it read where they stand in the same round trip)."""
+    rows = xact_writes_later(run.conn)
+    partitioned = run.conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE c.oid = ANY(%s::regclass[]) AND c.relkind = 'p'",
+        ([t.ident.as_string(run.conn) for t in run.order],),
+    )
+    return lambda sequences_moved: Wrote(
         rows(),
-        tuple(now().owned) != tuple(sequences_before),
+        sequences_moved,
         frozenset(TableName(str(s), str(n)) for s, n in partitioned.fetchall()),
     )
 

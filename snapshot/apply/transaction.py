@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import catalog, text
-from snapshot.apply import auth, backup, keepers, replica, sequences, write
+from snapshot.apply import auth, backup, keepers, replica, sequences, since, write
 from snapshot.apply import rows as rowsets
 from snapshot.apply.attempt import Written, write_until_it_holds
 from snapshot.apply.phases import Phases
@@ -73,12 +73,21 @@ def in_one_transaction(run: ApplyRun, phase: Phases, *, commit: bool) -> Finishe
             created = create_auth_users(run, phase)
             written = write_until_it_holds(run, phase, before)
             with phase("sequences"):
-                sequences.restart(run)
-            report = _report(run, phase, written, created, dry_run=not commit)
+                # One round trip: where the sequences stand, the snapshot's users still
+                # missing (for the report) and what the transaction wrote (for the backup).
+                with conn.pipeline():
+                    state = catalog.read_state_later(conn, run.state_names(), highest=True)
+                    missing = auth.missing_users_later(run)
+                    wrote = since.wrote_later(run) if running is not None else None
+                stand = state()
+                restarted = sequences.restart(run, stand)
+            report = _report(run, phase, written, created, missing(), dry_run=not commit)
             keep = commit and report.matches
             if keep and running is not None:
                 with phase("waiting for the backup"):
-                    sealed = backup.finish(run, running)
+                    assert wrote is not None and running.state is not None
+                    moved = restarted > 0 or tuple(stand.owned) != tuple(running.state.sequences)
+                    sealed = backup.finish(run, running, wrote(moved))
                     running = run.backup = None
             if not keep:
                 raise psycopg.Rollback(tx)  # leaves the block, rolling back; nothing raised
@@ -217,7 +226,13 @@ def _commit(run: ApplyRun, phase: Phases, held: keepers.Keepers) -> None:
 
 
 def _report(
-    run: ApplyRun, phase: Phases, written: Written, created: auth.Created, *, dry_run: bool
+    run: ApplyRun,
+    phase: Phases,
+    written: Written,
+    created: auth.Created,
+    missing: int,
+    *,
+    dry_run: bool,
 ) -> ApplyReport:
     return ApplyReport(
         action=run.action,
@@ -226,7 +241,7 @@ def _report(
         dry_run=dry_run,
         committed=False,
         tables=written.tables,
-        auth=_auth_outcome(run, created),
+        auth=_auth_outcome(run, created, missing),
         backup=None,
         phases=tuple(phase.done),
         notes=tuple(run.notes),
@@ -271,7 +286,8 @@ def _count(conn: psycopg.Connection, table: TableName) -> int:
     return int(row[0]) if row else 0
 
 
-def _auth_outcome(run: ApplyRun, created: auth.Created) -> AuthOutcome | None:
+def _auth_outcome(run: ApplyRun, created: auth.Created, missing: int) -> AuthOutcome | None:
+    """``missing``: the snapshot's users the target still lacks (auth.missing_users)."""
     users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
     if users is None:
         return None
@@ -279,6 +295,6 @@ def _auth_outcome(run: ApplyRun, created: auth.Created) -> AuthOutcome | None:
         snapshot_users=users.rows,
         created_users=created.users,
         created_identities=created.identities,
-        missing_after=auth.missing_users(run),
+        missing_after=missing,
         trigger_writes=created.writes,
     )
