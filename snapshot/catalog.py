@@ -604,12 +604,12 @@ class StateNames:
 
 def state_names(conn: psycopg.Connection, tables: Sequence[TableName]) -> StateNames:
     """:class:`StateNames` of ``tables``, in one round trip (a pipeline)."""
-    with conn.pipeline():
+    with conn.pipeline():  # (read after it: a fetch inside costs a round trip of its own)
         owned = conn.execute(_OWNED_SEQUENCES, _table_arrays(tables))
         shared = conn.execute(_DEFAULT_SEQUENCES, _table_arrays(tables))
         readable = conn.execute(_MIGRATIONS_READABLE)
-        names = StateNames(tuple(_names(owned.fetchall())), tuple(_names(shared.fetchall())), False)
-        row = readable.fetchone()
+    names = StateNames(tuple(_names(owned.fetchall())), tuple(_names(shared.fetchall())), False)
+    row = readable.fetchone()
     return replace(names, migrations=bool(row and row[0]))
 
 
@@ -751,12 +751,24 @@ def row_keys(
     no expression, not deferrable), among ``columns`` (what the snapshot holds). Tables
     without one are absent: an apply can only replace them in full.
     """
-    keys: dict[TableName, tuple[str, ...]] = {}
-    for nsp, rel, names in conn.execute(_ROW_KEYS, _table_arrays(columns)):
-        table = TableName(nsp, rel)
-        if table not in keys and set(names) <= set(columns[table]):
-            keys[table] = tuple(names)
-    return keys
+    return row_keys_later(conn, columns)()
+
+
+def row_keys_later(
+    conn: psycopg.Connection, columns: Mapping[TableName, Sequence[str]]
+) -> Callable[[], dict[TableName, tuple[str, ...]]]:
+    """:func:`row_keys`, asked now and read when called (in the caller's pipeline)."""
+    cursor = conn.execute(_ROW_KEYS, _table_arrays(columns))
+
+    def result() -> dict[TableName, tuple[str, ...]]:
+        keys: dict[TableName, tuple[str, ...]] = {}
+        for nsp, rel, names in cursor.fetchall():
+            table = TableName(nsp, rel)
+            if table not in keys and set(names) <= set(columns[table]):
+                keys[table] = tuple(names)
+        return keys
+
+    return result
 
 
 def estimated_rows(conn: psycopg.Connection, tables: Sequence[TableName]) -> dict[TableName, int]:

@@ -293,18 +293,18 @@ def download(conn: psycopg.Connection, tables: Sequence[Sparse]) -> None:
     a row and no key: every table's in one round trip (a pipeline, binary)."""
     if not tables:
         return
-    with conn.pipeline():
+    with conn.pipeline():  # (read after it: a fetch inside costs a round trip of its own)
         asked = [
             conn.execute(
                 sql.SQL("SELECT string_agg(c$, ''::bytea) FROM {}").format(s.record), binary=True
             )
             for s in tables
         ]
-        for sparse, cursor in zip(tables, asked, strict=True):
-            row = cursor.fetchone()
-            blob = bytes(row[0]) if row and row[0] is not None else b""
-            size = DIGEST_BYTES
-            sparse.target = {blob[i : i + size] for i in range(0, len(blob), size)}
+    for sparse, cursor in zip(tables, asked, strict=True):
+        row = cursor.fetchone()
+        blob = bytes(row[0]) if row and row[0] is not None else b""
+        size = DIGEST_BYTES
+        sparse.target = {blob[i : i + size] for i in range(0, len(blob), size)}
 
 
 GONE = sql.Identifier("pg_temp", "_snapshot_gone")  # (n, d): digests of rows the snapshot

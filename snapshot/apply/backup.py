@@ -281,25 +281,39 @@ def import_snapshot(conn: psycopg.Connection, backup: Backup) -> None:
         ) from None
 
 
-def record_others(run: ApplyRun, backup: Backup) -> None:
+def others_later(run: ApplyRun, backup: Backup) -> Callable[[], dict[TableName, tuple[str, ...]]]:
+    """The keys of the backed-up tables the plan does not compare, asked now (in the caller's
+    pipeline, before the record's transaction), for :func:`record_others`."""
+    return catalog.row_keys_later(run.conn, _other_columns(run, backup))
+
+
+def _other_columns(run: ApplyRun, backup: Backup) -> dict[TableName, tuple[str, ...]]:
+    return {
+        t: tuple(backup.plan.shapes[t].column_names)
+        for t in backup.plan.tables
+        if t not in run.row_sets
+    }
+
+
+def record_others(
+    run: ApplyRun, backup: Backup, keys_found: Mapping[TableName, tuple[str, ...]]
+) -> None:
     """Record key, row version and hash of the backed-up tables the plan does not compare.
 
-    Call in pg_dump's snapshot (the plan's transaction): under the lock the reconcile
+    Call in pg_dump's snapshot (the plan's transaction; in its pipeline: the statements are
+    only sent), ``keys_found`` from :func:`others_later`: under the lock the reconcile
     (:func:`snapshot.apply.transaction.reconcile`) then reads only the rows written since,
     instead of the whole table.
     Hashed over the target's columns (what pg_dump writes), with the current row hash.
     """
-    columns = {
-        t: backup.plan.shapes[t].column_names for t in backup.plan.tables if t not in run.row_sets
-    }
+    columns = _other_columns(run, backup)
     first = len(run.config.scope.tables)  # numbers past the scope's: temporary names stay apart
-    keys = {t: k for t, k in catalog.row_keys(run.conn, columns).items() if rowsets.keyable(k)}
-    with run.conn.pipeline():  # every table's record in one round trip
-        for number, (table, key) in enumerate(sorted(keys.items())):
-            stage = sql.Identifier("pg_temp", table.staging)
-            rows = RowSet(table, first + number, key, tuple(columns[table]), stage)
-            rowsets.fill_record(run.conn, rows)
-            backup.followed[table] = rows
+    keys = {t: k for t, k in keys_found.items() if rowsets.keyable(k)}
+    for number, (table, key) in enumerate(sorted(keys.items())):
+        stage = sql.Identifier("pg_temp", table.staging)
+        rows = RowSet(table, first + number, key, columns[table], stage)
+        rowsets.fill_record(run.conn, rows)
+        backup.followed[table] = rows
 
 
 def describe(

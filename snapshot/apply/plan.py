@@ -172,17 +172,20 @@ def record(run: ApplyRun) -> frozenset[TableName]:
     with conn.pipeline():  # every table's statements together: a few round trips in all
         for rows in sets:
             rowsets.create_delta(conn, rows)
+        others = backup.others_later(run, run.backup) if run.backup is not None else None
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     with conn.transaction():  # one moment for every table
         if run.backup is not None:
             backup.import_snapshot(conn, run.backup)  # the moment the pre-apply backup sees
-        run.horizon = rowsets.horizon(conn)
-        with conn.pipeline():
+        with conn.pipeline():  # the records and their counts: one round trip
+            horizon = rowsets.horizon_later(conn)
             for rows in sets:
                 types = {c.name: c.type for c in run.shapes[rows.table].columns}
                 line = sparse.line_sql("t", [(c, types.get(c, "text")) for c in rows.columns])
                 rowsets.fill_record(conn, rows, line=line if changed_only else None)
-        run.recorded = rowsets.stats(conn, sets, rowsets.RECORD)
+            counted = rowsets.stats_later(conn, sets, rowsets.RECORD)
+        run.horizon = horizon()
+        run.recorded = counted()
         matched = {
             rows.table
             for rows in sets
@@ -206,8 +209,8 @@ def record(run: ApplyRun) -> frozenset[TableName]:
                     rowsets.stage_from_record(conn, rows)
                 elif rows.table in run.sparse:
                     sparse.copy_recorded(conn, run.sparse[rows.table])
-        if run.backup is not None:
-            backup.record_others(run, run.backup)
+            if run.backup is not None and others is not None:
+                backup.record_others(run, run.backup, others())
     sparse.download(conn, list(run.sparse.values()))
     log.info(
         "  recorded %d tables (%d already hold the snapshot's rows)%s  %.1f s",

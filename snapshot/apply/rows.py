@@ -450,9 +450,19 @@ def horizon(conn: psycopg.Connection) -> int:
     record's transaction: a row version such a transaction wrote that is still live later
     is in the record, with the same ``(key, xmin)``.
     """
-    row = conn.execute("SELECT txid_snapshot_xmin(txid_current_snapshot()) % 4294967296").fetchone()
-    assert row is not None
-    return int(row[0])
+    return horizon_later(conn)()
+
+
+def horizon_later(conn: psycopg.Connection) -> Callable[[], int]:
+    """:func:`horizon`, asked now and read when called (in the caller's pipeline)."""
+    cursor = conn.execute("SELECT txid_snapshot_xmin(txid_current_snapshot()) % 4294967296")
+
+    def result() -> int:
+        row = cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    return result
 
 
 def _moved_since(
