@@ -20,7 +20,7 @@ from snapshot.db import SESSION_SETTINGS
 from snapshot.names import TableName
 from snapshot.staging import ScriptReader, parse_copy_header
 from tests.fix_apps import plain_app_pair
-from tests.fix_db import Database
+from tests.fix_db import ALL_TABLES, SCOPE_TABLES, Database
 from tests.fix_project import Project, take
 
 SCHEMA = """
@@ -301,3 +301,61 @@ def test_the_first_rows_decide_whether_a_table_goes_up_whole() -> None:
     # a table smaller than the sample is decided on all of its rows
     staged, sent = filtered([], many[:10])
     assert staged.whole and staged.read == 10 and sent == b"".join(r + b"\n" for r in many[:10])
+
+
+def _row_texts(db: Database, table: str) -> set[str]:
+    return {str(r[0]) for r in db.execute(f"SELECT t::text FROM {table} t")}
+
+
+def test_auth_users_go_up_only_where_they_differ_and_are_created_as_before(
+    project: Project, make_db
+) -> None:
+    # prod holds dev's rows, logins too; then dev gains a login (its trigger adds its
+    # public.users row) and edits another's email
+    dev, prod = make_db("dev"), make_db("dev")
+    project.point("dev", dev)
+    project.point("prod", prod)
+    project.config('[apply]\nupload = "changed"\n')
+    dev.execute(
+        "INSERT INTO auth.users (id, email, created_at) VALUES "
+        "('00000000-0000-4000-8000-00000000abcd', 'new.login@example.com', now())"
+    )
+    [edited] = dev.execute("SELECT id, email FROM auth.users ORDER BY id DESC LIMIT 1")
+    dev.execute("UPDATE auth.users SET email = 'edited@example.com' WHERE id = %s", [edited[0]])
+    differ = {t: len(_row_texts(dev, t) - _row_texts(prod, t)) for t in ALL_TABLES}
+    take(project, "dev")
+
+    applied = _apply_bundled(project)
+
+    # only those rows went up: the new login, the edited one, the new public.users row
+    assert differ == {**dict.fromkeys(ALL_TABLES, 0), "auth.users": 2, "public.users": 1}
+    sent = next(n for n in applied["notes"] if n.startswith("sent only the rows that differ"))
+    assert sent.startswith("sent only the rows that differ: 3 rows of "), sent
+    assert applied["auth"]["created_users"] == 1 and applied["auth"]["missing_after"] == 0
+    # an auth user is created, never updated: prod's copy of the edited one stays
+    assert prod.scalar("SELECT email FROM auth.users WHERE id = %s", [edited[0]]) == edited[1]
+    assert dev.fingerprint(SCOPE_TABLES) == prod.fingerprint(SCOPE_TABLES)
+    # its way back downloaded prod's versions of what differs, not the auth tables whole
+    [backup] = project.snapshots("prod")
+    blocks = [
+        line.split(" (")[0]
+        for line in (backup / "catchup.copy").read_text().splitlines()
+        if line.endswith("FROM stdin;")
+    ]
+    assert 'REMOVE "auth"."users"' in blocks and not any(b.startswith("REPLACE") for b in blocks)
+    before = prod.fingerprint()
+    rolled = project.run("rollback", "prod", "--yes")
+    assert rolled.exit_code == 0, rolled.output
+    # the scope as it was; the login the apply created stays (rollback never deletes logins)
+    after = prod.fingerprint()
+    assert after["auth.users"] == before["auth.users"]
+    assert prod.scalar("SELECT count(*) FROM public.users WHERE id = %s", [NEW_LOGIN]) == 0
+
+
+NEW_LOGIN = "00000000-0000-4000-8000-00000000abcd"
+
+
+def _apply_bundled(project: Project) -> dict:
+    result = project.run("apply", "prod", "--yes", "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)

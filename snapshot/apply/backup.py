@@ -296,7 +296,10 @@ def _other_columns(run: ApplyRun, backup: Backup) -> dict[TableName, tuple[str, 
 
 
 def record_others(
-    run: ApplyRun, backup: Backup, keys_found: Mapping[TableName, tuple[str, ...]]
+    run: ApplyRun,
+    backup: Backup,
+    keys_found: Mapping[TableName, tuple[str, ...]],
+    lines: Mapping[TableName, sql.Composable] | None = None,
 ) -> None:
     """Record key, row version and hash of the backed-up tables the plan does not compare.
 
@@ -304,7 +307,9 @@ def record_others(
     only sent), ``keys_found`` from :func:`others_later`: under the lock the reconcile
     (:func:`snapshot.apply.transaction.reconcile`) then reads only the rows written since,
     instead of the whole table.
-    Hashed over the target's columns (what pg_dump writes), with the current row hash.
+    Hashed over the target's columns (what pg_dump writes), with the current row hash;
+    ``lines``: the tables staged from what differs, each with the COPY line its digest is
+    made of (:mod:`snapshot.sparse`, in the snapshot's columns).
     """
     columns = _other_columns(run, backup)
     first = len(run.config.scope.tables)  # numbers past the scope's: temporary names stay apart
@@ -312,7 +317,7 @@ def record_others(
     for number, (table, key) in enumerate(sorted(keys.items())):
         stage = sql.Identifier("pg_temp", table.staging)
         rows = RowSet(table, first + number, key, columns[table], stage)
-        rowsets.fill_record(run.conn, rows)
+        rowsets.fill_record(run.conn, rows, line=(lines or {}).get(table))
         backup.followed[table] = rows
 
 

@@ -210,7 +210,7 @@ def record(run: ApplyRun) -> frozenset[TableName]:
                 elif rows.table in run.sparse:
                     sparse.copy_recorded(conn, run.sparse[rows.table])
             if run.backup is not None and others is not None:
-                backup.record_others(run, run.backup, others())
+                _record_auth(run, run.backup, others(), changed_only, beside)
     sparse.download(conn, list(run.sparse.values()))
     log.info(
         "  recorded %d tables (%d already hold the snapshot's rows)%s  %.1f s",
@@ -220,6 +220,41 @@ def record(run: ApplyRun) -> frozenset[TableName]:
         time.monotonic() - started,
     )
     return frozenset(matched)
+
+
+def _record_auth(
+    run: ApplyRun,
+    running: backup.Backup,
+    keys: Mapping[TableName, tuple[str, ...]],
+    changed_only: bool,
+    beside: Collection[TableName],
+) -> None:
+    """The backup's records of the auth tables (:func:`backup.record_others`); with
+    ``changed_only``, the snapshot's auth tables are staged from what differs too, as the
+    scope's are (each auth user row costs the upload of a whole login otherwise). Needs a
+    key and every snapshot column in the target, and the rows in the dump (not ``beside``
+    it: masked); in the record's pipeline."""
+    lines: dict[TableName, sql.Composable] = {}
+    staged: list[sparse.Sparse] = []
+    for entry in run.auth_entries if changed_only else ():
+        shape, key = run.shapes.get(entry.table), keys.get(entry.table)
+        if shape is None or key is None or not rowsets.keyable(key) or entry.table in beside:
+            continue
+        types = {c.name: c.type for c in shape.columns}
+        if not set(entry.column_names) <= set(types) or not set(key) <= set(entry.column_names):
+            continue
+        lines[entry.table] = sparse.line_sql("t", [(c, types[c]) for c in entry.column_names])
+    backup.record_others(run, running, keys, lines)
+    for table in lines:
+        rows = running.followed[table]
+        entry = next(e for e in run.auth_entries if e.table == table)
+        changes = sparse.Sparse(
+            table, rows.number, staging.staging_table(entry), rows.record, rows.key,
+            entry.column_names,
+        )  # fmt: skip
+        sparse.copy_recorded(run.conn, changes)
+        staged.append(changes)
+    run.sparse.update((changes.table, changes) for changes in staged)
 
 
 # A server this many seconds away or more (one round trip) is reached over a network where

@@ -29,7 +29,7 @@ from snapshot.apply import plan as planning
 from snapshot.apply import rows as rowsets
 from snapshot.apply.plan import Plan
 from snapshot.apply.state import ApplyRun
-from snapshot.checksum import TableStats
+from snapshot.checksum import TableStats, kind_of, table_stats_later
 from snapshot.manifest import TableEntry
 from snapshot.names import TableName
 
@@ -71,27 +71,42 @@ def prepare(run: ApplyRun) -> Plan:
 
 def _prove_sparse(run: ApplyRun, entries: Sequence[TableEntry]) -> frozenset[TableName]:
     """Hash the sparsely staged tables and check each against the manifest; stage again in
-    full those that do not add up (:mod:`snapshot.sparse`). The tables hashed."""
+    full those that do not add up (:mod:`snapshot.sparse`). The scoped tables hashed.
+
+    A scoped table's rows are proven from the record's hashes and the rows that went up
+    (:func:`rowsets.hash_sparse`, whose hashes the plan uses); an auth table's staged rows
+    are hashed whole (the plan does not compare them)."""
     if not run.sparse:
         return frozenset()
     assert run.pg_restore is not None, "the preflight found a pg_restore"
-    sets = [run.row_sets[table] for table in run.sparse]
+    manifest = {entry.table: entry for entry in entries}
+    sets = [run.row_sets[table] for table in run.sparse if table in run.row_sets]
     with run.conn.pipeline():
         for rows in sets:
             rowsets.hash_sparse(run.conn, rows, run.sparse[rows.table])
+        others = {
+            table: table_stats_later(
+                run.conn,
+                staging.staging_table(manifest[table]),
+                manifest[table].column_names,
+                kind=kind_of(manifest[table].checksum),
+            )
+            for table in run.sparse
+            if table not in run.row_sets
+        }
     staged = rowsets.stats(run.conn, sets, rowsets.SNAPSHOT)
+    staged.update((table, later()) for table, later in others.items())
     wrong = {
-        rows.table
-        for rows in sets
-        if staged[rows.table]
-        != TableStats(run.entries[rows.table].rows, run.entries[rows.table].checksum)
+        table
+        for table in run.sparse
+        if staged[table] != TableStats(manifest[table].rows, manifest[table].checksum)
     }
     uploaded = sum(s.uploaded for s in run.sparse.values())
     # a second preparation (after the question) says it once, with its own numbers
     run.notes = [note for note in run.notes if not note.startswith(SENT)]
     run.notes.append(
         f"{SENT}: {text.count(uploaded, 'row')} of "
-        f"{sum(run.entries[t].rows for t in run.sparse):,} in "
+        f"{sum(manifest[t].rows for t in run.sparse):,} in "
         f"{text.count(len(run.sparse), 'table')} the target already held in part"
     )
     if wrong:
@@ -99,7 +114,7 @@ def _prove_sparse(run: ApplyRun, entries: Sequence[TableEntry]) -> frozenset[Tab
             "  staging %s again in full: sparse staging did not add up",
             ", ".join(map(str, sorted(wrong))),
         )
-        others = {entry.table for entry in entries} - wrong
-        staging.stage(run.conn, run.pg_restore, run.snapshot, entries, others)
+        others_staged = {entry.table for entry in entries} - wrong
+        staging.stage(run.conn, run.pg_restore, run.snapshot, entries, others_staged)
     run.sparse = {t: s for t, s in run.sparse.items() if t not in wrong}
-    return frozenset(run.sparse)
+    return frozenset(t for t in run.sparse if t in run.row_sets)
