@@ -11,7 +11,8 @@ then puts the side table's rows in their place (:func:`finish`). The staged tabl
 holds the snapshot's rows, exactly as a full upload would have it, and the same integrity
 check proves it: its count and checksum, computed in the server, must be the manifest's.
 When they are not (a digest shared by two rows, say), the table is staged again in full
-(the apply does that).
+(the apply does that). An auth table, whose rows the apply never updates, is compared by key
+alone (:attr:`Sparse.by_key`): only the logins the target lacks go up.
 
 A table whose first rows (:data:`SAMPLE`) are mostly not the target's as they stand (a first
 apply onto a prod that went its own way) goes up whole instead: every row into the side
@@ -132,6 +133,12 @@ class Sparse:
     # None until the first rows are read (:data:`SAMPLE`); then whether the table is staged
     # whole after all: every row goes up, as a full upload would send it (:class:`LineFilter`)
     whole: bool | None = None
+    # the digests are of the key alone (the record's ``c$`` too): only the rows whose key the
+    # target lacks go up, the target's own versions of the others stay staged. For auth
+    # tables, whose rows the apply only ever inserts: the staged table then holds the
+    # snapshot's keys, its rows where the target lacks them, and only its count can be
+    # proven (not its checksum)
+    by_key: bool = False
 
     @property
     def side(self) -> sql.Identifier:
@@ -190,9 +197,12 @@ class LineFilter:
             else (lambda line: b"\t".join(pick_key(line.split(b"\t"))))
         )
         ordered = [position[c] for c in sparse.columns]
-        # The archive's line as it stands, or its fields in the snapshot's order.
+        # The archive's line as it stands, or its fields in the snapshot's order (its key's
+        # alone, by_key).
         self._line: Callable[[bytes], bytes] | None = None
-        if ordered != list(range(len(columns))):
+        if sparse.by_key:
+            self._line = self._key_line
+        elif ordered != list(range(len(columns))):
             pick = operator.itemgetter(*ordered)
             self._line = (
                 (lambda line: line.split(b"\t")[ordered[0]])

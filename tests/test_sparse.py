@@ -327,22 +327,24 @@ def test_auth_users_go_up_only_where_they_differ_and_are_created_as_before(
 
     applied = _apply_bundled(project)
 
-    # only those rows went up: the new login, the edited one, the new public.users row
+    # only the new login and the new public.users row went up: the edited login is one
+    # prod holds (its key), and logins are created, never updated
     assert differ == {**dict.fromkeys(ALL_TABLES, 0), "auth.users": 2, "public.users": 1}
     sent = next(n for n in applied["notes"] if n.startswith("sent only the rows that differ"))
-    assert sent.startswith("sent only the rows that differ: 3 rows of "), sent
+    assert sent.startswith("sent only the rows that differ: 2 rows of "), sent
     assert applied["auth"]["created_users"] == 1 and applied["auth"]["missing_after"] == 0
     # an auth user is created, never updated: prod's copy of the edited one stays
     assert prod.scalar("SELECT email FROM auth.users WHERE id = %s", [edited[0]]) == edited[1]
     assert dev.fingerprint(SCOPE_TABLES) == prod.fingerprint(SCOPE_TABLES)
-    # its way back downloaded prod's versions of what differs, not the auth tables whole
+    # its way back: prod's versions of what differs; the auth tables whole (their rows
+    # prod holds were not compared)
     [backup] = project.snapshots("prod")
     blocks = [
         line.split(" (")[0]
         for line in (backup / "catchup.copy").read_text().splitlines()
         if line.endswith("FROM stdin;")
     ]
-    assert 'REMOVE "auth"."users"' in blocks and not any(b.startswith("REPLACE") for b in blocks)
+    assert 'REPLACE "auth"."users"' in blocks and 'ADD "public"."users"' not in blocks
     before = prod.fingerprint()
     rolled = project.run("rollback", "prod", "--yes")
     assert rolled.exit_code == 0, rolled.output

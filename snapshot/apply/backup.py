@@ -208,7 +208,7 @@ def _write_difference(run: ApplyRun, backup: Backup) -> tuple[int, int]:
         for table in backup.plan.tables:
             columns = tuple(backup.plan.shapes[table].column_names)
             changes = run.sparse.get(table)
-            if changes is not None:
+            if changes is not None and not changes.by_key:
                 if changes.sent:
                     write_header(run.conn, out, REMOVE, table, changes.key)
                     out.write(b"\n".join(changes.sent) + b"\n" + TERMINATOR[1:])

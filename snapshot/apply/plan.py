@@ -230,10 +230,11 @@ def _record_auth(
     beside: Collection[TableName],
 ) -> None:
     """The backup's records of the auth tables (:func:`backup.record_others`); with
-    ``changed_only``, the snapshot's auth tables are staged from what differs too, as the
-    scope's are (each auth user row costs the upload of a whole login otherwise). Needs a
-    key and every snapshot column in the target, and the rows in the dump (not ``beside``
-    it: masked); in the record's pipeline."""
+    ``changed_only``, only the snapshot's auth rows whose key the target lacks go up (the
+    apply creates logins, never updates one: :attr:`sparse.Sparse.by_key`), where every
+    row costs the upload of a whole login otherwise. Needs a key and every snapshot column
+    in the target, and the rows in the dump (not ``beside`` it: masked); in the record's
+    pipeline."""
     lines: dict[TableName, sql.Composable] = {}
     staged: list[sparse.Sparse] = []
     for entry in run.auth_entries if changed_only else ():
@@ -243,14 +244,14 @@ def _record_auth(
         types = {c.name: c.type for c in shape.columns}
         if not set(entry.column_names) <= set(types) or not set(key) <= set(entry.column_names):
             continue
-        lines[entry.table] = sparse.line_sql("t", [(c, types[c]) for c in entry.column_names])
+        lines[entry.table] = sparse.line_sql("t", [(c, types[c]) for c in key])
     backup.record_others(run, running, keys, lines)
     for table in lines:
         rows = running.followed[table]
         entry = next(e for e in run.auth_entries if e.table == table)
         changes = sparse.Sparse(
             table, rows.number, staging.staging_table(entry), rows.record, rows.key,
-            entry.column_names,
+            entry.column_names, by_key=True,
         )  # fmt: skip
         sparse.copy_recorded(run.conn, changes)
         staged.append(changes)

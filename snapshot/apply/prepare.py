@@ -29,7 +29,7 @@ from snapshot.apply import plan as planning
 from snapshot.apply import rows as rowsets
 from snapshot.apply.plan import Plan
 from snapshot.apply.state import ApplyRun
-from snapshot.checksum import TableStats, kind_of, table_stats_later
+from snapshot.checksum import kind_of, table_stats_later
 from snapshot.manifest import TableEntry
 from snapshot.names import TableName
 
@@ -75,7 +75,8 @@ def _prove_sparse(run: ApplyRun, entries: Sequence[TableEntry]) -> frozenset[Tab
 
     A scoped table's rows are proven from the record's hashes and the rows that went up
     (:func:`rowsets.hash_sparse`, whose hashes the plan uses); an auth table's staged rows
-    are hashed whole (the plan does not compare them)."""
+    are hashed whole (the plan does not compare them), and one staged by key holds the
+    target's versions of the logins it has: only its count is the manifest's."""
     if not run.sparse:
         return frozenset()
     assert run.pg_restore is not None, "the preflight found a pg_restore"
@@ -98,8 +99,9 @@ def _prove_sparse(run: ApplyRun, entries: Sequence[TableEntry]) -> frozenset[Tab
     staged.update((table, later()) for table, later in others.items())
     wrong = {
         table
-        for table in run.sparse
-        if staged[table] != TableStats(manifest[table].rows, manifest[table].checksum)
+        for table, changes in run.sparse.items()
+        if (staged[table].rows != manifest[table].rows)
+        or (not changes.by_key and staged[table].checksum != manifest[table].checksum)
     }
     uploaded = sum(s.uploaded for s in run.sparse.values())
     # a second preparation (after the question) says it once, with its own numbers
