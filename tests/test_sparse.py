@@ -361,3 +361,25 @@ def _apply_bundled(project: Project) -> dict:
     result = project.run("apply", "prod", "--yes", "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
+
+
+@pytest.mark.fast
+def test_by_key_only_rows_whose_key_the_target_lacks_go_up() -> None:
+    # the target has key 1 (other values) and 3; the snapshot has 1, 2 and 4
+    target = {sparse.digest(b"1"), sparse.digest(b"3")}
+    staged = sparse.Sparse(
+        TableName("auth", "users"), 0, sql.Identifier("s"), sql.Identifier("r"), ("id",),
+        ("id", "email"), set(target), by_key=True,
+    )  # fmt: skip
+    sent: list[bytes] = []
+
+    class Sink:
+        def write(self, data: bytes) -> None:
+            sent.append(data)
+
+    lines = sparse.LineFilter(staged, ["email", "id"], Sink)
+    lines.write(b"a@x\t1\nb@x\t2\nc@x\t4\n")
+    lines.close()
+    assert b"".join(sent) == b"b@x\t2\nc@x\t4\n"
+    # key 3 is the target's alone: removed from the staged rows; key 1 stays as it is
+    assert staged.target == {sparse.digest(b"3")} and staged.sent == [b"2", b"4"]
