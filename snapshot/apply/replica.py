@@ -169,7 +169,19 @@ def choose(run: ApplyRun, plan: Plan) -> tuple[bool, str | None]:
 
 
 def obstacle(run: ApplyRun, allowed_cascades: Collection[str]) -> str | None:
-    """Why the scope must be written row by row whatever the change, or None."""
+    """Why the scope must be written row by row whatever the change, or None.
+
+    Asked once an apply, before its lock (by the staged checks): under the lock it costs
+    six round trips of the writers' wait. The answer reads the catalog and the role's
+    rights; should either change before the lock, the bulk path still proves itself
+    (:func:`enter` and :func:`leave` raise :class:`NotHere`, and the writes go row by row).
+    """
+    if run.bulk_obstacle is None:
+        run.bulk_obstacle = _obstacle(run, allowed_cascades) or ""
+    return run.bulk_obstacle or None
+
+
+def _obstacle(run: ApplyRun, allowed_cascades: Collection[str]) -> str | None:
     scoped = set(run.order)
     for fk in run.fks:
         name = f"{fk.child}.{fk.name}"

@@ -62,6 +62,9 @@ class ApplyRun:
     plan: Plan | None = None
     backup: Backup | None = None  # started with the staging, joined before the commit
     row_by_row: str = ""  # why bulk foreign-key checks are off for the rest of the apply
+    # what keeps the scope from bulk foreign-key checks ("" for nothing), found once: by the
+    # staged checks, before the lock (snapshot.apply.replica.obstacle)
+    bulk_obstacle: str | None = None
     outside: tuple[Reference, ...] = ()  # the keys from outside the scope, last counted
     kept: dict[TableName, Kept] = field(default_factory=dict)  # rows kept for them
     applied: Applied | None = None  # a rollback: what the apply it undoes wrote (since.py)
