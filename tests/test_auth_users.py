@@ -160,6 +160,25 @@ def test_a_password_user_with_a_taken_email_is_a_conflict(project: Project, make
     assert prod.fingerprint([*SCOPE_TABLES, "auth.users"]) == original
 
 
+def test_a_unique_key_whose_predicate_the_snapshot_cannot_read_leaves_the_others_checked(
+    project: Project, make_db
+) -> None:
+    # prod's auth.users has a column dev lacks, read by a unique key's predicate: that key
+    # cannot be asked about the staged users (they lack the column), the email key still is.
+    _dev, prod, user = _sso_pair(project, make_db, sso=False)
+    prod.execute(
+        "ALTER TABLE auth.users ADD COLUMN banned boolean; "
+        "CREATE UNIQUE INDEX users_phone_unbanned ON auth.users (phone) WHERE banned IS NOT TRUE"
+    )
+
+    checked = project.run("check", "prod", "--json")
+
+    assert checked.exit_code == 1, checked.output
+    found = _finding(checked, "auth users")
+    assert f"{user} (" in found["detail"] and "has the email of" in found["detail"]
+    assert "phone" not in found["detail"]
+
+
 def test_an_email_taken_in_another_case_is_a_conflict(project: Project, make_db) -> None:
     # Supabase Auth finds users by lower(email): dev's Conflict@Example.com would be a second
     # account for prod's conflict@example.com, though the unique index takes both.

@@ -9,7 +9,7 @@ large writes check their foreign keys, and the plan itself, as findings.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any, LiteralString
 
 import psycopg
@@ -153,7 +153,7 @@ def _auth_conflicts(run: ApplyRun) -> Iterator[Finding]:
     if users is None:
         return
     stage = staging.staging_table(users)
-    conflicts = []
+    questions: list[tuple[str, sql.Composed]] = []
     for columns, predicate in _unique_keys(run.conn, users.column_names):
         covered = sql.SQL(" WHERE {}").format(sql.SQL(predicate)) if predicate else sql.SQL("")
         same = sql.SQL(" AND ").join(_same_value(c) for c in columns)
@@ -167,24 +167,30 @@ def _auth_conflicts(run: ApplyRun) -> Iterator[Finding]:
             "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) OFFSET 0) AS found "
             "ORDER BY id LIMIT 20"
         ).format(stage=stage, covered=covered, same=same)
-        try:  # a predicate over a column the snapshot lacks fails
-            rows = _tolerant(run.conn, query)
-        except psycopg.Error:
-            continue
-        what = " and ".join(columns)
-        for source_id, email, target_id in rows:
-            conflicts.append(f"{source_id} ({mask_email(email)}) has the {what} of {target_id}")
+        questions.append((" and ".join(columns), query))
     identities = next((e for e in run.auth_entries if e.table == AUTH_IDENTITIES), None)
-    if identities is not None:
-        rows = run.conn.execute(
-            sql.SQL(
-                "SELECT i.user_id, i.provider FROM {ids} i JOIN auth.identities t "
-                "ON t.provider_id = i.provider_id AND t.provider = i.provider "
-                "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = i.user_id) LIMIT 20"
-            ).format(ids=staging.staging_table(identities))
-        ).fetchall()
-        for user_id, provider in rows:
-            conflicts.append(f"{user_id}'s {provider} identity belongs to another target user")
+    taken = (
+        sql.SQL(
+            "SELECT i.user_id, i.provider FROM {ids} i JOIN auth.identities t "
+            "ON t.provider_id = i.provider_id AND t.provider = i.provider "
+            "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = i.user_id) LIMIT 20"
+        ).format(ids=staging.staging_table(identities))
+        if identities is not None
+        else None
+    )
+    creating = sql.SQL(
+        "SELECT count(*) FROM {} s WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id)"
+    ).format(stage)
+    found, identity_rows, created = _ask_auth(run.conn, questions, taken, creating)
+    conflicts = [
+        f"{source_id} ({mask_email(email)}) has the {what} of {target_id}"
+        for what, rows in found
+        for source_id, email, target_id in rows
+    ]
+    conflicts += [
+        f"{user_id}'s {provider} identity belongs to another target user"
+        for user_id, provider in identity_rows
+    ]
     if conflicts:
         yield Finding(
             "auth users",
@@ -194,19 +200,53 @@ def _auth_conflicts(run: ApplyRun) -> Iterator[Finding]:
             + ". Resolve them in either project (Authentication > Users), then apply again",
         )
     else:
-        created = _scalar(
-            run.conn,
-            sql.SQL(
-                "SELECT count(*) FROM {} s WHERE NOT EXISTS (SELECT 1 FROM auth.users u "
-                "WHERE u.id = s.id)"
-            ).format(stage),
-        )
         yield Finding(
             "auth users",
             OK,
             f"{text.count(created, 'snapshot user')} will be created, "
             f"{'it does not conflict' if created == 1 else 'none conflict'}",
         )
+
+
+_Rows = list[tuple[Any, ...]]
+
+
+def _ask_auth(
+    conn: psycopg.Connection,
+    questions: Sequence[tuple[str, sql.Composed]],
+    taken: sql.Composed | None,
+    creating: sql.Composed,
+) -> tuple[list[tuple[str, _Rows]], _Rows, int]:
+    """The auth checks' answers: conflicts per unique key, identities taken, users to create.
+
+    One round trip (a pipeline) in the preparation's autocommit session. A unique key whose
+    predicate reads a column the snapshot lacks fails its question: then they are asked one
+    at a time, that key's skipped (:func:`_tolerant`).
+    """
+    if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        try:
+            with conn.pipeline():
+                asked = [(what, conn.execute(query)) for what, query in questions]
+                ids = conn.execute(taken) if taken is not None else None
+                count = conn.execute(creating)
+            row = count.fetchone()
+            return (
+                [(what, cursor.fetchall()) for what, cursor in asked],
+                ids.fetchall() if ids is not None else [],
+                int(row[0]) if row else 0,
+            )
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error:
+            pass  # asked again one at a time, below
+    found = []
+    for what, query in questions:
+        try:  # a predicate over a column the snapshot lacks fails
+            found.append((what, _tolerant(conn, query)))
+        except psycopg.Error:
+            continue
+    identity_rows = conn.execute(taken).fetchall() if taken is not None else []
+    return found, identity_rows, int(_scalar(conn, creating) or 0)
 
 
 def _tolerant(conn: psycopg.Connection, query: sql.Composed) -> list[tuple[Any, ...]]:
