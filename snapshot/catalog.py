@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import heapq
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from snapshot import latency
 from snapshot.errors import ConfigError, Refused
 from snapshot.names import TableName, quote
 
@@ -128,15 +130,15 @@ def _some(tables: Sequence[TableName]) -> str:
 
 def server_info(conn: psycopg.Connection) -> ServerInfo:
     """Version, database, role and (where the role may read it) the system identifier."""
-    version, num, dbname, user = conn.execute(
+    started = time.monotonic()
+    version, num, dbname, user, readable = conn.execute(
         "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
-        " current_database(), current_user"
-    ).fetchone() or ("", 0, "", "")
+        " current_database(), current_user,"
+        " has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')"
+    ).fetchone() or ("", 0, "", "", False)
+    latency.note(conn, time.monotonic() - started)
     system_id: str | None = None
-    readable = conn.execute(
-        "SELECT has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')"
-    ).fetchone()
-    if readable and readable[0]:
+    if readable:
         row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
         system_id = row[0] if row else None
     return ServerInfo(str(version).split()[0], int(num), str(dbname), str(user), system_id)
@@ -157,21 +159,31 @@ def table_shapes(
     conn: psycopg.Connection, tables: Sequence[TableName]
 ) -> dict[TableName, TableShape]:
     """The dumped columns of each table that exists; missing tables are absent from the result."""
-    columns: dict[TableName, list[Column]] = {}
-    generated: dict[TableName, list[str]] = {}
-    for nsp, rel, name, typ, notnull, hasdef, identity, is_generated in conn.execute(
-        _SHAPES, _table_arrays(tables)
-    ):
-        table = TableName(nsp, rel)
-        columns.setdefault(table, [])
-        generated.setdefault(table, [])
-        if is_generated:
-            generated[table].append(name)
-        else:
-            columns[table].append(Column(name, typ, notnull, hasdef, identity))
-    return {
-        t: TableShape(t, tuple(columns[t]), tuple(generated[t])) for t in tables if t in columns
-    }
+    return table_shapes_later(conn, tables)()
+
+
+def table_shapes_later(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> Callable[[], dict[TableName, TableShape]]:
+    """:func:`table_shapes`, asked now and read when called (in the caller's pipeline)."""
+    cursor = conn.execute(_SHAPES, _table_arrays(tables))
+
+    def result() -> dict[TableName, TableShape]:
+        columns: dict[TableName, list[Column]] = {}
+        generated: dict[TableName, list[str]] = {}
+        for nsp, rel, name, typ, notnull, hasdef, identity, is_generated in cursor.fetchall():
+            table = TableName(nsp, rel)
+            columns.setdefault(table, [])
+            generated.setdefault(table, [])
+            if is_generated:
+                generated[table].append(name)
+            else:
+                columns[table].append(Column(name, typ, notnull, hasdef, identity))
+        return {
+            t: TableShape(t, tuple(columns[t]), tuple(generated[t])) for t in tables if t in columns
+        }
+
+    return result
 
 
 # Row-level security applies to a role that neither bypasses it nor owns the table (an
@@ -354,21 +366,33 @@ def foreign_keys(conn: psycopg.Connection, tables: Sequence[TableName]) -> list[
     scoped one, else of the topmost): the same key declared on several partitions is one,
     named as on the first of them.
     """
-    schemas, names = _table_arrays(tables)
-    found: dict[tuple[Any, ...], ForeignKey] = {}
-    for row in conn.execute(_FOREIGN_KEYS, (schemas, names)):
-        fk = ForeignKey(
-            name=row[0],
-            child=TableName(row[1], row[2]),
-            parent=TableName(row[3], row[4]),
-            columns=tuple(row[5]),
-            parent_columns=tuple(row[6]),
-            on_delete=row[7],
-            deferrable=row[8],
-        )
-        same = (fk.child, fk.columns, fk.parent, fk.parent_columns, fk.on_delete, fk.deferrable)
-        found.setdefault(same, fk)
-    return list(found.values())
+    return foreign_keys_later(conn, tables)()
+
+
+def foreign_keys_later(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> Callable[[], list[ForeignKey]]:
+    """:func:`foreign_keys`, asked now and read when called (in the caller's pipeline); a
+    table of ``tables`` that does not exist has none."""
+    cursor = conn.execute(_FOREIGN_KEYS, _table_arrays(tables))
+
+    def result() -> list[ForeignKey]:
+        found: dict[tuple[Any, ...], ForeignKey] = {}
+        for row in cursor.fetchall():
+            fk = ForeignKey(
+                name=row[0],
+                child=TableName(row[1], row[2]),
+                parent=TableName(row[3], row[4]),
+                columns=tuple(row[5]),
+                parent_columns=tuple(row[6]),
+                on_delete=row[7],
+                deferrable=row[8],
+            )
+            same = (fk.child, fk.columns, fk.parent, fk.parent_columns, fk.on_delete, fk.deferrable)
+            found.setdefault(same, fk)
+        return list(found.values())
+
+    return result
 
 
 _PARTITIONS_BESIDE_PARENTS = """

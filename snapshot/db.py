@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import psycopg
 from psycopg import sql
 
+from snapshot import latency
 from snapshot.environments import Connection
 from snapshot.errors import ConnectionFailed
 
@@ -121,7 +123,9 @@ def connect(target: Connection) -> psycopg.Connection:
         for k, v in settings.items()
     )
     try:
+        started = time.monotonic()
         conn.execute(sql.SQL("SELECT {}").format(calls))
+        latency.note(conn, time.monotonic() - started)
     except psycopg.Error as exc:
         conn.close()
         raise ConnectionFailed(

@@ -146,7 +146,8 @@ def _scope(session: Session) -> Iterator[Finding]:
     configured = set(session.config.scope.tables)
     archived = set(session.snapshot.manifest.scope.tables)
     unknown = configured - archived  # the session read the catalog for the snapshot's tables
-    here = {*session.shapes, *catalog.table_shapes(session.conn, sorted(unknown, key=str))}
+    found = catalog.table_shapes(session.conn, sorted(unknown, key=str)) if unknown else {}
+    here = {*session.shapes, *found}
     absent = [t for t in session.config.scope.tables if t not in here]
     if absent:
         yield Finding(

@@ -124,8 +124,10 @@ def open_session(
         )
         auth_entries = () if auth_withheld else archived_auth
         tables = [*manifest.scope.tables, *(t.table for t in archived_auth)]
-        shapes = catalog.table_shapes(conn, tables)
-        fks = catalog.foreign_keys(conn, [t for t in manifest.scope.tables if t in shapes])
+        with conn.pipeline():  # both in one round trip (a missing table has no keys)
+            shapes_later = catalog.table_shapes_later(conn, tables)
+            fks_later = catalog.foreign_keys_later(conn, manifest.scope.tables)
+        shapes, fks = shapes_later(), fks_later()
         order: tuple[TableName, ...] = ()
         try:
             order = catalog.apply_order([t for t in config.scope.tables if t in shapes], fks)

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from snapshot import catalog, sparse, staging
+from snapshot import catalog, latency, sparse, staging
 from snapshot.apply import backup, outside, since
 from snapshot.apply import rows as rowsets
 from snapshot.apply.auth import AuthPlan, auth_plan
@@ -269,8 +269,13 @@ def upload_changed_only(run: ApplyRun) -> bool:
     setting = run.config.apply.upload
     if setting != "auto":
         return setting == "changed"
-    trips = []
-    for _ in range(3):
+    # The shortest of the session's first, nearly free, statements (snapshot.latency): a
+    # near server needs no ping; a far one, or a busy near one, gets one to make sure.
+    known = latency.round_trip(run.conn)
+    if known is not None and known < FAR_ROUND_TRIP:
+        return False
+    trips = [] if known is None else [known]
+    for _ in range(3 if known is None else 1):
         began = time.monotonic()
         run.conn.execute("SELECT 1")
         trips.append(time.monotonic() - began)
