@@ -205,7 +205,15 @@ def hidden_by_row_security(
     conn: psycopg.Connection, tables: Sequence[TableName]
 ) -> list[TableName]:
     """Tables among ``tables`` whose rows row-level security would hide from this role."""
-    return [TableName(nsp, rel) for nsp, rel in conn.execute(_HIDDEN_BY_RLS, _table_arrays(tables))]
+    return hidden_by_row_security_later(conn, tables)()
+
+
+def hidden_by_row_security_later(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> Callable[[], list[TableName]]:
+    """:func:`hidden_by_row_security`, asked now and read when called (in a pipeline)."""
+    cursor = conn.execute(_HIDDEN_BY_RLS, _table_arrays(tables))
+    return lambda: [TableName(nsp, rel) for nsp, rel in cursor.fetchall()]
 
 
 def row_security_refusal(role: str, tables: Sequence[TableName]) -> str:
@@ -427,11 +435,21 @@ def partitions_beside_parents(
     A partitioned table in the scope covers every partition below it: naming one of them
     too would take, count and apply its rows twice.
     """
-    result: dict[TableName, TableName] = {}
-    for nsp, rel, parent_nsp, parent in conn.execute(
-        _PARTITIONS_BESIDE_PARENTS, _table_arrays(tables)
-    ):
-        result.setdefault(TableName(nsp, rel), TableName(parent_nsp, parent))
+    return partitions_beside_parents_later(conn, tables)()
+
+
+def partitions_beside_parents_later(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> Callable[[], dict[TableName, TableName]]:
+    """:func:`partitions_beside_parents`, asked now and read when called (in a pipeline)."""
+    cursor = conn.execute(_PARTITIONS_BESIDE_PARENTS, _table_arrays(tables))
+
+    def result() -> dict[TableName, TableName]:
+        found: dict[TableName, TableName] = {}
+        for nsp, rel, parent_nsp, parent in cursor.fetchall():
+            found.setdefault(TableName(nsp, rel), TableName(parent_nsp, parent))
+        return found
+
     return result
 
 
@@ -594,6 +612,14 @@ def owned_sequence_names(
     return _sequence_names(conn, _OWNED_SEQUENCES, tables)
 
 
+def owned_sequence_names_later(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> Callable[[], list[SequenceName]]:
+    """:func:`owned_sequence_names`, asked now and read when called (in a pipeline)."""
+    cursor = conn.execute(_OWNED_SEQUENCES, _table_arrays(tables))
+    return lambda: _names(cursor.fetchall())
+
+
 def _sequence_names(
     conn: psycopg.Connection, query: str, tables: Sequence[TableName]
 ) -> list[tuple[TableName, TableName, str, int, int]]:
@@ -736,12 +762,23 @@ def _with_state(
 
 def migration_versions(conn: psycopg.Connection) -> tuple[str, ...] | None:
     """Supabase's applied migration versions, or None without a readable history table."""
-    row = conn.execute(
-        "SELECT to_regclass('supabase_migrations.schema_migrations') IS NOT NULL "
-        "AND has_table_privilege('supabase_migrations.schema_migrations', 'SELECT')"
-    ).fetchone()
-    if not row or not row[0]:
-        return None
+    return applied_migrations(conn) if migrations_readable_later(conn)() else None
+
+
+def migrations_readable_later(conn: psycopg.Connection) -> Callable[[], bool]:
+    """Whether ``supabase_migrations.schema_migrations`` exists and may be read, asked now
+    and read when called (in the caller's pipeline)."""
+    cursor = conn.execute(_MIGRATIONS_READABLE)
+
+    def result() -> bool:
+        row = cursor.fetchone()
+        return bool(row and row[0])
+
+    return result
+
+
+def applied_migrations(conn: psycopg.Connection) -> tuple[str, ...]:
+    """The versions in ``supabase_migrations.schema_migrations`` (readable: see above)."""
     return tuple(
         str(r[0])
         for r in conn.execute(

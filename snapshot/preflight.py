@@ -8,12 +8,9 @@ Each finding is ok, warning or error, and every error says what to do about it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, LiteralString, Protocol
-
-import psycopg
-from psycopg import sql
+from typing import Any, Protocol
 
 from snapshot import archive, catalog, text
 from snapshot.dump import LIVE, identity
@@ -138,8 +135,8 @@ def _integrity(session: Session) -> Iterator[Finding]:
     yield Finding("snapshot integrity", OK, f"{text.count(len(files), 'file')} {match} sha256")
 
 
-def _scope(session: Session) -> Iterator[Finding]:
-    beside = catalog.partitions_beside_parents(session.conn, session.config.scope.tables)
+def _scope(session: Session, asked: _Answers) -> Iterator[Finding]:
+    beside = asked.beside
     if beside:
         yield Finding("scope", ERROR, catalog.partition_refusal(beside))
         return
@@ -227,9 +224,9 @@ def _schema(session: Session) -> Iterator[Finding]:
         yield Finding("schema", OK, f"{count} tables have the snapshot's columns and types")
 
 
-def _migrations(session: Session) -> Iterator[Finding]:
+def _migrations(session: Session, asked: _Answers) -> Iterator[Finding]:
     source = session.snapshot.manifest.migrations
-    here = catalog.migration_versions(session.conn)
+    here = catalog.applied_migrations(session.conn) if asked.migrations_readable else None
     if source is None and here is None:
         yield Finding("migrations", OK, "neither side has supabase_migrations.schema_migrations")
         return
@@ -259,27 +256,33 @@ def _migrations(session: Session) -> Iterator[Finding]:
     )
 
 
-def _privileges(session: Session) -> Iterator[Finding]:
+def _privilege_checks(session: Session) -> list[tuple[TableName, str]]:
+    """The tables the apply writes and the privileges it needs on each."""
+    checks = [(t, "SELECT, INSERT, UPDATE, DELETE") for t in session.order]
+    return checks + [
+        (e.table, "SELECT, INSERT") for e in session.auth_entries if e.table in session.shapes
+    ]
+
+
+_LACKING = (
+    "SELECT w.i, p.p FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS w(t, ps, i) "
+    "CROSS JOIN LATERAL unnest(string_to_array(w.ps, ', ')) WITH ORDINALITY AS p(p, n) "
+    "WHERE NOT has_table_privilege(w.t, p.p) ORDER BY w.i, p.n"
+)
+
+
+def _privileges(session: Session, asked: _Answers) -> Iterator[Finding]:
     conn = session.conn
     role = session.info.user
     grants: list[str] = []
-    checks = [(t, "SELECT, INSERT, UPDATE, DELETE") for t in session.order]
-    checks += [
-        (e.table, "SELECT, INSERT") for e in session.auth_entries if e.table in session.shapes
-    ]
-    names = [table.ident.as_string(conn) for table, _ in checks]
+    names = [table.ident.as_string(conn) for table, _ in _privilege_checks(session)]
     lacking: dict[int, list[str]] = {}
-    for i, privilege in conn.execute(  # one question for every table and privilege
-        "SELECT w.i, p.p FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS w(t, ps, i) "
-        "CROSS JOIN LATERAL unnest(string_to_array(w.ps, ', ')) WITH ORDINALITY AS p(p, n) "
-        "WHERE NOT has_table_privilege(w.t, p.p) ORDER BY w.i, p.n",
-        (names, [wanted for _, wanted in checks]),
-    ):
+    for i, privilege in asked.lacking:  # one question for every table and privilege
         lacking.setdefault(int(i) - 1, []).append(str(privilege))
     for i, missing in sorted(lacking.items()):
         grants.append(f"GRANT {', '.join(missing)} ON {names[i]} TO {quote(role)};")
-    unreadable = catalog.hidden_by_row_security(conn, [t for t, _ in checks])
-    if not _scalar(conn, "SELECT has_database_privilege(current_database(), 'TEMP')"):
+    unreadable = asked.hidden
+    if not asked.temp:
         grants.append(f"GRANT TEMP ON DATABASE {quote(session.info.dbname)} TO {quote(role)};")
     if grants:
         yield Finding(
@@ -287,7 +290,7 @@ def _privileges(session: Session) -> Iterator[Finding]:
             ERROR,
             f"{role} lacks what apply needs; run as the owner: " + " ".join(grants),
         )
-    owners = _sequence_owners(session)
+    owners = _sequence_owners(session, asked.sequences)
     for owner, tables in owners.items():
         named = ", ".join(map(str, tables[:3])) + (
             f" and {len(tables) - 3} more" if len(tables) > 3 else ""
@@ -306,21 +309,14 @@ def _privileges(session: Session) -> Iterator[Finding]:
         yield Finding("privileges", OK, f"{role} may lock, delete, insert and update the scope")
 
 
-def _triggers(session: Session) -> Iterator[Finding]:
+def _triggers(session: Session, asked: _Answers) -> Iterator[Finding]:
     """The app's triggers that may write into the rows they fire on, and whether the apply
     can keep what they write from staying (:mod:`snapshot.apply.keepers`)."""
-    rewriting = [t for t in catalog.app_triggers(session.conn, session.order) if t.may_rewrite]
+    rewriting = [t for t in asked.triggers if t.may_rewrite]
     if not rewriting:
         return
     tables = sorted({t.table for t in rewriting})
-    denied = {
-        tables[int(i) - 1]
-        for (i,) in session.conn.execute(
-            "SELECT i FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(t, i) "
-            "WHERE NOT has_table_privilege(t, 'TRIGGER')",
-            ([t.ident.as_string(session.conn) for t in tables],),
-        )
-    }
+    denied = {t for t in tables if t in asked.no_trigger}
     listed = "; ".join(
         f"{table}: {', '.join(t.name for t in rewriting if t.table == table)}" for table in tables
     )
@@ -341,14 +337,17 @@ def _triggers(session: Session) -> Iterator[Finding]:
         )
 
 
-def _sequence_owners(session: Session) -> dict[str, list[TableName]]:
+def _sequence_owners(
+    session: Session, sequences: Sequence[catalog.SequenceName]
+) -> dict[str, list[TableName]]:
     """The tables whose sequences (serial, identity) the role may not restart, by owner.
 
     The apply restarts them with ALTER SEQUENCE (transactional, unlike setval), which takes
     the sequence's owner: the owner of its table, as PostgreSQL keeps them together.
     """
     owners: dict[str, list[TableName]] = {}
-    sequences = catalog.owned_sequence_names(session.conn, session.order)
+    if not sequences:
+        return owners
     rows = session.conn.execute(  # every sequence's owner in one round trip
         "SELECT w.i, CASE WHEN NOT pg_has_role(c.relowner, 'USAGE') "
         "THEN pg_get_userbyid(c.relowner) END "
@@ -361,13 +360,6 @@ def _sequence_owners(session: Session) -> dict[str, list[TableName]]:
         if owner is not None and table not in owners.setdefault(str(owner), []):
             owners[str(owner)].append(table)
     return {owner: tables for owner, tables in owners.items() if tables}
-
-
-def _scalar(
-    conn: psycopg.Connection, query: LiteralString | sql.Composed, params: tuple[Any, ...] = ()
-) -> Any:
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
 
 
 def _order(session: Session) -> Iterator[Finding]:
@@ -383,6 +375,54 @@ def _order(session: Session) -> Iterator[Finding]:
         )
 
 
+@dataclass(frozen=True)
+class _Answers:
+    """What the checks ask the catalog, asked together (:func:`_ask`)."""
+
+    beside: dict[TableName, TableName]  # scoped partitions of scoped tables
+    migrations_readable: bool
+    lacking: list[tuple[Any, ...]]  # (check number, privilege) the role lacks
+    hidden: list[TableName]  # row-level security would hide their rows
+    temp: bool  # may the role create temporary tables
+    sequences: list[catalog.SequenceName]  # owned by the scope's columns
+    triggers: list[catalog.AppTrigger]
+    no_trigger: frozenset[TableName]  # scope tables the role may not create triggers on
+
+
+def _ask(session: Session) -> _Answers:
+    """Every catalog question of the checks below, in one round trip (a pipeline)."""
+    conn = session.conn
+    checks = _privilege_checks(session)
+    order = [t.ident.as_string(conn) for t in session.order]
+    with conn.pipeline():
+        beside = catalog.partitions_beside_parents_later(conn, session.config.scope.tables)
+        readable = catalog.migrations_readable_later(conn)
+        lacking = conn.execute(
+            _LACKING,
+            ([t.ident.as_string(conn) for t, _ in checks], [wanted for _, wanted in checks]),
+        )
+        hidden = catalog.hidden_by_row_security_later(conn, [t for t, _ in checks])
+        temp = conn.execute("SELECT has_database_privilege(current_database(), 'TEMP')")
+        sequences = catalog.owned_sequence_names_later(conn, session.order)
+        triggers = catalog.app_triggers_later(conn, session.order)
+        refused = conn.execute(
+            "SELECT i FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(t, i) "
+            "WHERE NOT has_table_privilege(t, 'TRIGGER')",
+            (order,),
+        )
+    may_temp = temp.fetchone()
+    return _Answers(
+        beside=beside(),
+        migrations_readable=readable(),
+        lacking=lacking.fetchall(),
+        hidden=hidden(),
+        temp=bool(may_temp and may_temp[0]),
+        sequences=sequences(),
+        triggers=triggers(),
+        no_trigger=frozenset(session.order[int(r[0]) - 1] for r in refused.fetchall()),
+    )
+
+
 def run_checks(session: Session, *, lock_holder: str | None) -> list[Finding]:
     """The checks that need nothing staged, in the order they are reported.
 
@@ -395,7 +435,8 @@ def run_checks(session: Session, *, lock_holder: str | None) -> list[Finding]:
     if not live:
         findings += _integrity(session)
     findings += _identity(session)
-    findings += _scope(session)
+    asked = _ask(session)
+    findings += _scope(session, asked)
     findings += _tooling(session)
     if lock_holder:
         findings.append(
@@ -409,9 +450,9 @@ def run_checks(session: Session, *, lock_holder: str | None) -> list[Finding]:
     else:
         findings.append(Finding("one apply at a time", OK, "no other apply or rollback runs"))
     findings += _schema(session)
-    findings += _migrations(session)
-    findings += _privileges(session)
-    findings += _triggers(session)
+    findings += _migrations(session, asked)
+    findings += _privileges(session, asked)
+    findings += _triggers(session, asked)
     findings += _order(session)
     findings.append(_scripts(session))
     return findings
