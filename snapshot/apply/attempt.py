@@ -263,10 +263,11 @@ def _passes(run: ApplyRun, phase: Phases, plan: Plan, *, spare: bool = True) -> 
     ``spare=False`` deletes every row the snapshot lacks in the first pass: with no
     foreign key acting per row, a parent need not wait for its children to move.
 
-    Each pass is one round trip (its statements in a pipeline), in a savepoint: when a
-    statement fails, the server's error does not say which table it wrote, so the passes
-    are rolled back and run again one statement at a time, which finds the table (and
-    raises :class:`write.TableFailed` for the attempt to fall back on).
+    Two round trips in all (a pipeline, in a savepoint): pass 1 with the question pass 2
+    needs, then passes 2 and 3 (pass 3 needs pass 1's counts). When a statement fails, the
+    server's error does not say which table it wrote, so the passes are rolled back and run
+    again one statement at a time, which finds the table (and raises
+    :class:`write.TableFailed` for the attempt to fall back on).
     """
     progress.begin("writes", *write.expected_writes(plan))
     conn = run.conn

@@ -350,7 +350,7 @@ def delete_first(
 
 
 def deleted(done: Written, steps: Sequence[Step], rows: Sequence[int]) -> None:
-    """Count what pass 1's ``steps`` deleted (``rows``: from :func:`run_steps`)."""
+    """Count what pass 1's ``steps`` deleted (``rows``: from :func:`send_steps`)."""
     for step, count in zip(steps, rows, strict=True):
         done.add(done.deleted, step.table, count)
 
