@@ -8,7 +8,7 @@ written as such blocks; :mod:`snapshot.staging` reads them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 import psycopg
@@ -44,3 +44,45 @@ def write_block(
         count = cur.rowcount  # once the COPY is over, while the cursor is open
     out.write(TERMINATOR[1:])
     return count
+
+
+def block_later(
+    conn: psycopg.Connection,
+    verb: str,
+    table: TableName,
+    columns: Sequence[str],
+    query: sql.Composable,
+) -> Callable[[BinaryIO], int]:
+    """:func:`write_block`, asked now (in the caller's pipeline: a COPY would cost a round trip
+    of its own) and written to ``out`` when called; the rows written.
+
+    Each value comes as its type's output text (``format('%s', v)`` calls the output
+    function, as COPY does; a cast to text may not: ``true::text`` is ``true``, COPY's
+    ``t``), and is escaped here as COPY escapes it. For a few rows (keys), not bulk data.
+    """
+    texts = sql.SQL(", ").join(
+        sql.SQL("CASE WHEN q.{c} IS NULL THEN NULL ELSE format('%s', q.{c}) END").format(
+            c=sql.Identifier(c)
+        )
+        for c in columns
+    )
+    cursor = conn.execute(sql.SQL("SELECT {} FROM ({}) AS q").format(texts, query))
+
+    def write(out: BinaryIO) -> int:
+        write_header(conn, out, verb, table, columns)
+        rows = cursor.fetchall()
+        encoding = conn.info.encoding
+        for row in rows:
+            out.write(("\t".join(map(_escaped, row)) + "\n").encode(encoding))
+        out.write(TERMINATOR[1:])
+        return len(rows)
+
+    return write
+
+
+_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def _escaped(value: str | None) -> str:
+    """One value as COPY's text format writes it."""
+    return "\\N" if value is None else value.translate(_ESCAPES)

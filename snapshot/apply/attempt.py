@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import psycopg
@@ -70,22 +70,34 @@ class Again:
     course: Course
 
 
-def write_until_it_holds(run: ApplyRun, phase: Phases, before: Mapping[TableName, int]) -> Written:
+def write_until_it_holds(
+    run: ApplyRun,
+    phase: Phases,
+    before: Mapping[TableName, int],
+    closing: Callable[[], None] | None = None,
+) -> Written:
     """Attempts until one holds or the last fails (see the module); the one that held.
 
-    ``before``: each table's rows under the lock, for the closing report.
+    ``before``: each table's rows under the lock, for the closing report. ``closing``: the
+    caller's questions about the state the writes leave, asked with each attempt's parity
+    (in its round trip); the answers the caller reads are the last attempt's, the one that
+    held.
     """
     assert run.plan is not None
     course = Course(forced={t.table: t.reason for t in run.plan.tables if t.full})
     while True:
-        outcome = attempt(run, phase, course, before)
+        outcome = attempt(run, phase, course, before, closing)
         if isinstance(outcome, Written):
             return outcome
         course = outcome.course
 
 
 def attempt(
-    run: ApplyRun, phase: Phases, course: Course, before: Mapping[TableName, int]
+    run: ApplyRun,
+    phase: Phases,
+    course: Course,
+    before: Mapping[TableName, int],
+    closing: Callable[[], None] | None = None,
 ) -> Written | Again:
     """One attempt in a savepoint: what it wrote, or how the next one should go.
 
@@ -133,7 +145,7 @@ def attempt(
                 scripts.run(conn, scripts.scripts(run.config, "post"), "post")
             undone = keepers.writes(conn, held)
             with phase("verifying"):
-                tables = tuple(proof.parity(run, plan, before))
+                tables = tuple(proof.parity(run, plan, before, closing))
             failed = [t for t in tables if not t.match and t.table not in plan.full_tables]
             details = "; ".join(f"{t.table} {t.detail}" for t in failed)
             if unguarded := keepers.guard(held, [t.table for t in failed]):

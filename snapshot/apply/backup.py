@@ -426,15 +426,20 @@ def moved_tables_later(run: ApplyRun, backup: Backup) -> Callable[[], set[TableN
     return lambda: {table for table, cursor in asked if (row := cursor.fetchone()) and row[0]}
 
 
-def finish(run: ApplyRun, backup: Backup, wrote: since.Wrote) -> Snapshot | None:
+def finish(
+    run: ApplyRun, backup: Backup, wrote: since.Wrote, first: Sequence[sql.Composed] = ()
+) -> Snapshot | None:
     """Wait for pg_dump; seal the backup (published by the caller after the commit), with
-    the record of what the apply wrote (``wrote``: :func:`.since.wrote_later`).
+    the record of what the apply wrote (``wrote``: :func:`.since.wrote_later`). ``first``:
+    statements of the apply's to send ahead of the record's questions, in their round trip.
 
     An apply that wrote nothing keeps no backup (None; a note says so): rolling back to
     it would restore what the target holds, leaving the apply the user meant in place.
     """
     assert backup.state is not None
     if not wrote.anything:
+        for statement in first:
+            run.conn.execute(statement)
         abandon(backup)
         run.notes.append(
             f"this {run.action} wrote nothing ({run.target.env} already held its rows): no "
@@ -442,7 +447,7 @@ def finish(run: ApplyRun, backup: Backup, wrote: since.Wrote) -> Snapshot | None
             "the apply before it"
         )
         return None
-    txid = since.record(run, backup.folder, wrote)
+    txid = since.record(run, backup.folder, wrote, first)
     try:
         if backup.dump is not None:
             backup.dump.wait()

@@ -361,9 +361,10 @@ def settle(run: ApplyRun, allowed: Collection[str]) -> tuple[Reference, ...]:
     ``s.kept``, and taken out of the delta.
     """
     refs = survey(run)
-    with run.conn.pipeline():
-        for rows in run.row_sets.values():
-            run.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(kept_keys(rows)))
+    if run.keep_referenced:  # only _keep makes the tables of kept keys (a round trip)
+        with run.conn.pipeline():
+            for rows in run.row_sets.values():
+                run.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(kept_keys(rows)))
     run.kept = {}
     seeds = [
         r

@@ -336,10 +336,15 @@ def decide(run: ApplyRun, forced: Mapping[TableName, str]) -> Plan:
         )
         reasons[table] = f"references {', '.join(parents)}, replaced in full"
     plans = []
-    counted = rowsets.counts(
-        run.conn,
-        [run.row_sets[t] for t in run.order if t in run.row_sets],
-        {t: known.rows for t, known in run.recorded.items()},
+    ahead, run.counts_ahead = run.counts_ahead, None
+    counted = (
+        ahead()
+        if ahead is not None
+        else rowsets.counts(
+            run.conn,
+            [run.row_sets[t] for t in run.order if t in run.row_sets],
+            {t: known.rows for t, known in run.recorded.items()},
+        )
     )
     for table in run.order:
         entry = run.entries[table]

@@ -28,10 +28,16 @@ def _mostly_written(plan: Plan, table: TableName) -> bool:
     return 2 * (written.inserts + written.updates) > written.target_rows + written.inserts
 
 
-def parity(run: ApplyRun, plan: Plan, before: Mapping[TableName, int]) -> list[TableParity]:
+def parity(
+    run: ApplyRun,
+    plan: Plan,
+    before: Mapping[TableName, int],
+    also: Callable[[], None] | None = None,
+) -> list[TableParity]:
     """Each scoped table compared with the snapshot; differing columns named on mismatch.
 
     Every table's statements go together (a pipeline): a few round trips, not one a table.
+    ``also`` asks the caller's own questions in that pipeline (read once it is over).
     """
     full = plan.full_tables
     conn = run.conn
@@ -56,6 +62,8 @@ def parity(run: ApplyRun, plan: Plan, before: Mapping[TableName, int]) -> list[T
             if ignored:
                 stage = staging.staging_table(entry)
                 wanted[table] = table_stats_later(conn, stage, entry.column_names, ignored, kind)
+        if also is not None:
+            also()
     actual = {table: result() for table, result in hashed.items()}
     for table, later in proved.items():
         actual[table] = later() or rowsets.prove_by_join(conn, run.row_sets[table])

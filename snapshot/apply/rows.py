@@ -308,37 +308,56 @@ _CLASSIFY = sql.SQL(
 )
 
 
+Counts = dict[TableName, tuple[int, int, int, int]]  # inserts, updates, deletes, target rows
+
+
 def counts(
     conn: psycopg.Connection, sets: Sequence[RowSet], recorded: Mapping[TableName, int]
-) -> dict[TableName, tuple[int, int, int, int]]:
+) -> Counts:
     """Per table, (inserts, updates, deletes, target rows) of the current delta and record.
 
     ``recorded``: the record's row count where it is known (else it is counted). Every
     table's counts in one round trip (a pipeline).
     """
     with conn.pipeline():
-        pending = [
-            (
-                rows,
-                conn.execute(
-                    sql.SQL("SELECT op$, count(*) FROM {} GROUP BY op$").format(rows.delta)
-                ),
-                None
-                if rows.table in recorded
-                else conn.execute(sql.SQL("SELECT count(*) FROM {}").format(rows.record)),
+        later = counts_later(conn, sets, recorded)
+    return later()
+
+
+def counts_later(
+    conn: psycopg.Connection, sets: Sequence[RowSet], recorded: Mapping[TableName, int]
+) -> Callable[[], Counts]:
+    """:func:`counts`, asked now and read when called (in the caller's pipeline)."""
+    known = dict(recorded)
+    pending = [
+        (
+            rows,
+            conn.execute(sql.SQL("SELECT op$, count(*) FROM {} GROUP BY op$").format(rows.delta)),
+            None
+            if rows.table in known
+            else conn.execute(sql.SQL("SELECT count(*) FROM {}").format(rows.record)),
+        )
+        for rows in sets
+    ]
+
+    def result() -> Counts:
+        found = {}
+        for rows, by_op, counted in pending:
+            ops = {str(op): int(n) for op, n in by_op.fetchall()}
+            if counted is None:
+                target = known[rows.table]
+            else:
+                row = counted.fetchone()
+                target = int(row[0]) if row else 0
+            found[rows.table] = (
+                ops.get(INSERT, 0),
+                ops.get(UPDATE, 0),
+                ops.get(DELETE, 0),
+                target,
             )
-            for rows in sets
-        ]
-    found = {}
-    for rows, by_op, counted in pending:
-        ops = {str(op): int(n) for op, n in by_op.fetchall()}
-        if counted is None:
-            target = recorded[rows.table]
-        else:
-            row = counted.fetchone()
-            target = int(row[0]) if row else 0
-        found[rows.table] = (ops.get(INSERT, 0), ops.get(UPDATE, 0), ops.get(DELETE, 0), target)
-    return found
+        return found
+
+    return result
 
 
 def reconcile(
@@ -347,34 +366,40 @@ def reconcile(
     horizon: int | None = None,
     *,
     records: Sequence[RowSet] = (),
+    then: Callable[[Mapping[TableName, int]], None] | None = None,
 ) -> dict[TableName, int]:
     """Bring the records and the deltas up to the live tables (under the lock); rows moved
     per table of ``sets``.
 
     A ``(key, xmin)`` match finds the row versions that appeared or vanished since each
-    record was made (:func:`refresh_record`); only those are hashed and classified again.
+    record was made (:func:`find_moved`); only those are hashed and classified again.
     ``records``: row sets whose record alone is brought up (the backup's, which have no
-    delta), in the same round trips. Every table's statements go together, a few round
-    trips in all (a pipeline).
+    delta). Every table's statements go together: a round trip to find what moved, one to
+    bring it up (none when nothing moved), where ``then`` asks the caller's questions too,
+    given the rows moved per table.
     """
-    moved = refresh_record(conn, [*sets, *records], horizon)
-    if not any(moved[rows.table] for rows in sets):
-        return dict.fromkeys((rows.table for rows in sets), 0)  # (an empty pipeline: a round trip)
-    with conn.pipeline():
-        for rows in sets:
-            if moved[rows.table]:
-                conn.execute(_FORGET.format(rows.delta, rows.moved, rows.match("d", "m")))
-                conn.execute(
-                    _RECLASSIFY.format(
-                        delta=rows.delta,
-                        k=rows.keys,
-                        s=rows.hashes,
-                        t=rows.record,
-                        moved=rows.moved,
-                        sm=rows.match("s", "m"),
-                        tm=rows.match("t", "m"),
+    moved = find_moved(conn, [*sets, *records], horizon)
+    if then is not None or any(moved.values()):
+        with conn.pipeline():
+            for rows in [*sets, *records]:
+                if moved[rows.table]:
+                    _refresh(conn, rows)
+            for rows in sets:
+                if moved[rows.table]:
+                    conn.execute(_FORGET.format(rows.delta, rows.moved, rows.match("d", "m")))
+                    conn.execute(
+                        _RECLASSIFY.format(
+                            delta=rows.delta,
+                            k=rows.keys,
+                            s=rows.hashes,
+                            t=rows.record,
+                            moved=rows.moved,
+                            sm=rows.match("s", "m"),
+                            tm=rows.match("t", "m"),
+                        )
                     )
-                )
+            if then is not None:
+                then(moved)
     return {rows.table: moved[rows.table] for rows in sets}
 
 
@@ -389,16 +414,16 @@ _RECLASSIFY = sql.SQL(
 )
 
 
-def refresh_record(
+def find_moved(
     conn: psycopg.Connection, sets: Sequence[RowSet], horizon: int | None = None
 ) -> dict[TableName, int]:
-    """Bring the records up to the live tables by ``(key, xmin)``; the rows that moved, per
-    table.
+    """The rows that moved since each record was made, by ``(key, xmin)``, per table.
 
-    Their keys stay in each ``rows.moved``: the pre-apply backup copies those rows. With the
-    ``horizon`` of the records' snapshot (:func:`horizon`), only the row versions written
-    after it are matched with a record (see :func:`_moved_since`); without it, or where
-    versions were deleted, every live row is. Each step runs for every table at once.
+    Their keys stay in each ``rows.moved``: :func:`reconcile` brings the records up to
+    them, and the pre-apply backup copies those rows. With the ``horizon`` of the records'
+    snapshot (:func:`horizon`), only the row versions written after it are matched with a
+    record (see :func:`_moved_since`); without it, or where versions were deleted, every
+    live row is. Each step runs for every table at once.
     """
     moved: dict[TableName, int | None] = dict.fromkeys((r.table for r in sets), None)
     if horizon is not None:
@@ -414,26 +439,26 @@ def refresh_record(
             created.append((rows, conn.execute(every)))
     for rows, cursor in created:
         moved[rows.table] = cursor.rowcount
-    counts = {table: int(n or 0) for table, n in moved.items()}
-    with conn.pipeline() if any(counts.values()) else contextlib.nullcontext():
-        for rows in sets:
-            if counts[rows.table]:
-                conn.execute(_FORGET.format(rows.record, rows.moved, rows.match("d", "m")))
-                conn.execute(
-                    sql.SQL("INSERT INTO {} {}").format(
-                        rows.record,
-                        _hashed(
-                            sql.SQL("{}, z.x$").format(rows.keys),
-                            sql.SQL("{}, t.xmin AS x$").format(key_columns(rows, "t")),
-                            rows.row_term("t"),
-                            sql.SQL("{} AS t JOIN {} AS m ON {}").format(
-                                rows.table.ident, rows.moved, rows.match("t", "m")
-                            ),
-                            rows.kind,
-                        ),
-                    )
-                )
-    return counts
+    return {table: int(n or 0) for table, n in moved.items()}
+
+
+def _refresh(conn: psycopg.Connection, rows: RowSet) -> None:
+    """The record's moved rows (:func:`find_moved`) replaced by their live versions."""
+    conn.execute(_FORGET.format(rows.record, rows.moved, rows.match("d", "m")))
+    conn.execute(
+        sql.SQL("INSERT INTO {} {}").format(
+            rows.record,
+            _hashed(
+                sql.SQL("{}, z.x$").format(rows.keys),
+                sql.SQL("{}, t.xmin AS x$").format(key_columns(rows, "t")),
+                rows.row_term("t"),
+                sql.SQL("{} AS t JOIN {} AS m ON {}").format(
+                    rows.table.ident, rows.moved, rows.match("t", "m")
+                ),
+                rows.kind,
+            ),
+        )
+    )
 
 
 _MATCH_EVERY_ROW = sql.SQL(
@@ -468,7 +493,7 @@ def horizon_later(conn: psycopg.Connection) -> Callable[[], int]:
 def _moved_since(
     conn: psycopg.Connection, sets: Sequence[RowSet], horizon: int
 ) -> dict[TableName, int | None]:
-    """:func:`refresh_record`'s moved rows, reading only the versions written since ``horizon``.
+    """:func:`find_moved`'s moved rows, reading only the versions written since ``horizon``.
 
     A live version older than the horizon is a recorded one (see :func:`horizon`). The
     newer live versions not in the record *moved in*; the recorded versions that vanished

@@ -4,6 +4,7 @@ sequences their defaults share with others only ever move up, above the data."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from psycopg import sql
 
@@ -15,14 +16,23 @@ from snapshot.names import TableName
 log = logging.getLogger(__name__)
 
 
-def restart(run: ApplyRun, state: catalog.State | None = None) -> int:
-    """Restart each owned sequence at the snapshot's next value; returns how many moved.
+def send(run: ApplyRun, statements: Sequence[sql.Composed]) -> None:
+    """Send :func:`restarts`' statements, in one round trip (none without any)."""
+    if statements:
+        with run.conn.pipeline():
+            for statement in statements:
+                run.conn.execute(statement)
+
+
+def restarts(run: ApplyRun, state: catalog.State | None = None) -> list[sql.Composed]:
+    """The statements that restart each owned sequence at the snapshot's next value, for the
+    caller to send (with its next round trip, :func:`send` or :func:`.since.record`).
 
     A sequence already there is left alone. Where the data holds higher values than the
     snapshot's sequence (rows a trigger added, say), it restarts above them, so the next
     insert cannot collide. ``state``: where everything stands, with the data's highest
     values (``catalog.read_state_later(..., highest=True)`` in the caller's round trip);
-    read here when not given. The restarts go in one more round trip (when there are any).
+    read here when not given.
     """
     archived = {(q.table, q.column): q for q in run.snapshot.manifest.sequences}
     if state is None:
@@ -43,16 +53,11 @@ def restart(run: ApplyRun, state: catalog.State | None = None) -> int:
         if current.next_value != value:
             moves.append((current.sequence, value))
     moves += _above_the_data(run, state)
-    if moves:
-        with run.conn.pipeline():  # every restart in one round trip
-            for sequence, value in moves:
-                run.conn.execute(
-                    sql.SQL("ALTER SEQUENCE {} RESTART WITH {}").format(
-                        sequence.ident, sql.Literal(value)
-                    )
-                )
     log.info("  restarted %d sequences", len(moves))
-    return len(moves)
+    return [
+        sql.SQL("ALTER SEQUENCE {} RESTART WITH {}").format(sequence.ident, sql.Literal(value))
+        for sequence, value in moves
+    ]
 
 
 def _above_the_data(run: ApplyRun, state: catalog.State) -> list[tuple[TableName, int]]:

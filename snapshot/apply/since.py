@@ -24,10 +24,10 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import psycopg
 from psycopg import sql
@@ -35,7 +35,7 @@ from psycopg import sql
 from snapshot import archive
 from snapshot.apply.rows import DELETE, INSERT, UPDATE, RowSet
 from snapshot.apply.state import ApplyRun
-from snapshot.copytext import write_block
+from snapshot.copytext import block_later
 from snapshot.errors import ArchiveError
 from snapshot.names import TableName
 from snapshot.staging import DISCARD, ScriptReader, parse_header
@@ -149,16 +149,20 @@ def wrote_later(run: ApplyRun) -> Callable[[bool], Wrote]:
     )
 
 
-def record(run: ApplyRun, folder: Path, wrote: Wrote) -> str:
+def record(run: ApplyRun, folder: Path, wrote: Wrote, first: Sequence[sql.Composed] = ()) -> str:
     """Write ``applied-xids`` and ``applied-deletes.copy`` into the backup's folder; the
     transaction's id.
 
-    Call after the writes, before the commit (in the apply's transaction).
+    Call after the writes, before the commit (in the apply's transaction). ``first``:
+    statements of the transaction's own to send ahead, in the same round trip.
     """
     started = time.monotonic()
     written, partitioned = wrote.rows, wrote.partitioned
     xids: set[str] = set()
-    with run.conn.pipeline():  # every table's question, and the id, in one round trip
+    # Every table's question, the deleted keys and the id: one round trip.
+    with run.conn.pipeline():
+        for statement in first:
+            run.conn.execute(statement)
         asked = [
             run.conn.execute(
                 sql.SQL("SELECT DISTINCT xmin::text FROM {} WHERE age(xmin) <= 0").format(
@@ -170,6 +174,11 @@ def record(run: ApplyRun, folder: Path, wrote: Wrote) -> str:
             if table in partitioned or any(written.get(table, (0, 0, 0))[:2])
         ]
         txid = run.conn.execute("SELECT txid_current()::text")
+        deleted = [
+            _deleted_block_later(run.conn, rows)
+            for rows in run.row_sets.values()
+            if rows.table in partitioned or written.get(rows.table, (0, 0, 0))[2] > 0
+        ]
     # Every row version this transaction wrote has its id or a later one (its
     # subtransactions'): age() of it is 0 or less.
     for cursor in asked:
@@ -179,9 +188,8 @@ def record(run: ApplyRun, folder: Path, wrote: Wrote) -> str:
     try:
         (folder / XIDS_FILE).write_text("".join(f"{x}\n" for x in sorted(xids)), encoding="ascii")
         with (folder / DELETES_FILE).open("wb") as out:
-            for rows in run.row_sets.values():
-                if rows.table in partitioned or written.get(rows.table, (0, 0, 0))[2] > 0:
-                    _deleted_block(run.conn, out, rows)
+            for write in deleted:
+                write(out)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -196,9 +204,9 @@ def record(run: ApplyRun, folder: Path, wrote: Wrote) -> str:
     return str(row[0])
 
 
-def _deleted_block(conn: psycopg.Connection, out: Any, rows: RowSet) -> None:
+def _deleted_block_later(conn: psycopg.Connection, rows: RowSet) -> Callable[[BinaryIO], int]:
     """The keys the lock found that are gone now, as one ``DELETED`` block (a table without
-    one lost no row)."""
+    one lost no row), asked in the caller's pipeline and written when called."""
     query = sql.SQL(
         "SELECT {k} FROM {record} AS r WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {on})"
     ).format(
@@ -207,7 +215,7 @@ def _deleted_block(conn: psycopg.Connection, out: Any, rows: RowSet) -> None:
         table=rows.table.ident,
         on=rows.match("t", "r"),
     )
-    write_block(conn, out, DELETED, rows.table, rows.key, query)
+    return block_later(conn, DELETED, rows.table, rows.key, query)
 
 
 # --- the rollback: what it throws away ------------------------------------------------------

@@ -9,7 +9,7 @@ notes for the report. Every step of the apply takes it by one name, ``run``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from snapshot.apply.backup import Backup
     from snapshot.apply.outside import Kept, Reference
     from snapshot.apply.plan import Plan
-    from snapshot.apply.rows import RowSet
+    from snapshot.apply.rows import Counts, RowSet
     from snapshot.apply.since import Applied
     from snapshot.checksum import TableStats
     from snapshot.sparse import Sparse
@@ -60,6 +60,9 @@ class ApplyRun:
     # tables staged with only their changed rows sent up (snapshot.sparse), by plan.record
     sparse: dict[TableName, Sparse] = field(default_factory=dict)
     plan: Plan | None = None
+    # the deltas' counts asked with the reconciliation under the lock, for the first attempt's
+    # plan (snapshot.apply.plan.decide); None once used, or when the deltas changed since
+    counts_ahead: Callable[[], Counts] | None = None
     backup: Backup | None = None  # started with the staging, joined before the commit
     row_by_row: str = ""  # why bulk foreign-key checks are off for the rest of the apply
     # what keeps the scope from bulk foreign-key checks ("" for nothing), found once: by the

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import psycopg
@@ -29,6 +29,7 @@ from snapshot.apply.phases import Phases
 from snapshot.apply.report import ApplyReport, AuthOutcome
 from snapshot.apply.state import ApplyRun
 from snapshot.archive import Snapshot
+from snapshot.checksum import TableStats
 from snapshot.config import duration_seconds
 from snapshot.db import use_app_search_path, use_tool_search_path
 from snapshot.errors import ApplyFailed
@@ -71,24 +72,23 @@ def in_one_transaction(run: ApplyRun, phase: Phases, *, commit: bool) -> Finishe
             with phase("reconciling"):
                 before = reconcile(run, running)
             created = create_auth_users(run, phase)
-            written = write_until_it_holds(run, phase, before)
+            closing = _Closing(run, running)
+            written = write_until_it_holds(run, phase, before, closing.ask)
             with phase("sequences"):
-                # One round trip: where the sequences stand, the snapshot's users still
-                # missing (for the report) and what the transaction wrote (for the backup).
-                with conn.pipeline():
-                    state = catalog.read_state_later(conn, run.state_names(), highest=True)
-                    missing = auth.missing_users_later(run)
-                    wrote = since.wrote_later(run) if running is not None else None
+                state, missing, wrote = closing.answers()
                 stand = state()
-                restarted = sequences.restart(run, stand)
+                # Sent with the next round trip: the backup's record, or on their own.
+                restarts = sequences.restarts(run, stand)
             report = _report(run, phase, written, created, missing(), dry_run=not commit)
             keep = commit and report.matches
             if keep and running is not None:
                 with phase("waiting for the backup"):
                     assert wrote is not None and running.state is not None
-                    moved = restarted > 0 or tuple(stand.owned) != tuple(running.state.sequences)
-                    sealed = backup.finish(run, running, wrote(moved))
+                    moved = bool(restarts) or tuple(stand.owned) != tuple(running.state.sequences)
+                    sealed = backup.finish(run, running, wrote(moved), first=restarts)
                     running = run.backup = None
+            else:
+                sequences.send(run, restarts)
             if not keep:
                 raise psycopg.Rollback(tx)  # leaves the block, rolling back; nothing raised
             _commit(run, phase, written.held)
@@ -105,6 +105,40 @@ def in_one_transaction(run: ApplyRun, phase: Phases, *, commit: bool) -> Finishe
         )
     report = replace(report, committed=keep, phases=tuple(phase.done), notes=tuple(run.notes))
     return Finished(report, sealed if keep else None, written.helpers)
+
+
+_Wrote = Callable[[bool], since.Wrote]  # since.wrote_later's answer
+
+
+@dataclass
+class _Closing:
+    """What the transaction asks of the state the writes leave, in parity's round trip
+    (:func:`.attempt.write_until_it_holds`): where the sequences stand, the snapshot's users
+    still missing (for the report) and what the transaction wrote (for the backup)."""
+
+    run: ApplyRun
+    running: backup.Backup | None
+    state: Callable[[], catalog.State] | None = None
+    missing: Callable[[], int] | None = None
+    wrote: _Wrote | None = None
+
+    def ask(self) -> None:
+        conn = self.run.conn
+        self.state = catalog.read_state_later(conn, self.run.state_names(), highest=True)
+        self.missing = auth.missing_users_later(self.run)
+        self.wrote = since.wrote_later(self.run) if self.running is not None else None
+
+    def answers(
+        self,
+    ) -> tuple[
+        Callable[[], catalog.State], Callable[[], int], Callable[[bool], since.Wrote] | None
+    ]:
+        """The answers (asked on their own when no attempt asked them)."""
+        if self.state is None or self.missing is None:
+            with self.run.conn.pipeline():
+                self.ask()
+        assert self.state is not None and self.missing is not None
+        return self.state, self.missing, self.wrote
 
 
 def lock(run: ApplyRun) -> None:
@@ -165,15 +199,30 @@ def reconcile(run: ApplyRun, running: backup.Backup | None) -> dict[TableName, i
     conn = run.conn
     # The backup's own records (backup.record_others) come up in the same round trips.
     followed = list(running.followed.values()) if running is not None else []
-    _compare_again(run, run.order, records=followed)
-    stale = [r for t, r in run.row_sets.items() if t not in run.recorded]
-    with conn.pipeline():  # the counts, and the backup's sequences and moved tables: one trip
+    counted: Callable[[], dict[TableName, TableStats]] | None = None
+    state: Callable[[], catalog.State] | None = None
+    moved: Callable[[], set[TableName]] | None = None
+
+    def ask() -> None:
+        """In the round trip that brings the records up: the records' stats, the deltas'
+        counts for the plan, and the backup's sequences and moved tables."""
+        nonlocal counted, state, moved
+        stale = [r for t, r in run.row_sets.items() if t not in run.recorded]
         counted = rowsets.stats_later(conn, [*stale, *followed], rowsets.RECORD)
+        run.counts_ahead = rowsets.counts_later(
+            conn,
+            [run.row_sets[t] for t in run.order if t in run.row_sets],
+            {t: known.rows for t, known in run.recorded.items()},
+        )
         if running is not None:
             state = catalog.read_state_later(conn, run.state_names())
             moved = backup.moved_tables_later(run, running)
+
+    _compare_again(run, run.order, records=followed, then=ask)
+    assert counted is not None
     known = {**run.recorded, **counted()}
     if running is not None:
+        assert state is not None and moved is not None
         backup.describe(run, running, known, state())
         backup.catch_up(run, running, moved())
     return {t: known[t].rows if t in known else _count(conn, t) for t in run.order}
@@ -195,6 +244,7 @@ def create_auth_users(run: ApplyRun, phase: Phases) -> auth.Created:
         created = auth.create_users(run)
         use_tool_search_path(run.conn)
     if created.users:
+        run.counts_ahead = None  # the deltas change: the plan counts them anew
         _compare_again(run, _touched(run, counters()))
     return created
 
@@ -251,16 +301,33 @@ def _report(
 
 
 def _compare_again(
-    run: ApplyRun, tables: Collection[TableName], *, records: Sequence[rowsets.RowSet] = ()
+    run: ApplyRun,
+    tables: Collection[TableName],
+    *,
+    records: Sequence[rowsets.RowSet] = (),
+    then: Callable[[], None] | None = None,
 ) -> int:
     """Rows written since the record was made, hashed and classified again; how many.
-    ``records``: row sets whose record alone comes up (:func:`rowsets.reconcile`)."""
+    ``records``: row sets whose record alone comes up; ``then`` asks the caller's questions
+    in the round trip that brings them up, knowing which records are stale
+    (:func:`rowsets.reconcile`)."""
     sets = [run.row_sets[t] for t in tables if t in run.row_sets]
-    moved = 0
-    for table, moving in rowsets.reconcile(run.conn, sets, run.horizon, records=records).items():
-        if moving:
-            run.recorded.pop(table, None)  # the record changed: its stats are stale
-        moved += moving
+
+    def forget(moved: Mapping[TableName, int]) -> None:
+        for rows in sets:
+            if moved.get(rows.table):
+                run.recorded.pop(rows.table, None)  # the record changed: its stats are stale
+
+    def settle(moved: Mapping[TableName, int]) -> None:
+        forget(moved)
+        assert then is not None
+        then()
+
+    found = rowsets.reconcile(
+        run.conn, sets, run.horizon, records=records, then=settle if then is not None else None
+    )
+    forget(found)
+    moved = sum(found.values())
     if moved:
         log.info("  %s changed since the plan was made: compared again", text.count(moved, "row"))
     return moved
