@@ -298,23 +298,24 @@ def copy_recorded(conn: psycopg.Connection, sparse: Sparse) -> None:
         )
 
 
-def download(conn: psycopg.Connection, tables: Sequence[Sparse]) -> None:
+def download_later(conn: psycopg.Connection, tables: Sequence[Sparse]) -> Callable[[], None]:
     """Fill each table's ``target`` with the digests of its record (column ``c$``), 8 bytes
-    a row and no key: every table's in one round trip (a pipeline, binary)."""
-    if not tables:
-        return
-    with conn.pipeline():  # (read after it: a fetch inside costs a round trip of its own)
-        asked = [
-            conn.execute(
-                sql.SQL("SELECT string_agg(c$, ''::bytea) FROM {}").format(s.record), binary=True
-            )
-            for s in tables
-        ]
-    for sparse, cursor in zip(tables, asked, strict=True):
-        row = cursor.fetchone()
-        blob = bytes(row[0]) if row and row[0] is not None else b""
-        size = DIGEST_BYTES
-        sparse.target = {blob[i : i + size] for i in range(0, len(blob), size)}
+    a row and no key: asked now (in the caller's pipeline, binary), filled when called."""
+    asked = [
+        conn.execute(
+            sql.SQL("SELECT string_agg(c$, ''::bytea) FROM {}").format(s.record), binary=True
+        )
+        for s in tables
+    ]
+
+    def fill() -> None:
+        for sparse, cursor in zip(tables, asked, strict=True):
+            row = cursor.fetchone()
+            blob = bytes(row[0]) if row and row[0] is not None else b""
+            size = DIGEST_BYTES
+            sparse.target = {blob[i : i + size] for i in range(0, len(blob), size)}
+
+    return fill
 
 
 GONE = sql.Identifier("pg_temp", "_snapshot_gone")  # (n, d): digests of rows the snapshot

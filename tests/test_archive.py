@@ -11,14 +11,19 @@ import os
 import shutil
 import stat
 import subprocess
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 
+from psycopg import sql
+
 from snapshot.archive import archived_environments
 from snapshot.config import parse_config
+from snapshot.copytext import block_later, write_block
 from snapshot.errors import ArchiveError
 from snapshot.manifest import FORMAT_VERSION, MANIFEST, read_manifest, write_manifest
+from snapshot.names import TableName
 from tests.fix_apps import setup_pair
 from tests.fix_project import Project, dead_pid, one_error_line, sample_manifest, take
 
@@ -244,3 +249,37 @@ def test_the_environments_an_archive_holds_are_its_visible_folders(tmp_path: Pat
     assert archived_environments(archive) == ["prod", "staging"]
     # the configuration knows an archived environment without an env file or a section
     assert parse_config({}, None, tmp_path).environment_names() == ["dev", "prod", "staging"]
+
+
+def test_a_block_asked_in_a_pipeline_is_the_block_copy_writes(make_db) -> None:
+    # The keys an apply deleted are asked with the record's other questions (a COPY would
+    # cost a round trip of its own) and written as COPY text: byte for byte what COPY
+    # writes, escapes, NULLs and output functions (t, not true; inet without /32) included.
+    db = make_db("empty")
+    columns = ["t", "b", "a", "n", "d", "j", "x"]
+    with db.connect() as conn:
+        conn.execute(
+            "CREATE TABLE public.k (t text, b boolean, a inet, n numeric, d timestamptz, "
+            "j jsonb, x text[], PRIMARY KEY (t, b, a))"
+        )
+        conn.execute(
+            "INSERT INTO public.k VALUES "
+            "(E'tab\\there', true, '10.0.0.1', 1.50, '2026-01-02 03:04:05+02', "
+            "'{\"k\": \"v\\\\n\"}', ARRAY['a b', NULL, E'c\\\\d']), "
+            "(E'new\\nline\\rcr', false, '10.0.0.0/8', NULL, NULL, NULL, NULL), "
+            "(E'back\\\\slash \u00e9\u00e8', true, '::1', -0.0, 'infinity', '[]', '{}'), "
+            "('', false, '192.168.1.1/32', 'NaN', '1999-12-31 23:59:59.999999+00', 'null', "
+            "ARRAY[E'\\t'])"
+        )
+        query = sql.SQL("SELECT t, b, a, n, d, j, x FROM public.k ORDER BY t, b, a")
+        table = TableName("public", "k")
+        copied = BytesIO()
+        write_block(conn, copied, "DELETED", table, columns, query)
+        with conn.pipeline():
+            later = block_later(conn, "DELETED", table, columns, query)
+        piped = BytesIO()
+        written = later(piped)
+
+    assert written == 4
+    assert piped.getvalue() == copied.getvalue()
+    assert b"\\t" in piped.getvalue() and b"\\N" in piped.getvalue()

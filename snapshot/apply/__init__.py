@@ -108,6 +108,9 @@ def run_apply(
             )
             cleanup.callback(_abandon_backup, run)
         asking = confirm is not None
+        if not dry_run and not asking:
+            run.exporter_ahead = backup.connect_ahead(session.target)
+            cleanup.callback(backup.drop_ahead, run)
         with phases("preflight"):
             # With a question to ask, the first preparation starts no backup: its exported
             # snapshot would be held open while the person decides.

@@ -190,11 +190,12 @@ def _scalar(conn: psycopg.Connection, query: sql.Composed) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def auth_plan(run: ApplyRun) -> AuthPlan | None:
-    """Who the apply creates, and whom it leaves without app rows (None: auth not copied)."""
+def auth_plan_later(run: ApplyRun) -> Callable[[], AuthPlan | None]:
+    """Who the apply creates, and whom it leaves without app rows (None: auth not copied):
+    the questions asked now (in the caller's pipeline), the plan made when called."""
     users = _entry(run, AUTH_USERS)
     if users is None:
-        return None
+        return lambda: None
     stage = staging.staging_table(users)
     missing = sql.SQL("NOT EXISTS (SELECT 1 FROM auth.users AS u WHERE u.id = s.id)")
     confirmed = [c for c in ("email_confirmed_at", "phone_confirmed_at") if c in users.column_names]
@@ -203,18 +204,25 @@ def auth_plan(run: ApplyRun) -> AuthPlan | None:
         none = sql.SQL(" AND ").join(
             sql.SQL("s.{} IS NULL").format(sql.Identifier(c)) for c in confirmed
         )
-    row = run.conn.execute(  # both counts in one round trip
+    counted = run.conn.execute(
         sql.SQL("SELECT count(*), count(*) FILTER (WHERE {}) FROM {} AS s WHERE {}").format(
             none, stage, missing
         )
-    ).fetchone()
-    create, unconfirmed = (int(row[0]), int(row[1])) if row else (0, 0)
-    triggers = auth_triggers(run) if create else ()
-    return _orphans(run, AuthPlan(create, unconfirmed, triggers=triggers), stage)
+    )
+    orphans = _orphans_later(run, stage)
+
+    def plan() -> AuthPlan:
+        row = counted.fetchone()
+        create, unconfirmed = (int(row[0]), int(row[1])) if row else (0, 0)
+        triggers = auth_triggers(run) if create else ()
+        return orphans(AuthPlan(create, unconfirmed, triggers=triggers))
+
+    return plan
 
 
-def _orphans(run: ApplyRun, plan: AuthPlan, users_stage: sql.Identifier) -> AuthPlan:
-    """Target users, absent from the snapshot, left with no row in a scoped table after it.
+def _orphans_later(run: ApplyRun, users_stage: sql.Identifier) -> Callable[[AuthPlan], AuthPlan]:
+    """Target users, absent from the snapshot, left with no row in a scoped table after it:
+    asked now, added to the plan given when called.
 
     A user counts when some scoped table refers to them today (``public.users.id``, say)
     and the snapshot's copy of every such table refers to them nowhere.
@@ -222,7 +230,7 @@ def _orphans(run: ApplyRun, plan: AuthPlan, users_stage: sql.Identifier) -> Auth
     keys = [fk for fk in run.fks if fk.parent == AUTH_USERS and fk.child in run.order]
     keys = [fk for fk in keys if len(fk.columns) == 1]
     if not keys:
-        return plan
+        return lambda plan: plan
     have_now = sql.SQL(" UNION ").join(
         sql.SQL("SELECT {c} AS id FROM {t} WHERE {c} IS NOT NULL").format(
             c=sql.Identifier(fk.columns[0]), t=fk.child.ident
@@ -238,21 +246,26 @@ def _orphans(run: ApplyRun, plan: AuthPlan, users_stage: sql.Identifier) -> Auth
     recent: sql.Composable = sql.SQL("false")
     if "last_sign_in_at" in run.shapes[AUTH_USERS].column_names:
         recent = sql.SQL("u.last_sign_in_at > now() - interval {}").format(sql.Literal(RECENT))
-    rows = run.conn.execute(
+    cursor = run.conn.execute(
         sql.SQL(
             "SELECT count(*), count(*) FILTER (WHERE {recent}), "
             "(array_agg(u.email ORDER BY u.last_sign_in_at DESC NULLS LAST, u.id))[1:{n}] "
             "FROM auth.users AS u WHERE u.id IN ({now}) AND u.id NOT IN ({keep}) "
             "AND NOT EXISTS (SELECT 1 FROM {stage} AS s WHERE s.id = u.id)"
         ).format(recent=recent, n=sql.Literal(SAMPLE), now=have_now, keep=keep, stage=users_stage)
-    ).fetchone()
-    if not rows or not rows[0]:
-        return plan
-    tables = tuple(dict.fromkeys(str(fk.child) for fk in keys))
-    sample = tuple(mask_email(e) for e in (rows[2] or ()))
-    return AuthPlan(
-        plan.create, plan.unconfirmed, int(rows[0]), int(rows[1]), sample, tables, plan.triggers
     )
+    tables = tuple(dict.fromkeys(str(fk.child) for fk in keys))
+
+    def added(plan: AuthPlan) -> AuthPlan:
+        rows = cursor.fetchone()
+        if not rows or not rows[0]:
+            return plan
+        sample = tuple(mask_email(e) for e in (rows[2] or ()))
+        return AuthPlan(
+            plan.create, plan.unconfirmed, int(rows[0]), int(rows[1]), sample, tables, plan.triggers
+        )
+
+    return added
 
 
 def create_users(run: ApplyRun) -> Created:

@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.config import Config
 from snapshot.copytext import TERMINATOR, write_block, write_header
 from snapshot.db import connect
-from snapshot.dump import DumpPlan, DumpState, build_manifest, describe_state, export_snapshot
+from snapshot.dump import DumpPlan, DumpState, build_manifest, describe_state
 from snapshot.dump import start_dump as start_pg_dump
 from snapshot.environments import Connection
 from snapshot.errors import ApplyFailed
@@ -90,16 +91,44 @@ def start(run: ApplyRun, folder: Path) -> Backup:
     assert run.pg_dump is not None, "a backup needs pg_dump (the preflight found one)"
     leaves = catalog.leaf_partitions(run.conn, run.config.scope.tables)
     plan = DumpPlan(run.target, run.info, run.pg_dump, run.config.scope, run.shapes, leaves)
-    exporter = connect(run.target)
+    ahead, run.exporter_ahead = run.exporter_ahead, None
+    exporter = ahead.result() if ahead is not None else connect(run.target)
     try:
-        exporter.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        exporter.read_only = True
-        exporter.autocommit = False  # the transaction stays open: it keeps the snapshot valid
-        snapshot_id = export_snapshot(exporter)
+        # The transaction stays open (until :meth:`Backup.close`): it keeps the snapshot
+        # valid. BEGIN and the export in one simple query, one round trip (psycopg's own
+        # BEGIN would cost one of its own); the session does nothing else.
+        exported = exporter.execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_export_snapshot()"
+        )
+        exported.nextset()  # past BEGIN's result
+        row = exported.fetchone()
+        assert row is not None
+        snapshot_id = str(row[0])
     except BaseException:
         exporter.close()
         raise
     return Backup(folder, plan, exporter, snapshot_id, time.monotonic())
+
+
+def connect_ahead(target: Connection) -> Future[psycopg.Connection]:
+    """The session :func:`start` exports the backup's snapshot from, opened in the
+    background (while the preflight runs: its round trips are off the apply's path)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-backup")
+    ahead = pool.submit(connect, target)
+    pool.shutdown(wait=False)  # the thread ends with the connection made
+    return ahead
+
+
+def drop_ahead(run: ApplyRun) -> None:
+    """Close the session :func:`connect_ahead` opened if :func:`start` did not take it."""
+    ahead, run.exporter_ahead = run.exporter_ahead, None
+    if ahead is not None:
+        ahead.add_done_callback(_close_made)
+
+
+def _close_made(made: Future[psycopg.Connection]) -> None:
+    if made.exception() is None:
+        made.result().close()
 
 
 def dump(backup: Backup) -> None:
@@ -267,17 +296,34 @@ def wait_for_dump(backup: Backup) -> None:
 
 
 def import_snapshot(conn: psycopg.Connection, backup: Backup) -> None:
-    """Make ``conn``'s transaction see what pg_dump sees (its first statement)."""
+    """Make ``conn``'s transaction see what pg_dump sees (its first statement). In a
+    pipeline, end the statements that must see it with :func:`sync_import`."""
     try:
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(backup.snapshot_id)))
     except psycopg.Error as exc:
-        if isinstance(exc, psycopg.OperationalError):
-            raise
-        # The exporting session ended (terminated, or an idle-in-transaction timeout).
+        _lost(backup, exc)
+        raise
+
+
+def sync_import(pipeline: psycopg.Pipeline, backup: Backup) -> None:
+    """Sync ``pipeline``, which imported the backup's snapshot (:func:`import_snapshot`)."""
+    try:
+        pipeline.sync()
+    except psycopg.Error as exc:
+        _lost(backup, exc)
+        raise
+
+
+def _lost(backup: Backup, exc: psycopg.Error) -> None:
+    """Raise the user's sentence when ``exc`` says the exported snapshot is gone: the
+    exporting session ended (terminated, or an idle-in-transaction timeout)."""
+    if isinstance(exc, psycopg.OperationalError):
+        return
+    message = exc.diag.message_primary or str(exc)
+    if exc.sqlstate == "22023" and "snapshot" in message:
         raise ApplyFailed(
             f"the pre-apply backup's snapshot of {backup.plan.target.env} was lost before "
-            f"the plan could read it ({exc.diag.message_primary or exc}): nothing was "
-            "changed; run the apply again"
+            f"the plan could read it ({message}): nothing was changed; run the apply again"
         ) from None
 
 

@@ -20,7 +20,7 @@ from psycopg import sql
 from snapshot import catalog, latency, sparse, staging
 from snapshot.apply import backup, outside, since
 from snapshot.apply import rows as rowsets
-from snapshot.apply.auth import AuthPlan, auth_plan
+from snapshot.apply.auth import AuthPlan, auth_plan_later
 from snapshot.apply.rows import RowSet
 from snapshot.apply.state import ApplyRun
 from snapshot.catalog import ForeignKey
@@ -169,21 +169,23 @@ def record(run: ApplyRun) -> frozenset[TableName]:
     changed_only = upload_changed_only(run)
     # a masked or subsetted table's rows are not in the dump (snapshot.beside): they go up whole
     beside = run.snapshot.manifest.beside_dump
-    with conn.pipeline():  # every table's statements together: a few round trips in all
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    # One moment for every table, in two round trips: the records and their counts (the
+    # backup's snapshot imported and the deltas made first), then the copies made from them.
+    with conn.pipeline() as pipeline, conn.transaction():
+        if run.backup is not None:
+            backup.import_snapshot(conn, run.backup)  # the moment the pre-apply backup sees
         for rows in sets:
             rowsets.create_delta(conn, rows)
         others = backup.others_later(run, run.backup) if run.backup is not None else None
-    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-    with conn.transaction():  # one moment for every table
+        horizon = rowsets.horizon_later(conn)
+        for rows in sets:
+            types = {c.name: c.type for c in run.shapes[rows.table].columns}
+            line = sparse.line_sql("t", [(c, types.get(c, "text")) for c in rows.columns])
+            rowsets.fill_record(conn, rows, line=line if changed_only else None)
+        counted = rowsets.stats_later(conn, sets, rowsets.RECORD)
         if run.backup is not None:
-            backup.import_snapshot(conn, run.backup)  # the moment the pre-apply backup sees
-        with conn.pipeline():  # the records and their counts: one round trip
-            horizon = rowsets.horizon_later(conn)
-            for rows in sets:
-                types = {c.name: c.type for c in run.shapes[rows.table].columns}
-                line = sparse.line_sql("t", [(c, types.get(c, "text")) for c in rows.columns])
-                rowsets.fill_record(conn, rows, line=line if changed_only else None)
-            counted = rowsets.stats_later(conn, sets, rowsets.RECORD)
+            backup.sync_import(pipeline, run.backup)
         run.horizon = horizon()
         run.recorded = counted()
         matched = {
@@ -203,15 +205,15 @@ def record(run: ApplyRun) -> frozenset[TableName]:
             if changed_only
             else {}
         )
-        with conn.pipeline():
-            for rows in sets:
-                if rows.table in matched:
-                    rowsets.stage_from_record(conn, rows)
-                elif rows.table in run.sparse:
-                    sparse.copy_recorded(conn, run.sparse[rows.table])
-            if run.backup is not None and others is not None:
-                _record_auth(run, run.backup, others(), changed_only, beside)
-    sparse.download(conn, list(run.sparse.values()))
+        for rows in sets:
+            if rows.table in matched:
+                rowsets.stage_from_record(conn, rows)
+            elif rows.table in run.sparse:
+                sparse.copy_recorded(conn, run.sparse[rows.table])
+        if run.backup is not None and others is not None:
+            _record_auth(run, run.backup, others(), changed_only, beside)
+        digests = sparse.download_later(conn, list(run.sparse.values()))
+    digests()
     log.info(
         "  recorded %d tables (%d already hold the snapshot's rows)%s  %.1f s",
         len(run.row_sets),
@@ -261,6 +263,7 @@ def _record_auth(
 # A server this many seconds away or more (one round trip) is reached over a network where
 # bytes cost more than the local work of finding the changed rows (snapshot.sparse).
 FAR_ROUND_TRIP = 0.005
+CLEARLY_FAR = 0.02  # no near server, however busy, took this long for each of them
 
 
 def upload_changed_only(run: ApplyRun) -> bool:
@@ -270,10 +273,13 @@ def upload_changed_only(run: ApplyRun) -> bool:
     if setting != "auto":
         return setting == "changed"
     # The shortest of the session's first, nearly free, statements (snapshot.latency): a
-    # near server needs no ping; a far one, or a busy near one, gets one to make sure.
+    # near server needs no ping, nor a clearly far one; one in between (a busy near one?)
+    # gets one to make sure.
     known = latency.round_trip(run.conn)
     if known is not None and known < FAR_ROUND_TRIP:
         return False
+    if known is not None and known >= CLEARLY_FAR:
+        return True
     trips = [] if known is None else [known]
     for _ in range(3 if known is None else 1):
         began = time.monotonic()
@@ -315,11 +321,14 @@ def prepare(
     if run.action == "rollback":
         run.applied = since.load(run)
     forced = {t: "apply --full" for t in run.order} if full else {}
-    return replace(
-        decide(run, forced),
-        auth=auth_plan(run),
-        seconds=time.monotonic() - started,
-    )
+    with conn.pipeline():  # the deltas' counts and the auth plan's questions: one round trip
+        run.counts_ahead = rowsets.counts_later(
+            conn,
+            [run.row_sets[t] for t in run.order if t in run.row_sets],
+            {t: known.rows for t, known in run.recorded.items()},
+        )
+        people = auth_plan_later(run)
+    return replace(decide(run, forced), auth=people(), seconds=time.monotonic() - started)
 
 
 def decide(run: ApplyRun, forced: Mapping[TableName, str]) -> Plan:

@@ -82,9 +82,10 @@ def _prove_sparse(run: ApplyRun, entries: Sequence[TableEntry]) -> frozenset[Tab
     assert run.pg_restore is not None, "the preflight found a pg_restore"
     manifest = {entry.table: entry for entry in entries}
     sets = [run.row_sets[table] for table in run.sparse if table in run.row_sets]
-    with run.conn.pipeline():
+    with run.conn.pipeline():  # the hashes made and summed: one round trip
         for rows in sets:
             rowsets.hash_sparse(run.conn, rows, run.sparse[rows.table])
+        summed = rowsets.stats_later(run.conn, sets, rowsets.SNAPSHOT)
         others = {
             table: table_stats_later(
                 run.conn,
@@ -95,7 +96,7 @@ def _prove_sparse(run: ApplyRun, entries: Sequence[TableEntry]) -> frozenset[Tab
             for table in run.sparse
             if table not in run.row_sets
         }
-    staged = rowsets.stats(run.conn, sets, rowsets.SNAPSHOT)
+    staged = summed()
     staged.update((table, later()) for table, later in others.items())
     wrong = {
         table

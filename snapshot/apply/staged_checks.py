@@ -9,7 +9,7 @@ large writes check their foreign keys, and the plan itself, as findings.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, LiteralString
 
 import psycopg
@@ -23,15 +23,21 @@ from snapshot.apply.plan import Plan
 from snapshot.apply.state import ApplyRun
 from snapshot.checksum import TableStats, kind_of, table_stats_later
 from snapshot.direction import CREATE_AUTH_USERS
-from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, quote
+from snapshot.manifest import TableEntry
+from snapshot.names import AUTH_IDENTITIES, AUTH_USERS, TableName, quote
 from snapshot.preflight import ERROR, OK, WARNING, Finding
 
 
 def staged_checks(run: ApplyRun) -> list[Finding]:
     """Every check that needs the snapshot staged and the apply planned, in report order."""
     assert run.plan is not None, "the apply prepares before these checks"
-    findings = [*_staged_rows(run), *_closure(run), *_outside_references(run)]
-    findings += _auth_conflicts(run)
+    users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
+    with run.conn.pipeline():  # their first questions in one round trip
+        integrity = _staged_rows_later(run)
+        references = _outside_references_later(run)
+        keys = _unique_keys_later(run.conn, users.column_names) if users is not None else None
+    findings = [*integrity(), *_closure(run), *references()]
+    findings += _auth_conflicts(run, keys() if keys is not None else [])
     in_bulk, how = _key_checks(run, run.plan)
     findings += _plan_findings(run, run.plan, in_bulk=in_bulk)
     return findings + how
@@ -75,11 +81,12 @@ def _closure(run: ApplyRun, *, staged: bool = True) -> Iterator[Finding]:
             yield Finding("scope closure", WARNING, kept.sentence(run.target.env))
 
 
-def _outside_references(run: ApplyRun) -> Iterator[Finding]:
-    """Snapshot rows that point at rows outside the scope the target lacks."""
+def _outside_references_later(run: ApplyRun) -> Callable[[], list[Finding]]:
+    """Snapshot rows that point at rows outside the scope the target lacks: asked now (in
+    the caller's pipeline), judged when called."""
     scoped = set(run.order)
     auth_copied = any(e.table == AUTH_USERS for e in run.auth_entries)
-    found = False
+    asked = []
     for fk in run.fks:
         if fk.child not in scoped or fk.parent in scoped:
             continue
@@ -97,43 +104,58 @@ def _outside_references(run: ApplyRun) -> Iterator[Finding]:
             query = sql.SQL("{} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})").format(
                 query, staging.staging_table(users), match
             )
-        count = _scalar(run.conn, query)
-        if count:
-            found = True
+        asked.append((fk, run.conn.execute(query)))
+
+    def judged() -> list[Finding]:
+        findings = []
+        for fk, cursor in asked:
+            row = cursor.fetchone()
+            count = int(row[0]) if row else 0
+            if not count:
+                continue
             if fk.parent != AUTH_USERS:
                 fix = f"add {fk.parent} to the scope, or create those rows in the target first"
             elif run.auth_withheld:
                 fix = f"pass {CREATE_AUTH_USERS} to create them from the snapshot"
             else:
                 fix = "copy auth users (auth_users = true)"
-            yield Finding(
-                "outside references",
-                ERROR,
-                f"{text.count(count, 'snapshot row')} of {fk.child} "
-                f"{'points' if count == 1 else 'point'} at {fk.parent} rows the target lacks "
-                f"({fk}): {fix}",
+            findings.append(
+                Finding(
+                    "outside references",
+                    ERROR,
+                    f"{text.count(count, 'snapshot row')} of {fk.child} "
+                    f"{'points' if count == 1 else 'point'} at {fk.parent} rows the target "
+                    f"lacks ({fk}): {fix}",
+                )
             )
-    if not found:
-        yield Finding("outside references", OK, "every key leaving the scope finds its row")
+        return findings or [
+            Finding("outside references", OK, "every key leaving the scope finds its row")
+        ]
+
+    return judged
 
 
-def _unique_keys(
-    conn: psycopg.Connection, staged: Collection[str]
-) -> list[tuple[list[str], str | None]]:
-    """The target's unique keys on auth.users (not the id) over staged plain columns.
+_Keys = list[tuple[list[str], str | None]]
+
+
+def _unique_keys_later(conn: psycopg.Connection, staged: Collection[str]) -> Callable[[], _Keys]:
+    """The target's unique keys on auth.users (not the id) over staged plain columns, asked
+    now (in the caller's pipeline) and read when called.
 
     Each with its predicate: Supabase's email index covers only ``is_sso_user = false``,
     so an SSO user may share a password user's email; conflicts follow the real index.
     """
-    rows = conn.execute(
+    cursor = conn.execute(
         "SELECT array_agg(a.attname::text ORDER BY k.n), pg_get_expr(i.indpred, i.indrelid) "
         "FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(num, n) "
         "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.num "
         "WHERE i.indrelid = 'auth.users'::regclass AND i.indisunique AND NOT i.indisprimary "
         "AND i.indisvalid AND 0 <> ALL (i.indkey::int2[]) GROUP BY i.indexrelid, i.indpred, "
         "i.indrelid ORDER BY i.indexrelid"
-    ).fetchall()
-    return [(list(cols), pred) for cols, pred in rows if set(cols) <= set(staged)]
+    )
+    return lambda: [
+        (list(cols), pred) for cols, pred in cursor.fetchall() if set(cols) <= set(staged)
+    ]
 
 
 def _same_value(column: str) -> sql.Composable:
@@ -147,14 +169,15 @@ def _same_value(column: str) -> sql.Composable:
     return sql.SQL("t.{c} = s.{c}").format(c=sql.Identifier(column))
 
 
-def _auth_conflicts(run: ApplyRun) -> Iterator[Finding]:
-    """Snapshot users to create whose email or phone already belongs to another target user."""
+def _auth_conflicts(run: ApplyRun, keys: _Keys) -> Iterator[Finding]:
+    """Snapshot users to create whose email or phone already belongs to another target user
+    (``keys``: the target's unique keys on auth.users, :func:`_unique_keys_later`)."""
     users = next((e for e in run.auth_entries if e.table == AUTH_USERS), None)
     if users is None:
         return
     stage = staging.staging_table(users)
     questions: list[tuple[str, sql.Composed]] = []
-    for columns, predicate in _unique_keys(run.conn, users.column_names):
+    for columns, predicate in keys:
         covered = sql.SQL(" WHERE {}").format(sql.SQL(predicate)) if predicate else sql.SQL("")
         same = sql.SQL(" AND ").join(_same_value(c) for c in columns)
         # OFFSET 0 keeps the LIMIT from choosing the join: with no conflict (the usual
@@ -259,24 +282,31 @@ def _tolerant(conn: psycopg.Connection, query: sql.Composed) -> list[tuple[Any, 
         return conn.execute(query).fetchall()
 
 
-def _staged_rows(run: ApplyRun) -> Iterator[Finding]:
-    """The staged rows against the manifest: a swapped dump or an edited manifest stops here."""
-
-    wrong = []
+def _staged_rows_later(run: ApplyRun) -> Callable[[], Iterator[Finding]]:
+    """The staged rows against the manifest: a swapped dump or an edited manifest stops
+    here. Every table's statistics asked now (in the caller's pipeline), judged when called."""
     entries = [*run.entries.values(), *run.auth_entries]
-    with run.conn.pipeline():  # every table's statistics in one round trip
-        hashed_later = rowsets.stats_later(run.conn, list(run.row_sets.values()), rowsets.SNAPSHOT)
-        others = {
-            entry.table: table_stats_later(
-                run.conn,
-                staging.staging_table(entry),
-                entry.column_names,
-                kind=kind_of(entry.checksum),
-            )
-            for entry in entries
-            if entry.table not in run.row_sets
-        }
-    hashed = hashed_later()
+    hashed_later = rowsets.stats_later(run.conn, list(run.row_sets.values()), rowsets.SNAPSHOT)
+    others = {
+        entry.table: table_stats_later(
+            run.conn,
+            staging.staging_table(entry),
+            entry.column_names,
+            kind=kind_of(entry.checksum),
+        )
+        for entry in entries
+        if entry.table not in run.row_sets
+    }
+    return lambda: _judge_staged_rows(run, entries, hashed_later(), others)
+
+
+def _judge_staged_rows(
+    run: ApplyRun,
+    entries: Sequence[TableEntry],
+    hashed: Mapping[TableName, TableStats],
+    others: Mapping[TableName, Callable[[], TableStats]],
+) -> Iterator[Finding]:
+    wrong = []
     by_key = {t for t, changes in run.sparse.items() if changes.by_key}
     for entry in entries:
         staged = hashed[entry.table] if entry.table in hashed else others[entry.table]()

@@ -10,6 +10,7 @@ notes for the report. Every step of the apply takes it by one name, ``run``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +64,9 @@ class ApplyRun:
     # the deltas' counts asked with the reconciliation under the lock, for the first attempt's
     # plan (snapshot.apply.plan.decide); None once used, or when the deltas changed since
     counts_ahead: Callable[[], Counts] | None = None
+    # the session the backup exports its snapshot from, opened during the preflight
+    # (snapshot.apply.backup.connect_ahead)
+    exporter_ahead: Future[psycopg.Connection] | None = None
     backup: Backup | None = None  # started with the staging, joined before the commit
     row_by_row: str = ""  # why bulk foreign-key checks are off for the rest of the apply
     # what keeps the scope from bulk foreign-key checks ("" for nothing), found once: by the
