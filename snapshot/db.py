@@ -100,8 +100,15 @@ def connect(target: Connection) -> psycopg.Connection:
     """
     log.debug("connecting to %s", target.describe())
     try:
+        # No prepared statements (prepare_threshold=None): Supabase's pooler in transaction
+        # mode cannot keep them, and psycopg throws its own away (DEALLOCATE ALL, a round
+        # trip) after every DROP or ROLLBACK, which the apply runs many of.
         conn = psycopg.connect(
-            target.conninfo(), password=target.password, autocommit=True, connect_timeout=10
+            target.conninfo(),
+            password=target.password,
+            autocommit=True,
+            connect_timeout=10,
+            prepare_threshold=None,
         )
     except psycopg.OperationalError as exc:
         raise ConnectionFailed(_explain(exc, target)) from None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,39 +268,46 @@ def _orphans_later(run: ApplyRun, users_stage: sql.Identifier) -> Callable[[Auth
     return added
 
 
-def create_users(run: ApplyRun) -> Created:
-    """Insert the snapshot's auth users the target lacks, and their identities; count what
-    the app's triggers wrote meanwhile."""
+def create_users_later(run: ApplyRun) -> Callable[[], Created]:
+    """Insert the snapshot's auth users the target lacks, and their identities, counting
+    what the app's triggers wrote meanwhile: every statement sent now (in the caller's
+    pipeline), the outcome read when called."""
     users = _entry(run, AUTH_USERS)
     if users is None:
-        return Created(0, 0)
+        return lambda: Created(0, 0)
     identities = _entry(run, AUTH_IDENTITIES)
     conn = run.conn
     columns = sql.SQL(", ").join(map(sql.Identifier, users.column_names))
-    with conn.pipeline():  # every statement in one round trip
-        before_later = xact_writes_later(conn)
-        conn.execute("DROP TABLE IF EXISTS pg_temp.snapshot_created_users")
-        conn.execute(
-            "CREATE TEMP TABLE snapshot_created_users (id uuid PRIMARY KEY) ON COMMIT DROP"
-        )
-        users_cursor = conn.execute(
+    before_later = xact_writes_later(conn)
+    conn.execute("DROP TABLE IF EXISTS pg_temp.snapshot_created_users")
+    conn.execute("CREATE TEMP TABLE snapshot_created_users (id uuid PRIMARY KEY) ON COMMIT DROP")
+    users_cursor = conn.execute(
+        sql.SQL(
+            "WITH created AS (INSERT INTO auth.users ({cols}) SELECT {cols} FROM {stage} s "
+            "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) RETURNING id) "
+            "INSERT INTO pg_temp.snapshot_created_users SELECT id FROM created"
+        ).format(cols=columns, stage=staging.staging_table(users))
+    )
+    identities_cursor = None
+    if identities is not None:  # those of the users just created (none: no row)
+        id_columns = sql.SQL(", ").join(map(sql.Identifier, identities.column_names))
+        identities_cursor = conn.execute(
             sql.SQL(
-                "WITH created AS (INSERT INTO auth.users ({cols}) SELECT {cols} FROM {stage} s "
-                "WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = s.id) RETURNING id) "
-                "INSERT INTO pg_temp.snapshot_created_users SELECT id FROM created"
-            ).format(cols=columns, stage=staging.staging_table(users))
+                "INSERT INTO auth.identities ({cols}) SELECT {cols} FROM {stage} s "
+                "WHERE s.user_id IN (SELECT id FROM pg_temp.snapshot_created_users)"
+            ).format(cols=id_columns, stage=staging.staging_table(identities))
         )
-        identities_cursor = None
-        if identities is not None:  # those of the users just created (none: no row)
-            id_columns = sql.SQL(", ").join(map(sql.Identifier, identities.column_names))
-            identities_cursor = conn.execute(
-                sql.SQL(
-                    "INSERT INTO auth.identities ({cols}) SELECT {cols} FROM {stage} s "
-                    "WHERE s.user_id IN (SELECT id FROM pg_temp.snapshot_created_users)"
-                ).format(cols=id_columns, stage=staging.staging_table(identities))
-            )
-        after_later = xact_writes_later(conn)
-    before, after = before_later(), after_later()
+    after_later = xact_writes_later(conn)
+    return lambda: _created(run, before_later(), after_later(), users_cursor, identities_cursor)
+
+
+def _created(
+    run: ApplyRun,
+    before: Mapping[TableName, tuple[int, int, int]],
+    after: Mapping[TableName, tuple[int, int, int]],
+    users_cursor: psycopg.Cursor[Any],
+    identities_cursor: psycopg.Cursor[Any] | None,
+) -> Created:
     created = users_cursor.rowcount
     made_identities = identities_cursor.rowcount if identities_cursor is not None else 0
     log.info(

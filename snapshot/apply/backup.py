@@ -138,8 +138,9 @@ def dump(backup: Backup) -> None:
     compared: that step runs on one core, while the record (every target row, read in
     parallel) and staging (pg_restore feeding the server) keep two busy; on a two-core
     server this order made the first apply 0.2 s and the weekly re-sync 0.3 s shorter than
-    starting it earlier. Over a network (sparse staging) it starts right after the record:
-    its download then runs beside the staging's upload.
+    starting it earlier. Over a network (sparse staging) it starts as soon as the snapshot is
+    exported: its catalog round trips run beside the record, its download beside the
+    staging's upload.
     """
     log.info(
         "backing up %s (pg_dump %s, in the background)",

@@ -402,11 +402,16 @@ def _helper_indexes(run: ApplyRun, plans: Sequence[TablePlan]) -> list[ForeignKe
     heavy = [fk for fk in run.fks if deletes.get(fk.parent, 0) >= HELPER_INDEX_FROM]
     if not heavy:  # the usual re-sync: nothing to ask the catalog
         return []
+    known = run.helper_indexes.get(tuple(heavy))
+    if known is not None:  # asked by the preparation: an attempt under the lock asks nothing
+        return known
     # Not a partitioned table: an index on it cannot be dropped concurrently after commit.
     partitioned = catalog.leaf_partitions(run.conn, run.order)
     children = [t for t in run.order if t not in partitioned and any(fk.child == t for fk in heavy)]
     owned = _owned(run.conn, children)
-    return catalog.unindexed_foreign_keys(run.conn, [fk for fk in heavy if fk.child in owned])
+    found = catalog.unindexed_foreign_keys(run.conn, [fk for fk in heavy if fk.child in owned])
+    run.helper_indexes[tuple(heavy)] = found
+    return found
 
 
 def _owned(conn: psycopg.Connection, tables: Sequence[TableName]) -> set[TableName]:

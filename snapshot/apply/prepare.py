@@ -46,11 +46,13 @@ def prepare(run: ApplyRun) -> Plan:
         # The plan records the target in the snapshot pg_dump then backs up while the
         # staged rows are compared; the apply copies what changed since under its lock.
         run.backup = backup.start(run, run.backup_into)
+        if planning.upload_changed_only(run):
+            # Over a network pg_dump starts at once: its catalog questions (a couple of
+            # seconds of round trips) go beside the record, its download beside the
+            # staging's upload. It is stopped if the difference turns out to be the backup
+            # (backup.write_difference), before it has downloaded much.
+            backup.dump(run.backup)
     matched = planning.record(run)
-    if run.backup is not None and run.sparse:
-        # Over a network pg_dump's download runs beside the staging's upload; it is
-        # stopped if the difference turns out to be the backup (backup.write_difference).
-        backup.dump(run.backup)
     entries = [*run.entries.values(), *run.auth_entries]
     skip = matched | run.session.withheld_tables  # withheld auth users are never even loaded
     staging.stage(run.conn, run.pg_restore, run.snapshot, entries, skip, run.sparse)

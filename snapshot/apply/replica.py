@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -99,21 +100,21 @@ def wanted(run: ApplyRun, plan: Plan) -> bool:
 
 _OBSTACLES = """
 SELECT format('%%s is partitioned or a partition', c.oid::regclass)
-FROM pg_class c WHERE c.oid = ANY(%(oids)s) AND (c.relkind = 'p' OR c.relispartition)
+FROM pg_class c WHERE c.oid = ANY(%(oids)s::regclass[]) AND (c.relkind = 'p' OR c.relispartition)
 UNION ALL
 SELECT format('%%s has the rule %%I', r.ev_class::regclass, r.rulename)
-FROM pg_rewrite r WHERE r.ev_class = ANY(%(oids)s) AND r.ev_type <> '1'
+FROM pg_rewrite r WHERE r.ev_class = ANY(%(oids)s::regclass[]) AND r.ev_type <> '1'
 UNION ALL
 SELECT format('%%s has the deferrable key %%I', k.conrelid::regclass, k.conname)
 FROM pg_constraint k
-WHERE k.conrelid = ANY(%(oids)s) AND k.contype IN ('p', 'u', 'x') AND k.condeferrable
+WHERE k.conrelid = ANY(%(oids)s::regclass[]) AND k.contype IN ('p', 'u', 'x') AND k.condeferrable
 UNION ALL
 SELECT CASE WHEN t.tgdeferrable
   THEN format('%%s has the deferred trigger %%I', t.tgrelid::regclass, t.tgname)
   ELSE format('the role does not own %%s, so it may not set its trigger %%I to fire always',
               t.tgrelid::regclass, t.tgname) END
 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-WHERE t.tgrelid = ANY(%(oids)s) AND NOT t.tgisinternal
+WHERE t.tgrelid = ANY(%(oids)s::regclass[]) AND NOT t.tgisinternal
   AND (t.tgdeferrable OR (t.tgenabled IN ('O', 'R') AND NOT pg_has_role(c.relowner, 'USAGE')))
 UNION ALL
 SELECT format('%%s refers to %%s ON UPDATE %%s, outside the scope: row by row it follows '
@@ -122,7 +123,8 @@ SELECT format('%%s refers to %%s ON UPDATE %%s, outside the scope: row by row it
               CASE k.confupdtype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL'
                                  ELSE 'SET DEFAULT' END)
 FROM pg_constraint k
-WHERE k.contype = 'f' AND k.confrelid = ANY(%(oids)s) AND NOT k.conrelid = ANY(%(oids)s)
+WHERE k.contype = 'f' AND k.confrelid = ANY(%(oids)s::regclass[])
+  AND NOT k.conrelid = ANY(%(oids)s::regclass[])
   AND k.confupdtype IN ('c', 'n', 'd')
 UNION ALL
 SELECT CASE WHEN NOT k.convalidated
@@ -132,7 +134,7 @@ SELECT CASE WHEN NOT k.convalidated
 FROM pg_constraint k
 JOIN pg_class o ON o.oid IN (k.conrelid, k.confrelid)
 WHERE k.contype = 'f'
-  AND (k.conrelid = ANY(%(oids)s) OR k.confrelid = ANY(%(oids)s))
+  AND (k.conrelid = ANY(%(oids)s::regclass[]) OR k.confrelid = ANY(%(oids)s::regclass[]))
   AND (NOT k.convalidated OR NOT has_table_privilege(o.oid, 'SELECT'))
 LIMIT 1
 """
@@ -142,14 +144,15 @@ SELECT n.nspname, c.relname, t.tgname, t.tgenabled
 FROM pg_trigger t
 JOIN pg_class c ON c.oid = t.tgrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE t.tgrelid = ANY(%s) AND NOT t.tgisinternal AND t.tgenabled IN ('O', 'R')
+WHERE t.tgrelid = ANY(SELECT unnest(%s::regclass[])::oid) AND NOT t.tgisinternal
+  AND t.tgenabled IN ('O', 'R')
 ORDER BY n.nspname, c.relname, t.tgname
 """
 
 
-def _oids(run: ApplyRun, tables: Collection[TableName]) -> list[int]:
-    names = [t.ident.as_string(run.conn) for t in tables]
-    return [int(r[0]) for r in run.conn.execute("SELECT unnest(%s::regclass[])::oid", (names,))]
+def _names(run: ApplyRun) -> list[str]:
+    """The scoped tables' names, for ``%s::regclass[]``."""
+    return [t.ident.as_string(run.conn) for t in run.order]
 
 
 def choose(run: ApplyRun, plan: Plan) -> tuple[bool, str | None]:
@@ -187,14 +190,14 @@ def _obstacle(run: ApplyRun, allowed_cascades: Collection[str]) -> str | None:
         name = f"{fk.child}.{fk.name}"
         if fk.parent in scoped and fk.child not in scoped and name in allowed_cascades:
             return f"--allow-cascade {name} asks for the cascade the per-row writes do"
-    row = run.conn.execute(_OBSTACLES, {"oids": _oids(run, run.order)}).fetchone()
+    row = run.conn.execute(_OBSTACLES, {"oids": _names(run)}).fetchone()
     if row:
         return str(row[0])
-    try:
-        with run.conn.transaction() as probe:
-            run.conn.execute("SET LOCAL session_replication_role = replica")
-            raise psycopg.Rollback(probe)
+    try:  # one simple query, one round trip (psycopg's transaction() would cost three)
+        run.conn.execute("BEGIN; SET LOCAL session_replication_role = replica; ROLLBACK")
     except psycopg.errors.InsufficientPrivilege as exc:
+        if run.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            run.conn.execute("ROLLBACK")  # the refused SET left the transaction failed
         return (
             f"{run.target.env}'s role may not write in replica mode ({error_message(exc)};"
             " on plain PostgreSQL: GRANT SET ON PARAMETER session_replication_role TO it)"
@@ -210,11 +213,12 @@ def enter(run: ApplyRun) -> BulkWrites:
     conn = run.conn
     triggers = tuple(
         _Trigger(TableName(str(schema), str(table)), str(name), str(enabled))
-        for schema, table, name, enabled in conn.execute(_TRIGGERS, (_oids(run, run.order),))
+        for schema, table, name, enabled in conn.execute(_TRIGGERS, (_names(run),))
     )
     try:
-        conn.execute("SET LOCAL session_replication_role = replica")
-        _alter(conn, triggers, {"O": "ENABLE ALWAYS", "R": "DISABLE"})
+        with conn.pipeline():  # one round trip
+            conn.execute("SET LOCAL session_replication_role = replica")
+            _alter(conn, triggers, {"O": "ENABLE ALWAYS", "R": "DISABLE"})
     except psycopg.errors.QueryCanceled:
         raise
     except psycopg.OperationalError:
@@ -248,6 +252,12 @@ def write_counters_later(conn: psycopg.Connection) -> Callable[[], dict[int, int
     return lambda: {int(oid): int(n) for oid, n, _ in cursor.fetchall()}
 
 
+def _named_counters_later(conn: psycopg.Connection) -> Callable[[], dict[int, tuple[int, str]]]:
+    """:func:`write_counters_later`, each table's count with its name."""
+    cursor = conn.execute(_WRITTEN)
+    return lambda: {int(oid): (int(n), str(name)) for oid, n, name in cursor.fetchall()}
+
+
 def leave(run: ApplyRun, state: BulkWrites, before: dict[int, int]) -> None:
     """Prove every foreign key the writes could have broken, then put the triggers back.
 
@@ -256,36 +266,43 @@ def leave(run: ApplyRun, state: BulkWrites, before: dict[int, int]) -> None:
     own triggers and keys did not run). Raises :class:`NotHere` on anything not proven.
     """
     conn = run.conn
-    scoped = set(_oids(run, run.order))
-    written: list[int] = []
-    outside: list[str] = []
-    for oid, rows, name in conn.execute(_WRITTEN).fetchall():
-        if int(rows) == before.get(int(oid), 0):
-            continue
-        if int(oid) in scoped:
-            written.append(int(oid))
-        else:
-            outside.append(str(name))
-    if outside:
-        raise NotHere(
-            f"a trigger wrote to {', '.join(outside)}, outside the scope, whose own checks "
-            "would not have run"
-        )
     try:
-        row_security = conn.execute("SHOW row_security").fetchone()
-        conn.execute("SET LOCAL row_security = off")
-        keys = _keys(conn, written)
-        with conn.pipeline():  # every key's check in one round trip
+        # Two round trips: what was written, the keys and row_security off; then every
+        # key's check, and (should none fail) row_security, the triggers and the role back.
+        # A failed check rolls the attempt back, and the settings with it.
+        with conn.pipeline():
+            scoped = conn.execute("SELECT unnest(%s::regclass[])::oid", (_names(run),))
+            counters = _named_counters_later(conn)
+            row_security = conn.execute("SHOW row_security")
+            conn.execute("SET LOCAL row_security = off")
+            every_key = _keys_later(conn, _names(run))
+        in_scope = {int(r[0]) for r in scoped.fetchall()}
+        written: set[int] = set()
+        outside: list[str] = []
+        for oid, (rows, name) in counters().items():
+            if rows == before.get(oid, 0):
+                continue
+            if oid in in_scope:
+                written.add(oid)
+            else:
+                outside.append(name)
+        if outside:
+            raise NotHere(
+                f"a trigger wrote to {', '.join(outside)}, outside the scope, whose own checks "
+                "would not have run"
+            )
+        keys = [key for key in every_key() if key.oids & written]
+        setting = row_security.fetchone()
+        with conn.pipeline():
             asked = [(key, [conn.execute(q) for q in key.violation]) for key in keys]
+            conn.execute(
+                "SELECT set_config('row_security', %s, true)", (setting[0] if setting else "on",)
+            )
+            _alter(conn, state.triggers, {"O": "ENABLE", "R": "ENABLE REPLICA"})
+            conn.execute("SET LOCAL session_replication_role = origin")
         for key, cursors in asked:
             if any(cursor.fetchone() for cursor in cursors):
                 raise NotHere(f"rows of {key.child} break {key.name} (or need its cascade)")
-        conn.execute(
-            "SELECT set_config('row_security', %s, true)",
-            (row_security[0] if row_security else "on",),
-        )
-        _alter(conn, state.triggers, {"O": "ENABLE", "R": "ENABLE REPLICA"})
-        conn.execute("SET LOCAL session_replication_role = origin")
     except psycopg.errors.QueryCanceled:
         raise
     except psycopg.OperationalError:
@@ -316,12 +333,13 @@ class _Key:
     name: str
     child: str
     violation: tuple[sql.Composed, ...]  # each returns a row when some row breaks the key
+    oids: frozenset[int] = frozenset()  # the child's and the parent's
 
 
 # One row per foreign key from or to the written tables, its columns paired with the
 # operator its own per-row check uses (conpfeqop: parent's type on the left).
 _KEYS = """
-SELECT k.conname, k.confmatchtype,
+SELECT k.conrelid, k.confrelid, k.conname, k.confmatchtype,
        cn.nspname, c.relname, c.relkind = 'p',
        pn.nspname, p.relname, p.relkind = 'p',
        array_agg(ca.attname ORDER BY x.i), array_agg(pa.attname ORDER BY x.i),
@@ -333,48 +351,55 @@ CROSS JOIN LATERAL unnest(k.conkey, k.confkey, k.conpfeqop) WITH ORDINALITY AS x
 JOIN pg_attribute ca ON ca.attrelid = k.conrelid AND ca.attnum = x.ck
 JOIN pg_attribute pa ON pa.attrelid = k.confrelid AND pa.attnum = x.pk
 JOIN pg_operator op ON op.oid = x.eq JOIN pg_namespace opn ON opn.oid = op.oprnamespace
+CROSS JOIN (SELECT array_agg(t::oid) AS oids FROM unnest(%s::regclass[]) AS t) AS w
 WHERE k.contype = 'f' AND k.conparentid = 0
-  AND (k.conrelid = ANY(%s) OR k.confrelid = ANY(%s))
+  AND (k.conrelid = ANY(w.oids) OR k.confrelid = ANY(w.oids))
 GROUP BY k.oid, k.conname, k.confmatchtype, cn.nspname, c.relname, c.relkind,
          pn.nspname, p.relname, p.relkind
 ORDER BY cn.nspname, c.relname, k.conname
 """
 
 
-def _keys(conn: psycopg.Connection, oids: list[int]) -> list[_Key]:
-    keys = []
-    for row in conn.execute(_KEYS, (oids, oids)):
-        name, match, cs, ct, c_part, ps, pt, p_part, ccols, pcols, opschemas, ops = row
-        child = TableName(str(cs), str(ct))
-        parent = TableName(str(ps), str(pt))
-        refer = sql.SQL(" AND ").join(
-            sql.SQL("p.{} OPERATOR({}.{}) c.{}").format(
-                sql.Identifier(pc), sql.Identifier(o_s), sql.SQL(o), sql.Identifier(cc)
-            )
-            for cc, pc, o_s, o in zip(ccols, pcols, opschemas, ops, strict=True)
+def _keys_later(conn: psycopg.Connection, names: list[str]) -> Callable[[], list[_Key]]:
+    """Every foreign key from or to the tables ``names``, asked now (in the caller's
+    pipeline) and read when called."""
+    cursor = conn.execute(_KEYS, (names,))
+    return lambda: [_key(row) for row in cursor.fetchall()]
+
+
+def _key(row: Sequence[Any]) -> _Key:
+    """One row of :data:`_KEYS` as the queries that prove the key."""
+    child_oid, parent_oid = int(row[0]), int(row[1])
+    name, match, cs, ct, c_part, ps, pt, p_part, ccols, pcols, opschemas, ops = row[2:]
+    child = TableName(str(cs), str(ct))
+    parent = TableName(str(ps), str(pt))
+    refer = sql.SQL(" AND ").join(
+        sql.SQL("p.{} OPERATOR({}.{}) c.{}").format(
+            sql.Identifier(pc), sql.Identifier(o_s), sql.SQL(o), sql.Identifier(cc)
         )
-        # IS NOT NULL per column, not num_nulls() = 0: the planner estimates that as rare
-        # and probes the parent's index row by row instead of one hash anti-join.
-        present = sql.SQL(" AND ").join(
-            sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(c)) for c in ccols
+        for cc, pc, o_s, o in zip(ccols, pcols, opschemas, ops, strict=True)
+    )
+    # IS NOT NULL per column, not num_nulls() = 0: the planner estimates that as rare
+    # and probes the parent's index row by row instead of one hash anti-join.
+    present = sql.SQL(" AND ").join(
+        sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(c)) for c in ccols
+    )
+    checks = [
+        sql.SQL("{} AND NOT EXISTS (SELECT FROM {} {} AS p WHERE {})").format(
+            present, sql.SQL("" if p_part else "ONLY"), parent.ident, refer
         )
-        checks = [
-            sql.SQL("{} AND NOT EXISTS (SELECT FROM {} {} AS p WHERE {})").format(
-                present, sql.SQL("" if p_part else "ONLY"), parent.ident, refer
+    ]
+    if match == "f":  # MATCH FULL: all null or none
+        checks.append(
+            sql.SQL("num_nulls({}) NOT IN (0, {})").format(
+                sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(c)) for c in ccols),
+                sql.Literal(len(ccols)),
             )
-        ]
-        if match == "f":  # MATCH FULL: all null or none
-            checks.append(
-                sql.SQL("num_nulls({}) NOT IN (0, {})").format(
-                    sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(c)) for c in ccols),
-                    sql.Literal(len(ccols)),
-                )
-            )
-        violation = tuple(
-            sql.SQL("SELECT 1 FROM {} {} AS c WHERE {} LIMIT 1").format(
-                sql.SQL("" if c_part else "ONLY"), child.ident, check
-            )
-            for check in checks
         )
-        keys.append(_Key(str(name), str(child), violation))
-    return keys
+    violation = tuple(
+        sql.SQL("SELECT 1 FROM {} {} AS c WHERE {} LIMIT 1").format(
+            sql.SQL("" if c_part else "ONLY"), child.ident, check
+        )
+        for check in checks
+    )
+    return _Key(str(name), str(child), violation, frozenset((child_oid, parent_oid)))

@@ -67,6 +67,10 @@ class ApplyRun:
     # the session the backup exports its snapshot from, opened during the preflight
     # (snapshot.apply.backup.connect_ahead)
     exporter_ahead: Future[psycopg.Connection] | None = None
+    # the foreign keys worth a helper index, by the keys whose parents lose many rows
+    # (snapshot.apply.plan._helper_indexes): found once, the attempts use them (helper
+    # indexes are made from the preparation's plan; the attempts' plans only show them)
+    helper_indexes: dict[tuple[ForeignKey, ...], list[ForeignKey]] = field(default_factory=dict)
     backup: Backup | None = None  # started with the staging, joined before the commit
     row_by_row: str = ""  # why bulk foreign-key checks are off for the rest of the apply
     # what keeps the scope from bulk foreign-key checks ("" for nothing), found once: by the

@@ -238,14 +238,27 @@ def create_auth_users(run: ApplyRun, phase: Phases) -> auth.Created:
             "  created 0 auth users: the plan found none to create and auth.users is as it was"
         )
         return auth.Created(0, 0)
-    with phase("creating auth users"), run.conn.pipeline():  # a round trip or two in all
-        counters = replica.write_counters_later(run.conn)
-        use_app_search_path(run.conn)  # auth.users' triggers are the app's code
-        created = auth.create_users(run)
-        use_tool_search_path(run.conn)
+    conn = run.conn
+    with phase("creating auth users"), conn.pipeline():  # one round trip
+        counters = replica.write_counters_later(conn)
+        use_app_search_path(conn)  # auth.users' triggers are the app's code
+        creating = auth.create_users_later(run)
+        use_tool_search_path(conn)
+        touched = _touched_later(run, counters)
+    created = creating()
     if created.users:
-        run.counts_ahead = None  # the deltas change: the plan counts them anew
-        _compare_again(run, _touched(run, counters()))
+        # The rows the app's triggers wrote, compared again, and the plan's counts with them.
+        found = touched()
+        run.counts_ahead = None
+
+        def count() -> None:
+            run.counts_ahead = rowsets.counts_later(
+                conn,
+                [run.row_sets[t] for t in run.order if t in run.row_sets],
+                {t: known.rows for t, known in run.recorded.items()},
+            )
+
+        _compare_again(run, found, then=count)
     return created
 
 
@@ -333,19 +346,27 @@ def _compare_again(
     return moved
 
 
-def _touched(run: ApplyRun, before: dict[int, int]) -> list[TableName]:
-    """Scoped tables written since ``before`` (partitioned ones always count)."""
-    after = replica.write_counters(run.conn)
-    found = run.conn.execute(
+def _touched_later(
+    run: ApplyRun, before: Callable[[], dict[int, int]]
+) -> Callable[[], list[TableName]]:
+    """Scoped tables written since ``before`` (:func:`replica.write_counters_later`;
+    partitioned ones always count): asked now (in the caller's pipeline), read when called."""
+    after = replica.write_counters_later(run.conn)
+    kinds = run.conn.execute(
         "SELECT t::oid, c.relkind FROM unnest(%s::regclass[]) WITH ORDINALITY AS w(t, i) "
         "JOIN pg_class c ON c.oid = w.t ORDER BY w.i",
         ([t.ident.as_string(run.conn) for t in run.order],),
-    ).fetchall()
-    return [
-        table
-        for table, (oid, kind) in zip(run.order, found, strict=True)
-        if kind == "p" or after.get(oid, 0) != before.get(oid, 0)
-    ]
+    )
+
+    def touched() -> list[TableName]:
+        was, now = before(), after()
+        return [
+            table
+            for table, (oid, kind) in zip(run.order, kinds.fetchall(), strict=True)
+            if kind == "p" or now.get(oid, 0) != was.get(oid, 0)
+        ]
+
+    return touched
 
 
 def _count(conn: psycopg.Connection, table: TableName) -> int:
