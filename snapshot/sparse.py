@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 DIGEST_BYTES = 8  # of a row's md5: what both sides compare
 SAMPLE = 2000  # rows read before deciding whether a table goes up whole (LineFilter._decide)
 SAME_AT_LEAST = 1 / 3  # of them the target must hold as they stand to send only the others
+# The rows a table kept back (the target's as they stand), held while it may still go whole
+# after all: when fewer than SAME_AT_LEAST of the rows read so far are the target's
+# (LineFilter._held). Past this many bytes the table stays as it is.
+HOLD_AT_MOST = 16 * 1024 * 1024
 
 
 def digest(line: bytes) -> bytes:
@@ -186,6 +190,12 @@ class LineFilter:
         self._sink: Sink | None = None
         self._rest = b""
         self._sample: list[bytes] = []  # the first rows, until the table's mode is decided
+        # Rows kept back as the target's, while the table may still go whole (None: it no
+        # longer may); how many bytes; how many rows were compared and how many matched.
+        self._held: list[bytes] | None = [] if not sparse.by_key else None
+        self._held_bytes = 0
+        self._compared = 0
+        self._same = 0
         key = [position[k] for k in sparse.key]
         pick_key = operator.itemgetter(*key)
         # a key's COPY line (its fields, tab apart): only for the rows that go up
@@ -226,18 +236,46 @@ class LineFilter:
             return
         target = sparse.target
         out = []
+        held, kept = self._held, 0
         reorder, md5, size = self._line, hashlib.md5, DIGEST_BYTES
         for line in lines:
             text = line if reorder is None else reorder(line)
             found = md5(text, usedforsecurity=False).digest()[:size]
             if found in target:
                 target.discard(found)  # the target holds this row as it is
+                if held is not None:
+                    held.append(line)
+                    kept += len(line)
                 continue
             out.append(line)
         if out:
             key_line = self._key_line
             sparse.sent.extend(key_line(line) for line in out)
             self._send(out)
+        if held is not None:
+            self._compared += len(lines)
+            self._same += len(lines) - len(out)
+            self._held_bytes += kept
+            self._reconsider()
+
+    def _reconsider(self) -> None:
+        """Send the table whole after all when, past its first rows, fewer than
+        :data:`SAME_AT_LEAST` of the rows read so far are the target's: the rows kept back
+        go up now, and every row after them. Past :data:`HOLD_AT_MOST` bytes kept back it
+        stays sparse (the rows held are let go)."""
+        assert self._held is not None
+        if self._compared >= SAMPLE and self._same < SAME_AT_LEAST * self._compared:
+            held, self._held = self._held, None
+            self._sparse.whole = True
+            log.debug(
+                "  %s: %d of its first %d rows are the target's: it goes up whole after all",
+                self._sparse.table,
+                self._same,
+                self._compared,
+            )
+            self._send(held)
+        elif self._held_bytes > HOLD_AT_MOST:
+            self._held = None
 
     def _decide(self, lines: Sequence[bytes]) -> None:
         """Whether the table goes up whole: when fewer than :data:`SAME_AT_LEAST` of its first

@@ -15,7 +15,6 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-
 from psycopg import sql
 
 from snapshot.archive import archived_environments

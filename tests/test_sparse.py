@@ -301,6 +301,22 @@ def test_the_first_rows_decide_whether_a_table_goes_up_whole() -> None:
     # a table smaller than the sample is decided on all of its rows
     staged, sent = filtered([], many[:10])
     assert staged.whole and staged.read == 10 and sent == b"".join(r + b"\n" for r in many[:10])
+    # its first rows are the target's, most of the rest are not: it goes up whole after
+    # all, the rows held back with the others (each row once)
+    held = many[: sparse.SAMPLE] + many[sparse.SAMPLE :: 10]
+    staged, sent = filtered(held, many)
+    assert staged.whole
+    assert sorted(sent.splitlines()) == sorted(many)
+    assert (staged.read, staged.uploaded) == (len(many), len(many))
+    # held back past the limit, it stays as it is
+    limit = sparse.HOLD_AT_MOST
+    try:
+        sparse.HOLD_AT_MOST = 100
+        staged, sent = filtered(held, many)
+    finally:
+        sparse.HOLD_AT_MOST = limit
+    assert staged.whole is False
+    assert sorted(sent.splitlines()) == sorted(set(many) - set(held))
 
 
 def _row_texts(db: Database, table: str) -> set[str]:
