@@ -38,7 +38,7 @@ from snapshot.apply.state import ApplyRun
 from snapshot.archive import Snapshot
 from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.config import Config
-from snapshot.copytext import TERMINATOR, write_block, write_header
+from snapshot.copytext import TERMINATOR, block_later, write_block, write_header
 from snapshot.db import connect
 from snapshot.dump import DumpPlan, DumpState, build_manifest, describe_state
 from snapshot.dump import start_dump as start_pg_dump
@@ -153,6 +153,7 @@ def dump(backup: Backup) -> None:
 
 
 DIFFERENCE_AT_MOST = 0.25  # of the target's rows the apply may change for a difference backup
+PIPELINED_AT_MOST = 20_000  # rows of a table the difference backup asks for without a COPY
 
 
 def can_write_difference(run: ApplyRun, matched: Collection[TableName]) -> bool:
@@ -233,35 +234,48 @@ def _write_difference(run: ApplyRun, backup: Backup) -> tuple[int, int]:
             raise
         shutil.copyfile(run.snapshot.dump_path, target)  # another file system: a copy
     path = backup.folder / archive.CATCH_UP_FILE
+    # Each table's rows: up to PIPELINED_AT_MOST asked together, in one round trip (as COPY
+    # text made from each value's output text: copytext.block_later), more with a COPY each.
+    blocks: list[tuple[str, TableName, tuple[str, ...], sql.Composable, int]] = []
+    for table in backup.plan.tables:
+        columns = tuple(backup.plan.shapes[table].column_names)
+        changes = run.sparse.get(table)
+        if changes is not None and not changes.by_key:
+            if changes.gone:
+                rows = sql.SQL("SELECT {} FROM {} AS t WHERE {}").format(
+                    _columns("t", columns), table.ident, changes.gone_rows("t")
+                )
+                blocks.append((ADD, table, columns, rows, changes.gone))
+        elif table in backup.followed:
+            entry = run.snapshot.manifest.table(table)
+            whole = sql.SQL("SELECT {} FROM {} AS t").format(_columns("t", columns), table.ident)
+            blocks.append((REPLACE, table, columns, whole, entry.rows if entry else 0))
+    with run.conn.pipeline():
+        asked = {
+            (verb, table): block_later(run.conn, verb, table, columns, query)
+            for verb, table, columns, query, rows in blocks
+            if rows <= PIPELINED_AT_MOST
+        }
     changed = auth = 0
     with path.open("wb") as out:
         for table in backup.plan.tables:
-            columns = tuple(backup.plan.shapes[table].column_names)
             changes = run.sparse.get(table)
-            if changes is not None and not changes.by_key:
-                if changes.sent:
-                    write_header(run.conn, out, REMOVE, table, changes.key)
-                    out.write(b"\n".join(changes.sent) + b"\n" + TERMINATOR[1:])
-                if changes.gone:
-                    changed += write_block(
-                        run.conn,
-                        out,
-                        ADD,
-                        table,
-                        columns,
-                        sql.SQL("SELECT {} FROM {} AS t WHERE {}").format(
-                            _columns("t", columns), table.ident, changes.gone_rows("t")
-                        ),
-                    )
-            elif table in backup.followed:
-                auth += write_block(
-                    run.conn,
-                    out,
-                    REPLACE,
-                    table,
-                    columns,
-                    sql.SQL("SELECT {} FROM {} AS t").format(_columns("t", columns), table.ident),
+            if changes is not None and not changes.by_key and changes.sent:
+                write_header(run.conn, out, REMOVE, table, changes.key)
+                out.write(b"\n".join(changes.sent) + b"\n" + TERMINATOR[1:])
+            for verb, name, columns, query, _ in blocks:
+                if name != table:
+                    continue
+                later = asked.get((verb, table))
+                written = (
+                    later(out)
+                    if later is not None
+                    else write_block(run.conn, out, verb, table, columns, query)
                 )
+                if verb == ADD:
+                    changed += written
+                else:
+                    auth += written
     return changed, auth
 
 
