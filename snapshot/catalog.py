@@ -253,10 +253,22 @@ def leaf_partitions(
     pg_dump writes no data for a partitioned table itself: it is given these instead (with
     ``--load-via-partition-root``, so that their rows load back through the parent).
     """
-    leaves: dict[TableName, list[TableName]] = {}
-    for nsp, rel, leaf_nsp, leaf in conn.execute(_LEAVES, _table_arrays(tables)):
-        leaves.setdefault(TableName(nsp, rel), []).append(TableName(leaf_nsp, leaf))
-    return {table: tuple(parts) for table, parts in leaves.items()}
+    return leaf_partitions_later(conn, tables)()
+
+
+def leaf_partitions_later(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> Callable[[], dict[TableName, tuple[TableName, ...]]]:
+    """:func:`leaf_partitions`, asked now and read when called (in the caller's pipeline)."""
+    cursor = conn.execute(_LEAVES, _table_arrays(tables))
+
+    def result() -> dict[TableName, tuple[TableName, ...]]:
+        leaves: dict[TableName, list[TableName]] = {}
+        for nsp, rel, leaf_nsp, leaf in cursor.fetchall():
+            leaves.setdefault(TableName(nsp, rel), []).append(TableName(leaf_nsp, leaf))
+        return {table: tuple(parts) for table, parts in leaves.items()}
+
+    return result
 
 
 _RELKINDS = """
@@ -655,12 +667,24 @@ class StateNames:
 def state_names(conn: psycopg.Connection, tables: Sequence[TableName]) -> StateNames:
     """:class:`StateNames` of ``tables``, in one round trip (a pipeline)."""
     with conn.pipeline():  # (read after it: a fetch inside costs a round trip of its own)
-        owned = conn.execute(_OWNED_SEQUENCES, _table_arrays(tables))
-        shared = conn.execute(_DEFAULT_SEQUENCES, _table_arrays(tables))
-        readable = conn.execute(_MIGRATIONS_READABLE)
-    names = StateNames(tuple(_names(owned.fetchall())), tuple(_names(shared.fetchall())), False)
-    row = readable.fetchone()
-    return replace(names, migrations=bool(row and row[0]))
+        later = state_names_later(conn, tables)
+    return later()
+
+
+def state_names_later(
+    conn: psycopg.Connection, tables: Sequence[TableName]
+) -> Callable[[], StateNames]:
+    """:func:`state_names`, asked now and read when called (in the caller's pipeline)."""
+    owned = conn.execute(_OWNED_SEQUENCES, _table_arrays(tables))
+    shared = conn.execute(_DEFAULT_SEQUENCES, _table_arrays(tables))
+    readable = conn.execute(_MIGRATIONS_READABLE)
+
+    def result() -> StateNames:
+        names = StateNames(tuple(_names(owned.fetchall())), tuple(_names(shared.fetchall())), False)
+        row = readable.fetchone()
+        return replace(names, migrations=bool(row and row[0]))
+
+    return result
 
 
 def _names(rows: Iterable[Sequence[Any]]) -> list[SequenceName]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -172,7 +173,17 @@ def apply_lock_holder(conn: psycopg.Connection) -> str | None:
     The lock is taken and kept for the session when free (apply), so check and apply call
     the same function; check releases it with :func:`release_apply_lock`.
     """
-    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (ADVISORY_KEY,)).fetchone()
+    return apply_lock_holder_later(conn)()
+
+
+def apply_lock_holder_later(conn: psycopg.Connection) -> Callable[[], str | None]:
+    """:func:`apply_lock_holder`: the lock tried now (in the caller's pipeline), its holder
+    read when called (asked then, when it is taken)."""
+    tried = conn.execute("SELECT pg_try_advisory_lock(%s)", (ADVISORY_KEY,))
+    return lambda: _holder(conn, tried.fetchone())
+
+
+def _holder(conn: psycopg.Connection, row: Sequence[Any] | None) -> str | None:
     if row and row[0]:
         return None
     holder = conn.execute(

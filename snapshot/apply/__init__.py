@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from snapshot import archive, interrupts, masking, preflight
 from snapshot.apply import backup, staged_checks, write
@@ -45,7 +46,12 @@ from snapshot.errors import ApplyFailed, Interrupted, Refused, ScriptFailed, Sna
 from snapshot.masking import personal
 from snapshot.names import AUTH_TABLES
 from snapshot.preflight import Finding, PreflightFailed, PreflightReport
-from snapshot.session import apply_lock_holder, open_session, release_apply_lock
+from snapshot.session import (
+    apply_lock_holder,
+    apply_lock_holder_later,
+    open_session,
+    release_apply_lock,
+)
 
 __all__ = [
     "ApplyPlan",
@@ -200,11 +206,14 @@ def _check(run: ApplyRun, *, settle: bool, backup: bool, keep_lock: bool) -> Pre
     about to ask its question, lets it go).
     """
     session = run.session
-    holder = apply_lock_holder(session.conn)
+    with session.conn.pipeline():  # the lock and the helper indexes left behind: one trip
+        holding = apply_lock_holder_later(session.conn)
+        leftovers = write.leftover_helper_indexes_later(session.conn, run.order) if settle else None
+    holder = holding()
     try:
-        if holder is None and settle:
+        if holder is None and leftovers is not None:
             run.notes += settle_orphaned_backups(session.config, session.target, session.conn)
-            run.notes += _sweep_helper_indexes(run)
+            run.notes += _sweep_helper_indexes(run, leftovers())
         findings = preflight.run_checks(session, lock_holder=holder)
         if session.snapshot.manifest.kind == LIVE:
             findings += staged_checks.first_look(run)
@@ -402,9 +411,9 @@ def _after_commit(run: ApplyRun, finished: Finished) -> ApplyReport:
     return report
 
 
-def _sweep_helper_indexes(run: ApplyRun) -> list[str]:
-    """Drop helper indexes a killed apply left behind (it committed, then died)."""
-    leftovers = write.leftover_helper_indexes(run.conn, run.order)
+def _sweep_helper_indexes(run: ApplyRun, leftovers: Collection[sql.Identifier]) -> list[str]:
+    """Drop the helper indexes a killed apply left behind (it committed, then died):
+    ``leftovers`` (:func:`write.leftover_helper_indexes`)."""
     if not leftovers:
         return []
     left = write.drop_helper_indexes(run.conn, leftovers, run.config.apply.lock_timeout)

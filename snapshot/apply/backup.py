@@ -81,15 +81,21 @@ class Backup:
             self.exporter.close()
 
 
-def start(run: ApplyRun, folder: Path) -> Backup:
+def start(
+    run: ApplyRun,
+    folder: Path,
+    leaves: Mapping[TableName, tuple[TableName, ...]] | None = None,
+) -> Backup:
     """Export the snapshot the backup will be taken in, from a session of its own.
 
     The apply records the target's rows in this snapshot (:func:`import_snapshot`), so
     that under the lock :func:`catch_up` knows exactly which rows changed since; then
-    :func:`dump` starts pg_dump in it.
+    :func:`dump` starts pg_dump in it. ``leaves``: the scope's partitions
+    (:func:`catalog.leaf_partitions`), when asked already.
     """
     assert run.pg_dump is not None, "a backup needs pg_dump (the preflight found one)"
-    leaves = catalog.leaf_partitions(run.conn, run.config.scope.tables)
+    if leaves is None:
+        leaves = catalog.leaf_partitions(run.conn, run.config.scope.tables)
     plan = DumpPlan(run.target, run.info, run.pg_dump, run.config.scope, run.shapes, leaves)
     ahead, run.exporter_ahead = run.exporter_ahead, None
     exporter = ahead.result() if ahead is not None else connect(run.target)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -132,11 +132,21 @@ def descendants(
     return found
 
 
-def row_sets(run: ApplyRun) -> dict[TableName, RowSet]:
-    """A :class:`RowSet` for every scoped table the catalog gives a key."""
+def row_keys_later(run: ApplyRun) -> Callable[[], dict[TableName, tuple[str, ...]]]:
+    """The scoped tables' keys (:func:`catalog.row_keys`) among the snapshot's columns, asked
+    now (in the caller's pipeline) and read when called, for :func:`row_sets`."""
+    return catalog.row_keys_later(run.conn, {t: run.entries[t].column_names for t in run.order})
+
+
+def row_sets(
+    run: ApplyRun, keys: Mapping[TableName, tuple[str, ...]] | None = None
+) -> dict[TableName, RowSet]:
+    """A :class:`RowSet` for every scoped table the catalog gives a key (``keys``:
+    :func:`row_keys_later`'s answer, asked here when not given)."""
     entries = run.entries
     columns = {t: entries[t].column_names for t in run.order}
-    keys = catalog.row_keys(run.conn, columns)
+    if keys is None:
+        keys = catalog.row_keys(run.conn, columns)
     numbers = {t: i for i, t in enumerate(run.config.scope.tables)}
     return {
         table: RowSet(
@@ -152,7 +162,9 @@ def row_sets(run: ApplyRun) -> dict[TableName, RowSet]:
     }
 
 
-def record(run: ApplyRun) -> frozenset[TableName]:
+def record(
+    run: ApplyRun, keys: Mapping[TableName, tuple[str, ...]] | None = None
+) -> frozenset[TableName]:
     """Record the target's rows, and stage from it the tables that already match (no lock).
 
     Every scoped table with a key gets its record (key, row version, hash of every row) in
@@ -161,10 +173,11 @@ def record(run: ApplyRun) -> frozenset[TableName]:
     snapshot's rows: its staged copy and hashes are taken from the target in that same
     moment (a copy inside the server), and its share of the dump is never parsed. Returns
     those tables. Call before :func:`snapshot.staging.stage`, with ``skip`` set to them.
+    ``keys``: the tables' keys, when asked already (:func:`row_keys_later`).
     """
     started = time.monotonic()
     conn = run.conn
-    run.row_sets = row_sets(run)
+    run.row_sets = row_sets(run, keys)
     sets = list(run.row_sets.values())
     changed_only = upload_changed_only(run)
     # a masked or subsetted table's rows are not in the dump (snapshot.beside): they go up whole

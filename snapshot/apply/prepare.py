@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from snapshot import staging, text
+from snapshot import catalog, staging, text
 from snapshot.apply import backup
 from snapshot.apply import plan as planning
 from snapshot.apply import rows as rowsets
@@ -41,18 +41,29 @@ SENT = "sent only the rows that differ"  # the report's note on sparse staging
 def prepare(run: ApplyRun) -> Plan:
     """Start the backup, record the target, stage the snapshot and plan (see the module)."""
     assert run.pg_restore is not None, "the preflight found a pg_restore"
-    run.state_names()  # found now, read under the lock in one round trip
+    conn = run.conn
+    with conn.pipeline():  # the catalog's answers the preparation needs: one round trip
+        # the sequences and migrations, found now, read under the lock in one round trip
+        names = catalog.state_names_later(conn, run.order) if run.names is None else None
+        keys = planning.row_keys_later(run)
+        leaves = (
+            catalog.leaf_partitions_later(conn, run.config.scope.tables)
+            if run.backup_into is not None
+            else None
+        )
+    if names is not None:
+        run.names = names()
     if run.backup_into is not None:
         # The plan records the target in the snapshot pg_dump then backs up while the
         # staged rows are compared; the apply copies what changed since under its lock.
-        run.backup = backup.start(run, run.backup_into)
+        run.backup = backup.start(run, run.backup_into, leaves() if leaves else None)
         if planning.upload_changed_only(run):
             # Over a network pg_dump starts at once: its catalog questions (a couple of
             # seconds of round trips) go beside the record, its download beside the
             # staging's upload. It is stopped if the difference turns out to be the backup
             # (backup.write_difference), before it has downloaded much.
             backup.dump(run.backup)
-    matched = planning.record(run)
+    matched = planning.record(run, keys())
     entries = [*run.entries.values(), *run.auth_entries]
     skip = matched | run.session.withheld_tables  # withheld auth users are never even loaded
     staging.stage(run.conn, run.pg_restore, run.snapshot, entries, skip, run.sparse)

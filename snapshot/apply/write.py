@@ -161,14 +161,21 @@ def leftover_helper_indexes(
     conn: psycopg.Connection, tables: Collection[TableName]
 ) -> list[sql.Identifier]:
     """Helper indexes an earlier apply could not drop (killed right after its commit)."""
-    rows = conn.execute(
+    return leftover_helper_indexes_later(conn, tables)()
+
+
+def leftover_helper_indexes_later(
+    conn: psycopg.Connection, tables: Collection[TableName]
+) -> Callable[[], list[sql.Identifier]]:
+    """:func:`leftover_helper_indexes`, asked now and read when called (in a pipeline)."""
+    cursor = conn.execute(
         "SELECT n.nspname, c.relname FROM pg_index i "
         "JOIN pg_class c ON c.oid = i.indexrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.relname LIKE %s AND i.indrelid = ANY(%s::regclass[])",
         (HELPER_PREFIX.replace("_", r"\_") + "%", [t.ident.as_string(conn) for t in tables]),
-    ).fetchall()
-    return [sql.Identifier(schema, name) for schema, name in rows]
+    )
+    return lambda: [sql.Identifier(schema, name) for schema, name in cursor.fetchall()]
 
 
 def drop_helper_indexes(
