@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import psycopg
 from psycopg import sql
@@ -401,18 +402,67 @@ def describe(
     )
 
 
-def catch_up(run: ApplyRun, backup: Backup, moved: set[TableName] | None = None) -> int:
+@dataclass(frozen=True)
+class CatchUp:
+    """What :func:`catch_up` writes, asked with the reconciliation (:func:`catch_up_later`):
+    the tables with rows moved since pg_dump's snapshot, and the blocks already asked."""
+
+    moved: frozenset[TableName]
+    asked: Mapping[tuple[str, TableName], Callable[[BinaryIO], int]]
+
+
+def catch_up_later(run: ApplyRun, backup: Backup, moved: Mapping[TableName, int]) -> CatchUp:
+    """:func:`catch_up`'s rows, asked now (in the reconciliation's pipeline: ``moved``, the
+    rows moved per table, :func:`.rows.reconcile`): the moved keys and their live versions
+    of each followed table, up to :data:`PIPELINED_AT_MOST` rows (more go by COPY)."""
+    tables = frozenset(t for t in backup.plan.tables if moved.get(t, 0) > 0)
+    asked: dict[tuple[str, TableName], Callable[[BinaryIO], int]] = {}
+    for table in tables:
+        followed = run.row_sets.get(table) or backup.followed.get(table)
+        if followed is None or moved[table] > PIPELINED_AT_MOST:
+            continue
+        for verb, columns, query in _moved_blocks(table, followed, backup):
+            asked[(verb, table)] = block_later(run.conn, verb, table, columns, query)
+    return CatchUp(tables, asked)
+
+
+def _moved_blocks(
+    table: TableName, followed: RowSet, backup: Backup
+) -> list[tuple[str, tuple[str, ...], sql.Composable]]:
+    """The keys of ``table``'s moved rows (``REMOVE``) and their live versions (``ADD``)."""
+    columns = tuple(backup.plan.shapes[table].column_names)
+    return [
+        (REMOVE, followed.key, sql.SQL("SELECT {} FROM {}").format(followed.keys, followed.moved)),
+        (
+            ADD,
+            columns,
+            sql.SQL(
+                "SELECT {c} FROM {t} AS t WHERE EXISTS (SELECT 1 FROM {m} AS m WHERE {on})"
+            ).format(
+                c=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in columns),
+                t=table.ident,
+                m=followed.moved,
+                on=followed.match("t", "m"),
+            ),
+        ),
+    ]
+
+
+def catch_up(run: ApplyRun, backup: Backup, caught: CatchUp | None = None) -> int:
     """Copy what changed between pg_dump's snapshot and the lock into ``catchup.copy``.
 
     Call under the lock, after the record is reconciled and before anything is written.
     For a table the record follows, the keys of the rows that moved (``REMOVE``) and their
     live versions (``ADD``); any other table whole (``REPLACE``). Returns the rows that
-    changed in between (in the followed tables).
+    changed in between (in the followed tables). ``caught``: what :func:`catch_up_later`
+    asked with the reconciliation.
     """
     assert backup.state is not None
     path = backup.folder / archive.CATCH_UP_FILE
     try:
-        copied, whole = _write_catch_up(run, backup, path, append=backup.from_snapshot, moved=moved)
+        copied, whole = _write_catch_up(
+            run, backup, path, append=backup.from_snapshot, caught=caught
+        )
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -425,17 +475,18 @@ def catch_up(run: ApplyRun, backup: Backup, moved: set[TableName] | None = None)
 
 
 def _write_catch_up(
-    run: ApplyRun, backup: Backup, path: Path, *, append: bool, moved: set[TableName] | None
+    run: ApplyRun, backup: Backup, path: Path, *, append: bool, caught: CatchUp | None
 ) -> tuple[int, int]:
     """(rows changed since pg_dump's snapshot, tables copied whole) written to ``path``
     (after what it holds, when ``append``)."""
     assert backup.state is not None
     copied = whole = 0
-    if moved is None:
+    if caught is None:
         with run.conn.pipeline():
-            later = moved_tables_later(run, backup)
-        moved = later()
-    backup.moved = frozenset(moved)
+            moved_later = moved_tables_later(run, backup)
+        caught = CatchUp(frozenset(moved_later()), {})
+    moved = caught.moved
+    backup.moved = moved
     with path.open("ab" if append else "wb") as out:
         for entry in backup.state.tables:
             followed = run.row_sets.get(entry.table) or backup.followed.get(entry.table)
@@ -453,31 +504,16 @@ def _write_catch_up(
                 continue
             if entry.table not in moved:
                 continue
-            copied += write_block(  # the keys that moved; their live versions follow
-                run.conn,
-                out,
-                REMOVE,
-                entry.table,
-                followed.key,
-                sql.SQL("SELECT {} FROM {}").format(followed.keys, followed.moved),
-            )
-            write_block(
-                run.conn,
-                out,
-                ADD,
-                entry.table,
-                entry.column_names,
-                sql.SQL(
-                    "SELECT {c} FROM {t} AS t WHERE EXISTS (SELECT 1 FROM {m} AS m WHERE {on})"
-                ).format(
-                    c=sql.SQL(", ").join(
-                        sql.SQL("t.{}").format(sql.Identifier(c)) for c in entry.column_names
-                    ),
-                    t=entry.table.ident,
-                    m=followed.moved,
-                    on=followed.match("t", "m"),
-                ),
-            )
+            # the keys that moved; their live versions follow
+            for verb, names, query in _moved_blocks(entry.table, followed, backup):
+                asked = caught.asked.get((verb, entry.table))
+                written = (
+                    asked(out)
+                    if asked is not None
+                    else write_block(run.conn, out, verb, entry.table, names, query)
+                )
+                if verb == REMOVE:
+                    copied += written
     return copied, whole
 
 

@@ -201,12 +201,12 @@ def reconcile(run: ApplyRun, running: backup.Backup | None) -> dict[TableName, i
     followed = list(running.followed.values()) if running is not None else []
     counted: Callable[[], dict[TableName, TableStats]] | None = None
     state: Callable[[], catalog.State] | None = None
-    moved: Callable[[], set[TableName]] | None = None
+    caught: backup.CatchUp | None = None
 
-    def ask() -> None:
+    def ask(moved: Mapping[TableName, int]) -> None:
         """In the round trip that brings the records up: the records' stats, the deltas'
-        counts for the plan, and the backup's sequences and moved tables."""
-        nonlocal counted, state, moved
+        counts for the plan, and the backup's sequences and catch-up (the rows ``moved``)."""
+        nonlocal counted, state, caught
         stale = [r for t, r in run.row_sets.items() if t not in run.recorded]
         counted = rowsets.stats_later(conn, [*stale, *followed], rowsets.RECORD)
         run.counts_ahead = rowsets.counts_later(
@@ -216,15 +216,15 @@ def reconcile(run: ApplyRun, running: backup.Backup | None) -> dict[TableName, i
         )
         if running is not None:
             state = catalog.read_state_later(conn, run.state_names())
-            moved = backup.moved_tables_later(run, running)
+            caught = backup.catch_up_later(run, running, moved)
 
     _compare_again(run, run.order, records=followed, then=ask)
     assert counted is not None
     known = {**run.recorded, **counted()}
     if running is not None:
-        assert state is not None and moved is not None
+        assert state is not None and caught is not None
         backup.describe(run, running, known, state())
-        backup.catch_up(run, running, moved())
+        backup.catch_up(run, running, caught)
     return {t: known[t].rows if t in known else _count(conn, t) for t in run.order}
 
 
@@ -251,7 +251,7 @@ def create_auth_users(run: ApplyRun, phase: Phases) -> auth.Created:
         found = touched()
         run.counts_ahead = None
 
-        def count() -> None:
+        def count(_moved: Mapping[TableName, int]) -> None:
             run.counts_ahead = rowsets.counts_later(
                 conn,
                 [run.row_sets[t] for t in run.order if t in run.row_sets],
@@ -318,12 +318,12 @@ def _compare_again(
     tables: Collection[TableName],
     *,
     records: Sequence[rowsets.RowSet] = (),
-    then: Callable[[], None] | None = None,
+    then: Callable[[Mapping[TableName, int]], None] | None = None,
 ) -> int:
     """Rows written since the record was made, hashed and classified again; how many.
     ``records``: row sets whose record alone comes up; ``then`` asks the caller's questions
-    in the round trip that brings them up, knowing which records are stale
-    (:func:`rowsets.reconcile`)."""
+    in the round trip that brings them up, knowing which records are stale and given the
+    rows moved per table (:func:`rowsets.reconcile`)."""
     sets = [run.row_sets[t] for t in tables if t in run.row_sets]
 
     def forget(moved: Mapping[TableName, int]) -> None:
@@ -334,7 +334,7 @@ def _compare_again(
     def settle(moved: Mapping[TableName, int]) -> None:
         forget(moved)
         assert then is not None
-        then()
+        then(moved)
 
     found = rowsets.reconcile(
         run.conn, sets, run.horizon, records=records, then=settle if then is not None else None
