@@ -177,9 +177,18 @@ def close_over_keys(conn: psycopg.Connection, plan: SubsetPlan) -> dict[TableNam
     kept = {table: 0 for table in plan.tables}
     version = {table: 0 for table in plan.tables}  # raised whenever kept rows grow
     unpulled = {table: 0 for table in plan.tables}  # raised when they may lack parents
+    statistics = _Statistics(plan)
+
+    def keep(cut: CutTable, condition: sql.Composable, reads: list[TableName]) -> int:
+        statistics.refresh(conn, plan, [cut.table, *reads])
+        added = _insert(conn, cut, condition)
+        if added:
+            statistics.grew(cut.table)
+        return added
+
     for table, cut in plan.tables.items():
         if cut.rule is not None:
-            kept[table] = _insert(conn, cut, _rule_condition(cut, cut.rule))
+            kept[table] = keep(cut, _rule_condition(cut, cut.rule), [])
             version[table] = unpulled[table] = 1
     looked: dict[TableName, dict[TableName, int]] = {}  # follower: its parents' versions then
     pulled: dict[ForeignKey, int] = {}  # foreign key: its child's ``unpulled`` when it pulled
@@ -191,7 +200,7 @@ def close_over_keys(conn: psycopg.Connection, plan: SubsetPlan) -> dict[TableNam
             if cut.rule is not None or looked.get(table) == parents:
                 continue
             looked[table] = parents
-            added = _insert(conn, cut, _parents_kept(plan, cut))
+            added = keep(cut, _parents_kept(plan, cut), list(parents))
             if added:
                 kept[table] += added
                 version[table] += 1
@@ -200,7 +209,9 @@ def close_over_keys(conn: psycopg.Connection, plan: SubsetPlan) -> dict[TableNam
             if pulled.get(fk, 0) == unpulled[fk.child]:
                 continue
             pulled[fk] = unpulled[fk.child]
-            added = _insert(conn, plan.tables[fk.parent], _referenced_by(plan.tables[fk.child], fk))
+            added = keep(
+                plan.tables[fk.parent], _referenced_by(plan.tables[fk.child], fk), [fk.child]
+            )
             if added:
                 kept[fk.parent] += added
                 version[fk.parent] += 1
@@ -273,10 +284,43 @@ def _insert(conn: psycopg.Connection, cut: CutTable, condition: sql.Composable) 
         rel=sql.Identifier(_REL),
         row=sql.Identifier(_ROW),
     )
-    added = conn.execute(query).rowcount
-    if added:
-        conn.execute(sql.SQL("ANALYZE {}").format(cut.kept))  # later passes join on it
-    return max(added, 0)
+    return max(conn.execute(query).rowcount, 0)
+
+
+class _Statistics:
+    """The kept tables' planner statistics, refreshed only where the closure needs them.
+
+    A query of the closure plans its joins on the kept tables it reads; the planner sizes
+    an unanalyzed table from its pages, but the statistics give it the keys' distinct
+    values. So a kept table is analyzed just before a query reads it, when it grew since
+    its last ``ANALYZE``, and only on the columns those queries compare (its identity and
+    foreign key columns). A follower no other subsetted table references, as most are, is
+    never analyzed: an ``ANALYZE`` of every column after every insert was a third of the
+    closure (0.18 s of 0.55 s for ``auth.users`` 10% at bench scale 100).
+    """
+
+    def __init__(self, plan: SubsetPlan) -> None:
+        compared = {table: {_REL, _ROW} for table in plan.tables}
+        for fk in plan.fks:
+            compared[fk.parent].update(fk.parent_columns)
+            compared[fk.child].update(fk.columns)
+        self._columns = {
+            table: [_REL, _ROW, *(c for c in cut.columns if c in compared[table])]
+            for table, cut in plan.tables.items()
+        }
+        self._stale: set[TableName] = set()
+
+    def grew(self, table: TableName) -> None:
+        """``table``'s kept rows grew: analyze them before a query reads them again."""
+        self._stale.add(table)
+
+    def refresh(self, conn: psycopg.Connection, plan: SubsetPlan, tables: list[TableName]) -> None:
+        """Analyze the kept rows of ``tables`` that grew since they last were."""
+        for table in dict.fromkeys(tables):
+            if table in self._stale:
+                columns = sql.SQL(", ").join(map(sql.Identifier, self._columns[table]))
+                conn.execute(sql.SQL("ANALYZE {} ({})").format(plan.tables[table].kept, columns))
+                self._stale.discard(table)
 
 
 def source_rows(conn: psycopg.Connection, plan: SubsetPlan) -> dict[TableName, int]:
