@@ -27,13 +27,14 @@ at random: two takes keep the same rows, so a second apply into dev is a small d
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
-from snapshot import catalog
+from snapshot import catalog, text
 from snapshot.catalog import ForeignKey, TableShape
 from snapshot.errors import ConfigError
 from snapshot.manifest import Subset, SubsetTable
@@ -167,56 +168,73 @@ def create_kept(conn: psycopg.Connection, plan: SubsetPlan) -> None:
 def close_over_keys(conn: psycopg.Connection, plan: SubsetPlan) -> dict[TableName, int]:
     """Fill the kept rows, closed over foreign keys (step 3); the rows kept per table.
 
-    Each table's kept rows have a version, raised when they grow. A follower is looked at
-    again only when a parent's version moved since it last was. A foreign key pulls in
+    Each table's kept rows have a version, raised when they grow. A foreign key pulls in
     parents only when its child gained rows that may lack theirs: a rule's rows, or rows
     pulled in as parents themselves; a follower's admitted rows have every parent kept
-    already. With the scope in foreign-key order (as ``init`` writes it), a subset without
-    upward pulls is one pass over the followers.
+    already. Each pass pulls parents until none is missing, so that a chain of parents (a
+    tree's ancestors, one level a pull) is climbed before any follower is scanned again,
+    then looks at the followers: a follower again only when a parent's version moved since
+    it last was. With the scope in foreign-key order (as ``init`` writes it), a subset
+    without self-referencing followers is one pass.
     """
     kept = {table: 0 for table in plan.tables}
     version = {table: 0 for table in plan.tables}  # raised whenever kept rows grow
     unpulled = {table: 0 for table in plan.tables}  # raised when they may lack parents
+    pulled: dict[ForeignKey, int] = {}  # foreign key: its child's ``unpulled`` when it pulled
+    looked: dict[TableName, dict[TableName, int]] = {}  # follower: its parents' versions then
     statistics = _Statistics(plan)
 
-    def keep(cut: CutTable, condition: sql.Composable, reads: list[TableName]) -> int:
+    def keep(cut: CutTable, condition: sql.Composable, reads: list[TableName], why: str) -> int:
+        started = time.monotonic()
         statistics.refresh(conn, plan, [cut.table, *reads])
         added = _insert(conn, cut, condition)
+        log.debug(
+            "  %-34s %10s %s (%s)",
+            cut.table,
+            f"+{added:,}",
+            why,
+            text.duration(time.monotonic() - started),
+        )
         if added:
+            kept[cut.table] += added
+            version[cut.table] += 1
             statistics.grew(cut.table)
         return added
 
-    for table, cut in plan.tables.items():
-        if cut.rule is not None:
-            kept[table] = keep(cut, _rule_condition(cut, cut.rule), [])
-            version[table] = unpulled[table] = 1
-    looked: dict[TableName, dict[TableName, int]] = {}  # follower: its parents' versions then
-    pulled: dict[ForeignKey, int] = {}  # foreign key: its child's ``unpulled`` when it pulled
-    passes, grew = 0, True
-    while grew:
-        passes, grew = passes + 1, False
+    def pull_parents() -> bool:
+        """Keep the parents of the rows that may lack theirs; whether any was added."""
+        grew = False
+        for fk in plan.fks:
+            if pulled.get(fk, 0) == unpulled[fk.child]:
+                continue
+            pulled[fk] = unpulled[fk.child]
+            child, parent = plan.tables[fk.child], plan.tables[fk.parent]
+            if keep(parent, _referenced_by(child, fk), [fk.child], f"parents of {fk.child}"):
+                unpulled[fk.parent] += 1
+                grew = True
+        return grew
+
+    def admit_followers() -> bool:
+        """Keep the followers' rows whose parents are kept; whether any was added."""
+        grew = False
         for table, cut in plan.tables.items():
             parents = {fk.parent: version[fk.parent] for fk in plan.parents(table)}
             if cut.rule is not None or looked.get(table) == parents:
                 continue
             looked[table] = parents
-            added = keep(cut, _parents_kept(plan, cut), list(parents))
-            if added:
-                kept[table] += added
-                version[table] += 1
-                grew = True
-        for fk in plan.fks:
-            if pulled.get(fk, 0) == unpulled[fk.child]:
-                continue
-            pulled[fk] = unpulled[fk.child]
-            added = keep(
-                plan.tables[fk.parent], _referenced_by(plan.tables[fk.child], fk), [fk.child]
-            )
-            if added:
-                kept[fk.parent] += added
-                version[fk.parent] += 1
-                unpulled[fk.parent] += 1
-                grew = True
+            added = keep(cut, _parents_kept(plan, cut), list(parents), "parents kept")
+            grew = bool(added) or grew
+        return grew
+
+    for cut in plan.tables.values():
+        if cut.rule is not None and keep(cut, _rule_condition(cut, cut.rule), [], "rule"):
+            unpulled[cut.table] = 1
+    passes, grew = 0, True
+    while grew:
+        passes += 1
+        while pull_parents():
+            pass
+        grew = admit_followers()
     log.debug("subset closed over foreign keys in %d passes", passes)
     return kept
 
