@@ -21,7 +21,15 @@ from snapshot import archive, beside, catalog, masking, subset, text
 from snapshot.archive import Snapshot
 from snapshot.config import Config
 from snapshot.db import connect
-from snapshot.dump import LIVE, DumpPlan, dump_in_snapshot, export_snapshot, identity, plan_dump
+from snapshot.dump import (
+    LIVE,
+    DumpPlan,
+    close_subset,
+    dump_in_snapshot,
+    export_snapshot,
+    identity,
+    plan_dump,
+)
 from snapshot.environments import Connection, resolve_connection
 from snapshot.manifest import Manifest, Subset, TableEntry
 from snapshot.masking.rules import read_key
@@ -161,9 +169,9 @@ def preview(
         found = None
         with _take_transaction(conn, recipe):
             if recipe.cut is not None:
-                kept = subset.close_over_keys(conn, recipe.cut)
-                total = subset.source_rows(conn, recipe.cut)
-                found = subset.record(recipe.cut, beside.file_name(recipe.masks), kept, total)
+                found = close_subset(
+                    conn, target, recipe.cut, export_snapshot(conn), beside.file_name(recipe.masks)
+                )
     fingerprint = recipe.masks.key_fingerprint if recipe.masks else None
     return TakePreview(env_name, fingerprint, target.safe, found)
 
