@@ -45,11 +45,11 @@ def blocks(
     found = {}
     for table in order:
         if table in masked:
-            source = cut[table].kept if table in cut else None
+            source = subset.rows(table) if subset and table in cut else None
             mask = masked[table]
             found[table] = Block(tuple(c.name for c in mask.columns), mask.select(source))
-        elif table in cut:
-            found[table] = Block(cut[table].columns, cut[table].select())
+        elif subset and table in cut:
+            found[table] = Block(cut[table].columns, subset.select(table))
     return found
 
 

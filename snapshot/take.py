@@ -169,9 +169,9 @@ def preview(
         found = None
         with _take_transaction(conn, recipe):
             if recipe.cut is not None:
-                found = close_subset(
-                    conn, target, recipe.cut, export_snapshot(conn), beside.file_name(recipe.masks)
-                )
+                kept, total = close_subset(conn, target, recipe.cut, export_snapshot(conn))
+                kept.update(subset.count_streamed(conn, recipe.cut))
+                found = subset.record(recipe.cut, beside.file_name(recipe.masks), kept, total)
     fingerprint = recipe.masks.key_fingerprint if recipe.masks else None
     return TakePreview(env_name, fingerprint, target.safe, found)
 

@@ -8,7 +8,9 @@ The recipe, as :mod:`snapshot.take` runs it:
    subsetted too, as *followers*; every other table keeps all its rows.
 2. :func:`create_kept` makes one temporary table of kept rows per subsetted table, empty,
    before the take's transaction: a read-only transaction may fill a temporary table but
-   not create one, so the take stays ``READ ONLY``.
+   not create one, so the take stays ``READ ONLY``. A follower no subsetted table
+   references is *streamed* instead: nothing in the closure reads its kept rows, so they
+   are read from the source, filtered by their parents' kept rows, only when written.
 3. :func:`close_over_keys`, inside the take's exported snapshot, fills them:
    a rule table starts from its rule's rows; a follower keeps a row when each of its
    non-null foreign keys into a subsetted table finds its parent kept; every parent of a
@@ -57,18 +59,15 @@ class CutTable:
     key: tuple[str, ...]  # what a percentage hashes: the primary key, else every column
     partitioned: bool
     kept: sql.Identifier  # pg_temp table of the kept rows: identity, then ``columns``
+    # A follower no subsetted table references: the closure never reads its kept rows, so
+    # they are not stored; they are read from the source when written (SubsetPlan.rows).
+    streamed: bool = False
 
     @property
     def source(self) -> sql.Composable:
         """The table as a FROM item: its partitions' rows too, never inheritance children."""
         only = sql.SQL("") if self.partitioned else sql.SQL("ONLY ")
         return sql.SQL("{}{}").format(only, self.table.ident)
-
-    def select(self) -> sql.Composable:
-        """The query giving the kept rows, columns named as the table's."""
-        return sql.SQL("SELECT {} FROM {}").format(
-            sql.SQL(", ").join(map(sql.Identifier, self.columns)), self.kept
-        )
 
 
 @dataclass(frozen=True)
@@ -82,6 +81,30 @@ class SubsetPlan:
 
     def parents(self, table: TableName) -> list[ForeignKey]:
         return [fk for fk in self.fks if fk.child == table]
+
+    def rows(self, table: TableName) -> sql.Composable:
+        """``table``'s kept rows as a FROM item, columns named as the table's (and more): its
+        kept rows' table, or for a streamed follower its source rows whose parents are kept
+        (the closure over, they are the rows it would have kept)."""
+        cut = self.tables[table]
+        if not cut.streamed:
+            return cut.kept
+        return sql.SQL("(SELECT {} FROM {} AS s WHERE {}) AS {}").format(
+            sql.SQL(", ").join(sql.Identifier("s", c) for c in cut.columns),
+            cut.source,
+            _parents_kept(self, cut),
+            sql.Identifier("streamed"),
+        )
+
+    def select(self, table: TableName) -> sql.Composable:
+        """The query giving ``table``'s kept rows, columns named as the table's."""
+        columns = sql.SQL(", ").join(map(sql.Identifier, self.tables[table].columns))
+        return sql.SQL("SELECT {} FROM {}").format(columns, self.rows(table))
+
+    @property
+    def stored(self) -> list[CutTable]:
+        """The subsetted tables whose kept rows the closure stores: all but the streamed."""
+        return [cut for cut in self.tables.values() if not cut.streamed]
 
 
 def plan_subset(
@@ -112,6 +135,7 @@ def plan_subset(
             _try_where(conn, table, rule.where, env_name)
     ruled = {t: shapes[t].column_names for t in cut if t in settings.tables}
     keys = catalog.row_keys(conn, ruled)
+    referenced = {fk.parent for fk in fks if fk.parent in cut}
     planned = {}
     for number, table in enumerate(t for t in tables if t in cut):
         columns = shapes[table].column_names
@@ -122,6 +146,7 @@ def plan_subset(
             key=keys.get(table, columns),
             partitioned=table in partitioned,
             kept=sql.Identifier("pg_temp", f"snapshot_kept_{number}"),
+            streamed=table not in settings.tables and table not in referenced,
         )
     rules = tuple((str(t), r.describe()) for t, r in settings.tables.items() if t in shapes)
     return SubsetPlan(planned, tuple(fk for fk in fks if fk.parent in cut), rules)
@@ -150,7 +175,7 @@ def _try_where(conn: psycopg.Connection, table: TableName, where: str, env_name:
 def create_kept(conn: psycopg.Connection, plan: SubsetPlan) -> None:
     """Create each subsetted table's empty temporary table of kept rows (step 2); ``conn``
     in autocommit, before the take's read-only transaction."""
-    for cut in plan.tables.values():
+    for cut in plan.stored:
         columns = [sql.Identifier(c) for c in cut.columns]
         conn.execute(
             sql.SQL(
@@ -166,7 +191,8 @@ def create_kept(conn: psycopg.Connection, plan: SubsetPlan) -> None:
 
 
 def close_over_keys(conn: psycopg.Connection, plan: SubsetPlan) -> dict[TableName, int]:
-    """Fill the kept rows, closed over foreign keys (step 3); the rows kept per table.
+    """Fill the kept rows, closed over foreign keys (step 3); the rows kept per table stored
+    (a streamed follower's are counted where they are read: :func:`count_streamed`).
 
     Each table's kept rows have a version, raised when they grow. A foreign key pulls in
     parents only when its child gained rows that may lack theirs: a rule's rows, or rows
@@ -219,7 +245,7 @@ def close_over_keys(conn: psycopg.Connection, plan: SubsetPlan) -> dict[TableNam
         grew = False
         for table, cut in plan.tables.items():
             parents = {fk.parent: version[fk.parent] for fk in plan.parents(table)}
-            if cut.rule is not None or looked.get(table) == parents:
+            if cut.rule is not None or cut.streamed or looked.get(table) == parents:
                 continue
             looked[table] = parents
             added = keep(cut, _parents_kept(plan, cut), list(parents), "parents kept")
@@ -236,7 +262,7 @@ def close_over_keys(conn: psycopg.Connection, plan: SubsetPlan) -> dict[TableNam
             pass
         grew = admit_followers()
     log.debug("subset closed over foreign keys in %d passes", passes)
-    return kept
+    return {cut.table: kept[cut.table] for cut in plan.stored}
 
 
 def _rule_condition(cut: CutTable, rule: SubsetRule) -> sql.Composable:
@@ -339,6 +365,18 @@ class _Statistics:
                 columns = sql.SQL(", ").join(map(sql.Identifier, self._columns[table]))
                 conn.execute(sql.SQL("ANALYZE {} ({})").format(plan.tables[table].kept, columns))
                 self._stale.discard(table)
+
+
+def count_streamed(conn: psycopg.Connection, plan: SubsetPlan) -> dict[TableName, int]:
+    """The rows each streamed follower keeps, once the closure is over (a take counts them
+    as it writes them)."""
+    counts = {}
+    for table, cut in plan.tables.items():
+        if cut.streamed:
+            query = sql.SQL("SELECT count(*) FROM {}").format(plan.rows(table))
+            row = conn.execute(query).fetchone()
+            counts[table] = int(row[0]) if row else 0
+    return counts
 
 
 def source_rows(conn: psycopg.Connection, plan: SubsetPlan) -> dict[TableName, int]:
