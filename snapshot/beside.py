@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import psycopg
 from psycopg import sql
@@ -26,6 +28,9 @@ from snapshot.checksum import TableStats, stats_of_sums, with_row_hashes
 from snapshot.masking import MASKED_FILE, Masks
 from snapshot.names import TableName
 from snapshot.subset import SUBSET_FILE, SubsetPlan
+
+if TYPE_CHECKING:
+    from snapshot.alongside import Alongside
 
 
 @dataclass(frozen=True)
@@ -60,22 +65,34 @@ def file_name(masks: Masks | None) -> str:
 
 
 def write_beside(
-    conn: psycopg.Connection, folder: Path, name: str, written: Mapping[TableName, Block]
+    conn: psycopg.Connection,
+    folder: Path,
+    name: str,
+    written: Mapping[TableName, Block],
+    alongside: Alongside | None = None,
 ) -> dict[TableName, TableStats]:
     """Write ``written`` into ``folder/name``; each table's count and checksum.
 
     ``conn`` is in the take's transaction (after :func:`snapshot.masking.set_key` for masked
-    blocks). A full disk is the archive's one line (:func:`snapshot.archive.no_space`).
+    blocks). With ``alongside``, that second session writes the blocks it can (the streamed
+    followers') while ``conn`` writes the others, then whichever it reaches first: each block
+    goes to a part file of its own, and the parts are joined in ``written``'s order. A full
+    disk is the archive's one line (:func:`snapshot.archive.no_space`).
     """
     path = folder / name
+    parts = folder / f".{name}.parts"
     try:
-        return _write(conn, path, written)
+        if alongside is None or not alongside.writes & set(written):
+            return _write(conn, path, written)
+        return _write_alongside(conn, alongside, path, parts, written)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         path.unlink(missing_ok=True)
         what = "masked rows" if name == MASKED_FILE else "subsetted rows"
         raise archive.no_space(folder, None, what) from None
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
 
 
 def _write(
@@ -87,6 +104,50 @@ def _write(
         for table, block in written.items():
             stats[table] = _write_block(conn, out, table, block)
     return stats
+
+
+def _write_alongside(
+    conn: psycopg.Connection,
+    alongside: Alongside,
+    path: Path,
+    parts: Path,
+    written: Mapping[TableName, Block],
+) -> dict[TableName, TableStats]:
+    """:func:`write_beside` in two sessions: the blocks shared out as each session is free."""
+    parts.mkdir(mode=0o700)
+    order = list(written)
+    pending = list(order)
+    lock = threading.Lock()
+
+    def next_block(theirs: bool) -> TableName | None:
+        """The next block for the second session (``theirs``: only what it can write), or
+        for the take's own (what the other cannot write first)."""
+        with lock:
+            for table in pending if theirs else sorted(pending, key=alongside.writes.__contains__):
+                if not theirs or table in alongside.writes:
+                    pending.remove(table)
+                    return table
+            return None
+
+    def drain(session: psycopg.Connection, theirs: bool) -> dict[TableName, TableStats]:
+        done = {}
+        while (table := next_block(theirs)) is not None:
+            fd = os.open(
+                parts / str(order.index(table)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
+            )
+            with os.fdopen(fd, "wb") as out:
+                done[table] = _write_block(session, out, table, written[table])
+        return done
+
+    other = alongside.run(lambda session: drain(session, theirs=True))
+    stats = drain(conn, theirs=False)
+    stats.update(other.result())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        for number in range(len(order)):
+            with open(parts / str(number), "rb") as part:
+                shutil.copyfileobj(part, out, 1 << 20)
+    return {table: stats[table] for table in order}
 
 
 def _write_block(

@@ -10,21 +10,20 @@ exactly the dumped rows. The preflight and verify use the database identity it r
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 
 from snapshot import archive, beside, catalog, pgtools, text
 from snapshot import subset as subsets
+from snapshot.alongside import Alongside
 from snapshot.catalog import OwnedSequence, ServerInfo, TableShape
 from snapshot.checksum import TableStats, table_stats
-from snapshot.db import connect
+from snapshot.db import snapshot_session
 from snapshot.environments import Connection
 from snapshot.errors import ConfigError
 from snapshot.manifest import DUMP_FILE, DatabaseIdentity, Manifest, Masking, Subset, TableEntry
@@ -192,46 +191,6 @@ def _checksums_in_snapshot(
         return run(session, tables)
 
 
-@contextlib.contextmanager
-def snapshot_session(target: Connection, snapshot_id: str) -> Iterator[psycopg.Connection]:
-    """A second session on ``target`` reading the exported snapshot ``snapshot_id``, in a
-    ``REPEATABLE READ, READ ONLY`` transaction rolled back when done: it sees exactly the
-    rows the exporting transaction and pg_dump see, and can read them on another core."""
-    with contextlib.closing(connect(target)) as session:
-        session.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        session.read_only = True
-        with session.transaction(force_rollback=True):
-            session.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
-            yield session
-
-
-def close_subset(
-    conn: psycopg.Connection, target: Connection, cut: SubsetPlan, snapshot_id: str
-) -> tuple[dict[TableName, int], dict[TableName, int]]:
-    """Close ``cut`` over foreign keys in ``conn``, inside the transaction that exported
-    ``snapshot_id`` (:func:`snapshot.subset.close_over_keys`), while a second session in that
-    snapshot counts the source's rows of each subsetted table: the rows kept per stored
-    table, and the source's rows per subsetted table.
-
-    The counts are exact and of the same rows; counted after the closure in ``conn`` they
-    were a sixth of a subsetted take (``auth.users`` 10% at bench scale 100).
-    """
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        counted = pool.submit(_source_rows_in_snapshot, target, cut, snapshot_id)
-        kept = subsets.close_over_keys(conn, cut)
-        return kept, counted.result()
-
-
-def _source_rows_in_snapshot(
-    target: Connection, cut: SubsetPlan, snapshot_id: str
-) -> dict[TableName, int]:
-    with snapshot_session(target, snapshot_id) as session:
-        # One core beside the closure's, not parallel workers competing with it: serial
-        # counts are off the take's path as long as they end before the closure does.
-        session.execute("SET max_parallel_workers_per_gather = 0")
-        return subsets.source_rows(session, cut)
-
-
 def build_manifest(
     plan: DumpPlan,
     state: DumpState,
@@ -315,13 +274,15 @@ def dump_in_snapshot(
     dump = start_dump(plan, snapshot_id, folder, beside=list(written))
     cut = None
     try:
-        if subset is not None:
-            kept, total = close_subset(conn, plan.target, subset, snapshot_id)
         known = None
-        if written:
-            known = beside.write_beside(conn, folder, beside.file_name(masks), written)
         if subset is not None:
-            assert known is not None
+            with Alongside(plan.target, snapshot_id, subset, masks) as alongside:
+                kept = subsets.close_over_keys(conn, subset)
+                total = alongside.source_rows.result()
+                alongside.receive_keys(conn)
+                known = beside.write_beside(
+                    conn, folder, beside.file_name(masks), written, alongside
+                )
             # A streamed follower's kept rows are the rows written.
             kept.update((t, known[t].rows) for t, c in subset.tables.items() if c.streamed)
             cut = subsets.record(subset, beside.file_name(masks), kept, total)
@@ -329,6 +290,8 @@ def dump_in_snapshot(
                 log.info(
                     "  %-34s kept %s of %s", table.table, f"{table.kept:,}", f"{table.total:,}"
                 )
+        elif written:
+            known = beside.write_beside(conn, folder, beside.file_name(masks), written)
         state = describe_state(conn, plan, known, snapshot_id=snapshot_id)
     except BaseException:
         dump.kill()

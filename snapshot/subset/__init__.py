@@ -101,6 +101,18 @@ class SubsetPlan:
         columns = sql.SQL(", ").join(map(sql.Identifier, self.tables[table].columns))
         return sql.SQL("SELECT {} FROM {}").format(columns, self.rows(table))
 
+    def streamed_keys(self) -> dict[TableName, tuple[str, ...]]:
+        """The columns of each table's kept rows that the streamed followers' filters read:
+        the keys their foreign keys reference, in the table's column order."""
+        read: dict[TableName, set[str]] = {}
+        for fk in self.fks:
+            if self.tables[fk.child].streamed:
+                read.setdefault(fk.parent, set()).update(fk.parent_columns)
+        return {
+            table: tuple(c for c in self.tables[table].columns if c in columns)
+            for table, columns in read.items()
+        }
+
     @property
     def stored(self) -> list[CutTable]:
         """The subsetted tables whose kept rows the closure stores: all but the streamed."""
