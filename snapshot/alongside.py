@@ -73,9 +73,13 @@ class Alongside:
         self._stack.close()
 
     @property
-    def writes(self) -> frozenset[TableName]:
-        """The tables whose blocks this session can write: the streamed followers."""
-        return frozenset(t for t, cut in self.cut.tables.items() if cut.streamed)
+    def writes(self) -> tuple[TableName, ...]:
+        """The tables whose blocks this session can write, the streamed followers, the
+        largest source first (a large one left for last would keep the other session
+        waiting)."""
+        streamed = [t for t, cut in self.cut.tables.items() if cut.streamed]
+        total = self.source_rows.result()
+        return tuple(sorted(streamed, key=lambda t: -total[t]))
 
     def run(self, work: Callable[[psycopg.Connection], T]) -> concurrent.futures.Future[T]:
         """Run ``work`` with the session, on its thread, after what was run before; not

@@ -82,7 +82,7 @@ def write_beside(
     path = folder / name
     parts = folder / f".{name}.parts"
     try:
-        if alongside is None or not alongside.writes & set(written):
+        if alongside is None or not set(alongside.writes) & set(written):
             return _write(conn, path, written)
         return _write_alongside(conn, alongside, path, parts, written)
     except OSError as exc:
@@ -116,22 +116,23 @@ def _write_alongside(
     """:func:`write_beside` in two sessions: the blocks shared out as each session is free."""
     parts.mkdir(mode=0o700)
     order = list(written)
-    pending = list(order)
+    theirs = [t for t in alongside.writes if t in written]
+    # The take's session first writes what only it can, then helps with the largest left.
+    pending = [t for t in order if t not in theirs] + theirs
     lock = threading.Lock()
 
-    def next_block(theirs: bool) -> TableName | None:
-        """The next block for the second session (``theirs``: only what it can write), or
-        for the take's own (what the other cannot write first)."""
+    def next_block(mine: bool) -> TableName | None:
+        """The next block for the take's session (``mine``), or for the second one."""
         with lock:
-            for table in pending if theirs else sorted(pending, key=alongside.writes.__contains__):
-                if not theirs or table in alongside.writes:
+            for table in pending:
+                if mine or table in theirs:
                     pending.remove(table)
                     return table
             return None
 
-    def drain(session: psycopg.Connection, theirs: bool) -> dict[TableName, TableStats]:
+    def drain(session: psycopg.Connection, mine: bool) -> dict[TableName, TableStats]:
         done = {}
-        while (table := next_block(theirs)) is not None:
+        while (table := next_block(mine)) is not None:
             fd = os.open(
                 parts / str(order.index(table)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
             )
@@ -139,8 +140,8 @@ def _write_alongside(
                 done[table] = _write_block(session, out, table, written[table])
         return done
 
-    other = alongside.run(lambda session: drain(session, theirs=True))
-    stats = drain(conn, theirs=False)
+    other = alongside.run(lambda session: drain(session, mine=False))
+    stats = drain(conn, mine=True)
     stats.update(other.result())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
