@@ -266,8 +266,9 @@ def dump_in_snapshot(
     are computed there while pg_dump runs alongside. With ``masks`` (and the key set in
     ``conn``'s transaction), the masked tables' rows are written masked beside the dump;
     with ``subset`` (its kept tables created, :func:`snapshot.subset.create_kept`), the
-    subsetted tables' kept rows are (:mod:`snapshot.beside`). Their statistics are those
-    of the written rows.
+    subsetted tables' kept rows are (:mod:`snapshot.beside`), a second session in the
+    snapshot counting the source's rows and writing part of the blocks
+    (:mod:`snapshot.alongside`). Their statistics are those of the written rows.
     """
     started = time.monotonic()
     written = beside.blocks(plan.tables, masks, subset)
