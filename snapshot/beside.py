@@ -164,16 +164,14 @@ def _write_block(
     """
     copytext.write_header(conn, out, "REPLACE", table, block.columns)
     rows = first = second = 0
+    write = out.write
     query = with_row_hashes(block.query, block.columns)
     with conn.cursor() as cur, cur.copy(sql.SQL("COPY ({}) TO STDOUT").format(query)) as copy:
         for data in copy:
-            row = bytes(data)
-            last = row.rfind(b"\t")
-            cut = row.rfind(b"\t", 0, last)
-            first += int(row[cut + 1 : last])
-            second += int(row[last + 1 : -1])
-            out.write(row[:cut])
-            out.write(b"\n")
+            row, half, other = bytes(data).rsplit(b"\t", 2)  # int() takes other's newline
+            first += int(half)
+            second += int(other)
+            write(row + b"\n")
             rows += 1
     out.write(copytext.TERMINATOR[1:])
     return stats_of_sums(rows, first, second)
