@@ -22,14 +22,7 @@ from snapshot.alongside import Alongside
 from snapshot.archive import Snapshot
 from snapshot.config import Config
 from snapshot.db import connect
-from snapshot.dump import (
-    LIVE,
-    DumpPlan,
-    dump_in_snapshot,
-    export_snapshot,
-    identity,
-    plan_dump,
-)
+from snapshot.dump import LIVE, DumpPlan, dump_in_snapshot, export_snapshot, identity, plan_dump
 from snapshot.environments import Connection, resolve_connection
 from snapshot.manifest import Manifest, Subset, TableEntry
 from snapshot.masking.rules import read_key
