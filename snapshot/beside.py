@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import psycopg
 from psycopg import sql
@@ -26,6 +28,9 @@ from snapshot.checksum import TableStats, stats_of_sums, with_row_hashes
 from snapshot.masking import MASKED_FILE, Masks
 from snapshot.names import TableName
 from snapshot.subset import SUBSET_FILE, SubsetPlan
+
+if TYPE_CHECKING:
+    from snapshot.alongside import Alongside
 
 
 @dataclass(frozen=True)
@@ -45,11 +50,11 @@ def blocks(
     found = {}
     for table in order:
         if table in masked:
-            source = cut[table].kept if table in cut else None
+            source = subset.rows(table) if subset and table in cut else None
             mask = masked[table]
             found[table] = Block(tuple(c.name for c in mask.columns), mask.select(source))
-        elif table in cut:
-            found[table] = Block(cut[table].columns, cut[table].select())
+        elif subset and table in cut:
+            found[table] = Block(cut[table].columns, subset.select(table))
     return found
 
 
@@ -60,22 +65,34 @@ def file_name(masks: Masks | None) -> str:
 
 
 def write_beside(
-    conn: psycopg.Connection, folder: Path, name: str, written: Mapping[TableName, Block]
+    conn: psycopg.Connection,
+    folder: Path,
+    name: str,
+    written: Mapping[TableName, Block],
+    alongside: Alongside | None = None,
 ) -> dict[TableName, TableStats]:
     """Write ``written`` into ``folder/name``; each table's count and checksum.
 
     ``conn`` is in the take's transaction (after :func:`snapshot.masking.set_key` for masked
-    blocks). A full disk is the archive's one line (:func:`snapshot.archive.no_space`).
+    blocks). With ``alongside``, that second session writes the blocks it can (the streamed
+    followers') while ``conn`` writes the others, then whichever it reaches first: each block
+    goes to a part file of its own, and the parts are joined in ``written``'s order. A full
+    disk is the archive's one line (:func:`snapshot.archive.no_space`).
     """
     path = folder / name
+    parts = folder / f".{name}.parts"
     try:
-        return _write(conn, path, written)
+        if alongside is None or not set(alongside.writes) & set(written):
+            return _write(conn, path, written)
+        return _write_alongside(conn, alongside, path, parts, written)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         path.unlink(missing_ok=True)
         what = "masked rows" if name == MASKED_FILE else "subsetted rows"
         raise archive.no_space(folder, None, what) from None
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
 
 
 def _write(
@@ -87,6 +104,51 @@ def _write(
         for table, block in written.items():
             stats[table] = _write_block(conn, out, table, block)
     return stats
+
+
+def _write_alongside(
+    conn: psycopg.Connection,
+    alongside: Alongside,
+    path: Path,
+    parts: Path,
+    written: Mapping[TableName, Block],
+) -> dict[TableName, TableStats]:
+    """:func:`write_beside` in two sessions: the blocks shared out as each session is free."""
+    parts.mkdir(mode=0o700)
+    order = list(written)
+    theirs = [t for t in alongside.writes if t in written]
+    # The take's session first writes what only it can, then helps with the largest left.
+    pending = [t for t in order if t not in theirs] + theirs
+    lock = threading.Lock()
+
+    def next_block(mine: bool) -> TableName | None:
+        """The next block for the take's session (``mine``), or for the second one."""
+        with lock:
+            for table in pending:
+                if mine or table in theirs:
+                    pending.remove(table)
+                    return table
+            return None
+
+    def drain(session: psycopg.Connection, mine: bool) -> dict[TableName, TableStats]:
+        done = {}
+        while (table := next_block(mine)) is not None:
+            fd = os.open(
+                parts / str(order.index(table)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
+            )
+            with os.fdopen(fd, "wb") as out:
+                done[table] = _write_block(session, out, table, written[table])
+        return done
+
+    other = alongside.run(lambda session: drain(session, mine=False))
+    stats = drain(conn, mine=True)
+    stats.update(other.result())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        for number in range(len(order)):
+            with open(parts / str(number), "rb") as part:
+                shutil.copyfileobj(part, out, 1 << 20)
+    return {table: stats[table] for table in order}
 
 
 def _write_block(
@@ -102,16 +164,14 @@ def _write_block(
     """
     copytext.write_header(conn, out, "REPLACE", table, block.columns)
     rows = first = second = 0
+    write = out.write
     query = with_row_hashes(block.query, block.columns)
     with conn.cursor() as cur, cur.copy(sql.SQL("COPY ({}) TO STDOUT").format(query)) as copy:
         for data in copy:
-            row = bytes(data)
-            last = row.rfind(b"\t")
-            cut = row.rfind(b"\t", 0, last)
-            first += int(row[cut + 1 : last])
-            second += int(row[last + 1 : -1])
-            out.write(row[:cut])
-            out.write(b"\n")
+            row, half, other = bytes(data).rsplit(b"\t", 2)  # int() takes other's newline
+            first += int(half)
+            second += int(other)
+            write(row + b"\n")
             rows += 1
     out.write(copytext.TERMINATOR[1:])
     return stats_of_sums(rows, first, second)

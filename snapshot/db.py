@@ -8,9 +8,11 @@ one place that words them, so a statement timeout reads the same in apply, take 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
+from collections.abc import Callable, Iterator
 
 import psycopg
 from psycopg import sql
@@ -231,3 +233,23 @@ def error_sentence(
     else:
         said = f"a statement on {env} failed while {doing}: {error_message(exc)}"
     return f"{said}; rolled back, {env} is unchanged" if unchanged else said
+
+
+@contextlib.contextmanager
+def snapshot_session(
+    target: Connection,
+    snapshot_id: str,
+    prepare: Callable[[psycopg.Connection], None] | None = None,
+) -> Iterator[psycopg.Connection]:
+    """A second session on ``target`` reading the exported snapshot ``snapshot_id``, in a
+    ``REPEATABLE READ, READ ONLY`` transaction rolled back when done: it sees exactly the
+    rows the exporting transaction and pg_dump see, and reads them on another core.
+    ``prepare`` runs first, in autocommit (what a read-only transaction may not do)."""
+    with contextlib.closing(connect(target)) as session:
+        if prepare is not None:
+            prepare(session)
+        session.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        session.read_only = True
+        with session.transaction(force_rollback=True):
+            session.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+            yield session

@@ -10,7 +10,6 @@ exactly the dumped rows. The preflight and verify use the database identity it r
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -18,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 
 from snapshot import archive, beside, catalog, pgtools, text
 from snapshot import subset as subsets
+from snapshot.alongside import Alongside
 from snapshot.catalog import OwnedSequence, ServerInfo, TableShape
 from snapshot.checksum import TableStats, table_stats
-from snapshot.db import connect
+from snapshot.db import snapshot_session
 from snapshot.environments import Connection
 from snapshot.errors import ConfigError
 from snapshot.manifest import DUMP_FILE, DatabaseIdentity, Manifest, Masking, Subset, TableEntry
@@ -188,12 +187,8 @@ def _checksums_in_snapshot(
     tables: list[TableName],
     run: Callable[[psycopg.Connection, list[TableName]], dict[TableName, TableStats]],
 ) -> dict[TableName, TableStats]:
-    with contextlib.closing(connect(plan.target)) as session:
-        session.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        session.read_only = True
-        with session.transaction():
-            session.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
-            return run(session, tables)
+    with snapshot_session(plan.target, snapshot_id) as session:
+        return run(session, tables)
 
 
 def build_manifest(
@@ -271,22 +266,32 @@ def dump_in_snapshot(
     are computed there while pg_dump runs alongside. With ``masks`` (and the key set in
     ``conn``'s transaction), the masked tables' rows are written masked beside the dump;
     with ``subset`` (its kept tables created, :func:`snapshot.subset.create_kept`), the
-    subsetted tables' kept rows are (:mod:`snapshot.beside`). Their statistics are those
-    of the written rows.
+    subsetted tables' kept rows are (:mod:`snapshot.beside`), a second session in the
+    snapshot counting the source's rows and writing part of the blocks
+    (:mod:`snapshot.alongside`). Their statistics are those of the written rows.
     """
     started = time.monotonic()
     written = beside.blocks(plan.tables, masks, subset)
     dump = start_dump(plan, snapshot_id, folder, beside=list(written))
     cut = None
     try:
-        if subset is not None:
-            kept = subsets.close_over_keys(conn, subset)
-            total = subsets.source_rows(conn, subset)
-            for table in subset.tables:
-                log.info("  %-34s kept %s of %s", table, f"{kept[table]:,}", f"{total[table]:,}")
-            cut = subsets.record(subset, beside.file_name(masks), kept, total)
         known = None
-        if written:
+        if subset is not None:
+            with Alongside(plan.target, snapshot_id, subset, masks) as alongside:
+                kept = subsets.close_over_keys(conn, subset)
+                total = alongside.source_rows.result()
+                alongside.receive_keys(conn)
+                known = beside.write_beside(
+                    conn, folder, beside.file_name(masks), written, alongside
+                )
+            # A streamed follower's kept rows are the rows written.
+            kept.update((t, known[t].rows) for t, c in subset.tables.items() if c.streamed)
+            cut = subsets.record(subset, beside.file_name(masks), kept, total)
+            for table in cut.tables:
+                log.info(
+                    "  %-34s kept %s of %s", table.table, f"{table.kept:,}", f"{table.total:,}"
+                )
+        elif written:
             known = beside.write_beside(conn, folder, beside.file_name(masks), written)
         state = describe_state(conn, plan, known, snapshot_id=snapshot_id)
     except BaseException:

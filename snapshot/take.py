@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 
 from snapshot import archive, beside, catalog, masking, subset, text
+from snapshot.alongside import Alongside
 from snapshot.archive import Snapshot
 from snapshot.config import Config
 from snapshot.db import connect
@@ -161,8 +162,10 @@ def preview(
         found = None
         with _take_transaction(conn, recipe):
             if recipe.cut is not None:
-                kept = subset.close_over_keys(conn, recipe.cut)
-                total = subset.source_rows(conn, recipe.cut)
+                with Alongside(target, export_snapshot(conn), recipe.cut, None) as alongside:
+                    kept = subset.close_over_keys(conn, recipe.cut)
+                    total = alongside.source_rows.result()
+                kept.update(subset.count_streamed(conn, recipe.cut))
                 found = subset.record(recipe.cut, beside.file_name(recipe.masks), kept, total)
     fingerprint = recipe.masks.key_fingerprint if recipe.masks else None
     return TakePreview(env_name, fingerprint, target.safe, found)

@@ -312,6 +312,35 @@ def test_a_subset_of_the_parents_keeps_the_children_of_kept_parents_only(
     assert all(n == 0 for n in orphans(dev).values()), orphans(dev)
 
 
+def test_a_chain_of_parents_is_climbed_before_a_follower_is_scanned_again(
+    project: Project, pair
+) -> None:
+    # Members 281-300 pull their mentors (i / 2) up to member 1: eight levels, one a pull.
+    # Scanning activity and its children again after each level was most of the closure.
+    _dev, prod = pair
+    project.config(SCOPE + '[subset.tables]\n"members" = { where = "id > 280" }\n')
+
+    previewed = project.run("-v", "take", "prod", "--dry-run", "--unmasked", "--json")
+
+    assert previewed.exit_code == 0, previewed.output
+    steps = [line.split() for line in previewed.stderr.splitlines() if line.startswith("  public.")]
+    pulls = [s for s in steps if s[0] == "public.members" and s[2:4] == ["parents", "of"]]
+    assert len([s for s in pulls if s[1] != "+0"]) == 8
+    scans = [s[0] for s in steps if s[2:4] == ["parents", "kept"]]
+    assert scans.count("public.activity") == 1
+    assert scans.count("public.activity_steps") == 1
+    up = (
+        "WITH RECURSIVE up(id) AS (SELECT id FROM public.members WHERE id > 280 "
+        "UNION SELECT m.mentor_id FROM public.members m JOIN up ON m.id = up.id "
+        "WHERE m.mentor_id IS NOT NULL) "
+    )
+    kept = json.loads(previewed.stdout)["subset"]["tables"]
+    assert kept["public.members"]["kept"] == prod.scalar(up + "SELECT count(*) FROM up")
+    assert kept["public.activity"]["kept"] == prod.scalar(
+        up + "SELECT count(*) FROM public.activity WHERE member_id IN (SELECT id FROM up)"
+    )
+
+
 def test_a_percentage_of_a_keyless_or_partitioned_table_hashes_its_key_or_its_row(
     project: Project, pair
 ) -> None:
@@ -355,8 +384,12 @@ def test_a_masked_and_subsetted_take_writes_one_block_per_table(
         for line in (folder / "masked.copy").read_text().splitlines()
         if line.startswith("REPLACE ")
     ]
-    quoted = ['"' + t.replace(".", '"."') + '"' for t in manifest["subset"]["tables"]]
-    assert sorted(headers) == sorted(f"REPLACE {t}" for t in [*quoted, '"public"."members"'])
+    # One block per table, in the take's order, whichever of its two sessions wrote it
+    # (streamed followers, step_notes and visits, by the second): joined, nothing left over.
+    beside = [*manifest["subset"]["tables"], "public.members"]
+    in_order = [e["table"] for e in manifest["tables"] if e["table"] in beside]
+    assert headers == ['REPLACE "' + t.replace(".", '"."') + '"' for t in in_order]
+    assert sorted(p.name for p in folder.iterdir()) == ["data.dump", "manifest.json", "masked.copy"]
     assert counts(dev) == expected_counts(prod, PERCENT, None)
     assert not rows(dev, "public.members") & rows(prod, "public.members")  # masked handles
     report = json.loads(applied.stdout)
