@@ -17,6 +17,9 @@ from psycopg import sql
 from snapshot.names import TableName
 
 TERMINATOR = b"\n\\.\n"  # a block's end, with the newline of its last row
+# The rows a block asked in a pipeline (block_later) may hold, read into memory at once: more
+# go by COPY, streamed (write_block).
+PIPELINED_AT_MOST = 20_000
 
 
 def write_header(

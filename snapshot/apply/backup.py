@@ -39,7 +39,13 @@ from snapshot.apply.state import ApplyRun
 from snapshot.archive import Snapshot
 from snapshot.checksum import TableStats, kind_of, table_stats
 from snapshot.config import Config
-from snapshot.copytext import TERMINATOR, block_later, write_block, write_header
+from snapshot.copytext import (
+    PIPELINED_AT_MOST,
+    TERMINATOR,
+    block_later,
+    write_block,
+    write_header,
+)
 from snapshot.db import connect
 from snapshot.dump import DumpPlan, DumpState, build_manifest, describe_state
 from snapshot.dump import start_dump as start_pg_dump
@@ -160,7 +166,6 @@ def dump(backup: Backup) -> None:
 
 
 DIFFERENCE_AT_MOST = 0.25  # of the target's rows the apply may change for a difference backup
-PIPELINED_AT_MOST = 20_000  # rows of a table the difference backup asks for without a COPY
 
 
 def can_write_difference(run: ApplyRun, matched: Collection[TableName]) -> bool:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -35,7 +35,7 @@ from psycopg import sql
 from snapshot import archive
 from snapshot.apply.rows import DELETE, INSERT, UPDATE, RowSet
 from snapshot.apply.state import ApplyRun
-from snapshot.copytext import block_later
+from snapshot.copytext import PIPELINED_AT_MOST, block_later, write_block
 from snapshot.errors import ArchiveError
 from snapshot.names import TableName
 from snapshot.staging import DISCARD, ScriptReader, parse_header
@@ -174,11 +174,19 @@ def record(run: ApplyRun, folder: Path, wrote: Wrote, first: Sequence[sql.Compos
             if table in partitioned or any(written.get(table, (0, 0, 0))[:2])
         ]
         txid = run.conn.execute("SELECT txid_current()::text")
-        deleted = [
-            _deleted_block_later(run.conn, rows)
+        # the keys deleted, asked here up to PIPELINED_AT_MOST a table (more, or a
+        # partitioned table's unknown count, by a COPY each, streamed)
+        deleting = [
+            rows
             for rows in run.row_sets.values()
             if rows.table in partitioned or written.get(rows.table, (0, 0, 0))[2] > 0
         ]
+        gone = {
+            rows.table: block_later(run.conn, DELETED, rows.table, rows.key, _deleted(rows))
+            for rows in deleting
+            if rows.table not in partitioned
+            and written.get(rows.table, (0, 0, 0))[2] <= PIPELINED_AT_MOST
+        }
     # Every row version this transaction wrote has its id or a later one (its
     # subtransactions'): age() of it is 0 or less.
     for cursor in asked:
@@ -188,8 +196,11 @@ def record(run: ApplyRun, folder: Path, wrote: Wrote, first: Sequence[sql.Compos
     try:
         (folder / XIDS_FILE).write_text("".join(f"{x}\n" for x in sorted(xids)), encoding="ascii")
         with (folder / DELETES_FILE).open("wb") as out:
-            for write in deleted:
-                write(out)
+            for rows in deleting:
+                if rows.table in gone:
+                    gone[rows.table](out)
+                else:
+                    write_block(run.conn, out, DELETED, rows.table, rows.key, _deleted(rows))
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -204,10 +215,10 @@ def record(run: ApplyRun, folder: Path, wrote: Wrote, first: Sequence[sql.Compos
     return str(row[0])
 
 
-def _deleted_block_later(conn: psycopg.Connection, rows: RowSet) -> Callable[[BinaryIO], int]:
-    """The keys the lock found that are gone now, as one ``DELETED`` block (a table without
-    one lost no row), asked in the caller's pipeline and written when called."""
-    query = sql.SQL(
+def _deleted(rows: RowSet) -> sql.Composed:
+    """The keys the lock found that are gone now (a ``DELETED`` block's rows; a table
+    without one lost no row)."""
+    return sql.SQL(
         "SELECT {k} FROM {record} AS r WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {on})"
     ).format(
         k=sql.SQL(", ").join(sql.Identifier("r", c) for c in rows.key),
@@ -215,7 +226,6 @@ def _deleted_block_later(conn: psycopg.Connection, rows: RowSet) -> Callable[[Bi
         table=rows.table.ident,
         on=rows.match("t", "r"),
     )
-    return block_later(conn, DELETED, rows.table, rows.key, query)
 
 
 # --- the rollback: what it throws away ------------------------------------------------------
