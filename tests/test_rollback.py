@@ -119,3 +119,20 @@ def test_a_rollback_with_nothing_written_since_says_so(project: Project, make_db
         w["inserted_since"] + w["updated_since"] + w["deleted_since"] == 0
         for w in json.loads(dry.stdout)["written_since"]
     )
+
+
+def test_after_a_full_apply_the_rows_it_wrote_are_its_own_not_written_since(
+    project: Project, make_db
+) -> None:
+    # Every row a full apply wrote (every table replaced, in bulk) carries one of the ids
+    # recorded beside its backup: none may be missed, or the rollback would count it as
+    # written since and throw it away as the app's.
+    setup_pair(project, make_db)
+    assert apply(project, "--full").exit_code == 0
+
+    dry = project.run("rollback", "prod", "--dry-run", "--json")
+
+    assert dry.exit_code == 0, dry.output
+    counted = json.loads(dry.stdout)["written_since"]
+    assert counted
+    assert all(w["inserted_since"] + w["updated_since"] + w["deleted_since"] == 0 for w in counted)
