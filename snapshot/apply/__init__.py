@@ -413,7 +413,7 @@ def _after_commit(run: ApplyRun, finished: Finished) -> ApplyReport:
 
 def _sweep_helper_indexes(run: ApplyRun, leftovers: Collection[sql.Identifier]) -> list[str]:
     """Drop the helper indexes a killed apply left behind (it committed, then died):
-    ``leftovers`` (:func:`write.leftover_helper_indexes`)."""
+    ``leftovers`` (:func:`write.leftover_helper_indexes_later`)."""
     if not leftovers:
         return []
     left = write.drop_helper_indexes(run.conn, leftovers, run.config.apply.lock_timeout)

@@ -192,21 +192,11 @@ def hash_sparse(conn: psycopg.Connection, rows: RowSet, staged: sparse.Sparse) -
 SNAPSHOT, RECORD = "snapshot", "record"  # the two sides a row set hashes
 
 
-def stats(
-    conn: psycopg.Connection, sets: Sequence[RowSet], side: str
-) -> dict[TableName, TableStats]:
-    """Count and checksum of each table's hashed rows, as a manifest's: the staged
-    snapshot's (``SNAPSHOT``) or the target's as its record last saw it (``RECORD``).
-    One round trip for every table (a pipeline)."""
-    with conn.pipeline():
-        later = stats_later(conn, sets, side)
-    return later()
-
-
 def stats_later(
     conn: psycopg.Connection, sets: Sequence[RowSet], side: str
 ) -> Callable[[], dict[TableName, TableStats]]:
-    """:func:`stats`, asked now and read when called (in the caller's pipeline)."""
+    """Per row set, the count and checksum of its ``side`` (:data:`SNAPSHOT`, the staged
+    rows' hashes, or :data:`RECORD`), asked now and read when called (in a pipeline)."""
     cursors = [
         (
             rows,

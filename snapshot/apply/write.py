@@ -157,17 +157,11 @@ def create_helper_indexes(run: ApplyRun, fks: Collection[ForeignKey]) -> list[sq
     return created
 
 
-def leftover_helper_indexes(
-    conn: psycopg.Connection, tables: Collection[TableName]
-) -> list[sql.Identifier]:
-    """Helper indexes an earlier apply could not drop (killed right after its commit)."""
-    return leftover_helper_indexes_later(conn, tables)()
-
-
 def leftover_helper_indexes_later(
     conn: psycopg.Connection, tables: Collection[TableName]
 ) -> Callable[[], list[sql.Identifier]]:
-    """:func:`leftover_helper_indexes`, asked now and read when called (in a pipeline)."""
+    """Helper indexes an earlier apply could not drop (killed right after its commit),
+    asked now and read when called (in a pipeline)."""
     cursor = conn.execute(
         "SELECT n.nspname, c.relname FROM pg_index i "
         "JOIN pg_class c ON c.oid = i.indexrelid "
