@@ -9,10 +9,9 @@ exactly the dumped rows. The preflight and verify use the database identity it r
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +21,7 @@ from snapshot import archive, beside, catalog, pgtools, text
 from snapshot import subset as subsets
 from snapshot.alongside import Alongside
 from snapshot.catalog import OwnedSequence, ServerInfo, TableShape
-from snapshot.checksum import TableStats, table_stats
-from snapshot.db import snapshot_session
+from snapshot.checksum import TableStats, table_stats_later
 from snapshot.environments import Connection
 from snapshot.errors import ConfigError
 from snapshot.manifest import DUMP_FILE, DatabaseIdentity, Manifest, Masking, Subset, TableEntry
@@ -106,20 +104,19 @@ def describe_state(
     conn: psycopg.Connection,
     plan: DumpPlan,
     known: Mapping[TableName, TableStats] | None = None,
-    snapshot_id: str | None = None,
+    beside_dump: bool = False,
     names: catalog.StateNames | None = None,
     state: catalog.State | None = None,
 ) -> DumpState:
     """Counts and checksums of ``plan``'s tables (or ``known`` ones), in ``conn``'s snapshot.
 
-    With ``snapshot_id`` (the snapshot ``conn`` exported), a second session imports it and
-    checksums about half of the rows, so the checksums keep pace with pg_dump. With
-    ``names`` (found beforehand), sequences and migrations are read in one round trip; with
-    ``state``, they were read already.
+    ``beside_dump``: pg_dump is reading the same snapshot meanwhile (:func:`_checksums`).
+    With ``names`` (found beforehand), sequences and migrations are read in one round trip;
+    with ``state``, they were read already.
     """
     known = known or {}
     todo = [t for t in plan.tables if t not in known]
-    stats = {**known, **_checksums(conn, plan, todo, snapshot_id)}
+    stats = {**known, **_checksums(conn, plan, todo, beside_dump)}
     entries = []
     for table in plan.tables:
         shape = plan.shapes[table]
@@ -144,51 +141,29 @@ def describe_state(
     )
 
 
-PARALLEL_FROM = 50_000  # estimated rows under which a second session is not worth opening
-
-
 def _checksums(
-    conn: psycopg.Connection, plan: DumpPlan, tables: list[TableName], snapshot_id: str | None
+    conn: psycopg.Connection, plan: DumpPlan, tables: list[TableName], beside_dump: bool
 ) -> dict[TableName, TableStats]:
-    """Checksum ``tables``; with an exported snapshot, half of the rows in a second session."""
+    """Count and checksum ``tables``, all asked in one round trip.
 
-    def run(session: psycopg.Connection, group: list[TableName]) -> dict[TableName, TableStats]:
-        done = {}
-        for table in group:
-            started = time.monotonic()
-            done[table] = table_stats(session, table, plan.shapes[table].column_names)
-            log.info(
-                "  %-34s %10s rows  %8s",
-                table,
-                f"{done[table].rows:,}",
-                text.duration(time.monotonic() - started),
-            )
-        return done
-
-    sizes = catalog.estimated_rows(conn, tables)
-    if snapshot_id is None or sum(sizes.values()) < PARALLEL_FROM:
-        return run(conn, tables)
-    mine: list[TableName] = []
-    theirs: list[TableName] = []
-    load = [0, 0]
-    for table in sorted(tables, key=lambda t: -sizes.get(t, 0)):  # largest first, to balance
-        side = 0 if load[0] <= load[1] else 1
-        (mine if side == 0 else theirs).append(table)
-        load[side] += sizes.get(table, 0)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        other = pool.submit(_checksums_in_snapshot, plan, snapshot_id, theirs, run)
-        done = run(conn, mine)
-        return {**done, **other.result()}
-
-
-def _checksums_in_snapshot(
-    plan: DumpPlan,
-    snapshot_id: str,
-    tables: list[TableName],
-    run: Callable[[psycopg.Connection, list[TableName]], dict[TableName, TableStats]],
-) -> dict[TableName, TableStats]:
-    with snapshot_session(plan.target, snapshot_id) as session:
-        return run(session, tables)
+    Beside pg_dump (``beside_dump``), with no parallel workers: pg_dump's session, which
+    copies one table after the other, is what the take waits for, and the checksums, about
+    as much work, finish beside it on one core. Workers would take the cores its session
+    and its compression need (a server with two, as small hosted instances have, or
+    localhost, where pg_dump runs too): a second checksum session with workers made a
+    take 5-10% slower on localhost.
+    """
+    started = time.monotonic()
+    with conn.pipeline():
+        if beside_dump:
+            conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+        later = {t: table_stats_later(conn, t, plan.shapes[t].column_names) for t in tables}
+    done = {table: result() for table, result in later.items()}
+    for table, stats in done.items():
+        log.info("  %-34s %10s rows", table, f"{stats.rows:,}")
+    if done:
+        log.info("  %-34s %24s", "checksums done", text.duration(time.monotonic() - started))
+    return done
 
 
 def build_manifest(
@@ -293,7 +268,7 @@ def dump_in_snapshot(
                 )
         elif written:
             known = beside.write_beside(conn, folder, beside.file_name(masks), written)
-        state = describe_state(conn, plan, known, snapshot_id=snapshot_id)
+        state = describe_state(conn, plan, known, beside_dump=True)
     except BaseException:
         dump.kill()
         raise
