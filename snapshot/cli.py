@@ -949,6 +949,24 @@ def verify(app: App, source_env: str, target_env: str, as_json: bool) -> None:
 
 
 def main() -> None:
-    """Console entry point."""
-    with contextlib.suppress(BrokenPipeError):
-        cli(prog_name="snapshot")
+    """Console entry point.
+
+    The process ends without the interpreter's teardown, which frees every object and
+    library one by one: about 40 ms, a fifth of a small take's time beside pg_dump. By then
+    the command is done: its threads are joined, its connections and files closed; output
+    and logs are flushed here first.
+    """
+    code: int | str | None = 0
+    try:
+        with contextlib.suppress(BrokenPipeError):
+            cli(prog_name="snapshot")
+    except SystemExit as exc:
+        code = exc.code
+    if isinstance(code, str):  # sys.exit("message"): printed, exit status 1
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code or 0)
