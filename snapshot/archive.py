@@ -10,6 +10,7 @@ the folder layout is known in one module. Folders are 0700, files 0600.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
@@ -322,14 +323,20 @@ def seal(
     """
     files = {}
     known = known or {}
+    written = []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST):
         os.chmod(path, 0o600)
         if path.name in known and path.stat().st_size == known[path.name]["bytes"]:
             files[path.name] = dict(known[path.name])
-            continue
-        files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        _fsync(path)
-    manifest = replace(manifest, files=files)
+        else:
+            written.append(path)
+    # The files go to disk while they are hashed (pg_dump leaves the syncing to this).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        synced = pool.map(_fsync, written)
+        for path in written:
+            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        list(synced)  # a failed sync raises here
+    manifest = replace(manifest, files=dict(sorted(files.items())))
     try:
         write_manifest(folder, manifest)
     except OSError as exc:
