@@ -348,6 +348,9 @@ def main() -> None:
     )
     parser.add_argument("--mbit", type=float, default=100, help="The link's rate each way.")
     args = parser.parse_args()
+    # snapshot as installed: with its bytecode (pip compiles it; an editable install under
+    # PYTHONDONTWRITEBYTECODE would compile every module again at each command).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "snapshot")], check=True)
     pg_bin = Path(args.pg_bin)
     link = Link(args.rtt_ms, args.mbit).start() if args.rtt_ms > 0 else None
     work = Path(tempfile.mkdtemp(prefix="snapshot-bench-"))
