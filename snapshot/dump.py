@@ -21,7 +21,7 @@ from snapshot import archive, beside, catalog, pgtools, text
 from snapshot import subset as subsets
 from snapshot.alongside import Alongside
 from snapshot.catalog import OwnedSequence, ServerInfo, TableShape
-from snapshot.checksum import TableStats, table_stats_later
+from snapshot.checksum import TableStats, table_stats
 from snapshot.environments import Connection
 from snapshot.errors import ConfigError
 from snapshot.manifest import DUMP_FILE, DatabaseIdentity, Manifest, Masking, Subset, TableEntry
@@ -144,25 +144,28 @@ def describe_state(
 def _checksums(
     conn: psycopg.Connection, plan: DumpPlan, tables: list[TableName], beside_dump: bool
 ) -> dict[TableName, TableStats]:
-    """Count and checksum ``tables``, all asked in one round trip.
+    """Count and checksum ``tables``, one after the other (each one's time logged).
 
     Beside pg_dump (``beside_dump``), with no parallel workers: pg_dump's session, which
     copies one table after the other, is what the take waits for, and the checksums, about
     as much work, finish beside it on one core. Workers would take the cores its session
     and its compression need (a server with two, as small hosted instances have, or
     localhost, where pg_dump runs too): a second checksum session with workers made a
-    take 5-10% slower on localhost.
+    take 5-10% slower on localhost. Over a network pg_dump's download is longer than all
+    of these round trips.
     """
-    started = time.monotonic()
-    with conn.pipeline():
-        if beside_dump:
-            conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
-        later = {t: table_stats_later(conn, t, plan.shapes[t].column_names) for t in tables}
-    done = {table: result() for table, result in later.items()}
-    for table, stats in done.items():
-        log.info("  %-34s %10s rows", table, f"{stats.rows:,}")
-    if done:
-        log.info("  %-34s %24s", "checksums done", text.duration(time.monotonic() - started))
+    if beside_dump:
+        conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+    done = {}
+    for table in tables:
+        started = time.monotonic()
+        done[table] = table_stats(conn, table, plan.shapes[table].column_names)
+        log.info(
+            "  %-34s %10s rows  %8s",
+            table,
+            f"{done[table].rows:,}",
+            text.duration(time.monotonic() - started),
+        )
     return done
 
 
