@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -120,3 +121,29 @@ def test_a_too_old_pg_dump_for_the_target_exits_2_in_cutover(
     assert result.exit_code == 2
     assert "needs pg_dump 16 or newer" in one_error_line(result)
     assert json.loads(result.stdout)["steps"][0]["status"] == "failed"
+
+
+def test_the_command_run_as_a_process_ends_with_its_code_and_all_its_output(
+    project: Project, make_db
+) -> None:
+    # The console entry point ends the process without the interpreter's teardown: what the
+    # command printed must still all arrive, and its exit code must be the command's.
+    project.point("dev", make_db("dev"))
+    _scope_with(project, "questions", "qestions")
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+    refused = project.spawn("take", "dev", env=buffered)
+    out, err = refused.communicate(timeout=60)
+
+    assert refused.returncode == 2, err
+    assert err.strip().splitlines()[-1].startswith("Error: ") and "qestions" in err
+    assert "Traceback" not in err and out == ""
+
+    project.config("[scope]\ntables = [" + ", ".join(f'"{t}"' for t in SCOPE) + "]\n")
+    taken = project.spawn("take", "dev", "--json", env=buffered)
+    out, err = taken.communicate(timeout=120)
+
+    assert taken.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["rows"] == sum(v["rows"] for v in summary["tables"].values() if not v["auth"])
+    assert len(project.snapshots("dev")) == 1
