@@ -965,6 +965,8 @@ def main() -> None:
     if isinstance(code, str):  # sys.exit("message"): printed, exit status 1
         print(code, file=sys.stderr)
         code = 1
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)  # a profiler or coverage writes its data at the interpreter's exit
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
