@@ -856,18 +856,6 @@ def row_keys_later(
     return result
 
 
-def estimated_rows(conn: psycopg.Connection, tables: Sequence[TableName]) -> dict[TableName, int]:
-    """The planner's row estimates (``pg_class.reltuples``; 0 when never analyzed)."""
-    estimates = {}
-    for table in tables:
-        row = conn.execute(
-            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = %s::regclass",
-            (table.ident.as_string(conn),),
-        ).fetchone()
-        estimates[table] = int(row[0]) if row else 0
-    return estimates
-
-
 @dataclass(frozen=True)
 class AppTrigger:
     """A trigger the app made on a scoped table (not one PostgreSQL made for a constraint).

@@ -952,9 +952,8 @@ def main() -> None:
     """Console entry point.
 
     The process ends without the interpreter's teardown, which frees every object and
-    library one by one: about 40 ms, a fifth of a small take's time beside pg_dump. By then
-    the command is done: its threads are joined, its connections and files closed; output
-    and logs are flushed here first.
+    library one by one (about 40 ms a command). By then the command is done: its threads
+    are joined, its connections and files closed; output and logs are flushed here first.
     """
     code: int | str | None = 0
     try:

@@ -344,7 +344,7 @@ def start_dump(
         f"--file={out}",
     ]
     if pg_dump.major >= 10:
-        # The archive syncs what it seals (snapshot.archive.seal), after hashing it.
+        # The archive's seal syncs the file while it hashes it (snapshot.archive.seal).
         args.append("--no-sync")
     if via_partition_root:
         args.append("--load-via-partition-root")
