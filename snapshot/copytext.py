@@ -8,6 +8,7 @@ written as such blocks; :mod:`snapshot.staging` reads them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
@@ -89,3 +90,35 @@ _ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 def _escaped(value: str | None) -> str:
     """One value as COPY's text format writes it."""
     return "\\N" if value is None else value.translate(_ESCAPES)
+
+
+# What follows a backslash in COPY's text format: up to three octal digits, x and up to two
+# hex digits, or one character (b f n r t v stand for control characters, any other for
+# itself).
+_COPY_ESCAPE = re.compile(rb"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|(.))", re.DOTALL)
+_CONTROL = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
+
+
+def _unescaped(found: re.Match[bytes]) -> bytes:
+    octal, hexadecimal, char = found.groups()
+    if octal is not None:
+        return bytes([int(octal, 8) & 0xFF])
+    if hexadecimal is not None:
+        return bytes([int(hexadecimal, 16)])
+    return _CONTROL.get(char, char)
+
+
+def row_literal(fields: Sequence[bytes]) -> bytes:
+    """A row's fields, each in COPY's text format, as the text of a row value
+    (``'(…)'::some_table``): the same values reach each column's input function, as COPY
+    would pass them. Bytes in the session's encoding, which must keep every byte below 0x80
+    for the character it is (UTF-8 does)."""
+    parts = []
+    for field in fields:
+        if field == b"\\N":
+            parts.append(b"")  # NULL: nothing between the commas
+            continue
+        if b"\\" in field:
+            field = _COPY_ESCAPE.sub(_unescaped, field).replace(b"\\", b"\\\\")
+        parts.append(b'"' + field.replace(b'"', b'\\"') + b'"')
+    return b"(" + b",".join(parts) + b")"

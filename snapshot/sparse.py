@@ -31,16 +31,18 @@ never a wrong row.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import psycopg
 from psycopg import sql
 
+from snapshot import copytext
 from snapshot.errors import ArchiveError
 from snapshot.names import TableName
 
@@ -53,6 +55,10 @@ SAME_AT_LEAST = 1 / 3  # of them the target must hold as they stand to send only
 # after all: when fewer than SAME_AT_LEAST of the rows read so far are the target's
 # (LineFilter._held). Past this many bytes the table stays as it is.
 HOLD_AT_MOST = 16 * 1024 * 1024
+# The rows of a table that go up are held back and sent with finish(), in its one round trip
+# (as text parameters: a COPY costs two round trips a table), up to this many rows and
+# bytes; past either, the table's rows go by COPY, streamed.
+UNSENT_AT_MOST = (20_000, 8 * 1024 * 1024)
 
 
 def digest(line: bytes) -> bytes:
@@ -134,6 +140,12 @@ class Sparse:
     uploaded: int = 0
     read: int = 0  # the snapshot's rows read (all of them, whether they went up or not)
     seen: bool = False  # a COPY block of the table was read
+    # Rows to go up that were held back, no COPY opened for them (:data:`UNSENT_AT_MOST`):
+    # each block's columns (the dump's order) and lines. They go up with :func:`finish`'s
+    # other statements, in its one round trip, where each COPY would cost two.
+    unsent: list[tuple[tuple[str, ...], list[bytes]]] = field(default_factory=list)
+    unsent_rows: int = 0
+    unsent_bytes: int = 0
     # None until the first rows are read (:data:`SAMPLE`); then whether the table is staged
     # whole after all: every row goes up, as a full upload would send it (:class:`LineFilter`)
     whole: bool | None = None
@@ -186,8 +198,10 @@ class LineFilter:
     ) -> None:
         position = {name: i for i, name in enumerate(columns)}
         self._sparse = sparse
+        self._columns = tuple(columns)
         self._open_sink = open_sink
         self._sink: Sink | None = None
+        self._unsent: list[bytes] = []  # held back: no COPY opened yet (Sparse.unsent)
         self._rest = b""
         self._sample: list[bytes] = []  # the first rows, until the table's mode is decided
         # Rows kept back as the target's, while the table may still go whole (None: it no
@@ -303,11 +317,20 @@ class LineFilter:
     def _send(self, lines: list[bytes]) -> None:
         if not lines:
             return
-        lines.append(b"")
+        sparse = self._sparse
+        sparse.uploaded += len(lines)
         if self._sink is None:
+            size = sum(map(len, lines))
+            rows, at_most = sparse.unsent_rows + len(lines), UNSENT_AT_MOST
+            if rows <= at_most[0] and sparse.unsent_bytes + size <= at_most[1]:
+                self._unsent += lines
+                sparse.unsent_rows, sparse.unsent_bytes = rows, sparse.unsent_bytes + size
+                return
             self._sink = self._open_sink()
-        self._sink.write(b"\n".join(lines))
-        self._sparse.uploaded += len(lines) - 1
+            sparse.unsent_rows -= len(self._unsent)
+            sparse.unsent_bytes -= sum(map(len, self._unsent))
+            lines, self._unsent = self._unsent + lines, []
+        self._sink.write(b"\n".join(lines) + b"\n")  # the caller's list stays as it is
 
     def close(self) -> None:
         if self._rest:
@@ -317,6 +340,9 @@ class LineFilter:
             self._decide(lines)
             self.write(b"\n".join(lines) + b"\n")
             self._sparse.read -= len(lines)  # counted once, when first read
+        if self._unsent:
+            self._sparse.unsent.append((self._columns, self._unsent))
+            self._unsent = []
 
 
 def copy_recorded(conn: psycopg.Connection, sparse: Sparse) -> None:
@@ -360,28 +386,77 @@ GONE = sql.Identifier("pg_temp", "_snapshot_gone")  # (n, d): digests of rows th
 # changes or lacks, by table number
 
 
-def finish(conn: psycopg.Connection, tables: Sequence[Sparse]) -> dict[TableName, int]:
+def finish(
+    conn: psycopg.Connection,
+    tables: Sequence[Sparse],
+    refused: Callable[[TableName, psycopg.Error], Exception],
+) -> dict[TableName, int]:
     """Remove the staged rows the snapshot changes or lacks, add its new and changed rows;
-    each staged table's row count. A few round trips for all the tables. The side tables
-    stay: the staged rows are hashed from them and the record
+    each staged table's row count. One round trip for all the tables, with the rows held
+    back (:attr:`Sparse.unsent`) and the digests of those removed. The side tables stay:
+    the staged rows are hashed from them and the record
     (:func:`snapshot.apply.rows.hash_sparse`).
 
     The removed rows' digests stay in :data:`GONE` (by table number): a pre-apply backup
     downloads those rows' versions (:meth:`Sparse.gone_rows`, snapshot.apply.backup).
+
+    A row the target's types refuse fails the round trip, which changed nothing; the rows
+    held back then go up by COPY, whose error names the row and the column, and
+    ``refused`` makes it the error raised.
     """
-    conn.execute(
-        sql.SQL("DROP TABLE IF EXISTS {gone}; CREATE TEMP TABLE {gone} (n int, d bytea)").format(
-            gone=GONE
-        )
-    )
+    utf8 = codecs.lookup(conn.info.encoding).name == "utf-8"
+    held: dict[TableName, list[str]] = {}
+    for changes in tables:
+        if changes.unsent:
+            try:  # a row value's text is made from the bytes as UTF-8 keeps them
+                held[changes.table] = _row_values(changes) if utf8 else []
+            except UnicodeDecodeError:
+                held[changes.table] = []  # not UTF-8: COPY says what the server makes of it
+            if not held[changes.table]:
+                del held[changes.table]
+                _copy_unsent(conn, changes, refused)
+    try:
+        return _finish(conn, tables, held)
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error:
+        if not held:
+            raise
+    for changes in tables:  # the round trip failed as a whole: nothing of it stayed
+        if changes.unsent:
+            _copy_unsent(conn, changes, refused)
+    return _finish(conn, tables, {})
+
+
+def _finish(
+    conn: psycopg.Connection, tables: Sequence[Sparse], held: Mapping[TableName, list[str]]
+) -> dict[TableName, int]:
+    """:func:`finish`'s round trip; the rows held back go up in it (``held``: by table, the
+    text of each as a row of its side table)."""
     whole = [changes for changes in tables if changes.whole]
     tables = [changes for changes in tables if not changes.whole]
-    with conn.cursor() as cur, cur.copy(sql.SQL("COPY {} FROM STDIN").format(GONE)) as copy:
-        for changes in tables:
-            changes.gone = len(changes.target)
-            prefix = b"%d\t\\\\x" % changes.number
-            copy.write(b"".join(prefix + d.hex().encode() + b"\n" for d in changes.target))
+    gone = [changes for changes in tables if changes.target]
     with conn.pipeline():
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(GONE))
+        conn.execute(sql.SQL("CREATE TEMP TABLE {} (n int, d bytea)").format(GONE))
+        if gone:  # each table's digests as one string of them, cut up in the server
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} SELECT u.n, substr(u.b, {size} * i + 1, {size}) "
+                    "FROM unnest(%s::int[], %s::bytea[]) AS u(n, b), "
+                    "generate_series(0, length(u.b) / {size} - 1) AS i"
+                ).format(GONE, size=sql.Literal(DIGEST_BYTES)),
+                [[c.number for c in gone], [b"".join(c.target) for c in gone]],
+            )
+        for changes in (*whole, *tables):
+            if changes.table in held:
+                conn.execute(
+                    sql.SQL(
+                        "INSERT INTO {side} SELECT (q.r).* FROM (SELECT CAST(u.l AS {side}) "
+                        "AS r FROM unnest(%s::text[]) AS u(l) OFFSET 0) AS q"
+                    ).format(side=changes.side),
+                    [held[changes.table]],
+                )
         counted = []
         for changes in whole:  # every row went up into the side table: it is the staged one
             conn.execute(sql.SQL("DROP TABLE {}").format(changes.stage))
@@ -393,6 +468,7 @@ def finish(conn: psycopg.Connection, tables: Sequence[Sparse]) -> dict[TableName
             query = sql.SQL("SELECT count(*) FROM {}").format(changes.stage)
             counted.append((changes, conn.execute(query)))
         for changes in tables:
+            changes.gone = len(changes.target)
             if changes.gone:
                 conn.execute(
                     sql.SQL("DELETE FROM {} AS s WHERE {}").format(
@@ -405,6 +481,9 @@ def finish(conn: psycopg.Connection, tables: Sequence[Sparse]) -> dict[TableName
                 )
             query = sql.SQL("SELECT count(*) FROM {}").format(changes.stage)
             counted.append((changes, conn.execute(query)))
+    for changes in (*whole, *tables):
+        if changes.table in held:
+            changes.unsent = []
     found = {}
     for changes, cursor in counted:
         log.debug(
@@ -416,3 +495,37 @@ def finish(conn: psycopg.Connection, tables: Sequence[Sparse]) -> dict[TableName
         row = cursor.fetchone()
         found[changes.table] = int(row[0]) if row else 0
     return found
+
+
+def _row_values(changes: Sparse) -> list[str]:
+    """The rows held back, each as the text of a row of its side table (whose columns are
+    the snapshot's, in its order)."""
+    values = []
+    for columns, lines in changes.unsent:
+        position = {name: i for i, name in enumerate(columns)}
+        pick = operator.itemgetter(*(position[c] for c in changes.columns))
+        for line in lines:
+            fields = line.split(b"\t")
+            chosen = pick(fields) if len(changes.columns) > 1 else (pick(fields),)
+            values.append(copytext.row_literal(chosen).decode())
+    return values
+
+
+def _copy_unsent(
+    conn: psycopg.Connection,
+    changes: Sparse,
+    refused: Callable[[TableName, psycopg.Error], Exception],
+) -> None:
+    """Send a table's rows held back by COPY, as they would have gone."""
+    try:
+        for columns, lines in changes.unsent:
+            names = sql.SQL(", ").join(map(sql.Identifier, columns))
+            with conn.cursor() as cur:
+                query = sql.SQL("COPY {} ({}) FROM STDIN").format(changes.side, names)
+                with cur.copy(query) as copy:
+                    copy.write(b"".join(line + b"\n" for line in lines))
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        raise refused(changes.table, exc) from None
+    changes.unsent = []

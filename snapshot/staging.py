@@ -168,7 +168,9 @@ def stage(
         counts = _load(conn, pg_restore, snapshot, wanted, skip, sparse_tables)
         # one without any block and rows in the manifest is missing (said below)
         finished = [s for s in sparse_tables.values() if s.seen or wanted[s.table].rows == 0]
-        counts.update(sparse.finish(conn, finished))
+        counts.update(
+            sparse.finish(conn, finished, lambda table, exc: _cannot_hold(snapshot, table, exc))
+        )
     finally:
         if not conn.closed:
             use_tool_search_path(conn, local=False)

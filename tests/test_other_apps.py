@@ -462,6 +462,29 @@ def test_a_target_whose_types_refuse_the_snapshots_rows_is_one_line_and_unchange
         assert prod.fingerprint(TYPED_SCOPE) == before
 
 
+def test_a_changed_row_the_target_refuses_is_named_when_only_changed_rows_go_up(
+    project: Project, make_db
+) -> None:
+    # Only the rows that differ go up, with the other statements of one round trip; when
+    # the server refuses one, they go again by COPY, whose error names the row and column.
+    config = _config(TYPED_SCOPE) + 'upload = "changed"\n'
+    dev, prod = plain_app_pair(project, make_db, _fill_typed, config)
+    dev.execute("ALTER TYPE public.mood ADD VALUE 'sleepy'")
+    dev.execute("UPDATE public.item SET mood = 'sleepy' WHERE id = 3")
+    before = prod.fingerprint(TYPED_SCOPE)
+    assert project.run("take", "dev").exit_code == 0
+
+    result = project.run("apply", "prod", "--yes")
+
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: the target cannot hold"), result.stderr
+    for word in ("rows of public.item", "invalid input value for enum", '"sleepy"', "column mood"):
+        assert word in line, line
+    assert "Traceback" not in result.output
+    assert prod.fingerprint(TYPED_SCOPE) == before
+
+
 DEFERRABLE = """
 SET ROLE app_owner;
 CREATE TABLE public.account (id int PRIMARY KEY, owner_id int NOT NULL, name text);

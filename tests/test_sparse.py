@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from snapshot import catalog, pgtools, sparse
+from snapshot import catalog, copytext, pgtools, sparse
 from snapshot.db import SESSION_SETTINGS
 from snapshot.names import TableName
 from snapshot.staging import ScriptReader, parse_copy_header
@@ -164,7 +164,15 @@ def _apply(project: Project, *args: str) -> dict:
     take(project, "dev")
     result = project.run("apply", "prod", "--from", "dev", "--yes", "--json", *args)
     assert result.exit_code == 0, result.output
+    # the rows that went up staged exactly the snapshot's rows: never staged again in full
+    assert "did not add up" not in result.stderr, result.stderr
     return json.loads(result.stdout)
+
+
+def _went_up(staged: sparse.Sparse, sent: list[bytes]) -> bytes:
+    """The rows a filter let through: by COPY (``sent``) and held back for finish()."""
+    held = b"".join(line + b"\n" for _, lines in staged.unsent for line in lines)
+    return b"".join(sent) + held
 
 
 def test_a_resync_sends_only_the_changed_rows_and_ends_as_a_full_upload_does(
@@ -213,6 +221,91 @@ def test_a_resync_sends_only_the_changed_rows_and_ends_as_a_full_upload_does(
     assert prod.fingerprint(SCOPE) == dev.fingerprint(SCOPE)
 
 
+def test_rows_past_the_limit_held_back_go_up_by_copy_and_end_the_same(
+    project: Project, make_db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a table's rows that go up are held back for finish()'s one round trip up to a limit;
+    # past it, those held and the rest go by COPY (here: past two rows)
+    monkeypatch.setattr(sparse, "UNSENT_AT_MOST", (2, 1 << 20))
+    dev, prod = plain_app_pair(project, make_db, _fill, _config("changed"))
+    _apply(project)
+    dev.execute("UPDATE public.cell SET value = 'edited\\t\t\n' WHERE y < 5")
+    dev.execute("UPDATE public.doc SET body = 'one' WHERE slug = 'slug 2 with space'")
+    second = _apply(project)
+    sent = next(n for n in second["notes"] if n.startswith("sent only the rows that differ"))
+    assert sent.startswith("sent only the rows that differ: 6 rows of "), sent
+    assert dev.fingerprint(SCOPE) == prod.fingerprint(SCOPE)
+
+
+# COPY text lines, each with what COPY makes of it: octal and hex escapes, a backslash
+# before a character that needs none, every control character COPY names, NULL and ''
+ESCAPED_LINES = [
+    b"1\ta\\b\tc",
+    b"2\t\\101\\x42\\q\\\\\t\\N",
+    b"3\t\\b\\f\\n\\r\\t\\v\t",
+    b'4\t"quoted", (paren)\t \\x7',
+    b"5\t\\N\t\\\\N",
+]
+
+
+def test_a_row_value_made_from_copy_text_holds_what_copy_loads(make_db) -> None:
+    db = make_db("empty")
+    columns = "id int, a text, b text"
+    with psycopg.connect(db.app_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TEMP TABLE copied ({columns}); CREATE TEMP TABLE valued ({columns})")
+        with conn.cursor() as cur, cur.copy("COPY copied FROM STDIN") as copy:
+            copy.write(b"".join(line + b"\n" for line in ESCAPED_LINES))
+        # and the hostile texts, as the server's COPY writes them
+        conn.execute(
+            "INSERT INTO copied SELECT 100 + i, t, reverse(t) FROM unnest(%s::text[]) "
+            "WITH ORDINALITY AS u(t, i)",
+            [HOSTILE],
+        )
+        with conn.cursor() as cur, cur.copy("COPY copied TO STDOUT") as copy:
+            lines = b"".join(copy).splitlines()
+        values = [copytext.row_literal(line.split(b"\t")).decode() for line in lines]
+        conn.execute(
+            "INSERT INTO valued SELECT (q.r).* FROM (SELECT CAST(u.l AS pg_temp.valued) AS r "
+            "FROM unnest(%s::text[]) AS u(l) OFFSET 0) AS q",
+            [values],
+        )
+        copied = conn.execute("SELECT * FROM copied ORDER BY id").fetchall()
+        valued = conn.execute("SELECT * FROM valued ORDER BY id").fetchall()
+    assert len(copied) == len(ESCAPED_LINES) + len(HOSTILE)
+    assert copied[1] == (2, "AB" + "q\\", None)
+    assert valued == copied
+
+
+@pytest.mark.fast
+def test_held_back_rows_past_the_limit_go_by_copy_in_order() -> None:
+    same = [b"%d\tv" % i for i in range(sparse.SAMPLE)]  # the target's: the table is sparse
+    new = [b"%d\tnew" % i for i in range(6)]
+    staged = sparse.Sparse(
+        TableName("public", "t"), 0, sql.Identifier("s"), sql.Identifier("r"), ("id",),
+        ("id", "v"), {sparse.digest(r) for r in same},
+    )  # fmt: skip
+    sent: list[bytes] = []
+
+    class Sink:
+        def write(self, data: bytes) -> None:
+            sent.append(data)
+
+    limit = sparse.UNSENT_AT_MOST
+    try:
+        sparse.UNSENT_AT_MOST = (3, 1 << 20)
+        lines = sparse.LineFilter(staged, ["id", "v"], Sink)
+        lines.write(b"".join(r + b"\n" for r in same))
+        for row in new:  # one a chunk: three held back, then a COPY for them and the rest
+            lines.write(row + b"\n")
+            assert bool(sent) == (row >= new[3])
+        lines.close()
+    finally:
+        sparse.UNSENT_AT_MOST = limit
+    assert staged.whole is False
+    assert b"".join(sent) == b"".join(r + b"\n" for r in new)
+    assert staged.unsent == [] and staged.uploaded == 6
+
+
 def test_a_full_upload_and_a_sparse_one_stage_the_same_rows(project: Project, make_db) -> None:
     plain_app_pair(project, make_db, _fill, _config("all"))
     take(project, "dev")
@@ -242,7 +335,8 @@ def test_a_dump_whose_columns_come_in_another_order_is_digested_in_the_snapshots
     lines = sparse.LineFilter(staged, ["id", "v"], Sink)
     lines.write(b"1\tx\n2\tchanged\n3\tnew\n")
     lines.close()
-    assert sent == [b"2\tchanged\n3\tnew\n"]
+    # a few rows: held back for finish()'s round trip, no COPY opened
+    assert sent == [] and staged.unsent == [(("id", "v"), [b"2\tchanged", b"3\tnew"])]
     # the target's row 2 is left: the snapshot changed it (removed from the staged rows)
     assert staged.target == {sparse.digest(b"y\t2")} and staged.sent == [b"2", b"3"]
     assert (staged.read, staged.uploaded) == (3, 2)
@@ -287,7 +381,7 @@ def test_the_first_rows_decide_whether_a_table_goes_up_whole() -> None:
         for i in range(0, len(rows), 7):  # in chunks, as the archive comes
             lines.write(b"".join(r + b"\n" for r in rows[i : i + 7]))
         lines.close()
-        return staged, b"".join(sent)
+        return staged, _went_up(staged, sent)
 
     many = [b"%d\tv" % i for i in range(3 * sparse.SAMPLE)]
     # the target holds a fifth of the rows as they stand: every row goes up
@@ -301,22 +395,30 @@ def test_the_first_rows_decide_whether_a_table_goes_up_whole() -> None:
     # a table smaller than the sample is decided on all of its rows
     staged, sent = filtered([], many[:10])
     assert staged.whole and staged.read == 10 and sent == b"".join(r + b"\n" for r in many[:10])
-    # its first rows are the target's, most of the rest are not: it goes up whole after
-    # all, the rows held back with the others (each row once)
-    held = many[: sparse.SAMPLE] + many[sparse.SAMPLE :: 10]
-    staged, sent = filtered(held, many)
+    # its first rows are the target's, one in twenty of the rest: once fewer than a third
+    # of the rows read are, it goes up whole after all, the rows held back with the others
+    # (each row once)
+    more = [b"%d\tv" % i for i in range(4 * sparse.SAMPLE)]
+    held = more[: sparse.SAMPLE] + more[sparse.SAMPLE :: 20]
+    staged, sent = filtered(held, more)
     assert staged.whole
-    assert sorted(sent.splitlines()) == sorted(many)
-    assert (staged.read, staged.uploaded) == (len(many), len(many))
+    assert sorted(sent.splitlines()) == sorted(more)
+    assert (staged.read, staged.uploaded) == (len(more), len(more))
+    # one in four of the rest: past its first rows more than a third of them stay the
+    # target's, row after row (each chunk's rows counted as they are): it stays sparse
+    quarter = more[: sparse.SAMPLE] + more[sparse.SAMPLE :: 4]
+    staged, sent = filtered(quarter, more)
+    assert staged.whole is False
+    assert sorted(sent.splitlines()) == sorted(set(more) - set(quarter))
     # held back past the limit, it stays as it is
     limit = sparse.HOLD_AT_MOST
     try:
         sparse.HOLD_AT_MOST = 100
-        staged, sent = filtered(held, many)
+        staged, sent = filtered(held, more)
     finally:
         sparse.HOLD_AT_MOST = limit
     assert staged.whole is False
-    assert sorted(sent.splitlines()) == sorted(set(many) - set(held))
+    assert sorted(sent.splitlines()) == sorted(set(more) - set(held))
 
 
 def _row_texts(db: Database, table: str) -> set[str]:
@@ -396,6 +498,6 @@ def test_by_key_only_rows_whose_key_the_target_lacks_go_up() -> None:
     lines = sparse.LineFilter(staged, ["email", "id"], Sink)
     lines.write(b"a@x\t1\nb@x\t2\nc@x\t4\n")
     lines.close()
-    assert b"".join(sent) == b"b@x\t2\nc@x\t4\n"
+    assert _went_up(staged, sent) == b"b@x\t2\nc@x\t4\n"
     # key 3 is the target's alone: removed from the staged rows; key 1 stays as it is
     assert staged.target == {sparse.digest(b"3")} and staged.sent == [b"2", b"4"]
