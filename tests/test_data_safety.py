@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psycopg
 
+from snapshot.db import SESSION_SETTINGS
 from tests.fix_apps import TEAMS_SCOPE, apply, setup_pair, take_teams_dev, teams_db
 from tests.fix_db import SCOPE_TABLES, Database
 from tests.fix_project import Project, unpublish
@@ -525,3 +526,59 @@ def test_with_nobody_to_create_and_auth_users_as_it_was_no_insert_is_tried(
     assert process.returncode == 0, err
     assert "the plan found none to create and auth.users is as it was" in err
     assert prod.fingerprint(SCOPE_TABLES) == dev.fingerprint(SCOPE_TABLES)
+
+
+def _catch_up_state(path: Path, table: str) -> tuple[list[str], set[str]]:
+    """``table``'s rows as a difference backup's catch-up leaves them: its ``REPLACE``
+    block, then each ``REMOVE`` (by key) and ``ADD`` in order; its columns and rows."""
+    columns: list[str] = []
+    rows: dict[str, str] = {}  # by the key's text (the first column of a REMOVE block)
+    block: tuple[str, list[str]] | None = None
+    for line in path.read_text().splitlines():
+        if block is None:
+            verb, name, rest = line.split(" ", 2)
+            names = [c.strip().strip('"') for c in rest[1:].split(") FROM")[0].split(",")]
+            block = (verb, names) if name.replace('"', "") == table else ("skip", names)
+            if block[0] == "REPLACE":
+                columns, rows = names, {}
+        elif line == "\\.":
+            block = None
+        elif block[0] in ("REPLACE", "ADD"):
+            rows[line.split("\t")[columns.index("id")]] = line
+        elif block[0] == "REMOVE":
+            assert block[1] == ["id"], block
+            rows.pop(line, None)
+    return columns, set(rows.values())
+
+
+def test_a_difference_backup_holds_the_auth_rows_the_app_writes_while_the_apply_prepares(
+    project: Project, make_db
+) -> None:
+    # Over a network (upload "changed") a re-sync's backup is dev's dump and what tells prod
+    # apart from it: the auth tables read whole in the backup's snapshot, beside the
+    # staging, and what the app writes until the lock, caught up under it.
+    dev, prod = make_db("dev"), make_db("dev")
+    project.point("dev", dev)
+    project.point("prod", prod)
+    project.config('[apply]\nupload = "changed"\n')
+    dev.execute("UPDATE public.answers SET body = body || ' (dev)' WHERE id IN (3, 4)")
+    assert project.run("take", "dev").exit_code == 0
+
+    result, locked = _apply_while_the_app_writes(project, prod)
+
+    assert result.returncode == 0, result.stderr
+    assert "'s dump: the" in result.stderr  # the backup is the difference, no pg_dump
+    [backup] = project.snapshots("prod")
+    columns, backed_up = _catch_up_state(backup / "catchup.copy", "auth.users")
+    with psycopg.connect(prod.app_url, autocommit=True) as conn:
+        for name, value in SESSION_SETTINGS.items():
+            conn.execute("SELECT set_config(%s, %s, false)", [name, value])
+        names = ", ".join(f'"{c}"' for c in columns)
+        with (
+            conn.cursor() as cur,
+            cur.copy(f"COPY (SELECT {names} FROM auth.users) TO STDOUT") as copy,
+        ):
+            held = set(b"".join(copy).decode().splitlines())
+    assert len(held) > 10 and backed_up == held  # the apply created no login
+    assert project.run("rollback", "prod", "--yes").exit_code == 0
+    assert prod.fingerprint() == locked

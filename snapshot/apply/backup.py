@@ -17,13 +17,16 @@ way back. It is published only after the commit.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -81,9 +84,20 @@ class Backup:
     # the followed and compared tables with rows moved between the record and the lock
     # (None until the catch-up under the lock)
     moved: frozenset[TableName] | None = None
+    # the followed tables' REPLACE blocks, read in the background (:func:`read_whole_ahead`)
+    whole: Future[dict[TableName, tuple[BinaryIO, int]]] | None = None
 
     def close(self) -> None:
-        """End the exporting session (its transaction only held the snapshot)."""
+        """End the exporting session (its transaction only held the snapshot), once it is
+        done reading ahead (stopped if it still is)."""
+        if self.whole is not None:
+            if not self.whole.done():
+                with contextlib.suppress(psycopg.Error):
+                    self.exporter.cancel()
+                wait_for([self.whole])
+            if self.whole.exception() is None:  # not read by a difference backup
+                for block, _ in self.whole.result().values():
+                    block.close()
         if not self.exporter.closed:
             self.exporter.close()
 
@@ -204,6 +218,38 @@ def can_write_difference(run: ApplyRun, matched: Collection[TableName]) -> bool:
     return True
 
 
+def read_whole_ahead(backup: Backup) -> None:
+    """Read the followed tables whole (their ``REPLACE`` blocks, which a difference backup
+    holds, :func:`write_difference`) in the backup's snapshot, by the exporting session, on
+    a thread of its own: over a network their download runs beside the staging instead of
+    after it. Call after the record; the blocks are kept in anonymous files."""
+    tables = [t for t in backup.plan.tables if t in backup.followed]
+    if not tables:
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-backup")
+    backup.whole = pool.submit(_read_whole, backup, tables)
+    pool.shutdown(wait=False)  # the thread ends with the blocks read
+
+
+def _read_whole(
+    backup: Backup, tables: Sequence[TableName]
+) -> dict[TableName, tuple[BinaryIO, int]]:
+    """Each table's block, in an anonymous file (closed by its reader), and its rows."""
+    blocks: dict[TableName, tuple[BinaryIO, int]] = {}
+    try:
+        for table in tables:
+            columns = tuple(backup.plan.shapes[table].column_names)
+            query = sql.SQL("SELECT {} FROM {} AS t").format(_columns("t", columns), table.ident)
+            out = tempfile.TemporaryFile(dir=backup.folder)  # noqa: SIM115 (returned open)
+            blocks[table] = (out, 0)
+            blocks[table] = (out, write_block(backup.exporter, out, REPLACE, table, columns, query))
+    except BaseException:
+        for opened, _ in blocks.values():
+            opened.close()
+        raise
+    return blocks
+
+
 def write_difference(run: ApplyRun, backup: Backup) -> None:
     """Make the backup the applied snapshot's dump plus what tells the target apart from it.
 
@@ -258,7 +304,7 @@ def _write_difference(run: ApplyRun, backup: Backup) -> tuple[int, int]:
                     _columns("t", columns), table.ident, changes.gone_rows("t")
                 )
                 blocks.append((ADD, table, columns, rows, changes.gone))
-        elif table in backup.followed:
+        elif table in backup.followed and backup.whole is None:
             entry = run.snapshot.manifest.table(table)
             whole = sql.SQL("SELECT {} FROM {} AS t").format(_columns("t", columns), table.ident)
             blocks.append((REPLACE, table, columns, whole, entry.rows if entry else 0))
@@ -269,12 +315,19 @@ def _write_difference(run: ApplyRun, backup: Backup) -> tuple[int, int]:
             if rows <= PIPELINED_AT_MOST
         }
     changed = auth = 0
+    read = backup.whole.result() if backup.whole is not None else {}
     with path.open("wb") as out:
         for table in backup.plan.tables:
             changes = run.sparse.get(table)
             if changes is not None and not changes.by_key and changes.sent:
                 write_header(run.conn, out, REMOVE, table, changes.key)
                 out.write(b"\n".join(changes.sent) + b"\n" + TERMINATOR[1:])
+            elif table in read:
+                block, count = read[table]
+                with block:
+                    block.seek(0)
+                    shutil.copyfileobj(block, out)
+                auth += count
             for verb, name, columns, query, _ in blocks:
                 if name != table:
                     continue

@@ -64,6 +64,9 @@ def prepare(run: ApplyRun) -> Plan:
             # (backup.write_difference), before it has downloaded much.
             backup.dump(run.backup)
     matched = planning.record(run, keys())
+    if run.backup is not None and run.sparse:
+        # the difference is likely the backup: its whole tables read beside the staging
+        backup.read_whole_ahead(run.backup)
     entries = [*run.entries.values(), *run.auth_entries]
     skip = matched | run.session.withheld_tables  # withheld auth users are never even loaded
     staging.stage(run.conn, run.pg_restore, run.snapshot, entries, skip, run.sparse)
