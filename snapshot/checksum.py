@@ -86,10 +86,21 @@ def _sum_halves(term: sql.Composable, kind: str) -> sql.Composable:
     )
 
 
+_DIGEST_HEX = 32  # of the sha256's hex digits a checksum keeps
+
+
 def digest(rows: int, sums: str, kind: str = CURRENT) -> str:
     """The checksum of a table from its row count and its two sums (``"sum1:sum2"``)."""
-    hashed = hashlib.sha256(f"{rows}:{sums}".encode()).hexdigest()[:32]
+    hashed = hashlib.sha256(f"{rows}:{sums}".encode()).hexdigest()[:_DIGEST_HEX]
     return hashed if kind == MD5 else _PREFIX + hashed
+
+
+def checksum_sql(rows: sql.Composable, sums: sql.Composable, kind: str) -> sql.Composable:
+    """:func:`digest` made in the server, from a count and a ``"sum1:sum2"`` text."""
+    hashed = sql.SQL(
+        "substr(encode(sha256(convert_to({} || ':' || {}, 'UTF8')), 'hex'), 1, {})"
+    ).format(rows, sums, sql.Literal(_DIGEST_HEX))
+    return hashed if kind == MD5 else sql.SQL("{} || {}").format(sql.Literal(_PREFIX), hashed)
 
 
 def with_row_hashes(

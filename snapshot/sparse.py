@@ -43,6 +43,7 @@ import psycopg
 from psycopg import sql
 
 from snapshot import copytext
+from snapshot.checksum import checksum_sql, kind_of
 from snapshot.errors import ArchiveError
 from snapshot.names import TableName
 
@@ -362,6 +363,39 @@ def copy_recorded(conn: psycopg.Connection, sparse: Sparse) -> None:
         )
 
 
+def digests_unless_later(
+    conn: psycopg.Connection, record: sql.Identifier, rows: int, checksum: str
+) -> Callable[[], tuple[int, str, set[bytes]]]:
+    """A record's count, its sums (``"sum1:sum2"``) and the digests of its rows (column
+    ``c$``), those only when the count and checksum are not ``rows`` and ``checksum`` (a
+    table that adds up holds the snapshot's rows and is staged from itself: nothing to
+    compare), decided in the server. Asked in the caller's pipeline right after the record
+    is made, so that their download runs while the server makes the next records; read when
+    called."""
+    made = checksum_sql(sql.SQL("q.n::text"), sql.SQL("q.s"), kind_of(checksum))
+    cursor = conn.execute(
+        sql.SQL(
+            "SELECT q.n, q.s, CASE WHEN q.n = {rows} AND {made} = {checksum} THEN NULL "
+            "ELSE (SELECT string_agg(c$, ''::bytea) FROM {record}) END FROM (SELECT count(*) "
+            "AS n, coalesce(sum(h1$), 0)::text || ':' || coalesce(sum(h2$), 0)::text AS s "
+            "FROM {record}) AS q"
+        ).format(rows=sql.Literal(rows), made=made, checksum=sql.Literal(checksum), record=record),
+        binary=True,
+    )
+
+    def result() -> tuple[int, str, set[bytes]]:
+        row = cursor.fetchone()
+        assert row is not None
+        return int(row[0]), str(row[1]), _split(bytes(row[2]) if row[2] is not None else b"")
+
+    return result
+
+
+def _split(blob: bytes) -> set[bytes]:
+    size = DIGEST_BYTES
+    return {blob[i : i + size] for i in range(0, len(blob), size)}
+
+
 def download_later(conn: psycopg.Connection, tables: Sequence[Sparse]) -> Callable[[], None]:
     """Fill each table's ``target`` with the digests of its record (column ``c$``), 8 bytes
     a row and no key: asked now (in the caller's pipeline, binary), filled when called."""
@@ -375,9 +409,7 @@ def download_later(conn: psycopg.Connection, tables: Sequence[Sparse]) -> Callab
     def fill() -> None:
         for sparse, cursor in zip(tables, asked, strict=True):
             row = cursor.fetchone()
-            blob = bytes(row[0]) if row and row[0] is not None else b""
-            size = DIGEST_BYTES
-            sparse.target = {blob[i : i + size] for i in range(0, len(blob), size)}
+            sparse.target = _split(bytes(row[0]) if row and row[0] is not None else b"")
 
     return fill
 

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from snapshot import catalog, copytext, pgtools, sparse
+from snapshot import catalog, checksum, copytext, pgtools, sparse
 from snapshot.db import SESSION_SETTINGS
 from snapshot.names import TableName
 from snapshot.staging import ScriptReader, parse_copy_header
@@ -501,3 +501,15 @@ def test_by_key_only_rows_whose_key_the_target_lacks_go_up() -> None:
     assert _went_up(staged, sent) == b"b@x\t2\nc@x\t4\n"
     # key 3 is the target's alone: removed from the staged rows; key 1 stays as it is
     assert staged.target == {sparse.digest(b"3")} and staged.sent == [b"2", b"4"]
+
+
+@pytest.mark.parametrize("kind", [checksum.MD5, checksum.HASHTEXT])
+def test_the_server_makes_a_tables_checksum_as_the_tool_does(make_db, kind: str) -> None:
+    # a table whose record adds up is decided in the server (its digests never come down)
+    db = make_db("empty")
+    sums = "-9223372036854775808:123456789012345678901"
+    with psycopg.connect(db.app_url, autocommit=True) as conn:
+        made = checksum.checksum_sql(sql.Literal("1200"), sql.Literal(sums), kind)
+        [(server,)] = conn.execute(sql.SQL("SELECT {}").format(made)).fetchall()
+    assert server == checksum.digest(1200, sums, kind)
+    assert server != checksum.digest(1201, sums, kind)

@@ -185,6 +185,17 @@ def record(
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     # One moment for every table, in two round trips: the records and their counts (the
     # backup's snapshot imported and the deltas made first), then the copies made from them.
+    # Sparse staging compares the digests of the rows of the tables that do not add up: each
+    # asked right after its record (the largest first), downloaded while the server makes
+    # the next ones.
+    compared = (
+        sorted(
+            (rows for rows in sets if rows.table not in beside),
+            key=lambda rows: -run.entries[rows.table].rows,
+        )
+        if changed_only
+        else []
+    )
     with conn.pipeline() as pipeline, conn.transaction():
         if run.backup is not None:
             backup.import_snapshot(conn, run.backup)  # the moment the pre-apply backup sees
@@ -192,32 +203,44 @@ def record(
             rowsets.create_delta(conn, rows)
         others = backup.others_later(run, run.backup) if run.backup is not None else None
         horizon = rowsets.horizon_later(conn)
-        for rows in sets:
+        found = {}
+        for rows in [*compared, *(rows for rows in sets if rows not in compared)]:
             types = {c.name: c.type for c in run.shapes[rows.table].columns}
             line = sparse.line_sql("t", [(c, types.get(c, "text")) for c in rows.columns])
             rowsets.fill_record(conn, rows, line=line if changed_only else None)
-        counted = rowsets.stats_later(conn, sets, rowsets.RECORD)
+            if rows in compared:
+                entry = run.entries[rows.table]
+                found[rows.table] = sparse.digests_unless_later(
+                    conn, rows.record, entry.rows, entry.checksum
+                )
+        counted = rowsets.stats_later(conn, [r for r in sets if r not in compared], rowsets.RECORD)
         if run.backup is not None:
             backup.sync_import(pipeline, run.backup)
         run.horizon = horizon()
         run.recorded = counted()
+        digests = {}
+        for rows in compared:
+            count, sums, digests[rows.table] = found[rows.table]()
+            run.recorded[rows.table] = TableStats(count, rows.digest(count, sums))
         matched = {
             rows.table
             for rows in sets
             if run.recorded[rows.table]
             == TableStats(run.entries[rows.table].rows, run.entries[rows.table].checksum)
         }
-        run.sparse = (
-            {
-                rows.table: sparse.Sparse(
-                    rows.table, rows.number, rows.stage, rows.record, rows.key, rows.columns
-                )
-                for rows in sets
-                if rows.table not in matched and rows.table not in beside
-            }
-            if changed_only
-            else {}
-        )
+        run.sparse = {
+            rows.table: sparse.Sparse(
+                rows.table,
+                rows.number,
+                rows.stage,
+                rows.record,
+                rows.key,
+                rows.columns,
+                digests[rows.table],
+            )
+            for rows in compared
+            if rows.table not in matched
+        }
         for rows in sets:
             if rows.table in matched:
                 rowsets.stage_from_record(conn, rows)
@@ -225,8 +248,8 @@ def record(
                 sparse.copy_recorded(conn, run.sparse[rows.table])
         if run.backup is not None and others is not None:
             _record_auth(run, run.backup, others(), changed_only, beside)
-        digests = sparse.download_later(conn, list(run.sparse.values()))
-    digests()
+        keyed = sparse.download_later(conn, [s for s in run.sparse.values() if s.by_key])
+    keyed()
     log.info(
         "  recorded %d tables (%d already hold the snapshot's rows)%s  %.1f s",
         len(run.row_sets),
