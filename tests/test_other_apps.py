@@ -485,6 +485,47 @@ def test_a_changed_row_the_target_refuses_is_named_when_only_changed_rows_go_up(
     assert prod.fingerprint(TYPED_SCOPE) == before
 
 
+# An app's check deferred to the commit, its function naming its tables unqualified (no
+# search_path of its own): it fires when the apply commits, and finds them only through the
+# path the app's own sessions have.
+AT_COMMIT = """
+SET ROLE app_owner;
+CREATE TABLE public.ledger (id int PRIMARY KEY, amount int NOT NULL);
+CREATE TABLE public.total (id int PRIMARY KEY, sum int NOT NULL);
+CREATE FUNCTION public.check_total() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF (SELECT coalesce(sum(amount), 0) FROM ledger) <> (SELECT sum FROM total WHERE id = 1) THEN
+    RAISE EXCEPTION 'the ledger does not add up to its total';
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER ledger_adds_up AFTER INSERT OR UPDATE OR DELETE ON public.ledger
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.check_total();
+RESET ROLE;
+"""
+
+
+def _fill_at_commit(db: Database, variant: str, rows: int) -> None:
+    db.execute(AT_COMMIT)
+    db.execute("INSERT INTO public.total VALUES (1, %s)", [rows * (rows + 1) // 2])
+    db.execute("INSERT INTO public.ledger SELECT i, i FROM generate_series(1, %s) i", [rows])
+
+
+@pytest.mark.parametrize("upload", ["all", "changed"])
+def test_a_check_deferred_to_the_commit_finds_its_tables_through_the_apps_path(
+    project: Project, make_db, upload: str
+) -> None:
+    scope = ["public.total", "public.ledger"]
+    config = _config(scope) + f'upload = "{upload}"\n'
+    dev, prod = plain_app_pair(project, make_db, _fill_at_commit, config)
+    assert project.run("take", "dev").exit_code == 0
+
+    result = project.run("apply", "prod", "--yes")
+
+    assert result.exit_code == 0, result.output
+    assert prod.fingerprint(scope) == dev.fingerprint(scope)
+
+
 DEFERRABLE = """
 SET ROLE app_owner;
 CREATE TABLE public.account (id int PRIMARY KEY, owner_id int NOT NULL, name text);

@@ -588,18 +588,23 @@ def moved_tables_later(run: ApplyRun, backup: Backup) -> Callable[[], set[TableN
 
 
 def finish(
-    run: ApplyRun, backup: Backup, wrote: since.Wrote, first: Sequence[sql.Composed] = ()
+    run: ApplyRun,
+    backup: Backup,
+    wrote: since.Wrote,
+    first: Sequence[sql.Composed] = (),
+    then: Sequence[sql.Composed] = (),
 ) -> Snapshot | None:
     """Wait for pg_dump; seal the backup (published by the caller after the commit), with
-    the record of what the apply wrote (``wrote``: :func:`.since.wrote_later`). ``first``:
-    statements of the apply's to send ahead of the record's questions, in their round trip.
+    the record of what the apply wrote (``wrote``: :func:`.since.wrote_later`). ``first``
+    and ``then``: statements of the apply's to send ahead of the record's questions and
+    after them, in their round trip.
 
     An apply that wrote nothing keeps no backup (None; a note says so): rolling back to
     it would restore what the target holds, leaving the apply the user meant in place.
     """
     assert backup.state is not None
     if not wrote.anything:
-        for statement in first:
+        for statement in (*first, *then):
             run.conn.execute(statement)
         abandon(backup)
         run.notes.append(
@@ -608,7 +613,7 @@ def finish(
             "the apply before it"
         )
         return None
-    txid = since.record(run, backup.folder, wrote, first)
+    txid = since.record(run, backup.folder, wrote, first, then)
     try:
         if backup.dump is not None:
             backup.dump.wait()

@@ -149,12 +149,19 @@ def wrote_later(run: ApplyRun) -> Callable[[bool], Wrote]:
     )
 
 
-def record(run: ApplyRun, folder: Path, wrote: Wrote, first: Sequence[sql.Composed] = ()) -> str:
+def record(
+    run: ApplyRun,
+    folder: Path,
+    wrote: Wrote,
+    first: Sequence[sql.Composed] = (),
+    then: Sequence[sql.Composed] = (),
+) -> str:
     """Write ``applied-xids`` and ``applied-deletes.copy`` into the backup's folder; the
     transaction's id.
 
-    Call after the writes, before the commit (in the apply's transaction). ``first``:
-    statements of the transaction's own to send ahead, in the same round trip.
+    Call after the writes, before the commit (in the apply's transaction). ``first`` and
+    ``then``: statements of the transaction's own to send ahead and after, in the same
+    round trip.
     """
     started = time.monotonic()
     written, partitioned = wrote.rows, wrote.partitioned
@@ -187,6 +194,8 @@ def record(run: ApplyRun, folder: Path, wrote: Wrote, first: Sequence[sql.Compos
             if rows.table not in partitioned
             and written.get(rows.table, (0, 0, 0))[2] <= PIPELINED_AT_MOST
         }
+        for statement in then:
+            run.conn.execute(statement)
     # Every row version this transaction wrote has its id or a later one (its
     # subtransactions'): age() of it is 0 or less.
     for cursor in asked:

@@ -31,7 +31,7 @@ from snapshot.apply.state import ApplyRun
 from snapshot.archive import Snapshot
 from snapshot.checksum import TableStats
 from snapshot.config import duration_seconds
-from snapshot.db import use_app_search_path, use_tool_search_path
+from snapshot.db import APP_SEARCH_PATH, use_app_search_path, use_tool_search_path
 from snapshot.errors import ApplyFailed
 from snapshot.names import AUTH_USERS, TableName
 
@@ -81,17 +81,27 @@ def in_one_transaction(run: ApplyRun, phase: Phases, *, commit: bool) -> Finishe
                 restarts = sequences.restarts(run, stand)
             report = _report(run, phase, written, created, missing(), dry_run=not commit)
             keep = commit and report.matches
+            # the app's search_path for the commit, sent with the backup's record when
+            # nothing of the tool's runs between them (keeper triggers to drop)
+            app_path = (
+                []
+                if written.held.tables or not keep
+                else [sql.Composed([sql.SQL(APP_SEARCH_PATH)])]
+            )
             if keep and running is not None:
                 with phase("waiting for the backup"):
                     assert wrote is not None and running.state is not None
                     moved = bool(restarts) or tuple(stand.owned) != tuple(running.state.sequences)
-                    sealed = backup.finish(run, running, wrote(moved), first=restarts)
+                    sealed = backup.finish(
+                        run, running, wrote(moved), first=restarts, then=app_path
+                    )
                     running = run.backup = None
             else:
                 sequences.send(run, restarts)
+                app_path = []
             if not keep:
                 raise psycopg.Rollback(tx)  # leaves the block, rolling back; nothing raised
-            _commit(run, phase, written.held)
+            _commit(run, phase, written.held, app_path=not app_path)
     finally:
         if running is not None:
             backup.abandon(running)
@@ -277,13 +287,15 @@ def _nobody_to_create(run: ApplyRun) -> bool:
     )
 
 
-def _commit(run: ApplyRun, phase: Phases, held: keepers.Keepers) -> None:
-    """The last steps before the COMMIT (sent when the transaction's block ends)."""
+def _commit(run: ApplyRun, phase: Phases, held: keepers.Keepers, *, app_path: bool) -> None:
+    """The last steps before the COMMIT (sent when the transaction's block ends); the app's
+    search_path with them unless it is set already (``app_path`` False)."""
     if held.tables:
         with phase("dropping the keeper triggers"):
             keepers.release(run.conn, held, run.config.apply.lock_timeout, run.target.env)
     phase.current = "committing"
-    use_app_search_path(run.conn)  # deferred triggers fire at the commit
+    if app_path:
+        use_app_search_path(run.conn)  # deferred triggers fire at the commit
     # From the commit to the backup's publication, Ctrl-C waits (snapshot.apply.phases).
     phase.hold_interrupts()
 
