@@ -11,6 +11,7 @@ import difflib
 import heapq
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -128,15 +129,37 @@ def _some(tables: Sequence[TableName]) -> str:
     return ", ".join(map(str, tables[:3])) + more
 
 
+# What a session tells of its server: version, its number, database, role, and whether the
+# role may read the system identifier (catalog.server_info).
+_IDENTITY = (
+    "current_setting('server_version')",
+    "current_setting('server_version_num')::int",
+    "current_database()",
+    "current_user",
+    "has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')",
+)
+_IDENTITY_COLUMNS = len(_IDENTITY)
+IDENTITY = sql.SQL(", ").join(map(sql.SQL, _IDENTITY))
+_identities: weakref.WeakKeyDictionary[psycopg.Connection, tuple[Any, ...]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def remember_identity(conn: psycopg.Connection, row: Sequence[Any] | None) -> None:
+    """Keep :data:`IDENTITY` as a session read it with its settings (:func:`db.connect`),
+    at the start of ``row``, for :func:`server_info`."""
+    if row is not None:
+        _identities[conn] = tuple(row[:_IDENTITY_COLUMNS])
+
+
 def server_info(conn: psycopg.Connection) -> ServerInfo:
     """Version, database, role and (where the role may read it) the system identifier."""
-    started = time.monotonic()
-    version, num, dbname, user, readable = conn.execute(
-        "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
-        " current_database(), current_user,"
-        " has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')"
-    ).fetchone() or ("", 0, "", "", False)
-    latency.note(conn, time.monotonic() - started)
+    known = _identities.get(conn)  # read with the session's settings (db.connect)
+    if known is None:
+        started = time.monotonic()
+        known = conn.execute(sql.SQL("SELECT {}").format(IDENTITY)).fetchone()
+        latency.note(conn, time.monotonic() - started)
+    version, num, dbname, user, readable = known or ("", 0, "", "", False)
     system_id: str | None = None
     if readable:
         row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()

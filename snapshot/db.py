@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import psycopg
 from psycopg import sql
 
-from snapshot import latency
+from snapshot import catalog, latency
 from snapshot.environments import Connection
 from snapshot.errors import ConnectionFailed
 
@@ -137,8 +137,10 @@ def connect(target: Connection) -> psycopg.Connection:
     )
     try:
         started = time.monotonic()
-        conn.execute(sql.SQL("SELECT {}").format(calls))
+        # what the server is, in the same round trip (catalog.server_info reads it)
+        row = conn.execute(sql.SQL("SELECT {}, {}").format(catalog.IDENTITY, calls)).fetchone()
         latency.note(conn, time.monotonic() - started)
+        catalog.remember_identity(conn, row)
     except psycopg.Error as exc:
         conn.close()
         raise ConnectionFailed(
