@@ -441,14 +441,13 @@ def finish(
     utf8 = codecs.lookup(conn.info.encoding).name == "utf-8"
     held: dict[TableName, list[str]] = {}
     for changes in tables:
-        if changes.unsent:
-            try:  # a row value's text is made from the bytes as UTF-8 keeps them
-                held[changes.table] = _row_values(changes) if utf8 else []
-            except UnicodeDecodeError:
-                held[changes.table] = []  # not UTF-8: COPY says what the server makes of it
-            if not held[changes.table]:
-                del held[changes.table]
-                _copy_unsent(conn, changes, refused)
+        if not changes.unsent:
+            continue
+        values = _row_values(changes) if utf8 else None
+        if values is None:  # not UTF-8: COPY says what the server makes of the bytes
+            _copy_unsent(conn, changes, refused)
+        else:
+            held[changes.table] = values
     try:
         return _finish(conn, tables, held)
     except psycopg.OperationalError:
@@ -531,9 +530,10 @@ def _finish(
     return found
 
 
-def _row_values(changes: Sparse) -> list[str]:
+def _row_values(changes: Sparse) -> list[str] | None:
     """The rows held back, each as the text of a row of its side table (whose columns are
-    the snapshot's, in its order)."""
+    the snapshot's, in its order), made from the bytes as UTF-8 keeps them; None when they
+    are not UTF-8."""
     values = []
     for columns, lines in changes.unsent:
         position = {name: i for i, name in enumerate(columns)}
@@ -541,7 +541,10 @@ def _row_values(changes: Sparse) -> list[str]:
         for line in lines:
             fields = line.split(b"\t")
             chosen = pick(fields) if len(changes.columns) > 1 else (pick(fields),)
-            values.append(copytext.row_literal(chosen).decode())
+            try:
+                values.append(copytext.row_literal(chosen).decode())
+            except UnicodeDecodeError:
+                return None
     return values
 
 

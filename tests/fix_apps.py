@@ -33,6 +33,16 @@ def setup_pair(project: Project, make_db, dev_kind: str = "dev") -> tuple[Databa
     return dev, prod
 
 
+def resync_pair(project: Project, make_db) -> tuple[Database, Database]:
+    """Dev and a prod that holds dev's rows already (a re-sync), the rows that differ sent
+    up alone (``[apply] upload = "changed"``, as over a network)."""
+    dev, prod = make_db("dev"), make_db("dev")
+    project.point("dev", dev)
+    project.point("prod", prod)
+    project.config('[apply]\nupload = "changed"\n')
+    return dev, prod
+
+
 def apply(project: Project, *args: str) -> Result:
     """``snapshot apply prod --yes``: dev's newest snapshot, unattended."""
     return project.run("apply", "prod", "--yes", *args)

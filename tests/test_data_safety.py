@@ -14,7 +14,14 @@ from pathlib import Path
 import psycopg
 
 from snapshot.db import SESSION_SETTINGS
-from tests.fix_apps import TEAMS_SCOPE, apply, setup_pair, take_teams_dev, teams_db
+from tests.fix_apps import (
+    TEAMS_SCOPE,
+    apply,
+    resync_pair,
+    setup_pair,
+    take_teams_dev,
+    teams_db,
+)
 from tests.fix_db import SCOPE_TABLES, Database
 from tests.fix_project import Project, unpublish
 
@@ -557,10 +564,7 @@ def test_a_difference_backup_holds_the_auth_rows_the_app_writes_while_the_apply_
     # Over a network (upload "changed") a re-sync's backup is dev's dump and what tells prod
     # apart from it: the auth tables read whole in the backup's snapshot, beside the
     # staging, and what the app writes until the lock, caught up under it.
-    dev, prod = make_db("dev"), make_db("dev")
-    project.point("dev", dev)
-    project.point("prod", prod)
-    project.config('[apply]\nupload = "changed"\n')
+    dev, prod = resync_pair(project, make_db)
     dev.execute("UPDATE public.answers SET body = body || ' (dev)' WHERE id IN (3, 4)")
     assert project.run("take", "dev").exit_code == 0
 

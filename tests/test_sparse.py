@@ -19,7 +19,7 @@ from snapshot import catalog, checksum, copytext, pgtools, sparse
 from snapshot.db import SESSION_SETTINGS
 from snapshot.names import TableName
 from snapshot.staging import ScriptReader, parse_copy_header
-from tests.fix_apps import plain_app_pair
+from tests.fix_apps import plain_app_pair, resync_pair
 from tests.fix_db import ALL_TABLES, SCOPE_TABLES, Database
 from tests.fix_project import Project, take
 
@@ -430,10 +430,7 @@ def test_auth_users_go_up_only_where_they_differ_and_are_created_as_before(
 ) -> None:
     # prod holds dev's rows, logins too; then dev gains a login (its trigger adds its
     # public.users row) and edits another's email
-    dev, prod = make_db("dev"), make_db("dev")
-    project.point("dev", dev)
-    project.point("prod", prod)
-    project.config('[apply]\nupload = "changed"\n')
+    dev, prod = resync_pair(project, make_db)
     dev.execute(
         "INSERT INTO auth.users (id, email, created_at) VALUES "
         "('00000000-0000-4000-8000-00000000abcd', 'new.login@example.com', now())"

@@ -204,7 +204,8 @@ def record(
         others = backup.others_later(run, run.backup) if run.backup is not None else None
         horizon = rowsets.horizon_later(conn)
         found = {}
-        for rows in [*compared, *(rows for rows in sets if rows not in compared)]:
+        uncompared = [rows for rows in sets if rows not in compared]  # counted below
+        for rows in [*compared, *uncompared]:
             types = {c.name: c.type for c in run.shapes[rows.table].columns}
             line = sparse.line_sql("t", [(c, types.get(c, "text")) for c in rows.columns])
             rowsets.fill_record(conn, rows, line=line if changed_only else None)
@@ -213,7 +214,7 @@ def record(
                 found[rows.table] = sparse.digests_unless_later(
                     conn, rows.record, entry.rows, entry.checksum
                 )
-        counted = rowsets.stats_later(conn, [r for r in sets if r not in compared], rowsets.RECORD)
+        counted = rowsets.stats_later(conn, uncompared, rowsets.RECORD)
         if run.backup is not None:
             backup.sync_import(pipeline, run.backup)
         run.horizon = horizon()

@@ -101,7 +101,7 @@ def in_one_transaction(run: ApplyRun, phase: Phases, *, commit: bool) -> Finishe
                 app_path = []
             if not keep:
                 raise psycopg.Rollback(tx)  # leaves the block, rolling back; nothing raised
-            _commit(run, phase, written.held, app_path=not app_path)
+            _commit(run, phase, written.held, path_sent=bool(app_path))
     finally:
         if running is not None:
             backup.abandon(running)
@@ -287,14 +287,14 @@ def _nobody_to_create(run: ApplyRun) -> bool:
     )
 
 
-def _commit(run: ApplyRun, phase: Phases, held: keepers.Keepers, *, app_path: bool) -> None:
+def _commit(run: ApplyRun, phase: Phases, held: keepers.Keepers, *, path_sent: bool) -> None:
     """The last steps before the COMMIT (sent when the transaction's block ends); the app's
-    search_path with them unless it is set already (``app_path`` False)."""
+    search_path with them unless it was sent already (``path_sent``)."""
     if held.tables:
         with phase("dropping the keeper triggers"):
             keepers.release(run.conn, held, run.config.apply.lock_timeout, run.target.env)
     phase.current = "committing"
-    if app_path:
+    if not path_sent:
         use_app_search_path(run.conn)  # deferred triggers fire at the commit
     # From the commit to the backup's publication, Ctrl-C waits (snapshot.apply.phases).
     phase.hold_interrupts()
