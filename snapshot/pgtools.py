@@ -346,6 +346,11 @@ def start_dump(
     if pg_dump.major >= 10:
         # The archive's seal syncs the file while it hashes it (snapshot.archive.seal).
         args.append("--no-sync")
+        # A data-only archive holds none of these; without the flags pg_dump still reads
+        # their catalogs, a round trip each (7 of its 110 for the bundled app: 0.2 s at 30 ms).
+        args += ["--no-publications", "--no-subscriptions", "--no-security-labels"]
+    if pg_dump.major >= 11:
+        args.append("--no-comments")
     if via_partition_root:
         args.append("--load-via-partition-root")
     args += [f"--table={pattern}" for pattern in table_patterns(tables)]

@@ -305,3 +305,49 @@ def test_list_of_a_known_environment_without_snapshots_says_so(project: Project)
     assert result.exit_code == 0
     archive = project.path.resolve() / "snapshots"
     assert result.stderr.strip() == f"no snapshots of prod in the archive folder {archive}"
+
+
+def test_a_take_archives_the_entries_a_plain_data_only_pg_dump_does(
+    project: Project, make_db, restore_bin: Path, tmp_path: Path
+) -> None:
+    # The take's pg_dump skips catalogs a data-only archive never draws on (comments,
+    # publications, security labels: a round trip each): with all of them present, its
+    # archive lists what pg_dump's defaults list.
+    dev = make_db("dev")
+    dev.execute(
+        "COMMENT ON TABLE public.questions IS 'the bank'; "
+        "COMMENT ON COLUMN public.answers.body IS 'shown after a try'; "
+        "CREATE PUBLICATION snapshot_test_feed FOR TABLE public.questions, public.answers"
+    )
+    project.point("dev", dev)
+
+    result = project.run("take", "dev")
+
+    assert result.exit_code == 0, result.stderr
+    [folder] = project.snapshots("dev")
+    plain = tmp_path / "plain.dump"
+    subprocess.run(
+        [
+            str(restore_bin / "pg_dump"),
+            "--format=custom",
+            "--data-only",
+            f"--dbname={dev.app_url}",
+            f"--file={plain}",
+            *(f"--table={table}" for table in ALL_TABLES),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+    def entries(dump: Path) -> list[str]:
+        listing = subprocess.run(
+            [str(restore_bin / "pg_restore"), "--list", str(dump)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        # "<dump id>; <catalog oid> <object oid> <kind> <schema> <name> <owner>"
+        return sorted(line.split(" ", 3)[3] for line in listing.splitlines() if line[:1] != ";")
+
+    assert entries(folder / "data.dump") == entries(plain)
+    assert any(entry.startswith("TABLE DATA public questions") for entry in entries(plain))
